@@ -1,0 +1,38 @@
+# Everything a fresh Debian 12 machine needs is installed by these targets.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench lint setup broker clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+broker:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto)
+
+setup: broker $(STAMP)
+
+test: setup
+	$(BIN)/ruff check protocol otad loadtest tests
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check protocol otad loadtest tests
+	$(BIN)/ruff format --check protocol otad loadtest tests
+	$(BIN)/mypy
+
+demo: setup
+	$(BIN)/python -m loadtest demo
+
+bench: setup
+	$(BIN)/python -m loadtest bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

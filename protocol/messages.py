@@ -1,0 +1,295 @@
+"""Wire messages between otad and a Communications Hub (the WAN hop).
+
+Each message is one frozen, slotted dataclass. On the wire it is a CBOR map with text keys: the
+type code under ``"t"`` and one entry per field, nothing else (SPEC.md "Messages"). Decoding is
+strict: size cap first, then :func:`protocol.cbor.loads`, then an exact key set and a type and
+range check on every field. Any failure is a :class:`ProtocolError` with a reason code.
+
+Direction and topic (see :mod:`protocol.topics`):
+
+* otad -> CH on ``.../down``: :class:`Offer`, :class:`Block`, :class:`Cancel`, :class:`Poll`
+* CH -> otad on ``.../up``: :class:`TransferAcked`, :class:`ImageHeld`, :class:`TransferRejected`
+* CH -> otad on ``.../state`` (retained; the CH's last will is :class:`HubWentOffline`):
+  :class:`HubAnnounced`
+
+Names of messages a peer sends *to us about something that happened* are past tense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from protocol import cbor
+from protocol.errors import ProtocolError, Reason
+
+PROTOCOL_VERSION = 1
+HASH_LEN = 32
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # hard cap on anything read from the broker
+MAX_BLOCK_DATA = 64 * 1024
+MAX_TEXT = 256
+MAX_HAN_DEVICES = 16
+MAX_BITMAP_BYTES = 8 * 1024  # 65,536 blocks past the base
+MAX_U16 = 0xFFFF
+MAX_U32 = 0xFFFF_FFFF
+MAX_U64 = (1 << 64) - 1
+
+
+def _u(maximum: int = MAX_U64) -> Any:
+    return field(metadata={"max": maximum})
+
+
+def _b(length: int | None = None, maximum: int = MAX_MESSAGE_BYTES) -> Any:
+    return field(metadata={"len": length, "max": maximum})
+
+
+def _s(maximum: int = MAX_TEXT) -> Any:
+    return field(metadata={"max": maximum})
+
+
+# --------------------------------------------------------------------------- nested records
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a receiver can take: the sender never exceeds any of these."""
+
+    max_block: int = _u(MAX_BLOCK_DATA)  # largest block payload it accepts, bytes
+    window: int = _u(MAX_U16)  # most blocks unacknowledged at once
+    buffer: int = _u(MAX_U32)  # most bytes unacknowledged at once
+
+
+@dataclass(frozen=True, slots=True)
+class HanDevice:
+    """One device on the CH's home area network, as the CH reports it."""
+
+    device_id: str = _s(64)  # EUI-64 as 16 hex digits
+    device_type: str = _s(8)  # protocol.manifest.DeviceType value
+    join_mode: str = _s(8)  # "CAD" or "PPMID" (DP170 Q4); "NATIVE" for ESME/GSME/...
+    fw_version: int = _u(MAX_U32)
+    hw_version: int = _u(MAX_U16)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base class: subclasses set ``TYPE`` (the wire code) and ``MAX_BYTES``."""
+
+    TYPE: ClassVar[int] = 0
+    MAX_BYTES: ClassVar[int] = 4096
+
+    def encode(self) -> bytes:
+        """CBOR bytes of this message."""
+        return encode(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Offer(Message):
+    """otad offers an image (or resumes offering it): the signed manifest, COSE_Sign1 bytes."""
+
+    TYPE: ClassVar[int] = 1
+    MAX_BYTES: ClassVar[int] = 2 * 1024 * 1024 + 1024
+    image: bytes = _b(HASH_LEN)
+    manifest: bytes = _b(None, 2 * 1024 * 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class Block(Message):
+    """One block of an image: content-addressed by (image digest, index)."""
+
+    TYPE: ClassVar[int] = 2
+    MAX_BYTES: ClassVar[int] = MAX_BLOCK_DATA + 256
+    image: bytes = _b(HASH_LEN)
+    index: int = _u(MAX_U32)
+    data: bytes = _b(None, MAX_BLOCK_DATA)
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """otad abandons a transfer; the CH discards what it holds of the image."""
+
+    TYPE: ClassVar[int] = 3
+    image: bytes = _b(HASH_LEN)
+    reason: int = _u(MAX_U16)
+
+
+@dataclass(frozen=True, slots=True)
+class Poll(Message):
+    """otad asks the CH to re-announce itself and report every transfer it holds state for."""
+
+    TYPE: ClassVar[int] = 4
+    nonce: int = _u(MAX_U64)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferAcked(Message):
+    """Selective acknowledgement: blocks ``< base`` held; bit i of ``bitmap`` (LSB first) set
+    means block ``base + 1 + i`` held. ``credit`` is how many more blocks the CH will take now."""
+
+    TYPE: ClassVar[int] = 16
+    MAX_BYTES: ClassVar[int] = MAX_BITMAP_BYTES + 256
+    image: bytes = _b(HASH_LEN)
+    base: int = _u(MAX_U32)
+    bitmap: bytes = _b(None, MAX_BITMAP_BYTES)
+    credit: int = _u(MAX_U16)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageHeld(Message):
+    """The CH holds the whole image and verified it; ``sha256`` is the digest it computed."""
+
+    TYPE: ClassVar[int] = 17
+    image: bytes = _b(HASH_LEN)
+    sha256: bytes = _b(HASH_LEN)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRejected(Message):
+    """The CH refused an offer or aborted a transfer, with a :class:`Reason` code."""
+
+    TYPE: ClassVar[int] = 18
+    image: bytes = _b(HASH_LEN)
+    reason: int = _u(MAX_U16)
+    detail: str = _s()
+
+
+@dataclass(frozen=True, slots=True)
+class HubAnnounced(Message):
+    """A CH says who it is, what it can take, and what is on its HAN (retained on ``state``)."""
+
+    TYPE: ClassVar[int] = 32
+    MAX_BYTES: ClassVar[int] = 16 * 1024
+    guid: str = _s(16)
+    fw_version: int = _u(MAX_U32)
+    hw_version: int = _u(MAX_U16)
+    supplier: str = _s(64)
+    segment: str = _s(64)
+    limits: Limits = field(default_factory=lambda: Limits(1024, 8, 64 * 1024))
+    han: tuple[HanDevice, ...] = field(default=(), metadata={"max": MAX_HAN_DEVICES})
+
+
+@dataclass(frozen=True, slots=True)
+class HubWentOffline(Message):
+    """The CH's last will, retained on ``state``: the broker lost the connection."""
+
+    TYPE: ClassVar[int] = 33
+    guid: str = _s(16)
+
+
+# --------------------------------------------------------------------------- codec
+
+_REGISTRY: dict[int, type[Message]] = {}
+_FIELDS: dict[type[Any], tuple[tuple[str, Any, dict[str, Any]], ...]] = {}
+
+
+def _register(*classes: type[Any]) -> None:
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        _FIELDS[cls] = tuple(
+            (f.name, hints[f.name], dict(f.metadata)) for f in dataclasses.fields(cls)
+        )
+        if issubclass(cls, Message):
+            if cls.TYPE in _REGISTRY:
+                raise RuntimeError(f"duplicate message type {cls.TYPE}")
+            _REGISTRY[cls.TYPE] = cls
+
+
+_register(Limits, HanDevice)
+_register(Offer, Block, Cancel, Poll, TransferAcked, ImageHeld, TransferRejected)
+_register(HubAnnounced, HubWentOffline)
+
+
+def _to_wire(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_to_wire(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return {name: _to_wire(getattr(value, name)) for name, _, _ in _FIELDS[type(value)]}
+    return value
+
+
+def encode(message: Message) -> bytes:
+    """Encode a message to CBOR (type code under ``"t"``)."""
+    wire = _to_wire(message)
+    wire["t"] = message.TYPE
+    return cbor.dumps(wire)
+
+
+def decode(data: bytes, *, max_size: int = MAX_MESSAGE_BYTES) -> Message:
+    """Strictly decode one message. Raises :class:`ProtocolError` and nothing else."""
+    raw = cbor.loads(data, max_size=min(max_size, MAX_MESSAGE_BYTES), max_depth=4)
+    if not isinstance(raw, dict):
+        raise ProtocolError(Reason.MALFORMED, "message is not a map")
+    type_code = raw.pop("t", None)
+    if type(type_code) is not int:
+        raise ProtocolError(Reason.MALFORMED, "message has no integer type 't'")
+    cls = _REGISTRY.get(type_code)
+    if cls is None:
+        raise ProtocolError(Reason.UNKNOWN_TYPE, f"message type {type_code}")
+    if len(data) > cls.MAX_BYTES:
+        raise ProtocolError(Reason.TOO_LARGE, f"{cls.__name__} of {len(data)} bytes")
+    message = _from_wire(cls, raw)
+    assert isinstance(message, Message)
+    return message
+
+
+def decode_as(cls: type[_M], data: bytes) -> _M:
+    """Decode and require a particular message class (``WRONG_TYPE`` is ``UNKNOWN_TYPE``)."""
+    message = decode(data, max_size=cls.MAX_BYTES)
+    if not isinstance(message, cls):
+        raise ProtocolError(Reason.UNKNOWN_TYPE, f"expected {cls.__name__}")
+    return message
+
+
+_M = typing.TypeVar("_M", bound=Message)
+
+
+def _from_wire(cls: type[Any], raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ProtocolError(Reason.MALFORMED, f"{cls.__name__} is not a map")
+    spec = _FIELDS[cls]
+    names = {name for name, _, _ in spec}
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise ProtocolError(Reason.UNKNOWN_KEY, f"{cls.__name__} keys {unknown!r}"[:200])
+    values = {}
+    for name, hint, meta in spec:
+        if name not in raw:
+            raise ProtocolError(Reason.MALFORMED, f"{cls.__name__} lacks {name!r}")
+        values[name] = _check(cls.__name__, name, hint, meta, raw[name])
+    return cls(**values)
+
+
+def _check(owner: str, name: str, hint: Any, meta: dict[str, Any], value: Any) -> Any:
+    where = f"{owner}.{name}"
+    if hint is int:
+        if type(value) is not int or not 0 <= value <= meta.get("max", MAX_U64):
+            raise ProtocolError(Reason.MALFORMED, f"{where} is not an integer in range")
+        return value
+    if hint is bytes:
+        if not isinstance(value, bytes):
+            raise ProtocolError(Reason.MALFORMED, f"{where} is not a byte string")
+        if meta.get("len") is not None and len(value) != meta["len"]:
+            raise ProtocolError(Reason.MALFORMED, f"{where} must be {meta['len']} bytes")
+        if len(value) > meta.get("max", MAX_MESSAGE_BYTES):
+            raise ProtocolError(Reason.TOO_LARGE, f"{where} longer than {meta['max']}")
+        return value
+    if hint is str:
+        if not isinstance(value, str) or len(value) > meta.get("max", MAX_TEXT):
+            raise ProtocolError(Reason.MALFORMED, f"{where} is not text of bounded length")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(Reason.MALFORMED, f"{where} is not a boolean")
+        return value
+    if typing.get_origin(hint) is tuple:
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) > meta.get("max", 64):
+            raise ProtocolError(Reason.MALFORMED, f"{where} is not a bounded array")
+        return tuple(_from_wire(item_hint, item) for item in value)
+    if dataclasses.is_dataclass(hint):
+        return _from_wire(hint, value)
+    raise RuntimeError(f"unsupported field type {hint!r} for {where}")  # a bug, not input
