@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from protocol import cbor
@@ -28,7 +28,7 @@ MAX_U32 = 0xFFFF_FFFF
 MAX_U64 = (1 << 64) - 1
 
 
-class DeviceType(str, Enum):
+class DeviceType(StrEnum):
     """Device types of a GB smart-metering premises (B1-B4: Alt HAN point-to-point bridges)."""
 
     CH = "CH"
@@ -45,7 +45,7 @@ class DeviceType(str, Enum):
     def parse(cls, value: object) -> DeviceType:
         """Return the member named ``value`` or raise ``ProtocolError(MALFORMED)``."""
         try:
-            return cls(value)
+            return cls(str(value)) if isinstance(value, str) else cls("\0")
         except ValueError:
             raise ProtocolError(Reason.MALFORMED, f"unknown device type {value!r}") from None
 

@@ -290,6 +290,6 @@ def _check(owner: str, name: str, hint: Any, meta: dict[str, Any], value: Any) -
         if not isinstance(value, (list, tuple)) or len(value) > meta.get("max", 64):
             raise ProtocolError(Reason.MALFORMED, f"{where} is not a bounded array")
         return tuple(_from_wire(item_hint, item) for item in value)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _from_wire(hint, value)
     raise RuntimeError(f"unsupported field type {hint!r} for {where}")  # a bug, not input
