@@ -1,0 +1,197 @@
+"""``otactl``: the operator's command line.
+
+Commands are ``GROUP ACTION`` pairs. :func:`build_parser` builds the argparse tree (one
+``_add_<group>`` function per group, listed in :data:`GROUPS`), each leaf parser sets
+``command="group action"``, and :data:`HANDLERS` maps that name to the function that runs it.
+To add commands (e.g. the daemon ones, which use ``--broker``): write an ``_add_<group>``
+function, append it to :data:`GROUPS` and put its handlers in :data:`HANDLERS`. A command
+without an action (``otactl distribute ...``) is a group parser that sets ``command`` itself.
+
+Exit status: 0 success (one summary line on stdout), 2 failure or refusal (one line on stderr,
+never a traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from otad import imagetool
+from protocol.manifest import DeviceType
+
+DEFAULT_BROKER = "127.0.0.1:1883"
+EXIT_OK = 0
+EXIT_FAILED = 2
+EXIT_INTERRUPTED = 130
+
+Handler = Callable[[argparse.Namespace], int]
+_Subparsers = Any  # argparse's _SubParsersAction is private
+
+
+def parse_broker(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) -> ``(host, port)``; argparse type."""
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    return host, int(port_text)
+
+
+def _int(text: str) -> int:
+    """A non-negative integer, decimal or 0x-hex."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _say(line: str) -> int:
+    print(line)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _add_keys(groups: _Subparsers) -> None:
+    keys = groups.add_parser("keys", help="signing keys")
+    actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    new = actions.add_parser("new", help="generate a P-256 signing key (and KEY.pub.pem)")
+    new.add_argument("--out", required=True, metavar="KEY.pem", help="private key file to create")
+    new.set_defaults(command="keys new")
+
+
+def _keys_new(args: argparse.Namespace) -> int:
+    return _say(imagetool.keys_new(args.out))
+
+
+# --------------------------------------------------------------------------- image
+
+
+def _add_image(groups: _Subparsers) -> None:
+    image = groups.add_parser("image", help="sign and verify .otaimg releases")
+    actions = image.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    sign = actions.add_parser(
+        "sign",
+        help="sign firmware (raw or a ZigBee OTA file) into an .otaimg",
+        description="--in is a ZigBee OTA file (its header gives manufacturer, image type, "
+        "version and hardware range; flags, if given, must agree) or raw firmware, wrapped into "
+        "an OTA file from the flags.",
+    )
+    sign.add_argument("--key", required=True, metavar="KEY.pem", help="private signing key")
+    sign.add_argument("--in", dest="source", required=True, metavar="FILE", help="firmware")
+    sign.add_argument("--out", required=True, metavar="FILE.otaimg")
+    sign.add_argument(
+        "--device-type", required=True, choices=[d.value for d in DeviceType], metavar="TYPE"
+    )
+    sign.add_argument("--version", type=_int, help="OTA file version (u32)")
+    sign.add_argument("--hw-min", type=_int, help="lowest hardware version (u16)")
+    sign.add_argument("--hw-max", type=_int, help="highest hardware version (u16)")
+    sign.add_argument(
+        "--sequence",
+        type=_int,
+        help="anti-rollback release counter (default: the current unix time)",
+    )
+    sign.add_argument("--block-size", type=_int, default=imagetool.DEFAULT_BLOCK_SIZE)
+    sign.add_argument("--expires-days", type=_int, default=imagetool.DEFAULT_EXPIRES_DAYS)
+    sign.add_argument(
+        "--manufacturer",
+        type=_int,
+        help=f"ZigBee manufacturer code (raw default {imagetool.DEFAULT_MANUFACTURER:#06x})",
+    )
+    sign.add_argument(
+        "--image-type",
+        type=_int,
+        help=f"ZigBee OTA image type (raw default {imagetool.DEFAULT_IMAGE_TYPE:#06x})",
+    )
+    sign.set_defaults(command="image sign")
+
+    verify = actions.add_parser("verify", help="verify an .otaimg against a trust directory")
+    verify.add_argument("--trust", required=True, metavar="DIR", help="one public key PEM a file")
+    verify.add_argument("--revoked", metavar="FILE", help="revoked key ids, 16 hex digits a line")
+    verify.add_argument("image", metavar="FILE.otaimg")
+    verify.set_defaults(command="image verify")
+    # Daemon-side image actions (e.g. "image import") go here too, with their HANDLERS entry.
+
+
+def _image_sign(args: argparse.Namespace) -> int:
+    return _say(
+        imagetool.sign_image(
+            key=args.key,
+            source=args.source,
+            out=args.out,
+            device_type=DeviceType(args.device_type),
+            now=int(time.time()),
+            version=args.version,
+            hw_min=args.hw_min,
+            hw_max=args.hw_max,
+            sequence=args.sequence,
+            block_size=args.block_size,
+            expires_days=args.expires_days,
+            manufacturer=args.manufacturer,
+            image_type=args.image_type,
+        )
+    )
+
+
+def _image_verify(args: argparse.Namespace) -> int:
+    return _say(
+        imagetool.verify_image(
+            args.image, trust_dir=args.trust, revoked_file=args.revoked, now=int(time.time())
+        )
+    )
+
+
+# --------------------------------------------------------------------------- wiring
+
+GROUPS: list[Callable[[_Subparsers], None]] = [_add_keys, _add_image]
+
+HANDLERS: dict[str, Handler] = {
+    "keys new": _keys_new,
+    "image sign": _image_sign,
+    "image verify": _image_verify,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of every command in :data:`GROUPS`."""
+    parser = argparse.ArgumentParser(prog="otactl", description="Operate otad and its releases.")
+    parser.add_argument(
+        "--broker",
+        type=parse_broker,
+        default=parse_broker(DEFAULT_BROKER),
+        metavar="HOST:PORT",
+        help=f"MQTT broker of the daemon commands (default {DEFAULT_BROKER})",
+    )
+    groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+    for add in GROUPS:
+        add(groups)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return the exit status (the console script exits with it)."""
+    args = build_parser().parse_args(argv)  # usage errors: argparse prints and exits 2
+    handler = HANDLERS[args.command]
+    try:
+        return handler(args)
+    except imagetool.ToolError as exc:
+        print(f"otactl: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("otactl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # never a traceback for the operator
+        print(f"otactl: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Key and image commands of ``otactl`` (argparse wiring lives in :mod:`otad.ctl`).
+
+Each function does one command and returns the one summary line to print, or raises
+:class:`ToolError` with the one-line reason to print on stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import tempfile
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from otad.keyfiles import KeyFileError, load_private_key, load_trust_dir, write_keypair
+from protocol.cose import parse_sign1
+from protocol.errors import ProtocolError
+from protocol.manifest import MAX_IMAGE_BYTES, DeviceType, Manifest
+from protocol.otaimg import MAX_OTAIMG_BYTES, SignedImage, build, verify
+from protocol.trust import MAX_SIGNED_MANIFEST_BYTES, TrustStore
+from protocol.zigbee_ota import MAGIC, OtaFile, wrap
+
+DEFAULT_MANUFACTURER = 0x1234
+DEFAULT_IMAGE_TYPE = 0x0001
+DEFAULT_BLOCK_SIZE = 1024
+DEFAULT_EXPIRES_DAYS = 365
+_DAY = 86_400
+_OTA_MAGIC = MAGIC.to_bytes(4, "little")
+
+
+class ToolError(Exception):
+    """A command failed; ``str(exc)`` is the one-line reason for the operator."""
+
+
+def keys_new(out: str | os.PathLike[str]) -> str:
+    """Generate a signing key at ``out`` and its public key beside it."""
+    try:
+        files = write_keypair(out)
+    except KeyFileError as exc:
+        raise ToolError(str(exc)) from None
+    return (
+        f"wrote {files.private_path} (private, 0600) and {files.public_path}; kid {files.kid.hex()}"
+    )
+
+
+def sign_image(
+    *,
+    key: str | os.PathLike[str],
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    device_type: DeviceType,
+    now: int,
+    version: int | None = None,
+    hw_min: int | None = None,
+    hw_max: int | None = None,
+    sequence: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    expires_days: int = DEFAULT_EXPIRES_DAYS,
+    manufacturer: int | None = None,
+    image_type: int | None = None,
+) -> str:
+    """Sign ``source`` into an ``.otaimg`` at ``out``.
+
+    ``source`` starting with the OTA file identifier is taken as a ZigBee OTA file: its header
+    supplies manufacturer, image type, version and (if present) hardware range, and any of those
+    also given as arguments must agree. Anything else is raw firmware, wrapped into an OTA file
+    from the arguments (``version``, ``hw_min`` and ``hw_max`` required). ``sequence`` defaults
+    to ``now``. The result is verified with the signing key before it is written.
+    """
+    private_key = _load_key(key)
+    data = _read(Path(source), MAX_IMAGE_BYTES)
+    if (hw_min is None) != (hw_max is None):
+        raise ToolError("give both --hw-min and --hw-max, or neither")
+    if expires_days < 1:
+        raise ToolError("--expires-days must be at least 1")
+    if data[:4] == _OTA_MAGIC:
+        ota_bytes = data
+        try:
+            header = OtaFile.parse(data).header
+        except ProtocolError as exc:
+            raise ToolError(f"{source}: not a valid ZigBee OTA file: {exc}") from None
+        for flag, given, actual in (
+            ("--version", version, header.file_version),
+            ("--manufacturer", manufacturer, header.manufacturer_code),
+            ("--image-type", image_type, header.image_type),
+            ("--hw-min", hw_min, header.hw_min),
+            ("--hw-max", hw_max, header.hw_max),
+        ):
+            if given is not None and actual is not None and given != actual:
+                raise ToolError(f"{flag} {given:#x} disagrees with the OTA header ({actual:#x})")
+        if header.hw_min is None and hw_min is None:
+            raise ToolError("the OTA header has no hardware range: give --hw-min and --hw-max")
+    else:
+        if version is None or hw_min is None or hw_max is None:
+            raise ToolError("raw firmware needs --version, --hw-min and --hw-max")
+        try:
+            ota_bytes = wrap(
+                data,
+                manufacturer_code=DEFAULT_MANUFACTURER if manufacturer is None else manufacturer,
+                image_type=DEFAULT_IMAGE_TYPE if image_type is None else image_type,
+                file_version=version,
+                hw_min=hw_min,
+                hw_max=hw_max,
+            )
+        except (ValueError, OverflowError) as exc:
+            raise ToolError(f"cannot wrap {source}: {exc}") from None
+    try:
+        signed = build(
+            ota_bytes,
+            private_key,
+            device_type=device_type,
+            sequence=now if sequence is None else sequence,
+            block_size=block_size,
+            created=now,
+            expires=now + expires_days * _DAY,
+            hw_min=hw_min,
+            hw_max=hw_max,
+        )
+        manifest, ota = verify(signed, TrustStore([private_key.public_key()]), now=now)
+    except (ValueError, ProtocolError) as exc:
+        raise ToolError(f"cannot sign {source}: {exc}") from None
+    _write_atomic(Path(out), signed.encode())
+    return summary(f"signed {out}", manifest, ota, signed)
+
+
+def verify_image(
+    path: str | os.PathLike[str],
+    *,
+    trust_dir: str | os.PathLike[str],
+    now: int,
+    revoked_file: str | os.PathLike[str] | None = None,
+) -> str:
+    """Verify an ``.otaimg`` against the keys in ``trust_dir`` at time ``now``."""
+    try:
+        trust = load_trust_dir(trust_dir, revoked_file)
+    except KeyFileError as exc:
+        raise ToolError(str(exc)) from None
+    data = _read(Path(path), MAX_OTAIMG_BYTES)
+    try:
+        image = SignedImage.decode(data)
+        manifest, ota = verify(image, trust, now=now)
+    except ProtocolError as exc:
+        detail = f": {exc.detail}" if exc.detail else ""
+        raise ToolError(f"{path}: refused: {exc.reason.name}{detail}") from None
+    return summary(f"OK {path}", manifest, ota, image)
+
+
+def summary(label: str, manifest: Manifest, ota: OtaFile, image: SignedImage) -> str:
+    """One line describing a verified release."""
+    kid = parse_sign1(image.signed_manifest, max_size=MAX_SIGNED_MANIFEST_BYTES).kid
+    expires = datetime.datetime.fromtimestamp(manifest.expires, datetime.UTC)
+    return (
+        f"{label}: {manifest.device_type.value} vendor {manifest.vendor:#06x} "
+        f"image-type {manifest.image_type:#06x} version {manifest.fw_version:#010x} "
+        f"hw {manifest.hw_min:#06x}-{manifest.hw_max:#06x} sequence {manifest.sequence} "
+        f"size {manifest.size} blocks {manifest.block_count}x{manifest.block_size} "
+        f"sha256 {manifest.sha256.hex()[:16]} kid {kid.hex()} "
+        f"expires {expires.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+        + (f" '{ota.header.text}'" if ota.header.text else "")
+    )
+
+
+def _load_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey:
+    try:
+        return load_private_key(path)
+    except KeyFileError as exc:
+        raise ToolError(str(exc)) from None
+
+
+def _read(path: Path, cap: int) -> bytes:
+    try:
+        with path.open("rb") as f:
+            data = f.read(cap + 1)
+    except OSError as exc:
+        raise ToolError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > cap:
+        raise ToolError(f"{path}: larger than {cap} bytes")
+    if not data:
+        raise ToolError(f"{path}: empty file")
+    return data
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    directory = path.parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+    except OSError as exc:
+        raise ToolError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ToolError(f"{path}: cannot write: {exc.strerror or exc}") from None
