@@ -1,0 +1,343 @@
+"""otad configuration: one TOML file (stdlib :mod:`tomllib`) into frozen dataclasses.
+
+Every setting has a default, so an empty file (or none) is a valid configuration. Everything is
+validated once, at start, and the first problem is raised as a :class:`ConfigError` whose one-line
+message names the key (``transfer.window: must be ...``). Unknown sections and keys are errors,
+so a typo never passes silently. CLI flags arrive as *overrides* (dotted keys, see
+:func:`cli_overrides`) and win over the file.
+
+Relative paths in the file are relative to the file's directory; relative paths given as
+overrides are relative to the current directory. ``store.state_dir`` defaults to the first entry
+of ``$STATE_DIRECTORY`` (set by systemd's ``StateDirectory=``) or else ``/var/lib/otad``.
+The files named here are not opened by this module: whoever uses them reports a missing one.
+``systemd/otad.example.toml`` documents every key with its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = [
+    "BrokerConfig",
+    "Config",
+    "ConfigError",
+    "EventsConfig",
+    "LogConfig",
+    "StoreConfig",
+    "TransferConfig",
+    "TrustConfig",
+    "cli_overrides",
+    "load_config",
+]
+
+DEFAULT_STATE_DIR = Path("/var/lib/otad")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # as protocol.topics.check_level
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``key`` names the setting (``section.key``)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    """``[broker]``: the MQTT broker otad connects to."""
+
+    host: str = "localhost"
+    port: int = 1883
+    client_id: str = "otad"
+    username: str | None = None
+    password_file: Path | None = None  # file holding the password (e.g. a systemd credential)
+    tls_ca: Path | None = None  # CA bundle; setting it turns TLS on
+    tls_cert: Path | None = None  # client certificate (needs tls_key)
+    tls_key: Path | None = None
+    keepalive: int = 30  # seconds
+    library: Literal["gmqtt", "aiomqtt"] = "gmqtt"
+
+    @property
+    def tls(self) -> bool:
+        """Whether to connect with TLS."""
+        return self.tls_ca is not None or self.tls_cert is not None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """``[store]``: the SQLite state (see :mod:`otad.store`)."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    flush_interval_ms: int = 100  # batched ack bookkeeping is committed at least this often
+    flush_batch: int = 1000  # ... or as soon as this many updates are pending
+
+    @property
+    def flush_interval(self) -> float:
+        """``flush_interval_ms`` in seconds."""
+        return self.flush_interval_ms / 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class TrustConfig:
+    """``[trust]``: keys that sign manifests."""
+
+    dir: Path = Path("/etc/otad/trust")  # trust store directory
+    revoked_file: Path | None = None  # list of revoked key ids
+
+
+@dataclass(frozen=True, slots=True)
+class TransferConfig:
+    """``[transfer]``: block streaming and flow control."""
+
+    block_size: int = 1024  # bytes per block (capped per CH by its declared max_block)
+    window: int = 8  # initial blocks in flight per CH (capped by the CH's window)
+    max_window: int = 64  # largest window a CH is ever given
+    global_inflight: int = 8192  # blocks in flight across all CHs
+    segment_rate: float = 0.0  # blocks/s per network segment (shared cell); 0 = unlimited
+    qos_blocks: int = 0  # MQTT QoS of block messages (control messages always use 1)
+    rto_min: float = 0.2  # seconds; retransmission timeout floor
+    rto_max: float = 60.0  # seconds; retransmission timeout ceiling
+    max_rto_without_progress: int = 8  # consecutive timeouts with no new ack -> stalled
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfig:
+    """``[events]``: JSON events for monitoring tools."""
+
+    progress_interval_s: float = 5.0  # at most one progress event per transfer this often
+    topic_prefix: str = "ota/v1/events"
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``: logging to stdout / the journal."""
+
+    level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration."""
+
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
+}
+
+
+def load_config(
+    path: Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Read ``path`` (None: defaults only), apply ``overrides``, validate, return the config.
+
+    ``overrides`` maps dotted keys (``"broker.port"``) to values of the same types TOML would
+    give; they win over the file. ``env`` defaults to ``os.environ`` (for ``$STATE_DIRECTORY``).
+    It reads the file synchronously: call it before the event loop starts.
+    Raises :class:`ConfigError` naming the first bad key.
+    """
+    environ = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            with open(path, "rb") as handle:
+                raw = tomllib.load(handle)
+        except OSError as exc:
+            raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(str(path), f"invalid TOML: {exc}") from exc
+        base = Path(path).absolute().parent
+
+    values: dict[str, dict[str, tuple[Any, Path]]] = {name: {} for name in _SECTIONS}
+    for section, table in raw.items():
+        if section not in _SECTIONS:
+            raise ConfigError(section, "unknown section")
+        if not isinstance(table, dict):
+            raise ConfigError(section, "must be a table ([section])")
+        for key, value in table.items():
+            values[section][key] = (value, base)
+    cwd = Path.cwd()
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if section not in _SECTIONS or not key:
+            raise ConfigError(dotted, "unknown setting")
+        values[section][key] = (value, cwd)
+
+    if "state_dir" not in values["store"]:
+        state_directory = environ.get("STATE_DIRECTORY", "").split(":")[0]
+        if state_directory:
+            values["store"]["state_dir"] = (state_directory, cwd)
+
+    sections = {name: _build(name, cls, values[name]) for name, cls in _SECTIONS.items()}
+    return _validate(Config(**sections))
+
+
+def cli_overrides(
+    *, broker: str | None = None, state_dir: str | None = None, trust: str | None = None
+) -> dict[str, Any]:
+    """Overrides from the CLI flags ``--broker HOST[:PORT]``, ``--state-dir``, ``--trust``.
+
+    ``HOST`` may be a bracketed IPv6 address (``[::1]:1883``). Raises :class:`ConfigError`.
+    """
+    out: dict[str, Any] = {}
+    if broker is not None:
+        host, port = _split_host_port(broker)
+        out["broker.host"] = host
+        if port is not None:
+            out["broker.port"] = port
+    if state_dir is not None:
+        if not state_dir:
+            raise ConfigError("--state-dir", "must not be empty")
+        out["store.state_dir"] = state_dir
+    if trust is not None:
+        if not trust:
+            raise ConfigError("--trust", "must not be empty")
+        out["trust.dir"] = trust
+    return out
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _split_host_port(text: str) -> tuple[str, int | None]:
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", text)
+    if match is None:
+        raise ConfigError("--broker", f"expected HOST[:PORT] or [IPV6][:PORT], got {text!r}")
+    host = match.group(1) or match.group(3)
+    port_text = match.group(2) or match.group(4)
+    return host, None if port_text is None else int(port_text)
+
+
+def _build(section: str, cls: type[Any], given: dict[str, tuple[Any, Path]]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, (value, base) in given.items():
+        if key not in names:
+            raise ConfigError(f"{section}.{key}", "unknown key")
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value, base)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any, base: Path) -> Any:
+    """Check the TOML type of ``value`` against the field's annotation."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        if value not in args:
+            raise ConfigError(key, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if type(None) in args:  # X | None: TOML has no null, so a value is always an X
+        (hint,) = (a for a in args if a is not type(None))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if type(value) is not int:
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str | os.PathLike) or not str(value):
+            raise ConfigError(key, f"must be a non-empty path string, got {value!r}")
+        if "\0" in str(value):
+            raise ConfigError(key, "must not contain NUL")
+        return base / Path(value)
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug, not input
+
+
+def _in_range(key: str, value: float, low: float, high: float | None = None) -> None:
+    if value < low or (high is not None and value > high):
+        span = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ConfigError(key, f"must be {span}, got {value}")
+
+
+def _validate(config: Config) -> Config:
+    """Raise on the first bad setting; return ``config`` normalised (log level upper-case)."""
+    b = config.broker
+    if not b.host or any(c in b.host for c in " /\0"):
+        raise ConfigError("broker.host", f"must be a host name or address, got {b.host!r}")
+    _in_range("broker.port", b.port, 1, 65535)
+    if not _CLIENT_ID.fullmatch(b.client_id):
+        raise ConfigError(
+            "broker.client_id",
+            f"must be 1-128 of A-Z a-z 0-9 _ . : - (no / + # or NUL), got {b.client_id!r}",
+        )
+    if b.username is not None and (not b.username or any(c in b.username for c in "+#/\0")):
+        raise ConfigError("broker.username", "must be non-empty without / + # or NUL")
+    if b.password_file is not None and b.username is None:
+        raise ConfigError("broker.password_file", "needs broker.username")
+    if (b.tls_cert is None) != (b.tls_key is None):
+        missing = "broker.tls_key" if b.tls_key is None else "broker.tls_cert"
+        raise ConfigError(missing, "tls_cert and tls_key must be set together")
+    _in_range("broker.keepalive", b.keepalive, 1, 65535)
+
+    s = config.store
+    _in_range("store.flush_interval_ms", s.flush_interval_ms, 1, 60_000)
+    _in_range("store.flush_batch", s.flush_batch, 1, 1_000_000)
+
+    t = config.transfer
+    _in_range("transfer.block_size", t.block_size, 16, 65536)
+    _in_range("transfer.max_window", t.max_window, 1, 65535)
+    if not 1 <= t.window <= t.max_window:
+        raise ConfigError(
+            "transfer.window", f"must be 1..transfer.max_window ({t.max_window}), got {t.window}"
+        )
+    if t.global_inflight < t.window:
+        raise ConfigError(
+            "transfer.global_inflight",
+            f"must be >= transfer.window ({t.window}), got {t.global_inflight}",
+        )
+    _in_range("transfer.segment_rate", t.segment_rate, 0.0)
+    if t.qos_blocks not in (0, 1):
+        raise ConfigError("transfer.qos_blocks", f"must be 0 or 1, got {t.qos_blocks}")
+    if not t.rto_min > 0:
+        raise ConfigError("transfer.rto_min", f"must be > 0, got {t.rto_min}")
+    if t.rto_max < t.rto_min:
+        raise ConfigError(
+            "transfer.rto_max", f"must be >= transfer.rto_min ({t.rto_min}), got {t.rto_max}"
+        )
+    _in_range("transfer.max_rto_without_progress", t.max_rto_without_progress, 1)
+
+    e = config.events
+    if not e.progress_interval_s > 0:
+        raise ConfigError("events.progress_interval_s", f"must be > 0, got {e.progress_interval_s}")
+    if not all(_TOPIC_LEVEL.fullmatch(level) for level in e.topic_prefix.split("/")):
+        raise ConfigError(
+            "events.topic_prefix",
+            f"must be topic levels of A-Z a-z 0-9 _ . : - joined by '/', got {e.topic_prefix!r}",
+        )
+
+    level = config.log.level.upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return dataclasses.replace(config, log=LogConfig(level=level))
