@@ -1,0 +1,459 @@
+"""The device verifier/activator: one active image, one pending image, signed activation.
+
+Used by the virtual HAN devices (bridges B1-B4, ESME, ...) and by the virtual CH for its own
+firmware. Sans-IO: flash is behind the small :class:`SlotStore` interface (tests use
+:class:`MemorySlotStore`; a virtual device may back it with a file), time comes in as ``now``,
+the one timer (a future-dated activation) is exposed by :meth:`Device.next_deadline` and fired by
+:meth:`Device.handle_timer`, and the self-test result is injected.
+
+Two small machines run side by side. The pending slot (:class:`SlotState`)::
+
+              manifest verified                    last byte stored and
+    EMPTY ─────────────────────────► RECEIVING ──── whole image re-read from ────► HELD
+      ▲     (slot erased first)        │   ▲        storage matches the digest       │
+      │                                │   │ block hash wrong:                       │
+      │◄── image digest wrong ─────────┘   └ block dropped, re-fetched               │
+      │    (slot erased)                                                             │
+      │◄── activation executed: success (slot now holds the previous image),─────────┘
+      │    stored image re-hash mismatch (erased), self-test failed (rolled back, erased)
+    a newer verified manifest moves RECEIVING or HELD back to RECEIVING (slot erased).
+
+The activation (:class:`ActivationState`)::
+
+    IDLE ── future-dated command accepted ──► SCHEDULED ── execute_at reached ──► IDLE (executes)
+                                               │  ▲
+                 cancel accepted ◄─────────────┘  └── a newer future-dated command replaces it
+    IDLE ── immediate command accepted ──► executes now, stays IDLE
+
+What is checked, and when:
+
+* A manifest (:meth:`Device.manifest_received`) is verified completely -- trust store, vendor,
+  device type, hardware version, image type, and anti-rollback of its sequence against the
+  *active* image's (``ROLLBACK`` lower, ``REPLAYED`` equal) and against a pending image's --
+  before the pending slot is touched. Nothing is stored for a refused manifest.
+* Image bytes (:meth:`Device.image_data_received`) are buffered until one manifest block is
+  complete, checked against its signed block hash, and only then written: a corrupt block never
+  reaches flash and is re-fetched alone. When the last block is written, the whole image is read
+  back from storage and hashed (the CH is not trusted to have delivered what was signed).
+* An activation command (:meth:`Device.activation_received`) is accepted only if its signature
+  verifies, it names this device (``WRONG_DEVICE``) and its counter is strictly greater than the
+  last accepted one (``REPLAYED``); the counter is then consumed. At execution time (now, or at
+  ``execute_at``) the pending image is **re-hashed from storage**, never from a cached digest
+  (A11 TOCTOU): no image -> ``NO_IMAGE_HELD``; command hash differs from the held image or the
+  stored bytes no longer hash to it -> ``HASH_MISMATCH``; otherwise the slots swap, the injected
+  self-test runs, and a failure swaps back (``ACTIVATION_FAILED``, reason ``SELF_TEST_FAILED``).
+* Success yields the confirmation evidence the join mode allows: a device-signed
+  :class:`~protocol.activation.ActivationAlert` (native devices, bridges joined as a PPMID) or a
+  :class:`~protocol.activation.VersionReport` (bridges joined as a CAD, which cannot sign).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from typing import Protocol
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from protocol.activation import (
+    ActivationAlert,
+    ActivationCancelled,
+    ActivationCommand,
+    ActivationResponse,
+    ActivationScheduled,
+    Outcome,
+    VersionReport,
+    check_device_id,
+)
+from protocol.errors import ProtocolError, Reason
+from protocol.manifest import HASH_LEN, DeviceType, Manifest
+from protocol.trust import Target, TrustStore, verify_manifest
+
+REHASH_CHUNK = 4096  # bytes read from storage at a time when re-hashing
+
+
+class JoinMode(StrEnum):
+    """How a device joined the HAN (DP170 question 4); decides what confirmation it can give."""
+
+    CAD = "CAD"  # consumer access device: no credentials, cannot sign
+    PPMID = "PPMID"  # joined like a PPMID: holds a key, can sign an alert
+    NATIVE = "NATIVE"  # ESME, GSME, PPMID, HCALCS, CH: SMKI credentials
+
+    @property
+    def can_sign(self) -> bool:
+        """Whether a device joined this way can sign its activation alert."""
+        return self is not JoinMode.CAD
+
+
+class SlotState(Enum):
+    """State of the pending image slot."""
+
+    EMPTY = "empty"
+    RECEIVING = "receiving"
+    HELD = "held"
+
+
+class ActivationState(Enum):
+    """Whether a future-dated activation is waiting for its time."""
+
+    IDLE = "idle"
+    SCHEDULED = "scheduled"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceIdentity:
+    """Who the device is: what a manifest and an activation command must match."""
+
+    device_id: str  # EUI-64, 16 upper-case hex digits
+    device_type: DeviceType
+    hw_version: int
+    vendor: int  # ZigBee manufacturer code
+    image_type: int  # ZigBee OTA image type
+    join_mode: JoinMode
+
+    def __post_init__(self) -> None:
+        try:
+            check_device_id(self.device_id)
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareInfo:
+    """The image in a slot: version, manifest sequence (anti-rollback value) and digest."""
+
+    fw_version: int
+    sequence: int
+    sha256: bytes = bytes(HASH_LEN)
+
+
+class SlotStore(Protocol):
+    """The device's flash, as the protocol sees it: a writable pending slot and an A/B swap."""
+
+    def erase_pending(self) -> None:
+        """Empty the pending slot."""
+
+    def write_pending(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` of the pending slot."""
+
+    def read_pending(self, offset: int, length: int) -> bytes:
+        """Read up to ``length`` bytes from ``offset`` of the pending slot."""
+
+    def swap(self) -> None:
+        """Exchange the active and pending slots (what the bootloader does on activation)."""
+
+
+class MemorySlotStore:
+    """An in-memory :class:`SlotStore` that counts what it is asked to do (tests, simulators)."""
+
+    __slots__ = ("active", "erases", "pending", "swaps", "writes")
+
+    def __init__(self, active: bytes = b"") -> None:
+        self.active = bytearray(active)
+        self.pending = bytearray()
+        self.writes = 0
+        self.erases = 0
+        self.swaps = 0
+
+    def erase_pending(self) -> None:
+        """Empty the pending slot."""
+        self.pending = bytearray()
+        self.erases += 1
+
+    def write_pending(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset`` (zero-filling any gap)."""
+        end = offset + len(data)
+        if len(self.pending) < end:
+            self.pending.extend(bytes(end - len(self.pending)))
+        self.pending[offset:end] = data
+        self.writes += 1
+
+    def read_pending(self, offset: int, length: int) -> bytes:
+        """Read up to ``length`` bytes from ``offset``."""
+        return bytes(self.pending[offset : offset + length])
+
+    def swap(self) -> None:
+        """Exchange the slots."""
+        self.active, self.pending = self.pending, self.active
+        self.swaps += 1
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRaised:
+    """Output: the device signed an activation alert (``signed`` is its COSE_Sign1)."""
+
+    signed: bytes
+
+
+DeviceOutput = (
+    ActivationResponse | ActivationScheduled | ActivationCancelled | AlertRaised | VersionReport
+)
+"""What the device sends back (through its CH) after an activation command or timer."""
+
+
+class Device:
+    """One device's firmware slots and activation logic (see the module docstring)."""
+
+    def __init__(
+        self,
+        identity: DeviceIdentity,
+        trust: TrustStore,
+        store: SlotStore,
+        *,
+        running: FirmwareInfo,
+        activation_trust: TrustStore | None = None,
+        signing_key: ec.EllipticCurvePrivateKey | None = None,
+        self_test: Callable[[Manifest], bool] | None = None,
+        last_counter: int = 0,
+        boot_count: int = 0,
+    ) -> None:
+        """``trust`` verifies manifests (release keys); ``activation_trust`` (default: the same)
+        verifies activation commands. ``signing_key`` is required when the join mode can sign.
+        ``self_test`` decides whether a freshly activated image passes (default: it does).
+        """
+        if identity.join_mode.can_sign and signing_key is None:
+            raise ValueError(f"join mode {identity.join_mode.value} needs a signing key")
+        self.identity = identity
+        self.trust = trust
+        self.activation_trust = activation_trust if activation_trust is not None else trust
+        self.store = store
+        self.signing_key = signing_key
+        self.self_test: Callable[[Manifest], bool] = self_test or (lambda _manifest: True)
+        self.running = running
+        self.previous: FirmwareInfo | None = None
+        self.last_counter = last_counter
+        self.boot_count = boot_count
+        self.slot_state = SlotState.EMPTY
+        self.pending_manifest: Manifest | None = None
+        self.signed_manifest: bytes | None = None
+        self.stored_bytes = 0  # verified bytes written to the pending slot
+        self.next_offset = 0  # next image offset the device expects
+        self._buffer = bytearray()  # bytes of the current manifest block, not yet verified
+        self.scheduled: ActivationCommand | None = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def activation_state(self) -> ActivationState:
+        """SCHEDULED while a future-dated activation waits for its time."""
+        return ActivationState.IDLE if self.scheduled is None else ActivationState.SCHEDULED
+
+    @property
+    def holds_image(self) -> bool:
+        """Whether a complete, verified pending image is held."""
+        return self.slot_state is SlotState.HELD
+
+    # ------------------------------------------------------------------ distribution
+
+    def check_manifest(self, signed: bytes, now: float) -> Manifest:
+        """Verify ``signed`` for this device without changing any state; ``ProtocolError``.
+
+        Checks: signature (trust store), expiry, vendor, device type, hardware version, image
+        type, sequence above the active image's, and not below a pending image's.
+        """
+        target = Target(
+            device_type=self.identity.device_type,
+            hw_version=self.identity.hw_version,
+            installed_sequence=self.running.sequence,
+            vendor=self.identity.vendor,
+        )
+        manifest = verify_manifest(signed, self.trust, now=int(now), target=target)
+        if manifest.image_type != self.identity.image_type:
+            raise ProtocolError(
+                Reason.WRONG_DEVICE_TYPE,
+                f"image type 0x{manifest.image_type:04x}, device 0x{self.identity.image_type:04x}",
+            )
+        held = self.pending_manifest
+        if held is not None and signed != self.signed_manifest:
+            if manifest.sequence < held.sequence:
+                raise ProtocolError(
+                    Reason.ROLLBACK, f"sequence {manifest.sequence} < pending {held.sequence}"
+                )
+            if manifest.sequence == held.sequence:
+                raise ProtocolError(
+                    Reason.REPLAYED, f"another manifest with pending sequence {held.sequence}"
+                )
+        return manifest
+
+    def manifest_received(self, signed: bytes, now: float) -> Manifest:
+        """Verify a signed manifest for this device and prepare the pending slot for its image.
+
+        Raises ``ProtocolError`` (nothing stored, slot untouched) for any failure of
+        :meth:`check_manifest`. The manifest already pending again resumes a partial download
+        from the last verified block (or keeps a held image).
+        """
+        manifest = self.check_manifest(signed, now)
+        if self.slot_state is not SlotState.EMPTY and signed == self.signed_manifest:
+            self._buffer.clear()  # resume from the last verified block
+            self.next_offset = self.stored_bytes
+            return manifest
+        self.store.erase_pending()
+        self.slot_state = SlotState.RECEIVING
+        self.pending_manifest = manifest
+        self.signed_manifest = bytes(signed)
+        self.stored_bytes = 0
+        self.next_offset = 0
+        self._buffer.clear()
+        return manifest
+
+    def image_data_received(self, offset: int, data: bytes) -> int:
+        """Take ``data`` at ``offset`` of the pending image; return the next offset expected.
+
+        Raises ``ProtocolError``: ``NO_TRANSFER`` without an accepted manifest,
+        ``BLOCK_OUT_OF_RANGE`` for an offset other than :attr:`next_offset`, ``TOO_MANY_BYTES``
+        past the signed size, ``BLOCK_HASH`` when a manifest block does not match its signed
+        hash (the block is dropped; fetch again from :attr:`next_offset`), ``IMAGE_HASH`` when
+        the stored image does not hash to the signed digest (the slot is erased).
+        """
+        manifest = self.pending_manifest
+        if self.slot_state is not SlotState.RECEIVING or manifest is None:
+            raise ProtocolError(Reason.NO_TRANSFER, "no verified manifest for image bytes")
+        if offset != self.next_offset:
+            raise ProtocolError(
+                Reason.BLOCK_OUT_OF_RANGE, f"offset {offset}, expected {self.next_offset}"
+            )
+        if not data:
+            raise ProtocolError(Reason.MALFORMED, "empty image data")
+        if offset + len(data) > manifest.size:
+            raise ProtocolError(Reason.TOO_MANY_BYTES, f"{offset + len(data)} > {manifest.size}")
+        self._buffer += data
+        self.next_offset += len(data)
+        while self.stored_bytes < manifest.size:
+            index = self.stored_bytes // manifest.block_size
+            need = manifest.block_length(index)
+            if len(self._buffer) < need:
+                break
+            block = bytes(self._buffer[:need])
+            if hashlib.sha256(block).digest() != manifest.block_hash(index):
+                self._buffer.clear()
+                self.next_offset = self.stored_bytes
+                raise ProtocolError(Reason.BLOCK_HASH, f"manifest block {index} hash mismatch")
+            self.store.write_pending(self.stored_bytes, block)
+            self.stored_bytes += need
+            del self._buffer[:need]
+        if self.stored_bytes == manifest.size:
+            if self._rehash(manifest.size) != manifest.sha256:
+                self._discard()
+                raise ProtocolError(Reason.IMAGE_HASH, "stored image does not match the manifest")
+            self.slot_state = SlotState.HELD
+        return self.next_offset
+
+    # ------------------------------------------------------------------ activation
+
+    def activation_received(self, signed: bytes, now: float) -> list[DeviceOutput]:
+        """Verify and accept an activation command; execute it now or schedule it.
+
+        Raises ``ProtocolError`` for a bad signature (the trust store's reasons),
+        ``WRONG_DEVICE`` for a command addressed to another device and ``REPLAYED`` for a
+        counter not greater than the last accepted. Returns the answers to send back.
+        """
+        command = ActivationCommand.verify(signed, self.activation_trust)
+        if command.device_id != self.identity.device_id:
+            raise ProtocolError(
+                Reason.WRONG_DEVICE, f"for {command.device_id}, I am {self.identity.device_id}"
+            )
+        if command.counter <= self.last_counter:
+            raise ProtocolError(
+                Reason.REPLAYED, f"counter {command.counter} <= last {self.last_counter}"
+            )
+        self.last_counter = command.counter
+        if command.cancel:
+            scheduled = self.scheduled
+            cancelled: int | None = None
+            if scheduled is not None and scheduled.image_sha256 == command.image_sha256:
+                cancelled = scheduled.counter
+                self.scheduled = None
+            return [ActivationCancelled(self.identity.device_id, command.counter, cancelled)]
+        if command.execute_at is not None and command.execute_at > now:
+            self.scheduled = command
+            return [
+                ActivationScheduled(self.identity.device_id, command.counter, command.execute_at)
+            ]
+        return self._execute(command)
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` must next be called (a scheduled activation), or ``None``."""
+        if self.scheduled is None or self.scheduled.execute_at is None:
+            return None
+        return float(self.scheduled.execute_at)
+
+    def handle_timer(self, now: float) -> list[DeviceOutput]:
+        """Execute a scheduled activation whose time has come."""
+        command = self.scheduled
+        if command is None or command.execute_at is None or now < command.execute_at:
+            return []
+        self.scheduled = None
+        return self._execute(command)
+
+    # ------------------------------------------------------------------ internals
+
+    def _response(
+        self, command: ActivationCommand, outcome: Outcome, reason: Reason | None
+    ) -> ActivationResponse:
+        return ActivationResponse(
+            self.identity.device_id, command.counter, outcome, self.running.fw_version, reason
+        )
+
+    def _execute(self, command: ActivationCommand) -> list[DeviceOutput]:
+        manifest = self.pending_manifest
+        if self.slot_state is not SlotState.HELD or manifest is None:
+            return [self._response(command, Outcome.NO_IMAGE_HELD, Reason.NO_IMAGE_HELD)]
+        if command.image_sha256 != manifest.sha256:
+            # the command names another image: keep ours, refuse to switch
+            return [self._response(command, Outcome.HASH_MISMATCH, Reason.HASH_MISMATCH)]
+        if self._rehash(manifest.size) != command.image_sha256:
+            # the stored bytes changed since they were verified (A11): the image is unusable
+            self._discard()
+            return [self._response(command, Outcome.HASH_MISMATCH, Reason.HASH_MISMATCH)]
+        self.store.swap()
+        self.boot_count += 1
+        old = self.running
+        self.running = FirmwareInfo(manifest.fw_version, manifest.sequence, manifest.sha256)
+        if not self.self_test(manifest):
+            self.store.swap()  # roll back: the previous image is active again
+            self.boot_count += 1
+            self.running = old
+            self._discard()
+            return [self._response(command, Outcome.ACTIVATION_FAILED, Reason.SELF_TEST_FAILED)]
+        self.previous = old
+        self.slot_state = SlotState.EMPTY  # the pending slot now holds the previous image
+        self.pending_manifest = None
+        self.signed_manifest = None
+        self.stored_bytes = self.next_offset = 0
+        response = self._response(command, Outcome.SUCCESS, None)
+        return [response, self._evidence(command)]
+
+    def _evidence(self, command: ActivationCommand) -> AlertRaised | VersionReport:
+        if self.identity.join_mode.can_sign:
+            assert self.signing_key is not None  # checked in __init__
+            alert = ActivationAlert(
+                self.identity.device_id,
+                self.running.fw_version,
+                self.running.sha256,
+                command.counter,
+            )
+            return AlertRaised(alert.sign(self.signing_key))
+        return VersionReport(
+            self.identity.device_id, self.running.fw_version, self.boot_count, command.counter
+        )
+
+    def _rehash(self, size: int) -> bytes:
+        digest = hashlib.sha256()
+        offset = 0
+        while offset < size:
+            chunk = self.store.read_pending(offset, min(REHASH_CHUNK, size - offset))
+            if not chunk:
+                break  # storage shorter than the image: the digest will not match
+            digest.update(chunk)
+            offset += len(chunk)
+        return digest.digest()
+
+    def _discard(self) -> None:
+        self.store.erase_pending()
+        self.slot_state = SlotState.EMPTY
+        self.pending_manifest = None
+        self.signed_manifest = None
+        self.stored_bytes = self.next_offset = 0
+        self._buffer.clear()
