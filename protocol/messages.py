@@ -99,13 +99,19 @@ class Offer(Message):
 
 @dataclass(frozen=True, slots=True)
 class Block(Message):
-    """One block of an image: content-addressed by (image digest, index)."""
+    """One block of an image: content-addressed by (image digest, index).
+
+    ``ack_now`` asks the receiver for an immediate ``TransferAcked`` instead of a delayed one:
+    the sender sets it on the last block it can send before its window, credit or buffer is full
+    (or it has nothing new left), so a sender window below the receiver's ack threshold never
+    waits for the receiver's ack-delay timer (QUIC's IMMEDIATE_ACK idea)."""
 
     TYPE: ClassVar[int] = 2
     MAX_BYTES: ClassVar[int] = MAX_BLOCK_DATA + 256
     image: bytes = _b(HASH_LEN)
     index: int = _u(MAX_U32)
     data: bytes = _b(None, MAX_BLOCK_DATA)
+    ack_now: bool = False
 
 
 @dataclass(frozen=True, slots=True)
