@@ -55,7 +55,7 @@ def loads(
         raise ProtocolError(Reason.TOO_LARGE, f"{len(data)} bytes > cap {max_size}")
     if not data:
         raise ProtocolError(Reason.MALFORMED, "empty input")
-    end = _Scanner(data, max_depth, allowed_tags).item(0, 0)
+    end = _scan(data, max_depth, allowed_tags)
     if end != len(data):
         raise ProtocolError(Reason.MALFORMED, f"{len(data) - end} trailing bytes")
     try:
@@ -64,75 +64,82 @@ def loads(
         raise ProtocolError(Reason.MALFORMED, f"cbor2: {exc}") from None
 
 
-class _Scanner:
-    __slots__ = ("allowed_tags", "data", "max_depth")
+def _scan(data: bytes, max_depth: int, allowed_tags: frozenset[int]) -> int:
+    """Walk one item iteratively; return the position after it or raise ``ProtocolError``.
 
-    def __init__(self, data: bytes, max_depth: int, allowed_tags: frozenset[int]) -> None:
-        self.data = data
-        self.max_depth = max_depth
-        self.allowed_tags = allowed_tags
-
-    def head(self, pos: int) -> tuple[int, int, int, int]:
-        """Return (major, additional info, argument, position after the head)."""
-        data = self.data
-        if pos >= len(data):
+    ``stack`` holds, per open container, how many items it still expects; map keys are checked
+    for type and uniqueness (by their bytes) as they are read. One loop, no call per item: this
+    runs on every message otad and every virtual hub receive.
+    """
+    size = len(data)
+    pos = 0
+    stack: list[int] = []  # items still expected by each open array/map (maps count 2 per entry)
+    keysets: list[set[bytes] | None] = []  # per open container: keys seen (maps) or None
+    while True:
+        if pos >= size:
             raise ProtocolError(Reason.MALFORMED, "truncated item")
+        # a map entry's key sits where the container's remaining count is even
+        is_key = bool(stack) and keysets[-1] is not None and stack[-1] % 2 == 0
+        start = pos
         initial = data[pos]
-        major, info = initial >> 5, initial & 0x1F
+        major = initial >> 5
+        info = initial & 0x1F
         pos += 1
         if info < 24:
-            return major, info, info, pos
-        if info == 31:
+            arg = info
+        elif info < 28:
+            width = 1 << (info - 24)
+            if pos + width > size:
+                raise ProtocolError(Reason.MALFORMED, "truncated head")
+            arg = int.from_bytes(data[pos : pos + width], "big")
+            pos += width
+            if major != _MAJOR_SIMPLE and arg < (24 if width == 1 else 1 << (4 * width)):
+                raise ProtocolError(Reason.NON_CANONICAL, "length not minimally encoded")
+        elif info == 31:
             if major == _MAJOR_SIMPLE:
                 raise ProtocolError(Reason.MALFORMED, "unexpected break")
             raise ProtocolError(Reason.INDEFINITE_LENGTH, "indefinite-length item")
-        if info > 27:
+        else:
             raise ProtocolError(Reason.MALFORMED, f"reserved additional info {info}")
-        width = 1 << (info - 24)
-        if pos + width > len(data):
-            raise ProtocolError(Reason.MALFORMED, "truncated head")
-        arg = int.from_bytes(data[pos : pos + width], "big")
-        if major != _MAJOR_SIMPLE and arg < (24 if width == 1 else 1 << (4 * width)):
-            raise ProtocolError(Reason.NON_CANONICAL, "length not minimally encoded")
-        return major, info, arg, pos + width
-
-    def item(self, pos: int, depth: int) -> int:
-        if depth > self.max_depth:
-            raise ProtocolError(Reason.TOO_DEEP, f"nesting deeper than {self.max_depth}")
-        major, info, arg, pos = self.head(pos)
-        remaining = len(self.data) - pos
-        if major in (_MAJOR_UINT, _MAJOR_NINT):
-            return pos
-        if major in (_MAJOR_BYTES, _MAJOR_TEXT):
-            if arg > remaining:
+        if is_key and major not in (_MAJOR_UINT, _MAJOR_NINT, _MAJOR_TEXT):
+            raise ProtocolError(Reason.MALFORMED, "map key is not an integer or text")
+        if major <= _MAJOR_NINT:
+            pass
+        elif major <= _MAJOR_TEXT:
+            if arg > size - pos:
                 raise ProtocolError(Reason.MALFORMED, "string longer than the input")
-            return pos + arg
-        if major == _MAJOR_ARRAY:
-            if arg > remaining:  # each element takes at least one byte
-                raise ProtocolError(Reason.MALFORMED, "array longer than the input")
-            for _ in range(arg):
-                pos = self.item(pos, depth + 1)
+            pos += arg
+        elif major in (_MAJOR_ARRAY, _MAJOR_MAP, _MAJOR_TAG):
+            if major == _MAJOR_TAG:
+                if arg not in allowed_tags:
+                    raise ProtocolError(Reason.MALFORMED, f"tag {arg} not allowed here")
+                count = 1  # a tag wraps exactly one item
+            else:
+                count = arg if major == _MAJOR_ARRAY else 2 * arg
+                if count > size - pos:  # every item takes at least one byte
+                    raise ProtocolError(Reason.MALFORMED, "container longer than the input")
+            if count:
+                if len(stack) >= max_depth:  # its items would sit deeper than allowed
+                    raise ProtocolError(Reason.TOO_DEEP, f"nesting deeper than {max_depth}")
+                stack.append(count)
+                keysets.append(set() if major == _MAJOR_MAP else None)
+                continue
+            # an empty container is finished at once, like a scalar
+        elif info not in (_SIMPLE_FALSE, _SIMPLE_TRUE, _SIMPLE_NULL):
+            raise ProtocolError(Reason.MALFORMED, "floats and other simple values are not allowed")
+        if is_key:
+            key = data[start:pos]
+            seen = keysets[-1]
+            assert seen is not None
+            if key in seen:
+                raise ProtocolError(Reason.DUPLICATE_KEY, f"duplicate map key {key.hex()}")
+            seen.add(key)
+        # one item finished: close every container it completes
+        while stack:
+            stack[-1] -= 1
+            if stack[-1]:
+                break
+            stack.pop()
+            keysets.pop()
+        if not stack:
             return pos
-        if major == _MAJOR_MAP:
-            if 2 * arg > remaining:
-                raise ProtocolError(Reason.MALFORMED, "map longer than the input")
-            seen: set[bytes] = set()
-            for _ in range(arg):
-                key_major = self.data[pos] >> 5 if pos < len(self.data) else -1
-                if key_major not in (_MAJOR_UINT, _MAJOR_NINT, _MAJOR_TEXT):
-                    raise ProtocolError(Reason.MALFORMED, "map key is not an integer or text")
-                key_end = self.item(pos, depth + 1)
-                key = self.data[pos:key_end]
-                if key in seen:
-                    raise ProtocolError(Reason.DUPLICATE_KEY, f"duplicate map key {key.hex()}")
-                seen.add(key)
-                pos = self.item(key_end, depth + 1)
-            return pos
-        if major == _MAJOR_TAG:
-            if arg not in self.allowed_tags:
-                raise ProtocolError(Reason.MALFORMED, f"tag {arg} not allowed here")
-            return self.item(pos, depth + 1)
-        # major 7: only false, true, null
-        if info in (_SIMPLE_FALSE, _SIMPLE_TRUE, _SIMPLE_NULL):
-            return pos
-        raise ProtocolError(Reason.MALFORMED, "floats and other simple values are not allowed")

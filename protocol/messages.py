@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -190,6 +191,7 @@ class HubWentOffline(Message):
 
 _REGISTRY: dict[int, type[Message]] = {}
 _FIELDS: dict[type[Any], tuple[tuple[str, Any, dict[str, Any]], ...]] = {}
+_CHECKERS: dict[type[Any], dict[str, Callable[[Any], Any]]] = {}
 
 
 def _register(*classes: type[Any]) -> None:
@@ -198,15 +200,15 @@ def _register(*classes: type[Any]) -> None:
         _FIELDS[cls] = tuple(
             (f.name, hints[f.name], dict(f.metadata)) for f in dataclasses.fields(cls)
         )
+        _CHECKERS[cls] = {
+            name: _checker(cls.__name__, name, hint, meta) for name, hint, meta in _FIELDS[cls]
+        }
         if issubclass(cls, Message):
             if cls.TYPE in _REGISTRY:
                 raise RuntimeError(f"duplicate message type {cls.TYPE}")
             _REGISTRY[cls.TYPE] = cls
 
 
-_register(Limits, HanDevice)
-_register(Offer, Block, Cancel, Poll, TransferAcked, ImageHeld, TransferRejected)
-_register(HubAnnounced, HubWentOffline)
 
 
 def _to_wire(value: Any) -> Any:
@@ -256,46 +258,79 @@ _M = typing.TypeVar("_M", bound=Message)
 def _from_wire(cls: type[Any], raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ProtocolError(Reason.MALFORMED, f"{cls.__name__} is not a map")
-    spec = _FIELDS[cls]
-    names = {name for name, _, _ in spec}
-    unknown = [k for k in raw if k not in names]
-    if unknown:
-        raise ProtocolError(Reason.UNKNOWN_KEY, f"{cls.__name__} keys {unknown!r}"[:200])
-    values = {}
-    for name, hint, meta in spec:
-        if name not in raw:
-            raise ProtocolError(Reason.MALFORMED, f"{cls.__name__} lacks {name!r}")
-        values[name] = _check(cls.__name__, name, hint, meta, raw[name])
-    return cls(**values)
+    checkers = _CHECKERS[cls]
+    if len(raw) != len(checkers) or not all(k in checkers for k in raw):
+        unknown = [k for k in raw if k not in checkers]
+        if unknown:
+            raise ProtocolError(Reason.UNKNOWN_KEY, f"{cls.__name__} keys {unknown!r}"[:200])
+        missing = [k for k in checkers if k not in raw]
+        raise ProtocolError(Reason.MALFORMED, f"{cls.__name__} lacks {missing!r}")
+    return cls(**{name: check(raw[name]) for name, check in checkers.items()})
 
 
-def _check(owner: str, name: str, hint: Any, meta: dict[str, Any], value: Any) -> Any:
+def _checker(owner: str, name: str, hint: Any, meta: dict[str, Any]) -> Any:
+    """Build the validator of one field once, at import, so decoding does no type dispatch."""
     where = f"{owner}.{name}"
     if hint is int:
-        if type(value) is not int or not 0 <= value <= meta.get("max", MAX_U64):
-            raise ProtocolError(Reason.MALFORMED, f"{where} is not an integer in range")
-        return value
+        maximum = meta.get("max", MAX_U64)
+
+        def check_int(value: Any) -> int:
+            if type(value) is not int or not 0 <= value <= maximum:
+                raise ProtocolError(Reason.MALFORMED, f"{where} is not an integer in range")
+            return value
+
+        return check_int
     if hint is bytes:
-        if not isinstance(value, bytes):
-            raise ProtocolError(Reason.MALFORMED, f"{where} is not a byte string")
-        if meta.get("len") is not None and len(value) != meta["len"]:
-            raise ProtocolError(Reason.MALFORMED, f"{where} must be {meta['len']} bytes")
-        if len(value) > meta.get("max", MAX_MESSAGE_BYTES):
-            raise ProtocolError(Reason.TOO_LARGE, f"{where} longer than {meta['max']}")
-        return value
+        length = meta.get("len")
+        longest = meta.get("max", MAX_MESSAGE_BYTES)
+
+        def check_bytes(value: Any) -> bytes:
+            if type(value) is not bytes:
+                raise ProtocolError(Reason.MALFORMED, f"{where} is not a byte string")
+            if length is not None and len(value) != length:
+                raise ProtocolError(Reason.MALFORMED, f"{where} must be {length} bytes")
+            if len(value) > longest:
+                raise ProtocolError(Reason.TOO_LARGE, f"{where} longer than {longest}")
+            return value
+
+        return check_bytes
     if hint is str:
-        if not isinstance(value, str) or len(value) > meta.get("max", MAX_TEXT):
-            raise ProtocolError(Reason.MALFORMED, f"{where} is not text of bounded length")
-        return value
+        longest = meta.get("max", MAX_TEXT)
+
+        def check_str(value: Any) -> str:
+            if type(value) is not str or len(value) > longest:
+                raise ProtocolError(Reason.MALFORMED, f"{where} is not text of bounded length")
+            return value
+
+        return check_str
     if hint is bool:
-        if not isinstance(value, bool):
-            raise ProtocolError(Reason.MALFORMED, f"{where} is not a boolean")
-        return value
+
+        def check_bool(value: Any) -> bool:
+            if type(value) is not bool:
+                raise ProtocolError(Reason.MALFORMED, f"{where} is not a boolean")
+            return value
+
+        return check_bool
     if typing.get_origin(hint) is tuple:
         (item_hint, _ellipsis) = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)) or len(value) > meta.get("max", 64):
-            raise ProtocolError(Reason.MALFORMED, f"{where} is not a bounded array")
-        return tuple(_from_wire(item_hint, item) for item in value)
+        most = meta.get("max", 64)
+
+        def check_tuple(value: Any) -> tuple[Any, ...]:
+            if not isinstance(value, (list, tuple)) or len(value) > most:
+                raise ProtocolError(Reason.MALFORMED, f"{where} is not a bounded array")
+            return tuple(_from_wire(item_hint, item) for item in value)
+
+        return check_tuple
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return _from_wire(hint, value)
+        record = hint
+
+        def check_record(value: Any) -> Any:
+            return _from_wire(record, value)
+
+        return check_record
     raise RuntimeError(f"unsupported field type {hint!r} for {where}")  # a bug, not input
+
+
+_register(Limits, HanDevice)
+_register(Offer, Block, Cancel, Poll, TransferAcked, ImageHeld, TransferRejected)
+_register(HubAnnounced, HubWentOffline)
