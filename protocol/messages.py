@@ -209,8 +209,6 @@ def _register(*classes: type[Any]) -> None:
             _REGISTRY[cls.TYPE] = cls
 
 
-
-
 def _to_wire(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_to_wire(v) for v in value]

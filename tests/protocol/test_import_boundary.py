@@ -10,9 +10,30 @@ import pytest
 
 PROTOCOL = Path(__file__).resolve().parents[2] / "protocol"
 FORBIDDEN = {
-    "asyncio", "socket", "ssl", "selectors", "select", "threading", "multiprocessing",
-    "subprocess", "time", "os", "io", "pathlib", "shutil", "tempfile", "sqlite3",
-    "aiosqlite", "aiomqtt", "gmqtt", "paho", "uvloop", "urllib", "http", "random", "signal",
+    "asyncio",
+    "socket",
+    "ssl",
+    "selectors",
+    "select",
+    "threading",
+    "multiprocessing",
+    "subprocess",
+    "time",
+    "os",
+    "io",
+    "pathlib",
+    "shutil",
+    "tempfile",
+    "sqlite3",
+    "aiosqlite",
+    "aiomqtt",
+    "gmqtt",
+    "paho",
+    "uvloop",
+    "urllib",
+    "http",
+    "random",
+    "signal",
 }
 ALLOWED_THIRD_PARTY = {"cbor2", "cryptography"}
 
