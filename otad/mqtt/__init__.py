@@ -1,0 +1,38 @@
+"""MQTT behind one narrow interface (:class:`MqttClient`), with gmqtt and aiomqtt adapters.
+
+>>> client = create_client("gmqtt", MqttSettings(client_id="otad-1"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from otad.mqtt.interface import (
+    HARD_INFLIGHT_LIMIT,
+    LIBRARIES,
+    ConnectionHandler,
+    InflightLimitError,
+    MessageHandler,
+    MqttClient,
+    MqttConnectError,
+    MqttError,
+    MqttSettings,
+    MqttSubscribeError,
+    NotConnected,
+    Will,
+    create_client,
+)
+
+__all__ = [
+    "HARD_INFLIGHT_LIMIT",
+    "LIBRARIES",
+    "ConnectionHandler",
+    "InflightLimitError",
+    "MessageHandler",
+    "MqttClient",
+    "MqttConnectError",
+    "MqttError",
+    "MqttSettings",
+    "MqttSubscribeError",
+    "NotConnected",
+    "Will",
+    "create_client",
+]

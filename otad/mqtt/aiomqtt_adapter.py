@@ -1,0 +1,302 @@
+"""aiomqtt adapter: the idiomatic asyncio client (aiomqtt 2.5 on paho-mqtt 2.2).
+
+aiomqtt owns the connection life cycle here: connect (CONNACK), subscribe (SUBACK), the socket
+callbacks that drive paho from the event loop, keepalive, and the clean DISCONNECT. Two things
+its public API cannot do go straight to the paho client it wraps (``aiomqtt.Client._client``):
+
+* a non-blocking ``publish``: ``aiomqtt.Client.publish`` is a coroutine that waits for the
+  PUBACK, so a bulk sender would need one task per message and would hit aiomqtt's warning on
+  more than ``pending_calls_threshold`` (10) pending calls. paho's ``publish`` queues the packet
+  and returns; its ``on_publish`` (QoS 0: written to the socket; QoS 1: PUBACK received) feeds
+  the in-flight count that :meth:`AiomqttClient.drain` waits on.
+* a synchronous message handler: aiomqtt copies each message into an ``asyncio.Queue`` and its
+  iterator creates a task per message. paho's ``on_message`` already runs on the event loop
+  (aiomqtt calls ``loop_read`` from an ``add_reader`` callback), so the handler is called there.
+
+Losses are detected through the public ``Client.messages`` iterator, which raises ``MqttError``
+when the connection drops. Each connection uses a fresh ``aiomqtt.Client``.
+TCP_NODELAY goes in through ``socket_options`` (paho does not set it: 88 ms per round trip).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+from aiomqtt.exceptions import MqttConnectError as AiomqttConnectError
+from paho.mqtt.reasoncodes import ReasonCode
+
+from otad.mqtt.interface import (
+    HARD_INFLIGHT_LIMIT,
+    InflightLimitError,
+    MqttClient,
+    MqttConnectError,
+    MqttError,
+    MqttSettings,
+    NotConnected,
+    validate_topic_name,
+)
+
+__all__ = ["AiomqttClient"]
+
+log = logging.getLogger("otad.mqtt.aiomqtt")
+
+# paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map them back.
+_V5_TO_V311_CONNACK = {132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+
+
+def _code(value: Any) -> int:
+    return int(value.value) if isinstance(value, ReasonCode) else int(value)
+
+
+def _direct_socket_callbacks(
+    aclient: aiomqtt.Client, client: paho.Client, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Once connected, register paho's socket writes with the loop synchronously.
+
+    aiomqtt defers ``add_writer`` through ``call_soon_threadsafe`` (paho may call from the
+    connect thread) and its ``on_socket_close`` removes only the reader. Under load a broker
+    restart then leaves a write registration on a closed descriptor, or a deferred ``add_writer``
+    lands after the close; uvloop keeps a closed poll handle for that descriptor number, the next
+    connection gets the same number, and it is never read again: paho stays "connected" until
+    keepalive gives up (RuntimeError "UVPoll closed" in the log; otad silent for 30-60 s).
+    After CONNACK every paho callback runs on the loop thread, so do it directly, and drop the
+    writer before the socket closes.
+    """
+    on_close = client.on_socket_close
+
+    def register_write(c: paho.Client, userdata: Any, sock: Any) -> None:
+        def writable() -> None:
+            try:
+                c.loop_write()
+            except Exception as exc:
+                if not aclient._disconnected.done():
+                    aclient._disconnected.set_exception(exc)
+
+        loop.add_writer(sock.fileno(), writable)
+
+    def unregister_write(c: paho.Client, userdata: Any, sock: Any) -> None:
+        loop.remove_writer(sock.fileno())
+
+    def socket_close(c: paho.Client, userdata: Any, sock: Any) -> None:
+        fileno = sock.fileno()
+        if fileno > -1:
+            loop.remove_writer(fileno)
+        if on_close is not None:
+            on_close(c, userdata, sock)
+
+    client.on_socket_register_write = register_write
+    client.on_socket_unregister_write = unregister_write
+    client.on_socket_close = socket_close
+
+
+class AiomqttClient(MqttClient):
+    """:class:`~otad.mqtt.interface.MqttClient` on aiomqtt/paho (MQTT 3.1.1)."""
+
+    library = "aiomqtt"
+
+    def __init__(self, settings: MqttSettings) -> None:
+        super().__init__(settings)
+        self._aclient: aiomqtt.Client | None = None
+        self._paho: paho.Client | None = None
+        self._lost: asyncio.Event | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._established = False
+        self._pending = 0
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._low_water = max(0, settings.max_inflight // 2)
+
+    # ------------------------------------------------------------------ hot path
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        """See :meth:`MqttClient.publish`."""
+        client = self._paho
+        if not self._connected or client is None:
+            raise NotConnected(f"{self.settings.client_id}: not connected")
+        if self._pending >= HARD_INFLIGHT_LIMIT:
+            raise InflightLimitError(f"{HARD_INFLIGHT_LIMIT} messages outstanding")
+        if not topic or "+" in topic or "#" in topic or "\0" in topic or len(topic) > 16383:
+            validate_topic_name(topic)
+        self._pending += 1
+        info = client.publish(topic, payload, qos, retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            self._pending -= 1
+            if info.rc == paho.MQTT_ERR_NO_CONN:
+                raise NotConnected(f"{self.settings.client_id}: not connected")
+            raise MqttError(f"publish failed: {paho.error_string(info.rc)}")
+
+    @property
+    def inflight(self) -> int:
+        """Messages handed to paho and not yet completed (QoS 0: not yet written to the socket;
+        QoS 1: not yet acknowledged by the broker)."""
+        return self._pending
+
+    async def drain(self) -> None:
+        """See :meth:`MqttClient.drain`."""
+        while True:
+            if not self._connected or self._paho is None:
+                raise NotConnected(f"{self.settings.client_id}: not connected")
+            if self._pending < self.settings.max_inflight:
+                return
+            if self._drain_waiter is None or self._drain_waiter.done():
+                self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+
+    def socket_fileno(self) -> int | None:
+        """See :meth:`MqttClient.socket_fileno`."""
+        client = self._paho
+        sock = None if client is None else client.socket()
+        return None if sock is None else int(sock.fileno())
+
+    # ------------------------------------------------------------------ paho callbacks
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = bytes(message._topic).decode("utf-8", "replace")
+        payload = message.payload
+        if type(payload) is not bytes:
+            payload = bytes(payload)
+        try:
+            self._message_handler(topic, payload, bool(message.retain))
+        except Exception:
+            self._deliver_error(topic)
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
+    ) -> None:
+        if client is not self._paho:
+            return
+        self._pending -= 1
+        waiter = self._drain_waiter
+        if waiter is not None and self._pending <= self._low_water:
+            self._drain_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _fail_waiters(self) -> None:
+        waiter = self._drain_waiter
+        self._drain_waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(NotConnected("connection lost while draining"))
+
+    async def _watch(self, aclient: aiomqtt.Client, lost: asyncio.Event) -> None:
+        """Wait for aiomqtt to report the loss of this connection (its message iterator raises
+        MqttError; no message ever enters its queue, ``on_message`` is ours)."""
+        try:
+            async for _ in aclient.messages:
+                pass
+        except aiomqtt.MqttError:
+            pass
+        finally:
+            lost.set()
+            if aclient is self._aclient:
+                self._connected = False
+                self._fail_waiters()
+
+    # ------------------------------------------------------------------ link primitives
+
+    async def _open(self) -> None:
+        s = self.settings
+        will = None
+        if s.will is not None:
+            will = aiomqtt.Will(s.will.topic, s.will.payload, s.will.qos, s.will.retain)
+        aclient = aiomqtt.Client(
+            s.host,
+            s.port,
+            username=s.username,
+            password=s.password,
+            identifier=s.client_id,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            will=will,
+            clean_session=s.clean_session,
+            keepalive=s.keepalive,
+            timeout=s.connect_timeout,
+            max_inflight_messages=HARD_INFLIGHT_LIMIT,
+            tls_context=s.ssl_context(),
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        )
+        aclient.pending_calls_threshold = HARD_INFLIGHT_LIMIT
+        client = aclient._client
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        self._aclient, self._paho, self._pending = aclient, client, 0
+        self._established = False
+        try:
+            await aclient.__aenter__()
+        except AiomqttConnectError as exc:
+            await self._close(clean=False)
+            code = None if exc.rc is None else _code(exc.rc)
+            code = _V5_TO_V311_CONNACK.get(code, code) if code is not None else None
+            raise MqttConnectError(f"refused: {exc}", code) from None
+        except aiomqtt.MqttError as exc:
+            await self._close(clean=False)
+            raise MqttConnectError(f"{s.host}:{s.port} unreachable: {exc}") from None
+        except BaseException:
+            await self._close(clean=False)
+            raise
+        self._established = True
+        _direct_socket_callbacks(aclient, client, asyncio.get_running_loop())
+        self._lost = asyncio.Event()
+        self._watcher = asyncio.get_running_loop().create_task(
+            self._watch(aclient, self._lost), name=f"mqtt-watch-{s.client_id}"
+        )
+
+    async def _subscribe_many(self, items: list[tuple[str, int]]) -> list[int]:
+        aclient, lost = self._aclient, self._lost
+        if aclient is None or lost is None or lost.is_set():
+            raise NotConnected(f"{self.settings.client_id}: not connected")
+        subscribing = asyncio.ensure_future(
+            aclient.subscribe(items, timeout=self.settings.connect_timeout)
+        )
+        losing = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait({subscribing, losing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            losing.cancel()
+            if not subscribing.done():
+                subscribing.cancel()
+        if not subscribing.done() or subscribing.cancelled():
+            raise NotConnected(f"{self.settings.client_id}: connection lost before SUBACK")
+        try:
+            codes = subscribing.result()
+        except aiomqtt.MqttError as exc:
+            raise NotConnected(f"{self.settings.client_id}: subscribe failed: {exc}") from None
+        return [_code(code) for code in codes]
+
+    async def _wait_lost(self) -> None:
+        lost = self._lost
+        if lost is not None:
+            await lost.wait()
+
+    async def _close(self, *, clean: bool) -> None:
+        aclient, self._aclient = self._aclient, None
+        client, self._paho = self._paho, None
+        watcher, self._watcher = self._watcher, None
+        lost, self._lost = self._lost, None
+        established, self._established = self._established, False
+        self._pending = 0
+        self._fail_waiters()
+        if aclient is None or client is None:
+            return
+        if clean and established and lost is not None and not lost.is_set():
+            try:
+                await aclient.__aexit__(None, None, None)
+            except (aiomqtt.MqttError, OSError) as exc:
+                log.debug("%s: unclean disconnect: %r", self.settings.client_id, exc)
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        if lost is not None:
+            lost.set()
+        # Whatever state paho is in, release the socket and its event-loop registrations.
+        if client.socket() is not None:
+            with contextlib.suppress(OSError):
+                client._sock_close()
