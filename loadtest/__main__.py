@@ -1,0 +1,150 @@
+"""``python -m loadtest``: virtual Communications Hubs, the demo and the benchmark.
+
+* ``hubs --count N --broker HOST:PORT --state-dir DIR [--procs P] [--seed S] [--window W]
+  [--library gmqtt] [--trust DIR]``: run N virtual CHs until SIGINT/SIGTERM, then disconnect them
+  cleanly and print a one-line summary. Started again on the same state directory, the hubs
+  resume their transfers. ``--trust`` defaults to ``DIR/trust``.
+* ``demo``: the end-to-end demonstration (``make demo``), see :mod:`loadtest.demo`.
+* ``bench``: baseline vs otad throughput (``make bench``), see :mod:`loadtest.bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import signal
+import sys
+from collections.abc import Sequence
+
+import uvloop
+
+from loadtest.hub import DEFAULT_LIMITS
+
+
+def _broker(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    return host, int(port)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of ``python -m loadtest``."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    hubs = sub.add_parser("hubs", help="run N virtual CHs until interrupted")
+    hubs.add_argument("--count", type=_positive, required=True, help="number of hubs")
+    hubs.add_argument("--broker", type=_broker, required=True, metavar="HOST:PORT")
+    hubs.add_argument("--state-dir", required=True, metavar="DIR")
+    hubs.add_argument("--procs", type=_positive, help="worker processes (default: 1 per 2,500)")
+    hubs.add_argument("--seed", type=int, default=0, help="identity seed (default 0)")
+    hubs.add_argument("--window", type=_positive, default=DEFAULT_LIMITS.window)
+    hubs.add_argument("--max-block", type=_positive, default=DEFAULT_LIMITS.max_block)
+    hubs.add_argument("--buffer", type=_positive, default=DEFAULT_LIMITS.buffer)
+    hubs.add_argument("--segments", type=_positive, default=8, help="network segments cell-<k>")
+    hubs.add_argument("--library", choices=("gmqtt", "aiomqtt"), default="gmqtt")
+    hubs.add_argument("--trust", metavar="DIR", help="trusted public keys (default DIR/trust)")
+
+    demo = sub.add_parser("demo", help="Mosquitto + otad + virtual CHs: one image delivered live")
+    from loadtest import demo as demo_module
+
+    demo_module.add_arguments(demo)
+
+    bench = sub.add_parser("bench", help="raw baseline vs otad, recorded in BENCHMARKS.md")
+    from loadtest import bench as bench_module
+
+    bench_module.add_arguments(bench)
+
+    worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
+    worker.add_argument("config")
+    worker.add_argument("number", type=int)
+    worker.add_argument("first", type=int)
+    worker.add_argument("last", type=int)
+    return parser
+
+
+async def run_hubs(args: argparse.Namespace) -> int:
+    """The ``hubs`` command."""
+    from loadtest.runner import FleetSummary, HubFleet
+
+    procs = args.procs or max(1, math.ceil(args.count / 2500))
+    fleet = HubFleet(
+        broker=args.broker,
+        state_dir=args.state_dir,
+        count=args.count,
+        procs=procs,
+        seed=args.seed,
+        library=args.library,
+        trust_dir=args.trust,
+        max_block=args.max_block,
+        window=args.window,
+        buffer=args.buffer,
+        segments=args.segments,
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await fleet.start()
+        print(
+            f"hubs: {await fleet.running()} of {args.count} virtual CHs running in {procs} "
+            f"process(es) on {args.broker[0]}:{args.broker[1]} "
+            f"(started in {fleet.started_in or 0:.1f} s); state in {args.state_dir}; "
+            "Ctrl-C to stop",
+            flush=True,
+        )
+        await stop.wait()
+        stats = await fleet.stats()
+    finally:
+        await fleet.close()
+    print(f"hubs: stopped. {FleetSummary.of(stats).line()}", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    if args.command == "hubs":
+        return uvloop.run(run_hubs(args))
+    if args.command == "_worker":
+        import json
+
+        from loadtest.runner import FleetConfig, worker_main
+
+        config = FleetConfig.from_json(json.loads(args.config))
+        return uvloop.run(worker_main(config, args.number, args.first, args.last))
+    if args.command == "demo":
+        from loadtest import demo as demo_module
+
+        return demo_module.main(args)
+    if args.command == "bench":
+        from loadtest import bench as bench_module
+
+        return bench_module.main(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,618 @@
+"""Run many virtual CHs: in this process, or spread over worker processes.
+
+:class:`HubFleet` is the API the demo, the benchmark and the tests use::
+
+    async with HubFleet(broker=("127.0.0.1", port), state_dir=d, count=1000, procs=2) as fleet:
+        await fleet.stop_hubs(fleet.guids[:200])      # 20% drop off (clean DISCONNECT)
+        await fleet.start_hubs(fleet.guids[:200])     # ... and come back, resuming
+        stats = await fleet.stats()                   # per-hub HubStats
+
+``procs=0`` runs the hubs on the caller's event loop (handy in tests); ``procs>=1`` starts that
+many ``python -m loadtest _worker`` processes, each one uvloop loop holding ``count/procs`` hubs,
+driven over a line protocol on stdin/stdout (``@@LT {json}`` lines; anything else a worker
+prints is passed through to stderr). Hub ``i`` of a run always gets the same GUID and HAN
+inventory (``seed``, ``i``), and its state lives in ``<state_dir>/hubs/<GUID>/``, so a fleet
+started again on the same state directory resumes where it stopped.
+
+A worker writes its statistics to ``<state_dir>/stats/worker-<k>.json`` when it exits and when
+it receives SIGUSR1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loadtest.hub import (
+    DEFAULT_LIMITS,
+    HubGroup,
+    HubIdentity,
+    HubOptions,
+    HubStats,
+    make_identity,
+)
+from otad.keyfiles import load_trust_dir
+from protocol.messages import Limits
+from protocol.trust import TrustStore
+
+log = logging.getLogger("loadtest.runner")
+
+PREFIX = "@@LT "
+_LINE_LIMIT = 256 * 1024 * 1024
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (every hub holds a socket); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def load_trust(trust_dir: Path | str | None) -> TrustStore:
+    """The hubs' trust store: every public key in ``trust_dir``; empty if there is none."""
+    if trust_dir is None or not Path(trust_dir).is_dir():
+        return TrustStore()
+    if not any(Path(trust_dir).glob("*.pem")):
+        return TrustStore()
+    return load_trust_dir(trust_dir)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """Everything that defines a fleet of virtual CHs (and is sent to its workers as JSON)."""
+
+    host: str
+    port: int
+    state_dir: str
+    count: int
+    seed: int = 0
+    library: str = "gmqtt"
+    trust_dir: str | None = None
+    max_block: int = DEFAULT_LIMITS.max_block
+    window: int = DEFAULT_LIMITS.window
+    buffer: int = DEFAULT_LIMITS.buffer
+    limits_for: tuple[tuple[int, int, int, int], ...] = ()  # (index, max_block, window, buffer)
+    segments: int = 8
+    flush_interval: float = 10.0
+    ack_every: int | None = None
+    ack_delay: float | None = None
+    keepalive: int = 30
+
+    @property
+    def limits(self) -> Limits:
+        """The limits every hub declares unless overridden."""
+        return Limits(max_block=self.max_block, window=self.window, buffer=self.buffer)
+
+    def overrides(self) -> dict[int, Limits]:
+        """Per-index limit overrides."""
+        return {i: Limits(max_block=m, window=w, buffer=b) for i, m, w, b in self.limits_for}
+
+    def identity(self, index: int) -> HubIdentity:
+        """Hub ``index``'s identity, exactly as the hub itself derives it."""
+        return make_identity(
+            self.seed,
+            index,
+            limits=self.overrides().get(index, self.limits),
+            segments=self.segments,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            name: (list(map(list, value)) if name == "limits_for" else value)
+            for name, value in ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FleetConfig:
+        """Inverse of :meth:`to_json`."""
+        raw = dict(data)
+        raw["limits_for"] = tuple(tuple(x) for x in raw.get("limits_for", ()))
+        return cls(**raw)
+
+
+def _prepare(state_dir: str) -> None:
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    raise_nofile_limit()
+
+
+def _make_group(config: FleetConfig, indices: Iterable[int]) -> HubGroup:
+    options = HubOptions(
+        host=config.host,
+        port=config.port,
+        library=config.library,
+        keepalive=config.keepalive,
+        ack_every=config.ack_every,
+        ack_delay=config.ack_delay,
+    )
+    trust_dir = config.trust_dir or str(Path(config.state_dir) / "trust")
+    return HubGroup(
+        options=options,
+        trust=load_trust(trust_dir),
+        state_dir=config.state_dir,
+        seed=config.seed,
+        indices=indices,
+        limits=config.limits,
+        limits_for=config.overrides(),
+        segments=config.segments,
+        flush_interval=config.flush_interval,
+    )
+
+
+def _stats_json(stats: Mapping[str, HubStats]) -> dict[str, Any]:
+    return {guid: s.to_json() for guid, s in stats.items()}
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+async def worker_main(config: FleetConfig, worker: int, first: int, last: int) -> int:
+    """Body of a worker process: run hubs ``first..last-1`` and obey commands on stdin."""
+    raise_nofile_limit()
+    loop = asyncio.get_running_loop()
+    group = _make_group(config, range(first, last))
+    stats_path = Path(config.state_dir) / "stats" / f"worker-{worker}.json"
+
+    def write_stats() -> None:
+        stats_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stats_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"worker": worker, "hubs": _stats_json(group.stats())}))
+        os.replace(tmp, stats_path)
+
+    def send(obj: Mapping[str, Any]) -> None:
+        sys.stdout.write(PREFIX + json.dumps(obj, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGUSR1, write_stats)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    # Ctrl-C reaches the whole process group: the parent orchestrates the shutdown (it asks for
+    # the statistics first, then says quit), so a worker ignores SIGINT. If the parent dies, the
+    # worker sees EOF on stdin and stops by itself.
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+
+    reader = asyncio.StreamReader(limit=_LINE_LIMIT)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    async def serve() -> None:
+        while True:
+            line = await reader.readline()
+            if not line:
+                stop.set()  # the parent went away
+                return
+            try:
+                request = json.loads(line)
+                reply = await handle(request)
+            except Exception as exc:
+                log.exception("worker %d: command failed", worker)
+                send(
+                    {
+                        "id": request.get("id") if isinstance(request, dict) else None,
+                        "ok": False,
+                        "error": repr(exc),
+                    }
+                )
+                continue
+            send({"id": request.get("id"), "ok": True, "result": reply})
+            if request.get("cmd") == "quit":
+                stop.set()
+                return
+
+    async def handle(request: Mapping[str, Any]) -> Any:
+        cmd = request.get("cmd")
+        if cmd == "stats":
+            return _stats_json(group.stats())
+        if cmd == "start":
+            return await group.start(request.get("guids"))
+        if cmd == "stop":
+            await group.stop(request.get("guids"), crash=bool(request.get("crash")))
+            return group.running
+        if cmd == "running":
+            return group.running
+        if cmd == "totals":
+            return FleetSummary.of(group.stats()).to_json()
+        if cmd == "quit":
+            await group.close()
+            write_stats()
+            return _stats_json(group.stats())
+        raise ValueError(f"unknown command {cmd!r}")
+
+    started = time.monotonic()
+    running = await group.start()
+    send({"event": "started", "running": running, "seconds": time.monotonic() - started})
+    server = loop.create_task(serve(), name="worker-commands")
+    await stop.wait()
+    if not server.done():
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+    await group.close()
+    write_stats()
+    return 0
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+class _Worker:
+    """The parent's handle on one worker process."""
+
+    def __init__(self, number: int, first: int, last: int) -> None:
+        self.number = number
+        self.first = first
+        self.last = last
+        self.proc: asyncio.subprocess.Process | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._next_id = 0
+        self._reader: asyncio.Task[None] | None = None
+        self.started: asyncio.Future[dict[str, Any]] | None = None
+        self.last_stats: dict[str, Any] = {}
+
+    async def spawn(self, config: FleetConfig, python: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.started = loop.create_future()
+        self.proc = await asyncio.create_subprocess_exec(
+            python,
+            "-m",
+            "loadtest",
+            "_worker",
+            json.dumps(config.to_json()),
+            str(self.number),
+            str(self.first),
+            str(self.last),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=_LINE_LIMIT,
+        )
+        self._reader = loop.create_task(self._read(), name=f"hub-worker-{self.number}")
+
+    async def _read(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        stdout = self.proc.stdout
+        while True:
+            try:
+                raw = await stdout.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                continue
+            if not raw:
+                break
+            text = raw.decode("utf-8", "replace")
+            if not text.startswith(PREFIX):
+                sys.stderr.write(text)
+                continue
+            message = json.loads(text[len(PREFIX) :])
+            if message.get("event") == "started":
+                if self.started is not None and not self.started.done():
+                    self.started.set_result(message)
+                continue
+            future = self._pending.pop(message.get("id", -1), None)
+            if future is not None and not future.done():
+                if message.get("ok"):
+                    future.set_result(message.get("result"))
+                else:
+                    future.set_exception(RuntimeError(f"worker {self.number}: {message}"))
+        error = RuntimeError(f"hub worker {self.number} exited")
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        if self.started is not None and not self.started.done():
+            self.started.set_exception(error)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def call(self, cmd: str, wait_s: float = 120.0, **fields: Any) -> Any:
+        if not self.alive or self.proc is None or self.proc.stdin is None:
+            raise RuntimeError(f"hub worker {self.number} is not running")
+        self._next_id += 1
+        request_id = self._next_id
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        line = json.dumps({"id": request_id, "cmd": cmd, **fields}) + "\n"
+        self.proc.stdin.write(line.encode())
+        await self.proc.stdin.drain()
+        return await asyncio.wait_for(future, wait_s)
+
+    async def close(self, wait_s: float) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            try:
+                result = await self.call("quit", wait_s=wait_s)
+                if isinstance(result, dict):
+                    self.last_stats = result
+            except Exception as exc:
+                log.warning("hub worker %d did not quit cleanly: %s", self.number, exc)
+            try:
+                await asyncio.wait_for(proc.wait(), wait_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+                try:
+                    await asyncio.wait_for(proc.wait(), 5)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader, 5)
+        if proc.stdin is not None:
+            proc.stdin.close()
+
+
+class HubFleet:
+    """N virtual CHs, in this process (``procs=0``) or over ``procs`` worker processes.
+
+    Use as ``async with HubFleet(...) as fleet:``; leaving the block stops every hub cleanly
+    (snapshots saved, MQTT DISCONNECT) and ends every worker process.
+    """
+
+    def __init__(
+        self,
+        *,
+        broker: tuple[str, int],
+        state_dir: Path | str,
+        count: int,
+        procs: int = 1,
+        seed: int = 0,
+        library: str = "gmqtt",
+        trust_dir: Path | str | None = None,
+        max_block: int = DEFAULT_LIMITS.max_block,
+        window: int = DEFAULT_LIMITS.window,
+        buffer: int = DEFAULT_LIMITS.buffer,
+        limits_for: Mapping[int, Limits] | None = None,
+        segments: int = 8,
+        flush_interval: float = 10.0,
+        ack_every: int | None = None,
+        ack_delay: float | None = None,
+        python: str | None = None,
+    ) -> None:
+        if count < 0 or procs < 0:
+            raise ValueError("count and procs must not be negative")
+        self.config = FleetConfig(
+            host=broker[0],
+            port=broker[1],
+            state_dir=str(state_dir),
+            count=count,
+            seed=seed,
+            library=library,
+            trust_dir=None if trust_dir is None else str(trust_dir),
+            max_block=max_block,
+            window=window,
+            buffer=buffer,
+            limits_for=tuple(
+                (i, lim.max_block, lim.window, lim.buffer)
+                for i, lim in sorted((limits_for or {}).items())
+            ),
+            segments=segments,
+            flush_interval=flush_interval,
+            ack_every=ack_every,
+            ack_delay=ack_delay,
+        )
+        self.procs = min(procs, count) if count else 0
+        self.python = python or sys.executable
+        self.identities: list[HubIdentity] = [self.config.identity(i) for i in range(count)]
+        self.guids: list[str] = [ident.guid for ident in self.identities]
+        self._index = {guid: i for i, guid in enumerate(self.guids)}
+        self._group: HubGroup | None = None
+        self._workers: list[_Worker] = []
+        self.started_in: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> HubFleet:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self, wait_s: float = 300.0) -> None:
+        """Start every hub; returns once each has connected, subscribed and announced."""
+        _prepare(self.config.state_dir)
+        began = time.monotonic()
+        if self.procs == 0:
+            self._group = _make_group(self.config, range(self.config.count))
+            await self._group.start()
+        else:
+            n, p = self.config.count, self.procs
+            self._workers = [_Worker(k, k * n // p, (k + 1) * n // p) for k in range(p)]
+            try:
+                for worker in self._workers:
+                    await worker.spawn(self.config, self.python)
+                await asyncio.wait_for(
+                    asyncio.gather(*(w.started for w in self._workers if w.started)), wait_s
+                )
+            except BaseException:
+                await self.close()
+                raise
+        self.started_in = time.monotonic() - began
+
+    async def close(self, wait_s: float = 60.0) -> None:
+        """Stop every hub cleanly and end the worker processes (idempotent)."""
+        if self._group is not None:
+            group, self._group = self._group, None
+            await group.close()
+        workers, self._workers = self._workers, []
+        await asyncio.gather(*(w.close(wait_s) for w in workers), return_exceptions=True)
+
+    # ------------------------------------------------------------------ control
+
+    def _by_worker(self, guids: Iterable[str]) -> dict[_Worker, list[str]]:
+        out: dict[_Worker, list[str]] = {}
+        for guid in guids:
+            index = self._index[guid]
+            for worker in self._workers:
+                if worker.first <= index < worker.last:
+                    out.setdefault(worker, []).append(guid)
+                    break
+        return out
+
+    async def stop_hubs(self, guids: Sequence[str], *, crash: bool = False) -> None:
+        """Stop some hubs: a clean disconnect, or with ``crash`` a power cut (no state saved
+        since the last periodic flush, no DISCONNECT: the broker publishes their last will)."""
+        if self._group is not None:
+            await self._group.stop(guids, crash=crash)
+            return
+        await asyncio.gather(
+            *(w.call("stop", guids=g, crash=crash) for w, g in self._by_worker(guids).items())
+        )
+
+    async def start_hubs(self, guids: Sequence[str]) -> None:
+        """(Re)start some stopped hubs from their persisted state."""
+        if self._group is not None:
+            await self._group.start(guids)
+            return
+        await asyncio.gather(*(w.call("start", guids=g) for w, g in self._by_worker(guids).items()))
+
+    async def stats(self) -> dict[str, HubStats]:
+        """Per-hub statistics of every hub (a worker that died reports its last known ones)."""
+        if self._group is not None:
+            return dict(self._group.stats())
+        out: dict[str, HubStats] = {}
+        for worker in self._workers:
+            if worker.alive:
+                try:
+                    worker.last_stats = await worker.call("stats")
+                except Exception as exc:
+                    log.warning("hub worker %d: no stats: %s", worker.number, exc)
+            for guid, data in worker.last_stats.items():
+                out[guid] = HubStats.from_json(data)
+        return out
+
+    async def totals(self) -> FleetSummary:
+        """Totals over every hub, summed inside each worker (cheap enough to poll often)."""
+        if self._group is not None:
+            return FleetSummary.of(self._group.stats())
+        parts = await asyncio.gather(
+            *(w.call("totals") for w in self._workers if w.alive), return_exceptions=True
+        )
+        return FleetSummary.combine(FleetSummary(**p) for p in parts if isinstance(p, dict))
+
+    async def running(self) -> int:
+        """How many hubs are running now."""
+        if self._group is not None:
+            return self._group.running
+        counts = await asyncio.gather(
+            *(w.call("running") for w in self._workers if w.alive), return_exceptions=True
+        )
+        return sum(c for c in counts if isinstance(c, int))
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """PIDs of the live worker processes."""
+        return [w.proc.pid for w in self._workers if w.proc is not None and w.alive]
+
+    def worker_of(self, guid: str) -> int:
+        """Number of the worker process that runs hub ``guid``."""
+        index = self._index[guid]
+        for worker in self._workers:
+            if worker.first <= index < worker.last:
+                return worker.number
+        raise KeyError(guid)
+
+    async def kill_worker(self, number: int) -> None:
+        """SIGKILL worker ``number`` (its hubs vanish without DISCONNECT: their wills fire)."""
+        worker = self._workers[number]
+        if worker.proc is not None and worker.alive:
+            worker.proc.kill()
+            await worker.proc.wait()
+
+    async def restart_worker(self, number: int, wait_s: float = 120.0) -> None:
+        """Start worker ``number`` again (after :meth:`kill_worker`): its hubs resume."""
+        worker = self._workers[number]
+        if worker.alive:
+            return
+        await worker.close(5)
+        fresh = _Worker(worker.number, worker.first, worker.last)
+        self._workers[number] = fresh
+        await fresh.spawn(self.config, self.python)
+        assert fresh.started is not None
+        await asyncio.wait_for(fresh.started, wait_s)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSummary:
+    """Totals over a fleet's per-hub statistics."""
+
+    hubs: int
+    restored: int
+    blocks: int
+    block_bytes: int
+    stored_blocks: int
+    held: int
+    rejected: dict[str, int]
+    max_outstanding: int
+
+    @classmethod
+    def of(cls, stats: Mapping[str, HubStats]) -> FleetSummary:
+        """Sum ``stats``."""
+        rejected: dict[str, int] = {}
+        for s in stats.values():
+            for reason, n in s.rejected.items():
+                rejected[reason] = rejected.get(reason, 0) + n
+        return cls(
+            hubs=len(stats),
+            restored=sum(1 for s in stats.values() if s.restored),
+            blocks=sum(s.blocks for s in stats.values()),
+            block_bytes=sum(s.block_bytes for s in stats.values()),
+            stored_blocks=sum(s.stored_blocks for s in stats.values()),
+            held=sum(1 for s in stats.values() if s.held),
+            rejected=rejected,
+            max_outstanding=max((s.max_outstanding for s in stats.values()), default=0),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def combine(cls, parts: Iterable[FleetSummary]) -> FleetSummary:
+        """Totals of several partial summaries (one per worker)."""
+        items = list(parts)
+        rejected: dict[str, int] = {}
+        for part in items:
+            for reason, n in part.rejected.items():
+                rejected[reason] = rejected.get(reason, 0) + n
+        return cls(
+            hubs=sum(p.hubs for p in items),
+            restored=sum(p.restored for p in items),
+            blocks=sum(p.blocks for p in items),
+            block_bytes=sum(p.block_bytes for p in items),
+            stored_blocks=sum(p.stored_blocks for p in items),
+            held=sum(p.held for p in items),
+            rejected=rejected,
+            max_outstanding=max((p.max_outstanding for p in items), default=0),
+        )
+
+    def line(self) -> str:
+        """One human line."""
+        rejected = ", ".join(f"{k.lower()} {v}" for k, v in sorted(self.rejected.items()))
+        return (
+            f"{self.hubs} hubs, {self.restored} resumed from saved state; "
+            f"{self.blocks} blocks received ({self.block_bytes / 1e6:.1f} MB), "
+            f"{self.stored_blocks} stored; {self.held} holding an image; "
+            f"most blocks outstanding {self.max_outstanding}; "
+            f"rejected: {rejected or 'none'}"
+        )
