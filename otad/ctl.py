@@ -14,13 +14,16 @@ never a traceback), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from otad import imagetool
+from otad import ctlclient, imagetool
 from protocol.manifest import DeviceType
+from protocol.otaimg import MAX_OTAIMG_BYTES
 
 DEFAULT_BROKER = "127.0.0.1:1883"
 EXIT_OK = 0
@@ -120,6 +123,10 @@ def _add_image(groups: _Subparsers) -> None:
     verify.add_argument("image", metavar="FILE.otaimg")
     verify.set_defaults(command="image verify")
     # Daemon-side image actions (e.g. "image import") go here too, with their HANDLERS entry.
+    imp = actions.add_parser("import", help="verify and import an .otaimg into the running otad")
+    imp.add_argument("image", metavar="FILE.otaimg")
+    _add_daemon_options(imp, json_flag=True)
+    imp.set_defaults(command="image import")
 
 
 def _image_sign(args: argparse.Namespace) -> int:
@@ -150,14 +157,113 @@ def _image_verify(args: argparse.Namespace) -> int:
     )
 
 
+# --------------------------------------------------------------------------- daemon commands
+# These talk to the running otad over MQTT request/response (otad.control, otad.ctlclient).
+
+
+def _add_daemon_options(parser: argparse.ArgumentParser, *, json_flag: bool) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=ctlclient.DEFAULT_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for otad (default {ctlclient.DEFAULT_TIMEOUT:g})",
+    )
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+
+
+def _add_distribute(groups: _Subparsers) -> None:
+    dist = groups.add_parser("distribute", help="send an imported image to CHs")
+    dist.add_argument("image", metavar="IMAGE", help="image SHA-256 or a unique hex prefix")
+    targets = dist.add_mutually_exclusive_group(required=True)
+    targets.add_argument("--to", nargs="+", metavar="GUID", help="these CHs")
+    targets.add_argument(
+        "--all-matching",
+        action="store_true",
+        help="every known CH whose hardware or HAN matches the image's device type and range",
+    )
+    _add_daemon_options(dist, json_flag=True)
+    dist.set_defaults(command="distribute")
+
+
+def _add_fleet(groups: _Subparsers) -> None:
+    fleet = groups.add_parser("fleet", help="the CHs otad knows")
+    actions = fleet.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="every CH, its declared limits and HAN devices")
+    _add_daemon_options(listing, json_flag=True)
+    listing.set_defaults(command="fleet list")
+
+
+def _add_transfers(groups: _Subparsers) -> None:
+    transfers = groups.add_parser("transfers", help="per-CH transfer progress")
+    transfers.add_argument("--image", metavar="IMAGE", help="only this image (hex prefix)")
+    _add_daemon_options(transfers, json_flag=True)
+    transfers.set_defaults(command="transfers")
+
+
+def _daemon_call(args: argparse.Namespace, cmd: str, call_args: dict[str, Any]) -> Any:
+    return ctlclient.run_command(args.broker, cmd, call_args, timeout=args.timeout)
+
+
+def _print_result(args: argparse.Namespace, result: Any, human: Callable[[Any], str]) -> int:
+    print(json.dumps(result, indent=2, sort_keys=True) if args.json else human(result))
+    return EXIT_OK
+
+
+def _image_import(args: argparse.Namespace) -> int:
+    try:
+        with open(args.image, "rb") as f:
+            data = f.read(MAX_OTAIMG_BYTES + 1)
+    except OSError as exc:
+        raise imagetool.ToolError(f"{args.image}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_OTAIMG_BYTES:
+        raise imagetool.ToolError(f"{args.image}: larger than any .otaimg can be")
+    payload = {"data": base64.b64encode(data).decode("ascii")}
+    result = _daemon_call(args, "image.import", payload)
+    return _print_result(args, result, ctlclient.format_import)
+
+
+def _distribute(args: argparse.Namespace) -> int:
+    call_args: dict[str, Any] = {"image": args.image}
+    if args.all_matching:
+        call_args["all_matching"] = True
+    else:
+        call_args["to"] = list(args.to)
+    result = _daemon_call(args, "distribute", call_args)
+    _print_result(args, result, ctlclient.format_distribute)
+    return EXIT_FAILED if result.get("refused") else EXIT_OK
+
+
+def _fleet_list(args: argparse.Namespace) -> int:
+    result = _daemon_call(args, "fleet.list", {})
+    return _print_result(args, result, ctlclient.format_fleet)
+
+
+def _transfers(args: argparse.Namespace) -> int:
+    call_args = {} if args.image is None else {"image": args.image}
+    result = _daemon_call(args, "transfers", call_args)
+    return _print_result(args, result, ctlclient.format_transfers)
+
+
 # --------------------------------------------------------------------------- wiring
 
-GROUPS: list[Callable[[_Subparsers], None]] = [_add_keys, _add_image]
+GROUPS: list[Callable[[_Subparsers], None]] = [
+    _add_keys,
+    _add_image,
+    _add_distribute,
+    _add_fleet,
+    _add_transfers,
+]
 
 HANDLERS: dict[str, Handler] = {
     "keys new": _keys_new,
     "image sign": _image_sign,
     "image verify": _image_verify,
+    "image import": _image_import,
+    "distribute": _distribute,
+    "fleet list": _fleet_list,
+    "transfers": _transfers,
 }
 
 
@@ -183,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = HANDLERS[args.command]
     try:
         return handler(args)
-    except imagetool.ToolError as exc:
+    except (imagetool.ToolError, ctlclient.CtlFailure) as exc:
         print(f"otactl: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("otactl: interrupted", file=sys.stderr)

@@ -830,16 +830,18 @@ class Store:
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
         async def append_event(tx: Tx) -> int:
+            # Look the key up first: with AUTOINCREMENT, an INSERT ... ON CONFLICT DO NOTHING
+            # that hits the conflict still consumes a seq, leaving a gap monitors would see.
+            # The single writer makes the look-up and the insert atomic.
+            row = await tx.fetchone("SELECT seq FROM events WHERE key = ?", (key,))
+            if row is not None:
+                return int(row[0])
             rows = await tx.fetchall(
                 "INSERT INTO events (kind, key, payload, created_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (key) DO NOTHING RETURNING seq",
+                " RETURNING seq",
                 (kind, key, text, now),
             )
-            if rows:
-                return int(rows[0][0])
-            row = await tx.fetchone("SELECT seq FROM events WHERE key = ?", (key,))
-            assert row is not None
-            return int(row[0])
+            return int(rows[0][0])
 
         return await self.write(append_event, durable=True)
 

@@ -1,0 +1,466 @@
+"""The otad application: one process, one uvloop event loop, one MQTT session, named tasks.
+
+Start-up order: trust store (a worker thread reads the key files), store (migrations), image
+catalogue, fleet registry, active transfers rebuilt from the store, then the MQTT session
+(retrying with backoff until the broker answers; the subscriptions to CH state, CH reports and
+control requests are in place before ``connect`` returns), then sending starts. Long-running work
+runs as named tasks in one :class:`asyncio.TaskGroup`:
+
+``otad.events``     outbox -> ``ota/v1/events/<kind>`` (see :mod:`otad.events`)
+``otad.status``     the retained ``ota/v1/otad/status`` snapshot
+``otad.progress``   hands acknowledgement bookkeeping to the store's batch every flush interval
+``otad.registry``   writes hub announcements / presence to the store, group-committed
+``otad.store.writer`` (the store's own single writer task)
+
+Everything on the data path runs in the MQTT message handler and in ``loop.call_at`` timers, with
+no task per message (:mod:`otad.distribution`).
+
+SIGTERM or SIGINT: stop sending, commit the final states and the progress batch, publish the
+queued events and the retained ``offline`` status, disconnect cleanly, close the store, exit 0.
+If the process dies instead, the broker publishes otad's last will: the same ``offline`` status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from otad.catalogue import Catalogue
+from otad.config import Config
+from otad.control import Control, arg_bytes_b64, arg_str, arg_str_list
+from otad.distribution import Distribution
+from otad.events import (
+    SCHEMA_VERSION,
+    EventPublisher,
+    StatusPublisher,
+    dumps,
+    wait_acknowledged,
+)
+from otad.keyfiles import load_trust_dir
+from otad.mqtt import MqttClient, MqttSettings, Will, create_client
+from otad.registry import Hub, Registry, RejectLog
+from otad.store import Store, StoreError
+from protocol import topics
+from protocol.errors import ProtocolError, Reason
+from protocol.messages import HanDevice, HubAnnounced
+
+log = logging.getLogger("otad")
+
+#: How often each progressing transfer's acknowledged bitmap is handed to the store's batch.
+#: The CH's answer to the Offer after a restart is authoritative, so staleness here costs no
+#: resent blocks; it only bounds what ``otactl transfers`` shows for a CH that is offline.
+PROGRESS_HANDOFF_S = 0.5
+_CH_PREFIX = f"{topics.ROOT}/ch/"
+_CTL_PREFIX = f"{topics.ROOT}/ctl/"
+_UP_TOPIC_LEN = len(topics.up("0" * 16))
+
+
+def version() -> str:
+    """The installed otad version."""
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version("otad")
+    except Exception:
+        return "0+unknown"
+
+
+def _rss_kib() -> int:
+    """Resident set size of this process in KiB (Linux), or 0."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+class _StopRequestedError(Exception):
+    """Raised inside the task group to end it on a shutdown signal."""
+
+
+class Daemon:
+    """The running daemon (see the module docstring)."""
+
+    def __init__(self, config: Config) -> None:
+        """Prepare; nothing happens until :meth:`run`."""
+        self.config = config
+        self.started_at = time.time()
+        self.version = version()
+        self._stop = asyncio.Event()
+        self._persist_queue: collections.deque[tuple[HubAnnounced | None, str, bool, float]] = (
+            collections.deque()
+        )
+        self._persist_wake = asyncio.Event()
+        self.rejects = RejectLog(logging.getLogger("otad.input"))
+        # set up in run()
+        self.store: Store
+        self.client: MqttClient
+        self.catalogue: Catalogue
+        self.registry: Registry
+        self.events: EventPublisher
+        self.status: StatusPublisher
+        self.distribution: Distribution
+        self.control: Control
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def request_stop(self) -> None:
+        """Begin a clean shutdown (signal handler)."""
+        if not self._stop.is_set():
+            log.info("shutdown requested")
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT; return the exit status."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        c = self.config
+        try:
+            trust = await asyncio.to_thread(load_trust_dir, c.trust.dir, c.trust.revoked_file)
+        except Exception as exc:
+            log.error("cannot load the trust store: %s", exc)
+            return 2
+        if not trust.kids:
+            log.warning(
+                "trust store %s holds no usable key: every image will be refused", c.trust.dir
+            )
+        try:
+            self.store = await Store.open(
+                c.store.state_dir,
+                flush_interval=c.store.flush_interval,
+                flush_batch=c.store.flush_batch,
+            )
+        except StoreError as exc:
+            log.error("cannot open the store: %s", exc)
+            return 2
+        try:
+            return await self._run_open(trust)
+        finally:
+            try:
+                await self.store.close()
+            except StoreError as exc:
+                log.error("closing the store: %s", exc)
+
+    async def _run_open(self, trust: Any) -> int:
+        c = self.config
+        loop = asyncio.get_running_loop()
+        self.catalogue = Catalogue(self.store, trust, Path(c.store.state_dir) / "images")
+        await self.catalogue.load()
+        self.registry = Registry(
+            persist=self._persist_hub, on_change=self._hub_changed, rejects=self.rejects
+        )
+        self.registry.load(await self._load_hubs())
+        self.client = create_client(c.broker.library, await self._mqtt_settings())
+        self.events = EventPublisher(self.store, self.client, topic_prefix=c.events.topic_prefix)
+        self.status = StatusPublisher(self.client, topics.OTAD_STATUS, self._snapshot)
+        self.distribution = Distribution(
+            loop=loop,
+            client=self.client,
+            store=self.store,
+            catalogue=self.catalogue,
+            registry=self.registry,
+            events=self.events,
+            config=c.transfer,
+            progress_interval=c.events.progress_interval_s,
+            rejects=self.rejects,
+            hubs_recorded=self._flush_persist,
+        )
+        resumed = await self.distribution.resume()
+        self.control = Control(self.client, self._commands(), rejects=self.rejects)
+        self.client.set_message_handler(self._on_message)
+        self.client.set_connection_handler(self._on_connection)
+        for topic in (topics.STATE_WILDCARD, topics.UP_WILDCARD, topics.CTL_REQUEST_WILDCARD):
+            await self.client.subscribe(topic, 1)
+        log.info(
+            "otad %s: %d image(s), %d hub(s) known, %d transfer(s) to resume; connecting to %s:%d"
+            " with %s",
+            self.version,
+            len(self.catalogue.images),
+            len(self.registry.hubs),
+            resumed,
+            c.broker.host,
+            c.broker.port,
+            c.broker.library,
+        )
+        connect = loop.create_task(self.client.connect(), name="otad.mqtt.connect")
+        stop = loop.create_task(self._stop.wait(), name="otad.stop.wait")
+        await asyncio.wait((connect, stop), return_when=asyncio.FIRST_COMPLETED)
+        if not connect.done():
+            connect.cancel()
+            with contextlib.suppress(BaseException):
+                await connect
+            stop.cancel()
+            log.info("stopped before the broker could be reached")
+            return 0
+        stop.cancel()
+        connect.result()
+        self.distribution.start()
+        self.status.poke()
+        log.info("otad ready (state %s)", c.store.state_dir)
+        status = 0
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.events.run(), name="otad.events")
+                group.create_task(self.status.run(), name="otad.status")
+                group.create_task(
+                    self.distribution.run_progress_flusher(
+                        max(c.store.flush_interval, PROGRESS_HANDOFF_S)
+                    ),
+                    name="otad.progress",
+                )
+                group.create_task(self._run_persist(), name="otad.registry")
+                group.create_task(self._wait_stop(), name="otad.shutdown")
+        except* _StopRequestedError:
+            pass
+        except* Exception as failures:
+            for exc in failures.exceptions:
+                log.error("task failed: %r", exc, exc_info=exc)
+            status = 1
+        await self._shutdown()
+        return status
+
+    async def _wait_stop(self) -> None:
+        await self._stop.wait()
+        raise _StopRequestedError
+
+    async def _shutdown(self) -> None:
+        """Clean stop: nothing more is sent, every decision and the latest progress is
+        committed, queued events go out, the retained status says offline."""
+        log.info("stopping: flushing state")
+        self.distribution.halt()
+        await self.control.close()
+        await self._flush_persist()
+        await self.events.flush()  # commits the events the final-state writes wait for
+        await self.distribution.wait_final_writes()
+        await self.events.close()
+        self.status.publish_offline()
+        await wait_acknowledged(self.client, 2.0)
+        with contextlib.suppress(Exception):
+            await self.client.disconnect()
+        log.info("stopped")
+
+    async def _mqtt_settings(self) -> MqttSettings:
+        b = self.config.broker
+        password = None
+        if b.password_file is not None:
+            text = await asyncio.to_thread(Path(b.password_file).read_text)
+            password = text.strip()
+        offline = dumps(
+            {
+                "v": SCHEMA_VERSION,
+                "state": "offline",
+                "version": self.version,
+                "pid": os.getpid(),
+                "started_at": round(self.started_at, 3),
+                "reason": "connection lost",
+            }
+        )
+        return MqttSettings(
+            client_id=b.client_id,
+            host=b.host,
+            port=b.port,
+            username=b.username,
+            password=password,
+            tls_ca=None if b.tls_ca is None else str(b.tls_ca),
+            tls_cert=None if b.tls_cert is None else str(b.tls_cert),
+            tls_key=None if b.tls_key is None else str(b.tls_key),
+            keepalive=b.keepalive,
+            clean_session=True,
+            will=Will(topics.OTAD_STATUS, offline, 1, True),
+            max_inflight=10_000,
+        )
+
+    # ------------------------------------------------------------------ MQTT routing
+
+    def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
+        if topic.endswith("/up") and len(topic) == _UP_TOPIC_LEN and topic.startswith(_CH_PREFIX):
+            self.distribution.up_received(topic, payload)
+        elif topic.startswith(_CH_PREFIX):
+            if topic.endswith("/state"):
+                self.registry.state_received(topic, payload, retain, time.time())
+            else:
+                self.distribution.up_received(topic, payload)  # the slow path refuses it
+        elif topic.startswith(_CTL_PREFIX) and topic.endswith("/req"):
+            self.control.request_received(topic, payload)
+        else:
+            self.rejects.reject(f"message on {topic[:80]!r}", Reason.BAD_IDENTIFIER, "topic")
+
+    def _on_connection(self, up: bool) -> None:
+        if up:
+            log.info("MQTT session up")
+        else:
+            log.warning("MQTT session lost; reconnecting")
+        self.distribution.connection_changed(up)
+        self.events.connection_changed(up)
+        if up:
+            self.status.poke()
+
+    # ------------------------------------------------------------------ registry
+
+    async def _load_hubs(self) -> list[Hub]:
+        rows = await self.store.hubs()
+        devices: dict[str, list[HanDevice]] = {}
+        for d in await self.store.han_devices():
+            devices.setdefault(d.guid, []).append(
+                HanDevice(d.device_id, d.device_type, d.join_mode, d.fw_version, d.hw_version)
+            )
+        hubs = []
+        for row in rows:
+            announcement = HubAnnounced(
+                guid=row.guid,
+                fw_version=row.fw_version,
+                hw_version=row.hw_version,
+                supplier=row.supplier,
+                segment=row.segment,
+                limits=row.limits,
+                han=tuple(devices.get(row.guid, ())),
+            )
+            hubs.append(Hub(row.guid, announcement, row.online, row.first_seen, row.last_seen))
+        return hubs
+
+    def _persist_hub(
+        self, announcement: HubAnnounced | None, guid: str, online: bool, now: float
+    ) -> None:
+        self._persist_queue.append((announcement, guid, online, now))
+        self._persist_wake.set()
+
+    async def _run_persist(self) -> None:
+        while True:
+            await self._persist_wake.wait()
+            self._persist_wake.clear()
+            await self._flush_persist()
+
+    async def _flush_persist(self) -> None:
+        while self._persist_queue:
+            batch = list(self._persist_queue)
+            self._persist_queue.clear()
+            jobs = [
+                self.store.upsert_hub(a, now, online=online)
+                if a is not None
+                else self.store.set_hub_online(guid, online, now)
+                for a, guid, online, now in batch
+            ]
+            for result in await asyncio.gather(*jobs, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    log.error("cannot record a hub change: %s", result)
+
+    def _hub_changed(self, hub: Hub, was_online: bool, announced: bool) -> None:
+        now_ms = int(time.time() * 1000)
+        if announced and not was_online:
+            a = hub.announcement
+            self.events.emit(
+                "hub.online",
+                f"hub.online:{hub.guid}:{now_ms}",
+                guid=hub.guid,
+                segment=a.segment,
+                supplier=a.supplier,
+                fw_version=a.fw_version,
+                hw_version=a.hw_version,
+            )
+        elif not announced and was_online:
+            self.events.emit("hub.offline", f"hub.offline:{hub.guid}:{now_ms}", guid=hub.guid)
+        self.distribution.hub_changed(hub, was_online, announced)
+        if was_online != hub.online:
+            self.status.poke()
+
+    # ------------------------------------------------------------------ status
+
+    def _snapshot(self) -> dict[str, Any]:
+        hubs = self.registry.hubs
+        scheduler = self.distribution.scheduler
+        return {
+            "version": self.version,
+            "pid": os.getpid(),
+            "started_at": round(self.started_at, 3),
+            "library": self.config.broker.library,
+            "hubs": {"known": len(hubs), "online": sum(1 for h in hubs.values() if h.online)},
+            "images": len(self.catalogue.images),
+            "transfers": self.distribution.counts(),
+            "events_seq": self.events.last_seq,
+            "blocks_published": scheduler.blocks_published,
+            "reports_received": self.distribution.up_messages,
+            "blocks_in_flight": scheduler.inflight,
+            "waiting": scheduler.waiting,
+            "rejected": dict(self.rejects.counts),
+        }
+
+    # ------------------------------------------------------------------ control commands
+
+    def _commands(self) -> dict[str, Any]:
+        return {
+            "image.import": self._cmd_image_import,
+            "image.list": self._cmd_image_list,
+            "distribute": self._cmd_distribute,
+            "fleet.list": self._cmd_fleet_list,
+            "transfers": self._cmd_transfers,
+            "status": self._cmd_status,
+        }
+
+    async def _cmd_image_import(self, args: dict[str, Any]) -> Any:
+        data = await arg_bytes_b64(args, "data")
+        try:
+            image, new = await self.catalogue.import_image(data)
+        except ProtocolError as exc:
+            self.rejects.reject(f"image import ({len(data)} bytes)", exc.reason, exc.detail)
+            raise
+        if new:
+            m = image.manifest
+            self.events.emit(
+                "image.imported",
+                f"image.imported:{image.hex}",
+                image=image.hex,
+                device_type=m.device_type.value,
+                fw_version=m.fw_version,
+                sequence=m.sequence,
+                size=m.size,
+                block_size=m.block_size,
+                blocks=m.block_count,
+            )
+            self.status.poke()
+        return {**image.to_json(), "new": new}
+
+    async def _cmd_image_list(self, args: dict[str, Any]) -> Any:
+        return [img.to_json() for img in self.catalogue.images.values()]
+
+    async def _cmd_distribute(self, args: dict[str, Any]) -> Any:
+        ref = arg_str(args, "image")
+        all_matching = args.get("all_matching", False)
+        if not isinstance(all_matching, bool):
+            raise ProtocolError(Reason.MALFORMED, "all_matching must be true or false")
+        guids = arg_str_list(args, "to")
+        if all_matching == bool(guids):
+            raise ProtocolError(Reason.MALFORMED, "give either 'to' (GUIDs) or all_matching")
+        return await self.distribution.distribute(ref, guids, all_matching=all_matching)
+
+    async def _cmd_fleet_list(self, args: dict[str, Any]) -> Any:
+        return [self.registry.hubs[g].to_json() for g in sorted(self.registry.hubs)]
+
+    async def _cmd_transfers(self, args: dict[str, Any]) -> Any:
+        rows = await self.distribution.listing()
+        if "image" in args:
+            image = self.catalogue.resolve(arg_str(args, "image")).hex
+            rows = [r for r in rows if r["image"] == image]
+        if "guid" in args:
+            guid = arg_str(args, "guid")
+            rows = [r for r in rows if r["guid"] == guid]
+        return rows
+
+    async def _cmd_status(self, args: dict[str, Any]) -> Any:
+        return {"state": "online", **self._snapshot(), "rss_kib": _rss_kib()}
+
+
+async def run(config: Config) -> int:
+    """Run a daemon with ``config`` on the current loop; return its exit status."""
+    return await Daemon(config).run()
+
+
+__all__ = ["Daemon", "run", "version"]

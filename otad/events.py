@@ -1,0 +1,320 @@
+"""Monitoring events (JSON on ``ota/v1/events/<kind>``) through a durable outbox, and the
+retained status snapshot on ``ota/v1/otad/status``.
+
+Event schema, version 1 (every event; ``v`` changes only with an incompatible change)::
+
+    {"v": 1, "seq": 42, "key": "transfer.held:0123456789ABCDEF:9f86...", "kind": "transfer.held",
+     "time": 1767225600.123, ...kind-specific fields...}
+
+* ``seq`` is a monotonic sequence without gaps, assigned by the store when the event is committed
+  to the outbox. A monitor that deduplicates by ``seq`` sees every event exactly once, across
+  otad restarts: an event is committed (``synchronous=FULL``) *before* it is published, published
+  at QoS 1, and marked published only once the broker had time to acknowledge it; whatever was
+  not marked is published again after a reconnect or a restart (so a duplicate may appear on the
+  wire, with the same ``seq``).
+* ``key`` is an idempotency key: appending an event whose key is already in the outbox returns
+  the existing ``seq`` and publishes nothing new, so re-deriving the same fact after a restart
+  (a CH reporting again that it holds an image) does not produce a second event.
+
+Kinds and their fields:
+
+``image.imported``     image, device_type, fw_version, sequence, size, block_size, blocks
+``hub.online``         guid, segment, supplier, fw_version, hw_version
+``hub.offline``        guid
+``transfer.started``   guid, image, blocks_total, attempt
+``transfer.progress``  guid, image, blocks_acked, blocks_total, bytes_sent (rate-limited per
+                       transfer: at most every ``events.progress_interval_s`` or 10 % of blocks)
+``transfer.held``      guid, image, sha256 (what the CH computed), matches (== manifest digest),
+                       blocks_total, bytes_sent, retransmissions
+``transfer.failed``    guid, image, reason (name), code, detail
+
+The status snapshot (retained; otad's last will replaces it with ``state: "offline"``)::
+
+    {"v": 1, "state": "online", "version": "0.1.0", "pid": 1234, "started_at": ...,
+     "time": ..., "hubs": {"known": n, "online": n}, "images": n,
+     "transfers": {"active": n, "held": n, "failed": n, ...}, "events_seq": n}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from otad.mqtt import MqttClient, NotConnected
+from otad.store import Store, StoreError, Tx
+
+log = logging.getLogger("otad.events")
+
+SCHEMA_VERSION = 1
+#: How long after a QoS 1 publish an event is assumed acknowledged by the broker (the adapter
+#: interface does not expose individual PUBACKs). Until then it stays unmarked in the outbox and
+#: is re-published after a reconnect or restart.
+CONFIRM_AFTER = 1.0
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON bytes (sorted keys, no NaN)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+@dataclass(slots=True)
+class _Pending:
+    kind: str
+    key: str
+    payload: dict[str, Any]
+    now: float
+    committed: asyncio.Future[int]
+
+
+@dataclass(slots=True)
+class _Sent:
+    seq: int
+    topic: str
+    body: bytes
+    at: float
+    epoch: int
+
+
+class EventPublisher:
+    """Append events to the store's outbox, then publish them; one task (:meth:`run`) does both,
+    in order. :meth:`emit` is synchronous and never blocks the caller."""
+
+    def __init__(
+        self,
+        store: Store,
+        client: MqttClient,
+        *,
+        topic_prefix: str = "ota/v1/events",
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``topic_prefix`` + ``/<kind>`` is each event's topic."""
+        self._store = store
+        self._client = client
+        self._prefix = topic_prefix.rstrip("/")
+        self._clock = clock
+        self._monotonic = monotonic
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._sent: collections.deque[_Sent] = collections.deque()
+        self._wake = asyncio.Event()
+        self._epoch = 0
+        self._closing = False
+        self.last_seq = 0
+        """Highest ``seq`` committed by this process (or found in the outbox at start)."""
+        self.published = 0
+        """Publish calls made (re-publications included)."""
+
+    # ------------------------------------------------------------------ producers
+
+    def emit(self, kind: str, key: str, **fields: Any) -> asyncio.Future[int]:
+        """Queue one event (``fields`` must be JSON-ready). Committed, then published, by
+        :meth:`run`, in the order of ``emit`` calls. The returned future gets the event's
+        ``seq`` once it is committed to the outbox (awaiting it is optional)."""
+        committed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if self._closing:
+            log.debug("event %s after shutdown began: dropped", key)
+            committed.cancel()
+            return committed
+        now = self._clock()
+        payload = {"v": SCHEMA_VERSION, "kind": kind, "time": round(now, 3), **fields}
+        self._queue.append(_Pending(kind, key, payload, now, committed))
+        self._wake.set()
+        return committed
+
+    def connection_changed(self, up: bool) -> None:
+        """Tell the publisher about the MQTT connection: after a loss, everything not yet
+        confirmed is published again once the connection is back."""
+        if not up:
+            self._epoch += 1  # what went out on the lost connection is published again
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the task
+
+    async def run(self) -> None:
+        """Publish what the outbox holds from before (a restart), then serve :meth:`emit`
+        until cancelled."""
+        await self._load_unpublished()
+        while True:
+            await self._step()
+            timeout = CONFIRM_AFTER if self._sent else None
+            self._wake.clear()
+            if self._queue:
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    async def flush(self) -> None:
+        """Commit and publish everything queued now (shutdown; :meth:`run` is not running)."""
+        with contextlib.suppress(StoreError, NotConnected):
+            await self._commit_queue()
+            self._publish_unsent()
+
+    async def close(self, wait_s: float = 3.0) -> None:
+        """Commit and publish everything queued, wait (up to ``wait_s``) for the broker's
+        acknowledgements, and mark what was confirmed. Call after cancelling :meth:`run`."""
+        self._closing = True
+        with contextlib.suppress(StoreError, NotConnected):
+            await self._commit_queue()
+            self._publish_unsent()
+        if self._sent and await wait_acknowledged(self._client, wait_s):
+            self._store.mark_published(self._sent[-1].seq)
+            self._sent.clear()
+
+    async def _load_unpublished(self) -> None:
+        after = 0
+        while True:
+            rows = await self._store.unpublished_events(1000, after=after)
+            if not rows:
+                break
+            for row in rows:
+                body = dumps({**row.payload, "seq": row.seq, "key": row.key})
+                self._sent.append(_Sent(row.seq, f"{self._prefix}/{row.kind}", body, -1e9, -1))
+                after = row.seq
+        self.last_seq = max(after, await self._store.read(_max_seq))
+        if self._sent:
+            log.info("re-publishing %d unconfirmed event(s) from the outbox", len(self._sent))
+
+    async def _step(self) -> None:
+        try:
+            await self._commit_queue()
+        except StoreError as exc:
+            log.error("cannot commit events to the outbox (will retry): %s", exc)
+            await asyncio.sleep(1.0)
+            return
+        self._publish_unsent()
+        self._confirm()
+
+    async def _commit_queue(self) -> None:
+        """Commit every queued event (one group commit) and move them to the send list."""
+        if not self._queue:
+            return
+        batch = list(self._queue)
+        results = await asyncio.gather(
+            *(self._store.append_event(p.kind, p.key, p.payload, p.now) for p in batch),
+            return_exceptions=True,
+        )
+        done = 0
+        for pending, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, StoreError):
+                    break  # keep this one and the rest queued, in order
+                log.error("event %s refused by the store: %r", pending.key, result)
+                pending.committed.cancel()
+                done += 1
+                continue
+            done += 1
+            seq = result
+            if not pending.committed.done():
+                pending.committed.set_result(seq)
+            if seq <= self.last_seq:
+                continue  # the key was already in the outbox: the event exists
+            self.last_seq = seq
+            body = dumps({**pending.payload, "seq": seq, "key": pending.key})
+            self._sent.append(_Sent(seq, f"{self._prefix}/{pending.kind}", body, -1e9, -1))
+        for _ in range(done):
+            self._queue.popleft()
+        if done < len(batch):
+            raise StoreError("outbox append failed")
+
+    def _publish_unsent(self) -> None:
+        client = self._client
+        if not client.connected:
+            return
+        now = self._monotonic()
+        for sent in self._sent:
+            if sent.epoch == self._epoch:
+                continue
+            try:
+                client.publish(sent.topic, sent.body, 1, False)
+            except NotConnected:
+                return
+            sent.at = now
+            sent.epoch = self._epoch
+            self.published += 1
+
+    def _confirm(self) -> None:
+        """Mark published the oldest events that went out on this connection long enough ago."""
+        cutoff = self._monotonic() - CONFIRM_AFTER
+        upto = None
+        sent = self._sent
+        while sent and sent[0].epoch == self._epoch and sent[0].at <= cutoff:
+            upto = sent.popleft().seq
+        if upto is not None:
+            self._store.mark_published(upto)
+
+
+async def wait_acknowledged(client: MqttClient, wait_s: float) -> bool:
+    """Wait up to ``wait_s`` until ``client`` has no QoS 1 message unacknowledged; return
+    whether that happened while connected."""
+    for _ in range(max(1, int(wait_s / 0.02))):
+        if not client.connected:
+            return False
+        if client.inflight == 0:
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def _max_seq(tx: Tx) -> int:
+    row = await tx.fetchone("SELECT COALESCE(MAX(seq), 0) FROM events")
+    return 0 if row is None else int(row[0])
+
+
+class StatusPublisher:
+    """The retained status snapshot: published when it changes, at most every ``interval``."""
+
+    def __init__(
+        self,
+        client: MqttClient,
+        topic: str,
+        snapshot: Callable[[], dict[str, Any]],
+        *,
+        interval: float = 2.0,
+    ) -> None:
+        """``snapshot()`` returns the current fields (without ``v``/``state``/``time``)."""
+        self._client = client
+        self._topic = topic
+        self._snapshot = snapshot
+        self._interval = interval
+        self._last: dict[str, Any] | None = None
+        self._wake = asyncio.Event()
+
+    def poke(self) -> None:
+        """Publish soon (something important changed, e.g. the connection came back)."""
+        self._last = None
+        self._wake.set()
+
+    def body(self, state: str) -> bytes:
+        """The JSON snapshot with ``state`` ("online"/"offline")."""
+        return dumps(
+            {"v": SCHEMA_VERSION, "state": state, "time": round(time.time(), 3), **self._snapshot()}
+        )
+
+    async def run(self) -> None:
+        """Publish the online snapshot whenever it changed, until cancelled."""
+        while True:
+            current = self._snapshot()
+            if current != self._last and self._client.connected:
+                try:
+                    self._client.publish(self._topic, self.body("online"), 1, True)
+                except NotConnected:
+                    pass
+                else:
+                    self._last = current
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()
+
+    def publish_offline(self) -> None:
+        """Publish the retained offline snapshot (clean shutdown)."""
+        with contextlib.suppress(NotConnected):
+            self._client.publish(self._topic, self.body("offline"), 1, True)

@@ -1,0 +1,259 @@
+"""Fleet registry: which Communications Hubs exist, what they declared, and whether they are online.
+
+A CH announces itself with a retained :class:`~protocol.messages.HubAnnounced` on
+``ota/v1/ch/{guid}/state``; its last will, :class:`~protocol.messages.HubWentOffline`, replaces it
+when the broker loses the connection. The registry is the only place those messages are
+interpreted. Everything that arrives there is untrusted and checked before anything changes:
+
+* the topic must parse and name a well-formed GUID (``BAD_IDENTIFIER``);
+* the payload must fit the announcement cap (``TOO_LARGE``) and decode strictly;
+* an announcement's ``guid`` must equal the topic's (``BAD_IDENTIFIER``), its supplier and
+  segment must be safe topic levels (they name per-supplier topics and rate-cap buckets), its
+  limits must be usable (``MALFORMED``), and its HAN devices must have known types;
+* any other message type on a state topic is ``UNKNOWN_TYPE``.
+
+A refused message is logged with its reason (rate-limited per reason) and changes nothing. An
+accepted change is written to the store (``committed``, not durable: a CH re-announces itself
+after a power cut) and reported to the daemon through the ``on_change`` callback, which emits the
+``hub.online`` / ``hub.offline`` events and resumes or suspends that CH's transfers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from protocol import topics
+from protocol.errors import ProtocolError, Reason
+from protocol.manifest import MIN_BLOCK_SIZE, DeviceType, Manifest
+from protocol.messages import HubAnnounced, HubWentOffline, decode
+
+log = logging.getLogger("otad.registry")
+
+#: Largest payload accepted on a state topic (the announcement cap).
+MAX_STATE_BYTES = HubAnnounced.MAX_BYTES
+
+
+@dataclass(slots=True)
+class Hub:
+    """One CH as the registry knows it: its last accepted announcement and its presence."""
+
+    guid: str
+    announcement: HubAnnounced
+    online: bool
+    first_seen: float
+    last_seen: float
+
+    @property
+    def segment(self) -> str:
+        """Network segment (shared cell) the CH declared."""
+        return self.announcement.segment
+
+    def matches(self, manifest: Manifest) -> bool:
+        """Whether ``manifest`` targets this CH or a device on its HAN (type and hw range)."""
+        if manifest.device_type is DeviceType.CH:
+            return manifest.hw_min <= self.announcement.hw_version <= manifest.hw_max
+        wanted = manifest.device_type.value
+        return any(
+            d.device_type == wanted and manifest.hw_min <= d.hw_version <= manifest.hw_max
+            for d in self.announcement.han
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready summary (``fleet.list``)."""
+        a = self.announcement
+        return {
+            "guid": self.guid,
+            "online": self.online,
+            "fw_version": a.fw_version,
+            "hw_version": a.hw_version,
+            "supplier": a.supplier,
+            "segment": a.segment,
+            "limits": {
+                "max_block": a.limits.max_block,
+                "window": a.limits.window,
+                "buffer": a.limits.buffer,
+            },
+            "han": [
+                {
+                    "device_id": d.device_id,
+                    "device_type": d.device_type,
+                    "join_mode": d.join_mode,
+                    "fw_version": d.fw_version,
+                    "hw_version": d.hw_version,
+                }
+                for d in a.han
+            ],
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+        }
+
+
+ChangeHandler = Callable[[Hub, bool, bool], None]
+"""``on_change(hub, was_online, announced)``: called after an accepted state change, and for a
+live (not retained) re-announcement of an online CH, which means its connection came back (or it
+answered a ``Poll``). ``announced`` is True for an announcement, False for a last will."""
+
+
+class RejectLog:
+    """Logs refused input by reason: the first few of each reason per window in full, then a
+    count, so a hostile flood cannot fill the journal. ``counts`` keeps every refusal."""
+
+    def __init__(self, logger: logging.Logger, *, per_window: int = 20, window: float = 10.0):
+        """Log at most ``per_window`` messages per reason every ``window`` seconds."""
+        self._log = logger
+        self._per_window = per_window
+        self._window = window
+        self._seen: dict[Reason, tuple[float, int]] = {}
+        self.counts: dict[str, int] = {}
+
+    def reject(self, what: str, reason: Reason, detail: str) -> None:
+        """Record one refusal of ``what`` for ``reason``."""
+        self.counts[reason.name] = self.counts.get(reason.name, 0) + 1
+        now = time.monotonic()
+        start, n = self._seen.get(reason, (now, 0))
+        if now - start >= self._window:
+            if n > self._per_window:
+                self._log.warning(
+                    "%d more %s refusals in the last %.0f s",
+                    n - self._per_window,
+                    reason.name,
+                    self._window,
+                )
+            start, n = now, 0
+        n += 1
+        self._seen[reason] = (start, n)
+        if n <= self._per_window:
+            self._log.warning("refused %s: %s: %s", what, reason.name, detail[:200])
+
+
+def check_announcement(message: HubAnnounced, topic_guid: str) -> None:
+    """Raise :class:`ProtocolError` unless ``message`` is an acceptable announcement for the
+    CH named by the topic."""
+    if message.guid != topic_guid:
+        raise ProtocolError(
+            Reason.BAD_IDENTIFIER,
+            f"announcement for {message.guid!r} on the state topic of {topic_guid}",
+        )
+    topics.check_level(message.supplier)
+    topics.check_level(message.segment)
+    limits = message.limits
+    if limits.max_block < MIN_BLOCK_SIZE or limits.window < 1:
+        raise ProtocolError(
+            Reason.MALFORMED,
+            f"unusable limits (max_block {limits.max_block}, window {limits.window})",
+        )
+    if limits.buffer < limits.max_block:
+        raise ProtocolError(Reason.MALFORMED, "buffer smaller than one block")
+    seen: set[str] = set()
+    for device in message.han:
+        DeviceType.parse(device.device_type)
+        topics.check_level(device.device_id)
+        if device.device_id in seen:
+            raise ProtocolError(Reason.MALFORMED, f"HAN device {device.device_id} listed twice")
+        seen.add(device.device_id)
+
+
+class Registry:
+    """In-memory view of the fleet, loaded from and written through to the store."""
+
+    def __init__(
+        self,
+        *,
+        persist: Callable[[HubAnnounced | None, str, bool, float], None],
+        on_change: ChangeHandler,
+        rejects: RejectLog | None = None,
+    ) -> None:
+        """``persist(announcement_or_None, guid, online, now)`` schedules the store write (an
+        announcement to upsert, or None for an online-flag change); ``on_change`` is told about
+        every accepted change."""
+        self._persist = persist
+        self._on_change = on_change
+        self.rejects = rejects or RejectLog(log)
+        self.hubs: dict[str, Hub] = {}
+
+    def load(self, hubs: Iterable[Hub]) -> None:
+        """Start from the hubs the store remembers."""
+        for hub in hubs:
+            self.hubs[hub.guid] = hub
+
+    def get(self, guid: str) -> Hub | None:
+        """The hub, or None if it never announced itself."""
+        return self.hubs.get(guid)
+
+    @property
+    def online_count(self) -> int:
+        """How many CHs are online now."""
+        return sum(1 for h in self.hubs.values() if h.online)
+
+    def state_received(self, topic: str, payload: bytes, retain: bool, now: float) -> Hub | None:
+        """Handle one message from a CH's state topic; return the hub if it was accepted and
+        reported to ``on_change``. ``retain`` says the broker replayed a retained copy."""
+        try:
+            guid, leaf = topics.parse_ch_topic(topic)
+        except ProtocolError as exc:
+            self.rejects.reject(f"state message on {topic[:80]!r}", exc.reason, exc.detail)
+            return None
+        if leaf != "state":  # the daemon routes only state topics here
+            return None
+        if not payload:  # a retained message being cleared
+            return None
+        if len(payload) > MAX_STATE_BYTES:
+            self.rejects.reject(
+                f"state message from {guid}", Reason.TOO_LARGE, f"{len(payload)} bytes"
+            )
+            return None
+        try:
+            message = decode(payload, max_size=MAX_STATE_BYTES)
+            if type(message) is HubAnnounced:
+                check_announcement(message, guid)
+                return self._announced(message, retain, now)
+            if type(message) is HubWentOffline:
+                if message.guid != guid:
+                    raise ProtocolError(
+                        Reason.BAD_IDENTIFIER,
+                        f"last will for {message.guid!r} on the state topic of {guid}",
+                    )
+                return self._went_offline(guid, now)
+            raise ProtocolError(
+                Reason.UNKNOWN_TYPE, f"{type(message).__name__} is not a state message"
+            )
+        except ProtocolError as exc:
+            self.rejects.reject(f"state message from {guid}", exc.reason, exc.detail)
+            return None
+
+    def _announced(self, message: HubAnnounced, retain: bool, now: float) -> Hub | None:
+        hub = self.hubs.get(message.guid)
+        if hub is None:
+            hub = Hub(message.guid, message, True, now, now)
+            self.hubs[message.guid] = hub
+            was_online = False
+        else:
+            was_online = hub.online
+            unchanged = was_online and hub.announcement == message
+            if unchanged and retain:
+                return None  # a retained copy we already know (e.g. after our reconnect)
+            hub.last_seen = now
+            if unchanged:  # live re-announcement: the CH (re)connected or answered a Poll
+                self._on_change(hub, True, True)
+                return hub
+            hub.announcement = message
+            hub.online = True
+        self._persist(message, message.guid, True, now)
+        self._on_change(hub, was_online, True)
+        return hub
+
+    def _went_offline(self, guid: str, now: float) -> Hub | None:
+        hub = self.hubs.get(guid)
+        if hub is None:
+            log.debug("last will of %s, which never announced itself", guid)
+            return None
+        if not hub.online:
+            return None
+        hub.online = False
+        hub.last_seen = now
+        self._persist(None, guid, False, now)
+        self._on_change(hub, True, False)
+        return hub
