@@ -397,12 +397,12 @@ class VirtualHub:
         if self._publish(self._state_topic, self._announce_payload, True):
             self.stats.announces += 1
 
-    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> bool:
+    def _publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> bool:
         client = self._client
         if client is None:
             return False
         try:
-            client.publish(topic, payload, 1, retain)
+            client.publish(topic, payload, qos, retain)
         except NotConnected:
             return False  # the receiver's timers (or otad's Poll) bring it back later
         return True
@@ -519,7 +519,10 @@ class VirtualHub:
         elif isinstance(message, ImageHeld):
             self.stats.held[message.image.hex()] = message.sha256.hex()
             self._forget(message.image)
-        self._publish(self._up_topic, message.encode())
+        # A SACK is cumulative and idempotent: a lost one is covered by the next, or by the
+        # sender's probe on timeout, so acks go at QoS 0; reports that end a transfer at QoS 1.
+        qos = 0 if type(message) is TransferAcked else 1
+        self._publish(self._up_topic, message.encode(), qos=qos)
 
     def _forget(self, image: bytes) -> None:
         self._unacked.pop(image, None)
