@@ -94,9 +94,10 @@ class Manifest:
 
     def block_length(self, index: int) -> int:
         """Exact byte length block ``index`` must have."""
-        if not 0 <= index < self.block_count:
+        start = index * self.block_size  # on the sender's hot path: no block count computed
+        if index < 0 or start >= self.size:
             raise ProtocolError(Reason.BLOCK_OUT_OF_RANGE, f"block {index} of {self.block_count}")
-        return min(self.block_size, self.size - index * self.block_size)
+        return min(self.block_size, self.size - start)
 
     def to_cbor(self) -> bytes:
         """Deterministic CBOR encoding (the COSE_Sign1 payload)."""
