@@ -23,7 +23,8 @@ Kinds and their fields:
 ``hub.offline``        guid
 ``transfer.started``   guid, image, blocks_total, attempt
 ``transfer.progress``  guid, image, blocks_acked, blocks_total, bytes_sent (rate-limited per
-                       transfer: at most every ``events.progress_interval_s`` or 10 % of blocks)
+                       transfer: at most one every ``events.progress_interval_s``, none at the
+                       end — ``transfer.held`` or ``transfer.failed`` closes the transfer)
 ``transfer.held``      guid, image, sha256 (what the CH computed), matches (== manifest digest),
                        blocks_total, bytes_sent, retransmissions
 ``transfer.failed``    guid, image, reason (name), code, detail
