@@ -96,13 +96,16 @@ def main(args: argparse.Namespace) -> int:
         )
         # Interleaved (baseline, otad, baseline, otad, ...) so both see the same machine
         # conditions: this box is shared, and its load drifts over minutes.
-        base_rates: list[float] = []
+        bases: list[dict[str, Any]] = []
         runs: list[OtadRun] = []
         for rep in range(args.reps):
             if not args.skip_baseline:
-                rate = baseline_run(args, broker, manifest.block_count)
-                base_rates.append(rate)
-                print(f"  baseline run {rep + 1}/{args.reps}: {rate:,.0f} blocks/s", flush=True)
+                base = baseline_run(args, broker, manifest.block_count)
+                bases.append(base)
+                print(
+                    f"  baseline run {rep + 1}/{args.reps}: {base['blocks_per_s']:,.0f} blocks/s",
+                    flush=True,
+                )
             runs.append(uvloop.run(otad_rep(args, work, broker, release.image_file, manifest, rep)))
     except DemoError as exc:
         print(f"bench: FAILED: {exc}", file=sys.stderr)
@@ -114,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
         with contextlib.suppress(Exception):
             broker.stop()
         shutil.rmtree(work, ignore_errors=True)
-    report(args, command, base_rates, runs)
+    report(args, command, bases, runs)
     return 0
 
 
@@ -151,6 +154,8 @@ class OtadRun:
     blocks_sent: int
     cpu_s: float
     us_per_block: float
+    hub_us_per_block: float  # the virtual CHs' processes, all together
+    broker_us_per_block: float
     rss_idle: int
     rss_peak: int
     kib_per_session: float
@@ -226,6 +231,8 @@ async def otad_run(
         rss_idle = rss_bytes(proc.pid)
         before = await fleet.totals()
         cpu0 = cpu_seconds(proc.pid)
+        hub_cpu0 = sum(cpu_seconds(pid) for pid in fleet.worker_pids)
+        broker_cpu0 = cpu_seconds(broker.pid) if broker.pid else 0.0
         t0 = time.monotonic()
         await run_cmd(otactl("--broker", address, "distribute", image_id, "--all-matching"))
         rss_peak = rss_bytes(proc.pid)
@@ -245,6 +252,8 @@ async def otad_run(
             if time.monotonic() - t0 > args.timeout:
                 raise DemoError(f"distribution not done after {args.timeout:.0f} s")
         cpu1 = cpu_seconds(proc.pid)
+        hub_cpu = sum(cpu_seconds(pid) for pid in fleet.worker_pids) - hub_cpu0
+        broker_cpu = (cpu_seconds(broker.pid) if broker.pid else 0.0) - broker_cpu0
         bar.close(total_blocks, f"CHs holding {len(wanted)}/{len(wanted)}")
         end = last_held[0] if last_held else time.monotonic()
         # from the first transfer.started event (otactl's own start-up is not otad's time)
@@ -265,6 +274,8 @@ async def otad_run(
             blocks_sent=blocks_sent,
             cpu_s=cpu,
             us_per_block=cpu / max(1, blocks_sent) * 1e6,
+            hub_us_per_block=hub_cpu / max(1, blocks_sent) * 1e6,
+            broker_us_per_block=broker_cpu / max(1, blocks_sent) * 1e6,
             rss_idle=rss_idle,
             rss_peak=rss_peak,
             kib_per_session=max(0, rss_peak - rss_idle) / 1024 / len(wanted),
@@ -289,8 +300,11 @@ async def otad_run(
 # ----------------------------------------------------------------------------- baseline
 
 
-def baseline_run(args: argparse.Namespace, broker: MosquittoBroker, blocks_per_hub: int) -> float:
-    """One raw baseline run (same broker, library, block size, window, block QoS); blocks/s."""
+def baseline_run(
+    args: argparse.Namespace, broker: MosquittoBroker, blocks_per_hub: int
+) -> dict[str, Any]:
+    """One raw baseline run (same broker, library, block size, window, block and ack QoS as
+    otad and the virtual CHs); its figures."""
     from loadtest.baseline import run_baseline
 
     result = run_baseline(
@@ -299,7 +313,7 @@ def baseline_run(args: argparse.Namespace, broker: MosquittoBroker, blocks_per_h
         window=args.window,
         block_size=args.block_size,
         qos=_block_qos(),
-        ack_qos=1,
+        ack_qos=0,  # the virtual CHs acknowledge at QoS 0 too (loadtest.hub)
         library=args.library,
         broker=(broker.host, broker.port),
         broker_pid=broker.pid,
@@ -307,7 +321,7 @@ def baseline_run(args: argparse.Namespace, broker: MosquittoBroker, blocks_per_h
     )
     if not result.get("complete", True):
         raise DemoError(f"baseline run did not complete: {result}")
-    return float(result["blocks_per_s"])
+    return result
 
 
 # ----------------------------------------------------------------------------- driver
@@ -356,10 +370,16 @@ async def otad_rep(
 
 
 def report(
-    args: argparse.Namespace, command: str, base_rates: list[float], runs: list[OtadRun]
+    args: argparse.Namespace, command: str, bases: list[dict[str, Any]], runs: list[OtadRun]
 ) -> None:
     """Print the table and the machine-readable line; append them to BENCHMARKS.md."""
+    base_rates = [float(b["blocks_per_s"]) for b in bases]
     baseline_rate = statistics.median(base_rates) if base_rates else float("nan")
+
+    def base_cpu(key: str) -> float:
+        values = [float(b[key]) for b in bases if b.get(key) is not None]
+        return statistics.median(values) if values else float("nan")
+
     otad_rate = statistics.median(r.blocks_per_s for r in runs)
     us = statistics.median(r.us_per_block for r in runs)
     kib = statistics.median(r.kib_per_session for r in runs)
@@ -374,6 +394,12 @@ def report(
         f"| ratio otad/baseline | {ratio:.2f} | |",
         f"| otad CPU us per block | {us:.1f} | "
         + ", ".join(f"{r.us_per_block:.1f}" for r in runs) + " |",
+        "| CPU us per block, baseline: publisher / hubs / broker | "
+        f"{base_cpu('pub_cpu_us_per_block'):.1f} / {base_cpu('hub_cpu_us_per_block'):.1f} / "
+        f"{base_cpu('broker_cpu_us_per_block'):.1f} | |",
+        "| CPU us per block, otad run: otad / virtual CHs / broker | "
+        f"{us:.1f} / {statistics.median(r.hub_us_per_block for r in runs):.1f} / "
+        f"{statistics.median(r.broker_us_per_block for r in runs):.1f} | |",
         f"| otad KiB per active CH transfer | {kib:.1f} | "
         + ", ".join(f"{r.kib_per_session:.1f}" for r in runs) + " |",
         f"| otad RSS idle / peak (MiB) | {statistics.median(r.rss_idle for r in runs) / 2**20:.1f}"
