@@ -1,18 +1,21 @@
 """Strict CBOR for untrusted input.
 
-cbor2 decodes; this module decides what it may be given. Before ``cbor2.loads`` sees a byte, a
-single linear scan checks the whole item against the policy below and raises a typed
-:class:`~protocol.errors.ProtocolError` otherwise, so hostile input costs bounded time and memory
-and never surfaces as another exception:
+What may be decoded (the policy), checked before any value is handed on:
 
 * a size cap (checked first) and a nesting-depth cap;
 * definite lengths only, declared lengths no longer than the bytes that remain;
-* preferred (minimal) length encoding of every head, so equal values have equal bytes;
-* map keys are integers or text, and no key appears twice in one map (compared by bytes,
-  which the minimal-encoding rule makes equivalent to comparing values);
+* preferred (minimal) length encoding of every head;
+* map keys are integers or text, and no key appears twice in one map;
 * no floats, no ``undefined``, no simple values other than false/true/null;
 * tags only from an allow-list (by default none; COSE_Sign1 callers allow tag 18);
 * exactly one item, no trailing bytes.
+
+How (every message otad and every virtual hub receives goes through here, so the common case
+stays in C): cbor2 decodes with its own duplicate-key, indefinite-length and depth checks; the
+value is re-encoded, and the bytes must come back identical (that proves minimal heads, no
+trailing bytes and no non-preferred number forms); a walk over the decoded value checks the types
+and tags. Only input that fails is scanned byte by byte (:func:`_scan`), to name the precise
+:class:`~protocol.errors.Reason`; hostile input never surfaces as another exception.
 
 Encoding uses cbor2's canonical mode, so what we sign and what we send is deterministic.
 """
@@ -55,13 +58,41 @@ def loads(
         raise ProtocolError(Reason.TOO_LARGE, f"{len(data)} bytes > cap {max_size}")
     if not data:
         raise ProtocolError(Reason.MALFORMED, "empty input")
+    try:
+        value = cbor2.loads(
+            data, max_depth=max_depth, allow_indefinite=False, allow_duplicate_keys=False
+        )
+        if cbor2.dumps(value) == data and _plain(value, allowed_tags):
+            return value
+        problem = "not in preferred encoding"
+    except Exception as exc:  # cbor2's errors, and anything else hostile input provokes
+        problem = f"cbor2: {exc}"[:200]
+    # Refused: find out exactly why.
     end = _scan(data, max_depth, allowed_tags)
     if end != len(data):
         raise ProtocolError(Reason.MALFORMED, f"{len(data) - end} trailing bytes")
-    try:
-        return cbor2.loads(data)
-    except Exception as exc:  # the scan should make this unreachable; keep the contract anyway
-        raise ProtocolError(Reason.MALFORMED, f"cbor2: {exc}") from None
+    raise ProtocolError(Reason.MALFORMED, problem)  # e.g. text that is not UTF-8
+
+
+_SCALARS = (int, bytes, str, bool, type(None))
+_KEYS = (int, str)
+
+
+def _plain(value: Any, allowed_tags: frozenset[int]) -> bool:
+    """True when a decoded value holds only what the policy allows (types and tags)."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return True
+    if kind is dict or kind is cbor2.frozendict:  # inside tags cbor2 6 makes maps immutable
+        return all(
+            type(k) in _KEYS and (type(v) in _SCALARS or _plain(v, allowed_tags))
+            for k, v in value.items()
+        )
+    if kind is list or kind is tuple:
+        return all(type(v) in _SCALARS or _plain(v, allowed_tags) for v in value)
+    if kind is cbor2.CBORTag:
+        return value.tag in allowed_tags and _plain(value.value, allowed_tags)
+    return False
 
 
 def _scan(data: bytes, max_depth: int, allowed_tags: frozenset[int]) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import cbor2
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol import cbor
 from protocol.errors import ProtocolError, Reason
@@ -69,3 +71,56 @@ def test_allowed_tag_passes() -> None:
 def test_non_bytes_input_is_a_protocol_error() -> None:
     with pytest.raises(ProtocolError):
         cbor.loads("text", max_size=10)  # type: ignore[arg-type]
+
+
+# The fast path (cbor2 + re-encode + type walk) and the byte scanner must accept exactly the same
+# inputs: the scanner is what names the reason when the fast path refuses.
+
+_leaves = st.one_of(
+    st.integers(min_value=-(2**64), max_value=2**64 - 1),
+    st.binary(max_size=20),
+    st.text(max_size=10),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False),
+)
+_values = st.recursive(
+    _leaves,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.one_of(st.integers(-5, 5), st.text(max_size=3)), inner, max_size=4),
+        st.builds(cbor2.CBORTag, st.sampled_from([2, 18, 24, 1000]), inner),
+    ),
+    max_leaves=12,
+)
+
+
+def _scanner_accepts(data: bytes) -> bool:
+    try:
+        end = cbor._scan(data, cbor.DEFAULT_MAX_DEPTH, frozenset({18}))
+        cbor2.loads(data)
+    except Exception:
+        return False
+    return end == len(data)
+
+
+def _fast_accepts(data: bytes) -> bool:
+    try:
+        cbor.loads(data, max_size=1 << 20, allowed_tags=frozenset({18}))
+    except ProtocolError:
+        return False
+    return True
+
+
+@settings(max_examples=400, deadline=None)
+@given(_values, st.binary(max_size=3), st.integers(0, 40), st.integers(0, 255))
+def test_fast_path_and_scanner_agree(value: object, tail: bytes, at: int, byte: int) -> None:
+    try:
+        data = cbor2.dumps(value)
+    except Exception:
+        return
+    mutated = bytearray(data + tail)
+    if mutated and at < len(mutated):
+        mutated[at] = byte
+    for candidate in (data, data + tail, bytes(mutated)):
+        assert _fast_accepts(candidate) == _scanner_accepts(candidate), candidate.hex()
