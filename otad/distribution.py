@@ -52,6 +52,7 @@ from protocol.errors import ProtocolError, Reason
 from protocol.messages import (
     Cancel,
     ImageHeld,
+    Message,
     TransferAcked,
     TransferRejected,
     decode,
@@ -486,13 +487,8 @@ class Distribution:
         if active is None:
             self._up_slow(topic, guid, payload)
             return
-        if len(payload) > MAX_UP_BYTES:
-            self.rejects.reject(f"up message from {guid}", Reason.TOO_LARGE, f"{len(payload)} B")
-            return
-        try:
-            msg = decode(payload, max_size=MAX_UP_BYTES)
-        except ProtocolError as exc:
-            self.rejects.reject(f"up message from {guid}", exc.reason, exc.detail)
+        msg = self._decode_up(guid, payload)
+        if msg is None:
             return
         t = active.get(getattr(msg, "image", b""))
         if t is None:
@@ -521,15 +517,20 @@ class Distribution:
                 f"up message from {guid}", Reason.UNKNOWN_HUB, "the CH never announced itself"
             )
             return
+        msg = self._decode_up(guid, payload)
+        if msg is not None:
+            self._no_transfer(guid, msg)
+
+    def _decode_up(self, guid: str, payload: bytes) -> Message | None:
+        """Decode an up message, or log its typed refusal and return None."""
         if len(payload) > MAX_UP_BYTES:
             self.rejects.reject(f"up message from {guid}", Reason.TOO_LARGE, f"{len(payload)} B")
-            return
+            return None
         try:
-            msg = decode(payload, max_size=MAX_UP_BYTES)
+            return decode(payload, max_size=MAX_UP_BYTES)
         except ProtocolError as exc:
             self.rejects.reject(f"up message from {guid}", exc.reason, exc.detail)
-            return
-        self._no_transfer(guid, msg)
+            return None
 
     def _no_transfer(self, guid: str, msg: object) -> None:
         if type(msg) not in (TransferAcked, ImageHeld, TransferRejected):
