@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -176,32 +175,6 @@ def _coalesce_writes(link: _Link) -> _CoalescingTransport:
     return proxy
 
 
-def _receive_qos0_directly(link: _Link, deliver: Callable[[str, bytes, bool], None]) -> None:
-    """Hand QoS 0 PUBLISH packets (every block, every ack) straight to ``deliver``.
-
-    gmqtt's handler parses MQTT 5 properties, builds dicts, logs and dispatches through
-    ``run_coroutine_or_function`` for each; a QoS 0 PUBLISH in MQTT 3.1.1 is a topic and a
-    payload, no packet id, nothing to acknowledge. Everything else (and anything odd, such as an
-    empty or truncated topic) still goes through gmqtt."""
-    connection = link._connection
-    handled_by_gmqtt = connection.put_package
-
-    def put_package(package: Any) -> None:
-        command = package.cmd
-        data = package.data
-        # PUBLISH (type 3) with QoS bits 0; DUP and RETAIN flags may be anything
-        if command & 0xF6 == 0x30 and connection._handler.current_connection is connection:
-            length = (data[0] << 8 | data[1]) if len(data) >= 2 else 0
-            if 0 < length <= len(data) - 2:
-                connection._last_data_in = time.monotonic()  # gmqtt's keepalive reads it
-                topic = data[2 : 2 + length].decode("utf-8", "replace")
-                deliver(topic, data[2 + length :], bool(command & 1))
-                return
-        handled_by_gmqtt(package)
-
-    connection.put_package = put_package
-
-
 def _transport_of(link: _Link) -> asyncio.Transport | None:
     # Duck-typed: uvloop's transports are not subclasses of asyncio.BaseTransport.
     transport = getattr(getattr(link, "_connection", None), "_transport", None)
@@ -296,12 +269,6 @@ class GmqttClient(MqttClient):
         return None if sock is None else int(sock.fileno())
 
     # ------------------------------------------------------------------ gmqtt callbacks
-
-    def _on_qos0_publish(self, topic: str, payload: bytes, retain: bool) -> None:
-        try:
-            self._message_handler(topic, payload, retain)
-        except Exception:
-            self._deliver_error(topic)
 
     def _on_message(
         self, client: Any, topic: Any, payload: bytes, qos: int, properties: dict[str, Any]
@@ -398,7 +365,6 @@ class GmqttClient(MqttClient):
         with contextlib.suppress(AttributeError, ValueError):
             transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self._writer = _coalesce_writes(link)
-        _receive_qos0_directly(link, self._on_qos0_publish)
         self._transport = transport
 
     async def _subscribe_many(self, items: list[tuple[str, int]]) -> list[int]:

@@ -159,22 +159,6 @@ async def test_retained_message_reaches_a_late_subscriber(
             assert got[1] == ("r/state", b"live", False)  # live delivery: retain flag clear
 
 
-async def test_qos0_deliveries_keep_topic_payload_and_retain_flag(
-    mqtt_library: str, broker: MosquittoBroker
-) -> None:
-    # the gmqtt adapter parses QoS 0 PUBLISH packets itself (the block and ack path)
-    async with connected(mqtt_library, broker, "pub0") as pub:
-        pub.publish("r0/state", b"kept" * 1000, qos=0, retain=True)
-        await settle(pub)
-        inbox = Inbox()
-        async with connected(mqtt_library, broker, "late0", handler=inbox, subscribe=("r0/#",)):
-            assert await inbox.wait_for(1) == [("r0/state", b"kept" * 1000, True)]
-            pub.publish("r0/state/ü", b"", qos=0)
-            pub.publish("r0/x", bytes(range(256)) * 600, qos=0)
-            got = await inbox.wait_for(3)
-            assert got[1:] == [("r0/state/ü", b"", False), ("r0/x", bytes(range(256)) * 600, False)]
-
-
 async def test_last_will_on_a_cut_connection_but_not_on_a_clean_disconnect(
     mqtt_library: str, broker: MosquittoBroker
 ) -> None:
