@@ -74,8 +74,9 @@ def loads(
     raise ProtocolError(Reason.MALFORMED, problem)  # e.g. text that is not UTF-8
 
 
-_SCALARS = (int, bytes, str, bool, type(None))
-_KEYS = (int, str)
+_SCALARS = (bytes, str, bool, type(None))
+# CBOR's own integers; anything wider was a bignum (tag 2 or 3), which cbor2 turns into an int
+_INT_MIN, _INT_END = -(1 << 64), 1 << 64
 
 
 def _plain(value: Any, allowed_tags: frozenset[int]) -> bool:
@@ -83,9 +84,12 @@ def _plain(value: Any, allowed_tags: frozenset[int]) -> bool:
     kind = type(value)
     if kind in _SCALARS:
         return True
+    if kind is int:
+        return bool(_INT_MIN <= value < _INT_END)
     if kind is dict or kind is cbor2.frozendict:  # inside tags cbor2 6 makes maps immutable
         return all(
-            type(k) in _KEYS and (type(v) in _SCALARS or _plain(v, allowed_tags))
+            (type(k) is str or (type(k) is int and _INT_MIN <= k < _INT_END))
+            and (type(v) in _SCALARS or _plain(v, allowed_tags))
             for k, v in value.items()
         )
     if kind is list or kind is tuple:

@@ -46,6 +46,8 @@ def test_encoding_is_deterministic() -> None:
         (b"\xa1\x41k\x01", Reason.MALFORMED),  # byte-string map key
         (b"\xff", Reason.MALFORMED),  # lone break
         (b"\x1c", Reason.MALFORMED),  # reserved additional info
+        (bytes.fromhex("c249010000000000000000"), Reason.MALFORMED),  # bignum 2**64 (tag 2)
+        (bytes.fromhex("a1c249010000000000000000f6"), Reason.MALFORMED),  # ... as a map key
     ],
 )
 def test_hostile_input_is_refused_with_its_reason(data: bytes, reason: Reason) -> None:
