@@ -76,11 +76,12 @@ class ProgressBar:
             eta = 0.0
         elif done > 0 and elapsed > 0:
             eta = elapsed * (total - done) / done
+        # most useful first: a narrow terminal cuts the line from the right
         parts = [
             f"{self.label} " if self.label else "",
-            f"[{bar}] {done}/{total} ({fraction * 100:5.1f}%)",
+            f"[{bar}] {fraction * 100:5.1f}%  ETA {format_duration(eta)}",
             f"  {extra}" if extra else "",
-            f"  elapsed {format_duration(elapsed)}  ETA {format_duration(eta)}",
+            f"  {done}/{total}  elapsed {format_duration(elapsed)}",
         ]
         return "".join(parts)
 
