@@ -196,12 +196,7 @@ class Scheduler:
         if not t.waiting:
             t.waiting = True
             bucket.waiters.append(t)
-        if bucket._wake_at is None:
-            # wait for a batch of tokens, not one: fewer wake-ups at high rates
-            need = max(1.0, min(bucket.burst, bucket.rate * 0.01))
-            at = now + bucket.time_for(need)
-            bucket._wake_at = at
-            self._loop.call_at(at, self._bucket_refilled, bucket)
+        self._rearm(bucket, now)
 
     def _bucket_refilled(self, bucket: TokenBucket) -> None:
         bucket._wake_at = None
@@ -226,6 +221,7 @@ class Scheduler:
 
     def _rearm(self, bucket: TokenBucket, now: float) -> None:
         if bucket._wake_at is None:
+            # wait for a batch of tokens, not one: fewer wake-ups at high rates
             need = max(1.0, min(bucket.burst, bucket.rate * 0.01))
             at = now + bucket.time_for(need)
             bucket._wake_at = at
