@@ -70,12 +70,14 @@ Retransmission timeout (RFC 6298, :mod:`protocol.rtt`). One timer runs while any
 outstanding, restarted whenever a SACK acknowledges new blocks. RTT samples come only from blocks
 sent once (Karn), the oldest such block of each SACK (so the sample includes the receiver's ack
 delay). On expiry the RTO doubles (up to ``max_rto``) and one block is re-sent, the most
-recently sent outstanding one (as a tail-loss probe: its SACK exposes every loss before it): a
-stall or a sudden 10x RTT costs one block per backed-off RTO, never the window. Progress (new
-blocks acknowledged) drops the backoff, as in QUIC, so a lossy tail whose acknowledgements are all
-for repairs does not grow the RTO without bound. ``max_timeouts`` expiries in a row with no
-progress (momentum) end the transfer TIMED_OUT. An RTO that finds repairs still queued for lack
-of ``budget`` is not counted: the scheduler, not the CH, is holding them.
+recently sent outstanding one (as a tail-loss probe, with ``ack_now``: its SACK exposes every
+loss before it): a stall or a sudden 10x RTT costs one block per backed-off RTO, never the
+window. The probe is not budgeted: it goes out even while the daemon's scheduler holds repairs
+back for lack of budget, so an expiry always means the CH left a probe unanswered for a whole
+RTO, and a transfer that waits its turn for budget is never mistaken for one whose CH is gone.
+Progress (new blocks acknowledged) drops the backoff, as in QUIC, so a lossy tail whose
+acknowledgements are all for repairs does not grow the RTO without bound. ``max_timeouts``
+expiries in a row with no progress (momentum) end the transfer TIMED_OUT.
 
 Resume. The receiver is the source of truth: its answer to an Offer replaces whatever this
 sender believed (``acked``, the daemon's persisted bitmap, only seeds progress until then).
@@ -137,6 +139,15 @@ class SendBlock:
 
 
 @dataclass(frozen=True, slots=True)
+class SendPoll:
+    """Publish ``Poll(nonce)``: ask a CH that already holds this image's manifest for its state,
+    without sending the manifest again (§7.8). Only the first ask of a sender created with
+    ``holds_manifest``; every later ask is a full :class:`SendOffer`."""
+
+    image: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class SendCancel:
     """Publish ``Cancel(image, reason)``: the CH should discard what it holds of the image."""
 
@@ -144,7 +155,7 @@ class SendCancel:
     reason: Reason
 
 
-SenderAction = SendOffer | SendBlock | SendCancel
+SenderAction = SendOffer | SendPoll | SendBlock | SendCancel
 
 
 # --------------------------------------------------------------------------- events
@@ -215,6 +226,8 @@ class Sender:
 
     __slots__ = (
         "_acked",
+        "_answered",
+        "_ask_poll",
         "_cancel_reason",
         "_cap",
         "_credit",
@@ -234,6 +247,7 @@ class Sender:
         "_offer_retx",
         "_offer_sent_at",
         "_probe_due",
+        "_probe_index",
         "_probed",
         "_rack_rtt",
         "_rack_sent",
@@ -272,6 +286,7 @@ class Sender:
         max_timeouts: int = 10,
         dupthresh: int = DUPTHRESH,
         max_ack_delay: float = 0.05,
+        holds_manifest: bool = False,
     ) -> None:
         """Start a transfer in OFFERING at time ``now``.
 
@@ -282,6 +297,8 @@ class Sender:
         does not fit the manifest). ``initial_rto``/``min_rto``/``max_rto`` bound the adaptive
         retransmission timeout (seconds); ``max_timeouts`` is the momentum limit.
         ``max_ack_delay`` is the longest a CH holds back a SACK (its ``Receiver`` ack delay).
+        ``holds_manifest`` says the CH answered an Offer of this image before (a resume or a
+        re-synchronisation): the first ask is then a :class:`SendPoll`, not the whole manifest.
         """
         if window is not None and window < 1:
             raise ValueError("window must be >= 1")
@@ -318,7 +335,10 @@ class Sender:
         self._offer_due = True
         self._offer_sent_at: float | None = None
         self._offer_retx = False
+        self._ask_poll = holds_manifest
+        self._answered = False
         self._probe_due = False
+        self._probe_index: int | None = None  # the block a due STREAMING probe re-sends
         self._probed = False
         self._cancel_reason: Reason | None = None
         self._due_at = now
@@ -384,6 +404,26 @@ class Sender:
         """Smoothed round-trip time, or None before the first sample."""
         return self._rtt.srtt
 
+    @property
+    def awaiting_answer(self) -> bool:
+        """An ask (Offer or Poll) is out and the CH has not answered it yet."""
+        return self._state is SenderState.OFFERING and self._offer_sent_at is not None
+
+    @property
+    def asks_with_poll(self) -> bool:
+        """The next (or outstanding) ask is a Poll rather than the whole manifest."""
+        return self._ask_poll
+
+    @property
+    def answered(self) -> bool:
+        """The CH answered an ask of this sender (so it knows the image's manifest)."""
+        return self._answered
+
+    @property
+    def timeouts_without_progress(self) -> int:
+        """Retransmission timeouts in a row with no progress (the momentum count, §7.7)."""
+        return self._timeouts
+
     def acked_bitmap(self) -> bytes:
         """The acknowledged-blocks bitmap to persist (``ceil(blocks / 8)`` bytes, LSB first)."""
         return self._acked.to_bytes()
@@ -446,8 +486,6 @@ class Sender:
 
     def _on_rto(self, now: float) -> None:
         self._timer_start = now
-        if self._state is SenderState.STREAMING and self._repair:
-            return  # repairs are waiting for budget: the CH is not the one stalling
         self._timeouts += 1
         self.rto_expiries += 1
         if self._timeouts > self._max_timeouts:
@@ -458,14 +496,17 @@ class Sender:
         self._rtt.on_timeout()
         if self._state is SenderState.OFFERING:
             self._offer_due = True
+            self._ask_poll = False  # no answer to the Poll: the CH may not know the image
             self._due_at = now
         elif self._state is SenderState.VERIFYING:
             self._probe_due = True
             self._due_at = now
         elif self._flight:
-            index = max(self._flight, key=lambda i: self._flight[i].seq)
-            self._flight[index].lost = True
-            self._repair.add(index)
+            # a tail-loss probe, not budgeted: it goes out even while the scheduler holds the
+            # repairs back, so an expiry always means a whole RTO with a probe unanswered
+            self._probe_due = True
+            self._probe_index = max(self._flight, key=lambda i: self._flight[i].seq)
+            self._due_at = now
         elif min(self._cap, self._credit) == 0:
             self._probe_due = True  # zero credit: a persist probe
             self._due_at = now
@@ -478,10 +519,11 @@ class Sender:
         """What to publish now: an Offer, a Cancel, or blocks.
 
         At most ``budget`` blocks (the scheduler's share of the global in-flight budget), plus at
-        most one probe block per RTO expiry, which is not budgeted so a starved transfer can
-        still time out correctly. Repairs come first (lowest index first), then new blocks in
-        index order while the window, credit and buffer allow; the last block before the sender
-        stalls carries ``ack_now``.
+        most one probe block per RTO expiry, which is not budgeted: a transfer the scheduler
+        starves still probes its CH, so its timeouts count only a CH that does not answer, and
+        a starved transfer is never mistaken for a dead one. Repairs come first (lowest index
+        first), then new blocks in index order while the window, credit and buffer allow; the
+        last block before the sender stalls carries ``ack_now``.
         """
         out: list[SenderAction] = []
         if self._cancel_reason is not None:
@@ -495,7 +537,7 @@ class Sender:
                 self._offer_sent_at = now
                 self._timer_start = now
                 self.offers_sent += 1
-                out.append(SendOffer(self._image))
+                out.append(SendPoll(self._image) if self._ask_poll else SendOffer(self._image))
             return out
         if state is SenderState.VERIFYING:
             if self._probe_due:
@@ -507,7 +549,11 @@ class Sender:
             return out
         if self._probe_due:
             self._probe_due = False
-            out.append(self._send(self._cum, now, ack_now=True))
+            index, self._probe_index = self._probe_index, None
+            if index is None or index not in self._flight:
+                index = self._cum  # zero credit: the persist probe
+            self._repair.discard(index)
+            out.append(self._send(index, now, ack_now=True))
         sent = 0
         if self._repair and budget > 0:
             for index in sorted(self._repair):
@@ -714,6 +760,7 @@ class Sender:
         self._next_new = self._cum
         self._timer_start = None
         self._state = SenderState.STREAMING
+        self._answered = True
         self._events.append(ProgressMade(self._image, self._acked.count, self._n))
         if self._acked.full():
             self._enter_verifying(now)
@@ -736,6 +783,7 @@ class Sender:
             self._acked.replace_with_sack(self._n, b"")
             self._events.append(ProgressMade(self._image, self._n, self._n))
         self._stop()
+        self._answered = True
         self._state = SenderState.COMPLETE
         self._events.append(TransferCompleted(self._image, msg.sha256))
 
@@ -757,6 +805,7 @@ class Sender:
         self._stop()
         self._state = SenderState.OFFERING
         self._offer_due = True
+        self._ask_poll = False  # the CH lost the transfer: it needs the manifest
         self._offer_sent_at = None
         self._due_at = now
 

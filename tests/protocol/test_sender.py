@@ -279,17 +279,39 @@ def test_momentum_counts_only_timeouts_without_progress(manifest: Manifest) -> N
     assert state(sender) is SenderState.FAILED
 
 
-def test_repairs_starved_of_budget_do_not_count_as_timeouts(manifest: Manifest) -> None:
-    sender = streaming(manifest, max_timeouts=1)
-    sender.next_actions(0.1, 100)
-    sender.message_received(sack(manifest, set(range(16)) - {3}), 0.2)
-    for k in range(5):
+def test_repairs_starved_of_budget_still_probe_and_an_answering_ch_never_times_out(
+    manifest: Manifest,
+) -> None:
+    """The scheduler may hold repairs back for as long as the budget binds. On each RTO the
+    sender still sends one probe, unbudgeted; the CH's answer to it is progress, so no timeout
+    accumulates however long the budget is withheld, while a CH that does not answer the
+    probes times out exactly as if the budget were free."""
+    sender = streaming(manifest, max_timeouts=2)
+    sender.next_actions(0.1, 16)
+    held = set(range(16)) - {3, 7}
+    sender.message_received(sack(manifest, held), 0.2)
+    now = 0.2
+    for k in range(6):
+        deadline = sender.next_deadline()
+        assert deadline is not None
+        now = deadline
+        sender.handle_timer(now)
+        probe = blocks(sender.next_actions(now, 0))  # the scheduler gives no budget
+        assert len(probe) == 1, k
+        held.add(probe[0])
+        sender.message_received(sack(manifest, held), now + 0.05)
+        assert state(sender) is SenderState.STREAMING, k
+        assert sender.timeouts_without_progress == 0
+        sender.next_actions(now + 0.05, 1)  # one new block: something is in flight again
+    assert sender.rto_expiries == 6
+    # now the CH goes silent: the unanswered probes count, budget or no budget
+    while state(sender) is SenderState.STREAMING:
         deadline = sender.next_deadline()
         assert deadline is not None
         sender.handle_timer(deadline)
-        assert sender.next_actions(deadline, 0) == []  # the scheduler gives no budget
-        assert state(sender) is SenderState.STREAMING, k
-    assert sender.rto_expiries == 0
+        sender.next_actions(deadline, 0)
+    assert state(sender) is SenderState.FAILED
+    assert sender.timeouts_without_progress == 3
 
 
 def test_spurious_repair_is_detected(manifest: Manifest) -> None:
