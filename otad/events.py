@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from otad.mqtt import MqttClient, NotConnected
-from otad.store import Store, StoreError, Tx
+from otad.store import NewEvent, Store, StoreError, Tx
 
 log = logging.getLogger("otad.events")
 
@@ -194,25 +194,23 @@ class EventPublisher:
         self._confirm()
 
     async def _commit_queue(self) -> None:
-        """Commit every queued event (one group commit) and move them to the send list."""
+        """Commit every queued event (one durable job, whatever their number) and move them to
+        the send list."""
         if not self._queue:
             return
         batch = list(self._queue)
-        results = await asyncio.gather(
-            *(self._store.append_event(p.kind, p.key, p.payload, p.now) for p in batch),
-            return_exceptions=True,
-        )
-        done = 0
-        for pending, result in zip(batch, results, strict=True):
-            if isinstance(result, BaseException):
-                if isinstance(result, StoreError):
-                    break  # keep this one and the rest queued, in order
-                log.error("event %s refused by the store: %r", pending.key, result)
+        try:
+            seqs = await self._store.append_events(
+                [NewEvent(p.kind, p.key, p.payload, p.now) for p in batch]
+            )
+        except (TypeError, ValueError) as exc:  # a payload that is not JSON: a bug, never input
+            log.error("events refused by the store (%d dropped): %r", len(batch), exc)
+            for pending in batch:
                 pending.committed.cancel()
-                done += 1
-                continue
-            done += 1
-            seq = result
+                self._queue.popleft()
+            return
+        for pending, seq in zip(batch, seqs, strict=True):
+            self._queue.popleft()
             if not pending.committed.done():
                 pending.committed.set_result(seq)
             if seq <= self.last_seq:
@@ -220,10 +218,6 @@ class EventPublisher:
             self.last_seq = seq
             body = dumps({**pending.payload, "seq": seq, "key": pending.key})
             self._sent.append(_Sent(seq, f"{self._prefix}/{pending.kind}", body, -1e9, -1))
-        for _ in range(done):
-            self._queue.popleft()
-        if done < len(batch):
-            raise StoreError("outbox append failed")
 
     def _publish_unsent(self) -> None:
         client = self._client

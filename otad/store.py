@@ -75,9 +75,11 @@ __all__ = [
     "LOCK_NAME",
     "ConflictError",
     "EventRow",
+    "FinalState",
     "HanDeviceRow",
     "HubRow",
     "ImageRow",
+    "NewEvent",
     "NotFoundError",
     "SchemaTooNewError",
     "Store",
@@ -96,6 +98,7 @@ LOCK_NAME: Final = "otad.lock"
 _MAX_GROUP: Final = 256  # jobs per group commit
 _RETRY_AFTER_FAILED_FLUSH: Final = 1.0  # seconds
 _MAX_SQL_INT: Final = (1 << 63) - 1
+_IN_CHUNK: Final = 500  # parameters per "IN (...)" list (SQLite allows 32,766)
 _T = TypeVar("_T")
 
 
@@ -204,6 +207,32 @@ class TransferRow:
     started_at: float
     updated_at: float
     finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class FinalState:
+    """A transfer's end, with its last progress: one row of :meth:`Store.finish_transfers`."""
+
+    guid: str
+    image: bytes
+    state: TransferState
+    reason: str | None
+    held_sha256: bytes | None
+    finished_at: float
+    acked_bitmap: bytes
+    blocks_acked: int
+    blocks_sent: int
+    bytes_sent: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """One event for :meth:`Store.append_events`."""
+
+    kind: str
+    key: str
+    payload: dict[str, Any]
+    created_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -659,53 +688,81 @@ class Store:
         restarted: state ``active``, progress zeroed (the CH re-reports what it holds),
         ``attempts`` + 1. The CH and the image must exist (else :class:`StoreError`).
         """
+        (row,) = await self.start_transfers(image, [guid], blocks_total, now)
+        return row
+
+    async def start_transfers(
+        self, image: bytes, guids: Sequence[str], blocks_total: int, now: float
+    ) -> list[TransferRow]:
+        """:meth:`start_transfer` for many CHs at once, in one durable job: a few statements
+        whatever the count (a distribution to 10,000 CHs is one commit, not 40,000 round trips
+        to the writer thread). Returns the rows in the order of ``guids`` (duplicates removed).
+        All or nothing: a failure raises :class:`StoreError` and starts none."""
         if blocks_total < 1:
             raise ValueError(f"blocks_total must be >= 1, got {blocks_total}")
-        key = (guid, bytes(image))
+        image = bytes(image)
+        wanted = list(dict.fromkeys(guids))
 
-        async def start_transfer(tx: Tx) -> TransferRow:
-            row = await tx.fetchone("SELECT * FROM transfers WHERE guid = ? AND image = ?", key)
-            if row is None:
-                await tx.execute(
+        async def start_transfers(tx: Tx) -> list[TransferRow]:
+            existing: dict[str, sqlite3.Row] = {}
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for row in await tx.fetchall(
+                    f"SELECT * FROM transfers WHERE image = ? AND guid IN ({marks})",  # noqa: S608
+                    (image, *chunk),
+                ):
+                    existing[row["guid"]] = row
+            active = TransferState.ACTIVE.value
+            new = [g for g in wanted if g not in existing]
+            again = [g for g in wanted if g in existing and existing[g]["state"] != active]
+            if new:
+                await tx.executemany(
                     "INSERT INTO transfers (guid, image, state, blocks_total, started_at,"
                     " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (*key, TransferState.ACTIVE.value, blocks_total, now, now),
+                    [(g, image, active, blocks_total, now, now) for g in new],
                 )
-                return TransferRow(
-                    guid=guid,
-                    image=key[1],
-                    state=TransferState.ACTIVE,
-                    blocks_total=blocks_total,
-                    blocks_acked=0,
-                    blocks_sent=0,
-                    bytes_sent=0,
-                    acked_bitmap=b"",
-                    reason=None,
-                    held_sha256=None,
-                    attempts=1,
-                    started_at=now,
-                    updated_at=now,
-                    finished_at=None,
+            if again:
+                await tx.executemany(
+                    "UPDATE transfers SET state = ?, blocks_total = ?, blocks_acked = 0,"
+                    " blocks_sent = 0, bytes_sent = 0, acked_bitmap = x'', reason = NULL,"
+                    " held_sha256 = NULL, finished_at = NULL, attempts = attempts + 1,"
+                    " started_at = ?, updated_at = ? WHERE guid = ? AND image = ?",
+                    [(active, blocks_total, now, now, g, image) for g in again],
                 )
-            if row["state"] == TransferState.ACTIVE:
-                return self._overlay(_transfer_row(row))
-            await tx.execute(
-                "UPDATE transfers SET state = ?, blocks_total = ?, blocks_acked = 0,"
-                " blocks_sent = 0, bytes_sent = 0, acked_bitmap = x'', reason = NULL,"
-                " held_sha256 = NULL, finished_at = NULL, attempts = attempts + 1,"
-                " started_at = ?, updated_at = ? WHERE guid = ? AND image = ?",
-                (TransferState.ACTIVE.value, blocks_total, now, now, *key),
-            )
 
-            def drop_stale() -> None:  # progress noted for the previous attempt
-                self._pending.pop(key, None)
+                def drop_stale() -> None:  # progress noted for the previous attempts
+                    for g in again:
+                        self._pending.pop((g, image), None)
 
-            tx.after_commit(drop_stale)
-            fresh = await tx.fetchone("SELECT * FROM transfers WHERE guid = ? AND image = ?", key)
-            assert fresh is not None
-            return _transfer_row(fresh)
+                tx.after_commit(drop_stale)
+            out: list[TransferRow] = []
+            for g in wanted:
+                had = existing.get(g)
+                if had is not None and had["state"] == active:
+                    out.append(self._overlay(_transfer_row(had)))
+                    continue
+                out.append(
+                    TransferRow(
+                        guid=g,
+                        image=image,
+                        state=TransferState.ACTIVE,
+                        blocks_total=blocks_total,
+                        blocks_acked=0,
+                        blocks_sent=0,
+                        bytes_sent=0,
+                        acked_bitmap=b"",
+                        reason=None,
+                        held_sha256=None,
+                        attempts=1 if had is None else int(had["attempts"]) + 1,
+                        started_at=now,
+                        updated_at=now,
+                        finished_at=None,
+                    )
+                )
+            return out
 
-        return await self.write(start_transfer, durable=True)
+        return await self.write(start_transfers, durable=True)
 
     def record_progress(
         self,
@@ -779,6 +836,49 @@ class Store:
 
         return await self.write(finish_transfer, durable=True)
 
+    async def finish_transfers(self, finals: Sequence[FinalState]) -> int:
+        """Record many transfers' final states and last progress (durable, one job, a few
+        statements); return how many rows were updated (a transfer never started is skipped).
+        """
+        params = [
+            (
+                TransferState(f.state).value,
+                f.reason,
+                None if f.held_sha256 is None else bytes(f.held_sha256),
+                f.finished_at,
+                f.finished_at,
+                bytes(f.acked_bitmap),
+                f.blocks_acked,
+                f.blocks_sent,
+                f.bytes_sent,
+                f.guid,
+                bytes(f.image),
+            )
+            for f in finals
+        ]
+        if any(p[0] == TransferState.ACTIVE.value for p in params):
+            raise ValueError("finish_transfers needs final states")
+        if not params:
+            return 0
+
+        async def finish_transfers(tx: Tx) -> int:
+            changed = await tx.executemany(
+                "UPDATE transfers SET state = ?, reason = ?, held_sha256 = ?, finished_at = ?,"
+                " updated_at = ?, acked_bitmap = ?, blocks_acked = ?, blocks_sent = ?,"
+                " bytes_sent = ? WHERE guid = ? AND image = ?",
+                params,
+            )
+            keys = [(p[9], p[10]) for p in params]
+
+            def drop_flushed() -> None:  # the final values supersede unflushed progress
+                for key in keys:
+                    self._pending.pop(key, None)
+
+            tx.after_commit(drop_flushed)
+            return changed
+
+        return await self.write(finish_transfers, durable=True)
+
     async def transfer(self, guid: str, image: bytes) -> TransferRow | None:
         """One transfer (with unflushed progress applied), or None."""
 
@@ -827,23 +927,59 @@ class Store:
         Idempotent by ``key``: appending an existing key changes nothing and returns the seq it
         already has. ``payload`` must be JSON-serialisable (no NaN): ``TypeError``/``ValueError``.
         """
-        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        (seq,) = await self.append_events([NewEvent(kind, key, payload, now)])
+        return seq
 
-        async def append_event(tx: Tx) -> int:
-            # Look the key up first: with AUTOINCREMENT, an INSERT ... ON CONFLICT DO NOTHING
-            # that hits the conflict still consumes a seq, leaving a gap monitors would see.
-            # The single writer makes the look-up and the insert atomic.
-            row = await tx.fetchone("SELECT seq FROM events WHERE key = ?", (key,))
-            if row is not None:
-                return int(row[0])
-            rows = await tx.fetchall(
-                "INSERT INTO events (kind, key, payload, created_at) VALUES (?, ?, ?, ?)"
-                " RETURNING seq",
-                (kind, key, text, now),
+    async def append_events(self, events: Sequence[NewEvent]) -> list[int]:
+        """:meth:`append_event` for many events in order, in one durable job; return their
+        sequence numbers. A key already in the outbox (or earlier in ``events``) gets the seq it
+        already has, so re-deriving a fact never creates a second event."""
+        rows = [
+            (
+                e.kind,
+                e.key,
+                json.dumps(e.payload, sort_keys=True, separators=(",", ":"), allow_nan=False),
+                e.created_at,
             )
-            return int(rows[0][0])
+            for e in events
+        ]
+        if not rows:
+            return []
 
-        return await self.write(append_event, durable=True)
+        async def append_events(tx: Tx) -> list[int]:
+            keys = list(dict.fromkeys(r[1] for r in rows))
+            known: dict[str, int] = {}
+            for start in range(0, len(keys), _IN_CHUNK):
+                chunk = keys[start : start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for row in await tx.fetchall(
+                    f"SELECT seq, key FROM events WHERE key IN ({marks})",  # noqa: S608
+                    chunk,
+                ):
+                    known[row[1]] = int(row[0])
+            # Seqs are assigned here, by the single writer, from AUTOINCREMENT's high-water
+            # mark (never reused, even after pruning): gap-free and monotonic. (An INSERT ... ON
+            # CONFLICT DO NOTHING would consume a seq on a duplicate key, leaving a gap.)
+            mark = await tx.fetchone("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
+            top = 0 if mark is None else int(mark[0])
+            inserts: list[tuple[int, str, str, str, float]] = []
+            out: list[int] = []
+            for kind, key, text, created in rows:
+                seq = known.get(key)
+                if seq is None:
+                    top += 1
+                    seq = known[key] = top
+                    inserts.append((seq, kind, key, text, created))
+                out.append(seq)
+            if inserts:
+                await tx.executemany(
+                    "INSERT INTO events (seq, kind, key, payload, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    inserts,
+                )
+            return out
+
+        return await self.write(append_events, durable=True)
 
     async def events(self, *, after: int = 0, limit: int = 1000) -> list[EventRow]:
         """Events with ``seq > after`` in order, published or not (replay, ``otactl tail``)."""
