@@ -1,0 +1,101 @@
+"""One ``loop.call_at`` per sans-IO machine, re-armed from the machine's ``next_deadline()``.
+
+Every machine in :mod:`protocol` (and :class:`otad.scheduler.Scheduler`) says when it next
+needs :meth:`handle_timer` through ``next_deadline()``; the shell holds one :class:`TimerSlot`
+per machine, as aioquic's asyncio adapter holds one timer per connection.
+
+Re-arming is lazy: a deadline later than the armed one keeps the armed handle (the callback
+finds the deadline not yet due and re-arms for it), so the hot path -- every acknowledgement
+moves a retransmission deadline later -- never cancels a handle. A deadline in the past means
+"now".
+
+A machine whose deadline is still due right after its own timer ran would make the loop spin
+(the bug this guards against: a transfer waiting for budget whose Offer could not go out re-armed
+its timer in the past on every loop turn, at 100% CPU). So a slot re-armed *from inside its own
+callback* for a deadline no later than the instant it fired is counted in
+:attr:`TimerStats.spins` and pushed :data:`SPIN_GUARD_S` into the future instead; the status
+snapshot shows the count, and the tests assert it stays 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Final
+
+log = logging.getLogger("otad.timers")
+
+#: How far a spinning timer is pushed into the future.
+SPIN_GUARD_S: Final = 0.05
+
+
+class TimerStats:
+    """Counters shared by a family of timer slots."""
+
+    __slots__ = ("spins",)
+
+    def __init__(self) -> None:
+        self.spins = 0
+        """Re-arms for a deadline that was due again right after its timer ran."""
+
+
+class TimerSlot:
+    """A lazily re-armed ``loop.call_at`` for one machine (see the module docstring)."""
+
+    __slots__ = ("_at", "_callback", "_fired_at", "_firing", "_handle", "_loop", "_stats")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        callback: Callable[[], None],
+        stats: TimerStats | None = None,
+    ) -> None:
+        """``callback()`` runs when the armed deadline comes."""
+        self._loop = loop
+        self._callback = callback
+        self._stats = stats
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = 0.0
+        self._firing = False
+        self._fired_at = 0.0
+
+    @property
+    def armed_at(self) -> float | None:
+        """The loop time the slot fires at, or None."""
+        return self._at if self._handle is not None else None
+
+    def arm(self, deadline: float | None) -> None:
+        """Make sure the callback runs no later than ``deadline`` (None: nothing to add)."""
+        if deadline is None:
+            return
+        handle = self._handle
+        if handle is not None:
+            if deadline >= self._at:
+                return
+            handle.cancel()
+        if self._firing and deadline <= self._fired_at:
+            spins = 1
+            if self._stats is not None:
+                self._stats.spins += 1
+                spins = self._stats.spins
+            if spins & (spins - 1) == 0:  # 1st, 2nd, 4th, 8th...: never a flood
+                log.error("a timer was due again right after it ran (%d times so far)", spins)
+            deadline = self._loop.time() + SPIN_GUARD_S
+        self._at = deadline
+        self._handle = self._loop.call_at(deadline, self._fire)
+
+    def cancel(self) -> None:
+        """Disarm."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        self._firing = True
+        self._fired_at = self._loop.time()
+        try:
+            self._callback()
+        finally:
+            self._firing = False
