@@ -104,12 +104,15 @@ class TransferConfig:
     block_size: int = 1024  # bytes per block (capped per CH by its declared max_block)
     window: int = 8  # initial blocks in flight per CH (capped by the CH's window)
     max_window: int = 64  # largest window a CH is ever given
-    global_inflight: int = 8192  # blocks in flight across all CHs
+    global_inflight: int = 8192  # blocks in flight across all CHs (CHs take turns when it binds)
+    max_handshakes: int = 256  # Offers/Polls unanswered at once (start-up and reconnect pacing)
+    handshake_kib: int = 8192  # ... and KiB of them (a 64 MiB image's Offer is about 2 MiB)
     segment_rate: float = 0.0  # blocks/s per network segment (shared cell); 0 = unlimited
     qos_blocks: int = 0  # MQTT QoS of block messages (control messages always use 1)
     rto_min: float = 0.2  # seconds; retransmission timeout floor
     rto_max: float = 60.0  # seconds; retransmission timeout ceiling
-    max_rto_without_progress: int = 8  # consecutive timeouts with no new ack -> stalled
+    max_rto_without_progress: int = 8  # consecutive timeouts with no new ack -> TIMED_OUT
+    stall_after_s: float = 30.0  # no progress this long: transfer.stalled event and a WARNING
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +320,9 @@ def _validate(config: Config) -> Config:
             "transfer.global_inflight",
             f"must be >= transfer.window ({t.window}), got {t.global_inflight}",
         )
+    _in_range("transfer.max_handshakes", t.max_handshakes, 1, 1_000_000)
+    _in_range("transfer.handshake_kib", t.handshake_kib, 1, 16 * 1024 * 1024)
+    _in_range("transfer.stall_after_s", t.stall_after_s, 1.0, 86_400.0)
     _in_range("transfer.segment_rate", t.segment_rate, 0.0)
     if t.qos_blocks not in (0, 1):
         raise ConfigError("transfer.qos_blocks", f"must be 0 or 1, got {t.qos_blocks}")

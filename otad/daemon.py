@@ -9,6 +9,9 @@ runs as named tasks in one :class:`asyncio.TaskGroup`:
 ``otad.events``     outbox -> ``ota/v1/events/<kind>`` (see :mod:`otad.events`)
 ``otad.status``     the retained ``ota/v1/otad/status`` snapshot
 ``otad.progress``   hands acknowledgement bookkeeping to the store's batch every flush interval
+``otad.finals``     commits ended transfers' final states, in batches, after their events
+``otad.stalls``     flags transfers and distributions that stopped making progress
+``otad.looplag``    measures event-loop lag continuously (shown in the status)
 ``otad.registry``   writes hub announcements / presence to the store, group-committed
 ``otad.store.writer`` (the store's own single writer task)
 
@@ -44,6 +47,7 @@ from otad.events import (
     wait_acknowledged,
 )
 from otad.keyfiles import load_trust_dir
+from otad.looplag import LoopLag
 from otad.mqtt import MqttClient, MqttSettings, Will, create_client
 from otad.registry import Hub, Registry, RejectLog
 from otad.store import Store, StoreError
@@ -100,6 +104,7 @@ class Daemon:
         )
         self._persist_wake = asyncio.Event()
         self.rejects = RejectLog(logging.getLogger("otad.input"))
+        self.loop_lag = LoopLag()
         # set up in run()
         self.store: Store
         self.client: MqttClient
@@ -217,6 +222,9 @@ class Daemon:
                     ),
                     name="otad.progress",
                 )
+                group.create_task(self.distribution.run_final_writer(), name="otad.finals")
+                group.create_task(self.distribution.run_stall_watch(), name="otad.stalls")
+                group.create_task(self.loop_lag.run(), name="otad.looplag")
                 group.create_task(self._run_persist(), name="otad.registry")
                 group.create_task(self._wait_stop(), name="otad.shutdown")
         except* _StopRequestedError:
@@ -353,7 +361,7 @@ class Daemon:
                 if isinstance(result, BaseException):
                     log.error("cannot record a hub change: %s", result)
 
-    def _hub_changed(self, hub: Hub, was_online: bool, announced: bool) -> None:
+    def _hub_changed(self, hub: Hub, was_online: bool, announced: bool, changed: bool) -> None:
         now_ms = int(time.time() * 1000)
         if announced and not was_online:
             a = hub.announcement
@@ -368,28 +376,35 @@ class Daemon:
             )
         elif not announced and was_online:
             self.events.emit("hub.offline", f"hub.offline:{hub.guid}:{now_ms}", guid=hub.guid)
-        self.distribution.hub_changed(hub, was_online, announced)
+        self.distribution.hub_changed(hub, was_online, announced, changed)
         if was_online != hub.online:
             self.status.poke()
 
     # ------------------------------------------------------------------ status
 
     def _snapshot(self) -> dict[str, Any]:
+        """The status fields (cheap: every figure is kept incrementally, nothing walks the
+        fleet)."""
         hubs = self.registry.hubs
-        scheduler = self.distribution.scheduler
+        distribution = self.distribution
+        now = asyncio.get_running_loop().time()
         return {
             "version": self.version,
             "pid": os.getpid(),
             "started_at": round(self.started_at, 3),
             "library": self.config.broker.library,
-            "hubs": {"known": len(hubs), "online": sum(1 for h in hubs.values() if h.online)},
+            "hubs": {"known": len(hubs), "online": self.registry.online},
             "images": len(self.catalogue.images),
-            "transfers": self.distribution.counts(),
+            "transfers": distribution.counts(),
+            "stalled": distribution.stalled_count,
+            "distributions": distribution.distributions(now),
+            "scheduler": distribution.scheduler.snapshot(now),
+            "loop_lag": self.loop_lag.snapshot(),
+            "timer_spins": distribution.timer_stats.spins,
             "events_seq": self.events.last_seq,
-            "blocks_published": scheduler.blocks_published,
-            "reports_received": self.distribution.up_messages,
-            "blocks_in_flight": scheduler.inflight,
-            "waiting": scheduler.waiting,
+            "blocks_published": distribution.scheduler.blocks_published,
+            "reports_received": distribution.up_messages,
+            "blocks_in_flight": distribution.scheduler.inflight,
             "rejected": dict(self.rejects.counts),
         }
 

@@ -5,54 +5,72 @@ Theory of operation
 
 A :class:`Transfer` wraps one sender with what the shell needs around it: the CH's ``down``
 topic, the image's :class:`~otad.catalogue.BlockSource` (pre-encoded, shared ``Block`` bytes),
-its segment's token bucket, one lazily re-armed ``loop.call_at`` timer, and counters carried over
-from earlier sender lives (otad restarts, CH reconnects).
+its :class:`~otad.scheduler.Slot` with the scheduler, one lazily re-armed timer
+(:class:`~otad.timers.TimerSlot`), and counters carried over from earlier sender lives (otad
+restarts, CH reconnects).
 
 The hot path, for each ``TransferAcked`` on ``ota/v1/ch/{guid}/up``::
 
-    decode -> sender.message_received -> drain sender events -> scheduler.pump
-           -> publish the cached Block bytes -> re-arm the timer only if the deadline moved earlier
+    decode -> sender.message_received -> drain sender events -> scheduler.changed
+           -> (in turn) publish the cached Block bytes -> re-arm the timer if it moved earlier
 
 It creates no task, writes no log line and touches no database: progress is marked dirty and
 :meth:`Distribution.flush_progress` hands the latest bitmap of each dirty transfer to the store's
-batched bookkeeping every ``store.flush_interval``.
+batched bookkeeping every ``store.flush_interval``. Who may send, and how much, is the
+scheduler's business alone (:mod:`otad.scheduler`: admission of asks, the global budget, the
+segments' rate caps); this module reports to it and never second-guesses it.
 
 Decisions that cannot be re-derived from the CHs are committed durably before they take effect:
-a transfer row (``Store.start_transfer``, synchronous=FULL) exists before its first ``Offer`` is
-published; its final state is committed when it ends. On restart, every active transfer gets a
-new sender seeded with the persisted acknowledged bitmap, in OFFERING: the CH's answer to the
-``Offer`` says what it holds, and replaces the seed, so at most the blocks in flight when otad
-died are sent twice.
+transfer rows (``Store.start_transfers``, synchronous=FULL, one job for a whole distribution)
+exist before the first ``Offer`` is published; final states are committed, in batches, after
+their events (:meth:`Distribution.run_final_writer`). On restart, every active transfer gets a
+new sender seeded with the persisted acknowledged bitmap, in OFFERING: the CH's answer says what
+it holds and replaces the seed, so at most the blocks in flight when otad died are sent twice.
+A CH known to hold the image's manifest (it acknowledged blocks of it) is asked with a ``Poll``,
+a few bytes, instead of the whole manifest again (SPEC §7.8).
 
 A CH's presence drives its transfers: its last will suspends them (no budget is spent on a CH
-that cannot hear), and an announcement (a reconnect) re-synchronises them: a fresh sender,
-seeded with what was acknowledged so far, offers again and the CH's answer says where to resume.
-The same re-synchronisation follows a reconnect of otad's own MQTT session.
+that cannot hear), and an announcement after that (a reconnect) re-synchronises them: a fresh
+sender asks again and the CH's answer says where to resume. The same follows a reconnect of
+otad's own MQTT session. Re-synchronisations after a storm (a broker restart: every CH and otad
+itself reconnect at once) go through the scheduler's admission in a random order, so asks reach
+the broker paced and jittered, never all in one loop turn.
+
+Stalls. A transfer that makes no progress (no new block acknowledged, no answer) for
+``transfer.stall_after_s`` while it is scheduled gets one ``transfer.stalled`` event per episode;
+a whole distribution (every active transfer of one image) that makes none gets
+``distribution.stalled`` (and ``distribution.resumed`` when it moves again). WARNINGs about them
+are rate-limited. The checks run once a second (:meth:`Distribution.check_stalls`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
+import itertools
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 from otad.catalogue import BlockSource, Catalogue, Image
 from otad.config import TransferConfig
 from otad.events import EventPublisher
 from otad.mqtt import MqttClient, NotConnected
 from otad.registry import Hub, Registry, RejectLog
-from otad.scheduler import Scheduler, TokenBucket
-from otad.store import Store, StoreError, TransferRow, TransferState
+from otad.scheduler import Scheduler, SlotState, budget_charge, handshake_charge
+from otad.store import FinalState, Store, StoreError, TransferRow, TransferState
+from otad.timers import TimerSlot, TimerStats
 from protocol import topics
 from protocol.errors import ProtocolError, Reason
 from protocol.messages import (
     Cancel,
     ImageHeld,
+    Limits,
     Message,
+    Poll,
     TransferAcked,
     TransferRejected,
     decode,
@@ -63,6 +81,7 @@ from protocol.sender import (
     Sender,
     SenderState,
     SendOffer,
+    SendPoll,
     TransferCompleted,
     TransferFailed,
 )
@@ -74,10 +93,21 @@ log = logging.getLogger("otad.distribution")
 MAX_UP_BYTES = max(TransferAcked.MAX_BYTES, ImageHeld.MAX_BYTES, TransferRejected.MAX_BYTES)
 #: How long a final-state write waits for its event to be committed first (a stuck outbox must
 #: not keep a transfer's end unrecorded for ever).
-FINAL_EVENT_WAIT = 10.0
+FINAL_EVENT_WAIT: Final = 10.0
+#: Final states committed per store job, and the pause before retrying a failed batch.
+FINAL_BATCH: Final = 5000
+FINAL_RETRY_S: Final = 1.0
+#: Handshake charge of a Poll (its encoded size, about 12 bytes, rounded up).
+POLL_BYTES: Final = 16
+#: How often stalls are looked for, and how often a WARNING about stalled transfers may repeat.
+STALL_CHECK_S: Final = 1.0
+STALL_LOG_INTERVAL_S: Final = 60.0
 _UP_PREFIX = f"{topics.ROOT}/ch/"
 _UP_GUID_START = len(_UP_PREFIX)
 _UP_GUID_END = _UP_GUID_START + 16
+_SENDING: Final = frozenset({SlotState.RUNNING, SlotState.QUEUED, SlotState.THROTTLED})
+_SCHEDULED: Final = _SENDING | {SlotState.PENDING}
+_POLL_NONCES = itertools.count(1)
 
 
 @dataclass(slots=True)
@@ -89,33 +119,65 @@ class _Carry:
     retransmissions: int = 0
 
 
+@dataclass(slots=True)
+class ImageTally:
+    """Live figures of one image's distribution (kept incrementally: the status snapshot and the
+    stall check never walk the transfers to compute them)."""
+
+    image: str
+    states: dict[str, int] = field(default_factory=dict)  # transfers by TransferState value
+    blocks_acked: int = 0  # over the active transfers
+    blocks_total: int = 0  # over the active transfers
+    progress_at: float = 0.0  # monotonic time any transfer of it last progressed
+    stalled_transfers: int = 0
+    stalled_since: float | None = None  # the distribution as a whole is stalled since
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        """The status snapshot's entry for this image."""
+        active = self.states.get(TransferState.ACTIVE.value, 0)
+        return {
+            "transfers": {k: v for k, v in sorted(self.states.items()) if v},
+            "blocks_acked": self.blocks_acked,
+            "blocks_total": self.blocks_total,
+            "idle_s": round(now - self.progress_at, 1) if active else None,
+            "stalled": self.stalled_since is not None,
+            "stalled_transfers": self.stalled_transfers,
+        }
+
+    def bump(self, state: TransferState, delta: int) -> None:
+        """Add ``delta`` transfers in ``state``."""
+        self.states[state.value] = self.states.get(state.value, 0) + delta
+
+
 class Transfer:
     """One (CH, image) transfer and its sender (see the module docstring)."""
 
     __slots__ = (
+        "acked_seen",
         "attempt",
-        "bucket",
         "carry",
         "dirty",
         "down",
         "finished_at",
         "guid",
+        "heard_at",
         "held_sha256",
         "image",
-        "inflight_seen",
+        "known",
         "last_progress_at",
         "last_progress_blocks",
+        "progress_at",
         "publish",
         "qos_blocks",
         "reason",
-        "runnable",
         "sender",
+        "slot",
         "source",
+        "stalled",
         "started_at",
         "state",
+        "tally",
         "timer",
-        "timer_at",
-        "waiting",
     )
 
     def __init__(
@@ -127,25 +189,21 @@ class Transfer:
         *,
         publish: Callable[[str, bytes, int, bool], None],
         qos_blocks: int,
-        bucket: TokenBucket | None,
         attempt: int,
         started_at: float,
         carry: _Carry,
+        known: bool,
+        tally: ImageTally,
+        now: float,
     ) -> None:
-        """Wrap ``sender``; the transfer starts not runnable (the caller decides)."""
+        """Wrap ``sender``; the caller attaches :attr:`slot` and :attr:`timer`."""
         self.guid = guid
         self.image = image
         self.source = source
         self.sender = sender
         self.publish = publish
         self.qos_blocks = qos_blocks
-        self.bucket = bucket
         self.down = topics.down(guid)
-        self.runnable = False
-        self.waiting = False
-        self.inflight_seen = 0
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = 0.0
         self.state = TransferState.ACTIVE
         self.held_sha256: bytes | None = None
         self.reason: str | None = None
@@ -153,40 +211,56 @@ class Transfer:
         self.started_at = started_at
         self.finished_at: float | None = None
         self.carry = carry
+        self.known = known  # the CH holds this image's manifest (it answered an ask before)
+        self.tally = tally
         self.dirty = False
-        self.last_progress_at = 0.0
+        self.last_progress_at = 0.0  # of the last transfer.progress event
         self.last_progress_blocks = sender.blocks_acked
+        self.acked_seen = sender.blocks_acked  # what the tally counts for this transfer
+        self.progress_at = now  # monotonic time of the last progress (for stalls)
+        self.heard_at = float("-inf")  # monotonic time of the last report from the CH
+        self.stalled = False
+        # attached by Distribution._add
+        self.slot: Any = None
+        self.timer: TimerSlot
 
     # ------------------------------------------------------------------ Schedulable
 
-    def in_flight(self) -> int:
-        """Blocks the sender has in flight."""
-        return self.sender.in_flight
-
     def send_now(self, now: float, budget: int) -> tuple[int, int]:
-        """Publish what the sender wants to send within ``budget`` blocks; return (blocks
-        published, blocks still sendable)."""
-        actions = self.sender.next_actions(now, budget)
-        if not actions:
-            return 0, (self.sender.sendable() if budget <= 0 else 0)
+        """Publish every unbudgeted action that is due (Offer, Poll, Cancel, probe) and at most
+        ``budget`` new blocks; return (blocks published, blocks still sendable)."""
+        sender = self.sender
+        actions = sender.next_actions(now, budget)
         blocks = 0
-        publish, down, source, qos = self.publish, self.down, self.source, self.qos_blocks
-        try:
-            for action in actions:
-                if type(action) is SendBlock:
-                    publish(down, source.get(action.index, action.ack_now), qos, False)
-                    blocks += 1
-                elif type(action) is SendOffer:
-                    publish(down, self.image.offer, 1, False)
-                else:  # SendCancel
-                    reason = getattr(action, "reason", Reason.CANCELLED)
-                    publish(
-                        down, Cancel(image=self.image.sha256, reason=int(reason)).encode(), 1, False
-                    )
-        except NotConnected:
-            pass  # the sender's timers repair it; the daemon re-synchronises on reconnect
-        more = self.sender.sendable() if blocks >= budget else 0
-        return blocks, more
+        if actions:
+            publish, down, source, qos = self.publish, self.down, self.source, self.qos_blocks
+            try:
+                for action in actions:
+                    kind = type(action)
+                    if kind is SendBlock:
+                        assert isinstance(action, SendBlock)
+                        publish(down, source.get(action.index, action.ack_now), qos, False)
+                        blocks += 1
+                    elif kind is SendOffer:
+                        publish(down, self.image.offer, 1, False)
+                    elif kind is SendPoll:
+                        publish(down, Poll(nonce=next(_POLL_NONCES)).encode(), 1, False)
+                    else:  # SendCancel
+                        reason = getattr(action, "reason", Reason.CANCELLED)
+                        cancel = Cancel(image=self.image.sha256, reason=int(reason))
+                        publish(down, cancel.encode(), 1, False)
+            except NotConnected:
+                pass  # the sender's timers repair it; the daemon re-synchronises on reconnect
+            self.timer.arm(sender.next_deadline())
+        return blocks, sender.sendable()
+
+    def budget_charge(self) -> int:
+        """Blocks held of the global budget (:func:`otad.scheduler.budget_charge`)."""
+        return budget_charge(self.sender)
+
+    def handshake_charge(self) -> int:
+        """Bytes of the unanswered ask (:func:`otad.scheduler.handshake_charge`)."""
+        return handshake_charge(self.sender, len(self.image.offer), POLL_BYTES)
 
     # ------------------------------------------------------------------ figures
 
@@ -204,6 +278,23 @@ class Transfer:
     def retransmissions(self) -> int:
         """Blocks published again within a sender life, all lives."""
         return self.carry.retransmissions + self.sender.retransmissions
+
+    def final_state(self) -> FinalState:
+        """The row :meth:`Store.finish_transfers` records for this ended transfer."""
+        sender = self.sender
+        assert self.finished_at is not None
+        return FinalState(
+            guid=self.guid,
+            image=self.image.sha256,
+            state=self.state,
+            reason=self.reason,
+            held_sha256=self.held_sha256,
+            finished_at=self.finished_at,
+            acked_bitmap=sender.acked_bitmap(),
+            blocks_acked=sender.blocks_acked,
+            blocks_sent=self.blocks_sent,
+            bytes_sent=self.bytes_sent,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready row (``transfers``)."""
@@ -223,26 +314,16 @@ class Transfer:
             "reason": self.reason,
             "attempt": self.attempt,
             "in_flight": self.sender.in_flight,
+            "stalled": self.stalled,
             "debug": {
+                "scheduler": self.slot.state.value if self.slot is not None else None,
                 "sendable": self.sender.sendable(),
-                "waiting": self.waiting,
-                "runnable": self.runnable,
-                "timer_at": None if self.timer is None else round(self.timer_at, 3),
+                "timer_at": self.timer.armed_at,
                 "rto": round(self.sender.rto, 4),
             },
             "started_at": self.started_at,
             "finished_at": self.finished_at,
         }
-
-
-class DistributionError(Exception):
-    """A distribute request was refused as a whole (typed reason)."""
-
-    def __init__(self, reason: Reason, detail: str) -> None:
-        """``reason`` is the typed cause."""
-        super().__init__(f"{reason.name}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def target_error(hub: Hub, image: Image) -> ProtocolError | None:
@@ -285,7 +366,7 @@ def target_error(hub: Hub, image: Image) -> ProtocolError | None:
 
 
 class Distribution:
-    """Every transfer, the routing of CH reports to them, and their timers."""
+    """Every transfer, the routing of CH reports to them, their timers, and their outcomes."""
 
     def __init__(
         self,
@@ -300,11 +381,13 @@ class Distribution:
         progress_interval: float = 5.0,
         rejects: RejectLog | None = None,
         hubs_recorded: Callable[[], Awaitable[None]] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         """Wire the distribution to its collaborators (nothing is sent until :meth:`start`).
 
         ``hubs_recorded()`` waits until every hub announcement seen so far is in the store (a
-        transfer row refers to its hub's row)."""
+        transfer row refers to its hub's row). ``rng`` orders re-synchronisations (tests seed
+        it)."""
         self._loop = loop
         self._client = client
         self._store = store
@@ -313,21 +396,35 @@ class Distribution:
         self._events = events
         self._config = config
         self._progress_interval = progress_interval
+        self._stall_after = config.stall_after_s
         self.rejects = rejects or RejectLog(log)
         self._hubs_recorded = hubs_recorded
+        self._rng = rng or random.Random()
         self.scheduler = Scheduler(
-            loop, global_inflight=config.global_inflight, segment_rate=config.segment_rate
+            global_inflight=config.global_inflight,
+            max_handshakes=config.max_handshakes,
+            handshake_bytes=config.handshake_kib * 1024,
+            segment_rate=config.segment_rate,
         )
+        self.timer_stats = TimerStats()
+        self._scheduler_timer = TimerSlot(loop, self._on_scheduler_timer, self.timer_stats)
         self.transfers: dict[tuple[str, bytes], Transfer] = {}
         self._active: dict[str, dict[bytes, Transfer]] = {}
         self._image_users: dict[bytes, int] = {}
+        self._tallies: dict[bytes, ImageTally] = {}
+        self._counts: dict[TransferState, int] = dict.fromkeys(TransferState, 0)
         self._dirty: list[Transfer] = []
-        self._earlier: dict[tuple[str, bytes], TransferState] = {}  # ended before this run
-        self._finishing: set[asyncio.Task[None]] = set()
+        self._ended: dict[tuple[str, bytes], TransferState] = {}  # ended and recorded
+        self._finals: list[tuple[Transfer, asyncio.Future[int]]] = []
+        self._finishing: dict[tuple[str, bytes], Transfer] = {}  # ended, not yet recorded
+        self._finals_wake = asyncio.Event()
         self._stopping = False
         self._fresh = False
-        self.scheduler.paused = True  # until start()
+        self._stall_log_at = float("-inf")
+        self._stalls_unlogged: list[Transfer] = []
         self.up_messages = 0
+        self.stalls = 0
+        """``transfer.stalled`` episodes seen by this process."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -336,7 +433,11 @@ class Distribution:
         rows = await self._store.transfers()
         for row in rows:
             if row.state is not TransferState.ACTIVE:
-                self._earlier[(row.guid, row.image)] = row.state
+                self._ended[(row.guid, row.image)] = row.state
+                self._counts[row.state] += 1
+                image = self._catalogue.images.get(row.image)
+                if image is not None:
+                    self._tally(image).bump(row.state, 1)
         count = 0
         for row in rows:
             if row.state is not TransferState.ACTIVE:
@@ -351,6 +452,8 @@ class Distribution:
                 await self._store.finish_transfer(
                     row.guid, row.image, TransferState.FAILED, reason=reason.name, now=time.time()
                 )
+                self._ended[(row.guid, row.image)] = TransferState.FAILED
+                self._counts[TransferState.FAILED] += 1
                 continue
             try:
                 await self._add(hub, image, row)
@@ -363,6 +466,9 @@ class Distribution:
                     reason=exc.reason.name,
                     now=time.time(),
                 )
+                self._ended[(row.guid, row.image)] = TransferState.FAILED
+                self._counts[TransferState.FAILED] += 1
+                self._tally(image).bump(TransferState.FAILED, 1)
                 continue
             self._started_event(hub.guid, image, row.attempts)
             count += 1
@@ -371,98 +477,126 @@ class Distribution:
         return count
 
     def start(self) -> None:
-        """Start sending (after the MQTT session is up and subscribed)."""
+        """Start sending (after the MQTT session is up and subscribed): every active transfer
+        of an online CH queues for admission, in a random order."""
         now = self._loop.time()
-        self.scheduler.paused = False
         self._fresh = True  # the adapter's first "connected" report needs no re-sync
-        for t in list(self.transfers.values()):
-            if t.state is TransferState.ACTIVE:
-                hub = self._registry.get(t.guid)
-                t.runnable = hub is not None and hub.online
-                if t.runnable:
-                    self._after(t, now)
+        self.scheduler.resume(now)
+        self._start_all(now)
 
     def halt(self) -> None:
         """Stop sending: no more publishes, timers cancelled, the latest progress handed to the
-        store's batch. (Final-state writes already started go on: :meth:`wait_final_writes`.)"""
+        store's batch. (Final-state writes still queued go on: :meth:`wait_final_writes`.)"""
         self._stopping = True
-        self.scheduler.paused = True
+        self.scheduler.pause()
+        self._scheduler_timer.cancel()
         for t in self.transfers.values():
-            t.runnable = False
-            if t.timer is not None:
-                t.timer.cancel()
-                t.timer = None
+            t.timer.cancel()
         self.flush_progress()
 
     async def wait_final_writes(self) -> None:
-        """Wait for the final states being committed (each waits for its event's commit, so
-        the event publisher must still be committing)."""
-        if self._finishing:
-            await asyncio.gather(*self._finishing, return_exceptions=True)
+        """Commit every final state still queued (each after its event's commit, so the event
+        publisher must still be committing)."""
+        while self._finals:
+            if not await self._write_finals():
+                return
 
     def connection_changed(self, up: bool) -> None:
-        """The MQTT session went down (pause) or came back (re-offer every active transfer)."""
+        """The MQTT session went down (pause) or came back (re-synchronise every active
+        transfer through admission, in a random order)."""
         fresh, self._fresh = self._fresh, False
         if not up:
-            self.scheduler.paused = True
+            self.scheduler.pause()
             return
         if self._stopping:
             return
         now = self._loop.time()
-        self.scheduler.paused = False
-        if fresh:
-            self.scheduler.resume_all(now)
-            return
-        for t in list(self.transfers.values()):
+        if not fresh:
+            order = list(self._live())
+            self._rng.shuffle(order)
+            for t in order:
+                self._resync(t, now, start=False)
+        self.scheduler.resume(now)
+        self._start_all(now)
+
+    def _live(self) -> Iterable[Transfer]:
+        """Active transfers of online CHs."""
+        for t in self.transfers.values():
             if t.state is TransferState.ACTIVE:
                 hub = self._registry.get(t.guid)
                 if hub is not None and hub.online:
-                    self._resync(t, now)
-        self.scheduler.resume_all(now)
+                    yield t
+
+    def _start_all(self, now: float) -> None:
+        order = [t for t in self._live() if t.slot.state is SlotState.STOPPED]
+        self._rng.shuffle(order)
+        for t in order:
+            t.progress_at = now
+            self.scheduler.start(t.slot, now)
+        for t in self.transfers.values():
+            if t.slot.state in _SENDING:
+                t.timer.arm(t.sender.next_deadline())
+        self._arm_scheduler()
 
     # ------------------------------------------------------------------ hub presence
 
-    def hub_changed(self, hub: Hub, was_online: bool, announced: bool) -> None:
+    def hub_changed(self, hub: Hub, was_online: bool, announced: bool, changed: bool) -> None:
         """Registry callback: suspend a CH's transfers when it goes offline, re-synchronise
-        them when it (re)announces itself."""
+        them when it (re)announces itself.
+
+        A live re-announcement that changes nothing (``changed`` false, CH online) means the CH
+        reconnected without its will being seen, or that it announces on every Poll: its
+        transfers are re-synchronised only if they are not already asking it and the CH has been
+        silent for a round trip; one that is talking to us needs nothing (and re-asking it on
+        every announcement could loop with a CH that announces when asked)."""
         active = self._active.get(hub.guid)
         if not active:
             return
         now = self._loop.time()
         for t in list(active.values()):
-            if announced:
-                self._resync(t, now)
-            else:
-                self._suspend(t)
+            if not announced:
+                self._suspend(t, now)
+                continue
+            if was_online and not changed:
+                slot = t.slot
+                if slot.state is SlotState.PENDING or t.sender.awaiting_answer:
+                    continue
+                if now - t.heard_at < max(1.0, t.sender.rto):
+                    continue
+            if not was_online:
+                t.progress_at = now  # time offline is not a stall
+            self._resync(t, now)
+        self._arm_scheduler()
 
-    def _suspend(self, t: Transfer) -> None:
-        t.runnable = False
-        if t.timer is not None:
-            t.timer.cancel()
-            t.timer = None
-        self.scheduler.release(t)
+    def _suspend(self, t: Transfer, now: float) -> None:
+        t.timer.cancel()
+        self.scheduler.stop(t.slot, now)
 
-    def _resync(self, t: Transfer, now: float) -> None:
-        """Replace the sender with a fresh one, seeded with what is acknowledged, in OFFERING."""
+    def _resync(self, t: Transfer, now: float, *, start: bool = True) -> None:
+        """Replace the sender with a fresh one, seeded with what is acknowledged, in OFFERING,
+        and queue it for admission (``start``)."""
         if t.state is not TransferState.ACTIVE:
             return
-        self._suspend(t)
+        self._suspend(t, now)
         old = t.sender
+        t.known = t.known or old.answered
         t.carry.blocks_sent += old.blocks_sent
         t.carry.bytes_sent += old.bytes_sent
         t.carry.retransmissions += old.retransmissions
         hub = self._registry.get(t.guid)
         limits = hub.announcement.limits if hub is not None else old.limits
-        t.sender = self._new_sender(t.image, limits, now, old.acked_bitmap())
+        t.sender = self._new_sender(t.image, limits, now, old.acked_bitmap(), known=t.known)
         if hub is not None:
-            t.bucket = self.scheduler.bucket_for(hub.segment)
-        if self._stopping:
-            return
-        t.runnable = hub is not None and hub.online
-        if t.runnable:
+            self.scheduler.set_segment(t.slot, hub.segment)
+        if t.sender.state is SenderState.FAILED:  # the new limits cannot carry the image
             self._after(t, now)
+            return
+        if start and not self._stopping and hub is not None and hub.online:
+            self.scheduler.start(t.slot, now)
 
-    def _new_sender(self, image: Image, limits: Any, now: float, acked: bytes | None) -> Sender:
+    def _new_sender(
+        self, image: Image, limits: Limits, now: float, acked: bytes | None, *, known: bool
+    ) -> Sender:
         c = self._config
         return Sender(
             image.manifest,
@@ -474,6 +608,7 @@ class Distribution:
             min_rto=c.rto_min,
             max_rto=c.rto_max,
             max_timeouts=c.max_rto_without_progress,
+            holds_manifest=known,
         )
 
     # ------------------------------------------------------------------ the hot path
@@ -502,6 +637,7 @@ class Distribution:
         except ProtocolError as exc:
             self.rejects.reject(f"report from {guid}", exc.reason, exc.detail)
             return
+        t.heard_at = now
         self._after(t, now)
 
     def _up_slow(self, topic: str, guid: str, payload: bytes) -> None:
@@ -541,62 +677,82 @@ class Distribution:
             )
             return
         image: bytes = getattr(msg, "image", b"")
-        if (guid, image) in self.transfers or (guid, image) in self._earlier:
-            return  # a late report for a transfer that has ended: normal
+        key = (guid, image)
+        if key in self.transfers or key in self._ended or key in self._finishing:
+            return  # a late report for a transfer that has ended (or a Poll's other answers)
         self.rejects.reject(
             f"report from {guid}", Reason.NO_TRANSFER, f"no transfer of {image.hex()[:16]}"
         )
 
     def _after(self, t: Transfer, now: float) -> None:
-        """After the sender changed: outcomes, sending, timer."""
+        """After the sender changed: outcomes, then the scheduler (sending), then the timer."""
         sender = t.sender
         events = sender.events()
         if events:
             for event in events:
                 kind = type(event)
                 if kind is ProgressMade:
-                    if not t.dirty:
-                        t.dirty = True
-                        self._dirty.append(t)
-                    self._progress_event(t, now)
+                    assert isinstance(event, ProgressMade)
+                    self._progressed(t, event, now)
                 elif kind is TransferCompleted:
                     self._finish(t, TransferState.HELD, None)
                 elif kind is TransferFailed:
                     assert isinstance(event, TransferFailed)
                     self._failed(t, event)
         if t.state is TransferState.ACTIVE:
-            self.scheduler.pump(t, now)
-        else:
-            # a last Cancel may still be due
-            if sender.state is SenderState.FAILED:
-                t.send_now(now, 0)
-            self.scheduler.account(t)
-            return
-        scheduler = self.scheduler
-        if scheduler.queued and scheduler.inflight < scheduler.limit:
-            scheduler.serve(now)
-        deadline = sender.next_deadline()
-        if deadline is not None and (t.timer is None or deadline < t.timer_at):
-            if t.timer is not None:
-                t.timer.cancel()
-            t.timer_at = deadline
-            t.timer = self._loop.call_at(deadline, self._on_timer, t)
+            slot = t.slot
+            self.scheduler.changed(slot, now)
+            if slot.state in _SENDING and not self.scheduler.paused:
+                t.timer.arm(sender.next_deadline())
+        elif sender.state is SenderState.FAILED:
+            t.send_now(now, 0)  # the last Cancel (unbudgeted)
+        if self.scheduler.segment_rate:
+            self._arm_scheduler()
 
     def _on_timer(self, t: Transfer) -> None:
-        t.timer = None
-        if not t.runnable or t.state is not TransferState.ACTIVE:
+        if t.state is not TransferState.ACTIVE or self.scheduler.paused:
             return
-        if self.scheduler.paused:
-            t.timer_at = self._loop.time() + 1.0
-            t.timer = self._loop.call_at(t.timer_at, self._on_timer, t)
-            return
+        if t.slot.state not in _SENDING:
+            return  # not scheduled: re-armed when it runs again
         now = self._loop.time()
-        deadline = t.sender.next_deadline()
-        if deadline is not None and deadline <= now:
-            t.sender.handle_timer(now)
+        sender = t.sender
+        deadline = sender.next_deadline()
+        if deadline is None:
+            return
+        if deadline > now:
+            t.timer.arm(deadline)
+            return
+        sender.handle_timer(now)
         self._after(t, now)
 
+    def _arm_scheduler(self) -> None:
+        self._scheduler_timer.arm(self.scheduler.next_deadline())
+
+    def _on_scheduler_timer(self) -> None:
+        now = self._loop.time()
+        deadline = self.scheduler.next_deadline()
+        if deadline is None:
+            return
+        if deadline > now:
+            self._scheduler_timer.arm(deadline)
+            return
+        self.scheduler.handle_timer(now)
+        self._arm_scheduler()
+
     # ------------------------------------------------------------------ outcomes
+
+    def _progressed(self, t: Transfer, event: ProgressMade, now: float) -> None:
+        tally = t.tally
+        tally.blocks_acked += event.acked - t.acked_seen
+        t.acked_seen = event.acked
+        t.progress_at = tally.progress_at = now
+        if t.stalled:
+            t.stalled = False
+            tally.stalled_transfers -= 1
+        if not t.dirty:
+            t.dirty = True
+            self._dirty.append(t)
+        self._progress_event(t, now)
 
     def _progress_event(self, t: Transfer, now: float) -> None:
         sender = t.sender
@@ -655,19 +811,28 @@ class Distribution:
     ) -> None:
         if t.state is not TransferState.ACTIVE:
             return
+        now = self._loop.time()
         t.state = state
-        t.runnable = False
         t.finished_at = time.time()
-        if t.timer is not None:
-            t.timer.cancel()
-            t.timer = None
-        self.scheduler.release(t)
+        t.timer.cancel()
+        self.scheduler.stop(t.slot, now)
         active = self._active.get(t.guid)
         if active is not None:
             active.pop(t.image.sha256, None)
             if not active:
                 del self._active[t.guid]
         self._release_image(t.image.sha256)
+        self._counts[TransferState.ACTIVE] -= 1
+        self._counts[state] += 1
+        tally = t.tally
+        tally.bump(TransferState.ACTIVE, -1)
+        tally.bump(state, 1)
+        tally.blocks_acked -= t.acked_seen
+        tally.blocks_total -= t.sender.blocks_total
+        tally.progress_at = now
+        if t.stalled:
+            t.stalled = False
+            tally.stalled_transfers -= 1
         if state is TransferState.HELD:
             if t.held_sha256 is None:
                 t.held_sha256 = t.image.sha256
@@ -686,35 +851,9 @@ class Distribution:
             log.warning(
                 "transfer of %s to %s ended %s: %s", t.image.hex[:16], t.guid, reason, detail
             )
-        task = self._loop.create_task(self._write_final(t, event), name=f"otad.finish.{t.guid}")
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
-
-    async def _write_final(self, t: Transfer, event: asyncio.Future[int]) -> None:
-        """Commit the final state after its event: a crash in between leaves the transfer
-        active, so the restarted daemon asks the CH again and the event (same key) is not
-        duplicated; the other order could lose the event for good."""
-        self._record(t)
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(asyncio.shield(event), FINAL_EVENT_WAIT)
-        try:
-            await self._store.finish_transfer(
-                t.guid,
-                t.image.sha256,
-                t.state,
-                reason=t.reason,
-                held_sha256=t.held_sha256,
-                now=t.finished_at or time.time(),
-            )
-        except StoreError as exc:
-            log.error("cannot record the end of %s -> %s: %s", t.image.hex[:16], t.guid, exc)
-            return
-        # Recorded: forget the sender (its bitmaps), keep only the state; listings read the
-        # stored row from now on. Memory stays proportional to the transfers in progress.
-        key = (t.guid, t.image.sha256)
-        if self.transfers.get(key) is t:
-            del self.transfers[key]
-            self._earlier[key] = t.state
+        self._finishing[(t.guid, t.image.sha256)] = t
+        self._finals.append((t, event))
+        self._finals_wake.set()
 
     def _release_image(self, sha: bytes) -> None:
         users = self._image_users.get(sha, 0) - 1
@@ -723,6 +862,44 @@ class Distribution:
             self._catalogue.unload(sha)
         else:
             self._image_users[sha] = users
+
+    # ------------------------------------------------------------------ final states
+
+    async def run_final_writer(self) -> None:
+        """Task: commit ended transfers' final states in batches, each batch after its events'
+        commit (a crash in between leaves the transfers active, so the restarted daemon asks the
+        CHs again and the events, same keys, are not duplicated; the other order could lose an
+        event for good). A failed batch is kept and retried."""
+        while True:
+            await self._finals_wake.wait()
+            self._finals_wake.clear()
+            while self._finals:
+                if not await self._write_finals():
+                    await asyncio.sleep(FINAL_RETRY_S)
+
+    async def _write_finals(self) -> bool:
+        batch = self._finals[:FINAL_BATCH]
+        waiting = [event for _, event in batch if not event.done()]
+        if waiting:
+            await asyncio.wait(waiting, timeout=FINAL_EVENT_WAIT)
+        try:
+            await self._store.finish_transfers([t.final_state() for t, _ in batch])
+        except StoreError as exc:
+            log.error("cannot record the end of %d transfer(s) (will retry): %s", len(batch), exc)
+            return False
+        del self._finals[: len(batch)]
+        now = self._loop.time()
+        for t, _ in batch:
+            # Recorded: forget the sender (its bitmaps), keep only the state; listings read the
+            # stored row from now on. Memory stays proportional to the transfers in progress.
+            key = (t.guid, t.image.sha256)
+            if self._finishing.get(key) is t:
+                del self._finishing[key]
+            if self.transfers.get(key) is t:
+                del self.transfers[key]
+                self._ended[key] = t.state
+            self.scheduler.detach(t.slot, now)
+        return True
 
     # ------------------------------------------------------------------ progress bookkeeping
 
@@ -756,16 +933,143 @@ class Distribution:
             await asyncio.sleep(interval)
             self.flush_progress()
 
+    # ------------------------------------------------------------------ stalls
+
+    async def run_stall_watch(self, interval: float = STALL_CHECK_S) -> None:
+        """Task: :meth:`check_stalls` every ``interval`` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            self.check_stalls(self._loop.time())
+
+    def check_stalls(self, now: float) -> int:
+        """Flag transfers and distributions that made no progress for ``stall_after_s``: one
+        event per episode, rate-limited WARNINGs. Return how many transfers are stalled."""
+        after = self._stall_after
+        stalled = 0
+        for t in self.transfers.values():
+            if t.state is not TransferState.ACTIVE or t.slot.state not in _SCHEDULED:
+                continue
+            if t.stalled:
+                stalled += 1
+                continue
+            idle = now - t.progress_at
+            if idle < after:
+                continue
+            t.stalled = True
+            t.tally.stalled_transfers += 1
+            stalled += 1
+            self.stalls += 1
+            self._stalls_unlogged.append(t)
+            self._events.emit(
+                "transfer.stalled",
+                f"transfer.stalled:{t.guid}:{t.image.hex}:{t.attempt}:{int(time.time() * 1000)}",
+                guid=t.guid,
+                image=t.image.hex,
+                idle_s=round(idle, 1),
+                phase=t.sender.state.value,
+                scheduler=t.slot.state.value,
+                blocks_acked=t.sender.blocks_acked,
+                blocks_total=t.sender.blocks_total,
+            )
+        if self._stalls_unlogged and now - self._stall_log_at >= STALL_LOG_INTERVAL_S:
+            self._log_stalls(now)
+        for sha, tally in self._tallies.items():
+            self._check_distribution(sha, tally, now)
+        return stalled
+
+    def _log_stalls(self, now: float) -> None:
+        batch, self._stalls_unlogged = self._stalls_unlogged, []
+        self._stall_log_at = now
+        first = ", ".join(
+            f"{t.guid} ({t.image.hex[:12]}, {t.sender.state.value}, {t.slot.state.value})"
+            for t in batch[:3]
+        )
+        more = f" and {len(batch) - 3} more" if len(batch) > 3 else ""
+        log.warning(
+            "%d transfer(s) made no progress for %.0f s: %s%s",
+            len(batch),
+            self._stall_after,
+            first,
+            more,
+        )
+
+    def _check_distribution(self, sha: bytes, tally: ImageTally, now: float) -> None:
+        active = tally.states.get(TransferState.ACTIVE.value, 0)
+        idle = now - tally.progress_at
+        if tally.stalled_since is None:
+            if not active or idle < self._stall_after:
+                return
+            tally.stalled_since = now
+            waiting = self._waiting_breakdown(sha)
+            self._events.emit(
+                "distribution.stalled",
+                f"distribution.stalled:{tally.image}:{int(time.time() * 1000)}",
+                image=tally.image,
+                active=active,
+                idle_s=round(idle, 1),
+                blocks_acked=tally.blocks_acked,
+                blocks_total=tally.blocks_total,
+                **waiting,
+            )
+            log.warning(
+                "distribution of %s stalled: no progress for %.0f s, %d transfer(s) active (%s)",
+                tally.image[:16],
+                idle,
+                active,
+                ", ".join(f"{k} {v}" for k, v in waiting.items() if v) or "none scheduled",
+            )
+        elif active == 0 or idle < self._stall_after:
+            stalled_s = now - tally.stalled_since
+            tally.stalled_since = None
+            self._events.emit(
+                "distribution.resumed",
+                f"distribution.resumed:{tally.image}:{int(time.time() * 1000)}",
+                image=tally.image,
+                active=active,
+                stalled_s=round(stalled_s, 1),
+            )
+            log.info("distribution of %s moves again after %.0f s", tally.image[:16], stalled_s)
+
+    def _waiting_breakdown(self, sha: bytes) -> dict[str, int]:
+        """Active transfers of one image by scheduler state (``offline`` for not scheduled)."""
+        out = {"offline": 0, **{s.value: 0 for s in _SCHEDULED}}
+        for t in self.transfers.values():
+            if t.image.sha256 == sha and t.state is TransferState.ACTIVE:
+                state = t.slot.state
+                out["offline" if state is SlotState.STOPPED else state.value] += 1
+        return out
+
     # ------------------------------------------------------------------ starting transfers
+
+    def _tally(self, image: Image) -> ImageTally:
+        tally = self._tallies.get(image.sha256)
+        if tally is None:
+            tally = self._tallies[image.sha256] = ImageTally(image.hex)
+        return tally
 
     async def _add(self, hub: Hub, image: Image, row: TransferRow) -> Transfer:
         source = await self._catalogue.blocks(image)
         now = self._loop.time()
+        known = row.blocks_acked > 0
         try:
-            sender = self._new_sender(image, hub.announcement.limits, now, row.acked_bitmap)
+            sender = self._new_sender(
+                image, hub.announcement.limits, now, row.acked_bitmap, known=known
+            )
         except ProtocolError as exc:
             log.warning("persisted bitmap of %s -> %s unusable (%s)", image.hex[:16], hub.guid, exc)
-            sender = self._new_sender(image, hub.announcement.limits, now, None)
+            sender = self._new_sender(image, hub.announcement.limits, now, None, known=False)
+        key = (hub.guid, image.sha256)
+        tally = self._tally(image)
+        ended = self._ended.pop(key, None)
+        if ended is not None:
+            self._counts[ended] -= 1
+            tally.bump(ended, -1)
+        self._counts[TransferState.ACTIVE] += 1
+        tally.bump(TransferState.ACTIVE, 1)
+        tally.blocks_acked += sender.blocks_acked
+        tally.blocks_total += sender.blocks_total
+        if not tally.progress_at or tally.states.get(TransferState.ACTIVE.value) == 1:
+            tally.progress_at = now
         t = Transfer(
             hub.guid,
             image,
@@ -773,13 +1077,16 @@ class Distribution:
             sender,
             publish=self._client.publish,
             qos_blocks=self._config.qos_blocks,
-            bucket=self.scheduler.bucket_for(hub.segment),
             attempt=row.attempts,
             started_at=row.started_at,
             carry=_Carry(row.blocks_sent, row.bytes_sent, 0),
+            known=known,
+            tally=tally,
+            now=now,
         )
-        self.transfers[(hub.guid, image.sha256)] = t
-        self._earlier.pop((hub.guid, image.sha256), None)
+        t.slot = self.scheduler.attach(t, hub.segment)
+        t.timer = TimerSlot(self._loop, functools.partial(self._on_timer, t), self.timer_stats)
+        self.transfers[key] = t
         self._active.setdefault(hub.guid, {})[image.sha256] = t
         self._image_users[image.sha256] = self._image_users.get(image.sha256, 0) + 1
         return t
@@ -820,7 +1127,7 @@ class Distribution:
                 continue
             key = (hub.guid, image.sha256)
             existing = self.transfers.get(key)
-            state = existing.state if existing is not None else self._earlier.get(key)
+            state = existing.state if existing is not None else self._ended.get(key)
             if state in (TransferState.ACTIVE, TransferState.HELD):
                 already.append(hub.guid)
                 continue
@@ -828,30 +1135,30 @@ class Distribution:
         if not targets:
             return _distribute_result(image, [], already, refused)
         await self._catalogue.blocks(image)  # load (and check) the image before committing
+        if any((h.guid, image.sha256) in self._finishing for h in targets):
+            await self.wait_final_writes()  # a restart must not race its previous end's write
         if self._hubs_recorded is not None:
             await self._hubs_recorded()
-        wall = time.time()
-        results = await asyncio.gather(
-            *(
-                self._store.start_transfer(h.guid, image.sha256, manifest.block_count, wall)
-                for h in targets
-            ),
-            return_exceptions=True,
-        )
+        try:
+            rows = await self._store.start_transfers(
+                image.sha256, [h.guid for h in targets], manifest.block_count, time.time()
+            )
+        except StoreError as exc:
+            refused.extend(
+                _refusal(h.guid, ProtocolError(Reason.INTERNAL, str(exc))) for h in targets
+            )
+            return _distribute_result(image, [], already, refused)
         started: list[str] = []
         now = self._loop.time()
-        for hub, result in zip(targets, results, strict=True):
-            if isinstance(result, BaseException):
-                if not isinstance(result, StoreError):
-                    raise result
-                refused.append(_refusal(hub.guid, ProtocolError(Reason.INTERNAL, str(result))))
-                continue
-            t = await self._add(hub, image, result)
+        for hub, row in zip(targets, rows, strict=True):
+            t = await self._add(hub, image, row)
             started.append(hub.guid)
-            self._started_event(hub.guid, image, result.attempts)
-            t.runnable = hub.online and not self.scheduler.paused and not self._stopping
-            if t.runnable:
+            self._started_event(hub.guid, image, row.attempts)
+            if t.sender.state is SenderState.FAILED:  # limits it cannot work with
                 self._after(t, now)
+            elif hub.online and not self._stopping:
+                self.scheduler.start(t.slot, now)
+        self._arm_scheduler()
         log.info(
             "distribute %s: %d started, %d already, %d refused",
             image.hex[:16],
@@ -903,14 +1210,22 @@ class Distribution:
         return [out[k] for k in sorted(out)]
 
     def counts(self) -> dict[str, int]:
-        """Transfers by state (those that ended before this run included)."""
-        counts: dict[str, int] = {}
-        for key, state in self._earlier.items():
-            if key not in self.transfers:
-                counts[state.value] = counts.get(state.value, 0) + 1
-        for t in self.transfers.values():
-            counts[t.state.value] = counts.get(t.state.value, 0) + 1
-        return counts
+        """Transfers by state (those that ended before this run included); kept incrementally,
+        zero counts included."""
+        return {state.value: n for state, n in self._counts.items()}
+
+    def distributions(self, now: float) -> dict[str, dict[str, Any]]:
+        """Per image with transfers active or stalled: the status snapshot's figures."""
+        return {
+            tally.image: tally.to_json(now)
+            for tally in self._tallies.values()
+            if tally.states.get(TransferState.ACTIVE.value) or tally.stalled_since is not None
+        }
+
+    @property
+    def stalled_count(self) -> int:
+        """Transfers flagged stalled now."""
+        return sum(t.stalled_transfers for t in self._tallies.values())
 
 
 def _final_state(reason: Reason) -> TransferState:

@@ -91,10 +91,11 @@ class Hub:
         }
 
 
-ChangeHandler = Callable[[Hub, bool, bool], None]
-"""``on_change(hub, was_online, announced)``: called after an accepted state change, and for a
-live (not retained) re-announcement of an online CH, which means its connection came back (or it
-answered a ``Poll``). ``announced`` is True for an announcement, False for a last will."""
+ChangeHandler = Callable[[Hub, bool, bool, bool], None]
+"""``on_change(hub, was_online, announced, changed)``: called after an accepted state change, and
+for a live (not retained) re-announcement of an online CH, which means its connection came back
+(or it announces whenever it is polled). ``announced`` is True for an announcement, False for a
+last will; ``changed`` is False for an announcement identical to the one already known."""
 
 
 class RejectLog:
@@ -173,20 +174,18 @@ class Registry:
         self._on_change = on_change
         self.rejects = rejects or RejectLog(log)
         self.hubs: dict[str, Hub] = {}
+        self.online = 0
+        """How many CHs are online now (kept incrementally)."""
 
     def load(self, hubs: Iterable[Hub]) -> None:
         """Start from the hubs the store remembers."""
         for hub in hubs:
             self.hubs[hub.guid] = hub
+        self.online = sum(1 for h in self.hubs.values() if h.online)
 
     def get(self, guid: str) -> Hub | None:
         """The hub, or None if it never announced itself."""
         return self.hubs.get(guid)
-
-    @property
-    def online_count(self) -> int:
-        """How many CHs are online now."""
-        return sum(1 for h in self.hubs.values() if h.online)
 
     def state_received(self, topic: str, payload: bytes, retain: bool, now: float) -> Hub | None:
         """Handle one message from a CH's state topic; return the hub if it was accepted and
@@ -237,12 +236,14 @@ class Registry:
                 return None  # a retained copy we already know (e.g. after our reconnect)
             hub.last_seen = now
             if unchanged:  # live re-announcement: the CH (re)connected or answered a Poll
-                self._on_change(hub, True, True)
+                self._on_change(hub, True, True, False)
                 return hub
             hub.announcement = message
             hub.online = True
+        if not was_online:
+            self.online += 1
         self._persist(message, message.guid, True, now)
-        self._on_change(hub, was_online, True)
+        self._on_change(hub, was_online, True, True)
         return hub
 
     def _went_offline(self, guid: str, now: float) -> Hub | None:
@@ -253,7 +254,8 @@ class Registry:
         if not hub.online:
             return None
         hub.online = False
+        self.online -= 1
         hub.last_seen = now
         self._persist(None, guid, False, now)
-        self._on_change(hub, True, False)
+        self._on_change(hub, True, False, True)
         return hub

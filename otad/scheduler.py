@@ -1,72 +1,182 @@
-"""Who may send how many blocks, now: the global in-flight budget and per-segment rate caps.
+"""Who may send what, now: admission of handshakes, the global in-flight budget, segment rate caps.
 
 Theory of operation
 -------------------
 
-Each (CH, image) transfer has its own :class:`~protocol.sender.Sender`, which already keeps the
-CH's window, credit and buffer. Above the senders, the scheduler shares two resources:
+Each (CH, image) transfer has its own :class:`~protocol.sender.Sender`, which keeps the CH's
+window, credit and buffer. Above the senders the scheduler shares three resources among every
+transfer, and it is the one owner of that bookkeeping (the shell only reports what happened):
 
+* **handshakes**: a transfer that starts (a new distribution, a resume after otad restarted, a
+  re-synchronisation after a reconnect) first asks its CH what it holds, with an ``Offer`` (the
+  whole signed manifest) or a ``Poll``. At most ``max_handshakes`` asks, and ``handshake_bytes``
+  bytes of them, are unanswered at once; further transfers wait in FIFO order for *admission*.
+  So a start-up rush or a reconnect storm reaches the broker as a paced stream of asks, never as
+  10,000 manifests in one loop turn, and the first round trips stay short enough for the initial
+  retransmission timeout;
 * a **global in-flight budget**: blocks sent and not yet acknowledged, summed over every
-  transfer, never above ``global_inflight`` (it bounds the broker's queues and otad's socket
-  buffers whatever the fleet size). The sum is kept incrementally: after every call into a
-  sender the shell calls :meth:`Scheduler.account`, which adds the change of that sender's
-  ``in_flight``;
+  transfer, at most ``global_inflight`` (it bounds the broker's queues and otad's socket buffers
+  whatever the fleet size);
 * a **per-segment rate cap**: a token bucket per network segment (the shared cell a CH declared
   in its announcement), ``segment_rate`` blocks per second with a burst of a tenth of a second
-  (at least one window). Retransmissions spend tokens too: they use the same air.
+  (at least 8 blocks). Retransmissions spend tokens too: they use the same air.
 
-:meth:`Scheduler.pump` asks one sender for at most ``min(free budget, segment tokens)`` blocks.
-When a limit of the scheduler (not the sender's own window) stopped it, the transfer waits in a
-FIFO: the global queue is served as acknowledgements free budget, a segment's queue when its
-bucket has refilled (one ``loop.call_at`` per segment, never per block). While anything waits
-for the global budget, a transfer whose acknowledgement just freed budget goes to the back of
-the queue instead of spending it at once, so the budget is shared fairly.
+**Accounting.** What a transfer holds of each resource is its *charge*: ``budget_charge()``
+blocks and ``handshake_charge()`` bytes (:class:`Schedulable`). The scheduler re-reads both after
+every call it makes into a transfer and whenever the shell reports that the transfer's sender
+changed (:meth:`Scheduler.changed`: after an acknowledgement, a timer), and keeps the sums. That
+is what makes the budget safe when it binds: budget freed by an acknowledgement is counted
+*before* anything decides who may spend it. (The first scheduler folded a transfer's change into
+the sum only when that transfer itself was next allowed to send; once every transfer waited in
+the queue, no acknowledgement was ever counted, the sum stayed at the limit with nothing on the
+wire, and the distribution stopped for good with no timer armed.)
 
-Nothing here allocates per block: no tasks, no futures, no timers.
+**Give-back.** A CH that stops acknowledging must not hold budget for ever. After
+``GIVEBACK_TIMEOUTS`` retransmission timeouts in a row without progress, a transfer's block
+charge drops to the one probe it still sends per backed-off timeout (its other blocks are
+presumed lost, as TCP presumes after a timeout), and an ask's handshake charge drops to zero
+after its first timeout. Three timeouts and not one, for blocks: a timeout caused by queueing
+(every CH slow at once) must not free budget and so deepen the very queue that caused it; with
+the budget bounding the queue, three backed-off timeouts (at least 0.2 + 0.4 + 0.8 s) outlast it.
+
+**Turns.** A transfer that wants blocks sends at once only when nobody is waiting for budget.
+Otherwise it queues behind the others (FIFO) and the queue is served, head first, whenever the
+sum of charges drops below the limit: an acknowledged transfer goes to the back of the queue
+instead of spending the budget it just freed, so CHs take turns and the longest wait is about
+``queued transfers x window / (budget / round trip)``. A transfer whose segment has no tokens
+waits on that segment's bucket instead, and is served when it refills (the bucket's wake-up is
+:meth:`Scheduler.next_deadline`). Unbudgeted sends -- an ``Offer``, a ``Poll``, a ``Cancel``, a
+timeout probe -- never wait: a place in a queue only holds back new blocks.
+
+States of one transfer's :class:`Slot` (the edges are :data:`TRANSITIONS`; :meth:`Slot.enter`
+refuses any other)::
+
+    STOPPED --start()--> PENDING --admitted--> RUNNING <------granted------ QUEUED
+       ^                                          |  ---wants more, budget short--->  ^
+       |                                          |                                   |
+       +---stop() from any state                  +--wants more, no tokens--> THROTTLED
+                                                          (tokens, budget short: to QUEUED)
+
+The scheduler is sans-IO: every call takes the (monotonic) time, nothing here reads a clock or
+arms a timer; the shell arms one timer at :meth:`Scheduler.next_deadline` and calls
+:meth:`Scheduler.handle_timer`. Nothing here allocates per block.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-from collections.abc import Callable
-from typing import Protocol
+import enum
+import heapq
+from collections.abc import Iterator
+from typing import Final, Protocol
+
+#: Retransmission timeouts in a row, without progress, after which a transfer's blocks stop
+#: counting against the global budget (see "Give-back").
+GIVEBACK_TIMEOUTS: Final = 3
+#: Default limits of the handshake admission (see "handshakes").
+DEFAULT_MAX_HANDSHAKES: Final = 256
+#: Shortest wait for a bucket to refill (seconds).
+MIN_WAKE_S: Final = 0.001
+DEFAULT_HANDSHAKE_BYTES: Final = 8 * 1024 * 1024
+
+
+class SenderView(Protocol):
+    """What the charge policy reads of a :class:`~protocol.sender.Sender`."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def awaiting_answer(self) -> bool: ...
+
+    @property
+    def asks_with_poll(self) -> bool: ...
+
+    @property
+    def timeouts_without_progress(self) -> int: ...
+
+
+def budget_charge(sender: SenderView) -> int:
+    """Blocks a sender holds of the global budget: those in flight, or just its one probe once
+    ``GIVEBACK_TIMEOUTS`` timeouts passed without progress (see "Give-back")."""
+    flight = sender.in_flight
+    if flight and sender.timeouts_without_progress >= GIVEBACK_TIMEOUTS:
+        return 1
+    return flight
+
+
+def handshake_charge(sender: SenderView, offer_bytes: int, poll_bytes: int) -> int:
+    """Bytes of a sender's unanswered ask (``offer_bytes`` for an Offer, ``poll_bytes`` for a
+    Poll), until the CH answers or the ask's first timeout; else 0."""
+    if not sender.awaiting_answer or sender.timeouts_without_progress:
+        return 0
+    return poll_bytes if sender.asks_with_poll else offer_bytes
 
 
 class Schedulable(Protocol):
-    """What the scheduler needs from a transfer (see :class:`otad.distribution.Transfer`)."""
+    """What the scheduler needs from a transfer (:class:`otad.distribution.Transfer`)."""
 
-    runnable: bool
-    waiting: bool
-    inflight_seen: int
-    bucket: TokenBucket | None
+    slot: Slot
 
     def send_now(self, now: float, budget: int) -> tuple[int, int]:
-        """Ask the sender for at most ``budget`` blocks and publish them; return (blocks
-        published, blocks still sendable if budget allowed)."""
+        """Publish every unbudgeted action that is due and at most ``budget`` new blocks; return
+        (blocks published, blocks it would still send now if the budget allowed)."""
         ...
 
-    def in_flight(self) -> int:
-        """The sender's blocks in flight."""
+    def budget_charge(self) -> int:
+        """Blocks this transfer holds of the global budget."""
         ...
+
+    def handshake_charge(self) -> int:
+        """Bytes of an unanswered ask (Offer or Poll) this transfer holds, or 0."""
+        ...
+
+
+class SlotState(enum.Enum):
+    """Where one transfer stands with the scheduler."""
+
+    STOPPED = "stopped"  # not scheduled: not started, suspended (CH offline) or ended
+    PENDING = "pending"  # waiting for admission (a handshake place)
+    RUNNING = "running"  # admitted; sends as it likes within the budget
+    QUEUED = "queued"  # wants blocks; waiting in turn for the global budget
+    THROTTLED = "throttled"  # wants blocks; waiting for its segment's tokens
+
+
+TRANSITIONS: Final[dict[SlotState, frozenset[SlotState]]] = {
+    SlotState.STOPPED: frozenset({SlotState.PENDING}),
+    SlotState.PENDING: frozenset({SlotState.RUNNING, SlotState.STOPPED}),
+    SlotState.RUNNING: frozenset({SlotState.QUEUED, SlotState.THROTTLED, SlotState.STOPPED}),
+    SlotState.QUEUED: frozenset({SlotState.RUNNING, SlotState.THROTTLED, SlotState.STOPPED}),
+    SlotState.THROTTLED: frozenset({SlotState.RUNNING, SlotState.QUEUED, SlotState.STOPPED}),
+}
+"""Allowed edges of the slot state machine (the diagram in the module docstring)."""
+
+_SENDING: Final = frozenset({SlotState.RUNNING, SlotState.QUEUED, SlotState.THROTTLED})
+
+
+class IllegalTransitionError(RuntimeError):
+    """A state change that the transition table does not allow (a bug, never bad input)."""
 
 
 class TokenBucket:
-    """``rate`` tokens per second, holding at most ``burst``."""
+    """``rate`` tokens per second, holding at most ``burst``; and the slots waiting for it."""
 
-    __slots__ = ("_wake_at", "burst", "rate", "stamp", "tokens", "waiters")
+    __slots__ = ("burst", "name", "rate", "stamp", "tokens", "waiters", "wake_at")
 
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        """Start full."""
+    def __init__(self, rate: float, burst: float, now: float | None = None, name: str = "") -> None:
+        """Start full (``now`` None: the clock starts at the first :meth:`available`)."""
+        self.name = name
         self.rate = rate
         self.burst = burst
         self.tokens = burst
         self.stamp = now
-        self.waiters: collections.deque[Schedulable] = collections.deque()
-        self._wake_at: float | None = None
+        self.waiters: collections.deque[tuple[Slot, int]] = collections.deque()
+        self.wake_at: float | None = None
 
     def available(self, now: float) -> int:
         """Whole tokens available at ``now`` (refilling first)."""
+        if self.stamp is None:
+            self.stamp = now
         elapsed = now - self.stamp
         if elapsed > 0:
             self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
@@ -83,164 +193,350 @@ class TokenBucket:
         return 0.0 if missing <= 0 else missing / self.rate
 
 
+class Slot:
+    """One transfer's place with the scheduler: its state, its charges, its queue ticket."""
+
+    __slots__ = ("bucket", "charged", "handshake", "since", "state", "ticket", "transfer")
+
+    def __init__(self, transfer: Schedulable, bucket: TokenBucket | None) -> None:
+        self.transfer = transfer
+        self.bucket = bucket
+        self.state = SlotState.STOPPED
+        self.charged = 0  # blocks counted in Scheduler.inflight
+        self.handshake = 0  # bytes counted in Scheduler.handshake_bytes_in_use
+        self.ticket = 0  # bumped on every state change: stale queue entries are skipped
+        self.since = 0.0  # when the slot entered its state
+
+    def enter(self, state: SlotState, now: float) -> None:
+        """Move to ``state``; raise :class:`IllegalTransitionError` for an edge not in the table."""
+        if state not in TRANSITIONS[self.state]:
+            raise IllegalTransitionError(f"scheduler slot: {self.state.name} -> {state.name}")
+        self.state = state
+        self.ticket += 1
+        self.since = now
+
+
 class Scheduler:
-    """The global in-flight budget and the segments' token buckets (see the module doc)."""
+    """Admission, the global in-flight budget and the segments' buckets (see the module doc)."""
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
         *,
         global_inflight: int,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+        handshake_bytes: int = DEFAULT_HANDSHAKE_BYTES,
         segment_rate: float = 0.0,
         segment_burst: float | None = None,
-        clock: Callable[[], float] | None = None,
     ) -> None:
         """``segment_rate`` 0 means no rate cap; ``segment_burst`` defaults to a tenth of a
         second of ``segment_rate`` (at least 8 blocks)."""
-        if global_inflight < 1:
-            raise ValueError("global_inflight must be >= 1")
-        self._loop = loop
-        self._clock = clock or loop.time
+        if global_inflight < 1 or max_handshakes < 1 or handshake_bytes < 1:
+            raise ValueError("global_inflight, max_handshakes and handshake_bytes must be >= 1")
         self.limit = global_inflight
-        self.inflight = 0
+        self.max_handshakes = max_handshakes
+        self.max_handshake_bytes = handshake_bytes
         self.segment_rate = segment_rate
         self.segment_burst = (
             segment_burst if segment_burst is not None else max(8.0, segment_rate / 10.0)
         )
-        self._buckets: dict[str, TokenBucket] = {}
-        self._waiters: collections.deque[Schedulable] = collections.deque()
-        self.paused = False
+        self.inflight = 0
+        """Sum of every transfer's block charge."""
+        self.handshakes = 0
+        """Transfers with an unanswered ask."""
+        self.handshake_bytes_in_use = 0
+        self.paused = True
         self.blocks_published = 0
+        self.admitted = 0
+        self.turns = 0
+        """Times a queued transfer was served from the budget queue."""
+        self.max_wait = 0.0
+        """Longest time any transfer waited in one queue (admission, budget or tokens)."""
+        self._buckets: dict[str, TokenBucket] = {}
+        self._wakeups: list[tuple[float, int, TokenBucket]] = []  # heap, lazily invalidated
+        self._wakeup_seq = 0
+        self._admission: collections.deque[tuple[Slot, int]] = collections.deque()
+        self._queue: collections.deque[tuple[Slot, int]] = collections.deque()
+        self._counts: dict[SlotState, int] = dict.fromkeys(SlotState, 0)
 
-    # ------------------------------------------------------------------ segments
+    # ------------------------------------------------------------------ registration
 
-    def bucket_for(self, segment: str) -> TokenBucket | None:
-        """The token bucket of ``segment`` (None when no rate cap is configured)."""
+    def attach(self, transfer: Schedulable, segment: str) -> Slot:
+        """A new slot for ``transfer`` (STOPPED), billed to ``segment``'s bucket."""
+        slot = Slot(transfer, self._bucket_for(segment))
+        self._counts[SlotState.STOPPED] += 1
+        return slot
+
+    def detach(self, slot: Slot, now: float) -> None:
+        """Forget ``slot`` for good (its transfer ended and was recorded)."""
+        self.stop(slot, now)
+        self._counts[SlotState.STOPPED] -= 1
+
+    def set_segment(self, slot: Slot, segment: str) -> None:
+        """Bill ``slot`` to another segment (the CH re-announced itself in a new cell); only
+        while it waits for nothing."""
+        slot.bucket = self._bucket_for(segment)
+
+    def _bucket_for(self, segment: str) -> TokenBucket | None:
         if self.segment_rate <= 0:
             return None
         bucket = self._buckets.get(segment)
         if bucket is None:
-            bucket = TokenBucket(self.segment_rate, self.segment_burst, self._clock())
+            bucket = TokenBucket(self.segment_rate, self.segment_burst, name=segment)
             self._buckets[segment] = bucket
         return bucket
 
-    # ------------------------------------------------------------------ accounting
+    def bucket_for(self, segment: str) -> TokenBucket | None:
+        """The token bucket of ``segment`` (None when no rate cap is configured)."""
+        return self._bucket_for(segment)
 
-    def account(self, t: Schedulable) -> None:
-        """Fold the change of ``t``'s sender's in-flight count into the global sum."""
-        now_inflight = t.in_flight()
-        delta = now_inflight - t.inflight_seen
-        if delta:
-            self.inflight += delta
-            t.inflight_seen = now_inflight
+    # ------------------------------------------------------------------ the shell's calls
 
-    def release(self, t: Schedulable) -> None:
-        """``t`` stopped (finished, suspended, replaced): its blocks no longer count."""
-        self.inflight -= t.inflight_seen
-        t.inflight_seen = 0
-
-    # ------------------------------------------------------------------ sending
-
-    def pump(self, t: Schedulable, now: float) -> None:
-        """Let ``t`` send what its sender and the shared limits allow now."""
-        if self.paused or not t.runnable:
+    def start(self, slot: Slot, now: float) -> None:
+        """``slot``'s transfer wants to run (its sender is new, in OFFERING): queue it for
+        admission. No-op unless it is STOPPED."""
+        if slot.state is not SlotState.STOPPED:
             return
-        if self._waiters:
-            # Others wait for budget: queue behind them (or keep the place already held),
-            # then serve the queue in order.
-            if not t.waiting:
-                t.waiting = True
-                self._waiters.append(t)
-            self.serve(now)
-            return
-        self._pump_one(t, now)
+        self._move(slot, SlotState.PENDING, now)
+        self._admission.append((slot, slot.ticket))
+        self._serve(now)
 
-    def _pump_one(self, t: Schedulable, now: float) -> bool:
-        """Pump ``t``; return False if the global budget is exhausted."""
+    def stop(self, slot: Slot, now: float) -> None:
+        """``slot``'s transfer stops (CH offline, transfer ended or replaced): every charge it
+        held is given back and whoever waits for it is served."""
+        if slot.state is SlotState.STOPPED:
+            return
+        self._move(slot, SlotState.STOPPED, now)
+        self.inflight -= slot.charged
+        self.handshake_bytes_in_use -= slot.handshake
+        self.handshakes -= slot.handshake > 0
+        slot.charged = slot.handshake = 0
+        self._serve(now)
+
+    def changed(self, slot: Slot, now: float) -> None:
+        """``slot``'s sender took input (an acknowledgement, a report, a timer): count what it
+        freed, let it send (in turn), and serve whoever the freed budget is for."""
+        state = slot.state
+        if state is SlotState.STOPPED or state is SlotState.PENDING:
+            return
+        self._account(slot)
+        if self.paused:
+            return
+        if state is SlotState.RUNNING:
+            if self._queue:
+                self._send_unbudgeted(slot, now)
+            else:
+                self._grant(slot, now)
+        else:
+            self._send_unbudgeted(slot, now)
+        self._serve(now)
+
+    def pause(self) -> None:
+        """Stop sending (the MQTT session is down, or otad is stopping)."""
+        self.paused = True
+
+    def resume(self, now: float) -> None:
+        """Send again: admit, serve the queue, wake the buckets."""
+        self.paused = False
+        self._serve(now)
+        self.handle_timer(now)
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` must next run (a segment's bucket refills), or None (also
+        while paused: :meth:`resume` serves what came due)."""
+        if self.paused:
+            return None
+        heap = self._wakeups
+        while heap:
+            at, _, bucket = heap[0]
+            if bucket.wake_at == at and bucket.waiters:
+                return at
+            heapq.heappop(heap)
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        """Serve every bucket whose wake-up time has come."""
+        if self.paused:
+            return
+        heap = self._wakeups
+        while heap and heap[0][0] <= now:
+            at, _, bucket = heapq.heappop(heap)
+            if bucket.wake_at != at:
+                continue
+            bucket.wake_at = None
+            self._bucket_refilled(bucket, now)
+        self._serve(now)
+
+    # ------------------------------------------------------------------ figures
+
+    @property
+    def free(self) -> int:
+        """Blocks of budget free now (negative while over the limit after a give-back ended)."""
+        return self.limit - self.inflight
+
+    def count(self, state: SlotState) -> int:
+        """Transfers (attached slots) in ``state``."""
+        return self._counts[state]
+
+    def longest_wait(self, now: float) -> float:
+        """How long the transfer at the head of the admission or budget queue has waited."""
+        oldest = now
+        for queue in (self._admission, self._queue):
+            for slot, ticket in queue:
+                if slot.ticket == ticket:
+                    oldest = min(oldest, slot.since)
+                    break
+        return now - oldest
+
+    def snapshot(self, now: float) -> dict[str, object]:
+        """Figures for the status topic (cheap: no walk over the transfers)."""
+        return {
+            "budget": self.limit,
+            "blocks_in_flight": self.inflight,
+            "handshakes": self.handshakes,
+            "handshake_bytes": self.handshake_bytes_in_use,
+            "pending": self._counts[SlotState.PENDING],
+            "running": self._counts[SlotState.RUNNING],
+            "queued": self._counts[SlotState.QUEUED],
+            "throttled": self._counts[SlotState.THROTTLED],
+            "longest_wait_s": round(self.longest_wait(now), 3),
+            "max_wait_s": round(self.max_wait, 3),
+            "admitted": self.admitted,
+            "turns": self.turns,
+            "paused": self.paused,
+        }
+
+    # ------------------------------------------------------------------ internals
+
+    def _move(self, slot: Slot, state: SlotState, now: float) -> None:
+        old = slot.state
+        if old is SlotState.PENDING or old is SlotState.QUEUED or old is SlotState.THROTTLED:
+            waited = now - slot.since
+            if waited > self.max_wait:
+                self.max_wait = waited
+        slot.enter(state, now)
+        self._counts[old] -= 1
+        self._counts[state] += 1
+
+    def _account(self, slot: Slot) -> None:
+        t = slot.transfer
+        charge = t.budget_charge()
+        if charge != slot.charged:
+            self.inflight += charge - slot.charged
+            slot.charged = charge
+        handshake = t.handshake_charge()
+        if handshake != slot.handshake:
+            self.handshakes += (handshake > 0) - (slot.handshake > 0)
+            self.handshake_bytes_in_use += handshake - slot.handshake
+            slot.handshake = handshake
+
+    def _send_unbudgeted(self, slot: Slot, now: float) -> None:
+        """Publish what needs no budget; a RUNNING slot that still wants blocks joins the
+        queue (others wait: it takes its turn behind them)."""
+        sent, wanted = slot.transfer.send_now(now, 0)
+        self._account(slot)
+        self.blocks_published += sent
+        if sent and slot.bucket is not None:
+            slot.bucket.spend(sent)
+        if wanted > 0 and slot.state is SlotState.RUNNING:
+            self._move(slot, SlotState.QUEUED, now)
+            self._queue.append((slot, slot.ticket))
+
+    def _grant(self, slot: Slot, now: float) -> None:
+        """Let a RUNNING slot send within the free budget and its segment's tokens; queue it
+        (budget) or throttle it (tokens) if it wanted more than it got."""
         free = self.limit - self.inflight
-        budget = free if free > 0 else 0
-        bucket = t.bucket
-        limited_by_bucket = False
+        grant = free if free > 0 else 0
+        bucket = slot.bucket
+        by_tokens = False
         if bucket is not None:
             tokens = bucket.available(now)
-            if tokens < budget:
-                budget = tokens
-                limited_by_bucket = True
-        sent, more = t.send_now(now, budget)
+            if tokens < grant:
+                grant = tokens
+                by_tokens = True
+        sent, wanted = slot.transfer.send_now(now, grant)
+        self._account(slot)
         self.blocks_published += sent
         if bucket is not None and sent:
             bucket.spend(sent)
-        self.account(t)
-        if more > 0 and sent >= budget:
-            if limited_by_bucket and bucket is not None:
-                self._wait_for_bucket(t, bucket, now)
-            elif not t.waiting:
-                t.waiting = True
-                self._waiters.append(t)
-            return False
-        return True
+        if wanted > 0 and sent >= grant:
+            if by_tokens and bucket is not None:
+                self._move(slot, SlotState.THROTTLED, now)
+                bucket.waiters.append((slot, slot.ticket))
+                self._arm(bucket, now)
+            else:
+                self._move(slot, SlotState.QUEUED, now)
+                self._queue.append((slot, slot.ticket))
 
-    def serve(self, now: float) -> None:
-        """Serve the global queue while budget is free (call after acks freed some)."""
+    def _serve(self, now: float) -> None:
+        """Admit what the handshake limits allow, then serve the budget queue while budget is
+        free."""
         if self.paused:
             return
-        waiters = self._waiters
-        while waiters and self.inflight < self.limit:
-            t = waiters.popleft()
-            t.waiting = False
-            # a transfer that still wants more is re-queued at the back by _pump_one
-            if t.runnable and not self._pump_one(t, now) and self.inflight >= self.limit:
+        admission = self._admission
+        while admission and (
+            self.handshakes == 0
+            or (
+                self.handshakes < self.max_handshakes
+                and self.handshake_bytes_in_use < self.max_handshake_bytes
+            )
+        ):
+            slot = _pop(admission, SlotState.PENDING)
+            if slot is None:
                 break
+            self._move(slot, SlotState.RUNNING, now)
+            self.admitted += 1
+            self._grant(slot, now)
+        queue = self._queue
+        while queue and self.inflight < self.limit:
+            slot = _pop(queue, SlotState.QUEUED)
+            if slot is None:
+                break
+            self._move(slot, SlotState.RUNNING, now)
+            self.turns += 1
+            self._grant(slot, now)
 
-    def _wait_for_bucket(self, t: Schedulable, bucket: TokenBucket, now: float) -> None:
-        if not t.waiting:
-            t.waiting = True
-            bucket.waiters.append(t)
-        self._rearm(bucket, now)
-
-    def _bucket_refilled(self, bucket: TokenBucket) -> None:
-        bucket._wake_at = None
-        now = self._clock()
-        waiters = bucket.waiters
-        while waiters:
-            if self.paused:
-                return
-            if bucket.available(now) < 1:
-                self._rearm(bucket, now)
-                return
-            if self.inflight >= self.limit:
-                # global budget is the binding limit now: move them to the global queue
-                while waiters:
-                    t = waiters.popleft()
-                    self._waiters.append(t)
-                return
-            t = waiters.popleft()
-            t.waiting = False
-            if t.runnable:
-                self._pump_one(t, now)
-
-    def _rearm(self, bucket: TokenBucket, now: float) -> None:
-        if bucket._wake_at is None:
+    def _arm(self, bucket: TokenBucket, now: float) -> None:
+        if bucket.wake_at is None:
             # wait for a batch of tokens, not one: fewer wake-ups at high rates
             need = max(1.0, min(bucket.burst, bucket.rate * 0.01))
-            at = now + bucket.time_for(need)
-            bucket._wake_at = at
-            self._loop.call_at(at, self._bucket_refilled, bucket)
+            bucket.available(now)
+            # never "now": a bucket a hair short of a token must not be served in a loop
+            at = now + max(bucket.time_for(need), MIN_WAKE_S)
+            bucket.wake_at = at
+            self._wakeup_seq += 1
+            heapq.heappush(self._wakeups, (at, self._wakeup_seq, bucket))
 
-    def resume_all(self, now: float) -> None:
-        """After a pause: serve the global queue and wake every segment's waiters."""
-        self.paused = False
-        self.serve(now)
-        for bucket in self._buckets.values():
-            if bucket.waiters and bucket._wake_at is None:
-                self._rearm(bucket, now)
+    def _bucket_refilled(self, bucket: TokenBucket, now: float) -> None:
+        waiters = bucket.waiters
+        while waiters:
+            slot = _pop(waiters, SlotState.THROTTLED)
+            if slot is None:
+                break
+            if bucket.available(now) < 1:
+                waiters.appendleft((slot, slot.ticket))
+                self._arm(bucket, now)
+                return
+            if self.inflight >= self.limit or self._queue:
+                # the global budget binds now: take a turn in the global queue
+                self._move(slot, SlotState.QUEUED, now)
+                self._queue.append((slot, slot.ticket))
+                continue
+            self._move(slot, SlotState.RUNNING, now)
+            self._grant(slot, now)
 
-    @property
-    def queued(self) -> bool:
-        """Whether any transfer waits for the global budget (cheap: the hot path asks)."""
-        return bool(self._waiters)
+    def slots_waiting(self) -> Iterator[Slot]:
+        """Every slot in a queue (admission, budget, buckets), for tests and listings."""
+        for queue in (self._admission, self._queue, *(b.waiters for b in self._buckets.values())):
+            for slot, ticket in queue:
+                if slot.ticket == ticket:
+                    yield slot
 
-    @property
-    def waiting(self) -> int:
-        """Transfers waiting for budget or tokens."""
-        return len(self._waiters) + sum(len(b.waiters) for b in self._buckets.values())
+
+def _pop(queue: collections.deque[tuple[Slot, int]], state: SlotState) -> Slot | None:
+    """The first live entry of ``queue`` (an entry is live while its slot has not changed state
+    since it was queued), or None."""
+    while queue:
+        slot, ticket = queue.popleft()
+        if slot.ticket == ticket and slot.state is state:
+            return slot
+    return None
