@@ -69,7 +69,11 @@ the path reorders, the ``dupthresh`` rule is switched off and the reordering win
 Retransmission timeout (RFC 6298, :mod:`protocol.rtt`). One timer runs while anything is
 outstanding, restarted whenever a SACK acknowledges new blocks. RTT samples come only from blocks
 sent once (Karn), the oldest such block of each SACK (so the sample includes the receiver's ack
-delay). On expiry the RTO doubles (up to ``max_rto``) and one block is re-sent, the most
+delay). The answer to an Offer seeds the estimate, but the RTO does not drop below its initial
+value until the first block's round trip has been measured: the Offer went out before this
+transfer's blocks -- and, in a start-up rush, everyone else's -- loaded the path, so an RTO
+derived from it alone fired spuriously on the first window (1-2.5% of all blocks re-sent at
+10,000 CHs). On expiry the RTO doubles (up to ``max_rto``) and one block is re-sent, the most
 recently sent outstanding one (as a tail-loss probe, with ``ack_now``: its SACK exposes every
 loss before it): a stall or a sudden 10x RTT costs one block per backed-off RTO, never the
 window. The probe is not budgeted: it goes out even while the daemon's scheduler holds repairs
@@ -104,6 +108,9 @@ from protocol.rtt import RttEstimator
 from protocol.sack import SACK_SPAN, Bitmap, check_sack
 
 DUPTHRESH = 3
+#: Asks made with a Poll before falling back to the full Offer (a CH reconnecting after a broker
+#: restart may take seconds to subscribe again: it should not cost it the whole manifest).
+POLL_ASKS = 3
 MAX_REORDER_MULTIPLIER = 16
 MIN_REORDER_WINDOW = 0.001
 
@@ -141,8 +148,8 @@ class SendBlock:
 @dataclass(frozen=True, slots=True)
 class SendPoll:
     """Publish ``Poll(nonce)``: ask a CH that already holds this image's manifest for its state,
-    without sending the manifest again (§7.8). Only the first ask of a sender created with
-    ``holds_manifest``; every later ask is a full :class:`SendOffer`."""
+    without sending the manifest again (§7.8). The first :data:`POLL_ASKS` asks of a sender
+    created with ``holds_manifest``; every later ask is a full :class:`SendOffer`."""
 
     image: bytes
 
@@ -239,6 +246,7 @@ class Sender:
         "_flight",
         "_flight_bytes",
         "_image",
+        "_initial_rto",
         "_max_ack_delay",
         "_max_timeouts",
         "_n",
@@ -246,6 +254,7 @@ class Sender:
         "_offer_due",
         "_offer_retx",
         "_offer_sent_at",
+        "_polls_left",
         "_probe_due",
         "_probe_index",
         "_probed",
@@ -256,6 +265,7 @@ class Sender:
         "_reorder_deadline",
         "_reordering_seen",
         "_repair",
+        "_rto_floor",
         "_rtt",
         "_sent",
         "_seq",
@@ -298,7 +308,8 @@ class Sender:
         retransmission timeout (seconds); ``max_timeouts`` is the momentum limit.
         ``max_ack_delay`` is the longest a CH holds back a SACK (its ``Receiver`` ack delay).
         ``holds_manifest`` says the CH answered an Offer of this image before (a resume or a
-        re-synchronisation): the first ask is then a :class:`SendPoll`, not the whole manifest.
+        re-synchronisation): the first :data:`POLL_ASKS` asks are then :class:`SendPoll`, not
+        the whole manifest.
         """
         if window is not None and window < 1:
             raise ValueError("window must be >= 1")
@@ -330,12 +341,15 @@ class Sender:
         self._reordering_seen = False
         self._reorder_deadline: float | None = None
         self._rtt = RttEstimator(initial_rto=initial_rto, min_rto=min_rto, max_rto=max_rto)
+        self._initial_rto = initial_rto
+        self._rto_floor = initial_rto  # until the first block's round trip is measured
         self._timer_start: float | None = None
         self._timeouts = 0
         self._offer_due = True
         self._offer_sent_at: float | None = None
         self._offer_retx = False
         self._ask_poll = holds_manifest
+        self._polls_left = POLL_ASKS
         self._answered = False
         self._probe_due = False
         self._probe_index: int | None = None  # the block a due STREAMING probe re-sends
@@ -397,7 +411,7 @@ class Sender:
     @property
     def rto(self) -> float:
         """The current retransmission timeout, seconds."""
-        return self._rtt.rto
+        return max(self._rtt.rto, self._rto_floor)
 
     @property
     def srtt(self) -> float | None:
@@ -482,7 +496,7 @@ class Sender:
     def _rto_deadline(self) -> float | None:
         if self._timer_start is None:
             return None
-        return self._timer_start + self._rtt.rto
+        return self._timer_start + max(self._rtt.rto, self._rto_floor)
 
     def _on_rto(self, now: float) -> None:
         self._timer_start = now
@@ -494,9 +508,14 @@ class Sender:
             )
             return
         self._rtt.on_timeout()
+        if self._rto_floor:  # the floor backs off with the estimator
+            self._rto_floor = min(2 * self._rto_floor, self._rtt.max_rto)
         if self._state is SenderState.OFFERING:
             self._offer_due = True
-            self._ask_poll = False  # no answer to the Poll: the CH may not know the image
+            if self._ask_poll:
+                self._polls_left -= 1
+                # still no answer after POLL_ASKS Polls: the CH may not know the image
+                self._ask_poll = self._polls_left > 0
             self._due_at = now
         elif self._state is SenderState.VERIFYING:
             self._probe_due = True
@@ -656,6 +675,8 @@ class Sender:
                 self._cum = self._acked.first_missing(self._cum)
                 self._account_delivered(newly, now)
                 self._rtt.reset_backoff()
+                if self._rto_floor:
+                    self._rto_floor = self._initial_rto
                 self._timeouts = 0
                 self._events.append(ProgressMade(self._image, self._acked.count, self._n))
                 if self._acked.full():
@@ -711,6 +732,7 @@ class Sender:
         if oldest is not None and newest is not None:
             self._rtt.on_sample(now - oldest)
             self._rtt.note_min(now - newest)
+            self._rto_floor = 0.0  # a block's round trip is known: the RTO is the estimator's
 
     def _reorder_window(self) -> float:
         rtt = self._rtt
