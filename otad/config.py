@@ -42,7 +42,7 @@ __all__ = [
 DEFAULT_STATE_DIR = Path("/var/lib/otad")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # as protocol.topics.check_level
-_CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,124}")  # + ".ctl" for the control session
 
 
 class ConfigError(Exception):
@@ -104,12 +104,20 @@ class TransferConfig:
     block_size: int = 1024  # bytes per block (capped per CH by its declared max_block)
     window: int = 8  # initial blocks in flight per CH (capped by the CH's window)
     max_window: int = 64  # largest window a CH is ever given
-    global_inflight: int = 8192  # blocks in flight across all CHs (CHs take turns when it binds)
-    max_handshakes: int = 256  # Offers/Polls unanswered at once (start-up and reconnect pacing)
-    handshake_kib: int = 8192  # ... and KiB of them (a 64 MiB image's Offer is about 2 MiB)
+    # Blocks in flight across all CHs; CHs take turns for it when it binds. It bounds the queue
+    # in front of the broker: about what the broker forwards in a quarter of a second (4096 at
+    # the ~16k blocks/s of the reference 2-core machine). Larger queues made first round trips
+    # outlast the RTO (spurious retransmissions, Offers repeated). CH links with a round trip of
+    # R seconds need at least throughput x R in flight to keep the broker busy.
+    global_inflight: int = 4096
+    max_handshakes: int = 1024  # Offers/Polls unanswered at once (start-up and reconnect pacing)
+    handshake_kib: int = 16384  # ... and KiB of them (a 64 MiB image's Offer is about 2 MiB)
     segment_rate: float = 0.0  # blocks/s per network segment (shared cell); 0 = unlimited
     qos_blocks: int = 0  # MQTT QoS of block messages (control messages always use 1)
-    rto_min: float = 0.2  # seconds; retransmission timeout floor
+    # Seconds; the retransmission timeout's floor. 1 s as RFC 6298 (2.4) says: a loss is repaired
+    # from the CH's acknowledgements (RACK, SPEC 7.6), not by the timer, and at fleet scale a
+    # round trip's jitter beyond a lower floor showed up as spurious retransmissions.
+    rto_min: float = 1.0
     rto_max: float = 60.0  # seconds; retransmission timeout ceiling
     max_rto_without_progress: int = 8  # consecutive timeouts with no new ack -> TIMED_OUT
     stall_after_s: float = 30.0  # no progress this long: transfer.stalled event and a WARNING
@@ -293,7 +301,7 @@ def _validate(config: Config) -> Config:
     if not _CLIENT_ID.fullmatch(b.client_id):
         raise ConfigError(
             "broker.client_id",
-            f"must be 1-128 of A-Z a-z 0-9 _ . : - (no / + # or NUL), got {b.client_id!r}",
+            f"must be 1-124 of A-Z a-z 0-9 _ . : - (no / + # or NUL), got {b.client_id!r}",
         )
     if b.username is not None and (not b.username or any(c in b.username for c in "+#/\0")):
         raise ConfigError("broker.username", "must be non-empty without / + # or NUL")

@@ -97,11 +97,15 @@ FINAL_EVENT_WAIT: Final = 10.0
 #: Final states committed per store job, and the pause before retrying a failed batch.
 FINAL_BATCH: Final = 5000
 FINAL_RETRY_S: Final = 1.0
+#: Transfers started per event-loop turn by one distribute request.
+START_CHUNK: Final = 200
 #: Handshake charge of a Poll (its encoded size, about 12 bytes, rounded up).
 POLL_BYTES: Final = 16
 #: How often stalls are looked for, and how often a WARNING about stalled transfers may repeat.
 STALL_CHECK_S: Final = 1.0
 STALL_LOG_INTERVAL_S: Final = 60.0
+#: How long a distribution with nothing left in progress stays in the status snapshot.
+DISTRIBUTION_LINGER_S: Final = 300.0
 _UP_PREFIX = f"{topics.ROOT}/ch/"
 _UP_GUID_START = len(_UP_PREFIX)
 _UP_GUID_END = _UP_GUID_START + 16
@@ -125,6 +129,7 @@ class ImageTally:
     stall check never walk the transfers to compute them)."""
 
     image: str
+    blocks_per_transfer: int
     states: dict[str, int] = field(default_factory=dict)  # transfers by TransferState value
     blocks_acked: int = 0  # over the active transfers
     blocks_total: int = 0  # over the active transfers
@@ -137,6 +142,7 @@ class ImageTally:
         active = self.states.get(TransferState.ACTIVE.value, 0)
         return {
             "transfers": {k: v for k, v in sorted(self.states.items()) if v},
+            "blocks_per_transfer": self.blocks_per_transfer,
             "blocks_acked": self.blocks_acked,
             "blocks_total": self.blocks_total,
             "idle_s": round(now - self.progress_at, 1) if active else None,
@@ -169,6 +175,7 @@ class Transfer:
         "progress_at",
         "publish",
         "qos_blocks",
+        "reasked",
         "reason",
         "sender",
         "slot",
@@ -219,6 +226,7 @@ class Transfer:
         self.acked_seen = sender.blocks_acked  # what the tally counts for this transfer
         self.progress_at = now  # monotonic time of the last progress (for stalls)
         self.heard_at = float("-inf")  # monotonic time of the last report from the CH
+        self.reasked = False  # asked again because the CH re-announced while an ask was out
         self.stalled = False
         # attached by Distribution._add
         self.slot: Any = None
@@ -261,6 +269,14 @@ class Transfer:
     def handshake_charge(self) -> int:
         """Bytes of the unanswered ask (:func:`otad.scheduler.handshake_charge`)."""
         return handshake_charge(self.sender, len(self.image.offer), POLL_BYTES)
+
+    def answered(self) -> bool:
+        """The CH answered the current sender's ask."""
+        return self.sender.answered
+
+    def spurious_repairs(self) -> int:
+        """Spurious repairs of the current sender."""
+        return self.sender.spurious_repairs
 
     # ------------------------------------------------------------------ figures
 
@@ -545,10 +561,11 @@ class Distribution:
         them when it (re)announces itself.
 
         A live re-announcement that changes nothing (``changed`` false, CH online) means the CH
-        reconnected without its will being seen, or that it announces on every Poll: its
-        transfers are re-synchronised only if they are not already asking it and the CH has been
-        silent for a round trip; one that is talking to us needs nothing (and re-asking it on
-        every announcement could loop with a CH that announces when asked)."""
+        reconnected without its will being seen (a broker restart: otad may have asked it before
+        it was subscribed again), or that it announces whenever it is polled. So a transfer
+        whose ask is unanswered is asked again once per ask (a CH announcing on every Poll then
+        costs one extra Poll, never a loop); one that is talking to us is left alone; one whose
+        CH has been silent for a round trip is re-synchronised."""
         active = self._active.get(hub.guid)
         if not active:
             return
@@ -558,10 +575,13 @@ class Distribution:
                 self._suspend(t, now)
                 continue
             if was_online and not changed:
-                slot = t.slot
-                if slot.state is SlotState.PENDING or t.sender.awaiting_answer:
-                    continue
-                if now - t.heard_at < max(1.0, t.sender.rto):
+                if t.slot.state is SlotState.PENDING:
+                    continue  # it asks as soon as it is admitted
+                if t.sender.awaiting_answer:
+                    if t.reasked:
+                        continue
+                    t.reasked = True
+                elif now - t.heard_at < max(1.0, t.sender.rto):
                     continue
             if not was_online:
                 t.progress_at = now  # time offline is not a stall
@@ -746,6 +766,7 @@ class Distribution:
         tally.blocks_acked += event.acked - t.acked_seen
         t.acked_seen = event.acked
         t.progress_at = tally.progress_at = now
+        t.reasked = False
         if t.stalled:
             t.stalled = False
             tally.stalled_transfers -= 1
@@ -899,6 +920,7 @@ class Distribution:
                 del self.transfers[key]
                 self._ended[key] = t.state
             self.scheduler.detach(t.slot, now)
+            t.timer.close()
         return True
 
     # ------------------------------------------------------------------ progress bookkeeping
@@ -1044,7 +1066,7 @@ class Distribution:
     def _tally(self, image: Image) -> ImageTally:
         tally = self._tallies.get(image.sha256)
         if tally is None:
-            tally = self._tallies[image.sha256] = ImageTally(image.hex)
+            tally = self._tallies[image.sha256] = ImageTally(image.hex, image.manifest.block_count)
         return tally
 
     async def _add(self, hub: Hub, image: Image, row: TransferRow) -> Transfer:
@@ -1150,7 +1172,10 @@ class Distribution:
             return _distribute_result(image, [], already, refused)
         started: list[str] = []
         now = self._loop.time()
-        for hub, row in zip(targets, rows, strict=True):
+        for n, (hub, row) in enumerate(zip(targets, rows, strict=True)):
+            if n and not n % START_CHUNK:
+                await asyncio.sleep(0)  # a 10,000-CH distribution must not stall the loop
+                now = self._loop.time()
             t = await self._add(hub, image, row)
             started.append(hub.guid)
             self._started_event(hub.guid, image, row.attempts)
@@ -1215,11 +1240,15 @@ class Distribution:
         return {state.value: n for state, n in self._counts.items()}
 
     def distributions(self, now: float) -> dict[str, dict[str, Any]]:
-        """Per image with transfers active or stalled: the status snapshot's figures."""
+        """Per image with transfers active, stalled, or ended in the last
+        ``DISTRIBUTION_LINGER_S`` (so a watcher sees how it ended): the status snapshot's
+        figures."""
         return {
             tally.image: tally.to_json(now)
             for tally in self._tallies.values()
-            if tally.states.get(TransferState.ACTIVE.value) or tally.stalled_since is not None
+            if tally.states.get(TransferState.ACTIVE.value)
+            or tally.stalled_since is not None
+            or (tally.progress_at and now - tally.progress_at < DISTRIBUTION_LINGER_S)
         }
 
     @property

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -58,6 +59,10 @@ SCHEMA_VERSION = 1
 #: interface does not expose individual PUBACKs). Until then it stays unmarked in the outbox and
 #: is re-published after a reconnect or restart.
 CONFIRM_AFTER = 1.0
+#: Event bodies encoded per event-loop turn, and events committed per store job (their JSON is
+#: encoded on the loop: a batch of 10,000 would stall it for over 100 ms).
+_ENCODE_CHUNK = 500
+_COMMIT_BATCH = 1000
 
 
 def dumps(obj: Any) -> bytes:
@@ -155,7 +160,8 @@ class EventPublisher:
     async def flush(self) -> None:
         """Commit and publish everything queued now (shutdown; :meth:`run` is not running)."""
         with contextlib.suppress(StoreError, NotConnected):
-            await self._commit_queue()
+            while self._queue:
+                await self._commit_queue()
             self._publish_unsent()
 
     async def close(self, wait_s: float = 3.0) -> None:
@@ -163,7 +169,8 @@ class EventPublisher:
         acknowledgements, and mark what was confirmed. Call after cancelling :meth:`run`."""
         self._closing = True
         with contextlib.suppress(StoreError, NotConnected):
-            await self._commit_queue()
+            while self._queue:
+                await self._commit_queue()
             self._publish_unsent()
         if self._sent and await wait_acknowledged(self._client, wait_s):
             self._store.mark_published(self._sent[-1].seq)
@@ -198,7 +205,7 @@ class EventPublisher:
         the send list."""
         if not self._queue:
             return
-        batch = list(self._queue)
+        batch = list(itertools.islice(self._queue, _COMMIT_BATCH))
         try:
             seqs = await self._store.append_events(
                 [NewEvent(p.kind, p.key, p.payload, p.now) for p in batch]
@@ -209,7 +216,9 @@ class EventPublisher:
                 pending.committed.cancel()
                 self._queue.popleft()
             return
-        for pending, seq in zip(batch, seqs, strict=True):
+        for n, (pending, seq) in enumerate(zip(batch, seqs, strict=True)):
+            if n and not n % _ENCODE_CHUNK:
+                await asyncio.sleep(0)  # thousands of events at once must not stall the loop
             self._queue.popleft()
             if not pending.committed.done():
                 pending.committed.set_result(seq)

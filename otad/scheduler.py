@@ -39,6 +39,17 @@ after its first timeout. Three timeouts and not one, for blocks: a timeout cause
 (every CH slow at once) must not free budget and so deepen the very queue that caused it; with
 the budget bounding the queue, three backed-off timeouts (at least 0.2 + 0.4 + 0.8 s) outlast it.
 
+**Adapting.** ``global_inflight`` and ``max_handshakes`` are caps; the limits in force move
+below them with what the fleet shows, as TCP's congestion window does, so a queue that forms
+anywhere on the path (the broker, a CH's processor) is not made deeper. The budget in force
+(:attr:`Scheduler.budget`) is cut by a quarter, at most once a second, when a repair turns out
+to have been *spurious* (acknowledged sooner than a round trip after it went out: the block was
+only late, the queue deeper than the RTO allowed for), and grows back by a sixteenth of itself
+per budget's worth of acknowledged blocks. Real loss does not cut it: a lost block's repair is
+never spurious. The ask window (:attr:`Scheduler.ask_window`) starts at 32, grows by one per
+answered ask (doubling per round trip) and halves, at most once a second, when an ask goes
+unanswered for a whole RTO. Both have a floor (:data:`MIN_BUDGET`, :data:`MIN_ASK_WINDOW`).
+
 **Turns.** A transfer that wants blocks sends at once only when nobody is waiting for budget.
 Otherwise it queues behind the others (FIFO) and the queue is served, head first, whenever the
 sum of charges drops below the limit: an acknowledged transfer goes to the back of the queue
@@ -74,10 +85,17 @@ from typing import Final, Protocol
 #: counting against the global budget (see "Give-back").
 GIVEBACK_TIMEOUTS: Final = 3
 #: Default limits of the handshake admission (see "handshakes").
-DEFAULT_MAX_HANDSHAKES: Final = 256
+DEFAULT_MAX_HANDSHAKES: Final = 1024
 #: Shortest wait for a bucket to refill (seconds).
 MIN_WAKE_S: Final = 0.001
-DEFAULT_HANDSHAKE_BYTES: Final = 8 * 1024 * 1024
+#: Adaptive limits (see "Adapting"): floors, the ask window's start, the cut and growth rates.
+MIN_BUDGET: Final = 64
+MIN_ASK_WINDOW: Final = 16
+START_ASK_WINDOW: Final = 32
+BUDGET_CUT: Final = 0.75
+BUDGET_GROWTH: Final = 1 / 16
+CUT_INTERVAL_S: Final = 1.0
+DEFAULT_HANDSHAKE_BYTES: Final = 16 * 1024 * 1024
 
 
 class SenderView(Protocol):
@@ -129,6 +147,14 @@ class Schedulable(Protocol):
 
     def handshake_charge(self) -> int:
         """Bytes of an unanswered ask (Offer or Poll) this transfer holds, or 0."""
+        ...
+
+    def answered(self) -> bool:
+        """The CH answered an ask of the current sender."""
+        ...
+
+    def spurious_repairs(self) -> int:
+        """Repairs of the current sender that proved spurious (a count that only grows)."""
         ...
 
 
@@ -196,16 +222,26 @@ class TokenBucket:
 class Slot:
     """One transfer's place with the scheduler: its state, its charges, its queue ticket."""
 
-    __slots__ = ("bucket", "charged", "handshake", "since", "state", "ticket", "transfer")
+    __slots__ = (
+        "bucket",
+        "charged",
+        "handshake",
+        "since",
+        "spurious",
+        "state",
+        "ticket",
+        "transfer",
+    )
 
     def __init__(self, transfer: Schedulable, bucket: TokenBucket | None) -> None:
-        self.transfer = transfer
+        self.transfer: Schedulable | None = transfer  # None once detached
         self.bucket = bucket
         self.state = SlotState.STOPPED
         self.charged = 0  # blocks counted in Scheduler.inflight
         self.handshake = 0  # bytes counted in Scheduler.handshake_bytes_in_use
         self.ticket = 0  # bumped on every state change: stale queue entries are skipped
         self.since = 0.0  # when the slot entered its state
+        self.spurious = 0  # spurious repairs of the transfer already counted
 
     def enter(self, state: SlotState, now: float) -> None:
         """Move to ``state``; raise :class:`IllegalTransitionError` for an edge not in the table."""
@@ -241,6 +277,14 @@ class Scheduler:
         )
         self.inflight = 0
         """Sum of every transfer's block charge."""
+        self.budget = float(global_inflight)
+        """The budget in force, at most ``limit`` (see "Adapting")."""
+        self.ask_window = float(min(max_handshakes, START_ASK_WINDOW))
+        """Asks allowed unanswered at once now, at most ``max_handshakes``."""
+        self.budget_cuts = 0
+        self.ask_cuts = 0
+        self._budget_cut_at = float("-inf")
+        self._ask_cut_at = float("-inf")
         self.handshakes = 0
         """Transfers with an unanswered ask."""
         self.handshake_bytes_in_use = 0
@@ -267,9 +311,13 @@ class Scheduler:
         return slot
 
     def detach(self, slot: Slot, now: float) -> None:
-        """Forget ``slot`` for good (its transfer ended and was recorded)."""
+        """Forget ``slot`` for good (its transfer ended and was recorded). The slot lets go of
+        its transfer, so the pair is freed at once rather than by the cyclic garbage collector
+        (whose full passes over a fleet-sized heap stall the loop for tens of milliseconds)."""
         self.stop(slot, now)
-        self._counts[SlotState.STOPPED] -= 1
+        if slot.transfer is not None:
+            slot.transfer = None
+            self._counts[SlotState.STOPPED] -= 1
 
     def set_segment(self, slot: Slot, segment: str) -> None:
         """Bill ``slot`` to another segment (the CH re-announced itself in a new cell); only
@@ -318,7 +366,7 @@ class Scheduler:
         state = slot.state
         if state is SlotState.STOPPED or state is SlotState.PENDING:
             return
-        self._account(slot)
+        self._account(slot, now)
         if self.paused:
             return
         if state is SlotState.RUNNING:
@@ -370,8 +418,8 @@ class Scheduler:
 
     @property
     def free(self) -> int:
-        """Blocks of budget free now (negative while over the limit after a give-back ended)."""
-        return self.limit - self.inflight
+        """Blocks of budget free now (negative while over the budget in force)."""
+        return int(self.budget) - self.inflight
 
     def count(self, state: SlotState) -> int:
         """Transfers (attached slots) in ``state``."""
@@ -391,7 +439,11 @@ class Scheduler:
         """Figures for the status topic (cheap: no walk over the transfers)."""
         return {
             "budget": self.limit,
+            "budget_now": int(self.budget),
+            "budget_cuts": self.budget_cuts,
             "blocks_in_flight": self.inflight,
+            "ask_window": int(self.ask_window),
+            "ask_cuts": self.ask_cuts,
             "handshakes": self.handshakes,
             "handshake_bytes": self.handshake_bytes_in_use,
             "pending": self._counts[SlotState.PENDING],
@@ -417,23 +469,43 @@ class Scheduler:
         self._counts[old] -= 1
         self._counts[state] += 1
 
-    def _account(self, slot: Slot) -> None:
+    def _account(self, slot: Slot, now: float) -> None:
         t = slot.transfer
+        assert t is not None
         charge = t.budget_charge()
         if charge != slot.charged:
-            self.inflight += charge - slot.charged
+            freed = slot.charged - charge
+            self.inflight -= freed
             slot.charged = charge
+            if freed > 0 and self.budget < self.limit:  # acknowledged blocks: grow
+                self.budget = min(float(self.limit), self.budget + freed * BUDGET_GROWTH)
         handshake = t.handshake_charge()
         if handshake != slot.handshake:
+            if handshake == 0:  # the ask ended: answered, or unanswered for an RTO
+                if t.answered():
+                    self.ask_window = min(float(self.max_handshakes), self.ask_window + 1)
+                elif now - self._ask_cut_at >= CUT_INTERVAL_S:
+                    self._ask_cut_at = now
+                    self.ask_cuts += 1
+                    self.ask_window = max(float(MIN_ASK_WINDOW), self.ask_window / 2)
             self.handshakes += (handshake > 0) - (slot.handshake > 0)
             self.handshake_bytes_in_use += handshake - slot.handshake
             slot.handshake = handshake
+        spurious = t.spurious_repairs()
+        if spurious != slot.spurious:
+            if spurious > slot.spurious and now - self._budget_cut_at >= CUT_INTERVAL_S:
+                self._budget_cut_at = now
+                self.budget_cuts += 1
+                self.budget = max(float(min(MIN_BUDGET, self.limit)), self.budget * BUDGET_CUT)
+            slot.spurious = spurious
 
     def _send_unbudgeted(self, slot: Slot, now: float) -> None:
         """Publish what needs no budget; a RUNNING slot that still wants blocks joins the
         queue (others wait: it takes its turn behind them)."""
-        sent, wanted = slot.transfer.send_now(now, 0)
-        self._account(slot)
+        t = slot.transfer
+        assert t is not None
+        sent, wanted = t.send_now(now, 0)
+        self._account(slot, now)
         self.blocks_published += sent
         if sent and slot.bucket is not None:
             slot.bucket.spend(sent)
@@ -444,7 +516,7 @@ class Scheduler:
     def _grant(self, slot: Slot, now: float) -> None:
         """Let a RUNNING slot send within the free budget and its segment's tokens; queue it
         (budget) or throttle it (tokens) if it wanted more than it got."""
-        free = self.limit - self.inflight
+        free = int(self.budget) - self.inflight
         grant = free if free > 0 else 0
         bucket = slot.bucket
         by_tokens = False
@@ -453,8 +525,10 @@ class Scheduler:
             if tokens < grant:
                 grant = tokens
                 by_tokens = True
-        sent, wanted = slot.transfer.send_now(now, grant)
-        self._account(slot)
+        t = slot.transfer
+        assert t is not None
+        sent, wanted = t.send_now(now, grant)
+        self._account(slot, now)
         self.blocks_published += sent
         if bucket is not None and sent:
             bucket.spend(sent)
@@ -476,7 +550,7 @@ class Scheduler:
         while admission and (
             self.handshakes == 0
             or (
-                self.handshakes < self.max_handshakes
+                self.handshakes < self.ask_window
                 and self.handshake_bytes_in_use < self.max_handshake_bytes
             )
         ):
@@ -487,7 +561,7 @@ class Scheduler:
             self.admitted += 1
             self._grant(slot, now)
         queue = self._queue
-        while queue and self.inflight < self.limit:
+        while queue and self.inflight < int(self.budget):
             slot = _pop(queue, SlotState.QUEUED)
             if slot is None:
                 break
@@ -516,7 +590,7 @@ class Scheduler:
                 waiters.appendleft((slot, slot.ticket))
                 self._arm(bucket, now)
                 return
-            if self.inflight >= self.limit or self._queue:
+            if self.inflight >= int(self.budget) or self._queue:
                 # the global budget binds now: take a turn in the global queue
                 self._move(slot, SlotState.QUEUED, now)
                 self._queue.append((slot, slot.ticket))

@@ -91,6 +91,12 @@ class TimerSlot:
             self._handle.cancel()
             self._handle = None
 
+    def close(self) -> None:
+        """Disarm for good and let go of the callback (which usually holds the slot's owner:
+        the pair is then freed at once, not by the cyclic garbage collector)."""
+        self.cancel()
+        self._callback = _closed
+
     def _fire(self) -> None:
         self._handle = None
         self._firing = True
@@ -99,3 +105,7 @@ class TimerSlot:
             self._callback()
         finally:
             self._firing = False
+
+
+def _closed() -> None:
+    """The callback of a closed slot."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from simlink import Hub, Release
 
+from otad.config import TransferConfig
 from otad.scheduler import Scheduler, SlotState, budget_charge, handshake_charge
 from protocol.messages import Block, Cancel, Limits, Message, Offer, Poll, decode
 from protocol.sender import (
@@ -116,6 +117,12 @@ class SimTransfer:
     def handshake_charge(self) -> int:
         return handshake_charge(self.sender, len(self.fleet.offer_bytes), POLL_BYTES)
 
+    def answered(self) -> bool:
+        return self.sender.answered
+
+    def spurious_repairs(self) -> int:
+        return self.sender.spurious_repairs
+
 
 @dataclass
 class Fleet:
@@ -133,6 +140,7 @@ class Fleet:
     handshake_bytes: int = 8 * 1024 * 1024
     segment_rate: float = 0.0
     segments: int = 4
+    min_rto: float = TransferConfig().rto_min  # otad's default
     limits: Limits = LIMITS
     transfers: list[SimTransfer] = field(default_factory=list)
     now: float = 0.0
@@ -167,7 +175,7 @@ class Fleet:
             window=self.window,
             acked=acked,
             initial_rto=1.0,
-            min_rto=0.2,
+            min_rto=self.min_rto,
             max_rto=60.0,
             max_timeouts=8,
             holds_manifest=known,

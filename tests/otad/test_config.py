@@ -38,7 +38,7 @@ def test_defaults_without_a_file() -> None:
     )
     assert config.store.flush_interval == 0.1
     t = config.transfer
-    assert (t.block_size, t.window, t.max_window, t.global_inflight) == (1024, 8, 64, 8192)
+    assert (t.block_size, t.window, t.max_window, t.global_inflight) == (1024, 8, 64, 4096)
     assert (t.segment_rate, t.qos_blocks) == (0.0, 0)
     assert config.events.progress_interval_s == 5.0
     assert config.log.level == "INFO"

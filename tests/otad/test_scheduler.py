@@ -51,6 +51,12 @@ class Scripted:
     def handshake_charge(self) -> int:
         return self.asking
 
+    def answered(self) -> bool:
+        return True
+
+    def spurious_repairs(self) -> int:
+        return 0
+
     def ack(self, n: int) -> None:
         self.flight -= n
 
