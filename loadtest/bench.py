@@ -54,7 +54,7 @@ from loadtest.demo import (
     start_otad,
     wait_json,
 )
-from loadtest.progress import ProgressBar
+from otad.progress import ProgressBar
 from protocol.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,8 +39,8 @@ from typing import Any
 
 import uvloop
 
-from loadtest.progress import ProgressBar, format_bytes, format_duration
 from otad.keyfiles import load_trust_dir
+from otad.progress import ProgressBar, format_bytes, format_duration
 from protocol.manifest import Manifest
 from protocol.otaimg import SignedImage
 from protocol.trust import verify_manifest
@@ -57,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hubs", type=int, default=300, help="virtual CHs (default 300)")
     parser.add_argument("--image-kib", type=int, default=256, help="firmware size (default 256)")
     parser.add_argument("--block-size", type=int, default=1024, help="block size (default 1024)")
-    parser.add_argument("--procs", type=int, default=1, help="hub worker processes (default 1)")
+    parser.add_argument(
+        "--procs", type=int, help="hub worker processes (default: one per 2,500 CHs)"
+    )
     parser.add_argument("--library", choices=("gmqtt", "aiomqtt"), default="gmqtt")
     parser.add_argument("--work-dir", help="keep everything here (default: a temp dir, removed)")
     parser.add_argument("--keep", action="store_true", help="do not remove the work directory")
@@ -194,6 +196,7 @@ class EventTally:
     held: dict[str, str] = field(default_factory=dict)  # guid -> hash otad recorded
     failed: dict[str, str] = field(default_factory=dict)  # guid -> reason
     started: set[str] = field(default_factory=set)
+    stalled: bool = False  # otad says the distribution is stalled (distribution.stalled)
     bytes_sent: dict[str, int] = field(default_factory=dict)  # guid -> bytes, when held
     blocks_sent: dict[str, int] = field(default_factory=dict)  # guid -> blocks incl. repeats
     duplicates: int = 0
@@ -214,6 +217,9 @@ class EventTally:
         kind = str(event.get("kind") or event.get("type") or topic.rsplit("/", 1)[-1])
         data = event.get("data") if isinstance(event.get("data"), dict) else event
         assert isinstance(data, dict)
+        if kind in ("distribution.stalled", "distribution.resumed"):
+            self.stalled = kind == "distribution.stalled"
+            return
         guid = data.get("guid") or data.get("ch") or data.get("hub")
         if not isinstance(guid, str):
             return
@@ -237,7 +243,7 @@ class EventTally:
 async def run(args: argparse.Namespace) -> int:
     """The demo itself (see the module docstring)."""
     from loadtest.broker import MosquittoBroker
-    from loadtest.runner import HubFleet
+    from loadtest.runner import HostLimitError, HubFleet, check_host_limits, default_procs
     from otad.mqtt.interface import MqttSettings, create_client
     from protocol import topics
 
@@ -255,6 +261,12 @@ async def run(args: argparse.Namespace) -> int:
     monitor: Any = None
     ok = False
     interrupted = False
+    procs = args.procs or default_procs(args.hubs)
+    try:
+        check_host_limits(args.hubs, procs, local_broker=True)
+    except HostLimitError as exc:
+        say(f"demo: {exc}")
+        return 2
     work = await asyncio.to_thread(_work_dir, args.work_dir, "otad-demo-")
     try:
         # 1-2: key, trust, image ------------------------------------------------------------
@@ -295,7 +307,7 @@ async def run(args: argparse.Namespace) -> int:
             broker=(host, port),
             state_dir=work / "hubs",
             count=args.hubs,
-            procs=max(1, args.procs),
+            procs=procs,
             trust_dir=trust,
             library=args.library,
         )
@@ -351,7 +363,11 @@ async def run(args: argparse.Namespace) -> int:
                 bps = (summary.blocks - last_blocks) / (now - last_t)
                 last_t, last_bytes, last_blocks = now, summary.block_bytes, summary.blocks
             done = len(set(tally.held) & wanted)
-            bar.update(min(total_blocks, summary.stored_blocks - base_stored), extra())
+            bar.update(
+                min(total_blocks, summary.stored_blocks - base_stored),
+                extra(),
+                stalled=tally.stalled,
+            )
             if done >= len(wanted) and summary.held >= len(wanted):
                 break
             if tally.failed and len(tally.failed) + done >= len(wanted):

@@ -14,6 +14,7 @@ never a traceback), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import json
 import sys
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from otad import ctlclient, imagetool
+from otad import ctlclient, ctlwatch, imagetool
 from protocol.manifest import DeviceType
 from protocol.otaimg import MAX_OTAIMG_BYTES
 
@@ -202,6 +203,39 @@ def _add_transfers(groups: _Subparsers) -> None:
     transfers.set_defaults(command="transfers")
 
 
+def _add_status(groups: _Subparsers) -> None:
+    status = groups.add_parser(
+        "status", help="the daemon: hubs, transfers, scheduler, event-loop lag, stalls"
+    )
+    _add_daemon_options(status, json_flag=True)
+    status.set_defaults(command="status")
+
+
+def _status(args: argparse.Namespace) -> int:
+    result = _daemon_call(args, "status", {})
+    return _print_result(args, result, ctlclient.format_status)
+
+
+def _add_watch(groups: _Subparsers) -> None:
+    watch = groups.add_parser(
+        "watch", help="live progress of the distributions in progress (says STALLED when stuck)"
+    )
+    watch.add_argument("image", nargs="?", metavar="IMAGE", help="only this image (hex prefix)")
+    watch.add_argument("--once", action="store_true", help="print the current state and exit")
+    _add_daemon_options(watch, json_flag=False)
+    watch.set_defaults(command="watch")
+
+
+def _watch(args: argparse.Namespace) -> int:
+    host, port = args.broker
+    try:
+        return asyncio.run(
+            ctlwatch.watch(host, port, image=args.image, once=args.once, wait_s=args.timeout)
+        )
+    except ctlwatch.WatchError as exc:
+        raise ctlclient.CtlFailure(str(exc)) from None
+
+
 def _daemon_call(args: argparse.Namespace, cmd: str, call_args: dict[str, Any]) -> Any:
     return ctlclient.run_command(args.broker, cmd, call_args, timeout=args.timeout)
 
@@ -254,6 +288,8 @@ GROUPS: list[Callable[[_Subparsers], None]] = [
     _add_distribute,
     _add_fleet,
     _add_transfers,
+    _add_status,
+    _add_watch,
 ]
 
 HANDLERS: dict[str, Handler] = {
@@ -264,6 +300,8 @@ HANDLERS: dict[str, Handler] = {
     "distribute": _distribute,
     "fleet list": _fleet_list,
     "transfers": _transfers,
+    "status": _status,
+    "watch": _watch,
 }
 
 

@@ -244,3 +244,32 @@ def format_distribute(result: dict[str, Any]) -> str:
     ]
     lines += [f"  {r['guid']}: {r['error']}: {r['detail']}" for r in result["refused"]]
     return "\n".join(lines)
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """``otactl status``: a few lines a person reads at a glance."""
+    hubs = status.get("hubs", {})
+    transfers = status.get("transfers", {})
+    scheduler = status.get("scheduler", {})
+    lag = status.get("loop_lag", {})
+    busy = ", ".join(f"{k} {v}" for k, v in sorted(transfers.items()) if v) or "none"
+    lines = [
+        f"otad {status.get('version', '?')} (pid {status.get('pid', '?')}) "
+        f"{status.get('state', '?')}, {status.get('library', '?')}",
+        f"hubs: {hubs.get('online', 0)} online of {hubs.get('known', 0)} known; "
+        f"images: {status.get('images', 0)}",
+        f"transfers: {busy}; stalled: {status.get('stalled', 0)}",
+        f"scheduler: {scheduler.get('blocks_in_flight', 0)}/{scheduler.get('budget', '?')} "
+        f"blocks in flight, {scheduler.get('handshakes', 0)} asks unanswered, "
+        f"{scheduler.get('pending', 0)} waiting for admission, "
+        f"{scheduler.get('queued', 0)} queued for budget, "
+        f"{scheduler.get('throttled', 0)} for segment tokens; longest wait now "
+        f"{scheduler.get('longest_wait_s', 0)} s",
+        f"event-loop lag: p50 {lag.get('p50_ms', 0)} ms, p99 {lag.get('p99_ms', 0)} ms, "
+        f"max {lag.get('max_ms', 0)} ms over {lag.get('window_s', 0)} s",
+    ]
+    for image, entry in sorted(status.get("distributions", {}).items()):
+        states = ", ".join(f"{k} {v}" for k, v in sorted(entry.get("transfers", {}).items()))
+        flag = "  STALLED" if entry.get("stalled") else ""
+        lines.append(f"  {image[:16]}: {states}{flag}")
+    return "\n".join(lines)
