@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -81,9 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run_hubs(args: argparse.Namespace) -> int:
     """The ``hubs`` command."""
-    from loadtest.runner import FleetSummary, HubFleet
+    from loadtest.runner import (
+        FleetSummary,
+        HostLimitError,
+        HubFleet,
+        check_host_limits,
+        default_procs,
+    )
 
-    procs = args.procs or max(1, math.ceil(args.count / 2500))
+    procs = args.procs or default_procs(args.count)
+    try:
+        check_host_limits(args.count, procs, local_broker=False)
+    except HostLimitError as exc:
+        print(f"hubs: {exc}", file=sys.stderr)
+        return 2
     fleet = HubFleet(
         broker=args.broker,
         state_dir=args.state_dir,

@@ -6,7 +6,9 @@ sans-IO :class:`protocol.receiver.Receiver` the specification describes. It
 * connects with its GUID as MQTT client id and a retained :class:`HubWentOffline` last will on
   ``topics.state(guid)``, subscribes ``topics.down(guid)`` and publishes a retained
   :class:`HubAnnounced` (firmware and hardware version, supplier, network segment, declared
-  :class:`Limits`, HAN inventory) every time its connection comes up, and again on ``Poll``;
+  :class:`Limits`, HAN inventory) every time its connection comes up (and, with
+  ``HubOptions.announce_on_poll``, on every ``Poll`` too: SPEC does not ask for it, but a CH may
+  do it, and otad must not loop on it);
 * verifies each ``Offer``'s signed manifest against its trust store, for itself (a CH image) or
   for the matching device of its HAN inventory (an ESME, bridge... image);
 * stores verified blocks through :class:`loadtest.hubstate.HubStore` (a sparse file per image),
@@ -182,6 +184,8 @@ class HubStats:
     announces: int = 0  # HubAnnounced published
     restored: bool = False  # started from a persisted snapshot
     offers: int = 0
+    offer_bytes: int = 0  # encoded size of the Offers received
+    polls: int = 0
     blocks: int = 0  # Block messages received, duplicates included
     block_bytes: int = 0  # payload bytes of those blocks
     stored_blocks: int = 0  # verified blocks written to storage
@@ -232,6 +236,7 @@ class HubOptions:
     ack_every: int | None = None  # None: the receiver's default
     ack_delay: float | None = None
     inline_hash_bytes: int = INLINE_HASH_BYTES
+    announce_on_poll: bool = False
 
 
 class VirtualHub:
@@ -438,6 +443,8 @@ class VirtualHub:
         except ProtocolError as exc:
             _bump(self.stats.undecodable, exc.reason.name)
             return
+        if type(message) is Offer:
+            self.stats.offer_bytes += len(payload)
         self.handle(message)
 
     def handle(self, message: Message) -> None:
@@ -460,7 +467,9 @@ class VirtualHub:
             stats.offers += 1
             structural = True
         elif type(message) is Poll:
-            self._announce()
+            stats.polls += 1
+            if self._options.announce_on_poll:
+                self._announce()
         elif type(message) is Cancel:
             structural = True
         self._apply(self.receiver.message_received(message, self._loop.time()), structural)
@@ -758,6 +767,8 @@ def merge_stats(a: HubStats | None, b: HubStats) -> HubStats:
         announces=a.announces + b.announces,
         restored=a.restored or b.restored,
         offers=a.offers + b.offers,
+        offer_bytes=a.offer_bytes + b.offer_bytes,
+        polls=a.polls + b.polls,
         blocks=a.blocks + b.blocks,
         block_bytes=a.block_bytes + b.block_bytes,
         stored_blocks=a.stored_blocks + b.stored_blocks,

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import resource
 import signal
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest.broker import raise_nofile_limit
 from loadtest.hub import (
     DEFAULT_LIMITS,
     HubGroup,
@@ -53,15 +55,48 @@ PREFIX = "@@LT "
 _LINE_LIMIT = 256 * 1024 * 1024
 
 
-def raise_nofile_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (every hub holds a socket); return it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = max(soft, 1 << 20)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+#: Virtual CHs per worker process by default. gmqtt carries 5,000-10,000 connections on one
+#: loop, but fewer keep each loop's latency low, and on two cores two processes already use them.
+HUBS_PER_PROCESS = 2500
+#: Open files a process needs beyond one per MQTT connection (stdio, pipes, state files, epoll).
+FD_SLACK = 64
+#: Connections a run's broker carries besides the CHs (otad, monitors, otactl calls).
+OTHER_CLIENTS = 16
+
+
+class HostLimitError(RuntimeError):
+    """This host cannot carry the run; the message names the limit, in one line."""
+
+
+def default_procs(count: int) -> int:
+    """Worker processes for ``count`` virtual CHs (one per :data:`HUBS_PER_PROCESS`)."""
+    return max(1, math.ceil(count / HUBS_PER_PROCESS))
+
+
+def check_host_limits(count: int, procs: int, *, local_broker: bool) -> None:
+    """Raise the open-files limit as far as the host allows, and raise :class:`HostLimitError`
+    (one line naming the limit and what to do) if ``count`` CHs over ``procs`` processes -- and,
+    with ``local_broker``, one Mosquitto started by this process, which inherits the limit --
+    cannot fit under it. Without this check such a run does not fail: it hangs, the CHs past the
+    limit retrying their connections for ever."""
+    soft = raise_nofile_limit()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limit = soft if hard == resource.RLIM_INFINITY else min(soft, hard)
+    per_process = math.ceil(count / max(1, procs)) + FD_SLACK
+    if per_process > limit:
+        need = math.ceil(count / max(1, limit - FD_SLACK))
+        raise HostLimitError(
+            f"{count} virtual CHs in {procs} process(es) need {per_process} open files per "
+            f"process but RLIMIT_NOFILE is {limit} here: use at least {need} processes"
+        )
+    broker = count + OTHER_CLIENTS + FD_SLACK
+    if local_broker and broker > limit:
+        raise HostLimitError(
+            f"{count} virtual CHs need {broker} open files in the one Mosquitto that carries "
+            f"them, but this host's RLIMIT_NOFILE hard limit is {limit} (one broker holds at "
+            f"most {limit - OTHER_CLIENTS - FD_SLACK} CHs here): run fewer, or raise the hard "
+            "limit (ulimit -Hn as root; LimitNOFILE= for a systemd unit)"
+        )
 
 
 def load_trust(trust_dir: Path | str | None) -> TrustStore:
@@ -93,6 +128,7 @@ class FleetConfig:
     ack_every: int | None = None
     ack_delay: float | None = None
     keepalive: int = 30
+    announce_on_poll: bool = False
 
     @property
     def limits(self) -> Limits:
@@ -140,6 +176,7 @@ def _make_group(config: FleetConfig, indices: Iterable[int]) -> HubGroup:
         keepalive=config.keepalive,
         ack_every=config.ack_every,
         ack_delay=config.ack_delay,
+        announce_on_poll=config.announce_on_poll,
     )
     trust_dir = config.trust_dir or str(Path(config.state_dir) / "trust")
     return HubGroup(
@@ -386,6 +423,7 @@ class HubFleet:
         flush_interval: float = 10.0,
         ack_every: int | None = None,
         ack_delay: float | None = None,
+        announce_on_poll: bool = False,
         python: str | None = None,
     ) -> None:
         if count < 0 or procs < 0:
@@ -409,6 +447,7 @@ class HubFleet:
             flush_interval=flush_interval,
             ack_every=ack_every,
             ack_delay=ack_delay,
+            announce_on_poll=announce_on_poll,
         )
         self.procs = min(procs, count) if count else 0
         self.python = python or sys.executable
