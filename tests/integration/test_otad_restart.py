@@ -162,3 +162,56 @@ async def test_sigterm_mid_transfer_flushes_state_publishes_offline_and_resumes(
     finally:
         otad.stop_quietly()
         await monitor.close()
+
+
+@pytest.mark.timeout(180)
+async def test_repeated_kills_ask_chs_with_polls_not_manifests_even_if_they_announce_when_polled(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Three SIGKILLs mid-transfer. After each restart, otad asks every CH that had
+    acknowledged blocks with a Poll (a few bytes) instead of the whole manifest again, and CHs
+    that re-announce on every Poll (allowed, not asked for by SPEC) do not make it loop."""
+    release = make_release(tmp_path / "release", size=256 * 1024)
+    total_blocks = HUBS * release.blocks
+    monitor = await Monitor().start(broker)
+    otad = Otad(broker, tmp_path / "otad", release.trust_dir, config=PACED)
+    otad.start()
+    try:
+        await monitor.wait_online(otad)
+        async with HubFleet(
+            broker=(broker.host, broker.port),
+            state_dir=tmp_path / "hubs",
+            count=HUBS,
+            procs=1,
+            trust_dir=release.trust_dir,
+            announce_on_poll=True,
+        ) as fleet:
+            await monitor.wait_for(lambda: len(monitor.of_kind("hub.online")) == HUBS)
+            assert otactl(broker, "image", "import", str(release.path)).returncode == 0
+            assert otactl(broker, "distribute", release.sha256, "--all-matching").returncode == 0
+            for k, at in enumerate((0.3, 0.5, 0.7)):
+                await monitor.wait_for(lambda at=at: monitor.acked_fraction(total_blocks) >= at)
+                otad.kill()
+                await asyncio.sleep(1.0)  # the flush interval has long passed: progress is stored
+                otad.start()
+                await monitor.wait_online(otad)
+                assert len(monitor.of_kind("transfer.held")) < HUBS, k  # still mid-way
+            await monitor.wait_for(lambda: len(monitor.of_kind("transfer.held")) == HUBS, 90)
+            stats = await fleet.stats()
+        offer_bytes = sum(s.offer_bytes for s in stats.values())
+        block_bytes = sum(monitor.block_bytes.values())
+        print(
+            f"\n3 kills: Offers {sum(s.offers for s in stats.values())} ({offer_bytes:,} B),"
+            f" Polls {sum(s.polls for s in stats.values())}, blocks"
+            f" {block_bytes / (HUBS * release.size):.3f} x, all bytes on the wire"
+            f" {(offer_bytes + block_bytes) / (HUBS * release.size):.3f} x the image"
+        )
+        assert all(s.held.get(release.sha256) == release.sha256 for s in stats.values())
+        assert max(s.offers for s in stats.values()) == 1  # the manifest went out once per CH
+        assert max(s.polls for s in stats.values()) <= 3 * 3  # no Poll/announce loop
+        assert (offer_bytes + block_bytes) / (HUBS * release.size) <= 1.1
+        assert otad.terminate() == 0
+        assert_clean_log(otad)
+    finally:
+        otad.stop_quietly()
+        await monitor.close()
