@@ -54,8 +54,11 @@ unanswered for a whole RTO. Both have a floor (:data:`MIN_BUDGET`, :data:`MIN_AS
 Otherwise it queues behind the others (FIFO) and the queue is served, head first, whenever the
 sum of charges drops below the limit: an acknowledged transfer goes to the back of the queue
 instead of spending the budget it just freed, so CHs take turns and the longest wait is about
-``queued transfers x window / (budget / round trip)``. A transfer whose segment has no tokens
-waits on that segment's bucket instead, and is served when it refills (the bucket's wake-up is
+``queued transfers x window / (budget / round trip)``. Budget is handed out in grants of at
+least :data:`MIN_GRANT` blocks (the head of the queue waits until that much is free): crumbs of
+one or two blocks would make each CH wait for its ack delay and acknowledge twice as often. A
+transfer whose segment has no tokens waits on that segment's bucket instead, and is served when
+it refills (the bucket's wake-up is
 :meth:`Scheduler.next_deadline`). Unbudgeted sends -- an ``Offer``, a ``Poll``, a ``Cancel``, a
 timeout probe -- never wait: a place in a queue only holds back new blocks.
 
@@ -95,6 +98,10 @@ START_ASK_WINDOW: Final = 32
 BUDGET_CUT: Final = 0.75
 BUDGET_GROWTH: Final = 1 / 16
 CUT_INTERVAL_S: Final = 1.0
+#: Fewest blocks granted at once (see "Turns"): a CH acknowledges every few blocks or after its
+#: ack delay, so budget handed out a block or two at a time made every CH wait for that delay
+#: and acknowledge twice as often (measured: 0.42 acknowledgements per block instead of 0.26).
+MIN_GRANT: Final = 4
 DEFAULT_HANDSHAKE_BYTES: Final = 16 * 1024 * 1024
 
 
@@ -517,7 +524,7 @@ class Scheduler:
         """Let a RUNNING slot send within the free budget and its segment's tokens; queue it
         (budget) or throttle it (tokens) if it wanted more than it got."""
         free = int(self.budget) - self.inflight
-        grant = free if free > 0 else 0
+        grant = free if free >= self._min_grant() else 0
         bucket = slot.bucket
         by_tokens = False
         if bucket is not None:
@@ -541,6 +548,11 @@ class Scheduler:
                 self._move(slot, SlotState.QUEUED, now)
                 self._queue.append((slot, slot.ticket))
 
+    def _min_grant(self) -> int:
+        """The fewest blocks worth granting (see "Turns"): :data:`MIN_GRANT`, or 1 for a budget
+        too small to hold four grants of it."""
+        return MIN_GRANT if self.budget >= 4 * MIN_GRANT else 1
+
     def _serve(self, now: float) -> None:
         """Admit what the handshake limits allow, then serve the budget queue while budget is
         free."""
@@ -561,7 +573,8 @@ class Scheduler:
             self.admitted += 1
             self._grant(slot, now)
         queue = self._queue
-        while queue and self.inflight < int(self.budget):
+        min_grant = self._min_grant()
+        while queue and int(self.budget) - self.inflight >= min_grant:
             slot = _pop(queue, SlotState.QUEUED)
             if slot is None:
                 break
