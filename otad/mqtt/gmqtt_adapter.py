@@ -12,8 +12,9 @@ packets (:class:`_Store`); bytes not yet written are bounded by the transport's 
 high-water mark (the protocol is paused above it, as asyncio does for any stream).
 
 Bounded reads: gmqtt's read loop takes 64 KiB from the socket and handles every packet in it in
-one go; :func:`_bound_read_turns` makes it take :data:`READ_CHUNK` bytes at a time and yield to the
-event loop between chunks, so event-loop lag stays bounded however fast messages arrive.
+one go; with ``MqttSettings.read_chunk`` set, :func:`_bound_read_turns` makes it take that many
+bytes at a time and yield to the event loop between chunks, so event-loop lag stays bounded
+however fast messages arrive (otad sets it; the virtual CHs do not).
 
 Write coalescing: gmqtt writes every packet with its own ``transport.write``, i.e. one
 ``send()`` system call per PUBLISH and per PUBACK (about 40% of a bulk sender's CPU).
@@ -56,11 +57,6 @@ WRITE_BUFFER_HIGH = 1 << 20
 #: Packets gathered before they are written at once (or at the end of the loop iteration).
 COALESCE_BYTES = 64 * 1024
 
-#: Bytes of received packets handled per event-loop turn. gmqtt reads 64 KiB at a time and
-#: handles every packet in it before the loop runs anything else: about 660 acknowledgements,
-#: 100 ms of otad's work at fleet scale, during which no timer, control request or other task
-#: runs. 8 KiB (about 80 acknowledgements, ~12 ms) bounds that for one extra loop turn per chunk.
-READ_CHUNK = 8 * 1024
 
 log = logging.getLogger("otad.mqtt.gmqtt")
 
@@ -185,17 +181,17 @@ def _coalesce_writes(link: _Link) -> _CoalescingTransport:
     return proxy
 
 
-def _bound_read_turns(link: _Link) -> None:
-    """Make gmqtt's read loop take at most :data:`READ_CHUNK` bytes per read and yield to the
-    event loop after each (``_read_loop`` calls ``protocol.read(65536)`` and parses all of it;
-    a read that finds the data already buffered does not suspend by itself)."""
+def _bound_read_turns(link: _Link, chunk: int) -> None:
+    """Make gmqtt's read loop take at most ``chunk`` bytes per read and yield to the event loop
+    after each (``_read_loop`` calls ``protocol.read(65536)`` and parses all of it; a read that
+    finds the data already buffered does not suspend by itself)."""
     protocol = _protocol_of(link)
     if protocol is None or getattr(protocol, "_otad_bounded", False):
         return
     read = protocol.read
 
     async def bounded_read(n: int = -1) -> bytes:
-        data: bytes = await read(READ_CHUNK if n < 0 or n > READ_CHUNK else n)
+        data: bytes = await read(chunk if n < 0 or n > chunk else n)
         await asyncio.sleep(0)
         return data
 
@@ -393,7 +389,8 @@ class GmqttClient(MqttClient):
         with contextlib.suppress(AttributeError, ValueError):
             transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self._writer = _coalesce_writes(link)
-        _bound_read_turns(link)
+        if s.read_chunk is not None:
+            _bound_read_turns(link, s.read_chunk)
         self._transport = transport
 
     async def _subscribe_many(self, items: list[tuple[str, int]]) -> list[int]:

@@ -148,6 +148,10 @@ class MqttSettings:
     reconnect_max: float = 10.0
     max_inflight: int = 1000
     connect_timeout: float = 10.0
+    read_chunk: int | None = None
+    """Bytes of received packets handled per event-loop turn (None: the library's own reads).
+    A daemon that must stay responsive sets it; a bulk client (a virtual CH process holding
+    thousands of connections) leaves it alone: smaller reads there only add loop turns."""
 
     def __post_init__(self) -> None:
         if not self.client_id or any(c in self.client_id for c in "+#/\0"):
@@ -156,6 +160,8 @@ class MqttSettings:
             raise ValueError(f"max_inflight must be in 1..{HARD_INFLIGHT_LIMIT}")
         if not 0 < self.reconnect_min <= self.reconnect_max:
             raise ValueError("need 0 < reconnect_min <= reconnect_max")
+        if self.read_chunk is not None and self.read_chunk < 1024:
+            raise ValueError("read_chunk must be at least 1024 bytes")
         if not 0 <= self.keepalive <= 65535:
             raise ValueError("keepalive must be in 0..65535")
         if self.will is not None:
