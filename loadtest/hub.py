@@ -272,6 +272,7 @@ class VirtualHub:
         self._announce_payload = identity.announcement().encode()
         self._reconnects = 0
         self.running = False
+        self.muted = False  # connected but ignoring everything: a hung CH
         self.receiver = self._load_receiver()
 
     # ---------------------------------------------------------------- receiver and trust
@@ -436,7 +437,7 @@ class VirtualHub:
     # ---------------------------------------------------------------- inbound
 
     def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
-        if not self.running:
+        if not self.running or self.muted:
             return
         try:
             message = decode(payload)
@@ -584,7 +585,7 @@ class VirtualHub:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        if not self.running:
+        if not self.running or self.muted:
             return
         self._apply(self.receiver.handle_timer(self._loop.time()))
 
@@ -719,6 +720,14 @@ class HubGroup:
             self._flush_handle.cancel()
             self._flush_handle = None
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def mute(self, guids: Iterable[str], muted: bool = True) -> None:
+        """Make hubs hang (``muted``: the connection stays up, every message is ignored) or
+        come back to life."""
+        for guid in guids:
+            hub = self.hubs.get(guid)
+            if hub is not None:
+                hub.muted = muted
 
     def mark_dirty(self, hub: VirtualHub, *, urgent: bool = False) -> None:
         """Note that ``hub``'s snapshot is stale; ``urgent`` saves it right away."""

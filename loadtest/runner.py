@@ -260,6 +260,9 @@ async def worker_main(config: FleetConfig, worker: int, first: int, last: int) -
         if cmd == "stop":
             await group.stop(request.get("guids"), crash=bool(request.get("crash")))
             return group.running
+        if cmd == "mute":
+            group.mute(request.get("guids") or [], bool(request.get("muted", True)))
+            return True
         if cmd == "running":
             return group.running
         if cmd == "totals":
@@ -518,6 +521,16 @@ class HubFleet:
             *(w.call("stop", guids=g, crash=crash) for w, g in self._by_worker(guids).items())
         )
 
+    async def mute_hubs(self, guids: Sequence[str], *, muted: bool = True) -> None:
+        """Make hubs hang with their connection up (``muted``), or come back to life: a hung CH
+        that neither answers nor drops off, which only otad's stall signal reveals."""
+        if self._group is not None:
+            self._group.mute(guids, muted)
+            return
+        await asyncio.gather(
+            *(w.call("mute", guids=g, muted=muted) for w, g in self._by_worker(guids).items())
+        )
+
     async def start_hubs(self, guids: Sequence[str]) -> None:
         """(Re)start some stopped hubs from their persisted state."""
         if self._group is not None:
@@ -603,14 +616,18 @@ class FleetSummary:
     held: int
     rejected: dict[str, int]
     max_outstanding: int
+    held_by_image: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, stats: Mapping[str, HubStats]) -> FleetSummary:
         """Sum ``stats``."""
         rejected: dict[str, int] = {}
+        held_by_image: dict[str, int] = {}
         for s in stats.values():
             for reason, n in s.rejected.items():
                 rejected[reason] = rejected.get(reason, 0) + n
+            for image in s.held:
+                held_by_image[image] = held_by_image.get(image, 0) + 1
         return cls(
             hubs=len(stats),
             restored=sum(1 for s in stats.values() if s.restored),
@@ -620,6 +637,7 @@ class FleetSummary:
             held=sum(1 for s in stats.values() if s.held),
             rejected=rejected,
             max_outstanding=max((s.max_outstanding for s in stats.values()), default=0),
+            held_by_image=held_by_image,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -631,9 +649,12 @@ class FleetSummary:
         """Totals of several partial summaries (one per worker)."""
         items = list(parts)
         rejected: dict[str, int] = {}
+        held_by_image: dict[str, int] = {}
         for part in items:
             for reason, n in part.rejected.items():
                 rejected[reason] = rejected.get(reason, 0) + n
+            for image, n in part.held_by_image.items():
+                held_by_image[image] = held_by_image.get(image, 0) + n
         return cls(
             hubs=sum(p.hubs for p in items),
             restored=sum(p.restored for p in items),
@@ -643,6 +664,7 @@ class FleetSummary:
             held=sum(p.held for p in items),
             rejected=rejected,
             max_outstanding=max((p.max_outstanding for p in items), default=0),
+            held_by_image=held_by_image,
         )
 
     def line(self) -> str:
