@@ -6,6 +6,8 @@
   resume their transfers. ``--trust`` defaults to ``DIR/trust``.
 * ``demo``: the end-to-end demonstration (``make demo``), see :mod:`loadtest.demo`.
 * ``bench``: baseline vs otad throughput (``make bench``), see :mod:`loadtest.bench`.
+* ``scale``: otad at 1,000-10,000 CHs, default configuration (``make scale``), see
+  :mod:`loadtest.scale`.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     from loadtest import bench as bench_module
 
     bench_module.add_arguments(bench)
+
+    scale = sub.add_parser("scale", help="otad at 1,000-10,000 CHs, recorded in BENCHMARKS.md")
+    from loadtest import scale as scale_module
+
+    scale_module.add_arguments(scale)
 
     worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
     worker.add_argument("config")
@@ -153,6 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loadtest import bench as bench_module
 
         return bench_module.main(args)
+    if args.command == "scale":
+        from loadtest import scale as scale_module
+
+        return scale_module.main(args)
     raise AssertionError(args.command)
 
 

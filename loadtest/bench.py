@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from loadtest.demo import (
     prepare_release,
     run_cmd,
     start_otad,
+    stop_otad,
     wait_json,
 )
 from otad.progress import ProgressBar
@@ -287,13 +287,7 @@ async def otad_run(
             await monitor.disconnect()
         with contextlib.suppress(Exception):
             await fleet.close()
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_otad(proc, 20)
         await asyncio.to_thread(shutil.rmtree, run_dir / "hubs", True)
 
 

@@ -147,6 +147,18 @@ async def start_otad(
         os.close(log_fd)
 
 
+async def stop_otad(proc: asyncio.subprocess.Process, wait_s: float = 20.0) -> None:
+    """SIGTERM (otad drains and exits), SIGKILL if it has not exited after ``wait_s``."""
+    if proc.returncode is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), wait_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 async def run_cmd(argv: Sequence[str], *, wait_s: float = 60.0) -> str:
     """Run a command, return its stdout; raise :class:`DemoError` with its stderr on failure."""
     proc = await asyncio.create_subprocess_exec(
@@ -423,13 +435,8 @@ async def run(args: argparse.Namespace) -> int:
         if fleet is not None:
             with contextlib.suppress(Exception):
                 await fleet.close()
-        if otad_proc is not None and otad_proc.returncode is None:
-            otad_proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(otad_proc.wait(), 15)
-            except TimeoutError:
-                otad_proc.kill()
-                await otad_proc.wait()
+        if otad_proc is not None:
+            await stop_otad(otad_proc, 15)
         if broker is not None:
             with contextlib.suppress(Exception):
                 broker.stop()

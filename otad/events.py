@@ -28,12 +28,29 @@ Kinds and their fields:
 ``transfer.held``      guid, image, sha256 (what the CH computed), matches (== manifest digest),
                        blocks_total, bytes_sent, retransmissions
 ``transfer.failed``    guid, image, reason (name), code, detail
+``transfer.stalled``   guid, image, idle_s, phase (sender state), scheduler (its slot state),
+                       blocks_acked, blocks_total: no progress for ``transfer.stall_after_s``
+                       while scheduled (once per episode; the next progress or end closes it)
+``distribution.stalled``  image, active, idle_s, blocks_acked, blocks_total, and the active
+                       transfers by scheduler state: offline, pending, running, queued,
+                       throttled (no transfer of the image progressed for stall_after_s)
+``distribution.resumed``  image, active, stalled_s
 
 The status snapshot (retained; otad's last will replaces it with ``state: "offline"``)::
 
     {"v": 1, "state": "online", "version": "0.1.0", "pid": 1234, "started_at": ...,
      "time": ..., "hubs": {"known": n, "online": n}, "images": n,
-     "transfers": {"active": n, "held": n, "failed": n, ...}, "events_seq": n}
+     "transfers": {"active": n, "held": n, "failed": n, ...}, "stalled": n,
+     "distributions": {"<image>": {"transfers": {...}, "blocks_per_transfer": n,
+                       "blocks_acked": n, "blocks_total": n, "idle_s": s, "stalled": bool,
+                       "stalled_transfers": n}, ...},
+     "scheduler": {"budget": n, "budget_now": n, "blocks_in_flight": n, "ask_window": n,
+                   "handshakes": n, "pending": n, "queued": n, "throttled": n,
+                   "longest_wait_s": s, "max_wait_s": s, ...},
+     "loop_lag": {"p50_ms": x, "p99_ms": x, "max_ms": x, "worst_ms": x, "window_s": s},
+     "timer_spins": 0, "events_seq": n, ...}
+
+Every figure in it is kept incrementally: publishing it never walks the fleet.
 """
 
 from __future__ import annotations
