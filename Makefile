@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint setup broker clean
+.PHONY: test demo bench scale lint setup broker clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,9 @@ demo: setup
 
 bench: setup
 	$(BIN)/python -m loadtest bench
+
+scale: setup
+	$(BIN)/python -m loadtest scale
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
