@@ -133,13 +133,21 @@ def _open_log(path: Path) -> int:
 
 
 async def start_otad(
-    address: str, state_dir: Path, trust: Path, log_path: Path, *, library: str = "gmqtt"
+    address: str,
+    state_dir: Path,
+    trust: Path,
+    log_path: Path,
+    *,
+    library: str = "gmqtt",
+    config: str | os.PathLike[str] | None = None,
 ) -> asyncio.subprocess.Process:
-    """Start ``python -m otad run`` against ``address``; its output goes to ``log_path``."""
+    """Start ``python -m otad run`` against ``address`` (with ``config``, else its defaults);
+    its output goes to ``log_path``."""
     log_fd = await asyncio.to_thread(_open_log, log_path)
+    extra = ["--config", str(config)] if config is not None else []
     try:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "otad", "run", "--broker", address,
+            sys.executable, "-m", "otad", "run", *extra, "--broker", address,
             "--state-dir", str(state_dir), "--trust", str(trust), "--mqtt-library", library,
             stdout=log_fd, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip

@@ -61,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", default="64,256", help="image sizes in KiB (default 64,256)")
     parser.add_argument("--timeout", type=float, default=900.0, help="per distribution (s)")
     parser.add_argument("--no-record", action="store_true", help="do not append BENCHMARKS.md")
+    parser.add_argument("--config", metavar="FILE", help="otad config (default: none, defaults)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -69,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     images = [int(x) for x in args.images.split(",") if x.strip()]
     command = "python -m loadtest scale " + " ".join(sys.argv[2:])
     try:
-        results = uvloop.run(run_all(sizes, images, args.timeout))
+        results = uvloop.run(run_all(sizes, images, args.timeout, args.config))
     except KeyboardInterrupt:
         print("\nscale: interrupted", file=sys.stderr)
         return 130
@@ -96,6 +97,7 @@ class Distribution:
     control_ms: list[float]
     event_lag_s: list[float]
     tail_lag_s: float
+    events_backlog_max: int
     complete: bool
 
 
@@ -117,7 +119,9 @@ class FleetRun:
         return self.error is None and all(d.complete for d in self.distributions)
 
 
-async def run_all(sizes: list[int], images: list[int], limit_s: float) -> list[FleetRun]:
+async def run_all(
+    sizes: list[int], images: list[int], limit_s: float, config: str | None = None
+) -> list[FleetRun]:
     """Every fleet size in turn."""
     work = Path(tempfile.mkdtemp(prefix="otad-scale-"))
     try:
@@ -127,7 +131,7 @@ async def run_all(sizes: list[int], images: list[int], limit_s: float) -> list[F
             run = FleetRun(hubs=n, procs=default_procs(n))
             try:
                 check_host_limits(n, run.procs, local_broker=True)
-                await fleet_run(run, work / f"n{n}", releases, limit_s)
+                await fleet_run(run, work / f"n{n}", releases, limit_s, config)
             except (HostLimitError, DemoError, TimeoutError) as exc:
                 run.error = str(exc) or type(exc).__name__
                 print(f"scale: {n} CHs: {run.error}", flush=True)
@@ -172,6 +176,7 @@ class Watcher:
         self.status: dict[str, Any] = {}
         self.lag_p99 = 0.0
         self.lag_max = 0.0
+        self.backlog_max = 0
 
     def on_message(self, topic: str, payload: bytes, retain: bool) -> None:
         now = time.time()
@@ -184,6 +189,7 @@ class Watcher:
             lag = data.get("loop_lag", {})
             self.lag_p99 = max(self.lag_p99, float(lag.get("p99_ms", 0)))
             self.lag_max = max(self.lag_max, float(lag.get("max_ms", 0)))
+            self.backlog_max = max(self.backlog_max, int(data.get("events_backlog", 0)))
             return
         if data.get("kind") != "transfer.held":
             return
@@ -197,7 +203,11 @@ class Watcher:
 
 
 async def fleet_run(
-    run: FleetRun, work: Path, releases: dict[int, tuple[Path, str, int]], limit_s: float
+    run: FleetRun,
+    work: Path,
+    releases: dict[int, tuple[Path, str, int]],
+    limit_s: float,
+    config: str | None = None,
 ) -> None:
     """One fleet size, every image."""
     await asyncio.to_thread(work.mkdir, parents=True)
@@ -205,7 +215,7 @@ async def fleet_run(
     broker = MosquittoBroker(workdir=work / "mosquitto")
     broker.start()
     address = broker.address
-    proc = await start_otad(address, work / "otad", trust, work / "otad.log")
+    proc = await start_otad(address, work / "otad", trust, work / "otad.log", config=config)
     watcher = Watcher()
     monitor = create_client(
         "gmqtt", MqttSettings(client_id="scale-monitor", host=broker.host, port=broker.port)
@@ -259,6 +269,7 @@ async def distribute(
     before = await ctl.call("status")
     cpu0 = cpu_seconds(proc.pid)
     watcher.lag_p99 = watcher.lag_max = 0.0
+    watcher.backlog_max = 0
     t0 = time.monotonic()
     wall0 = time.time()
     await ctl.call("distribute", {"image": sha, "all_matching": True})
@@ -301,6 +312,7 @@ async def distribute(
         control_ms=control_ms,
         event_lag_s=watcher.lags.get(sha, []),
         tail_lag_s=max(0.0, last - all_held_at),
+        events_backlog_max=watcher.backlog_max,
         complete=len(watcher.held.get(sha, {})) >= n,
     )
 
@@ -342,7 +354,8 @@ def summary(d: Distribution, hubs: int) -> str:
         f"control {statistics.median(d.control_ms) if d.control_ms else float('nan'):.0f}/"
         f"{max(d.control_ms, default=float('nan')):.0f} ms, event lag p50 "
         f"{_q(d.event_lag_s, 0.5):.2f} s max {max(d.event_lag_s, default=float('nan')):.2f} s, "
-        f"tail {d.tail_lag_s:.1f} s, distribute {d.distribute_s:.2f} s"
+        f"tail {d.tail_lag_s:.1f} s, outbox backlog max {d.events_backlog_max}, distribute "
+        f"{d.distribute_s:.2f} s"
     )
 
 

@@ -127,7 +127,10 @@ class TransferConfig:
 class EventsConfig:
     """``[events]``: JSON events for monitoring tools."""
 
-    progress_interval_s: float = 5.0  # at most one progress event per transfer this often
+    # At most one progress event per transfer this often. Each is a durable outbox row: at 5 s,
+    # 10,000 CHs made 2,000 a second and the other events waited behind them. The status
+    # snapshot carries each distribution's progress every 2 s.
+    progress_interval_s: float = 30.0
     topic_prefix: str = "ota/v1/events"
 
 

@@ -793,6 +793,8 @@ class Distribution:
         self._events.emit(
             "transfer.progress",
             f"transfer.progress:{t.guid}:{t.image.hex}:{t.attempt}:{acked}",
+            subject=_subject(t),
+            replaceable=True,
             guid=t.guid,
             image=t.image.hex,
             blocks_acked=acked,
@@ -812,6 +814,7 @@ class Distribution:
         return self._events.emit(
             "transfer.held",
             f"transfer.held:{t.guid}:{t.image.hex}:{t.attempt}",
+            subject=_subject(t),
             guid=t.guid,
             image=t.image.hex,
             sha256=held.hex(),
@@ -863,6 +866,7 @@ class Distribution:
             event = self._events.emit(
                 "transfer.failed",
                 f"transfer.failed:{t.guid}:{t.image.hex}:{t.attempt}",
+                subject=_subject(t),
                 guid=t.guid,
                 image=t.image.hex,
                 reason=reason,
@@ -1023,15 +1027,18 @@ class Distribution:
                 return
             tally.stalled_since = now
             waiting = self._waiting_breakdown(sha)
+            fields: dict[str, Any] = {
+                "image": tally.image,
+                "active": active,
+                "idle_s": round(idle, 1),
+                "blocks_acked": tally.blocks_acked,
+                "blocks_total": tally.blocks_total,
+                **waiting,
+            }
             self._events.emit(
                 "distribution.stalled",
                 f"distribution.stalled:{tally.image}:{int(time.time() * 1000)}",
-                image=tally.image,
-                active=active,
-                idle_s=round(idle, 1),
-                blocks_acked=tally.blocks_acked,
-                blocks_total=tally.blocks_total,
-                **waiting,
+                **fields,
             )
             log.warning(
                 "distribution of %s stalled: no progress for %.0f s, %d transfer(s) active (%s)",
@@ -1265,6 +1272,11 @@ def _final_state(reason: Reason) -> TransferState:
     if reason in (Reason.IMAGE_HASH, Reason.LIMITS_EXCEEDED, Reason.INTERNAL):
         return TransferState.FAILED
     return TransferState.REJECTED
+
+
+def _subject(t: Transfer) -> str:
+    """What a transfer's events are about (a newer one supersedes a queued progress report)."""
+    return f"{t.guid}:{t.image.hex}:{t.attempt}"
 
 
 def _refusal(guid: str, exc: ProtocolError) -> dict[str, str]:

@@ -94,6 +94,8 @@ class _Pending:
     payload: dict[str, Any]
     now: float
     committed: asyncio.Future[int]
+    subject: str | None = None
+    dropped: bool = False
 
 
 @dataclass(slots=True)
@@ -133,13 +135,30 @@ class EventPublisher:
         """Highest ``seq`` committed by this process (or found in the outbox at start)."""
         self.published = 0
         """Publish calls made (re-publications included)."""
+        self.superseded = 0
+        """Replaceable events dropped before their commit because a newer one came."""
+        self._replaceable: dict[str, _Pending] = {}
 
     # ------------------------------------------------------------------ producers
 
-    def emit(self, kind: str, key: str, **fields: Any) -> asyncio.Future[int]:
+    def emit(
+        self,
+        kind: str,
+        key: str,
+        *,
+        subject: str | None = None,
+        replaceable: bool = False,
+        **fields: Any,
+    ) -> asyncio.Future[int]:
         """Queue one event (``fields`` must be JSON-ready). Committed, then published, by
         :meth:`run`, in the order of ``emit`` calls. The returned future gets the event's
-        ``seq`` once it is committed to the outbox (awaiting it is optional)."""
+        ``seq`` once it is committed to the outbox (awaiting it is optional).
+
+        ``subject`` names what the event is about (one transfer). A ``replaceable`` event (a
+        progress report) that is still waiting to be committed when a newer event about the same
+        subject is emitted is dropped, its future cancelled: under load the outbox commits the
+        latest progress, not a backlog of superseded ones (at 10,000 CHs the progress reports
+        alone were 2,000 durable rows a second, and the other events waited behind them)."""
         committed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         if self._closing:
             log.debug("event %s after shutdown began: dropped", key)
@@ -147,9 +166,28 @@ class EventPublisher:
             return committed
         now = self._clock()
         payload = {"v": SCHEMA_VERSION, "kind": kind, "time": round(now, 3), **fields}
-        self._queue.append(_Pending(kind, key, payload, now, committed))
+        pending = _Pending(kind, key, payload, now, committed, subject)
+        if subject is not None:
+            older = self._replaceable.pop(subject, None)
+            if older is not None:
+                older.dropped = True
+                older.committed.cancel()
+                self.superseded += 1
+            if replaceable:
+                self._replaceable[subject] = pending
+        self._queue.append(pending)
         self._wake.set()
         return committed
+
+    @property
+    def backlog(self) -> int:
+        """Events emitted and not yet committed to the outbox (0 when the outbox keeps up)."""
+        return len(self._queue)
+
+    @property
+    def unconfirmed(self) -> int:
+        """Committed events not yet confirmed published."""
+        return len(self._sent)
 
     def connection_changed(self, up: bool) -> None:
         """Tell the publisher about the MQTT connection: after a loss, everything not yet
@@ -218,11 +256,22 @@ class EventPublisher:
         self._confirm()
 
     async def _commit_queue(self) -> None:
-        """Commit every queued event (one durable job, whatever their number) and move them to
-        the send list."""
-        if not self._queue:
+        """Commit the oldest queued events (at most :data:`_COMMIT_BATCH`, one durable job) and
+        move them to the send list; superseded ones are skipped."""
+        taken = 0
+        batch: list[_Pending] = []
+        for pending in itertools.islice(self._queue, _COMMIT_BATCH):
+            taken += 1
+            if pending.dropped:
+                continue
+            batch.append(pending)
+            # being committed now: a newer report no longer drops it
+            if pending.subject is not None and self._replaceable.get(pending.subject) is pending:
+                del self._replaceable[pending.subject]
+        if not batch:
+            for _ in range(taken):
+                self._queue.popleft()
             return
-        batch = list(itertools.islice(self._queue, _COMMIT_BATCH))
         try:
             seqs = await self._store.append_events(
                 [NewEvent(p.kind, p.key, p.payload, p.now) for p in batch]
@@ -231,12 +280,14 @@ class EventPublisher:
             log.error("events refused by the store (%d dropped): %r", len(batch), exc)
             for pending in batch:
                 pending.committed.cancel()
+            for _ in range(taken):
                 self._queue.popleft()
             return
+        for _ in range(taken):  # the batch, and what was dropped among it
+            self._queue.popleft()
         for n, (pending, seq) in enumerate(zip(batch, seqs, strict=True)):
             if n and not n % _ENCODE_CHUNK:
                 await asyncio.sleep(0)  # thousands of events at once must not stall the loop
-            self._queue.popleft()
             if not pending.committed.done():
                 pending.committed.set_result(seq)
             if seq <= self.last_seq:

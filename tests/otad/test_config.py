@@ -40,7 +40,7 @@ def test_defaults_without_a_file() -> None:
     t = config.transfer
     assert (t.block_size, t.window, t.max_window, t.global_inflight) == (1024, 8, 64, 4096)
     assert (t.segment_rate, t.qos_blocks) == (0.0, 0)
-    assert config.events.progress_interval_s == 5.0
+    assert config.events.progress_interval_s == 30.0
     assert config.log.level == "INFO"
     assert not config.broker.tls
 
