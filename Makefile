@@ -19,13 +19,13 @@ broker:
 setup: broker $(STAMP)
 
 test: setup
-	$(BIN)/ruff check protocol otad loadtest tests
+	$(BIN)/ruff check protocol otad mqttio loadtest tests
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: setup
-	$(BIN)/ruff check protocol otad loadtest tests
-	$(BIN)/ruff format --check protocol otad loadtest tests
+	$(BIN)/ruff check protocol otad mqttio loadtest tests
+	$(BIN)/ruff format --check protocol otad mqttio loadtest tests
 	$(BIN)/mypy
 
 demo: setup

@@ -3,8 +3,8 @@
 N minimal hubs (one MQTT connection each, client id = hub GUID) run in separate processes
 (multiprocessing, spawn); each answers every block it receives on its ``down`` topic with a
 4-byte application-level ack on its ``up`` topic. One publisher in this process keeps W
-unacknowledged blocks per hub. Topics are :mod:`protocol.topics` (16-hex-digit GUIDs); both
-sides use :class:`otad.mqtt.MqttClient` and nothing else: no CBOR, no store, no hashing. otad's
+unacknowledged blocks per hub. Topics are :mod:`protocol.wire.topics` (16-hex-digit GUIDs); both
+sides use :class:`mqttio.MqttClient` and nothing else: no CBOR, no store, no hashing. otad's
 end-to-end figures are meaningful as a ratio of this.
 
 Reported (one JSON line): blocks/s, MB/s, publisher CPU per block (``time.process_time`` of this
@@ -36,8 +36,8 @@ from typing import Any
 import uvloop
 
 from loadtest.broker import MosquittoBroker, raise_nofile_limit
-from otad.mqtt import HARD_INFLIGHT_LIMIT, LIBRARIES, MqttSettings, create_client
-from protocol import topics
+from mqttio import HARD_INFLIGHT_LIMIT, LIBRARIES, MqttSettings, create_client
+from protocol.wire import topics
 
 __all__ = ["guid", "main", "run_baseline"]
 

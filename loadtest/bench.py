@@ -55,7 +55,7 @@ from loadtest.demo import (
     wait_json,
 )
 from otad.progress import ProgressBar
-from protocol.manifest import Manifest
+from protocol.release.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
@@ -170,8 +170,8 @@ async def otad_run(
 ) -> OtadRun:  # fmt: skip
     """Start otad and the hubs, distribute once, measure, stop both."""
     from loadtest.runner import FleetSummary, HubFleet
-    from otad.mqtt.interface import MqttSettings, create_client
-    from protocol import topics
+    from mqttio.interface import MqttSettings, create_client
+    from protocol.wire import topics
 
     host, port = broker.host, broker.port
     address = f"{host}:{port}"

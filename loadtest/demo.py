@@ -41,9 +41,9 @@ import uvloop
 
 from otad.keyfiles import load_trust_dir
 from otad.progress import ProgressBar, format_bytes, format_duration
-from protocol.manifest import Manifest
-from protocol.otaimg import SignedImage
-from protocol.trust import verify_manifest
+from protocol.release.manifest import Manifest
+from protocol.release.otaimg import SignedImage
+from protocol.release.trust import verify_manifest
 
 OTACTL = "import sys; from otad.ctl import main; sys.exit(main(sys.argv[1:]))"
 
@@ -264,8 +264,8 @@ async def run(args: argparse.Namespace) -> int:
     """The demo itself (see the module docstring)."""
     from loadtest.broker import MosquittoBroker
     from loadtest.runner import HostLimitError, HubFleet, check_host_limits, default_procs
-    from otad.mqtt.interface import MqttSettings, create_client
-    from protocol import topics
+    from mqttio.interface import MqttSettings, create_client
+    from protocol.wire import topics
 
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()

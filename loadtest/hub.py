@@ -1,7 +1,7 @@
 """A virtual Communications Hub, WAN side: the protocol Receiver behind one MQTT connection.
 
 A :class:`VirtualHub` is what a real CH's firmware would run for the otad hop, built from the same
-sans-IO :class:`protocol.receiver.Receiver` the specification describes. It
+sans-IO :class:`protocol.wan.receiver.Receiver` the specification describes. It
 
 * connects with its GUID as MQTT client id and a retained :class:`HubWentOffline` last will on
   ``topics.state(guid)``, subscribes ``topics.down(guid)`` and publishes a retained
@@ -48,11 +48,21 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.hubstate import HubStore, hash_file
-from otad.mqtt.interface import MqttClient, MqttSettings, NotConnected, Will, create_client
-from protocol import topics
+from mqttio.interface import MqttClient, MqttSettings, NotConnected, Will, create_client
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import DeviceType, Manifest
-from protocol.messages import (
+from protocol.release.manifest import DeviceType, Manifest
+from protocol.release.trust import Target, TrustStore, verify_manifest
+from protocol.wan.receiver import (
+    DiscardImage,
+    Receiver,
+    ReceiverAction,
+    Reply,
+    StoreBlock,
+    TransferPhase,
+    VerifyImage,
+)
+from protocol.wire import topics
+from protocol.wire.messages import (
     Block,
     Cancel,
     HanDevice,
@@ -67,16 +77,6 @@ from protocol.messages import (
     TransferRejected,
     decode,
 )
-from protocol.receiver import (
-    DiscardImage,
-    Receiver,
-    ReceiverAction,
-    Reply,
-    StoreBlock,
-    TransferPhase,
-    VerifyImage,
-)
-from protocol.trust import Target, TrustStore, verify_manifest
 
 log = logging.getLogger("loadtest.hub")
 

@@ -46,8 +46,8 @@ from loadtest.hub import (
     make_identity,
 )
 from otad.keyfiles import load_trust_dir
-from protocol.messages import Limits
-from protocol.trust import TrustStore
+from protocol.release.trust import TrustStore
+from protocol.wire.messages import Limits
 
 log = logging.getLogger("loadtest.runner")
 

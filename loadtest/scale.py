@@ -46,12 +46,12 @@ from loadtest.bench import BENCHMARKS, cpu_seconds, rss_bytes, versions
 from loadtest.broker import MosquittoBroker
 from loadtest.demo import DemoError, otactl, run_cmd, start_otad, stop_otad
 from loadtest.runner import HostLimitError, HubFleet, check_host_limits, default_procs
+from mqttio import MqttSettings, create_client
 from otad import imagetool
 from otad.ctlclient import CtlClient
-from otad.mqtt import MqttSettings, create_client
-from protocol import topics
-from protocol.manifest import DeviceType
-from protocol.otaimg import SignedImage
+from protocol.release.manifest import DeviceType
+from protocol.release.otaimg import SignedImage
+from protocol.wire import topics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

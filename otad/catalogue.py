@@ -2,8 +2,8 @@
 
 ``import_image`` takes the bytes of an ``.otaimg`` and, in a worker thread (ECDSA and SHA-256
 over a whole image must not run on the event loop), checks everything
-:func:`protocol.otaimg.verify` checks: container, signature against the trust store, manifest,
-expiry, image digest, per-block hashes, ZigBee OTA header. A refused image raises
+:func:`protocol.release.otaimg.verify` checks: container, signature against the trust store,
+manifest, expiry, image digest, per-block hashes, ZigBee OTA header. A refused image raises
 :class:`~protocol.errors.ProtocolError` with the typed reason, and nothing is written. An accepted
 one is written to ``<state_dir>/images/<sha256 hex>`` (temporary file, fsync, rename) and then
 recorded in the store durably, so the catalogue never names a file that is not on disk.
@@ -26,10 +26,10 @@ from pathlib import Path
 
 from otad.store import ConflictError, ImageRow, Store
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import Manifest
-from protocol.messages import Block, Offer
-from protocol.otaimg import SignedImage, verify
-from protocol.trust import MAX_SIGNED_MANIFEST_BYTES, TrustStore
+from protocol.release.manifest import Manifest
+from protocol.release.otaimg import SignedImage, verify
+from protocol.release.trust import MAX_SIGNED_MANIFEST_BYTES, TrustStore
+from protocol.wire.messages import Block, Offer
 
 log = logging.getLogger("otad.catalogue")
 

@@ -41,7 +41,7 @@ __all__ = [
 
 DEFAULT_STATE_DIR = Path("/var/lib/otad")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-_TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # as protocol.topics.check_level
+_TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # as protocol.wire.topics.check_level
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,124}")  # + ".ctl" for the control session
 
 

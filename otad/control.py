@@ -36,12 +36,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from mqttio import MqttClient, NotConnected
 from otad.events import dumps
-from otad.mqtt import MqttClient, NotConnected
 from otad.registry import RejectLog
-from protocol import topics
 from protocol.errors import ProtocolError, Reason
-from protocol.otaimg import MAX_OTAIMG_BYTES
+from protocol.release.otaimg import MAX_OTAIMG_BYTES
+from protocol.wire import topics
 
 log = logging.getLogger("otad.control")
 

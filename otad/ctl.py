@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from otad import ctlclient, ctlwatch, imagetool
-from protocol.manifest import DeviceType
-from protocol.otaimg import MAX_OTAIMG_BYTES
+from protocol.release.manifest import DeviceType
+from protocol.release.otaimg import MAX_OTAIMG_BYTES
 
 DEFAULT_BROKER = "127.0.0.1:1883"
 EXIT_OK = 0

@@ -18,8 +18,8 @@ import secrets
 from types import TracebackType
 from typing import Any
 
-from otad.mqtt import MqttClient, MqttConnectError, MqttSettings, create_client
-from protocol import topics
+from mqttio import MqttClient, MqttConnectError, MqttSettings, create_client
+from protocol.wire import topics
 
 SCHEMA_VERSION = 1
 DEFAULT_TIMEOUT = 10.0

@@ -22,9 +22,9 @@ import sys
 import time
 from typing import Any, TextIO
 
-from otad.mqtt import MqttConnectError, MqttSettings, create_client
+from mqttio import MqttConnectError, MqttSettings, create_client
 from otad.progress import ProgressBar
-from protocol import topics
+from protocol.wire import topics
 
 EXIT_OK = 0
 EXIT_FAILED = 1

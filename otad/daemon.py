@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mqttio import MqttClient, MqttSettings, Will, create_client
 from otad.catalogue import Catalogue
 from otad.config import Config
 from otad.control import Control, arg_bytes_b64, arg_str, arg_str_list
@@ -57,12 +58,11 @@ from otad.events import (
 )
 from otad.keyfiles import load_trust_dir
 from otad.looplag import LoopLag
-from otad.mqtt import MqttClient, MqttSettings, Will, create_client
 from otad.registry import Hub, Registry, RejectLog
 from otad.store import Store, StoreError
-from protocol import topics
 from protocol.errors import ProtocolError, Reason
-from protocol.messages import HanDevice, HubAnnounced
+from protocol.wire import topics
+from protocol.wire.messages import HanDevice, HubAnnounced
 
 log = logging.getLogger("otad")
 
@@ -218,7 +218,7 @@ class Daemon:
             c.broker.port,
             c.broker.library,
         )
-        connect = loop.create_task(self._connect_both(), name="otad.mqtt.connect")
+        connect = loop.create_task(self._connect_both(), name="mqttio.connect")
         stop = loop.create_task(self._stop.wait(), name="otad.stop.wait")
         await asyncio.wait((connect, stop), return_when=asyncio.FIRST_COMPLETED)
         if not connect.done():

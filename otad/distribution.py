@@ -1,4 +1,5 @@
-"""Distribution: one :class:`~protocol.sender.Sender` per (CH, image), driven by MQTT and timers.
+"""Distribution: one :class:`~protocol.wan.sender.Sender` per (CH, image), driven by MQTT and
+timers.
 
 Theory of operation
 -------------------
@@ -55,27 +56,17 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from mqttio import MqttClient, NotConnected
 from otad.catalogue import BlockSource, Catalogue, Image
 from otad.config import TransferConfig
 from otad.events import EventPublisher
-from otad.mqtt import MqttClient, NotConnected
 from otad.registry import Hub, Registry, RejectLog
 from otad.scheduler import Scheduler, SlotState, budget_charge, handshake_charge
 from otad.store import FinalState, Store, StoreError, TransferRow, TransferState
 from otad.timers import TimerSlot, TimerStats
-from protocol import topics
 from protocol.errors import ProtocolError, Reason
-from protocol.messages import (
-    Cancel,
-    ImageHeld,
-    Limits,
-    Message,
-    Poll,
-    TransferAcked,
-    TransferRejected,
-    decode,
-)
-from protocol.sender import (
+from protocol.release.trust import Target, check_target
+from protocol.wan.sender import (
     ProgressMade,
     SendBlock,
     Sender,
@@ -85,7 +76,17 @@ from protocol.sender import (
     TransferCompleted,
     TransferFailed,
 )
-from protocol.trust import Target, check_target
+from protocol.wire import topics
+from protocol.wire.messages import (
+    Cancel,
+    ImageHeld,
+    Limits,
+    Message,
+    Poll,
+    TransferAcked,
+    TransferRejected,
+    decode,
+)
 
 log = logging.getLogger("otad.distribution")
 

@@ -66,7 +66,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from otad.mqtt import MqttClient, NotConnected
+from mqttio import MqttClient, NotConnected
 from otad.store import NewEvent, Store, StoreError, Tx
 
 log = logging.getLogger("otad.events")

@@ -15,12 +15,12 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from otad.keyfiles import KeyFileError, load_private_key, load_trust_dir, write_keypair
-from protocol.cose import parse_sign1
 from protocol.errors import ProtocolError
-from protocol.manifest import MAX_IMAGE_BYTES, DeviceType, Manifest
-from protocol.otaimg import MAX_OTAIMG_BYTES, SignedImage, build, verify
-from protocol.trust import MAX_SIGNED_MANIFEST_BYTES, TrustStore
-from protocol.zigbee_ota import MAGIC, OtaFile, wrap
+from protocol.release.cose import parse_sign1
+from protocol.release.manifest import MAX_IMAGE_BYTES, DeviceType, Manifest
+from protocol.release.otaimg import MAX_OTAIMG_BYTES, SignedImage, build, verify
+from protocol.release.trust import MAX_SIGNED_MANIFEST_BYTES, TrustStore
+from protocol.release.zigbee_ota import MAGIC, OtaFile, wrap
 
 DEFAULT_MANUFACTURER = 0x1234
 DEFAULT_IMAGE_TYPE = 0x0001

@@ -1,4 +1,4 @@
-"""Signing keys and trust stores on disk (the I/O side of :mod:`protocol.trust`).
+"""Signing keys and trust stores on disk (the I/O side of :mod:`protocol.release.trust`).
 
 * A private key is a PEM PKCS#8 EC P-256 key, unencrypted, mode 0600 (otad reads it from
   systemd credentials; ``otactl keys new`` writes it).
@@ -20,8 +20,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocol.cose import KID_LEN, key_id
-from protocol.trust import TrustStore
+from protocol.release.cose import KID_LEN, key_id
+from protocol.release.trust import TrustStore
 
 MAX_KEY_FILE_BYTES = 64 * 1024
 

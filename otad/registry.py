@@ -1,8 +1,8 @@
 """Fleet registry: which Communications Hubs exist, what they declared, and whether they are online.
 
-A CH announces itself with a retained :class:`~protocol.messages.HubAnnounced` on
-``ota/v1/ch/{guid}/state``; its last will, :class:`~protocol.messages.HubWentOffline`, replaces it
-when the broker loses the connection. The registry is the only place those messages are
+A CH announces itself with a retained :class:`~protocol.wire.messages.HubAnnounced` on
+``ota/v1/ch/{guid}/state``; its last will, :class:`~protocol.wire.messages.HubWentOffline`,
+replaces it when the broker loses the connection. The registry is the only place those messages are
 interpreted. Everything that arrives there is untrusted and checked before anything changes:
 
 * the topic must parse and name a well-formed GUID (``BAD_IDENTIFIER``);
@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from protocol import topics
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import MIN_BLOCK_SIZE, DeviceType, Manifest
-from protocol.messages import HubAnnounced, HubWentOffline, decode
+from protocol.release.manifest import MIN_BLOCK_SIZE, DeviceType, Manifest
+from protocol.wire import topics
+from protocol.wire.messages import HubAnnounced, HubWentOffline, decode
 
 log = logging.getLogger("otad.registry")
 

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 
-Each (CH, image) transfer has its own :class:`~protocol.sender.Sender`, which keeps the CH's
+Each (CH, image) transfer has its own :class:`~protocol.wan.sender.Sender`, which keeps the CH's
 window, credit and buffer. Above the senders the scheduler shares three resources among every
 transfer, and it is the one owner of that bookkeeping (the shell only reports what happened):
 
@@ -106,7 +106,7 @@ DEFAULT_HANDSHAKE_BYTES: Final = 16 * 1024 * 1024
 
 
 class SenderView(Protocol):
-    """What the charge policy reads of a :class:`~protocol.sender.Sender`."""
+    """What the charge policy reads of a :class:`~protocol.wan.sender.Sender`."""
 
     @property
     def in_flight(self) -> int: ...

@@ -67,8 +67,8 @@ from typing import Any, Final, Literal, TypeVar, cast
 import aiosqlite
 
 from otad.migrations import MIGRATIONS, SCHEMA_VERSION
-from protocol.manifest import Manifest
-from protocol.messages import HubAnnounced, Limits
+from protocol.release.manifest import Manifest
+from protocol.wire.messages import HubAnnounced, Limits
 
 __all__ = [
     "DB_NAME",

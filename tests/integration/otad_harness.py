@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.broker import MosquittoBroker
+from mqttio import MqttClient, MqttSettings, create_client
 from otad import imagetool
-from otad.mqtt import MqttClient, MqttSettings, create_client
-from protocol import topics
 from protocol.errors import ProtocolError
-from protocol.manifest import DeviceType
-from protocol.messages import Block, Offer, decode
+from protocol.release.manifest import DeviceType
+from protocol.wire import topics
+from protocol.wire.messages import Block, Offer, decode
 
 WAIT = 60.0
 
@@ -80,7 +80,7 @@ def make_release(
         hw_max=0xFFFF,
         block_size=block_size,
     )
-    from protocol.otaimg import SignedImage
+    from protocol.release.otaimg import SignedImage
 
     signed = SignedImage.decode(out.read_bytes())
     import hashlib

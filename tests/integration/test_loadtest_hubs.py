@@ -1,6 +1,6 @@
 """Virtual Communications Hubs (loadtest/) against a real Mosquitto.
 
-The hubs are driven by a tiny in-test publisher built on :class:`protocol.sender.Sender` (not
+The hubs are driven by a tiny in-test publisher built on :class:`protocol.wan.sender.Sender` (not
 otad), so these tests pin the hub's WAN behaviour on its own: announcement and last will,
 verified reception with the hash the hub computed, resume after a crash, rejection of an
 untrusted signer, and the window measure the otad tests rely on.
@@ -22,22 +22,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from loadtest.broker import MosquittoBroker
 from loadtest.hub import HubStats, make_identity
 from loadtest.runner import HubFleet
+from mqttio import MqttClient, MqttSettings, create_client
 from otad.keyfiles import load_private_key, write_keypair
-from otad.mqtt import MqttClient, MqttSettings, create_client
-from protocol import topics
 from protocol.errors import Reason
-from protocol.manifest import DeviceType, Manifest
-from protocol.messages import (
-    Block,
-    Cancel,
-    HubAnnounced,
-    HubWentOffline,
-    Limits,
-    Offer,
-    decode,
-)
-from protocol.otaimg import SignedImage, build
-from protocol.sender import (
+from protocol.release.manifest import DeviceType, Manifest
+from protocol.release.otaimg import SignedImage, build
+from protocol.release.trust import TrustStore, verify_manifest
+from protocol.release.zigbee_ota import wrap
+from protocol.wan.sender import (
     SendBlock,
     SendCancel,
     Sender,
@@ -46,8 +38,16 @@ from protocol.sender import (
     TransferCompleted,
     TransferFailed,
 )
-from protocol.trust import TrustStore, verify_manifest
-from protocol.zigbee_ota import wrap
+from protocol.wire import topics
+from protocol.wire.messages import (
+    Block,
+    Cancel,
+    HubAnnounced,
+    HubWentOffline,
+    Limits,
+    Offer,
+    decode,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 

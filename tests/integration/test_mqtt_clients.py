@@ -1,4 +1,4 @@
-"""Both MQTT adapters against a real Mosquitto: the contract of otad.mqtt.interface."""
+"""Both MQTT adapters against a real Mosquitto: the contract of mqttio.interface."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from loadtest.broker import MosquittoBroker, free_port
-from otad.mqtt import (
+from mqttio import (
     MqttClient,
     MqttConnectError,
     MqttSettings,

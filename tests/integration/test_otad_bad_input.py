@@ -19,10 +19,10 @@ from otad_harness import (
 
 from loadtest.broker import MosquittoBroker
 from loadtest.runner import HubFleet
+from mqttio import MqttSettings, create_client
 from otad.ctlclient import CtlClient
-from otad.mqtt import MqttSettings, create_client
-from protocol import topics
-from protocol.messages import HubAnnounced, Limits, TransferAcked
+from protocol.wire import topics
+from protocol.wire.messages import HubAnnounced, Limits, TransferAcked
 
 pytestmark = [pytest.mark.broker]
 

@@ -23,7 +23,7 @@ from otad_harness import (
 
 from loadtest.broker import MosquittoBroker
 from loadtest.runner import HubFleet
-from protocol.messages import Limits
+from protocol.wire.messages import Limits
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

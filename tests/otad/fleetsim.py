@@ -7,9 +7,9 @@ flight, exactly the effect the global budget exists to bound. Each CH adds a one
 a loss rate, and can be made to go silent (it stops answering: a hung CH whose connection stays
 up).
 
-Every transfer is a real :class:`protocol.sender.Sender` talking, as bytes through
-:func:`protocol.messages.decode`, to a real :class:`protocol.receiver.Receiver` holding a really
-signed manifest (``simlink``). :class:`SimTransfer` implements the scheduler's
+Every transfer is a real :class:`protocol.wan.sender.Sender` talking, as bytes through
+:func:`protocol.wire.messages.decode`, to a real :class:`protocol.wan.receiver.Receiver` holding a
+really signed manifest (``simlink``). :class:`SimTransfer` implements the scheduler's
 :class:`~otad.scheduler.Schedulable` with the same charge policy as otad's
 :class:`~otad.distribution.Transfer` (:func:`otad.scheduler.budget_charge`,
 :func:`otad.scheduler.handshake_charge`). The fleet checks, after every step, that the
@@ -27,8 +27,7 @@ from simlink import Hub, Release
 
 from otad.config import TransferConfig
 from otad.scheduler import Scheduler, SlotState, budget_charge, handshake_charge
-from protocol.messages import Block, Cancel, Limits, Message, Offer, Poll, decode
-from protocol.sender import (
+from protocol.wan.sender import (
     ProgressMade,
     SendBlock,
     SendCancel,
@@ -39,6 +38,7 @@ from protocol.sender import (
     TransferCompleted,
     TransferFailed,
 )
+from protocol.wire.messages import Block, Cancel, Limits, Message, Offer, Poll, decode
 
 POLL_BYTES = 16
 LIMITS = Limits(max_block=1024, window=8, buffer=64 * 1024)

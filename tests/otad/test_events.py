@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, cast
 
+from mqttio import MqttClient
 from otad.events import EventPublisher
-from otad.mqtt import MqttClient
 from otad.store import Store
 
 

@@ -8,7 +8,7 @@ from gmqtt import Message
 from gmqtt.mqtt.constants import MQTTv311
 from gmqtt.mqtt.package import PublishPacket
 
-from otad.mqtt.gmqtt_adapter import _publish_qos0
+from mqttio.gmqtt_adapter import _publish_qos0
 
 
 class _Protocol:

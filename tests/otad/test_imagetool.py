@@ -21,11 +21,11 @@ from otad.keyfiles import (
     load_trust_dir,
     public_key_path,
 )
-from protocol.cose import key_id, parse_sign1
-from protocol.manifest import DeviceType
-from protocol.otaimg import SignedImage, verify
-from protocol.trust import MAX_SIGNED_MANIFEST_BYTES, TrustStore
-from protocol.zigbee_ota import wrap
+from protocol.release.cose import key_id, parse_sign1
+from protocol.release.manifest import DeviceType
+from protocol.release.otaimg import SignedImage, verify
+from protocol.release.trust import MAX_SIGNED_MANIFEST_BYTES, TrustStore
+from protocol.release.zigbee_ota import wrap
 
 FIRMWARE = b"".join(hashlib.sha256(bytes([i])).digest() for i in range(157))[:5000]
 

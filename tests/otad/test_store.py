@@ -29,8 +29,8 @@ from otad.store import (
     TransferState,
     Tx,
 )
-from protocol.manifest import DeviceType, Manifest
-from protocol.messages import HanDevice, HubAnnounced, Limits
+from protocol.release.manifest import DeviceType, Manifest
+from protocol.wire.messages import HanDevice, HubAnnounced, Limits
 
 REPO = Path(__file__).resolve().parents[2]
 GUIDS = [f"{0x0011223344550000 + i:016X}" for i in range(200)]
@@ -541,8 +541,8 @@ async def test_counters_never_repeat_across_reopen(state_dir: Path) -> None:
 CHILD = r"""
 import asyncio, os, signal, sys, threading
 from otad.store import Store, TransferState
-from protocol.manifest import DeviceType, Manifest
-from protocol.messages import HubAnnounced, Limits
+from protocol.release.manifest import DeviceType, Manifest
+from protocol.wire.messages import HubAnnounced, Limits
 
 GUIDS = [f"{0x00AA000000000000 + i:016X}" for i in range(20)]
 MODE, VALUE = sys.argv[2], float(sys.argv[3])

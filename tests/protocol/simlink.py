@@ -6,12 +6,12 @@ stream), random ``loss``, ``duplicate`` copies (a QoS 1 redelivery: arrives late
 order), and ``reorder`` (a message is held back ``reorder_delay`` so later ones overtake it). All
 randomness comes from one ``random.Random(seed)``, so a run is reproducible.
 
-:class:`TransferRun` wires a real :class:`~protocol.sender.Sender` (with an in-memory image store
-standing in for otad's) to a :class:`Hub` (a :class:`~protocol.receiver.Receiver` plus an
+:class:`TransferRun` wires a real :class:`~protocol.wan.sender.Sender` (with an in-memory image
+store standing in for otad's) to a :class:`Hub` (a :class:`~protocol.wan.receiver.Receiver` plus an
 in-memory block store standing in for the CH's flash). Every message crosses the link as bytes:
-``encode()`` on one side, :func:`protocol.messages.decode` on the other, so the wire format is
-exercised. Manifests are really signed (:func:`protocol.cose.sign1`) and really verified
-(:func:`protocol.trust.verify_manifest`) before any block is accepted.
+``encode()`` on one side, :func:`protocol.wire.messages.decode` on the other, so the wire format is
+exercised. Manifests are really signed (:func:`protocol.release.cose.sign1`) and really verified
+(:func:`protocol.release.trust.verify_manifest`) before any block is accepted.
 """
 
 from __future__ import annotations
@@ -26,10 +26,27 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocol import cose, trust
 from protocol.errors import ProtocolError
-from protocol.manifest import DeviceType, Manifest
-from protocol.messages import (
+from protocol.release import cose, trust
+from protocol.release.manifest import DeviceType, Manifest
+from protocol.wan.receiver import (
+    DiscardImage,
+    Receiver,
+    ReceiverAction,
+    Reply,
+    StoreBlock,
+    VerifyImage,
+)
+from protocol.wan.sack import sack_indexes
+from protocol.wan.sender import (
+    SendBlock,
+    SendCancel,
+    Sender,
+    SenderEvent,
+    SenderState,
+    SendOffer,
+)
+from protocol.wire.messages import (
     Block,
     Cancel,
     ImageHeld,
@@ -38,16 +55,6 @@ from protocol.messages import (
     Offer,
     TransferAcked,
     decode,
-)
-from protocol.receiver import DiscardImage, Receiver, ReceiverAction, Reply, StoreBlock, VerifyImage
-from protocol.sack import sack_indexes
-from protocol.sender import (
-    SendBlock,
-    SendCancel,
-    Sender,
-    SenderEvent,
-    SenderState,
-    SendOffer,
 )
 
 CREATED = 1_700_000_000

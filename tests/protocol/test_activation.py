@@ -10,8 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import cbor
-from protocol.activation import (
+from protocol.device.activation import (
     MAX_SIGNED_BYTES,
     ActivationAlert,
     ActivationCancelled,
@@ -22,9 +21,10 @@ from protocol.activation import (
     VersionReport,
     check_device_id,
 )
-from protocol.cose import key_id, sign1
 from protocol.errors import ProtocolError, Reason
-from protocol.trust import TrustStore
+from protocol.release.cose import key_id, sign1
+from protocol.release.trust import TrustStore
+from protocol.wire import cbor
 
 OPS_KEY = ec.derive_private_key(0xA11CE, ec.SECP256R1())
 DEVICE_KEY = ec.derive_private_key(0xB0B, ec.SECP256R1())

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import cbor
 from protocol.errors import ProtocolError, Reason
+from protocol.wire import cbor
 
 
 def refused(data: bytes, **kwargs: object) -> Reason:

@@ -18,9 +18,9 @@ from pycose.headers import KID, Algorithm
 from pycose.keys.ec2 import EC2Key
 from pycose.messages.sign1message import Sign1Message
 
-from protocol.cose import ALG_ES256, Sign1, key_id, parse_sign1, sign1, verify_sign1
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import DeviceType, Manifest
+from protocol.release.cose import ALG_ES256, Sign1, key_id, parse_sign1, sign1, verify_sign1
+from protocol.release.manifest import DeviceType, Manifest
 
 MAX = 4096
 
@@ -53,7 +53,7 @@ def _manifest_payload() -> bytes:
 
 
 def _raw(message: list[object], tag: int | None = 18) -> bytes:
-    """Hand-built COSE structures (bypassing protocol.cbor) for hostile inputs."""
+    """Hand-built COSE structures (bypassing protocol.wire.cbor) for hostile inputs."""
     return bytes(cbor2.dumps(cbor2.CBORTag(tag, message) if tag is not None else message))
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocol.activation import (
+from protocol.device.activation import (
     ActivationAlert,
     ActivationCancelled,
     ActivationCommand,
@@ -20,8 +20,7 @@ from protocol.activation import (
     Outcome,
     VersionReport,
 )
-from protocol.cose import sign1
-from protocol.device import (
+from protocol.device.device import (
     ActivationState,
     AlertRaised,
     Device,
@@ -32,8 +31,9 @@ from protocol.device import (
     SlotState,
 )
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import DeviceType, Manifest
-from protocol.trust import TrustStore
+from protocol.release.cose import sign1
+from protocol.release.manifest import DeviceType, Manifest
+from protocol.release.trust import TrustStore
 
 RELEASE_KEY = ec.derive_private_key(0x5EED1, ec.SECP256R1())  # signs manifests
 OPS_KEY = ec.derive_private_key(0x5EED2, ec.SECP256R1())  # otad: signs activations

@@ -22,11 +22,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import otaimg, zigbee_ota
-from protocol.activation import ActivationAlert, ActivationCommand, ActivationResponse, Outcome
-from protocol.activation import VersionReport as VersionReportMsg
-from protocol.cose import sign1
-from protocol.device import (
+from protocol.device.activation import (
+    ActivationAlert,
+    ActivationCommand,
+    ActivationResponse,
+    Outcome,
+)
+from protocol.device.activation import VersionReport as VersionReportMsg
+from protocol.device.device import (
     AlertRaised,
     Device,
     DeviceIdentity,
@@ -36,7 +39,7 @@ from protocol.device import (
     SlotState,
 )
 from protocol.errors import ProtocolError, Reason
-from protocol.han_client import (
+from protocol.han.client import (
     ClientConfig,
     ClientState,
     DownloadAborted,
@@ -47,7 +50,7 @@ from protocol.han_client import (
     ManifestRejected,
     UpgradeEndAcknowledged,
 )
-from protocol.han_frames import (
+from protocol.han.frames import (
     MAX_FRAME_BYTES,
     UPGRADE_TIME_WAIT,
     DefaultResponse,
@@ -69,7 +72,7 @@ from protocol.han_frames import (
     ZclStatus,
     decode_frame,
 )
-from protocol.han_server import (
+from protocol.han.server import (
     HanServer,
     ImageDelivered,
     ProgressiveImage,
@@ -79,8 +82,10 @@ from protocol.han_server import (
     SessionState,
     SessionTimedOut,
 )
-from protocol.manifest import DeviceType, Manifest
-from protocol.trust import TrustStore, verify_manifest
+from protocol.release import otaimg, zigbee_ota
+from protocol.release.cose import sign1
+from protocol.release.manifest import DeviceType, Manifest
+from protocol.release.trust import TrustStore, verify_manifest
 
 # --------------------------------------------------------------------------- frames
 

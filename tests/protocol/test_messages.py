@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from protocol import cbor, messages
 from protocol.errors import ProtocolError, Reason
-from protocol.messages import Block, HanDevice, HubAnnounced, Limits, TransferAcked
+from protocol.wire import cbor, messages
+from protocol.wire.messages import Block, HanDevice, HubAnnounced, Limits, TransferAcked
 
 IMAGE = bytes(range(32))
 

@@ -1,9 +1,9 @@
 """Hypothesis fuzzing of everything that reads untrusted bytes on the WAN path.
 
-The contract under test: :func:`protocol.messages.decode`, :func:`protocol.cbor.loads` and
-:meth:`protocol.receiver.Receiver.restore` raise :class:`ProtocolError` and nothing else, whatever
-they are given; the Receiver never raises and never stores an unverified byte; the Sender raises
-only ``ProtocolError`` on a message it cannot apply and keeps its invariants.
+The contract under test: :func:`protocol.wire.messages.decode`, :func:`protocol.wire.cbor.loads` and
+:meth:`protocol.wan.receiver.Receiver.restore` raise :class:`ProtocolError` and nothing else,
+whatever they are given; the Receiver never raises and never stores an unverified byte; the Sender
+raises only ``ProtocolError`` on a message it cannot apply and keeps its invariants.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from simlink import Release, make_release
 
-from protocol import cbor, messages
 from protocol.errors import ProtocolError
-from protocol.messages import (
+from protocol.wan.receiver import DiscardImage, Receiver, StoreBlock
+from protocol.wan.sack import Bitmap, check_sack, sack_indexes
+from protocol.wan.sender import Sender, SenderState
+from protocol.wire import cbor, messages
+from protocol.wire.messages import (
     HASH_LEN,
     Block,
     Cancel,
@@ -35,9 +38,6 @@ from protocol.messages import (
     TransferAcked,
     TransferRejected,
 )
-from protocol.receiver import DiscardImage, Receiver, StoreBlock
-from protocol.sack import Bitmap, check_sack, sack_indexes
-from protocol.sender import Sender, SenderState
 
 FUZZ = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SOME = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

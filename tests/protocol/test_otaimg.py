@@ -13,12 +13,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.cose import key_id, parse_sign1, sign1
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import DeviceType, Manifest
-from protocol.otaimg import MAGIC, SignedImage, build, verify
-from protocol.trust import MAX_SIGNED_MANIFEST_BYTES, Target, TrustStore
-from protocol.zigbee_ota import wrap
+from protocol.release.cose import key_id, parse_sign1, sign1
+from protocol.release.manifest import DeviceType, Manifest
+from protocol.release.otaimg import MAGIC, SignedImage, build, verify
+from protocol.release.trust import MAX_SIGNED_MANIFEST_BYTES, Target, TrustStore
+from protocol.release.zigbee_ota import wrap
 
 CREATED = 1_700_000_000
 EXPIRES = CREATED + 30 * 86_400

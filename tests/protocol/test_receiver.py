@@ -8,10 +8,21 @@ import hashlib
 import pytest
 from simlink import EXPIRES, Release, make_release, signing_key
 
-from protocol import cbor, trust
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import Manifest
-from protocol.messages import (
+from protocol.release import trust
+from protocol.release.manifest import Manifest
+from protocol.wan.receiver import (
+    DiscardImage,
+    Receiver,
+    ReceiverAction,
+    Reply,
+    StoreBlock,
+    TransferPhase,
+    VerifyImage,
+)
+from protocol.wan.sack import SACK_SPAN, Bitmap, check_sack, sack_indexes
+from protocol.wire import cbor
+from protocol.wire.messages import (
     Block,
     Cancel,
     ImageHeld,
@@ -21,16 +32,6 @@ from protocol.messages import (
     TransferAcked,
     TransferRejected,
 )
-from protocol.receiver import (
-    DiscardImage,
-    Receiver,
-    ReceiverAction,
-    Reply,
-    StoreBlock,
-    TransferPhase,
-    VerifyImage,
-)
-from protocol.sack import SACK_SPAN, Bitmap, check_sack, sack_indexes
 
 BLOCK = 64
 LIMITS = Limits(max_block=BLOCK, window=4, buffer=4 * BLOCK)

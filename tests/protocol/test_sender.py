@@ -8,16 +8,9 @@ from collections.abc import Sequence
 import pytest
 
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import DeviceType, Manifest
-from protocol.messages import (
-    Block,
-    ImageHeld,
-    Limits,
-    TransferAcked,
-    TransferRejected,
-)
-from protocol.sack import Bitmap
-from protocol.sender import (
+from protocol.release.manifest import DeviceType, Manifest
+from protocol.wan.sack import Bitmap
+from protocol.wan.sender import (
     ProgressMade,
     SendBlock,
     SendCancel,
@@ -26,6 +19,13 @@ from protocol.sender import (
     SendOffer,
     TransferCompleted,
     TransferFailed,
+)
+from protocol.wire.messages import (
+    Block,
+    ImageHeld,
+    Limits,
+    TransferAcked,
+    TransferRejected,
 )
 
 BLOCK = 64

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from protocol import topics
 from protocol.errors import ProtocolError, Reason
+from protocol.wire import topics
 
 GUID = "00112233AABBCCDD"
 

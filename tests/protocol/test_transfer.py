@@ -13,11 +13,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from simlink import DOWN, UP, Path, Release, TransferRun, make_release, signing_key
 
-from protocol import trust
 from protocol.errors import Reason
-from protocol.messages import Block, Limits, decode
-from protocol.receiver import Receiver, TransferPhase
-from protocol.sender import SenderState, TransferCompleted, TransferFailed
+from protocol.release import trust
+from protocol.wan.receiver import Receiver, TransferPhase
+from protocol.wan.sender import SenderState, TransferCompleted, TransferFailed
+from protocol.wire.messages import Block, Limits, decode
 
 IMAGE_SIZE = 256 * 1024
 BLOCKS = 256

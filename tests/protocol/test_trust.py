@@ -12,11 +12,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import cbor
-from protocol.cose import key_id, parse_sign1, sign1
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import DeviceType, Manifest
-from protocol.trust import MAX_SIGNED_MANIFEST_BYTES, Target, TrustStore, verify_manifest
+from protocol.release.cose import key_id, parse_sign1, sign1
+from protocol.release.manifest import DeviceType, Manifest
+from protocol.release.trust import MAX_SIGNED_MANIFEST_BYTES, Target, TrustStore, verify_manifest
+from protocol.wire import cbor
 
 CREATED = 1_700_000_000
 EXPIRES = 1_700_000_000 + 365 * 86_400

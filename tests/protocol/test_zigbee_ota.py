@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import ProtocolError, Reason
-from protocol.zigbee_ota import (
+from protocol.release.zigbee_ota import (
     FC_HW_VERSIONS,
     TAG_UPGRADE_IMAGE,
     OtaFile,

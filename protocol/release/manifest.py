@@ -1,7 +1,8 @@
 """The firmware manifest: what a signed image promises about itself.
 
 A manifest is a CBOR map (text keys, see SPEC.md "Manifest") carried as the payload of a
-COSE_Sign1 (:mod:`protocol.cose`). It names the target (vendor, device type, hardware range),
+COSE_Sign1 (:mod:`protocol.release.cose`). It names the target (vendor, device type, hardware
+range),
 orders releases (``sequence``, monotonic per vendor and device type, the anti-rollback counter),
 and pins the bytes: whole-image SHA-256 and size, the block size, and one SHA-256 per block so a
 receiver checks each block on arrival and re-fetches a corrupt one alone.
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from protocol import cbor
 from protocol.errors import ProtocolError, Reason
+from protocol.wire import cbor
 
 MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 2 * 1024 * 1024

@@ -5,12 +5,12 @@ Layout (all of it; integers big-endian)::
     offset  size  field
     0       8     magic b"OTAIMG" 0x00 0x01 (the last two bytes are the format version, 1)
     8       4     M = length of the signed manifest (u32), 1 <= M <= MAX_SIGNED_MANIFEST_BYTES
-    12      M     signed manifest: the COSE_Sign1 bytes exactly as signed (protocol.cose)
+    12      M     signed manifest: the COSE_Sign1 bytes exactly as signed (protocol.release.cose)
     12+M    rest  the ZigBee OTA file; the manifest's ``size`` and ``sha256`` are of these bytes
 
 :meth:`SignedImage.decode` checks the container only; :func:`verify` checks everything: the
-signature and manifest (:func:`protocol.trust.verify_manifest`), the bytes against the signed
-digest, size and block hashes, and the OTA header against the manifest.
+signature and manifest (:func:`protocol.release.trust.verify_manifest`), the bytes against the
+signed digest, size and block hashes, and the OTA header against the manifest.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocol.cose import sign1
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import MAX_IMAGE_BYTES, DeviceType, Manifest, block_hashes
-from protocol.trust import MAX_SIGNED_MANIFEST_BYTES, Target, TrustStore, verify_manifest
-from protocol.zigbee_ota import OtaFile
+from protocol.release.cose import sign1
+from protocol.release.manifest import MAX_IMAGE_BYTES, DeviceType, Manifest, block_hashes
+from protocol.release.trust import MAX_SIGNED_MANIFEST_BYTES, Target, TrustStore, verify_manifest
+from protocol.release.zigbee_ota import OtaFile
 
 MAGIC = b"OTAIMG\x00\x01"
 _MAGIC_FAMILY = MAGIC[:6]
@@ -147,11 +147,12 @@ def verify(
 ) -> tuple[Manifest, OtaFile]:
     """Verify a release completely; return its manifest and parsed OTA file.
 
-    Order: :func:`~protocol.trust.verify_manifest` (signature first, then decoding, expiry and the
-    optional target); ``IMAGE_HASH`` when the image size or SHA-256 differ from the manifest;
-    ``BLOCK_HASH`` when the signed per-block hashes do not match the image; the OTA file's strict
-    parse (``MALFORMED``...); ``HEADER_MISMATCH`` when the OTA header disagrees with the manifest
-    (file version, manufacturer code, image type, hardware range if present, total size).
+    Order: :func:`~protocol.release.trust.verify_manifest` (signature first, then decoding, expiry
+    and the optional target); ``IMAGE_HASH`` when the image size or SHA-256 differ from the
+    manifest; ``BLOCK_HASH`` when the signed per-block hashes do not match the image; the OTA
+    file's strict parse (``MALFORMED``...); ``HEADER_MISMATCH`` when the OTA header disagrees with
+    the manifest (file version, manufacturer code, image type, hardware range if present, total
+    size).
     """
     manifest = verify_manifest(image.signed_manifest, trust, now=now, target=target)
     data = image.image

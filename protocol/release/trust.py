@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocol.cose import key_id, parse_sign1, verify_sign1
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import MAX_MANIFEST_BYTES, DeviceType, Manifest
+from protocol.release.cose import key_id, parse_sign1, verify_sign1
+from protocol.release.manifest import MAX_MANIFEST_BYTES, DeviceType, Manifest
 
 # Cap on a whole signed manifest (COSE envelope included), the size of the Offer.manifest field.
 MAX_SIGNED_MANIFEST_BYTES = MAX_MANIFEST_BYTES
@@ -92,8 +92,8 @@ class TrustStore:
     def verify(self, signed: bytes, *, max_size: int) -> bytes:
         """Verify a COSE_Sign1 and return its payload bytes, still undecoded.
 
-        Order: envelope (:func:`~protocol.cose.parse_sign1`), ``REVOKED_KEY`` (checked first, so a
-        revoked id is reported as revoked even when its key is no longer held),
+        Order: envelope (:func:`~protocol.release.cose.parse_sign1`), ``REVOKED_KEY`` (checked
+        first, so a revoked id is reported as revoked even when its key is no longer held),
         ``UNKNOWN_KEY_ID``, then ``BAD_ALGORITHM`` / ``BAD_SIGNATURE``. Raises ``ProtocolError``
         only.
         """

@@ -1,7 +1,7 @@
 """The one narrow MQTT client interface used by otad, the virtual hubs and otactl.
 
-Two adapters implement it: :mod:`otad.mqtt.gmqtt_adapter` (fast: ~10x less CPU per message)
-and :mod:`otad.mqtt.aiomqtt_adapter` (the idiomatic asyncio client). Pick one by name with
+Two adapters implement it: :mod:`mqttio.gmqtt_adapter` (fast: ~10x less CPU per message)
+and :mod:`mqttio.aiomqtt_adapter` (the idiomatic asyncio client). Pick one by name with
 :func:`create_client`. Both speak plain MQTT 3.1.1, so they run on any broker.
 
 Semantics shared by both adapters (the contract the daemon relies on):
@@ -75,7 +75,7 @@ MessageHandler = Callable[[str, bytes, bool], None]
 ConnectionHandler = Callable[[bool], None]
 """``handler(up)``: ``True`` after a (re)connect and resubscription, ``False`` on a loss."""
 
-log = logging.getLogger("otad.mqtt")
+log = logging.getLogger("mqttio")
 
 
 # --------------------------------------------------------------------------- errors
@@ -465,11 +465,11 @@ class MqttClient(abc.ABC):
 def create_client(library: str, settings: MqttSettings) -> MqttClient:
     """Build an adapter by name: ``"gmqtt"`` or ``"aiomqtt"``."""
     if library == "gmqtt":
-        from otad.mqtt.gmqtt_adapter import GmqttClient
+        from mqttio.gmqtt_adapter import GmqttClient
 
         return GmqttClient(settings)
     if library == "aiomqtt":
-        from otad.mqtt.aiomqtt_adapter import AiomqttClient
+        from mqttio.aiomqtt_adapter import AiomqttClient
 
         return AiomqttClient(settings)
     raise ValueError(f"unknown MQTT library {library!r}; choose one of {', '.join(LIBRARIES)}")

@@ -2,10 +2,10 @@
 
 Each message is one frozen, slotted dataclass. On the wire it is a CBOR map with text keys: the
 type code under ``"t"`` and one entry per field, nothing else (SPEC.md "Messages"). Decoding is
-strict: size cap first, then :func:`protocol.cbor.loads`, then an exact key set and a type and
+strict: size cap first, then :func:`protocol.wire.cbor.loads`, then an exact key set and a type and
 range check on every field. Any failure is a :class:`ProtocolError` with a reason code.
 
-Direction and topic (see :mod:`protocol.topics`):
+Direction and topic (see :mod:`protocol.wire.topics`):
 
 * otad -> CH on ``.../down``: :class:`Offer`, :class:`Block`, :class:`Cancel`, :class:`Poll`
 * CH -> otad on ``.../up``: :class:`TransferAcked`, :class:`ImageHeld`, :class:`TransferRejected`
@@ -25,8 +25,8 @@ from typing import Any, ClassVar
 
 import cbor2
 
-from protocol import cbor
 from protocol.errors import ProtocolError, Reason
+from protocol.wire import cbor
 
 PROTOCOL_VERSION = 1
 HASH_LEN = 32
@@ -69,7 +69,7 @@ class HanDevice:
     """One device on the CH's home area network, as the CH reports it."""
 
     device_id: str = _s(64)  # EUI-64 as 16 hex digits
-    device_type: str = _s(8)  # protocol.manifest.DeviceType value
+    device_type: str = _s(8)  # protocol.release.manifest.DeviceType value
     join_mode: str = _s(8)  # "CAD" or "PPMID" (DP170 Q4); "NATIVE" for ESME/GSME/...
     fw_version: int = _u(MAX_U32)
     hw_version: int = _u(MAX_U16)

@@ -31,7 +31,7 @@ import struct
 from dataclasses import dataclass, replace
 
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import MAX_IMAGE_BYTES
+from protocol.release.manifest import MAX_IMAGE_BYTES
 
 MAGIC = 0x0BEEF11E
 HEADER_VERSION = 0x0100

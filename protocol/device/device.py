@@ -43,8 +43,9 @@ What is checked, and when:
   stored bytes no longer hash to it -> ``HASH_MISMATCH``; otherwise the slots swap, the injected
   self-test runs, and a failure swaps back (``ACTIVATION_FAILED``, reason ``SELF_TEST_FAILED``).
 * Success yields the confirmation evidence the join mode allows: a device-signed
-  :class:`~protocol.activation.ActivationAlert` (native devices, bridges joined as a PPMID) or a
-  :class:`~protocol.activation.VersionReport` (bridges joined as a CAD, which cannot sign).
+  :class:`~protocol.device.activation.ActivationAlert` (native devices, bridges joined as a PPMID)
+  or a
+  :class:`~protocol.device.activation.VersionReport` (bridges joined as a CAD, which cannot sign).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocol.activation import (
+from protocol.device.activation import (
     ActivationAlert,
     ActivationCancelled,
     ActivationCommand,
@@ -68,8 +69,8 @@ from protocol.activation import (
     check_device_id,
 )
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import HASH_LEN, DeviceType, Manifest
-from protocol.trust import Target, TrustStore, verify_manifest
+from protocol.release.manifest import HASH_LEN, DeviceType, Manifest
+from protocol.release.trust import Target, TrustStore, verify_manifest
 
 REHASH_CHUNK = 4096  # bytes read from storage at a time when re-hashing
 

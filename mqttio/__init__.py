@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from otad.mqtt.interface import (
+from mqttio.interface import (
     HARD_INFLIGHT_LIMIT,
     LIBRARIES,
     ConnectionHandler,

@@ -4,9 +4,9 @@ Theory of operation
 -------------------
 
 One :class:`Receiver` per CH holds the state of every image being received: the verified
-:class:`~protocol.manifest.Manifest` (and the signed bytes it came from), a bitmap of the blocks
-held, and the acknowledgement bookkeeping. It is sans-IO: the shell feeds it decoded messages and
-the time, and carries out the actions it returns --
+:class:`~protocol.release.manifest.Manifest` (and the signed bytes it came from), a bitmap of the
+blocks held, and the acknowledgement bookkeeping. It is sans-IO: the shell feeds it decoded messages
+and the time, and carries out the actions it returns --
 
 * :class:`Reply` -- publish this message upstream (``TransferAcked``, ``ImageHeld``,
   ``TransferRejected``);
@@ -49,7 +49,7 @@ Each block is stored once, at its exact length, so the bytes stored for an image
 acknowledgement than the advertised credit (or more bytes than ``limits.buffer``) is still
 accepted if valid, and counted as ``LIMITS_EXCEEDED`` (the sender overran the window).
 
-Acknowledgement policy. The SACK (:mod:`protocol.sack`) is sent
+Acknowledgement policy. The SACK (:mod:`protocol.wan.sack`) is sent
 
 * at once when the block is out of order (a gap opened), fills a gap, is a duplicate or is
   corrupt (so the sender repairs within a round trip), when the block asks for it
@@ -77,10 +77,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from protocol import cbor
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import Manifest
-from protocol.messages import (
+from protocol.release.manifest import Manifest
+from protocol.wan.sack import Bitmap
+from protocol.wire import cbor
+from protocol.wire.messages import (
     HASH_LEN,
     MAX_TEXT,
     MAX_U16,
@@ -94,7 +95,6 @@ from protocol.messages import (
     TransferAcked,
     TransferRejected,
 )
-from protocol.sack import Bitmap
 
 SNAPSHOT_VERSION = 1
 MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
@@ -211,7 +211,7 @@ class Receiver:
     ) -> None:
         """``limits`` are what this CH declares; ``verify_manifest`` turns signed manifest bytes
         into a :class:`Manifest` or raises ``ProtocolError`` (the shell closes it over
-        :func:`protocol.trust.verify_manifest` with its trust store, time and target).
+        :func:`protocol.release.trust.verify_manifest` with its trust store, time and target).
         ``ack_every`` defaults to half the window (at least 1)."""
         if limits.window < 1:
             raise ValueError("a receiver's window must be >= 1")

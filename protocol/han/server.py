@@ -33,7 +33,7 @@ carrying (current time, request time, minimum block period):
 A session's bytes come from an :class:`ImageSource`; the server never writes anything. Activation
 is not the server's business: UpgradeEnd always answers upgrade time 0xFFFFFFFF (wait for the
 server's activation command), and the signed activation command travels separately
-(:mod:`protocol.activation`).
+(:mod:`protocol.device.activation`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from enum import Enum
 from typing import Protocol
 
 from protocol.errors import ProtocolError, Reason
-from protocol.han_frames import (
+from protocol.han.frames import (
     MAX_BLOCK_DATA,
     MAX_QUERY_JITTER,
     MAX_U16,
@@ -70,7 +70,7 @@ from protocol.han_frames import (
     decode_frame,
     decode_header,
 )
-from protocol.manifest import Manifest
+from protocol.release.manifest import Manifest
 
 Output = list[tuple[str, bytes]]
 """Frames to send: (peer, frame bytes)."""

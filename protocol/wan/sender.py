@@ -66,7 +66,7 @@ acknowledged sooner than ``min_rtt`` after it was sent was spurious (its first c
 the path reorders, the ``dupthresh`` rule is switched off and the reordering window widens
 (RFC 8985 6.2).
 
-Retransmission timeout (RFC 6298, :mod:`protocol.rtt`). One timer runs while anything is
+Retransmission timeout (RFC 6298, :mod:`protocol.wan.rtt`). One timer runs while anything is
 outstanding, restarted whenever a SACK acknowledges new blocks. RTT samples come only from blocks
 sent once (Karn), the oldest such block of each SACK (so the sample includes the receiver's ack
 delay). The answer to an Offer seeds the estimate, but the RTO does not drop below its initial
@@ -102,10 +102,10 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from protocol.errors import ProtocolError, Reason
-from protocol.manifest import Manifest
-from protocol.messages import ImageHeld, Limits, Message, TransferAcked, TransferRejected
-from protocol.rtt import RttEstimator
-from protocol.sack import SACK_SPAN, Bitmap, check_sack
+from protocol.release.manifest import Manifest
+from protocol.wan.rtt import RttEstimator
+from protocol.wan.sack import SACK_SPAN, Bitmap, check_sack
+from protocol.wire.messages import ImageHeld, Limits, Message, TransferAcked, TransferRejected
 
 DUPTHRESH = 3
 #: Asks made with a Poll before falling back to the full Offer (a CH reconnecting after a broker

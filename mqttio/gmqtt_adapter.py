@@ -4,7 +4,7 @@ gmqtt 0.8 is asyncio-native and writes straight into the transport, but it has n
 and its built-in reconnect does not fit: fixed delay without jitter, ``clean_session=False`` on
 every reconnect whatever was asked, and packet ids of messages lost with the old connection are
 never freed. So each connection is a fresh, single-use gmqtt client (:class:`_Link`) whose
-``reconnect`` hook only reports the loss; :class:`otad.mqtt.interface.MqttClient` reconnects,
+``reconnect`` hook only reports the loss; :class:`mqttio.interface.MqttClient` reconnects,
 with backoff and jitter, and restores subscriptions.
 
 Flow control: QoS 1 messages in flight are counted by gmqtt's own store of unacknowledged
@@ -39,7 +39,7 @@ import gmqtt
 from gmqtt.mqtt.constants import MQTTv311
 from gmqtt.storage import PersistentStorage
 
-from otad.mqtt.interface import (
+from mqttio.interface import (
     HARD_INFLIGHT_LIMIT,
     InflightLimitError,
     MqttClient,
@@ -58,7 +58,7 @@ WRITE_BUFFER_HIGH = 1 << 20
 COALESCE_BYTES = 64 * 1024
 
 
-log = logging.getLogger("otad.mqtt.gmqtt")
+log = logging.getLogger("mqttio.gmqtt")
 
 # gmqtt logs every connection, SUBSCRIBE and SUBACK at INFO: thousands of lines for a fleet of
 # virtual hubs. Quieten it unless the application configured the "gmqtt" logger itself.
@@ -226,7 +226,7 @@ def _publish_qos0(topic: str, payload: bytes, retain: bool) -> bytes:
 
 
 class GmqttClient(MqttClient):
-    """:class:`~otad.mqtt.interface.MqttClient` on gmqtt (MQTT 3.1.1)."""
+    """:class:`~mqttio.interface.MqttClient` on gmqtt (MQTT 3.1.1)."""
 
     library = "gmqtt"
 

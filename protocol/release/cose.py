@@ -10,7 +10,7 @@ One profile only, so a verifier has nothing to negotiate:
 * ``signature`` is ECDSA P-256 over SHA-256 of the ``Sig_structure``
   ``["Signature1", protected, h'', payload]``, as the 64 bytes ``r || s`` (RFC 9053 2.1), not DER.
 
-:func:`parse_sign1` only takes the envelope apart (strictly, through :mod:`protocol.cbor`); the
+:func:`parse_sign1` only takes the envelope apart (strictly, through :mod:`protocol.wire.cbor`); the
 payload stays opaque bytes until :func:`verify_sign1` has checked the signature over exactly those
 bytes (verify before decode, A11).
 """
@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from protocol import cbor
 from protocol.errors import ProtocolError, Reason
+from protocol.wire import cbor
 
 ALG_ES256 = -7
 COSE_SIGN1_TAG = 18
@@ -112,7 +112,7 @@ def parse_sign1(data: bytes, *, max_size: int) -> Sign1:
     """Take a tagged COSE_Sign1 apart without trusting it.
 
     Raises :class:`ProtocolError` only: ``TOO_LARGE`` over ``max_size``; ``MALFORMED`` (and the
-    other encoding reasons of :func:`protocol.cbor.loads`) for anything but the profile above;
+    other encoding reasons of :func:`protocol.wire.cbor.loads`) for anything but the profile above;
     ``UNKNOWN_KEY`` for a header parameter the profile does not use; ``BAD_ALGORITHM`` when the
     protected header names no integer algorithm; ``BAD_SIGNATURE`` for a signature that is not
     64 bytes. The algorithm value itself is checked by :func:`verify_sign1`.

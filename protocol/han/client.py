@@ -1,7 +1,7 @@
 """HAN client: the device side of the ZigBee OTA Upgrade cluster (sans-IO).
 
 The client drives the download (ZigBee OTA is pull: the client owns the offset) and hands every
-byte to its :class:`~protocol.device.Device`, which verifies the signed manifest before the
+byte to its :class:`~protocol.device.device.Device`, which verifies the signed manifest before the
 first image byte, each manifest block before it reaches flash, and the whole image at the end::
 
         start() / query timer / ImageNotify (jitter draw passed)
@@ -36,7 +36,7 @@ Timers and pacing (all deadlines are exposed by :meth:`HanClient.next_deadline`)
   answer to an earlier (timed-out) request is ignored.
 
 The device never activates on an UpgradeEndResponse: whatever its upgrade time, the client
-waits for the signed activation command (:meth:`protocol.device.Device.activation_received`).
+waits for the signed activation command (:meth:`protocol.device.device.Device.activation_received`).
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from protocol.device import Device
+from protocol.device.device import Device
 from protocol.errors import ProtocolError, Reason
-from protocol.han_frames import (
+from protocol.han.frames import (
     MAX_U8,
     MAX_U16,
     MAX_U32,
@@ -69,7 +69,7 @@ from protocol.han_frames import (
     ZclStatus,
     decode_frame,
 )
-from protocol.manifest import Manifest
+from protocol.release.manifest import Manifest
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,11 @@
 
 GBCS splits a firmware update into a non-critical *distribution* (the image, common to many
 devices) and a critical, unicast *activation* (CS06 / DUIS SR 11.3). This module is the
-activation's wire format; :mod:`protocol.device` is what a device does with it.
+activation's wire format; :mod:`protocol.device.device` is what a device does with it.
 
 * :class:`ActivationCommand` -- signed by the party responsible for the device (otad's key, a
-  COSE_Sign1 from :mod:`protocol.cose`), addressed to exactly one device id, bound to the image
-  SHA-256, with an optional future execution time and a monotonic originator counter against
+  COSE_Sign1 from :mod:`protocol.release.cose`), addressed to exactly one device id, bound to the
+  image SHA-256, with an optional future execution time and a monotonic originator counter against
   replay. ``cancel=True`` cancels a future-dated activation of that image.
 * :class:`ActivationResponse` -- the outcome (GBCS CS06: 0 success, 1 no image held, 2 hash
   mismatch, 3 activation failure) and the firmware version the device runs afterwards.
@@ -31,10 +31,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocol import cbor
-from protocol.cose import sign1
 from protocol.errors import ProtocolError, Reason
-from protocol.trust import TrustStore
+from protocol.release.cose import sign1
+from protocol.release.trust import TrustStore
+from protocol.wire import cbor
 
 HASH_LEN = 32
 MAX_U32 = 0xFFFF_FFFF
@@ -172,7 +172,7 @@ class ActivationCommand:
         """Check the signature against ``trust``, then strictly decode. ``ProtocolError`` only.
 
         Whether the command is for *this* device and fresh (counter) is the device's check
-        (:meth:`protocol.device.Device.activation_received`): ``WRONG_DEVICE``, ``REPLAYED``.
+        (:meth:`protocol.device.device.Device.activation_received`): ``WRONG_DEVICE``, ``REPLAYED``.
         """
         return cls._from_cbor(trust.verify(signed, max_size=MAX_SIGNED_BYTES))
 

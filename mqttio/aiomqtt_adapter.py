@@ -31,7 +31,7 @@ import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError as AiomqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
-from otad.mqtt.interface import (
+from mqttio.interface import (
     HARD_INFLIGHT_LIMIT,
     InflightLimitError,
     MqttClient,
@@ -44,7 +44,7 @@ from otad.mqtt.interface import (
 
 __all__ = ["AiomqttClient"]
 
-log = logging.getLogger("otad.mqtt.aiomqtt")
+log = logging.getLogger("mqttio.aiomqtt")
 
 # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map them back.
 _V5_TO_V311_CONNACK = {132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
@@ -96,7 +96,7 @@ def _direct_socket_callbacks(
 
 
 class AiomqttClient(MqttClient):
-    """:class:`~otad.mqtt.interface.MqttClient` on aiomqtt/paho (MQTT 3.1.1)."""
+    """:class:`~mqttio.interface.MqttClient` on aiomqtt/paho (MQTT 3.1.1)."""
 
     library = "aiomqtt"
 
