@@ -20,6 +20,7 @@ setup: broker $(STAMP)
 
 test: setup
 	$(BIN)/ruff check protocol otad mqttio loadtest tests
+	$(BIN)/ruff format --check protocol otad mqttio loadtest tests
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
