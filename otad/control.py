@@ -38,7 +38,7 @@ from typing import Any
 
 from mqttio import MqttClient, NotConnected
 from otad.events import dumps
-from otad.registry import RejectLog
+from otad.rejects import RejectLog
 from protocol.errors import ProtocolError, Reason
 from protocol.release.otaimg import MAX_OTAIMG_BYTES
 from protocol.wire import topics

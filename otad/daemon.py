@@ -58,7 +58,8 @@ from otad.events import (
 )
 from otad.keyfiles import load_trust_dir
 from otad.looplag import LoopLag
-from otad.registry import Hub, Registry, RejectLog
+from otad.registry import Hub, Registry
+from otad.rejects import RejectLog
 from otad.store import Store, StoreError
 from protocol.errors import ProtocolError, Reason
 from protocol.wire import topics

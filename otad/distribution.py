@@ -60,7 +60,8 @@ from mqttio import MqttClient, NotConnected
 from otad.catalogue import BlockSource, Catalogue, Image
 from otad.config import TransferConfig
 from otad.events import EventPublisher
-from otad.registry import Hub, Registry, RejectLog
+from otad.registry import Hub, Registry
+from otad.rejects import RejectLog
 from otad.scheduler import Scheduler, SlotState, budget_charge, handshake_charge
 from otad.store import FinalState, Store, StoreError, TransferRow, TransferState
 from otad.timers import TimerSlot, TimerStats

@@ -21,10 +21,10 @@ after a power cut) and reported to the daemon through the ``on_change`` callback
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from otad.rejects import RejectLog
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import MIN_BLOCK_SIZE, DeviceType, Manifest
 from protocol.wire import topics
@@ -96,38 +96,6 @@ ChangeHandler = Callable[[Hub, bool, bool, bool], None]
 for a live (not retained) re-announcement of an online CH, which means its connection came back
 (or it announces whenever it is polled). ``announced`` is True for an announcement, False for a
 last will; ``changed`` is False for an announcement identical to the one already known."""
-
-
-class RejectLog:
-    """Logs refused input by reason: the first few of each reason per window in full, then a
-    count, so a hostile flood cannot fill the journal. ``counts`` keeps every refusal."""
-
-    def __init__(self, logger: logging.Logger, *, per_window: int = 20, window: float = 10.0):
-        """Log at most ``per_window`` messages per reason every ``window`` seconds."""
-        self._log = logger
-        self._per_window = per_window
-        self._window = window
-        self._seen: dict[Reason, tuple[float, int]] = {}
-        self.counts: dict[str, int] = {}
-
-    def reject(self, what: str, reason: Reason, detail: str) -> None:
-        """Record one refusal of ``what`` for ``reason``."""
-        self.counts[reason.name] = self.counts.get(reason.name, 0) + 1
-        now = time.monotonic()
-        start, n = self._seen.get(reason, (now, 0))
-        if now - start >= self._window:
-            if n > self._per_window:
-                self._log.warning(
-                    "%d more %s refusals in the last %.0f s",
-                    n - self._per_window,
-                    reason.name,
-                    self._window,
-                )
-            start, n = now, 0
-        n += 1
-        self._seen[reason] = (start, n)
-        if n <= self._per_window:
-            self._log.warning("refused %s: %s: %s", what, reason.name, detail[:200])
 
 
 def check_announcement(message: HubAnnounced, topic_guid: str) -> None:
