@@ -22,15 +22,14 @@ from collections.abc import Sequence
 import uvloop
 
 from loadtest.hub import DEFAULT_LIMITS
+from mqttio import parse_broker
 
 
 def _broker(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
-    return host, int(port)
+    try:
+        return parse_broker(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> int:

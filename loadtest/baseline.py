@@ -36,7 +36,7 @@ from typing import Any
 import uvloop
 
 from loadtest.broker import MosquittoBroker, raise_nofile_limit
-from mqttio import HARD_INFLIGHT_LIMIT, LIBRARIES, MqttSettings, create_client
+from mqttio import HARD_INFLIGHT_LIMIT, LIBRARIES, MqttSettings, create_client, parse_broker
 from protocol.wire import topics
 
 __all__ = ["guid", "main", "run_baseline"]
@@ -48,13 +48,6 @@ _SEQ_BYTES = 4
 def guid(index: int) -> str:
     """GUID of virtual hub ``index`` (16 upper-case hex digits)."""
     return f"{_GUID_BASE + index:016X}"
-
-
-def _parse_broker(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"broker must be HOST:PORT, not {text!r}")
-    return host, int(port)
 
 
 def _cpu_of_pid(pid: int) -> float:
@@ -315,7 +308,7 @@ def run_baseline(
         host, port = private.host, private.port
         broker_pid = private.pid
     else:
-        host, port = _parse_broker(broker) if isinstance(broker, str) else broker
+        host, port = parse_broker(broker) if isinstance(broker, str) else broker
 
     context = multiprocessing.get_context("spawn")
     ready: multiprocessing.Queue[Any] = context.Queue()

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from mqttio.address import parse_broker, split_host_port
 from mqttio.interface import (
     HARD_INFLIGHT_LIMIT,
     LIBRARIES,
@@ -35,4 +36,6 @@ __all__ = [
     "NotConnected",
     "Will",
     "create_client",
+    "parse_broker",
+    "split_host_port",
 ]

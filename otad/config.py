@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mqttio.address import split_host_port
+
 __all__ = [
     "BrokerConfig",
     "Config",
@@ -217,7 +219,10 @@ def cli_overrides(
     """
     out: dict[str, Any] = {}
     if broker is not None:
-        host, port = _split_host_port(broker)
+        try:
+            host, port = split_host_port(broker)
+        except ValueError as exc:
+            raise ConfigError("--broker", str(exc)) from None
         out["broker.host"] = host
         if port is not None:
             out["broker.port"] = port
@@ -233,15 +238,6 @@ def cli_overrides(
 
 
 # --------------------------------------------------------------------------- internals
-
-
-def _split_host_port(text: str) -> tuple[str, int | None]:
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", text)
-    if match is None:
-        raise ConfigError("--broker", f"expected HOST[:PORT] or [IPV6][:PORT], got {text!r}")
-    host = match.group(1) or match.group(3)
-    port_text = match.group(2) or match.group(4)
-    return host, None if port_text is None else int(port_text)
 
 
 def _build(section: str, cls: type[Any], given: dict[str, tuple[Any, Path]]) -> Any:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import mqttio
 from otad import ctlclient, ctlwatch, imagetool
 from protocol.release.manifest import DeviceType
 from protocol.release.otaimg import MAX_OTAIMG_BYTES
@@ -36,13 +37,12 @@ _Subparsers = Any  # argparse's _SubParsersAction is private
 
 
 def parse_broker(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) -> ``(host, port)``; argparse type."""
-    host, sep, port_text = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
-    return host, int(port_text)
+    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) -> ``(host, port)``; argparse type
+    (:func:`mqttio.parse_broker`)."""
+    try:
+        return mqttio.parse_broker(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _int(text: str) -> int:
