@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from otad.files import FileError, read_bounded, write_atomic
 from otad.store import ConflictError, ImageRow, Store
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
@@ -127,37 +127,19 @@ def _verify_release(data: bytes, trust: TrustStore, now: int) -> tuple[Manifest,
     return manifest, signed
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` durably: temporary file, fsync, rename, fsync the directory."""
+def _store_image_file(path: Path, data: bytes) -> None:
+    """Write an accepted image durably (worker thread), creating the images directory."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, data, mode=0o600)
 
 
 def _read_checked(path: Path, sha256: bytes, size: int) -> bytes:
     """Read a stored image and check its digest (worker thread); ``ProtocolError`` if it is
     unreadable or damaged."""
     try:
-        with path.open("rb") as f:
-            data = f.read(size + 1)
-    except OSError as exc:
-        raise ProtocolError(
-            Reason.IMAGE_HASH, f"stored image {path}: {exc.strerror or exc}"
-        ) from None
+        data = read_bounded(path, size, what="its manifest's size")
+    except FileError as exc:
+        raise ProtocolError(Reason.IMAGE_HASH, f"stored image {exc}") from None
     if len(data) != size or hashlib.sha256(data).digest() != sha256:
         raise ProtocolError(Reason.IMAGE_HASH, f"stored image {path} is damaged")
     return data
@@ -233,7 +215,7 @@ class Catalogue:
                     )
                 return known, False
             path = self._dir / manifest.sha256.hex()
-            await asyncio.to_thread(_write_atomic, path, signed.image)
+            await asyncio.to_thread(_store_image_file, path, signed.image)
             try:
                 row = await self._store.add_image(manifest, signed.signed_manifest, path, now)
             except ConflictError as exc:

@@ -24,6 +24,7 @@ from typing import Any
 
 import mqttio
 from otad import ctlclient, ctlwatch, imagetool
+from otad.files import FileError, read_bounded
 from protocol.release.manifest import DeviceType
 from protocol.release.otaimg import MAX_OTAIMG_BYTES
 
@@ -247,12 +248,9 @@ def _print_result(args: argparse.Namespace, result: Any, human: Callable[[Any], 
 
 def _image_import(args: argparse.Namespace) -> int:
     try:
-        with open(args.image, "rb") as f:
-            data = f.read(MAX_OTAIMG_BYTES + 1)
-    except OSError as exc:
-        raise imagetool.ToolError(f"{args.image}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_OTAIMG_BYTES:
-        raise imagetool.ToolError(f"{args.image}: larger than any .otaimg can be")
+        data = read_bounded(args.image, MAX_OTAIMG_BYTES, what="an .otaimg")
+    except FileError as exc:
+        raise imagetool.ToolError(str(exc)) from None
     payload = {"data": base64.b64encode(data).decode("ascii")}
     result = _daemon_call(args, "image.import", payload)
     return _print_result(args, result, ctlclient.format_import)

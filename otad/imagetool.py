@@ -6,14 +6,13 @@ Each function does one command and returns the one summary line to print, or rai
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
-import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from otad.files import FileError, read_bounded, write_atomic
 from otad.keyfiles import KeyFileError, load_private_key, load_trust_dir, write_keypair
 from protocol.errors import ProtocolError
 from protocol.release.cose import parse_sign1
@@ -121,7 +120,7 @@ def sign_image(
         manifest, ota = verify(signed, TrustStore([private_key.public_key()]), now=now)
     except (ValueError, ProtocolError) as exc:
         raise ToolError(f"cannot sign {source}: {exc}") from None
-    _write_atomic(Path(out), signed.encode())
+    _write(Path(out), signed.encode())
     return summary(f"signed {out}", manifest, ota, signed)
 
 
@@ -171,31 +170,16 @@ def _load_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey:
 
 def _read(path: Path, cap: int) -> bytes:
     try:
-        with path.open("rb") as f:
-            data = f.read(cap + 1)
-    except OSError as exc:
-        raise ToolError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > cap:
-        raise ToolError(f"{path}: larger than {cap} bytes")
+        data = read_bounded(path, cap)
+    except FileError as exc:
+        raise ToolError(str(exc)) from None
     if not data:
         raise ToolError(f"{path}: empty file")
     return data
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    directory = path.parent
+def _write(path: Path, data: bytes) -> None:
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
-    except OSError as exc:
-        raise ToolError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise ToolError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        write_atomic(path, data, mode=0o644)
+    except FileError as exc:
+        raise ToolError(str(exc)) from None

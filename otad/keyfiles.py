@@ -20,6 +20,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from otad.files import FileError, read_bounded, write_atomic
 from protocol.release.cose import KID_LEN, key_id
 from protocol.release.trust import TrustStore
 
@@ -48,13 +49,9 @@ def public_key_path(private_path: str | os.PathLike[str]) -> Path:
 
 def _read(path: Path) -> bytes:
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_KEY_FILE_BYTES + 1)
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_KEY_FILE_BYTES:
-        raise KeyFileError(f"{path}: too large for a key file")
-    return data
+        return read_bounded(path, MAX_KEY_FILE_BYTES, what="a key file")
+    except FileError as exc:
+        raise KeyFileError(str(exc)) from None
 
 
 def _check_p256(path: Path, key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> None:
@@ -122,23 +119,10 @@ def write_keypair(path: str | os.PathLike[str]) -> KeyPairFiles:
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, flags, mode)
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot create: {exc.strerror or exc}") from None
-    try:
-        os.fchmod(fd, mode)  # the umask may have taken bits away; never added any
-        with os.fdopen(fd, "wb") as f:
-            fd = -1
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as exc:
-        if fd >= 0:
-            os.close(fd)
-        path.unlink(missing_ok=True)
-        raise KeyFileError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        write_atomic(path, data, mode=mode, exclusive=True)
+    except FileError as exc:
+        raise KeyFileError(str(exc)) from None
 
 
 def load_revoked(path: str | os.PathLike[str]) -> list[bytes]:
