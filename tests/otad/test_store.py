@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import otad.store as store_module
-from otad.migrations import MIGRATIONS, SCHEMA_VERSION
+import otad.store.engine as store_module
 from otad.store import (
     DB_NAME,
     ConflictError,
@@ -29,6 +28,7 @@ from otad.store import (
     TransferState,
     Tx,
 )
+from otad.store.migrations import MIGRATIONS, SCHEMA_VERSION
 from protocol.release.manifest import DeviceType, Manifest
 from protocol.wire.messages import HanDevice, HubAnnounced, Limits
 

@@ -1,0 +1,789 @@
+"""The store's tables: hubs and their HAN devices, images, transfers, the event outbox, meta values.
+
+:class:`Store` is the :class:`~otad.store.engine.Engine` (one writer, group commit, the batch)
+plus one method per question or change, each one atomic job. Which writes are durable, committed
+or batched is said per method and explained in :mod:`otad.store.engine`. The batch this module
+feeds the engine holds the latest acknowledgement state per transfer
+(:meth:`Store.record_progress`) and the highest event seq published (:meth:`Store.mark_published`);
+reads overlay it, so callers always read their own writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import aiosqlite
+
+from otad.store.engine import ConflictError, Engine, NotFoundError, Tx
+from otad.store.rows import (
+    EventRow,
+    FinalState,
+    HanDeviceRow,
+    HubRow,
+    ImageRow,
+    NewEvent,
+    TransferRow,
+    TransferState,
+)
+from protocol.release.manifest import Manifest
+from protocol.wire.messages import HubAnnounced, Limits
+
+_MAX_SQL_INT: Final = (1 << 63) - 1
+_IN_CHUNK: Final = 500  # parameters per "IN (...)" list (SQLite allows 32,766)
+
+
+@dataclass(slots=True)
+class _Progress:
+    acked_bitmap: bytes
+    blocks_acked: int
+    blocks_sent: int
+    bytes_sent: int
+    now: float
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What one batch flush writes: progress per transfer, the highest published seq."""
+
+    progress: dict[tuple[str, bytes], _Progress]
+    published: int | None
+
+
+class Store(Engine):
+    """Single-writer SQLite store of hubs, images, transfers, the event outbox and meta values.
+
+    Use :meth:`open` (or ``async with await Store.open(...)``); all methods are coroutines except
+    the batched :meth:`record_progress` and :meth:`mark_published`, which return at once.
+    """
+
+    def __init__(
+        self,
+        db: aiosqlite.Connection,
+        path: Path,
+        lock_fd: int,
+        *,
+        flush_interval: float,
+        flush_batch: int,
+    ) -> None:
+        """Internal: use :meth:`open`."""
+        self._pending: dict[tuple[str, bytes], _Progress] = {}
+        self._pending_mark: int | None = None
+        super().__init__(db, path, lock_fd, flush_interval=flush_interval, flush_batch=flush_batch)
+
+    # ----------------------------------------------------------------------- hubs
+
+    async def upsert_hub(self, hub: HubAnnounced, now: float, *, online: bool = True) -> None:
+        """Record a CH's announcement: its row and, replacing the old list, its HAN devices."""
+        values = (
+            hub.guid,
+            hub.fw_version,
+            hub.hw_version,
+            hub.supplier,
+            hub.segment,
+            hub.limits.max_block,
+            hub.limits.window,
+            hub.limits.buffer,
+            int(online),
+            now,
+            now,
+        )
+        devices = [
+            (hub.guid, d.device_id, d.device_type, d.join_mode, d.fw_version, d.hw_version, now)
+            for d in hub.han
+        ]
+
+        async def upsert_hub(tx: Tx) -> None:
+            await tx.execute(
+                "INSERT INTO hubs (guid, fw_version, hw_version, supplier, segment, max_block,"
+                " window_blocks, buffer_bytes, online, first_seen, last_seen)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (guid) DO UPDATE SET fw_version = excluded.fw_version,"
+                " hw_version = excluded.hw_version, supplier = excluded.supplier,"
+                " segment = excluded.segment, max_block = excluded.max_block,"
+                " window_blocks = excluded.window_blocks, buffer_bytes = excluded.buffer_bytes,"
+                " online = excluded.online, last_seen = excluded.last_seen",
+                values,
+            )
+            await tx.execute("DELETE FROM han_devices WHERE guid = ?", (hub.guid,))
+            if devices:
+                await tx.executemany(
+                    "INSERT INTO han_devices (guid, device_id, device_type, join_mode,"
+                    " fw_version, hw_version, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    devices,
+                )
+
+        await self.write(upsert_hub, durable=False)
+
+    async def set_hub_online(self, guid: str, online: bool, now: float) -> bool:
+        """Mark a known CH online or offline; return False if the CH never announced itself."""
+
+        async def set_hub_online(tx: Tx) -> bool:
+            changed = await tx.execute(
+                "UPDATE hubs SET online = ?, last_seen = ? WHERE guid = ?",
+                (int(online), now, guid),
+            )
+            return changed > 0
+
+        return await self.write(set_hub_online, durable=False)
+
+    async def hub(self, guid: str) -> HubRow | None:
+        """One CH, or None."""
+
+        async def hub(tx: Tx) -> HubRow | None:
+            row = await tx.fetchone("SELECT * FROM hubs WHERE guid = ?", (guid,))
+            return None if row is None else _hub_row(row)
+
+        return await self.read(hub)
+
+    async def hubs(self, *, online: bool | None = None) -> list[HubRow]:
+        """All CHs ordered by GUID, or only those online / offline."""
+
+        async def hubs(tx: Tx) -> list[HubRow]:
+            if online is None:
+                rows = await tx.fetchall("SELECT * FROM hubs ORDER BY guid")
+            else:
+                rows = await tx.fetchall(
+                    "SELECT * FROM hubs WHERE online = ? ORDER BY guid", (int(online),)
+                )
+            return [_hub_row(r) for r in rows]
+
+        return await self.read(hubs)
+
+    async def han_devices(self, guid: str | None = None) -> list[HanDeviceRow]:
+        """HAN devices of one CH, or of every CH, ordered by (GUID, device id)."""
+
+        async def han_devices(tx: Tx) -> list[HanDeviceRow]:
+            if guid is None:
+                rows = await tx.fetchall("SELECT * FROM han_devices ORDER BY guid, device_id")
+            else:
+                rows = await tx.fetchall(
+                    "SELECT * FROM han_devices WHERE guid = ? ORDER BY device_id", (guid,)
+                )
+            return [_han_row(r) for r in rows]
+
+        return await self.read(han_devices)
+
+    # ----------------------------------------------------------------------- images
+
+    async def add_image(
+        self, manifest: Manifest, signed_manifest: bytes, path: Path | str, now: float
+    ) -> ImageRow:
+        """Record an imported image (durable). The caller has verified ``signed_manifest``.
+
+        Importing the same digest with the same signed manifest again returns the existing row;
+        with a different one raises :class:`ConflictError`.
+        """
+        for name in ("created", "expires"):
+            if not 0 <= getattr(manifest, name) <= _MAX_SQL_INT:
+                raise ValueError(f"manifest {name} {getattr(manifest, name)} out of range")
+        row = ImageRow(
+            sha256=bytes(manifest.sha256),
+            vendor=manifest.vendor,
+            image_type=manifest.image_type,
+            device_type=manifest.device_type.value,
+            hw_min=manifest.hw_min,
+            hw_max=manifest.hw_max,
+            fw_version=manifest.fw_version,
+            sequence=manifest.sequence,
+            size=manifest.size,
+            block_size=manifest.block_size,
+            block_count=manifest.block_count,
+            created=manifest.created,
+            expires=manifest.expires,
+            signed_manifest=bytes(signed_manifest),
+            path=str(path),
+            imported_at=now,
+        )
+
+        async def add_image(tx: Tx) -> ImageRow:
+            existing = await tx.fetchone("SELECT * FROM images WHERE sha256 = ?", (row.sha256,))
+            if existing is not None:
+                if bytes(existing["signed_manifest"]) == row.signed_manifest:
+                    return _image_row(existing)
+                raise ConflictError(
+                    f"image {row.sha256.hex()} is already imported with another manifest"
+                )
+            await tx.execute(
+                "INSERT INTO images (sha256, vendor, image_type, device_type, hw_min, hw_max,"
+                " fw_version, sequence, size, block_size, block_count, created, expires,"
+                " signed_manifest, path, imported_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row.sha256,
+                    row.vendor,
+                    row.image_type,
+                    row.device_type,
+                    row.hw_min,
+                    row.hw_max,
+                    row.fw_version,
+                    _seq_text(row.sequence),
+                    row.size,
+                    row.block_size,
+                    row.block_count,
+                    row.created,
+                    row.expires,
+                    row.signed_manifest,
+                    row.path,
+                    row.imported_at,
+                ),
+            )
+            return row
+
+        return await self.write(add_image, durable=True)
+
+    async def image(self, sha256: bytes) -> ImageRow | None:
+        """One image by digest, or None."""
+
+        async def image(tx: Tx) -> ImageRow | None:
+            row = await tx.fetchone("SELECT * FROM images WHERE sha256 = ?", (bytes(sha256),))
+            return None if row is None else _image_row(row)
+
+        return await self.read(image)
+
+    async def images(self) -> list[ImageRow]:
+        """All images, by device type then sequence."""
+
+        async def images(tx: Tx) -> list[ImageRow]:
+            rows = await tx.fetchall("SELECT * FROM images ORDER BY device_type, sequence")
+            return [_image_row(r) for r in rows]
+
+        return await self.read(images)
+
+    # ----------------------------------------------------------------------- transfers
+
+    async def start_transfer(
+        self, guid: str, image: bytes, blocks_total: int, now: float
+    ) -> TransferRow:
+        """Record that otad starts sending ``image`` to ``guid`` (durable); return the row.
+
+        Idempotent for an active transfer (returns it, progress kept: resume). A finished one is
+        restarted: state ``active``, progress zeroed (the CH re-reports what it holds),
+        ``attempts`` + 1. The CH and the image must exist (else :class:`StoreError`).
+        """
+        (row,) = await self.start_transfers(image, [guid], blocks_total, now)
+        return row
+
+    async def start_transfers(
+        self, image: bytes, guids: Sequence[str], blocks_total: int, now: float
+    ) -> list[TransferRow]:
+        """:meth:`start_transfer` for many CHs at once, in one durable job: a few statements
+        whatever the count (a distribution to 10,000 CHs is one commit, not 40,000 round trips
+        to the writer thread). Returns the rows in the order of ``guids`` (duplicates removed).
+        All or nothing: a failure raises :class:`StoreError` and starts none."""
+        if blocks_total < 1:
+            raise ValueError(f"blocks_total must be >= 1, got {blocks_total}")
+        image = bytes(image)
+        wanted = list(dict.fromkeys(guids))
+
+        async def start_transfers(tx: Tx) -> list[TransferRow]:
+            existing: dict[str, sqlite3.Row] = {}
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for row in await tx.fetchall(
+                    f"SELECT * FROM transfers WHERE image = ? AND guid IN ({marks})",  # noqa: S608
+                    (image, *chunk),
+                ):
+                    existing[row["guid"]] = row
+            active = TransferState.ACTIVE.value
+            new = [g for g in wanted if g not in existing]
+            again = [g for g in wanted if g in existing and existing[g]["state"] != active]
+            if new:
+                await tx.executemany(
+                    "INSERT INTO transfers (guid, image, state, blocks_total, started_at,"
+                    " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(g, image, active, blocks_total, now, now) for g in new],
+                )
+            if again:
+                await tx.executemany(
+                    "UPDATE transfers SET state = ?, blocks_total = ?, blocks_acked = 0,"
+                    " blocks_sent = 0, bytes_sent = 0, acked_bitmap = x'', reason = NULL,"
+                    " held_sha256 = NULL, finished_at = NULL, attempts = attempts + 1,"
+                    " started_at = ?, updated_at = ? WHERE guid = ? AND image = ?",
+                    [(active, blocks_total, now, now, g, image) for g in again],
+                )
+
+                def drop_stale() -> None:  # progress noted for the previous attempts
+                    for g in again:
+                        self._pending.pop((g, image), None)
+
+                tx.after_commit(drop_stale)
+            out: list[TransferRow] = []
+            for g in wanted:
+                had = existing.get(g)
+                if had is not None and had["state"] == active:
+                    out.append(self._overlay(_transfer_row(had)))
+                    continue
+                out.append(
+                    TransferRow(
+                        guid=g,
+                        image=image,
+                        state=TransferState.ACTIVE,
+                        blocks_total=blocks_total,
+                        blocks_acked=0,
+                        blocks_sent=0,
+                        bytes_sent=0,
+                        acked_bitmap=b"",
+                        reason=None,
+                        held_sha256=None,
+                        attempts=1 if had is None else int(had["attempts"]) + 1,
+                        started_at=now,
+                        updated_at=now,
+                        finished_at=None,
+                    )
+                )
+            return out
+
+        return await self.write(start_transfers, durable=True)
+
+    def record_progress(
+        self,
+        guid: str,
+        image: bytes,
+        *,
+        acked_bitmap: bytes,
+        blocks_acked: int,
+        blocks_sent: int,
+        bytes_sent: int,
+        now: float,
+    ) -> None:
+        """Note an active transfer's latest acknowledgement state (batched, returns at once).
+
+        Only the latest values per transfer are kept and committed with the next flush; they
+        are ignored if the transfer is no longer active by then. Use :meth:`flush` to wait.
+        """
+        self._check_usable()
+        self._pending[(guid, bytes(image))] = _Progress(
+            bytes(acked_bitmap), blocks_acked, blocks_sent, bytes_sent, now
+        )
+        self._note_update()
+
+    async def finish_transfer(
+        self,
+        guid: str,
+        image: bytes,
+        state: TransferState,
+        *,
+        reason: str | None = None,
+        held_sha256: bytes | None = None,
+        now: float,
+    ) -> TransferRow:
+        """Record a transfer's final state (durable), with its unflushed progress; return it.
+
+        Raises :class:`NotFoundError` if the transfer was never started.
+        """
+        state = TransferState(state)
+        if state is TransferState.ACTIVE:
+            raise ValueError("finish_transfer needs a final state; use start_transfer to resume")
+        key = (guid, bytes(image))
+        held = None if held_sha256 is None else bytes(held_sha256)
+
+        async def finish_transfer(tx: Tx) -> TransferRow:
+            progress = self._pending.get(key)
+            sql = (
+                "UPDATE transfers SET state = ?, reason = ?, held_sha256 = ?, finished_at = ?,"
+                " updated_at = ?"
+            )
+            params: list[Any] = [state.value, reason, held, now, now]
+            if progress is not None:
+                sql += ", acked_bitmap = ?, blocks_acked = ?, blocks_sent = ?, bytes_sent = ?"
+                params += [
+                    progress.acked_bitmap,
+                    progress.blocks_acked,
+                    progress.blocks_sent,
+                    progress.bytes_sent,
+                ]
+            changed = await tx.execute(f"{sql} WHERE guid = ? AND image = ?", (*params, *key))
+            if not changed:
+                raise NotFoundError(f"no transfer of {key[1].hex()[:16]} to {guid}")
+
+            def drop_flushed() -> None:
+                if self._pending.get(key) is progress:
+                    self._pending.pop(key, None)
+
+            tx.after_commit(drop_flushed)
+            row = await tx.fetchone("SELECT * FROM transfers WHERE guid = ? AND image = ?", key)
+            assert row is not None
+            return _transfer_row(row)
+
+        return await self.write(finish_transfer, durable=True)
+
+    async def finish_transfers(self, finals: Sequence[FinalState]) -> int:
+        """Record many transfers' final states and last progress (durable, one job, a few
+        statements); return how many rows were updated (a transfer never started is skipped).
+        """
+        params = [
+            (
+                TransferState(f.state).value,
+                f.reason,
+                None if f.held_sha256 is None else bytes(f.held_sha256),
+                f.finished_at,
+                f.finished_at,
+                bytes(f.acked_bitmap),
+                f.blocks_acked,
+                f.blocks_sent,
+                f.bytes_sent,
+                f.guid,
+                bytes(f.image),
+            )
+            for f in finals
+        ]
+        if any(p[0] == TransferState.ACTIVE.value for p in params):
+            raise ValueError("finish_transfers needs final states")
+        if not params:
+            return 0
+
+        async def finish_transfers(tx: Tx) -> int:
+            changed = await tx.executemany(
+                "UPDATE transfers SET state = ?, reason = ?, held_sha256 = ?, finished_at = ?,"
+                " updated_at = ?, acked_bitmap = ?, blocks_acked = ?, blocks_sent = ?,"
+                " bytes_sent = ? WHERE guid = ? AND image = ?",
+                params,
+            )
+            keys = [(p[9], p[10]) for p in params]
+
+            def drop_flushed() -> None:  # the final values supersede unflushed progress
+                for key in keys:
+                    self._pending.pop(key, None)
+
+            tx.after_commit(drop_flushed)
+            return changed
+
+        return await self.write(finish_transfers, durable=True)
+
+    async def transfer(self, guid: str, image: bytes) -> TransferRow | None:
+        """One transfer (with unflushed progress applied), or None."""
+
+        async def transfer(tx: Tx) -> TransferRow | None:
+            row = await tx.fetchone(
+                "SELECT * FROM transfers WHERE guid = ? AND image = ?", (guid, bytes(image))
+            )
+            return None if row is None else self._overlay(_transfer_row(row))
+
+        return await self.read(transfer)
+
+    async def transfers(
+        self,
+        state: TransferState | None = None,
+        *,
+        guid: str | None = None,
+        image: bytes | None = None,
+    ) -> list[TransferRow]:
+        """Transfers filtered by state, CH and/or image (unflushed progress applied)."""
+        where: list[str] = []
+        params: list[Any] = []
+        if state is not None:
+            where.append("state = ?")
+            params.append(TransferState(state).value)
+        if guid is not None:
+            where.append("guid = ?")
+            params.append(guid)
+        if image is not None:
+            where.append("image = ?")
+            params.append(bytes(image))
+        sql = "SELECT * FROM transfers"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY guid, image"
+
+        async def transfers(tx: Tx) -> list[TransferRow]:
+            return [self._overlay(_transfer_row(r)) for r in await tx.fetchall(sql, params)]
+
+        return await self.read(transfers)
+
+    # ----------------------------------------------------------------------- events
+
+    async def append_event(self, kind: str, key: str, payload: dict[str, Any], now: float) -> int:
+        """Append a monitoring event to the outbox (durable); return its sequence number.
+
+        Idempotent by ``key``: appending an existing key changes nothing and returns the seq it
+        already has. ``payload`` must be JSON-serialisable (no NaN): ``TypeError``/``ValueError``.
+        """
+        (seq,) = await self.append_events([NewEvent(kind, key, payload, now)])
+        return seq
+
+    async def append_events(self, events: Sequence[NewEvent]) -> list[int]:
+        """:meth:`append_event` for many events in order, in one durable job; return their
+        sequence numbers. A key already in the outbox (or earlier in ``events``) gets the seq it
+        already has, so re-deriving a fact never creates a second event."""
+        rows = [
+            (
+                e.kind,
+                e.key,
+                json.dumps(e.payload, sort_keys=True, separators=(",", ":"), allow_nan=False),
+                e.created_at,
+            )
+            for e in events
+        ]
+        if not rows:
+            return []
+
+        async def append_events(tx: Tx) -> list[int]:
+            keys = list(dict.fromkeys(r[1] for r in rows))
+            known: dict[str, int] = {}
+            for start in range(0, len(keys), _IN_CHUNK):
+                chunk = keys[start : start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for row in await tx.fetchall(
+                    f"SELECT seq, key FROM events WHERE key IN ({marks})",  # noqa: S608
+                    chunk,
+                ):
+                    known[row[1]] = int(row[0])
+            # Seqs are assigned here, by the single writer, from AUTOINCREMENT's high-water
+            # mark (never reused, even after pruning): gap-free and monotonic. (An INSERT ... ON
+            # CONFLICT DO NOTHING would consume a seq on a duplicate key, leaving a gap.)
+            mark = await tx.fetchone("SELECT seq FROM sqlite_sequence WHERE name = 'events'")
+            top = 0 if mark is None else int(mark[0])
+            inserts: list[tuple[int, str, str, str, float]] = []
+            out: list[int] = []
+            for kind, key, text, created in rows:
+                seq = known.get(key)
+                if seq is None:
+                    top += 1
+                    seq = known[key] = top
+                    inserts.append((seq, kind, key, text, created))
+                out.append(seq)
+            if inserts:
+                await tx.executemany(
+                    "INSERT INTO events (seq, kind, key, payload, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    inserts,
+                )
+            return out
+
+        return await self.write(append_events, durable=True)
+
+    async def events(self, *, after: int = 0, limit: int = 1000) -> list[EventRow]:
+        """Events with ``seq > after`` in order, published or not (replay, ``otactl tail``)."""
+
+        async def events(tx: Tx) -> list[EventRow]:
+            rows = await tx.fetchall(
+                "SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+            )
+            return [self._event_row(r) for r in rows]
+
+        return await self.read(events)
+
+    async def unpublished_events(self, limit: int = 1000, *, after: int = 0) -> list[EventRow]:
+        """The oldest events not yet marked published (and with ``seq > after``), in order."""
+
+        async def unpublished_events(tx: Tx) -> list[EventRow]:
+            floor = max(after, self._pending_mark or 0)
+            rows = await tx.fetchall(
+                "SELECT * FROM events WHERE published = 0 AND seq > ? ORDER BY seq LIMIT ?",
+                (floor, limit),
+            )
+            return [self._event_row(r) for r in rows]
+
+        return await self.read(unpublished_events)
+
+    def mark_published(self, upto_seq: int) -> None:
+        """Note that every event with ``seq <= upto_seq`` was published (batched)."""
+        self._check_usable()
+        if self._pending_mark is None or upto_seq > self._pending_mark:
+            self._pending_mark = upto_seq
+        self._note_update()
+
+    async def prune_events(self, published_before: float) -> int:
+        """Delete published events created before ``published_before``; return how many."""
+
+        async def prune_events(tx: Tx) -> int:
+            return await tx.execute(
+                "DELETE FROM events WHERE published = 1 AND created_at < ?", (published_before,)
+            )
+
+        return await self.write(prune_events, durable=False)
+
+    # ----------------------------------------------------------------------- meta
+
+    async def meta_get(self, key: str) -> str | None:
+        """A meta value, or None."""
+
+        async def meta_get(tx: Tx) -> str | None:
+            row = await tx.fetchone("SELECT value FROM meta WHERE key = ?", (key,))
+            return None if row is None else str(row[0])
+
+        return await self.read(meta_get)
+
+    async def meta_set(self, key: str, value: str) -> None:
+        """Set a meta value (durable)."""
+
+        async def meta_set(tx: Tx) -> None:
+            await tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+        await self.write(meta_set, durable=True)
+
+    async def next_counter(self, name: str) -> int:
+        """Increment and return the counter ``name`` (1 the first time), durably.
+
+        For values that must never repeat across restarts, e.g. activation command counters.
+        """
+
+        async def next_counter(tx: Tx) -> int:
+            rows = await tx.fetchall(
+                "INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT (key)"
+                " DO UPDATE SET value = CAST(value AS INTEGER) + 1 RETURNING value",
+                (f"counter:{name}",),
+            )
+            return int(rows[0][0])
+
+        return await self.write(next_counter, durable=True)
+
+    # ----------------------------------------------------------------------- internals
+
+    def _overlay(self, row: TransferRow) -> TransferRow:
+        progress = self._pending.get((row.guid, row.image))
+        if progress is None or row.state is not TransferState.ACTIVE:
+            return row
+        return dataclasses.replace(
+            row,
+            acked_bitmap=progress.acked_bitmap,
+            blocks_acked=progress.blocks_acked,
+            blocks_sent=progress.blocks_sent,
+            bytes_sent=progress.bytes_sent,
+            updated_at=progress.now,
+        )
+
+    def _event_row(self, row: sqlite3.Row) -> EventRow:
+        published = bool(row["published"]) or (
+            self._pending_mark is not None and row["seq"] <= self._pending_mark
+        )
+        return EventRow(
+            seq=row["seq"],
+            kind=row["kind"],
+            key=row["key"],
+            payload=json.loads(row["payload"]),
+            created_at=row["created_at"],
+            published=published,
+        )
+
+    # ----------------------------------------------------------------------- the batch
+
+    def _batch_pending(self) -> bool:
+        return bool(self._pending) or self._pending_mark is not None
+
+    def _batch_rows(self) -> int:
+        return len(self._pending)
+
+    def _batch_take(self) -> _Batch | None:
+        rows, mark = self._pending, self._pending_mark
+        self._pending, self._pending_mark = {}, None
+        if not rows and mark is None:
+            return None
+        return _Batch(rows, mark)
+
+    async def _batch_write(self, db: aiosqlite.Connection, batch: _Batch) -> int:
+        active = TransferState.ACTIVE.value
+        params = [
+            (
+                p.acked_bitmap,
+                p.blocks_acked,
+                p.blocks_sent,
+                p.bytes_sent,
+                p.now,
+                guid,
+                image,
+                active,
+            )
+            for (guid, image), p in batch.progress.items()
+        ]
+        if params:
+            await db.executemany(
+                "UPDATE transfers SET acked_bitmap = ?, blocks_acked = ?, blocks_sent = ?,"
+                " bytes_sent = ?, updated_at = ? WHERE guid = ? AND image = ? AND state = ?",
+                params,
+            )
+        if batch.published is not None:
+            await db.execute(
+                "UPDATE events SET published = 1 WHERE published = 0 AND seq <= ?",
+                (batch.published,),
+            )
+        return len(params)
+
+    def _batch_restore(self, batch: _Batch) -> None:
+        for key, progress in batch.progress.items():  # values that arrived meanwhile are newer
+            self._pending.setdefault(key, progress)
+        mark = batch.published
+        if mark is not None and (self._pending_mark is None or mark > self._pending_mark):
+            self._pending_mark = mark
+
+
+def _seq_text(sequence: int) -> str:
+    return f"{sequence:020d}"
+
+
+def _hub_row(row: sqlite3.Row) -> HubRow:
+    return HubRow(
+        guid=row["guid"],
+        fw_version=row["fw_version"],
+        hw_version=row["hw_version"],
+        supplier=row["supplier"],
+        segment=row["segment"],
+        limits=Limits(row["max_block"], row["window_blocks"], row["buffer_bytes"]),
+        online=bool(row["online"]),
+        first_seen=row["first_seen"],
+        last_seen=row["last_seen"],
+    )
+
+
+def _han_row(row: sqlite3.Row) -> HanDeviceRow:
+    return HanDeviceRow(
+        guid=row["guid"],
+        device_id=row["device_id"],
+        device_type=row["device_type"],
+        join_mode=row["join_mode"],
+        fw_version=row["fw_version"],
+        hw_version=row["hw_version"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _image_row(row: sqlite3.Row) -> ImageRow:
+    return ImageRow(
+        sha256=bytes(row["sha256"]),
+        vendor=row["vendor"],
+        image_type=row["image_type"],
+        device_type=row["device_type"],
+        hw_min=row["hw_min"],
+        hw_max=row["hw_max"],
+        fw_version=row["fw_version"],
+        sequence=int(row["sequence"]),
+        size=row["size"],
+        block_size=row["block_size"],
+        block_count=row["block_count"],
+        created=row["created"],
+        expires=row["expires"],
+        signed_manifest=bytes(row["signed_manifest"]),
+        path=row["path"],
+        imported_at=row["imported_at"],
+    )
+
+
+def _transfer_row(row: sqlite3.Row) -> TransferRow:
+    held = row["held_sha256"]
+    return TransferRow(
+        guid=row["guid"],
+        image=bytes(row["image"]),
+        state=TransferState(row["state"]),
+        blocks_total=row["blocks_total"],
+        blocks_acked=row["blocks_acked"],
+        blocks_sent=row["blocks_sent"],
+        bytes_sent=row["bytes_sent"],
+        acked_bitmap=bytes(row["acked_bitmap"]),
+        reason=row["reason"],
+        held_sha256=None if held is None else bytes(held),
+        attempts=row["attempts"],
+        started_at=row["started_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+    )
