@@ -809,7 +809,9 @@ class Distribution:
         if reason is Reason.IMAGE_HASH and t.held_sha256 is not None:
             self._held_event(t)
         t.reason = reason.name
-        self._finish(t, _final_state(reason), reason.name, detail=event.detail, code=int(reason))
+        self._finish(
+            t, TransferState.for_reason(reason), reason.name, detail=event.detail, code=int(reason)
+        )
 
     def _held_event(self, t: Transfer) -> asyncio.Future[int]:
         held = t.held_sha256 or b""
@@ -1264,16 +1266,6 @@ class Distribution:
     def stalled_count(self) -> int:
         """Transfers flagged stalled now."""
         return sum(t.stalled_transfers for t in self._tallies.values())
-
-
-def _final_state(reason: Reason) -> TransferState:
-    if reason is Reason.TIMED_OUT:
-        return TransferState.TIMED_OUT
-    if reason is Reason.CANCELLED:
-        return TransferState.CANCELLED
-    if reason in (Reason.IMAGE_HASH, Reason.LIMITS_EXCEEDED, Reason.INTERNAL):
-        return TransferState.FAILED
-    return TransferState.REJECTED
 
 
 def _subject(t: Transfer) -> str:

@@ -1,7 +1,8 @@
 """The store's rows: what each table holds, as frozen dataclasses, and the state of a transfer.
 
-:class:`TransferState` is a transfer's state as otad records it (the sender's own phases are
-:class:`protocol.wan.sender.SenderState`, the scheduler's :class:`otad.scheduler.SlotState`).
+:class:`TransferState` is the one home of a transfer's state as otad records it (the sender's own
+phases are :class:`protocol.wan.sender.SenderState`, the scheduler's :class:`otad.scheduler.
+SlotState`), including which final state each failure reason ends in.
 """
 
 from __future__ import annotations
@@ -10,18 +11,42 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from protocol.errors import Reason
 from protocol.wire.messages import Limits
 
 
 class TransferState(enum.StrEnum):
-    """State of one (CH, image) transfer. Every state but ``ACTIVE`` is final."""
+    """State of one (CH, image) transfer as otad records it. Every state but ``ACTIVE`` is final;
+    :meth:`for_reason` says which final state a failure reason ends in."""
 
-    ACTIVE = "active"  # blocks are being sent
-    HELD = "held"  # the CH verified and holds the whole image
-    REJECTED = "rejected"  # the CH refused the offer or aborted
+    ACTIVE = "active"  # being sent (or waiting: for its turn, for its CH to come back)
+    HELD = "held"  # the CH verified the whole image and holds it (ImageHeld)
+    REJECTED = "rejected"  # the CH refused the offer or aborted (TransferRejected's reason)
     CANCELLED = "cancelled"  # otad abandoned it
-    FAILED = "failed"  # gave up (e.g. no progress after many RTOs)
-    TIMED_OUT = "timed_out"  # a phase deadline passed (not a failure of the CH)
+    # cannot complete as things are: the CH's declared limits cannot carry the image's blocks
+    # (LIMITS_EXCEEDED), what the CH holds does not hash to the manifest digest (IMAGE_HASH), or
+    # otad cannot go on with it (INTERNAL; its image or hub unknown when otad resumed)
+    FAILED = "failed"
+    # no progress after transfer.max_rto_without_progress retransmission timeouts in a row (the
+    # sender's momentum limit, SPEC 7.7): the CH stopped answering; not a fault of the image
+    TIMED_OUT = "timed_out"
+
+    @classmethod
+    def for_reason(cls, reason: Reason) -> TransferState:
+        """The final state of a transfer that ended for ``reason`` (SPEC 7.11): one of
+        ``TIMED_OUT``, ``CANCELLED``, ``FAILED``; every other reason is the CH's refusal,
+        ``REJECTED``."""
+        return _FINAL_STATE_OF.get(reason, cls.REJECTED)
+
+
+_FINAL_STATE_OF: dict[Reason, TransferState] = {
+    Reason.TIMED_OUT: TransferState.TIMED_OUT,
+    Reason.CANCELLED: TransferState.CANCELLED,
+    Reason.IMAGE_HASH: TransferState.FAILED,
+    Reason.LIMITS_EXCEEDED: TransferState.FAILED,
+    Reason.INTERNAL: TransferState.FAILED,
+}
+"""Final state by failure reason where it is not ``REJECTED`` (see ``TransferState.for_reason``)."""
 
 
 @dataclass(frozen=True, slots=True)
