@@ -134,6 +134,9 @@ class EventsConfig:
     # snapshot carries each distribution's progress every 2 s.
     progress_interval_s: float = 30.0
     topic_prefix: str = "ota/v1/events"
+    # Days a published event stays in the outbox (so a late monitor can be replayed, and a key
+    # re-derived within it is still recognised); 0 keeps every event for ever.
+    retention_days: int = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +347,7 @@ def _validate(config: Config) -> Config:
     e = config.events
     if not e.progress_interval_s > 0:
         raise ConfigError("events.progress_interval_s", f"must be > 0, got {e.progress_interval_s}")
+    _in_range("events.retention_days", e.retention_days, 0, 36_500)
     if not all(_TOPIC_LEVEL.fullmatch(level) for level in e.topic_prefix.split("/")):
         raise ConfigError(
             "events.topic_prefix",

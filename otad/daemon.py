@@ -15,6 +15,7 @@ within one event-loop turn. Long-running work
 runs as named tasks in one :class:`asyncio.TaskGroup`:
 
 ``otad.events``     outbox -> ``ota/v1/events/<kind>`` (see :mod:`otad.events`)
+``otad.events.prune`` published events past ``events.retention_days`` leave the outbox, hourly
 ``otad.status``     the retained ``ota/v1/otad/status`` snapshot
 ``otad.progress``   hands acknowledgement bookkeeping to the store's batch every flush interval
 ``otad.finals``     commits ended transfers' final states, in batches, after their events
@@ -242,6 +243,11 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.events.run(), name="otad.events")
+                if c.events.retention_days:
+                    group.create_task(
+                        self.events.run_pruning(c.events.retention_days * 86_400.0),
+                        name="otad.events.prune",
+                    )
                 group.create_task(self.status.run(), name="otad.status")
                 group.create_task(
                     self.distribution.run_progress_flusher(

@@ -80,6 +80,10 @@ CONFIRM_AFTER = 1.0
 #: encoded on the loop: a batch of 10,000 would stall it for over 100 ms).
 _ENCODE_CHUNK = 500
 _COMMIT_BATCH = 1000
+#: How often published events past their retention are pruned, and how many per store job (a
+#: first pruning of a large outbox must not hold the single writer for long).
+PRUNE_INTERVAL_S = 3600.0
+PRUNE_BATCH = 10_000
 
 
 def dumps(obj: Any) -> bytes:
@@ -230,6 +234,30 @@ class EventPublisher:
         if self._sent and await wait_acknowledged(self._client, wait_s):
             self._store.mark_published(self._sent[-1].seq)
             self._sent.clear()
+
+    async def prune(self, retention_s: float) -> int:
+        """Delete the published events older than ``retention_s`` from the outbox (in store jobs
+        of :data:`PRUNE_BATCH`; the newest event always stays); return how many."""
+        before = self._clock() - retention_s
+        pruned = 0
+        while True:
+            n = await self._store.prune_events(before, limit=PRUNE_BATCH)
+            pruned += n
+            if n < PRUNE_BATCH:
+                return pruned
+
+    async def run_pruning(self, retention_s: float, interval: float = PRUNE_INTERVAL_S) -> None:
+        """Task: :meth:`prune` now and every ``interval`` seconds, until cancelled (a failed
+        pruning is logged and tried again next time)."""
+        while True:
+            try:
+                pruned = await self.prune(retention_s)
+            except StoreError as exc:
+                log.error("cannot prune the event outbox: %s", exc)
+            else:
+                if pruned:
+                    log.info("pruned %d published event(s) from the outbox", pruned)
+            await asyncio.sleep(interval)
 
     async def _load_unpublished(self) -> None:
         after = 0

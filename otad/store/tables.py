@@ -590,13 +590,25 @@ class Store(Engine):
             self._pending_mark = upto_seq
         self._note_update()
 
-    async def prune_events(self, published_before: float) -> int:
-        """Delete published events created before ``published_before``; return how many."""
+    async def prune_events(self, published_before: float, *, limit: int | None = None) -> int:
+        """Delete published events created before ``published_before`` (the oldest first, at
+        most ``limit`` of them); return how many. The newest event is always kept, so the
+        highest seq stays readable after a restart and seqs stay monotonic (they come from
+        AUTOINCREMENT's high-water mark, which pruning never lowers). An event is pruned only
+        once its ``published`` mark is committed."""
+        sql = (
+            "DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE published = 1"
+            " AND created_at < ? AND seq < (SELECT MAX(seq) FROM events) ORDER BY seq"
+        )
+        params: tuple[float, ...] | tuple[float, int] = (published_before,)
+        if limit is not None:
+            if limit < 1:
+                raise ValueError(f"limit must be >= 1, got {limit}")
+            sql += " LIMIT ?"
+            params = (published_before, limit)
 
         async def prune_events(tx: Tx) -> int:
-            return await tx.execute(
-                "DELETE FROM events WHERE published = 1 AND created_at < ?", (published_before,)
-            )
+            return await tx.execute(sql + ")", params)
 
         return await self.write(prune_events, durable=False)
 

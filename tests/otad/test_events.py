@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, cast
 
 from mqttio import MqttClient
-from otad.events import EventPublisher
+from otad.events import PRUNE_BATCH, EventPublisher
 from otad.store import Store
 
 
@@ -53,5 +54,34 @@ async def test_events_without_a_subject_are_all_committed(tmp_path: Path) -> Non
         await events.flush()
         assert [f.result() for f in futures] == [1, 2, 3]
         assert events.backlog == 0
+    finally:
+        await store.close()
+
+
+async def test_published_events_past_their_retention_are_pruned_on_a_schedule(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path)
+    now = [1_000_000.0]
+    try:
+        events = EventPublisher(store, cast(MqttClient, Offline()), clock=lambda: now[0])
+        for i in range(2 * PRUNE_BATCH + 5):  # more than one store job's worth
+            events.emit("hub.online", f"old:{i}", guid="X")
+        await events.flush()
+        now[0] += 3 * 86_400
+        events.emit("hub.online", "recent", guid="X")
+        await events.flush()
+        store.mark_published(events.last_seq)
+        await store.flush()
+        pruner = asyncio.create_task(events.run_pruning(2 * 86_400.0, interval=0.01))
+        try:
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if len(await store.events(limit=10)) == 1:
+                    break
+        finally:
+            pruner.cancel()
+        assert [e.key for e in await store.events()] == ["recent"]
+        assert await events.prune(0.0) == 0  # the newest event is never pruned
     finally:
         await store.close()

@@ -759,3 +759,22 @@ def test_read_only_state_dir_raises_store_error_and_writes_nothing(world_dir: Pa
         assert db.execute("SELECT count(*) FROM hubs").fetchone()[0] == 1
         assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 1
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_pruning_keeps_unpublished_events_and_the_newest_seq(state_dir: Path) -> None:
+    async with await Store.open(state_dir) as store:
+        seqs = [await store.append_event("k", f"e{i}", {"i": i}, float(i)) for i in range(6)]
+        store.mark_published(seqs[3])  # e0..e3 published; e4, e5 not
+        assert await store.prune_events(published_before=100.0) == 0  # the mark is not committed
+        await store.flush()
+        assert await store.prune_events(published_before=2.0) == 2  # e0, e1: old enough
+        assert await store.prune_events(published_before=100.0, limit=1) == 1  # e2, oldest first
+        assert [e.key for e in await store.events()] == ["e3", "e4", "e5"]
+        store.mark_published(seqs[5])
+        await store.flush()
+        assert await store.prune_events(published_before=100.0) == 2  # e3, e4; never e5
+        assert [e.seq for e in await store.events()] == [seqs[5]]
+        with pytest.raises(ValueError, match="limit"):
+            await store.prune_events(1.0, limit=0)
+    async with await Store.open(state_dir) as store:
+        assert await store.append_event("k", "after", {}, 200.0) == seqs[5] + 1
