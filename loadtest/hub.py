@@ -49,9 +49,10 @@ from typing import Any
 
 from loadtest.hubstate import HubStore, hash_file
 from mqttio.interface import MqttClient, MqttSettings, NotConnected, Will, create_client
+from otad.targeting import refusal
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import DeviceType, Manifest
-from protocol.release.trust import Target, TrustStore, verify_manifest
+from protocol.release.trust import TrustStore, verify_manifest
 from protocol.wan.receiver import (
     DiscardImage,
     Receiver,
@@ -269,7 +270,8 @@ class VirtualHub:
         self._up_topic = topics.up(self.guid)
         self._down_topic = topics.down(self.guid)
         self._state_topic = topics.state(self.guid)
-        self._announce_payload = identity.announcement().encode()
+        self._announcement = identity.announcement()
+        self._announce_payload = self._announcement.encode()
         self._reconnects = 0
         self.running = False
         self.muted = False  # connected but ignoring everything: a hung CH
@@ -330,23 +332,15 @@ class VirtualHub:
             )
         self._after_restore = later
 
-    def target_for(self, device_type: DeviceType) -> Target:
-        """The :class:`Target` an image for ``device_type`` must fit on this premises."""
-        if device_type is DeviceType.CH:
-            return Target(DeviceType.CH, self.identity.hw_version)
-        for device in self.identity.han:
-            if device.device_type == device_type.value:
-                return Target(device_type, device.hw_version)
-        raise ProtocolError(
-            Reason.WRONG_DEVICE_TYPE, f"no {device_type.value} on the HAN of {self.guid}"
-        )
-
     def _verify_manifest(self, signed: bytes) -> Manifest:
-        now = int(time.time())
-        manifest = verify_manifest(signed, self._trust, now=now)
-        return verify_manifest(
-            signed, self._trust, now=now, target=self.target_for(manifest.device_type)
-        )
+        """The Receiver's check of an Offer's manifest: signature, expiry, then whether it is
+        for this premises and fits its limits (:func:`otad.targeting.refusal`; nothing is
+        installed here, so any sequence above 0 is new)."""
+        manifest = verify_manifest(signed, self._trust, now=int(time.time()))
+        error = refusal(self._announcement, manifest, installed_sequence=0)
+        if error is not None:
+            raise error
+        return manifest
 
     # ---------------------------------------------------------------- connection
 

@@ -64,9 +64,9 @@ from otad.registry import Hub, Registry
 from otad.rejects import RejectLog
 from otad.scheduler import Scheduler, SlotState, budget_charge, handshake_charge
 from otad.store import FinalState, Store, StoreError, TransferRow, TransferState
+from otad.targeting import matches, refusal
 from otad.timers import TimerSlot, TimerStats
 from protocol.errors import ProtocolError, Reason
-from protocol.release.trust import Target, check_target
 from protocol.wan.sender import (
     ProgressMade,
     SendBlock,
@@ -342,45 +342,6 @@ class Transfer:
             "started_at": self.started_at,
             "finished_at": self.finished_at,
         }
-
-
-def target_error(hub: Hub, image: Image) -> ProtocolError | None:
-    """Why ``image`` cannot be sent to ``hub`` (device type, hardware range, declared
-    limits), or None."""
-    manifest = image.manifest
-    announcement = hub.announcement
-    try:
-        if manifest.device_type.value == "CH":
-            check_target(manifest, Target(manifest.device_type, announcement.hw_version, 0, None))
-        elif not hub.matches(manifest):
-            types = {d.device_type for d in announcement.han}
-            if manifest.device_type.value not in types:
-                raise ProtocolError(
-                    Reason.WRONG_DEVICE_TYPE,
-                    f"no {manifest.device_type.value} on the HAN of {hub.guid}",
-                )
-            raise ProtocolError(
-                Reason.HARDWARE_OUT_OF_RANGE,
-                f"no {manifest.device_type.value} of hardware "
-                f"0x{manifest.hw_min:04x}..0x{manifest.hw_max:04x} on the HAN of {hub.guid}",
-            )
-    except ProtocolError as exc:
-        if exc.reason in (Reason.ROLLBACK, Reason.REPLAYED):
-            return None  # otad does not know the installed sequence; the CH decides
-        return exc
-    limits = announcement.limits
-    largest = min(manifest.block_size, manifest.size)
-    if largest > limits.max_block:
-        return ProtocolError(
-            Reason.LIMITS_EXCEEDED,
-            f"block size {manifest.block_size} > max_block {limits.max_block} of {hub.guid}",
-        )
-    if largest > limits.buffer:
-        return ProtocolError(
-            Reason.LIMITS_EXCEEDED,
-            f"block size {manifest.block_size} > buffer {limits.buffer} of {hub.guid}",
-        )
-    return None
 
 
 class Distribution:
@@ -1137,7 +1098,9 @@ class Distribution:
         already: list[str] = []
         targets: list[Hub] = []
         if all_matching:
-            candidates: list[Hub] = [h for h in self._registry.hubs.values() if h.matches(manifest)]
+            candidates = [
+                h for h in self._registry.hubs.values() if matches(h.announcement, manifest)
+            ]
         else:
             candidates = []
             for guid in dict.fromkeys(guids):
@@ -1154,7 +1117,7 @@ class Distribution:
                     continue
                 candidates.append(hub)
         for hub in candidates:
-            error = target_error(hub, image)
+            error = refusal(hub.announcement, manifest)
             if error is not None:
                 refused.append(_refusal(hub.guid, error))
                 continue

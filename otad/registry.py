@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from otad.rejects import RejectLog
 from protocol.errors import ProtocolError, Reason
-from protocol.release.manifest import MIN_BLOCK_SIZE, DeviceType, Manifest
+from protocol.release.manifest import MIN_BLOCK_SIZE, DeviceType
 from protocol.wire import topics
 from protocol.wire.messages import HubAnnounced, HubWentOffline, decode
 
@@ -50,16 +50,6 @@ class Hub:
     def segment(self) -> str:
         """Network segment (shared cell) the CH declared."""
         return self.announcement.segment
-
-    def matches(self, manifest: Manifest) -> bool:
-        """Whether ``manifest`` targets this CH or a device on its HAN (type and hw range)."""
-        if manifest.device_type is DeviceType.CH:
-            return manifest.hw_min <= self.announcement.hw_version <= manifest.hw_max
-        wanted = manifest.device_type.value
-        return any(
-            d.device_type == wanted and manifest.hw_min <= d.hw_version <= manifest.hw_max
-            for d in self.announcement.han
-        )
 
     def to_json(self) -> dict[str, object]:
         """JSON-ready summary (``fleet.list``)."""
