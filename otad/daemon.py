@@ -35,7 +35,6 @@ If the process dies instead, the broker publishes otad's last will: the same ``o
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import gc
 import logging
@@ -64,7 +63,6 @@ from otad.rejects import RejectLog
 from otad.store import Store, StoreError
 from protocol.errors import ProtocolError, Reason
 from protocol.wire import topics
-from protocol.wire.messages import HanDevice, HubAnnounced
 
 log = logging.getLogger("otad")
 
@@ -117,10 +115,6 @@ class Daemon:
         self.started_at = time.time()
         self.version = version()
         self._stop = asyncio.Event()
-        self._persist_queue: collections.deque[tuple[HubAnnounced | None, str, bool, float]] = (
-            collections.deque()
-        )
-        self._persist_wake = asyncio.Event()
         self.rejects = RejectLog(logging.getLogger("otad.input"))
         self.loop_lag = LoopLag()
         # set up in run()
@@ -179,12 +173,12 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.catalogue = Catalogue(self.store, trust, Path(c.store.state_dir) / "images")
         await self.catalogue.load()
-        self.registry = Registry(
-            persist=self._persist_hub, on_change=self._hub_changed, rejects=self.rejects
-        )
-        self.registry.load(await self._load_hubs())
         self.client = create_client(c.broker.library, await self._mqtt_settings())
         self.events = EventPublisher(self.store, self.client, topic_prefix=c.events.topic_prefix)
+        self.registry = Registry(
+            self.store, self.events, on_change=self._hub_changed, rejects=self.rejects
+        )
+        await self.registry.load()
         self.status = StatusPublisher(self.client, topics.OTAD_STATUS, self._snapshot)
         self.distribution = Distribution(
             loop=loop,
@@ -196,7 +190,6 @@ class Daemon:
             config=c.transfer,
             progress_interval=c.events.progress_interval_s,
             rejects=self.rejects,
-            hubs_recorded=self._flush_persist,
         )
         resumed = await self.distribution.resume()
         self.control_client = create_client(
@@ -258,7 +251,7 @@ class Daemon:
                 group.create_task(self.distribution.run_final_writer(), name="otad.finals")
                 group.create_task(self.distribution.run_stall_watch(), name="otad.stalls")
                 group.create_task(self.loop_lag.run(), name="otad.looplag")
-                group.create_task(self._run_persist(), name="otad.registry")
+                group.create_task(self.registry.run(), name="otad.registry")
                 group.create_task(self._wait_stop(), name="otad.shutdown")
         except* _StopRequestedError:
             pass
@@ -283,7 +276,7 @@ class Daemon:
         log.info("stopping: flushing state")
         self.distribution.halt()
         await self.control.close()
-        await self._flush_persist()
+        await self.registry.flushed()
         await self.events.flush()  # commits the events the final-state writes wait for
         await self.distribution.wait_final_writes()
         await self.events.close()
@@ -358,70 +351,9 @@ class Daemon:
         if up:
             self.status.poke()
 
-    # ------------------------------------------------------------------ registry
-
-    async def _load_hubs(self) -> list[Hub]:
-        rows = await self.store.hubs()
-        devices: dict[str, list[HanDevice]] = {}
-        for d in await self.store.han_devices():
-            devices.setdefault(d.guid, []).append(
-                HanDevice(d.device_id, d.device_type, d.join_mode, d.fw_version, d.hw_version)
-            )
-        hubs = []
-        for row in rows:
-            announcement = HubAnnounced(
-                guid=row.guid,
-                fw_version=row.fw_version,
-                hw_version=row.hw_version,
-                supplier=row.supplier,
-                segment=row.segment,
-                limits=row.limits,
-                han=tuple(devices.get(row.guid, ())),
-            )
-            hubs.append(Hub(row.guid, announcement, row.online, row.first_seen, row.last_seen))
-        return hubs
-
-    def _persist_hub(
-        self, announcement: HubAnnounced | None, guid: str, online: bool, now: float
-    ) -> None:
-        self._persist_queue.append((announcement, guid, online, now))
-        self._persist_wake.set()
-
-    async def _run_persist(self) -> None:
-        while True:
-            await self._persist_wake.wait()
-            self._persist_wake.clear()
-            await self._flush_persist()
-
-    async def _flush_persist(self) -> None:
-        while self._persist_queue:
-            batch = list(self._persist_queue)
-            self._persist_queue.clear()
-            jobs = [
-                self.store.upsert_hub(a, now, online=online)
-                if a is not None
-                else self.store.set_hub_online(guid, online, now)
-                for a, guid, online, now in batch
-            ]
-            for result in await asyncio.gather(*jobs, return_exceptions=True):
-                if isinstance(result, BaseException):
-                    log.error("cannot record a hub change: %s", result)
+    # ------------------------------------------------------------------ fleet
 
     def _hub_changed(self, hub: Hub, was_online: bool, announced: bool, changed: bool) -> None:
-        now_ms = int(time.time() * 1000)
-        if announced and not was_online:
-            a = hub.announcement
-            self.events.emit(
-                "hub.online",
-                f"hub.online:{hub.guid}:{now_ms}",
-                guid=hub.guid,
-                segment=a.segment,
-                supplier=a.supplier,
-                fw_version=a.fw_version,
-                hw_version=a.hw_version,
-            )
-        elif not announced and was_online:
-            self.events.emit("hub.offline", f"hub.offline:{hub.guid}:{now_ms}", guid=hub.guid)
         self.distribution.hub_changed(hub, was_online, announced, changed)
         if was_online != hub.online:
             self.status.poke()

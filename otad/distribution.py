@@ -52,7 +52,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -359,14 +359,10 @@ class Distribution:
         config: TransferConfig,
         progress_interval: float = 5.0,
         rejects: RejectLog | None = None,
-        hubs_recorded: Callable[[], Awaitable[None]] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         """Wire the distribution to its collaborators (nothing is sent until :meth:`start`).
-
-        ``hubs_recorded()`` waits until every hub announcement seen so far is in the store (a
-        transfer row refers to its hub's row). ``rng`` orders re-synchronisations (tests seed
-        it)."""
+        ``rng`` orders re-synchronisations (tests seed it)."""
         self._loop = loop
         self._client = client
         self._store = store
@@ -377,7 +373,6 @@ class Distribution:
         self._progress_interval = progress_interval
         self._stall_after = config.stall_after_s
         self.rejects = rejects or RejectLog(log)
-        self._hubs_recorded = hubs_recorded
         self._rng = rng or random.Random()
         self.scheduler = Scheduler(
             global_inflight=config.global_inflight,
@@ -1133,8 +1128,7 @@ class Distribution:
         await self._catalogue.blocks(image)  # load (and check) the image before committing
         if any((h.guid, image.sha256) in self._finishing for h in targets):
             await self.wait_final_writes()  # a restart must not race its previous end's write
-        if self._hubs_recorded is not None:
-            await self._hubs_recorded()
+        await self._registry.flushed()  # a transfer row refers to its hub's row
         try:
             rows = await self._store.start_transfers(
                 image.sha256, [h.guid for h in targets], manifest.block_count, time.time()

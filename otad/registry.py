@@ -13,22 +13,30 @@ interpreted. Everything that arrives there is untrusted and checked before anyth
 * any other message type on a state topic is ``UNKNOWN_TYPE``.
 
 A refused message is logged with its reason (rate-limited per reason) and changes nothing. An
-accepted change is written to the store (``committed``, not durable: a CH re-announces itself
-after a power cut) and reported to the daemon through the ``on_change`` callback, which emits the
-``hub.online`` / ``hub.offline`` events and resumes or suspends that CH's transfers.
+accepted change gets its ``hub.online`` / ``hub.offline`` event and is reported through the
+``on_change`` callback (the distribution resumes or suspends that CH's transfers). It is written to
+the store behind the message handler's back: queued in memory and written, group-committed
+(``committed``, not durable: a CH re-announces itself after a power cut), by the registry's task
+(:meth:`Registry.run`). Whoever needs a hub's row in the store (a transfer row refers to it)
+waits for :meth:`Registry.flushed`. At start the registry is loaded from the store
+(:meth:`Registry.load`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from otad.events import EventPublisher
 from otad.rejects import RejectLog
+from otad.store import Store
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import MIN_BLOCK_SIZE, DeviceType
 from protocol.wire import topics
-from protocol.wire.messages import HubAnnounced, HubWentOffline, decode
+from protocol.wire.messages import HanDevice, HubAnnounced, HubWentOffline, decode
 
 log = logging.getLogger("otad.registry")
 
@@ -116,30 +124,97 @@ def check_announcement(message: HubAnnounced, topic_guid: str) -> None:
 
 
 class Registry:
-    """In-memory view of the fleet, loaded from and written through to the store."""
+    """In-memory view of the fleet, loaded from and written behind to the store."""
 
     def __init__(
         self,
+        store: Store,
+        events: EventPublisher,
         *,
-        persist: Callable[[HubAnnounced | None, str, bool, float], None],
         on_change: ChangeHandler,
         rejects: RejectLog | None = None,
     ) -> None:
-        """``persist(announcement_or_None, guid, online, now)`` schedules the store write (an
-        announcement to upsert, or None for an online-flag change); ``on_change`` is told about
-        every accepted change."""
-        self._persist = persist
+        """``on_change`` is told about every accepted change, after its event is emitted."""
+        self._store = store
+        self._events = events
         self._on_change = on_change
         self.rejects = rejects or RejectLog(log)
         self.hubs: dict[str, Hub] = {}
         self.online = 0
         """How many CHs are online now (kept incrementally)."""
+        # hub changes not yet handed to the store: (announcement to upsert, or None for an
+        # online-flag change, guid, online, when)
+        self._unwritten: collections.deque[tuple[HubAnnounced | None, str, bool, float]] = (
+            collections.deque()
+        )
+        self._writing: asyncio.Future[None] | None = None  # the batch being written now
+        self._wake = asyncio.Event()
 
-    def load(self, hubs: Iterable[Hub]) -> None:
-        """Start from the hubs the store remembers."""
-        for hub in hubs:
-            self.hubs[hub.guid] = hub
+    # ------------------------------------------------------------------ persistence
+
+    async def load(self) -> None:
+        """Start from the hubs the store remembers (their last announcements and presence)."""
+        devices: dict[str, list[HanDevice]] = {}
+        for d in await self._store.han_devices():
+            devices.setdefault(d.guid, []).append(
+                HanDevice(d.device_id, d.device_type, d.join_mode, d.fw_version, d.hw_version)
+            )
+        for row in await self._store.hubs():
+            announcement = HubAnnounced(
+                guid=row.guid,
+                fw_version=row.fw_version,
+                hw_version=row.hw_version,
+                supplier=row.supplier,
+                segment=row.segment,
+                limits=row.limits,
+                han=tuple(devices.get(row.guid, ())),
+            )
+            self.hubs[row.guid] = Hub(
+                row.guid, announcement, row.online, row.first_seen, row.last_seen
+            )
         self.online = sum(1 for h in self.hubs.values() if h.online)
+
+    async def run(self) -> None:
+        """Task: write the hub changes to the store as they come, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flushed()
+
+    async def flushed(self) -> None:
+        """Wait until every hub change accepted so far is committed to the store (a change that
+        cannot be written is logged, not raised: the CH announces itself again)."""
+        while self._unwritten or self._writing is not None:
+            if self._writing is not None:
+                await asyncio.shield(self._writing)
+            else:
+                await self._write_unwritten()
+
+    async def _write_unwritten(self) -> None:
+        batch = list(self._unwritten)
+        self._unwritten.clear()
+        writing = self._writing = asyncio.get_running_loop().create_future()
+        try:
+            jobs = [
+                self._store.upsert_hub(a, now, online=online)
+                if a is not None
+                else self._store.set_hub_online(guid, online, now)
+                for a, guid, online, now in batch
+            ]
+            for result in await asyncio.gather(*jobs, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    log.error("cannot record a hub change: %s", result)
+        finally:
+            self._writing = None
+            writing.set_result(None)
+
+    def _write_behind(
+        self, announcement: HubAnnounced | None, guid: str, online: bool, now: float
+    ) -> None:
+        self._unwritten.append((announcement, guid, online, now))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ state messages
 
     def get(self, guid: str) -> Hub | None:
         """The hub, or None if it never announced itself."""
@@ -200,7 +275,17 @@ class Registry:
             hub.online = True
         if not was_online:
             self.online += 1
-        self._persist(message, message.guid, True, now)
+        self._write_behind(message, message.guid, True, now)
+        if not was_online:
+            self._events.emit(
+                "hub.online",
+                f"hub.online:{hub.guid}:{int(now * 1000)}",
+                guid=hub.guid,
+                segment=message.segment,
+                supplier=message.supplier,
+                fw_version=message.fw_version,
+                hw_version=message.hw_version,
+            )
         self._on_change(hub, was_online, True, True)
         return hub
 
@@ -214,6 +299,7 @@ class Registry:
         hub.online = False
         self.online -= 1
         hub.last_seen = now
-        self._persist(None, guid, False, now)
+        self._write_behind(None, guid, False, now)
+        self._events.emit("hub.offline", f"hub.offline:{guid}:{int(now * 1000)}", guid=guid)
         self._on_change(hub, True, False, True)
         return hub
