@@ -10,15 +10,7 @@ matter of broker ACLs. Messages are JSON, schema version 1::
                "detail": "no image starts with 12ab"}
 
 ``error`` is a :class:`~protocol.errors.Reason` name (``code`` its number), so scripts can branch
-on it. Commands:
-
-``image.import``   args ``data`` (base64 of the ``.otaimg``) -> the image summary, ``new``
-``image.list``     -> list of image summaries
-``distribute``     args ``image`` (digest or unique hex prefix), ``to`` (list of GUIDs) or
-                   ``all_matching`` (true) -> ``{image, started, already, refused}``
-``fleet.list``     -> list of CHs (announcement, online, first/last seen)
-``transfers``      optional args ``image``, ``guid`` -> list of per-CH transfer rows
-``status``         -> the status snapshot
+on it. The commands and what they do are :mod:`otad.commands`; this module is their transport.
 
 A request that names an unknown command or has bad arguments is answered with a typed error; one
 that is not JSON, too large, or has no ``id`` cannot be answered and is only logged (with its
@@ -56,7 +48,8 @@ Command = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 class Control:
-    """Serves control requests with the daemon's command functions."""
+    """Serves control requests with the daemon's command functions
+    (:meth:`otad.commands.Commands.table`)."""
 
     def __init__(
         self,

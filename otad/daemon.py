@@ -46,8 +46,9 @@ from typing import Any
 
 from mqttio import MqttClient, MqttSettings, Will, create_client
 from otad.catalogue import Catalogue
+from otad.commands import Commands
 from otad.config import Config
-from otad.control import Control, arg_bytes_b64, arg_str, arg_str_list
+from otad.control import Control
 from otad.distribution import Distribution
 from otad.events import (
     SCHEMA_VERSION,
@@ -61,7 +62,7 @@ from otad.looplag import LoopLag
 from otad.registry import Hub, Registry
 from otad.rejects import RejectLog
 from otad.store import Store, StoreError
-from protocol.errors import ProtocolError, Reason
+from protocol.errors import Reason
 from protocol.wire import topics
 
 log = logging.getLogger("otad")
@@ -90,16 +91,6 @@ def version() -> str:
         return dist_version("otad")
     except Exception:
         return "0+unknown"
-
-
-def _rss_kib() -> int:
-    """Resident set size of this process in KiB (Linux), or 0."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 class _StopRequestedError(Exception):
@@ -195,7 +186,16 @@ class Daemon:
         self.control_client = create_client(
             c.broker.library, await self._mqtt_settings(control=True)
         )
-        self.control = Control(self.control_client, self._commands(), rejects=self.rejects)
+        commands = Commands(
+            catalogue=self.catalogue,
+            registry=self.registry,
+            distribution=self.distribution,
+            events=self.events,
+            snapshot=self._snapshot,
+            status_changed=self.status.poke,
+            rejects=self.rejects,
+        )
+        self.control = Control(self.control_client, commands.table(), rejects=self.rejects)
         self.client.set_message_handler(self._on_message)
         self.client.set_connection_handler(self._on_connection)
         self.control_client.set_message_handler(self._on_control_message)
@@ -388,70 +388,6 @@ class Daemon:
             "blocks_in_flight": distribution.scheduler.inflight,
             "rejected": dict(self.rejects.counts),
         }
-
-    # ------------------------------------------------------------------ control commands
-
-    def _commands(self) -> dict[str, Any]:
-        return {
-            "image.import": self._cmd_image_import,
-            "image.list": self._cmd_image_list,
-            "distribute": self._cmd_distribute,
-            "fleet.list": self._cmd_fleet_list,
-            "transfers": self._cmd_transfers,
-            "status": self._cmd_status,
-        }
-
-    async def _cmd_image_import(self, args: dict[str, Any]) -> Any:
-        data = await arg_bytes_b64(args, "data")
-        try:
-            image, new = await self.catalogue.import_image(data)
-        except ProtocolError as exc:
-            self.rejects.reject(f"image import ({len(data)} bytes)", exc.reason, exc.detail)
-            raise
-        if new:
-            m = image.manifest
-            self.events.emit(
-                "image.imported",
-                f"image.imported:{image.hex}",
-                image=image.hex,
-                device_type=m.device_type.value,
-                fw_version=m.fw_version,
-                sequence=m.sequence,
-                size=m.size,
-                block_size=m.block_size,
-                blocks=m.block_count,
-            )
-            self.status.poke()
-        return {**image.to_json(), "new": new}
-
-    async def _cmd_image_list(self, args: dict[str, Any]) -> Any:
-        return [img.to_json() for img in self.catalogue.images.values()]
-
-    async def _cmd_distribute(self, args: dict[str, Any]) -> Any:
-        ref = arg_str(args, "image")
-        all_matching = args.get("all_matching", False)
-        if not isinstance(all_matching, bool):
-            raise ProtocolError(Reason.MALFORMED, "all_matching must be true or false")
-        guids = arg_str_list(args, "to")
-        if all_matching == bool(guids):
-            raise ProtocolError(Reason.MALFORMED, "give either 'to' (GUIDs) or all_matching")
-        return await self.distribution.distribute(ref, guids, all_matching=all_matching)
-
-    async def _cmd_fleet_list(self, args: dict[str, Any]) -> Any:
-        return [self.registry.hubs[g].to_json() for g in sorted(self.registry.hubs)]
-
-    async def _cmd_transfers(self, args: dict[str, Any]) -> Any:
-        rows = await self.distribution.listing()
-        if "image" in args:
-            image = self.catalogue.resolve(arg_str(args, "image")).hex
-            rows = [r for r in rows if r["image"] == image]
-        if "guid" in args:
-            guid = arg_str(args, "guid")
-            rows = [r for r in rows if r["guid"] == guid]
-        return rows
-
-    async def _cmd_status(self, args: dict[str, Any]) -> Any:
-        return {"state": "online", **self._snapshot(), "rss_kib": _rss_kib()}
 
 
 async def run(config: Config) -> int:
