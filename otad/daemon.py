@@ -172,7 +172,7 @@ class Daemon:
         await self.registry.load()
         self.status = StatusPublisher(self.client, topics.OTAD_STATUS, self._snapshot)
         self.distribution = Distribution(
-            loop=loop,
+            timers=loop,
             client=self.client,
             store=self.store,
             catalogue=self.catalogue,

@@ -65,7 +65,7 @@ from otad.rejects import RejectLog
 from otad.scheduler import Scheduler, SlotState, budget_charge, handshake_charge
 from otad.store import FinalState, Store, StoreError, TransferRow, TransferState
 from otad.targeting import matches, refusal
-from otad.timers import TimerSlot, TimerStats
+from otad.timers import TimerHost, TimerSlot, TimerStats
 from protocol.errors import ProtocolError, Reason
 from protocol.wan.sender import (
     ProgressMade,
@@ -350,7 +350,7 @@ class Distribution:
     def __init__(
         self,
         *,
-        loop: asyncio.AbstractEventLoop,
+        timers: TimerHost,
         client: MqttClient,
         store: Store,
         catalogue: Catalogue,
@@ -360,10 +360,17 @@ class Distribution:
         progress_interval: float = 5.0,
         rejects: RejectLog | None = None,
         rng: random.Random | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """Wire the distribution to its collaborators (nothing is sent until :meth:`start`).
-        ``rng`` orders re-synchronisations (tests seed it)."""
-        self._loop = loop
+
+        ``timers`` is the monotonic clock every sender and the scheduler run on, and their
+        timers (the event loop; virtual time in tests). ``wall_clock`` (unix seconds) stamps
+        what is recorded: start and end times, progress, event times. ``rng`` orders
+        re-synchronisations (tests seed it)."""
+        self._timers = timers
+        self._clock = timers.time
+        self._wall_clock = wall_clock
         self._client = client
         self._store = store
         self._catalogue = catalogue
@@ -381,7 +388,7 @@ class Distribution:
             segment_rate=config.segment_rate,
         )
         self.timer_stats = TimerStats()
-        self._scheduler_timer = TimerSlot(loop, self._on_scheduler_timer, self.timer_stats)
+        self._scheduler_timer = TimerSlot(timers, self._on_scheduler_timer, self.timer_stats)
         self.transfers: dict[tuple[str, bytes], Transfer] = {}
         self._active: dict[str, dict[bytes, Transfer]] = {}
         self._image_users: dict[bytes, int] = {}
@@ -424,7 +431,11 @@ class Distribution:
                     "transfer of %s to %s cannot resume: %s", row.image.hex(), row.guid, reason.name
                 )
                 await self._store.finish_transfer(
-                    row.guid, row.image, TransferState.FAILED, reason=reason.name, now=time.time()
+                    row.guid,
+                    row.image,
+                    TransferState.FAILED,
+                    reason=reason.name,
+                    now=self._wall_clock(),
                 )
                 self._ended[(row.guid, row.image)] = TransferState.FAILED
                 self._counts[TransferState.FAILED] += 1
@@ -438,7 +449,7 @@ class Distribution:
                     row.image,
                     TransferState.FAILED,
                     reason=exc.reason.name,
-                    now=time.time(),
+                    now=self._wall_clock(),
                 )
                 self._ended[(row.guid, row.image)] = TransferState.FAILED
                 self._counts[TransferState.FAILED] += 1
@@ -453,7 +464,7 @@ class Distribution:
     def start(self) -> None:
         """Start sending (after the MQTT session is up and subscribed): every active transfer
         of an online CH queues for admission, in a random order."""
-        now = self._loop.time()
+        now = self._clock()
         self._fresh = True  # the adapter's first "connected" report needs no re-sync
         self.scheduler.resume(now)
         self._start_all(now)
@@ -484,7 +495,7 @@ class Distribution:
             return
         if self._stopping:
             return
-        now = self._loop.time()
+        now = self._clock()
         if not fresh:
             order = list(self._live())
             self._rng.shuffle(order)
@@ -527,7 +538,7 @@ class Distribution:
         active = self._active.get(hub.guid)
         if not active:
             return
-        now = self._loop.time()
+        now = self._clock()
         for t in list(active.values()):
             if not announced:
                 self._suspend(t, now)
@@ -607,7 +618,7 @@ class Distribution:
         if t is None:
             self._no_transfer(guid, msg)
             return
-        now = self._loop.time()
+        now = self._clock()
         if type(msg) is ImageHeld:
             t.held_sha256 = msg.sha256
         try:
@@ -692,7 +703,7 @@ class Distribution:
             return
         if t.slot.state not in _SENDING:
             return  # not scheduled: re-armed when it runs again
-        now = self._loop.time()
+        now = self._clock()
         sender = t.sender
         deadline = sender.next_deadline()
         if deadline is None:
@@ -707,7 +718,7 @@ class Distribution:
         self._scheduler_timer.arm(self.scheduler.next_deadline())
 
     def _on_scheduler_timer(self) -> None:
-        now = self._loop.time()
+        now = self._clock()
         deadline = self.scheduler.next_deadline()
         if deadline is None:
             return
@@ -795,9 +806,9 @@ class Distribution:
     ) -> None:
         if t.state is not TransferState.ACTIVE:
             return
-        now = self._loop.time()
+        now = self._clock()
         t.state = state
-        t.finished_at = time.time()
+        t.finished_at = self._wall_clock()
         t.timer.cancel()
         self.scheduler.stop(t.slot, now)
         active = self._active.get(t.guid)
@@ -873,7 +884,7 @@ class Distribution:
             log.error("cannot record the end of %d transfer(s) (will retry): %s", len(batch), exc)
             return False
         del self._finals[: len(batch)]
-        now = self._loop.time()
+        now = self._clock()
         for t, _ in batch:
             # Recorded: forget the sender (its bitmaps), keep only the state; listings read the
             # stored row from now on. Memory stays proportional to the transfers in progress.
@@ -899,7 +910,7 @@ class Distribution:
                 blocks_acked=sender.blocks_acked,
                 blocks_sent=t.blocks_sent,
                 bytes_sent=t.bytes_sent,
-                now=time.time(),
+                now=self._wall_clock(),
             )
         except StoreError as exc:
             log.error("cannot record progress: %s", exc)
@@ -925,7 +936,7 @@ class Distribution:
         """Task: :meth:`check_stalls` every ``interval`` seconds, until cancelled."""
         while True:
             await asyncio.sleep(interval)
-            self.check_stalls(self._loop.time())
+            self.check_stalls(self._clock())
 
     def check_stalls(self, now: float) -> int:
         """Flag transfers and distributions that made no progress for ``stall_after_s``: one
@@ -948,7 +959,8 @@ class Distribution:
             self._stalls_unlogged.append(t)
             self._events.emit(
                 "transfer.stalled",
-                f"transfer.stalled:{t.guid}:{t.image.hex}:{t.attempt}:{int(time.time() * 1000)}",
+                f"transfer.stalled:{t.guid}:{t.image.hex}:{t.attempt}:"
+                f"{int(self._wall_clock() * 1000)}",
                 guid=t.guid,
                 image=t.image.hex,
                 idle_s=round(idle, 1),
@@ -997,7 +1009,7 @@ class Distribution:
             }
             self._events.emit(
                 "distribution.stalled",
-                f"distribution.stalled:{tally.image}:{int(time.time() * 1000)}",
+                f"distribution.stalled:{tally.image}:{int(self._wall_clock() * 1000)}",
                 **fields,
             )
             log.warning(
@@ -1012,7 +1024,7 @@ class Distribution:
             tally.stalled_since = None
             self._events.emit(
                 "distribution.resumed",
-                f"distribution.resumed:{tally.image}:{int(time.time() * 1000)}",
+                f"distribution.resumed:{tally.image}:{int(self._wall_clock() * 1000)}",
                 image=tally.image,
                 active=active,
                 stalled_s=round(stalled_s, 1),
@@ -1038,7 +1050,7 @@ class Distribution:
 
     async def _add(self, hub: Hub, image: Image, row: TransferRow) -> Transfer:
         source = await self._catalogue.blocks(image)
-        now = self._loop.time()
+        now = self._clock()
         known = row.blocks_acked > 0
         try:
             sender = self._new_sender(
@@ -1074,7 +1086,7 @@ class Distribution:
             now=now,
         )
         t.slot = self.scheduler.attach(t, hub.segment)
-        t.timer = TimerSlot(self._loop, functools.partial(self._on_timer, t), self.timer_stats)
+        t.timer = TimerSlot(self._timers, functools.partial(self._on_timer, t), self.timer_stats)
         self.transfers[key] = t
         self._active.setdefault(hub.guid, {})[image.sha256] = t
         self._image_users[image.sha256] = self._image_users.get(image.sha256, 0) + 1
@@ -1087,7 +1099,7 @@ class Distribution:
         done, and what was refused (per target, with the typed reason)."""
         image = self._catalogue.resolve(ref)
         manifest = image.manifest
-        if time.time() >= manifest.expires:
+        if self._wall_clock() >= manifest.expires:
             raise ProtocolError(Reason.EXPIRED, f"image {image.hex} expired at {manifest.expires}")
         refused: list[dict[str, str]] = []
         already: list[str] = []
@@ -1131,7 +1143,7 @@ class Distribution:
         await self._registry.flushed()  # a transfer row refers to its hub's row
         try:
             rows = await self._store.start_transfers(
-                image.sha256, [h.guid for h in targets], manifest.block_count, time.time()
+                image.sha256, [h.guid for h in targets], manifest.block_count, self._wall_clock()
             )
         except StoreError as exc:
             refused.extend(
@@ -1139,11 +1151,11 @@ class Distribution:
             )
             return _distribute_result(image, [], already, refused)
         started: list[str] = []
-        now = self._loop.time()
+        now = self._clock()
         for n, (hub, row) in enumerate(zip(targets, rows, strict=True)):
             if n and not n % START_CHUNK:
                 await asyncio.sleep(0)  # a 10,000-CH distribution must not stall the loop
-                now = self._loop.time()
+                now = self._clock()
             t = await self._add(hub, image, row)
             started.append(hub.guid)
             self._started_event(hub.guid, image, row.attempts)

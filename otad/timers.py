@@ -15,19 +15,41 @@ its timer in the past on every loop turn, at 100% CPU). So a slot re-armed *from
 callback* for a deadline no later than the instant it fired is counted in
 :attr:`TimerStats.spins` and pushed :data:`SPIN_GUARD_S` into the future instead; the status
 snapshot shows the count, and the tests assert it stays 0.
+
+The slot runs on a :class:`TimerHost`: its clock and its ``call_at``. The event loop is one (the
+daemon's); the tests' virtual time is another, so a shell built on timer slots is tested without
+a real clock.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 log = logging.getLogger("otad.timers")
 
 #: How far a spinning timer is pushed into the future.
 SPIN_GUARD_S: Final = 0.05
+
+
+class TimerHandle(Protocol):
+    """What :meth:`TimerHost.call_at` returns (``asyncio.TimerHandle`` is one)."""
+
+    def cancel(self) -> None:
+        """Make sure the callback does not run."""
+
+
+class TimerHost(Protocol):
+    """A monotonic clock and timers on it (``asyncio.AbstractEventLoop`` is one)."""
+
+    def time(self) -> float:
+        """The clock, seconds."""
+        ...
+
+    def call_at(self, when: float, callback: Callable[[], object], /) -> TimerHandle:
+        """Run ``callback()`` once the clock reaches ``when``."""
+        ...
 
 
 class TimerStats:
@@ -43,26 +65,26 @@ class TimerStats:
 class TimerSlot:
     """A lazily re-armed ``loop.call_at`` for one machine (see the module docstring)."""
 
-    __slots__ = ("_at", "_callback", "_fired_at", "_firing", "_handle", "_loop", "_stats")
+    __slots__ = ("_at", "_callback", "_fired_at", "_firing", "_handle", "_host", "_stats")
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        host: TimerHost,
         callback: Callable[[], None],
         stats: TimerStats | None = None,
     ) -> None:
-        """``callback()`` runs when the armed deadline comes."""
-        self._loop = loop
+        """``callback()`` runs when the armed deadline comes (on ``host``'s clock)."""
+        self._host = host
         self._callback = callback
         self._stats = stats
-        self._handle: asyncio.TimerHandle | None = None
+        self._handle: TimerHandle | None = None
         self._at = 0.0
         self._firing = False
         self._fired_at = 0.0
 
     @property
     def armed_at(self) -> float | None:
-        """The loop time the slot fires at, or None."""
+        """The time (on the host's clock) the slot fires at, or None."""
         return self._at if self._handle is not None else None
 
     def arm(self, deadline: float | None) -> None:
@@ -81,9 +103,9 @@ class TimerSlot:
                 spins = self._stats.spins
             if spins & (spins - 1) == 0:  # 1st, 2nd, 4th, 8th...: never a flood
                 log.error("a timer was due again right after it ran (%d times so far)", spins)
-            deadline = self._loop.time() + SPIN_GUARD_S
+            deadline = self._host.time() + SPIN_GUARD_S
         self._at = deadline
-        self._handle = self._loop.call_at(deadline, self._fire)
+        self._handle = self._host.call_at(deadline, self._fire)
 
     def cancel(self) -> None:
         """Disarm."""
@@ -100,7 +122,7 @@ class TimerSlot:
     def _fire(self) -> None:
         self._handle = None
         self._firing = True
-        self._fired_at = self._loop.time()
+        self._fired_at = self._host.time()
         try:
             self._callback()
         finally:
