@@ -7,8 +7,8 @@ Theory of operation
 A :class:`Transfer` wraps one sender with what the shell needs around it: the CH's ``down``
 topic, the image's :class:`~otad.catalogue.BlockSource` (pre-encoded, shared ``Block`` bytes),
 its :class:`~otad.scheduler.Slot` with the scheduler, one lazily re-armed timer
-(:class:`~otad.timers.TimerSlot`), and counters carried over from earlier sender lives (otad
-restarts, CH reconnects).
+(:class:`~otad.timers.TimerSlot`), and the totals of its earlier senders (otad restarts, CH
+reconnects: :class:`EarlierSenderTotals`).
 
 The hot path, for each ``TransferAcked`` on ``ota/v1/ch/{guid}/up``::
 
@@ -117,8 +117,9 @@ _POLL_NONCES = itertools.count(1)
 
 
 @dataclass(slots=True)
-class _Carry:
-    """Counters of earlier sender lives of one transfer."""
+class EarlierSenderTotals:
+    """What a transfer's earlier senders sent: each otad restart and each re-synchronisation
+    (a reconnect) starts a new sender, whose own counters start at zero."""
 
     blocks_sent: int = 0
     bytes_sent: int = 0
@@ -163,9 +164,9 @@ class Transfer:
     __slots__ = (
         "acked_seen",
         "attempt",
-        "carry",
         "dirty",
         "down",
+        "earlier",
         "finished_at",
         "guid",
         "heard_at",
@@ -200,7 +201,7 @@ class Transfer:
         qos_blocks: int,
         attempt: int,
         started_at: float,
-        carry: _Carry,
+        earlier: EarlierSenderTotals,
         known: bool,
         tally: ImageTally,
         now: float,
@@ -219,7 +220,7 @@ class Transfer:
         self.attempt = attempt
         self.started_at = started_at
         self.finished_at: float | None = None
-        self.carry = carry
+        self.earlier = earlier
         self.known = known  # the CH holds this image's manifest (it answered an ask before)
         self.tally = tally
         self.dirty = False
@@ -285,17 +286,17 @@ class Transfer:
     @property
     def blocks_sent(self) -> int:
         """Block messages published for this transfer, all lives."""
-        return self.carry.blocks_sent + self.sender.blocks_sent
+        return self.earlier.blocks_sent + self.sender.blocks_sent
 
     @property
     def bytes_sent(self) -> int:
         """Block payload bytes published for this transfer, all lives."""
-        return self.carry.bytes_sent + self.sender.bytes_sent
+        return self.earlier.bytes_sent + self.sender.bytes_sent
 
     @property
     def retransmissions(self) -> int:
         """Blocks published again within a sender life, all lives."""
-        return self.carry.retransmissions + self.sender.retransmissions
+        return self.earlier.retransmissions + self.sender.retransmissions
 
     def final_state(self) -> FinalState:
         """The row :meth:`Store.finish_transfers` records for this ended transfer."""
@@ -315,33 +316,79 @@ class Transfer:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready row (``transfers``)."""
-        held = self.held_sha256
-        return {
-            "guid": self.guid,
-            "image": self.image.hex,
-            "state": self.state.value,
-            "phase": self.sender.state.value,
-            "blocks_acked": self.sender.blocks_acked,
-            "blocks_total": self.sender.blocks_total,
-            "blocks_sent": self.blocks_sent,
-            "bytes_sent": self.bytes_sent,
-            "retransmissions": self.retransmissions,
-            "held_sha256": None if held is None else held.hex(),
-            "matches": None if held is None else held == self.image.sha256,
-            "reason": self.reason,
-            "attempt": self.attempt,
-            "in_flight": self.sender.in_flight,
-            "stalled": self.stalled,
-            "debug": {
+        """JSON-ready row (``transfers``) with the live figures (:func:`listing_row`)."""
+        sender = self.sender
+        return listing_row(
+            guid=self.guid,
+            image=self.image.sha256,
+            state=self.state,
+            phase=sender.state.value,
+            blocks_acked=sender.blocks_acked,
+            blocks_total=sender.blocks_total,
+            blocks_sent=self.blocks_sent,
+            bytes_sent=self.bytes_sent,
+            retransmissions=self.retransmissions,
+            held_sha256=self.held_sha256,
+            reason=self.reason,
+            attempt=self.attempt,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            in_flight=sender.in_flight,
+            stalled=self.stalled,
+            debug={
                 "scheduler": self.slot.state.value if self.slot is not None else None,
-                "sendable": self.sender.sendable(),
+                "sendable": sender.sendable(),
                 "timer_at": self.timer.armed_at,
-                "rto": round(self.sender.rto, 4),
+                "rto": round(sender.rto, 4),
             },
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-        }
+        )
+
+
+def listing_row(
+    *,
+    guid: str,
+    image: bytes,
+    state: TransferState,
+    phase: str,
+    blocks_acked: int,
+    blocks_total: int,
+    blocks_sent: int,
+    bytes_sent: int,
+    retransmissions: int | None,
+    held_sha256: bytes | None,
+    reason: str | None,
+    attempt: int,
+    started_at: float,
+    finished_at: float | None,
+    in_flight: int = 0,
+    stalled: bool = False,
+    debug: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One row of ``otactl transfers``, the same shape for a live transfer and a stored one.
+    ``phase`` is the sender's state for a live transfer, the recorded state again for a stored
+    one; ``retransmissions`` is None and ``debug`` (the scheduler's and the sender's view) is
+    None for a stored one (neither is recorded); ``matches`` says whether what the CH holds is
+    the image."""
+    return {
+        "guid": guid,
+        "image": image.hex(),
+        "state": state.value,
+        "phase": phase,
+        "blocks_acked": blocks_acked,
+        "blocks_total": blocks_total,
+        "blocks_sent": blocks_sent,
+        "bytes_sent": bytes_sent,
+        "retransmissions": retransmissions,
+        "held_sha256": None if held_sha256 is None else held_sha256.hex(),
+        "matches": None if held_sha256 is None else held_sha256 == image,
+        "reason": reason,
+        "attempt": attempt,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "in_flight": in_flight,
+        "stalled": stalled,
+        "debug": debug,
+    }
 
 
 class Distribution:
@@ -569,9 +616,9 @@ class Distribution:
         self._suspend(t, now)
         old = t.sender
         t.known = t.known or old.answered
-        t.carry.blocks_sent += old.blocks_sent
-        t.carry.bytes_sent += old.bytes_sent
-        t.carry.retransmissions += old.retransmissions
+        t.earlier.blocks_sent += old.blocks_sent
+        t.earlier.bytes_sent += old.bytes_sent
+        t.earlier.retransmissions += old.retransmissions
         hub = self._registry.get(t.guid)
         limits = hub.announcement.limits if hub is not None else old.limits
         t.sender = self._new_sender(t.image, limits, now, old.acked_bitmap(), known=t.known)
@@ -1080,7 +1127,7 @@ class Distribution:
             qos_blocks=self._config.qos_blocks,
             attempt=row.attempts,
             started_at=row.started_at,
-            carry=_Carry(row.blocks_sent, row.bytes_sent, 0),
+            earlier=EarlierSenderTotals(row.blocks_sent, row.bytes_sent, 0),
             known=known,
             tally=tally,
             now=now,
@@ -1192,24 +1239,22 @@ class Distribution:
         rows = await self._store.transfers()
         out: dict[tuple[str, bytes], dict[str, Any]] = {}
         for row in rows:
-            held = row.held_sha256
-            out[(row.guid, row.image)] = {
-                "guid": row.guid,
-                "image": row.image.hex(),
-                "state": row.state.value,
-                "phase": row.state.value,
-                "blocks_acked": row.blocks_acked,
-                "blocks_total": row.blocks_total,
-                "blocks_sent": row.blocks_sent,
-                "bytes_sent": row.bytes_sent,
-                "retransmissions": None,
-                "held_sha256": None if held is None else held.hex(),
-                "matches": None if held is None else held == row.image,
-                "reason": row.reason,
-                "attempt": row.attempts,
-                "started_at": row.started_at,
-                "finished_at": row.finished_at,
-            }
+            out[(row.guid, row.image)] = listing_row(
+                guid=row.guid,
+                image=row.image,
+                state=row.state,
+                phase=row.state.value,
+                blocks_acked=row.blocks_acked,
+                blocks_total=row.blocks_total,
+                blocks_sent=row.blocks_sent,
+                bytes_sent=row.bytes_sent,
+                retransmissions=None,
+                held_sha256=row.held_sha256,
+                reason=row.reason,
+                attempt=row.attempts,
+                started_at=row.started_at,
+                finished_at=row.finished_at,
+            )
         for key, t in self.transfers.items():
             out[key] = t.to_json()
         return [out[k] for k in sorted(out)]
