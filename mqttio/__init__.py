@@ -20,6 +20,7 @@ from mqttio.interface import (
     NotConnected,
     Will,
     create_client,
+    wait_acknowledged,
 )
 
 __all__ = [
@@ -38,4 +39,5 @@ __all__ = [
     "create_client",
     "parse_broker",
     "split_host_port",
+    "wait_acknowledged",
 ]

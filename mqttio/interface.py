@@ -57,6 +57,7 @@ __all__ = [
     "create_client",
     "validate_topic_filter",
     "validate_topic_name",
+    "wait_acknowledged",
 ]
 
 LIBRARIES = ("gmqtt", "aiomqtt")
@@ -460,6 +461,18 @@ class MqttClient(abc.ABC):
             self.reconnects += 1
             log.info("%s: reconnected", self.settings.client_id)
             self._notify(True)
+
+
+async def wait_acknowledged(client: MqttClient, wait_s: float) -> bool:
+    """Wait up to ``wait_s`` until ``client`` has no QoS 1 message unacknowledged; return
+    whether that happened while connected."""
+    for _ in range(max(1, int(wait_s / 0.02))):
+        if not client.connected:
+            return False
+        if client.inflight == 0:
+            return True
+        await asyncio.sleep(0.02)
+    return False
 
 
 def create_client(library: str, settings: MqttSettings) -> MqttClient:

@@ -24,9 +24,11 @@ from typing import Any
 from otad.catalogue import Catalogue
 from otad.control import Command, arg_bytes_b64, arg_str, arg_str_list
 from otad.distribution import Distribution
-from otad.events import EventPublisher
+from otad.events import ImageImported
+from otad.outbox import EventPublisher
 from otad.registry import Registry
 from otad.rejects import RejectLog
+from otad.status import StatusFields
 from protocol.errors import ProtocolError, Reason
 
 
@@ -40,7 +42,7 @@ class Commands:
         registry: Registry,
         distribution: Distribution,
         events: EventPublisher,
-        snapshot: Callable[[], dict[str, Any]],
+        snapshot: Callable[[], StatusFields],
         status_changed: Callable[[], None],
         rejects: RejectLog,
     ) -> None:
@@ -76,15 +78,16 @@ class Commands:
         if new:
             m = image.manifest
             self._events.emit(
-                "image.imported",
-                f"image.imported:{image.hex}",
-                image=image.hex,
-                device_type=m.device_type.value,
-                fw_version=m.fw_version,
-                sequence=m.sequence,
-                size=m.size,
-                block_size=m.block_size,
-                blocks=m.block_count,
+                ImageImported(
+                    time=image.imported_at,
+                    image=image.hex,
+                    device_type=m.device_type.value,
+                    fw_version=m.fw_version,
+                    sequence=m.sequence,
+                    size=m.size,
+                    block_size=m.block_size,
+                    blocks=m.block_count,
+                )
             )
             self._status_changed()
         return {**image.to_json(), "new": new}

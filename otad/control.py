@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mqttio import MqttClient, NotConnected
-from otad.events import dumps
+from otad.jsonwire import dumps
 from otad.rejects import RejectLog
 from protocol.errors import ProtocolError, Reason
 from protocol.release.otaimg import MAX_OTAIMG_BYTES

@@ -1,9 +1,33 @@
-"""The otad application: one process, one uvloop event loop, one MQTT session, named tasks.
+"""The otad application: one process, one uvloop event loop, two MQTT sessions, named tasks.
 
-Start-up order: trust store (a worker thread reads the key files), store (migrations), image
-catalogue, fleet registry, active transfers rebuilt from the store, then the MQTT sessions
-(retrying with backoff until the broker answers; the subscriptions are in place before
-``connect`` returns), then sending starts.
+:meth:`Daemon.run` reads as its three phases (uvicorn's ``Server`` is the model):
+
+**start-up** (:meth:`Daemon.startup`, then :meth:`Daemon.connect`): the trust store (a worker
+thread reads the key files), the store (migrations), the image catalogue, the fleet registry,
+the event outbox and the status, the active transfers rebuilt from the store, the control
+commands; then the MQTT sessions connect (retrying with backoff until the broker answers; the
+subscriptions are in place before ``connect`` returns) and sending starts.
+
+**run** (:meth:`Daemon.main_loop`): long-running work as named tasks in one
+:class:`asyncio.TaskGroup`, until SIGTERM or SIGINT (or a task fails):
+
+``otad.events``       outbox -> ``ota/v1/events/...`` (:mod:`otad.outbox`, :mod:`otad.events`)
+``otad.events.prune`` published events past ``events.retention_days`` leave the outbox, hourly
+``otad.status``       the retained ``ota/v1/otad/status`` snapshot (:mod:`otad.status`)
+``otad.progress``     hands acknowledgement bookkeeping to the store's batch
+``otad.finals``       commits ended transfers' final states, in batches, after their events
+``otad.stalls``       flags transfers and distributions that stopped making progress
+``otad.looplag``      measures event-loop lag continuously (shown in the status)
+``otad.registry``     writes hub announcements / presence to the store, group-committed
+``otad.store.writer`` (the store's own single writer task)
+
+Everything on the data path runs in the MQTT message handler and in ``loop.call_at`` timers, with
+no task per message (:mod:`otad.distribution`). The message handlers here only route by topic.
+
+**shutdown** (:meth:`Daemon.shutdown`): stop sending, commit the final states and the progress
+batch, publish the queued events and the retained ``offline`` status, disconnect cleanly, close
+the store, exit 0. If the process dies instead, the broker publishes otad's last will: an
+``offline`` status too.
 
 Two MQTT sessions. The data session (client id ``broker.client_id``) carries the CHs' reports,
 the blocks, the events and the retained status (its last will marks the status offline). The
@@ -11,25 +35,11 @@ control session (``<client_id>.ctl``) carries only operator requests and their r
 fleet scale the data session's socket holds hundreds of kilobytes of acknowledgements waiting
 to be read, and its send buffer a megabyte of blocks, so a control request or response sharing
 it waited behind them (0.5-1 s measured at 3,000 CHs). On its own connection a request is read
-within one event-loop turn. Long-running work
-runs as named tasks in one :class:`asyncio.TaskGroup`:
+within one event-loop turn.
 
-``otad.events``     outbox -> ``ota/v1/events/<kind>`` (see :mod:`otad.events`)
-``otad.events.prune`` published events past ``events.retention_days`` leave the outbox, hourly
-``otad.status``     the retained ``ota/v1/otad/status`` snapshot
-``otad.progress``   hands acknowledgement bookkeeping to the store's batch every flush interval
-``otad.finals``     commits ended transfers' final states, in batches, after their events
-``otad.stalls``     flags transfers and distributions that stopped making progress
-``otad.looplag``    measures event-loop lag continuously (shown in the status)
-``otad.registry``   writes hub announcements / presence to the store, group-committed
-``otad.store.writer`` (the store's own single writer task)
-
-Everything on the data path runs in the MQTT message handler and in ``loop.call_at`` timers, with
-no task per message (:mod:`otad.distribution`).
-
-SIGTERM or SIGINT: stop sending, commit the final states and the progress batch, publish the
-queued events and the retained ``offline`` status, disconnect cleanly, close the store, exit 0.
-If the process dies instead, the broker publishes otad's last will: the same ``offline`` status.
+The MQTT clients, the monotonic clock and timers, and the wall clock are injected (the real ones
+by default), so the daemon's shell is tested whole in memory on virtual time
+(``tests/otad/shellkit.py``).
 """
 
 from __future__ import annotations
@@ -38,41 +48,33 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from mqttio import MqttClient, MqttSettings, Will, create_client
+from mqttio import MqttClient, MqttSettings, Will, create_client, wait_acknowledged
 from otad.catalogue import Catalogue
 from otad.commands import Commands
 from otad.config import Config
 from otad.control import Control
 from otad.distribution import Distribution
-from otad.events import (
-    SCHEMA_VERSION,
-    EventPublisher,
-    StatusPublisher,
-    dumps,
-    wait_acknowledged,
-)
 from otad.keyfiles import load_trust_dir
 from otad.looplag import LoopLag
+from otad.outbox import EventPublisher
 from otad.registry import Hub, Registry
 from otad.rejects import RejectLog
+from otad.status import StatusPublisher, StatusSnapshot, lost_status
 from otad.store import Store, StoreError
+from otad.timers import TimerHost
 from protocol.errors import Reason
+from protocol.release.trust import TrustStore
 from protocol.wire import topics
 
 log = logging.getLogger("otad")
 
-#: How often each progressing transfer's acknowledged bitmap is handed to the store's batch.
-#: The CH's answer to the Offer after a restart is authoritative, so staleness here costs no
-#: resent blocks; it only bounds what ``otactl transfers`` shows for a CH that is offline. (At
-#: 10,000 CHs every hand-off is 10,000 row updates on the store's one writer, which the events
-#: wait behind: 0.5 s was 20,000 updates a second.)
-PROGRESS_HANDOFF_S = 2.0
+#: Exit status of a start-up failure (trust store or store unusable).
+EXIT_START_FAILED = 2
 #: Bytes of received packets handled per event-loop turn (MqttSettings.read_chunk). gmqtt reads
 #: 64 KiB at a time and handles every packet in it before anything else runs: about 660
 #: acknowledgements, 100-180 ms of otad's work at 3,000 CHs, during which no timer, control
@@ -100,15 +102,27 @@ class _StopRequestedError(Exception):
 class Daemon:
     """The running daemon (see the module docstring)."""
 
-    def __init__(self, config: Config) -> None:
-        """Prepare; nothing happens until :meth:`run`."""
+    def __init__(
+        self,
+        config: Config,
+        *,
+        mqtt_client: Callable[[str, MqttSettings], MqttClient] = create_client,
+        timers: TimerHost | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Prepare; nothing happens until :meth:`run`. ``mqtt_client(library, settings)`` makes
+        each MQTT session's client; ``timers`` is the monotonic clock and its timers (None: the
+        running event loop); ``wall_clock`` is unix time."""
         self.config = config
-        self.started_at = time.time()
+        self._mqtt_client = mqtt_client
+        self._timers = timers
+        self._wall_clock = wall_clock
+        self.started_at = wall_clock()
         self.version = version()
         self._stop = asyncio.Event()
         self.rejects = RejectLog(logging.getLogger("otad.input"))
         self.loop_lag = LoopLag()
-        # set up in run()
+        # set up by startup()
         self.store: Store
         self.client: MqttClient
         self.control_client: MqttClient
@@ -119,8 +133,6 @@ class Daemon:
         self.distribution: Distribution
         self.control: Control
 
-    # ------------------------------------------------------------------ lifecycle
-
     def request_stop(self) -> None:
         """Begin a clean shutdown (signal handler)."""
         if not self._stop.is_set():
@@ -128,7 +140,7 @@ class Daemon:
         self._stop.set()
 
     async def run(self) -> int:
-        """Run until SIGTERM/SIGINT; return the exit status."""
+        """Start up, run until SIGTERM/SIGINT, shut down; return the exit status."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -137,7 +149,7 @@ class Daemon:
             trust = await asyncio.to_thread(load_trust_dir, c.trust.dir, c.trust.revoked_file)
         except Exception as exc:
             log.error("cannot load the trust store: %s", exc)
-            return 2
+            return EXIT_START_FAILED
         if not trust.kids:
             log.warning(
                 "trust store %s holds no usable key: every image will be refused", c.trust.dir
@@ -150,29 +162,40 @@ class Daemon:
             )
         except StoreError as exc:
             log.error("cannot open the store: %s", exc)
-            return 2
+            return EXIT_START_FAILED
         try:
-            return await self._run_open(trust)
+            await self.startup(trust)
+            if not await self.connect():
+                log.info("stopped before the broker could be reached")
+                return 0
+            status = await self.main_loop()
+            await self.shutdown()
+            return status
         finally:
             try:
                 await self.store.close()
             except StoreError as exc:
                 log.error("closing the store: %s", exc)
 
-    async def _run_open(self, trust: Any) -> int:
+    # ------------------------------------------------------------------ start-up
+
+    async def startup(self, trust: TrustStore) -> None:
+        """Build every part on the open :attr:`store`, in dependency order; nothing is sent
+        until :meth:`connect`."""
         c = self.config
-        loop = asyncio.get_running_loop()
+        timers: TimerHost = self._timers or asyncio.get_running_loop()
         self.catalogue = Catalogue(self.store, trust, Path(c.store.state_dir) / "images")
         await self.catalogue.load()
-        self.client = create_client(c.broker.library, await self._mqtt_settings())
-        self.events = EventPublisher(self.store, self.client, topic_prefix=c.events.topic_prefix)
+        self.client = self._mqtt_client(c.broker.library, await self._mqtt_settings())
+        self.events = EventPublisher(
+            self.store, self.client, topic_prefix=c.events.topic_prefix, clock=self._wall_clock
+        )
         self.registry = Registry(
             self.store, self.events, on_change=self._hub_changed, rejects=self.rejects
         )
         await self.registry.load()
-        self.status = StatusPublisher(self.client, topics.OTAD_STATUS, self._snapshot)
         self.distribution = Distribution(
-            timers=loop,
+            timers=timers,
             client=self.client,
             store=self.store,
             catalogue=self.catalogue,
@@ -181,26 +204,42 @@ class Daemon:
             config=c.transfer,
             progress_interval=c.events.progress_interval_s,
             rejects=self.rejects,
+            wall_clock=self._wall_clock,
         )
         resumed = await self.distribution.resume()
-        self.control_client = create_client(
-            c.broker.library, await self._mqtt_settings(control=True)
+        snapshot = StatusSnapshot(
+            version=self.version,
+            started_at=self.started_at,
+            library=c.broker.library,
+            registry=self.registry,
+            catalogue=self.catalogue,
+            distribution=self.distribution,
+            loop_lag=self.loop_lag,
+            events=self.events,
+            rejects=self.rejects,
+            clock=timers.time,
+        )
+        self.status = StatusPublisher(
+            self.client, topics.OTAD_STATUS, snapshot, clock=self._wall_clock
         )
         commands = Commands(
             catalogue=self.catalogue,
             registry=self.registry,
             distribution=self.distribution,
             events=self.events,
-            snapshot=self._snapshot,
+            snapshot=snapshot,
             status_changed=self.status.poke,
             rejects=self.rejects,
+        )
+        self.control_client = self._mqtt_client(
+            c.broker.library, await self._mqtt_settings(control=True)
         )
         self.control = Control(self.control_client, commands.table(), rejects=self.rejects)
         self.client.set_message_handler(self._on_message)
         self.client.set_connection_handler(self._on_connection)
         self.control_client.set_message_handler(self._on_control_message)
         for topic in (topics.STATE_WILDCARD, topics.UP_WILDCARD):
-            await self.client.subscribe(topic, 1)
+            await self.client.subscribe(topic, 1)  # remembered: sent with every connect
         await self.control_client.subscribe(topics.CTL_REQUEST_WILDCARD, 1)
         log.info(
             "otad %s: %d image(s), %d hub(s) known, %d transfer(s) to resume; connecting to %s:%d"
@@ -213,17 +252,19 @@ class Daemon:
             c.broker.port,
             c.broker.library,
         )
+
+    async def connect(self) -> bool:
+        """Connect both sessions (retrying) and start sending; False if a stop came first."""
+        loop = asyncio.get_running_loop()
         connect = loop.create_task(self._connect_both(), name="mqttio.connect")
         stop = loop.create_task(self._stop.wait(), name="otad.stop.wait")
         await asyncio.wait((connect, stop), return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
         if not connect.done():
             connect.cancel()
             with contextlib.suppress(BaseException):
                 await connect
-            stop.cancel()
-            log.info("stopped before the broker could be reached")
-            return 0
-        stop.cancel()
+            return False
         connect.result()
         self.distribution.start()
         self.status.poke()
@@ -231,7 +272,43 @@ class Daemon:
         # process: move it out of the cyclic collector's sight, so its full passes scan only
         # what came later (a pass over a fleet-sized heap stalls the loop for 50-150 ms).
         gc.freeze()
-        log.info("otad ready (state %s)", c.store.state_dir)
+        log.info("otad ready (state %s)", self.config.store.state_dir)
+        return True
+
+    async def _connect_both(self) -> None:
+        await self.client.connect()
+        await self.control_client.connect()
+
+    async def _mqtt_settings(self, *, control: bool = False) -> MqttSettings:
+        """The data session's settings, or (``control``) the control session's: same broker
+        and credentials, client id ``<client_id>.ctl``, no will."""
+        b = self.config.broker
+        password = None
+        if b.password_file is not None:
+            text = await asyncio.to_thread(Path(b.password_file).read_text)
+            password = text.strip()
+        will = Will(topics.OTAD_STATUS, lost_status(self.version, self.started_at), 1, True)
+        return MqttSettings(
+            client_id=f"{b.client_id}.ctl" if control else b.client_id,
+            host=b.host,
+            port=b.port,
+            username=b.username,
+            password=password,
+            tls_ca=None if b.tls_ca is None else str(b.tls_ca),
+            tls_cert=None if b.tls_cert is None else str(b.tls_cert),
+            tls_key=None if b.tls_key is None else str(b.tls_key),
+            keepalive=b.keepalive,
+            clean_session=True,
+            will=None if control else will,
+            max_inflight=1000 if control else 10_000,
+            read_chunk=READ_CHUNK,
+        )
+
+    # ------------------------------------------------------------------ run
+
+    async def main_loop(self) -> int:
+        """Run the named tasks until a stop is requested (0) or one of them fails (1)."""
+        c = self.config
         status = 0
         try:
             async with asyncio.TaskGroup() as group:
@@ -243,9 +320,7 @@ class Daemon:
                     )
                 group.create_task(self.status.run(), name="otad.status")
                 group.create_task(
-                    self.distribution.run_progress_flusher(
-                        max(c.store.flush_interval, PROGRESS_HANDOFF_S)
-                    ),
+                    self.distribution.run_progress_flusher(c.store.flush_interval),
                     name="otad.progress",
                 )
                 group.create_task(self.distribution.run_final_writer(), name="otad.finals")
@@ -259,68 +334,11 @@ class Daemon:
             for exc in failures.exceptions:
                 log.error("task failed: %r", exc, exc_info=exc)
             status = 1
-        await self._shutdown()
         return status
-
-    async def _connect_both(self) -> None:
-        await self.client.connect()
-        await self.control_client.connect()
 
     async def _wait_stop(self) -> None:
         await self._stop.wait()
         raise _StopRequestedError
-
-    async def _shutdown(self) -> None:
-        """Clean stop: nothing more is sent, every decision and the latest progress is
-        committed, queued events go out, the retained status says offline."""
-        log.info("stopping: flushing state")
-        self.distribution.halt()
-        await self.control.close()
-        await self.registry.flushed()
-        await self.events.flush()  # commits the events the final-state writes wait for
-        await self.distribution.wait_final_writes()
-        await self.events.close()
-        self.status.publish_offline()
-        await wait_acknowledged(self.client, 2.0)
-        with contextlib.suppress(Exception):
-            await self.client.disconnect()
-        with contextlib.suppress(Exception):
-            await self.control_client.disconnect()
-        log.info("stopped")
-
-    async def _mqtt_settings(self, *, control: bool = False) -> MqttSettings:
-        """The data session's settings, or (``control``) the control session's: same broker
-        and credentials, client id ``<client_id>.ctl``, no will."""
-        b = self.config.broker
-        password = None
-        if b.password_file is not None:
-            text = await asyncio.to_thread(Path(b.password_file).read_text)
-            password = text.strip()
-        offline = dumps(
-            {
-                "v": SCHEMA_VERSION,
-                "state": "offline",
-                "version": self.version,
-                "pid": os.getpid(),
-                "started_at": round(self.started_at, 3),
-                "reason": "connection lost",
-            }
-        )
-        return MqttSettings(
-            client_id=f"{b.client_id}.ctl" if control else b.client_id,
-            host=b.host,
-            port=b.port,
-            username=b.username,
-            password=password,
-            tls_ca=None if b.tls_ca is None else str(b.tls_ca),
-            tls_cert=None if b.tls_cert is None else str(b.tls_cert),
-            tls_key=None if b.tls_key is None else str(b.tls_key),
-            keepalive=b.keepalive,
-            clean_session=True,
-            will=None if control else Will(topics.OTAD_STATUS, offline, 1, True),
-            max_inflight=1000 if control else 10_000,
-            read_chunk=READ_CHUNK,
-        )
 
     # ------------------------------------------------------------------ MQTT routing
 
@@ -329,7 +347,7 @@ class Daemon:
             self.distribution.up_received(topic, payload)
         elif topic.startswith(_CH_PREFIX):
             if topic.endswith("/state"):
-                self.registry.state_received(topic, payload, retain, time.time())
+                self.registry.state_received(topic, payload, retain, self._wall_clock())
             else:
                 self.distribution.up_received(topic, payload)  # the slow path refuses it
         else:
@@ -351,43 +369,30 @@ class Daemon:
         if up:
             self.status.poke()
 
-    # ------------------------------------------------------------------ fleet
-
     def _hub_changed(self, hub: Hub, was_online: bool, announced: bool, changed: bool) -> None:
         self.distribution.hub_changed(hub, was_online, announced, changed)
         if was_online != hub.online:
             self.status.poke()
 
-    # ------------------------------------------------------------------ status
+    # ------------------------------------------------------------------ shutdown
 
-    def _snapshot(self) -> dict[str, Any]:
-        """The status fields (cheap: every figure is kept incrementally, nothing walks the
-        fleet)."""
-        hubs = self.registry.hubs
-        distribution = self.distribution
-        now = asyncio.get_running_loop().time()
-        return {
-            "version": self.version,
-            "pid": os.getpid(),
-            "started_at": round(self.started_at, 3),
-            "library": self.config.broker.library,
-            "hubs": {"known": len(hubs), "online": self.registry.online},
-            "images": len(self.catalogue.images),
-            "transfers": distribution.counts(),
-            "stalled": distribution.stalled_count,
-            "distributions": distribution.distributions(now),
-            "scheduler": distribution.scheduler.snapshot(now),
-            "loop_lag": self.loop_lag.snapshot(),
-            "timer_spins": distribution.timer_stats.spins,
-            "events_seq": self.events.last_seq,
-            "events_backlog": self.events.backlog,
-            "events_unconfirmed": self.events.unconfirmed,
-            "events_superseded": self.events.superseded,
-            "blocks_published": distribution.scheduler.blocks_published,
-            "reports_received": distribution.up_messages,
-            "blocks_in_flight": distribution.scheduler.inflight,
-            "rejected": dict(self.rejects.counts),
-        }
+    async def shutdown(self) -> None:
+        """Clean stop: nothing more is sent, every decision and the latest progress is
+        committed, queued events go out, the retained status says offline."""
+        log.info("stopping: flushing state")
+        self.distribution.halt()
+        await self.control.close()
+        await self.registry.flushed()
+        await self.events.flush()  # commits the events the final-state writes wait for
+        await self.distribution.wait_final_writes()
+        await self.events.close()
+        self.status.publish_offline()
+        await wait_acknowledged(self.client, 2.0)
+        with contextlib.suppress(Exception):
+            await self.client.disconnect()
+        with contextlib.suppress(Exception):
+            await self.control_client.disconnect()
+        log.info("stopped")
 
 
 async def run(config: Config) -> int:

@@ -17,7 +17,8 @@ The hot path, for each ``TransferAcked`` on ``ota/v1/ch/{guid}/up``::
 
 It creates no task, writes no log line and touches no database: progress is marked dirty and
 :meth:`Distribution.flush_progress` hands the latest bitmap of each dirty transfer to the store's
-batched bookkeeping every ``store.flush_interval``. Who may send, and how much, is the
+batched bookkeeping every :data:`PROGRESS_HANDOFF_S`, which the store commits within
+``store.flush_interval_ms``. Who may send, and how much, is the
 scheduler's business alone (:mod:`otad.scheduler`: admission of asks, the global budget, the
 segments' rate caps); this module reports to it and never second-guesses it.
 
@@ -54,12 +55,13 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 from mqttio import MqttClient, NotConnected
+from otad import events as monitoring
 from otad.catalogue import BlockSource, Catalogue, Image
 from otad.config import TransferConfig
-from otad.events import EventPublisher
+from otad.outbox import EventPublisher
 from otad.registry import Hub, Registry
 from otad.rejects import RejectLog
 from otad.scheduler import Scheduler, SlotState, budget_charge, handshake_charge
@@ -91,6 +93,13 @@ from protocol.wire.messages import (
 
 log = logging.getLogger("otad.distribution")
 
+#: How often each progressing transfer's acknowledged bitmap is handed to the store's batch
+#: (which commits it within ``store.flush_interval_ms``). The CH's answer to the Offer after a
+#: restart is authoritative, so staleness here costs no resent blocks; it only bounds what
+#: ``otactl transfers`` shows for a CH that is offline. (At 10,000 CHs every hand-off is 10,000
+#: row updates on the store's one writer, which the events wait behind: 0.5 s was 20,000 updates
+#: a second.)
+PROGRESS_HANDOFF_S: Final = 2.0
 #: Largest message accepted on an ``up`` topic (the largest CH -> otad message type).
 MAX_UP_BYTES = max(TransferAcked.MAX_BYTES, ImageHeld.MAX_BYTES, TransferRejected.MAX_BYTES)
 #: How long a final-state write waits for its event to be committed first (a stuck outbox must
@@ -126,6 +135,18 @@ class EarlierSenderTotals:
     retransmissions: int = 0
 
 
+class DistributionStatus(TypedDict):
+    """One image's distribution in the status snapshot (:meth:`ImageTally.to_json`)."""
+
+    transfers: dict[str, int]  # by TransferState value, every state
+    blocks_per_transfer: int
+    blocks_acked: int  # over the active transfers
+    blocks_total: int  # over the active transfers
+    idle_s: float | None  # since any transfer of it progressed; None with none active
+    stalled: bool  # the distribution as a whole (distribution.stalled)
+    stalled_transfers: int
+
+
 @dataclass(slots=True)
 class ImageTally:
     """Live figures of one image's distribution (kept incrementally: the status snapshot and the
@@ -140,11 +161,11 @@ class ImageTally:
     stalled_transfers: int = 0
     stalled_since: float | None = None  # the distribution as a whole is stalled since
 
-    def to_json(self, now: float) -> dict[str, Any]:
-        """The status snapshot's entry for this image."""
+    def to_json(self, now: float) -> DistributionStatus:
+        """The status snapshot's entry for this image (every state counted, zeros included)."""
         active = self.states.get(TransferState.ACTIVE.value, 0)
         return {
-            "transfers": {k: v for k, v in sorted(self.states.items()) if v},
+            "transfers": {s.value: self.states.get(s.value, 0) for s in TransferState},
             "blocks_per_transfer": self.blocks_per_transfer,
             "blocks_acked": self.blocks_acked,
             "blocks_total": self.blocks_total,
@@ -807,15 +828,15 @@ class Distribution:
         t.last_progress_at = now
         t.last_progress_blocks = acked
         self._events.emit(
-            "transfer.progress",
-            f"transfer.progress:{t.guid}:{t.image.hex}:{t.attempt}:{acked}",
-            subject=_subject(t),
-            replaceable=True,
-            guid=t.guid,
-            image=t.image.hex,
-            blocks_acked=acked,
-            blocks_total=total,
-            bytes_sent=t.bytes_sent,
+            monitoring.TransferProgress(
+                time=self._wall_clock(),
+                guid=t.guid,
+                image=t.image.hex,
+                attempt=t.attempt,
+                blocks_acked=acked,
+                blocks_total=total,
+                bytes_sent=t.bytes_sent,
+            )
         )
 
     def _failed(self, t: Transfer, event: TransferFailed) -> None:
@@ -830,16 +851,17 @@ class Distribution:
     def _held_event(self, t: Transfer) -> asyncio.Future[int]:
         held = t.held_sha256 or b""
         return self._events.emit(
-            "transfer.held",
-            f"transfer.held:{t.guid}:{t.image.hex}:{t.attempt}",
-            subject=_subject(t),
-            guid=t.guid,
-            image=t.image.hex,
-            sha256=held.hex(),
-            matches=held == t.image.sha256,
-            blocks_total=t.sender.blocks_total,
-            bytes_sent=t.bytes_sent,
-            retransmissions=t.retransmissions,
+            monitoring.TransferHeld(
+                time=self._wall_clock(),
+                guid=t.guid,
+                image=t.image.hex,
+                attempt=t.attempt,
+                sha256=held.hex(),
+                matches=held == t.image.sha256,
+                blocks_total=t.sender.blocks_total,
+                bytes_sent=t.bytes_sent,
+                retransmissions=t.retransmissions,
+            )
         )
 
     def _finish(
@@ -882,14 +904,15 @@ class Distribution:
             log.info("%s holds image %s", t.guid, t.image.hex[:16])
         else:
             event = self._events.emit(
-                "transfer.failed",
-                f"transfer.failed:{t.guid}:{t.image.hex}:{t.attempt}",
-                subject=_subject(t),
-                guid=t.guid,
-                image=t.image.hex,
-                reason=reason,
-                code=code,
-                detail=detail[:200],
+                monitoring.TransferFailed(
+                    time=t.finished_at,
+                    guid=t.guid,
+                    image=t.image.hex,
+                    attempt=t.attempt,
+                    reason=reason or "",
+                    code=code,
+                    detail=detail[:200],
+                )
             )
             log.warning(
                 "transfer of %s to %s ended %s: %s", t.image.hex[:16], t.guid, reason, detail
@@ -971,8 +994,10 @@ class Distribution:
                 self._record(t)
         return len(dirty)
 
-    async def run_progress_flusher(self, interval: float) -> None:
-        """Task: :meth:`flush_progress` every ``interval`` seconds, until cancelled."""
+    async def run_progress_flusher(self, store_flush_interval: float) -> None:
+        """Task: :meth:`flush_progress` every :data:`PROGRESS_HANDOFF_S` seconds (or every
+        ``store_flush_interval``, if longer), until cancelled."""
+        interval = max(store_flush_interval, PROGRESS_HANDOFF_S)
         while True:
             await asyncio.sleep(interval)
             self.flush_progress()
@@ -1005,16 +1030,17 @@ class Distribution:
             self.stalls += 1
             self._stalls_unlogged.append(t)
             self._events.emit(
-                "transfer.stalled",
-                f"transfer.stalled:{t.guid}:{t.image.hex}:{t.attempt}:"
-                f"{int(self._wall_clock() * 1000)}",
-                guid=t.guid,
-                image=t.image.hex,
-                idle_s=round(idle, 1),
-                phase=t.sender.state.value,
-                scheduler=t.slot.state.value,
-                blocks_acked=t.sender.blocks_acked,
-                blocks_total=t.sender.blocks_total,
+                monitoring.TransferStalled(
+                    time=self._wall_clock(),
+                    guid=t.guid,
+                    image=t.image.hex,
+                    attempt=t.attempt,
+                    idle_s=round(idle, 1),
+                    phase=t.sender.state.value,
+                    scheduler=t.slot.state.value,
+                    blocks_acked=t.sender.blocks_acked,
+                    blocks_total=t.sender.blocks_total,
+                )
             )
         if self._stalls_unlogged and now - self._stall_log_at >= STALL_LOG_INTERVAL_S:
             self._log_stalls(now)
@@ -1046,18 +1072,16 @@ class Distribution:
                 return
             tally.stalled_since = now
             waiting = self._waiting_breakdown(sha)
-            fields: dict[str, Any] = {
-                "image": tally.image,
-                "active": active,
-                "idle_s": round(idle, 1),
-                "blocks_acked": tally.blocks_acked,
-                "blocks_total": tally.blocks_total,
-                **waiting,
-            }
             self._events.emit(
-                "distribution.stalled",
-                f"distribution.stalled:{tally.image}:{int(self._wall_clock() * 1000)}",
-                **fields,
+                monitoring.DistributionStalled(
+                    time=self._wall_clock(),
+                    image=tally.image,
+                    active=active,
+                    idle_s=round(idle, 1),
+                    blocks_acked=tally.blocks_acked,
+                    blocks_total=tally.blocks_total,
+                    **waiting,
+                )
             )
             log.warning(
                 "distribution of %s stalled: no progress for %.0f s, %d transfer(s) active (%s)",
@@ -1070,11 +1094,12 @@ class Distribution:
             stalled_s = now - tally.stalled_since
             tally.stalled_since = None
             self._events.emit(
-                "distribution.resumed",
-                f"distribution.resumed:{tally.image}:{int(self._wall_clock() * 1000)}",
-                image=tally.image,
-                active=active,
-                stalled_s=round(stalled_s, 1),
+                monitoring.DistributionResumed(
+                    time=self._wall_clock(),
+                    image=tally.image,
+                    active=active,
+                    stalled_s=round(stalled_s, 1),
+                )
             )
             log.info("distribution of %s moves again after %.0f s", tally.image[:16], stalled_s)
 
@@ -1224,12 +1249,13 @@ class Distribution:
         """``transfer.started``; emitted again on resume (same key: stored once), so a crash
         between the transfer's commit and its event's cannot lose the event."""
         self._events.emit(
-            "transfer.started",
-            f"transfer.started:{guid}:{image.hex}:{attempt}",
-            guid=guid,
-            image=image.hex,
-            blocks_total=image.manifest.block_count,
-            attempt=attempt,
+            monitoring.TransferStarted(
+                time=self._wall_clock(),
+                guid=guid,
+                image=image.hex,
+                attempt=attempt,
+                blocks_total=image.manifest.block_count,
+            )
         )
 
     # ------------------------------------------------------------------ listing
@@ -1264,7 +1290,7 @@ class Distribution:
         zero counts included."""
         return {state.value: n for state, n in self._counts.items()}
 
-    def distributions(self, now: float) -> dict[str, dict[str, Any]]:
+    def distributions(self, now: float) -> dict[str, DistributionStatus]:
         """Per image with transfers active, stalled, or ended in the last
         ``DISTRIBUTION_LINGER_S`` (so a watcher sees how it ended): the status snapshot's
         figures."""
@@ -1280,11 +1306,6 @@ class Distribution:
     def stalled_count(self) -> int:
         """Transfers flagged stalled now."""
         return sum(t.stalled_transfers for t in self._tallies.values())
-
-
-def _subject(t: Transfer) -> str:
-    """What a transfer's events are about (a newer one supersedes a queued progress report)."""
-    return f"{t.guid}:{t.image.hex}:{t.attempt}"
 
 
 def _refusal(guid: str, exc: ProtocolError) -> dict[str, str]:

@@ -1,420 +1,437 @@
-"""Monitoring events (JSON on ``ota/v1/events/<kind>``) through a durable outbox, and the
-retained status snapshot on ``ota/v1/otad/status``.
+"""Monitoring events: one frozen dataclass per kind, their JSON, their topics, and the decoder.
 
-Event schema, version 1 (every event; ``v`` changes only with an incompatible change)::
+otad tells monitoring tools what happens through JSON events on ``ota/v1/events/...`` (QoS 1),
+committed to a durable outbox before they are published (:mod:`otad.outbox`). This module is what
+an event *is*; it does no I/O, so tools import it alone (:func:`decode_event`). The schema for
+people is ``docs/EVENTS.md``, for programs ``docs/events.schema.json``; both are generated from or
+checked against these classes (:mod:`otad.schema`, ``tests/otad/test_event_schema.py``).
 
-    {"v": 1, "seq": 42, "key": "transfer.held:0123456789ABCDEF:9f86...", "kind": "transfer.held",
-     "time": 1767225600.123, ...kind-specific fields...}
+Every event, schema version 1 (``v`` changes only with an incompatible change: adding a field is
+compatible, so a consumer ignores the fields it does not know)::
 
-* ``seq`` is a monotonic sequence without gaps, assigned by the store when the event is committed
-  to the outbox. A monitor that deduplicates by ``seq`` sees every event exactly once, across
-  otad restarts: an event is committed (``synchronous=FULL``) *before* it is published, published
-  at QoS 1, and marked published only once the broker had time to acknowledge it; whatever was
-  not marked is published again after a reconnect or a restart (so a duplicate may appear on the
-  wire, with the same ``seq``).
-* ``key`` is an idempotency key: appending an event whose key is already in the outbox returns
-  the existing ``seq`` and publishes nothing new, so re-deriving the same fact after a restart
-  (a CH reporting again that it holds an image) does not produce a second event.
+    {"v": 1, "kind": "transfer.held", "seq": 42, "key": "transfer.held:0123456789ABCDEF:9f86...:1",
+     "time": 1767225600.123, "time_iso": "2026-01-01T00:00:00.123Z", ...the kind's fields...}
 
-Kinds and their fields:
+* ``seq`` is a monotonic sequence without gaps, assigned when the event is committed to the
+  outbox. A monitor that deduplicates by ``seq`` sees every event exactly once, across otad
+  restarts (a duplicate may appear on the wire, with the same ``seq``).
+* ``key`` is the idempotency key, derived from the event's fields (:meth:`MonitorEvent.key`):
+  committing an event whose key is already in the outbox gives the existing ``seq`` and publishes
+  nothing new, so re-deriving the same fact after a restart (a CH reporting again that it holds
+  an image) makes no second event.
+* Times are unix seconds (``time``, to the millisecond) and also ISO 8601 UTC (``time_iso``);
+  firmware and hardware versions are integers and also hex strings (``fw_version_hex``:
+  ``"0x01020304"``, ``hw_version_hex``: ``"0x0100"``).
 
-``image.imported``     image, device_type, fw_version, sequence, size, block_size, blocks
-``hub.online``         guid, segment, supplier, fw_version, hw_version
-``hub.offline``        guid
-``transfer.started``   guid, image, blocks_total, attempt
-``transfer.progress``  guid, image, blocks_acked, blocks_total, bytes_sent (rate-limited per
-                       transfer: at most one every ``events.progress_interval_s``, none at the
-                       end — ``transfer.held`` or ``transfer.failed`` closes the transfer)
-``transfer.held``      guid, image, sha256 (what the CH computed), matches (== manifest digest),
-                       blocks_total, bytes_sent, retransmissions
-``transfer.failed``    guid, image, reason (name), code, detail
-``transfer.stalled``   guid, image, idle_s, phase (sender state), scheduler (its slot state),
-                       blocks_acked, blocks_total: no progress for ``transfer.stall_after_s``
-                       while scheduled (once per episode; the next progress or end closes it)
-``distribution.stalled``  image, active, idle_s, blocks_acked, blocks_total, and the active
-                       transfers by scheduler state: offline, pending, running, queued,
-                       throttled (no transfer of the image progressed for stall_after_s)
-``distribution.resumed``  image, active, stalled_s
+Topics: an event about one CH is published on ``<prefix>/<kind>/<guid>``, any other on
+``<prefix>/<kind>`` (``prefix`` is ``events.topic_prefix``, by default ``ota/v1/events``), so
+``ota/v1/events/#`` is every event, ``ota/v1/events/transfer.held/#`` every ``transfer.held`` and
+``ota/v1/events/+/0123456789ABCDEF`` everything about one CH.
 
-The status snapshot (retained; otad's last will replaces it with ``state: "offline"``)::
-
-    {"v": 1, "state": "online", "version": "0.1.0", "pid": 1234, "started_at": ...,
-     "time": ..., "hubs": {"known": n, "online": n}, "images": n,
-     "transfers": {"active": n, "held": n, "failed": n, ...}, "stalled": n,
-     "distributions": {"<image>": {"transfers": {...}, "blocks_per_transfer": n,
-                       "blocks_acked": n, "blocks_total": n, "idle_s": s, "stalled": bool,
-                       "stalled_transfers": n}, ...},
-     "scheduler": {"budget": n, "budget_now": n, "blocks_in_flight": n, "ask_window": n,
-                   "handshakes": n, "pending": n, "queued": n, "throttled": n,
-                   "longest_wait_s": s, "max_wait_s": s, ...},
-     "loop_lag": {"p50_ms": x, "p99_ms": x, "max_ms": x, "worst_ms": x, "window_s": s},
-     "timer_spins": 0, "events_seq": n, ...}
-
-Every figure in it is kept incrementally: publishing it never walks the fleet.
+A class's name is its kind in CamelCase; its ``KIND`` is the kind. A progress report
+(``SUPERSEDABLE``) still waiting to be committed is dropped when a newer event about the same
+:meth:`~MonitorEvent.subject` (one attempt of one transfer) is emitted.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
-import itertools
+import dataclasses
+import datetime
 import json
-import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final
 
-from mqttio import MqttClient, NotConnected
-from otad.store import NewEvent, Store, StoreError, Tx
+__all__ = [
+    "EVENT_TYPES",
+    "SCHEMA_VERSION",
+    "DistributionResumed",
+    "DistributionStalled",
+    "EventDecodeError",
+    "HubOffline",
+    "HubOnline",
+    "ImageImported",
+    "MonitorEvent",
+    "TransferFailed",
+    "TransferHeld",
+    "TransferProgress",
+    "TransferStalled",
+    "TransferStarted",
+    "decode_event",
+    "event_topic",
+    "iso_time",
+]
 
-log = logging.getLogger("otad.events")
+SCHEMA_VERSION: Final = 1
+"""The ``v`` of every event (and of the retained status)."""
 
-SCHEMA_VERSION = 1
-#: How long after a QoS 1 publish an event is assumed acknowledged by the broker (the adapter
-#: interface does not expose individual PUBACKs). Until then it stays unmarked in the outbox and
-#: is re-published after a reconnect or restart.
-CONFIRM_AFTER = 1.0
-#: Event bodies encoded per event-loop turn, and events committed per store job (their JSON is
-#: encoded on the loop: a batch of 10,000 would stall it for over 100 ms).
-_ENCODE_CHUNK = 500
-_COMMIT_BATCH = 1000
-#: How often published events past their retention are pruned, and how many per store job (a
-#: first pruning of a large outbox must not hold the single writer for long).
-PRUNE_INTERVAL_S = 3600.0
-PRUNE_BATCH = 10_000
-
-
-def dumps(obj: Any) -> bytes:
-    """Compact JSON bytes (sorted keys, no NaN)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
-@dataclass(slots=True)
-class _Pending:
-    kind: str
-    key: str
-    payload: dict[str, Any]
-    now: float
-    committed: asyncio.Future[int]
-    subject: str | None = None
-    dropped: bool = False
+_GUID = re.compile(r"[0-9A-F]{16}")
 
 
-@dataclass(slots=True)
-class _Sent:
-    seq: int
-    topic: str
-    body: bytes
-    at: float
-    epoch: int
+class EventDecodeError(ValueError):
+    """A payload that is not an event of a known kind of this schema version."""
 
 
-class EventPublisher:
-    """Append events to the store's outbox, then publish them; one task (:meth:`run`) does both,
-    in order. :meth:`emit` is synchronous and never blocks the caller."""
+def doc(text: str, *, hex_digits: int | None = None) -> Any:
+    """A field's description (the schema's and ``docs/EVENTS.md``'s); ``hex_digits``: the JSON
+    also carries it as ``<name>_hex``, ``0x`` and that many digits."""
+    metadata: dict[str, object] = {"doc": text}
+    if hex_digits is not None:
+        metadata["hex"] = hex_digits
+    return field(metadata=metadata)
 
-    def __init__(
-        self,
-        store: Store,
-        client: MqttClient,
-        *,
-        topic_prefix: str = "ota/v1/events",
-        clock: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
-    ) -> None:
-        """``topic_prefix`` + ``/<kind>`` is each event's topic."""
-        self._store = store
-        self._client = client
-        self._prefix = topic_prefix.rstrip("/")
-        self._clock = clock
-        self._monotonic = monotonic
-        self._queue: collections.deque[_Pending] = collections.deque()
-        self._sent: collections.deque[_Sent] = collections.deque()
-        self._wake = asyncio.Event()
-        self._epoch = 0
-        self._closing = False
-        self.last_seq = 0
-        """Highest ``seq`` committed by this process (or found in the outbox at start)."""
-        self.published = 0
-        """Publish calls made (re-publications included)."""
-        self.superseded = 0
-        """Replaceable events dropped before their commit because a newer one came."""
-        self._replaceable: dict[str, _Pending] = {}
 
-    # ------------------------------------------------------------------ producers
+def iso_time(unix: float) -> str:
+    """Unix seconds as ISO 8601 UTC to the millisecond: ``2026-01-01T00:00:00.123Z``."""
+    moment = datetime.datetime.fromtimestamp(unix, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
-    def emit(
-        self,
-        kind: str,
-        key: str,
-        *,
-        subject: str | None = None,
-        replaceable: bool = False,
-        **fields: Any,
-    ) -> asyncio.Future[int]:
-        """Queue one event (``fields`` must be JSON-ready). Committed, then published, by
-        :meth:`run`, in the order of ``emit`` calls. The returned future gets the event's
-        ``seq`` once it is committed to the outbox (awaiting it is optional).
 
-        ``subject`` names what the event is about (one transfer). A ``replaceable`` event (a
-        progress report) that is still waiting to be committed when a newer event about the same
-        subject is emitted is dropped, its future cancelled: under load the outbox commits the
-        latest progress, not a backlog of superseded ones (at 10,000 CHs the progress reports
-        alone were 2,000 durable rows a second, and the other events waited behind them)."""
-        committed: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if self._closing:
-            log.debug("event %s after shutdown began: dropped", key)
-            committed.cancel()
-            return committed
-        now = self._clock()
-        payload = {"v": SCHEMA_VERSION, "kind": kind, "time": round(now, 3), **fields}
-        pending = _Pending(kind, key, payload, now, committed, subject)
-        if subject is not None:
-            older = self._replaceable.pop(subject, None)
-            if older is not None:
-                older.dropped = True
-                older.committed.cancel()
-                self.superseded += 1
-            if replaceable:
-                self._replaceable[subject] = pending
-        self._queue.append(pending)
-        self._wake.set()
-        return committed
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MonitorEvent:
+    """What every event has (see the module docstring)."""
 
-    @property
-    def backlog(self) -> int:
-        """Events emitted and not yet committed to the outbox (0 when the outbox keeps up)."""
-        return len(self._queue)
+    KIND: ClassVar[str]
+    """The kind, e.g. ``"transfer.held"``."""
+    SUPERSEDABLE: ClassVar[bool] = False
+    """A newer event about the same subject drops this one while it waits to be committed."""
+    ABOUT_A_HUB: ClassVar[bool] = False
+    """The event is about one CH: its GUID is the last level of its topic."""
 
-    @property
-    def unconfirmed(self) -> int:
-        """Committed events not yet confirmed published."""
-        return len(self._sent)
+    time: float = doc("when it happened, unix seconds (UTC, to the millisecond)")
+    seq: int = field(default=0, compare=False, metadata={"doc": "the outbox sequence"})
+    """Assigned when the event is committed (0 before); not one of the kind's fields."""
 
-    def connection_changed(self, up: bool) -> None:
-        """Tell the publisher about the MQTT connection: after a loss, everything not yet
-        confirmed is published again once the connection is back."""
-        if not up:
-            self._epoch += 1  # what went out on the lost connection is published again
-        self._wake.set()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "time", round(self.time, 3))
 
-    # ------------------------------------------------------------------ the task
+    def key(self) -> str:
+        """The idempotency key, from the fields (the same fact gives the same key)."""
+        raise NotImplementedError
 
-    async def run(self) -> None:
-        """Publish what the outbox holds from before (a restart), then serve :meth:`emit`
-        until cancelled."""
-        await self._load_unpublished()
-        while True:
-            await self._step()
-            timeout = CONFIRM_AFTER if self._sent else None
-            self._wake.clear()
-            if self._queue:
+    def subject(self) -> str | None:
+        """What the event is about, for superseding progress reports (None: nothing)."""
+        return None
+
+    def fields(self) -> dict[str, Any]:
+        """The kind's fields as JSON values, with their ``_hex`` twins (no envelope)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("time", "seq"):
                 continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
+            value = getattr(self, f.name)
+            out[f.name] = value
+            digits = f.metadata.get("hex")
+            if digits is not None:
+                out[f"{f.name}_hex"] = f"0x{value:0{digits}x}"
+        return out
 
-    async def flush(self) -> None:
-        """Commit and publish everything queued now (shutdown; :meth:`run` is not running)."""
-        with contextlib.suppress(StoreError, NotConnected):
-            while self._queue:
-                await self._commit_queue()
-            self._publish_unsent()
+    def payload(self) -> dict[str, Any]:
+        """What the outbox stores: the envelope without ``seq`` and ``key``, and the fields."""
+        return {
+            "v": SCHEMA_VERSION,
+            "kind": self.KIND,
+            "time": self.time,
+            "time_iso": iso_time(self.time),
+            **self.fields(),
+        }
 
-    async def close(self, wait_s: float = 3.0) -> None:
-        """Commit and publish everything queued, wait (up to ``wait_s``) for the broker's
-        acknowledgements, and mark what was confirmed. Call after cancelling :meth:`run`."""
-        self._closing = True
-        with contextlib.suppress(StoreError, NotConnected):
-            while self._queue:
-                await self._commit_queue()
-            self._publish_unsent()
-        if self._sent and await wait_acknowledged(self._client, wait_s):
-            self._store.mark_published(self._sent[-1].seq)
-            self._sent.clear()
+    def topic(self, prefix: str) -> str:
+        """The event's topic under ``prefix`` (see the module docstring)."""
+        return event_topic(prefix, self.KIND, getattr(self, "guid", None))
 
-    async def prune(self, retention_s: float) -> int:
-        """Delete the published events older than ``retention_s`` from the outbox (in store jobs
-        of :data:`PRUNE_BATCH`; the newest event always stays); return how many."""
-        before = self._clock() - retention_s
-        pruned = 0
-        while True:
-            n = await self._store.prune_events(before, limit=PRUNE_BATCH)
-            pruned += n
-            if n < PRUNE_BATCH:
-                return pruned
+    def _ms(self) -> int:
+        return round(self.time * 1000)
 
-    async def run_pruning(self, retention_s: float, interval: float = PRUNE_INTERVAL_S) -> None:
-        """Task: :meth:`prune` now and every ``interval`` seconds, until cancelled (a failed
-        pruning is logged and tried again next time)."""
-        while True:
-            try:
-                pruned = await self.prune(retention_s)
-            except StoreError as exc:
-                log.error("cannot prune the event outbox: %s", exc)
-            else:
-                if pruned:
-                    log.info("pruned %d published event(s) from the outbox", pruned)
-            await asyncio.sleep(interval)
 
-    async def _load_unpublished(self) -> None:
-        after = 0
-        while True:
-            rows = await self._store.unpublished_events(1000, after=after)
-            if not rows:
-                break
-            for row in rows:
-                body = dumps({**row.payload, "seq": row.seq, "key": row.key})
-                self._sent.append(_Sent(row.seq, f"{self._prefix}/{row.kind}", body, -1e9, -1))
-                after = row.seq
-        self.last_seq = max(after, await self._store.read(_max_seq))
-        if self._sent:
-            log.info("re-publishing %d unconfirmed event(s) from the outbox", len(self._sent))
+# --------------------------------------------------------------------------- images
 
-    async def _step(self) -> None:
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ImageImported(MonitorEvent):
+    """A verified release entered otad's catalogue (``otactl image import``)."""
+
+    KIND: ClassVar[str] = "image.imported"
+
+    image: str = doc("the image's SHA-256, hex")
+    device_type: str = doc("the device type its manifest targets (CH, ESME, ..., B4)")
+    fw_version: int = doc("the firmware version it installs (u32)", hex_digits=8)
+    sequence: int = doc("the manifest's anti-rollback sequence number")
+    size: int = doc("bytes of the image")
+    block_size: int = doc("bytes per block")
+    blocks: int = doc("blocks of the image")
+
+    def key(self) -> str:
+        return f"image.imported:{self.image}"
+
+
+# --------------------------------------------------------------------------- hubs
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HubOnline(MonitorEvent):
+    """A CH announced itself and was not online before (its first announcement, or after its
+    last will)."""
+
+    KIND: ClassVar[str] = "hub.online"
+    ABOUT_A_HUB: ClassVar[bool] = True
+
+    guid: str = doc("the CH's GUID (EUI-64, 16 upper-case hex digits)")
+    segment: str = doc("the network segment (shared cell) it declared")
+    supplier: str = doc("the supplier it declared")
+    fw_version: int = doc("the CH's firmware version (u32)", hex_digits=8)
+    hw_version: int = doc("the CH's hardware version (u16)", hex_digits=4)
+
+    def key(self) -> str:
+        return f"hub.online:{self.guid}:{self._ms()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HubOffline(MonitorEvent):
+    """An online CH's last will arrived: the broker lost its connection."""
+
+    KIND: ClassVar[str] = "hub.offline"
+    ABOUT_A_HUB: ClassVar[bool] = True
+
+    guid: str = doc("the CH's GUID")
+
+    def key(self) -> str:
+        return f"hub.offline:{self.guid}:{self._ms()}"
+
+
+# --------------------------------------------------------------------------- transfers
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _TransferEvent(MonitorEvent):
+    """An event about one attempt of one (CH, image) transfer."""
+
+    ABOUT_A_HUB: ClassVar[bool] = True
+
+    guid: str = doc("the CH's GUID")
+    image: str = doc("the image's SHA-256, hex")
+    attempt: int = doc("which attempt of this transfer (1 the first time)")
+
+    def _transfer(self) -> str:
+        return f"{self.guid}:{self.image}:{self.attempt}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferStarted(_TransferEvent):
+    """otad began (or, after a restart, resumed) sending an image to a CH; emitted again on
+    resume with the same key, so it is stored once."""
+
+    KIND: ClassVar[str] = "transfer.started"
+
+    blocks_total: int = doc("blocks of the image")
+
+    def key(self) -> str:
+        return f"transfer.started:{self._transfer()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferProgress(_TransferEvent):
+    """A transfer's acknowledged blocks, at most one every ``events.progress_interval_s`` per
+    transfer and none at the end (``transfer.held`` or ``transfer.failed`` closes it)."""
+
+    KIND: ClassVar[str] = "transfer.progress"
+    SUPERSEDABLE: ClassVar[bool] = True
+
+    blocks_acked: int = doc("blocks the CH has acknowledged")
+    blocks_total: int = doc("blocks of the image")
+    bytes_sent: int = doc("block payload bytes published for this transfer, repeats included")
+
+    def key(self) -> str:
+        return f"transfer.progress:{self._transfer()}:{self.blocks_acked}"
+
+    def subject(self) -> str:
+        return self._transfer()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferHeld(_TransferEvent):
+    """The CH reports it holds the whole image, with the digest it computed."""
+
+    KIND: ClassVar[str] = "transfer.held"
+
+    sha256: str = doc("the SHA-256 the CH computed over what it stored, hex")
+    matches: bool = doc("whether that is the manifest's digest")
+    blocks_total: int = doc("blocks of the image")
+    bytes_sent: int = doc("block payload bytes published for this transfer, repeats included")
+    retransmissions: int = doc("blocks published again within a sender's life")
+
+    def key(self) -> str:
+        return f"transfer.held:{self._transfer()}"
+
+    def subject(self) -> str:
+        return self._transfer()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferFailed(_TransferEvent):
+    """A transfer ended without the CH holding the image (refused, timed out, cancelled...)."""
+
+    KIND: ClassVar[str] = "transfer.failed"
+
+    reason: str = doc("the reason's name (protocol.errors.Reason, SPEC 4)")
+    code: int = doc("the reason's number")
+    detail: str = doc("what happened, for people (at most 200 characters)")
+
+    def key(self) -> str:
+        return f"transfer.failed:{self._transfer()}"
+
+    def subject(self) -> str:
+        return self._transfer()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransferStalled(_TransferEvent):
+    """A scheduled transfer made no progress for ``transfer.stall_after_s`` (once per episode;
+    its next progress or its end closes the episode)."""
+
+    KIND: ClassVar[str] = "transfer.stalled"
+
+    idle_s: float = doc("seconds since its last progress")
+    phase: str = doc("the sender's state (offering, streaming, verifying)")
+    scheduler: str = doc("its place with the scheduler (pending, running, queued, throttled)")
+    blocks_acked: int = doc("blocks the CH has acknowledged")
+    blocks_total: int = doc("blocks of the image")
+
+    def key(self) -> str:
+        return f"transfer.stalled:{self._transfer()}:{self._ms()}"
+
+
+# --------------------------------------------------------------------------- distributions
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DistributionStalled(MonitorEvent):
+    """No transfer of an image progressed for ``transfer.stall_after_s`` while some are active;
+    the active transfers by where they wait."""
+
+    KIND: ClassVar[str] = "distribution.stalled"
+
+    image: str = doc("the image's SHA-256, hex")
+    active: int = doc("transfers of it in progress")
+    idle_s: float = doc("seconds since any of them progressed")
+    blocks_acked: int = doc("blocks acknowledged over the active transfers")
+    blocks_total: int = doc("blocks wanted over the active transfers")
+    offline: int = doc("active transfers whose CH is offline")
+    pending: int = doc("... waiting for admission (an ask)")
+    running: int = doc("... admitted and sending")
+    queued: int = doc("... waiting in turn for the global budget")
+    throttled: int = doc("... waiting for their segment's tokens")
+
+    def key(self) -> str:
+        return f"distribution.stalled:{self.image}:{self._ms()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DistributionResumed(MonitorEvent):
+    """A stalled distribution moves again (or has nothing left in progress)."""
+
+    KIND: ClassVar[str] = "distribution.resumed"
+
+    image: str = doc("the image's SHA-256, hex")
+    active: int = doc("transfers of it in progress")
+    stalled_s: float = doc("seconds it was stalled")
+
+    def key(self) -> str:
+        return f"distribution.resumed:{self.image}:{self._ms()}"
+
+
+EVENT_TYPES: Final[dict[str, type[MonitorEvent]]] = {
+    cls.KIND: cls
+    for cls in (
+        ImageImported,
+        HubOnline,
+        HubOffline,
+        TransferStarted,
+        TransferProgress,
+        TransferHeld,
+        TransferFailed,
+        TransferStalled,
+        DistributionStalled,
+        DistributionResumed,
+    )
+}
+"""Every kind, in the order the documentation lists them."""
+
+
+# --------------------------------------------------------------------------- topics and decoding
+
+
+def event_topic(prefix: str, kind: str, guid: object = None) -> str:
+    """The topic of an event of ``kind`` (about the CH ``guid``, if it is one's)."""
+    cls = EVENT_TYPES.get(kind)
+    if cls is not None and cls.ABOUT_A_HUB and isinstance(guid, str) and _GUID.fullmatch(guid):
+        return f"{prefix}/{kind}/{guid}"
+    return f"{prefix}/{kind}"
+
+
+def decode_event(payload: bytes | str | Mapping[str, Any]) -> MonitorEvent:
+    """The event in a published payload (JSON text or bytes, or already parsed).
+
+    Raises :class:`EventDecodeError` for anything that is not an event of a known kind of schema
+    version 1 with every field of its kind, each of the right JSON type. Fields it does not know
+    are ignored (they are compatible additions); the ``_iso`` and ``_hex`` twins are not read.
+    """
+    if isinstance(payload, Mapping):
+        data: object = payload
+    else:
         try:
-            await self._commit_queue()
-        except StoreError as exc:
-            log.error("cannot commit events to the outbox (will retry): %s", exc)
-            await asyncio.sleep(1.0)
-            return
-        self._publish_unsent()
-        self._confirm()
-
-    async def _commit_queue(self) -> None:
-        """Commit the oldest queued events (at most :data:`_COMMIT_BATCH`, one durable job) and
-        move them to the send list; superseded ones are skipped."""
-        taken = 0
-        batch: list[_Pending] = []
-        for pending in itertools.islice(self._queue, _COMMIT_BATCH):
-            taken += 1
-            if pending.dropped:
-                continue
-            batch.append(pending)
-            # being committed now: a newer report no longer drops it
-            if pending.subject is not None and self._replaceable.get(pending.subject) is pending:
-                del self._replaceable[pending.subject]
-        if not batch:
-            for _ in range(taken):
-                self._queue.popleft()
-            return
-        try:
-            seqs = await self._store.append_events(
-                [NewEvent(p.kind, p.key, p.payload, p.now) for p in batch]
-            )
-        except (TypeError, ValueError) as exc:  # a payload that is not JSON: a bug, never input
-            log.error("events refused by the store (%d dropped): %r", len(batch), exc)
-            for pending in batch:
-                pending.committed.cancel()
-            for _ in range(taken):
-                self._queue.popleft()
-            return
-        for _ in range(taken):  # the batch, and what was dropped among it
-            self._queue.popleft()
-        for n, (pending, seq) in enumerate(zip(batch, seqs, strict=True)):
-            if n and not n % _ENCODE_CHUNK:
-                await asyncio.sleep(0)  # thousands of events at once must not stall the loop
-            if not pending.committed.done():
-                pending.committed.set_result(seq)
-            if seq <= self.last_seq:
-                continue  # the key was already in the outbox: the event exists
-            self.last_seq = seq
-            body = dumps({**pending.payload, "seq": seq, "key": pending.key})
-            self._sent.append(_Sent(seq, f"{self._prefix}/{pending.kind}", body, -1e9, -1))
-
-    def _publish_unsent(self) -> None:
-        client = self._client
-        if not client.connected:
-            return
-        now = self._monotonic()
-        for sent in self._sent:
-            if sent.epoch == self._epoch:
-                continue
-            try:
-                client.publish(sent.topic, sent.body, 1, False)
-            except NotConnected:
-                return
-            sent.at = now
-            sent.epoch = self._epoch
-            self.published += 1
-
-    def _confirm(self) -> None:
-        """Mark published the oldest events that went out on this connection long enough ago."""
-        cutoff = self._monotonic() - CONFIRM_AFTER
-        upto = None
-        sent = self._sent
-        while sent and sent[0].epoch == self._epoch and sent[0].at <= cutoff:
-            upto = sent.popleft().seq
-        if upto is not None:
-            self._store.mark_published(upto)
+            data = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise EventDecodeError(f"not JSON: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise EventDecodeError("not a JSON object")
+    if data.get("v") != SCHEMA_VERSION or type(data.get("v")) is not int:
+        raise EventDecodeError(f"schema version {data.get('v')!r}, not {SCHEMA_VERSION}")
+    kind = data.get("kind")
+    cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise EventDecodeError(f"unknown kind {str(kind)[:40]!r}")
+    values: dict[str, Any] = {}
+    for name, hint in _hints(cls).items():
+        if name == "seq":
+            seq = data.get("seq", 0)
+            if type(seq) is not int or seq < 0:
+                raise EventDecodeError(f"{kind}: seq must be a non-negative integer")
+            values[name] = seq
+            continue
+        if name not in data:
+            raise EventDecodeError(f"{kind}: no {name!r}")
+        value = data[name]
+        if not _fits(value, hint):
+            raise EventDecodeError(f"{kind}: {name!r} must be {hint}, got {value!r}"[:200])
+        values[name] = float(value) if hint == "float" else value
+    return cls(**values)
 
 
-async def wait_acknowledged(client: MqttClient, wait_s: float) -> bool:
-    """Wait up to ``wait_s`` until ``client`` has no QoS 1 message unacknowledged; return
-    whether that happened while connected."""
-    for _ in range(max(1, int(wait_s / 0.02))):
-        if not client.connected:
-            return False
-        if client.inflight == 0:
-            return True
-        await asyncio.sleep(0.02)
-    return False
+def _hints(cls: type[MonitorEvent]) -> dict[str, str]:
+    """Field name -> its annotation's text (``int``, ``float``, ``str``, ``bool``)."""
+    hints = _HINTS.get(cls)
+    if hints is None:
+        resolved = typing.get_type_hints(cls)
+        hints = _HINTS[cls] = {
+            f.name: getattr(resolved[f.name], "__name__", str(resolved[f.name]))
+            for f in dataclasses.fields(cls)
+        }
+    return hints
 
 
-async def _max_seq(tx: Tx) -> int:
-    row = await tx.fetchone("SELECT COALESCE(MAX(seq), 0) FROM events")
-    return 0 if row is None else int(row[0])
+_HINTS: dict[type[MonitorEvent], dict[str, str]] = {}
 
 
-class StatusPublisher:
-    """The retained status snapshot: published when it changes, at most every ``interval``."""
-
-    def __init__(
-        self,
-        client: MqttClient,
-        topic: str,
-        snapshot: Callable[[], dict[str, Any]],
-        *,
-        interval: float = 2.0,
-    ) -> None:
-        """``snapshot()`` returns the current fields (without ``v``/``state``/``time``)."""
-        self._client = client
-        self._topic = topic
-        self._snapshot = snapshot
-        self._interval = interval
-        self._last: dict[str, Any] | None = None
-        self._wake = asyncio.Event()
-
-    def poke(self) -> None:
-        """Publish soon (something important changed, e.g. the connection came back)."""
-        self._last = None
-        self._wake.set()
-
-    def body(self, state: str) -> bytes:
-        """The JSON snapshot with ``state`` ("online"/"offline")."""
-        return dumps(
-            {"v": SCHEMA_VERSION, "state": state, "time": round(time.time(), 3), **self._snapshot()}
-        )
-
-    async def run(self) -> None:
-        """Publish the online snapshot whenever it changed, until cancelled."""
-        while True:
-            current = self._snapshot()
-            if current != self._last and self._client.connected:
-                try:
-                    self._client.publish(self._topic, self.body("online"), 1, True)
-                except NotConnected:
-                    pass
-                else:
-                    self._last = current
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval):
-                    await self._wake.wait()
-
-    def publish_offline(self) -> None:
-        """Publish the retained offline snapshot (clean shutdown)."""
-        with contextlib.suppress(NotConnected):
-            self._client.publish(self._topic, self.body("offline"), 1, True)
+def _fits(value: object, hint: str) -> bool:
+    if hint == "bool":
+        return type(value) is bool
+    if hint == "int":
+        return type(value) is int
+    if hint == "float":
+        return type(value) in (int, float)
+    if hint == "str":
+        return isinstance(value, str)
+    raise TypeError(f"unsupported event field type {hint}")  # a bug, never input

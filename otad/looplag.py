@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Final
+from typing import Final, TypedDict
 
 #: Seconds between samples, and seconds of samples kept.
 DEFAULT_INTERVAL: Final = 0.1
 DEFAULT_WINDOW: Final = 60.0
+
+
+class LoopLagStatus(TypedDict):
+    """The lag in the status snapshot (:meth:`LoopLag.snapshot`), milliseconds."""
+
+    p50_ms: float  # over the window
+    p99_ms: float
+    max_ms: float
+    worst_ms: float  # since the process started
+    window_s: float  # seconds of samples the figures cover
 
 
 class LoopLag:
@@ -57,7 +67,7 @@ class LoopLag:
         index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
         return ordered[index]
 
-    def snapshot(self) -> dict[str, float]:
+    def snapshot(self) -> LoopLagStatus:
         """Figures for the status topic, milliseconds."""
         recent = max(self._samples, default=0.0)
         return {

@@ -30,7 +30,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from otad.events import EventPublisher
+from otad.events import HubOffline, HubOnline
+from otad.outbox import EventPublisher
 from otad.rejects import RejectLog
 from otad.store import Store
 from protocol.errors import ProtocolError, Reason
@@ -278,13 +279,14 @@ class Registry:
         self._write_behind(message, message.guid, True, now)
         if not was_online:
             self._events.emit(
-                "hub.online",
-                f"hub.online:{hub.guid}:{int(now * 1000)}",
-                guid=hub.guid,
-                segment=message.segment,
-                supplier=message.supplier,
-                fw_version=message.fw_version,
-                hw_version=message.hw_version,
+                HubOnline(
+                    time=now,
+                    guid=hub.guid,
+                    segment=message.segment,
+                    supplier=message.supplier,
+                    fw_version=message.fw_version,
+                    hw_version=message.hw_version,
+                )
             )
         self._on_change(hub, was_online, True, True)
         return hub
@@ -300,6 +302,6 @@ class Registry:
         self.online -= 1
         hub.last_seen = now
         self._write_behind(None, guid, False, now)
-        self._events.emit("hub.offline", f"hub.offline:{guid}:{int(now * 1000)}", guid=guid)
+        self._events.emit(HubOffline(time=now, guid=guid))
         self._on_change(hub, True, False, True)
         return hub

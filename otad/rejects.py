@@ -4,7 +4,7 @@ Everything a CH, an operator tool or a stranger sends otad is untrusted; whateve
 malformed report, an announcement on another hub's topic, an image signed by an unknown key) is
 recorded here with its typed :class:`~protocol.errors.Reason`: the first few of each reason per
 window in full, then a count, so a hostile flood cannot fill the journal. ``counts`` keeps every
-refusal for the status snapshot (``rejected``).
+refusal for the status snapshot (``rejected``), with every reason from zero.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ class RejectLog:
         self._per_window = per_window
         self._window = window
         self._seen: dict[Reason, tuple[float, int]] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = dict.fromkeys((r.name for r in Reason), 0)
 
     def reject(self, what: str, reason: Reason, detail: str) -> None:
         """Record one refusal of ``what`` for ``reason``."""
-        self.counts[reason.name] = self.counts.get(reason.name, 0) + 1
+        self.counts[reason.name] += 1
         now = time.monotonic()
         start, n = self._seen.get(reason, (now, 0))
         if now - start >= self._window:

@@ -82,7 +82,7 @@ import collections
 import enum
 import heapq
 from collections.abc import Iterator
-from typing import Final, Protocol
+from typing import Final, Protocol, TypedDict
 
 #: Retransmission timeouts in a row, without progress, after which a transfer's blocks stop
 #: counting against the global budget (see "Give-back").
@@ -163,6 +163,28 @@ class Schedulable(Protocol):
     def spurious_repairs(self) -> int:
         """Repairs of the current sender that proved spurious (a count that only grows)."""
         ...
+
+
+class SchedulerStatus(TypedDict):
+    """The scheduler in the status snapshot (:meth:`Scheduler.snapshot`)."""
+
+    budget: int  # global_inflight, the cap
+    budget_now: int  # the budget in force (see "Adapting")
+    budget_cuts: int
+    blocks_in_flight: int
+    ask_window: int  # asks allowed unanswered at once now
+    ask_cuts: int
+    handshakes: int  # transfers with an unanswered ask
+    handshake_bytes: int
+    pending: int  # slots by state
+    running: int
+    queued: int
+    throttled: int
+    longest_wait_s: float  # of the slots waiting now
+    max_wait_s: float  # longest wait seen
+    admitted: int
+    turns: int
+    paused: bool
 
 
 class SlotState(enum.Enum):
@@ -442,7 +464,7 @@ class Scheduler:
                     break
         return now - oldest
 
-    def snapshot(self, now: float) -> dict[str, object]:
+    def snapshot(self, now: float) -> SchedulerStatus:
         """Figures for the status topic (cheap: no walk over the transfers)."""
         return {
             "budget": self.limit,

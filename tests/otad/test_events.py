@@ -1,87 +1,187 @@
-"""The event publisher's outbox: superseded progress reports are not committed."""
+"""Typed monitoring events: their JSON, keys, topics and subjects, and the one decoder."""
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
-from typing import Any, cast
+import json
+from typing import Any
 
-from mqttio import MqttClient
-from otad.events import PRUNE_BATCH, EventPublisher
-from otad.store import Store
+import pytest
 
+from otad.events import (
+    EVENT_TYPES,
+    SCHEMA_VERSION,
+    DistributionResumed,
+    DistributionStalled,
+    EventDecodeError,
+    HubOffline,
+    HubOnline,
+    ImageImported,
+    MonitorEvent,
+    TransferFailed,
+    TransferHeld,
+    TransferProgress,
+    TransferStalled,
+    TransferStarted,
+    decode_event,
+    event_topic,
+    iso_time,
+)
+from otad.jsonwire import dumps
 
-class Offline:
-    """Stands in for an MQTT client that is not connected (nothing gets published)."""
-
-    connected = False
-    inflight = 0
-
-
-async def test_a_queued_progress_report_is_dropped_when_a_newer_event_about_it_comes(
-    tmp_path: Path,
-) -> None:
-    store = await Store.open(tmp_path)
-    try:
-        events = EventPublisher(store, cast(MqttClient, Offline()))
-        subject = "0123456789ABCDEF:ab:1"
-        p1 = events.emit("transfer.progress", "p:1", subject=subject, replaceable=True, n=1)
-        p2 = events.emit("transfer.progress", "p:2", subject=subject, replaceable=True, n=2)
-        other = events.emit("transfer.progress", "q:1", subject="other", replaceable=True, n=1)
-        assert p1.cancelled()  # superseded by p2 before it was committed
-        held = events.emit("transfer.held", "h:1", subject=subject, n=3)
-        assert p2.cancelled()  # and p2 by the held event
-        assert events.superseded == 2
-        await events.flush()
-        rows = await store.events()
-        assert [r.key for r in rows] == ["q:1", "h:1"]
-        assert [r.seq for r in rows] == [1, 2]  # no gap where the dropped ones were
-        assert other.result() == 1
-        assert held.result() == 2
-        # an event already committed is never dropped: a later report is simply the next one
-        events.emit("transfer.progress", "q:2", subject="other", replaceable=True, n=2)
-        await events.flush()
-        assert [r.key for r in await store.events()] == ["q:1", "h:1", "q:2"]
-    finally:
-        await store.close()
+GUID = "0123456789ABCDEF"
+IMAGE = "9f" * 32
+T = 1_767_225_600.1234  # 2026-01-01T00:00:00.123Z, and a bit
 
 
-async def test_events_without_a_subject_are_all_committed(tmp_path: Path) -> None:
-    store = await Store.open(tmp_path)
-    try:
-        events = EventPublisher(store, cast(MqttClient, Offline()))
-        futures: list[Any] = [events.emit("hub.online", f"o:{i}", guid="X") for i in range(3)]
-        await events.flush()
-        assert [f.result() for f in futures] == [1, 2, 3]
-        assert events.backlog == 0
-    finally:
-        await store.close()
+def one_of_each() -> list[MonitorEvent]:
+    transfer = {"time": T, "guid": GUID, "image": IMAGE, "attempt": 2}
+    return [
+        ImageImported(
+            time=T, image=IMAGE, device_type="CH", fw_version=0x01020304, sequence=7, size=3000,
+            block_size=1024, blocks=3,
+        ),
+        HubOnline(
+            time=T, guid=GUID, segment="cell-1", supplier="S", fw_version=0x01000002,
+            hw_version=0x0100,
+        ),
+        HubOffline(time=T, guid=GUID),
+        TransferStarted(**transfer, blocks_total=3),
+        TransferProgress(**transfer, blocks_acked=1, blocks_total=3, bytes_sent=1024),
+        TransferHeld(
+            **transfer, sha256=IMAGE, matches=True, blocks_total=3, bytes_sent=3000,
+            retransmissions=1,
+        ),
+        TransferFailed(**transfer, reason="TIMED_OUT", code=44, detail="9 timeouts"),
+        TransferStalled(
+            **transfer, idle_s=31.5, phase="streaming", scheduler="queued", blocks_acked=1,
+            blocks_total=3,
+        ),
+        DistributionStalled(
+            time=T, image=IMAGE, active=5, idle_s=30.0, blocks_acked=3, blocks_total=15,
+            offline=5, pending=0, running=0, queued=0, throttled=0,
+        ),
+        DistributionResumed(time=T, image=IMAGE, active=5, stalled_s=12.5),
+    ]  # fmt: skip
 
 
-async def test_published_events_past_their_retention_are_pruned_on_a_schedule(
-    tmp_path: Path,
-) -> None:
-    store = await Store.open(tmp_path)
-    now = [1_000_000.0]
-    try:
-        events = EventPublisher(store, cast(MqttClient, Offline()), clock=lambda: now[0])
-        for i in range(2 * PRUNE_BATCH + 5):  # more than one store job's worth
-            events.emit("hub.online", f"old:{i}", guid="X")
-        await events.flush()
-        now[0] += 3 * 86_400
-        events.emit("hub.online", "recent", guid="X")
-        await events.flush()
-        store.mark_published(events.last_seq)
-        await store.flush()
-        pruner = asyncio.create_task(events.run_pruning(2 * 86_400.0, interval=0.01))
-        try:
-            for _ in range(500):
-                await asyncio.sleep(0.01)
-                if len(await store.events(limit=10)) == 1:
-                    break
-        finally:
-            pruner.cancel()
-        assert [e.key for e in await store.events()] == ["recent"]
-        assert await events.prune(0.0) == 0  # the newest event is never pruned
-    finally:
-        await store.close()
+def published(event: MonitorEvent, seq: int) -> bytes:
+    """The body the outbox publishes."""
+    return dumps({**event.payload(), "seq": seq, "key": event.key()})
+
+
+def test_every_kind_has_one_class_and_one_example() -> None:
+    assert [type(e) for e in one_of_each()] == list(EVENT_TYPES.values())
+    assert all(cls.__name__ == "".join(p.title() for p in kind.split(".")) for kind, cls in
+               EVENT_TYPES.items())  # fmt: skip
+
+
+@pytest.mark.parametrize("event", one_of_each(), ids=lambda e: e.KIND)
+def test_a_published_event_decodes_to_the_same_event(event: MonitorEvent) -> None:
+    decoded = decode_event(published(event, 42))
+    assert decoded == event
+    assert type(decoded) is type(event)
+    assert decoded.seq == 42
+    assert decoded.key() == event.key()
+    assert decode_event(json.loads(published(event, 42))) == event  # parsed JSON too
+
+
+def test_the_json_carries_the_envelope_iso_times_and_hex_versions() -> None:
+    hub = one_of_each()[1]
+    body = json.loads(published(hub, 7))
+    assert body == {
+        "v": SCHEMA_VERSION,
+        "kind": "hub.online",
+        "seq": 7,
+        "key": f"hub.online:{GUID}:1767225600123",
+        "time": 1767225600.123,
+        "time_iso": "2026-01-01T00:00:00.123Z",
+        "guid": GUID,
+        "segment": "cell-1",
+        "supplier": "S",
+        "fw_version": 0x01000002,
+        "fw_version_hex": "0x01000002",
+        "hw_version": 0x0100,
+        "hw_version_hex": "0x0100",
+    }
+    assert json.loads(published(one_of_each()[0], 1))["fw_version_hex"] == "0x01020304"
+    assert iso_time(0) == "1970-01-01T00:00:00.000Z"
+
+
+def test_keys_are_the_same_facts_as_before_so_a_restart_stores_each_once() -> None:
+    keys = {e.KIND: e.key() for e in one_of_each()}
+    assert keys == {
+        "image.imported": f"image.imported:{IMAGE}",
+        "hub.online": f"hub.online:{GUID}:1767225600123",
+        "hub.offline": f"hub.offline:{GUID}:1767225600123",
+        "transfer.started": f"transfer.started:{GUID}:{IMAGE}:2",
+        "transfer.progress": f"transfer.progress:{GUID}:{IMAGE}:2:1",
+        "transfer.held": f"transfer.held:{GUID}:{IMAGE}:2",
+        "transfer.failed": f"transfer.failed:{GUID}:{IMAGE}:2",
+        "transfer.stalled": f"transfer.stalled:{GUID}:{IMAGE}:2:1767225600123",
+        "distribution.stalled": f"distribution.stalled:{IMAGE}:1767225600123",
+        "distribution.resumed": f"distribution.resumed:{IMAGE}:1767225600123",
+    }
+
+
+def test_only_progress_reports_are_superseded_and_only_within_one_attempt() -> None:
+    by_kind = {e.KIND: e for e in one_of_each()}
+    subject = f"{GUID}:{IMAGE}:2"
+    assert {k for k, e in by_kind.items() if e.subject() == subject} == {
+        "transfer.progress",
+        "transfer.held",
+        "transfer.failed",
+    }
+    assert [k for k, cls in EVENT_TYPES.items() if cls.SUPERSEDABLE] == ["transfer.progress"]
+    assert by_kind["transfer.started"].subject() is None
+    assert by_kind["transfer.stalled"].subject() is None
+
+
+def test_events_about_one_ch_carry_its_guid_in_the_topic() -> None:
+    topics = {e.KIND: e.topic("ota/v1/events") for e in one_of_each()}
+    for kind, topic in topics.items():
+        if kind.startswith(("hub.", "transfer.")):
+            assert topic == f"ota/v1/events/{kind}/{GUID}"
+        else:
+            assert topic == f"ota/v1/events/{kind}"
+    # a stored payload's topic is found the same way (a restart re-publishes from the outbox)
+    assert event_topic("p", "transfer.held", GUID) == f"p/transfer.held/{GUID}"
+    assert event_topic("p", "transfer.held", "not/a+guid") == "p/transfer.held"
+    assert event_topic("p", "image.imported", GUID) == "p/image.imported"
+
+
+def test_fields_the_decoder_does_not_know_are_compatible_additions() -> None:
+    body: dict[str, Any] = json.loads(published(one_of_each()[2], 3))
+    body["new_field"] = {"anything": [1, 2]}
+    assert decode_event(body) == HubOffline(time=T, guid=GUID)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"v": 2}, "schema version 2"),
+        ({"v": True}, "schema version True"),
+        ({"kind": "hub.exploded"}, "unknown kind"),
+        ({"kind": None}, "unknown kind"),
+        ({"guid": 5}, "'guid' must be str"),
+        ({"attempt": 1.5}, "'attempt' must be int"),
+        ({"attempt": True}, "'attempt' must be int"),
+        ({"matches": 1}, "'matches' must be bool"),
+        ({"seq": -1}, "seq must be"),
+        ({"time": "noon"}, "'time' must be float"),
+    ],
+)
+def test_what_is_not_an_event_is_refused_by_name(change: dict[str, Any], message: str) -> None:
+    body = {**json.loads(published(one_of_each()[5], 9)), **change}
+    with pytest.raises(EventDecodeError, match=message):
+        decode_event(body)
+
+
+def test_a_missing_field_or_a_payload_that_is_not_an_object_is_refused() -> None:
+    body = json.loads(published(one_of_each()[5], 9))
+    del body["sha256"]
+    with pytest.raises(EventDecodeError, match="no 'sha256'"):
+        decode_event(body)
+    for bad in (b"not json", b"[1, 2]", b"\xff", "null"):
+        with pytest.raises(EventDecodeError):
+            decode_event(bad)
+    assert isinstance(EventDecodeError("x"), ValueError)
