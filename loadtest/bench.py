@@ -45,15 +45,16 @@ import uvloop
 from loadtest.broker import MosquittoBroker
 from loadtest.demo import (
     DemoError,
-    EventTally,
     _guids_in,
     otactl,
-    prepare_release,
     run_cmd,
     start_otad,
     stop_otad,
     wait_json,
 )
+from loadtest.release import make_release
+from otad.events import MonitorEvent, TransferFailed, TransferHeld, TransferStarted
+from otad.monitor import EventMonitor
 from otad.progress import ProgressBar
 from protocol.release.manifest import Manifest
 
@@ -83,8 +84,12 @@ def main(args: argparse.Namespace) -> int:
     broker = MosquittoBroker(workdir=work / "mosquitto")
     command = "python -m loadtest bench " + " ".join(sys.argv[2:])
     try:
-        release = prepare_release(
-            work, image_kib=args.image_kib, block_size=args.block_size, version=0x01020000
+        release = make_release(
+            work,
+            firmware_bytes=max(1, args.image_kib * 1024 - 64),
+            block_size=args.block_size,
+            name="ch-firmware",
+            version=0x01020000,
         )
         manifest = release.manifest
         broker.start()
@@ -106,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
                     f"  baseline run {rep + 1}/{args.reps}: {base['blocks_per_s']:,.0f} blocks/s",
                     flush=True,
                 )
-            runs.append(uvloop.run(otad_rep(args, work, broker, release.image_file, manifest, rep)))
+            runs.append(uvloop.run(otad_rep(args, work, broker, release.path, manifest, rep)))
     except DemoError as exc:
         print(f"bench: FAILED: {exc}", file=sys.stderr)
         return 1
@@ -169,9 +174,7 @@ async def otad_run(
     blocks_per_image: int, rep: int,
 ) -> OtadRun:  # fmt: skip
     """Start otad and the hubs, distribute once, measure, stop both."""
-    from loadtest.runner import FleetSummary, HubFleet
-    from mqttio.interface import MqttSettings, create_client
-    from protocol.wire import topics
+    from loadtest.runner import HubFleet
 
     host, port = broker.host, broker.port
     address = f"{host}:{port}"
@@ -179,25 +182,29 @@ async def otad_run(
     proc = await start_otad(
         address, run_dir / "state", work / "trust", run_dir / "otad.log", library=args.library
     )
-    tally = EventTally()
     first_started: list[float] = []
     last_held: list[float] = []
+    held: dict[str, TransferHeld] = {}  # by GUID
+    failed: dict[str, str] = {}
 
-    def on_event(topic: str, payload: bytes, retain: bool) -> None:
-        before = len(tally.held)
-        tally.feed(topic, payload)
+    def on_event(event: MonitorEvent) -> None:
         now = time.monotonic()
-        if tally.started and not first_started:
+        if isinstance(event, TransferStarted) and not first_started:
             first_started.append(now)
-        if len(tally.held) > before:
+        elif isinstance(event, TransferHeld) and event.guid not in held:
+            held[event.guid] = event
             last_held[:] = [now]
+        elif isinstance(event, TransferFailed):
+            failed[event.guid] = event.reason
 
-    monitor = create_client(
-        args.library, MqttSettings(client_id=f"bench-monitor-{rep}", host=host, port=port)
+    monitor = await EventMonitor.connect(
+        host,
+        port,
+        library=args.library,
+        status=False,
+        client_id=f"bench-monitor-{rep}",
+        on_event=on_event,
     )
-    monitor.set_message_handler(on_event)
-    await monitor.subscribe(topics.EVENTS_WILDCARD, 1)
-    await monitor.connect()
     fleet = HubFleet(
         broker=(host, port),
         state_dir=run_dir / "hubs",
@@ -238,15 +245,15 @@ async def otad_run(
         rss_peak = rss_bytes(proc.pid)
         total_blocks = len(wanted) * blocks_per_image
         bar = ProgressBar(total_blocks, label=f"  otad run {rep + 1}/{args.reps}: blocks")
-        while len(set(tally.held) & wanted) < len(wanted):
+        while len(set(held) & wanted) < len(wanted):
             await asyncio.sleep(0.2)
             rss_peak = max(rss_peak, rss_bytes(proc.pid))
             totals = await fleet.totals()
-            held = len(set(tally.held) & wanted)
+            holding = len(set(held) & wanted)
             stored = min(total_blocks, totals.stored_blocks - before.stored_blocks)
-            bar.update(stored, f"CHs holding {held}/{len(wanted)}")
-            if tally.failed:
-                raise DemoError(f"{len(tally.failed)} transfers failed: {tally.failed}")
+            bar.update(stored, f"CHs holding {holding}/{len(wanted)}")
+            if failed:
+                raise DemoError(f"{len(failed)} transfers failed: {failed}")
             if proc.returncode is not None:
                 raise DemoError(f"otad exited ({proc.returncode}); see {run_dir / 'otad.log'}")
             if time.monotonic() - t0 > args.timeout:
@@ -260,12 +267,8 @@ async def otad_run(
         start = first_started[0] if first_started else t0
         seconds = end - start
         after_stats = await fleet.stats()
-        after = FleetSummary.of(after_stats)
-        # blocks otad sent, repeats included: from its transfer.held events when every CH
-        # reported them, else what the hubs received
-        blocks_sent = sum(tally.blocks_sent.get(g, 0) for g in wanted)
-        if not all(tally.blocks_sent.get(g) for g in wanted):
-            blocks_sent = after.blocks - before.blocks
+        # blocks otad sent, repeats included: from its transfer.held events (one per CH)
+        blocks_sent = sum(held[g].blocks_total + held[g].retransmissions for g in wanted)
         hash_ok = sum(1 for s in after_stats.values() if s.held.get(image_id) == image_id)
         cpu = cpu1 - cpu0
         return OtadRun(
@@ -279,12 +282,12 @@ async def otad_run(
             rss_idle=rss_idle,
             rss_peak=rss_peak,
             kib_per_session=max(0, rss_peak - rss_idle) / 1024 / len(wanted),
-            held=len(set(tally.held) & wanted),
+            held=len(set(held) & wanted),
             hash_ok=hash_ok,
         )
     finally:
         with contextlib.suppress(Exception):
-            await monitor.disconnect()
+            await monitor.close()
         with contextlib.suppress(Exception):
             await fleet.close()
         await stop_otad(proc, 20)

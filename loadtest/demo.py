@@ -3,15 +3,17 @@
 Steps (everything in a fresh work directory, everything started is stopped again, also on
 Ctrl-C or an error):
 
-1. ``otactl keys new`` a signing key; a trust directory holding its public key;
-2. ~256 KiB of CH firmware, signed with ``otactl image sign`` into an ``.otaimg``;
+1. a signing key (what ``otactl keys new`` makes); a trust directory holding its public key;
+2. ~256 KiB of CH firmware, signed (what ``otactl image sign`` does) into an ``.otaimg``
+   (:func:`loadtest.release.make_release`);
 3. a private Mosquitto on a free port (:class:`loadtest.broker.MosquittoBroker`);
 4. ``python -m otad run --broker ... --state-dir ... --trust ...`` as a subprocess;
 5. N virtual CHs (default 300) in a worker process (:class:`loadtest.runner.HubFleet`);
 6. wait until otad lists them all (``otactl fleet list --json``);
 7. ``otactl image import`` and ``otactl distribute IMAGE --all-matching``;
-8. a live progress bar fed by otad's monitoring events (``ota/v1/events/#``) and the hubs' own
-   counters: CHs holding the image, MB/s, blocks/s, ETA;
+8. a live progress bar fed by otad's monitoring events (``ota/v1/events/#``, through
+   :class:`otad.monitor.EventMonitor`) and the hubs' own counters: CHs holding the image, MB/s,
+   blocks/s, ETA;
 9. a summary: CHs holding the image and whether every hash they computed matched the manifest,
    bytes sent, duration, blocks/s.
 
@@ -28,22 +30,19 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import uvloop
 
-from otad.keyfiles import load_trust_dir
+from loadtest.release import make_release
+from otad.events import DistributionResumed, DistributionStalled, TransferFailed, TransferHeld
+from otad.monitor import EventMonitor
 from otad.progress import ProgressBar, format_bytes, format_duration
-from protocol.release.manifest import Manifest
-from protocol.release.otaimg import SignedImage
-from protocol.release.trust import verify_manifest
 
 OTACTL = "import sys; from otad.ctl import main; sys.exit(main(sys.argv[1:]))"
 
@@ -78,53 +77,10 @@ def main(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- helpers
 
 
-@dataclass(frozen=True)
-class Release:
-    """A signing key, a trust directory holding its public key, and a signed image."""
-
-    key: Path
-    trust: Path
-    image_file: Path
-    manifest: Manifest
-
-
 def _work_dir(given: str | None, prefix: str) -> Path:
     work = Path(given or tempfile.mkdtemp(prefix=prefix)).resolve()
     work.mkdir(parents=True, exist_ok=True)
     return work
-
-
-def _otactl_sync(*args: str) -> str:
-    proc = subprocess.run(otactl(*args), capture_output=True, text=True, timeout=120, check=False)
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise DemoError(f"otactl {' '.join(args[:2])}: {lines[-1] if lines else proc.returncode}")
-    return proc.stdout
-
-
-def prepare_release(
-    work: Path, *, image_kib: int, block_size: int, version: int = 0x01010000
-) -> Release:
-    """Make a key (``otactl keys new``), a trust dir and a signed CH image (``otactl image
-    sign``) of about ``image_kib`` KiB of random firmware under ``work``."""
-    key = work / "keys" / "signing.pem"
-    key.parent.mkdir(parents=True, exist_ok=True)
-    trust = work / "trust"
-    trust.mkdir(exist_ok=True)
-    if not key.exists():
-        _otactl_sync("keys", "new", "--out", str(key))
-    shutil.copy(key.with_name("signing.pub.pem"), trust / "signing.pem")
-    firmware = work / "ch-firmware.bin"
-    firmware.write_bytes(os.urandom(max(1, image_kib * 1024 - 64)))
-    image_file = work / "ch-firmware.otaimg"
-    _otactl_sync(
-        "image", "sign", "--key", str(key), "--in", str(firmware), "--out", str(image_file),
-        "--device-type", "CH", "--version", hex(version), "--hw-min", "0", "--hw-max", "0xffff",
-        "--block-size", str(block_size),
-    )  # fmt: skip
-    signed = SignedImage.decode(image_file.read_bytes())
-    manifest = verify_manifest(signed.signed_manifest, load_trust_dir(trust), now=int(time.time()))
-    return Release(key=key, trust=trust, image_file=image_file, manifest=manifest)
 
 
 def _open_log(path: Path) -> int:
@@ -208,55 +164,6 @@ def _guids_in(listing: Any) -> set[str]:
     return out
 
 
-@dataclass
-class EventTally:
-    """What otad's monitoring events said (each event counted once, by ``seq``)."""
-
-    seqs: set[int] = field(default_factory=set)
-    held: dict[str, str] = field(default_factory=dict)  # guid -> hash otad recorded
-    failed: dict[str, str] = field(default_factory=dict)  # guid -> reason
-    started: set[str] = field(default_factory=set)
-    stalled: bool = False  # otad says the distribution is stalled (distribution.stalled)
-    bytes_sent: dict[str, int] = field(default_factory=dict)  # guid -> bytes, when held
-    blocks_sent: dict[str, int] = field(default_factory=dict)  # guid -> blocks incl. repeats
-    duplicates: int = 0
-
-    def feed(self, topic: str, payload: bytes) -> None:
-        try:
-            event = json.loads(payload)
-        except ValueError:
-            return
-        if not isinstance(event, dict):
-            return
-        seq = event.get("seq")
-        if isinstance(seq, int):
-            if seq in self.seqs:
-                self.duplicates += 1
-                return
-            self.seqs.add(seq)
-        kind = str(event.get("kind") or event.get("type") or topic.rsplit("/", 1)[-1])
-        data = event.get("data") if isinstance(event.get("data"), dict) else event
-        assert isinstance(data, dict)
-        if kind in ("distribution.stalled", "distribution.resumed"):
-            self.stalled = kind == "distribution.stalled"
-            return
-        guid = data.get("guid") or data.get("ch") or data.get("hub")
-        if not isinstance(guid, str):
-            return
-        if kind == "transfer.held":
-            digest = data.get("sha256") or data.get("hash") or ""
-            self.held[guid] = str(digest)
-            with contextlib.suppress(TypeError, ValueError):
-                self.bytes_sent[guid] = int(data.get("bytes_sent", 0))
-                self.blocks_sent[guid] = int(data.get("blocks_total", 0)) + int(
-                    data.get("retransmissions", 0)
-                )
-        elif kind == "transfer.failed":
-            self.failed[guid] = str(data.get("reason", "?"))
-        elif kind == "transfer.started":
-            self.started.add(guid)
-
-
 # ----------------------------------------------------------------------------- the demo
 
 
@@ -264,8 +171,6 @@ async def run(args: argparse.Namespace) -> int:
     """The demo itself (see the module docstring)."""
     from loadtest.broker import MosquittoBroker
     from loadtest.runner import HostLimitError, HubFleet, check_host_limits, default_procs
-    from mqttio.interface import MqttSettings, create_client
-    from protocol.wire import topics
 
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
@@ -278,7 +183,7 @@ async def run(args: argparse.Namespace) -> int:
     broker: Any = None
     otad_proc: asyncio.subprocess.Process | None = None
     fleet: HubFleet | None = None
-    monitor: Any = None
+    monitor: EventMonitor | None = None
     ok = False
     interrupted = False
     procs = args.procs or default_procs(args.hubs)
@@ -291,9 +196,14 @@ async def run(args: argparse.Namespace) -> int:
     try:
         # 1-2: key, trust, image ------------------------------------------------------------
         release = await asyncio.to_thread(
-            prepare_release, work, image_kib=args.image_kib, block_size=args.block_size
+            make_release,
+            work,
+            firmware_bytes=max(1, args.image_kib * 1024 - 64),
+            block_size=args.block_size,
+            name="ch-firmware",
+            version=0x01010000,
         )
-        trust, image_file, manifest = release.trust, release.image_file, release.manifest
+        trust, image_file, manifest = release.trust_dir, release.path, release.manifest
         image_id = manifest.sha256.hex()
         say(
             f"image {image_file.name}: {manifest.size} bytes, {manifest.block_count} blocks of "
@@ -314,13 +224,10 @@ async def run(args: argparse.Namespace) -> int:
         say(f"otad running (pid {otad_proc.pid}), log in {work / 'otad.log'}")
 
         # monitoring subscription from the start: every event, once, by sequence
-        tally = EventTally()
-        monitor = create_client(
-            args.library, MqttSettings(client_id="demo-monitor", host=host, port=port)
+        monitor = await EventMonitor.connect(
+            host, port, library=args.library, status=False, client_id="demo-monitor"
         )
-        monitor.set_message_handler(lambda t, p, r: tally.feed(t, p))
-        await monitor.subscribe(topics.EVENTS_WILDCARD, 1)
-        await monitor.connect()
+        tally = _Tally(monitor)
 
         # 5: hubs ---------------------------------------------------------------------------
         fleet = HubFleet(
@@ -426,7 +333,7 @@ async def run(args: argparse.Namespace) -> int:
             f"throughput           : {sent_blocks / duration:,.0f} blocks/s, "
             f"{sent_bytes / duration / 1e6:.1f} MB/s"
         )
-        say(f"events               : {len(tally.seqs)} seen, {tally.duplicates} duplicates")
+        say(f"events               : {len(monitor.events)} seen, {monitor.duplicates} duplicates")
         ok = matched == len(wanted) and otad_matched == len(wanted) and not tally.failed
         say(f"demo: {'OK' if ok else 'FAILED'}")
     except asyncio.CancelledError:
@@ -439,7 +346,7 @@ async def run(args: argparse.Namespace) -> int:
     finally:
         with contextlib.suppress(Exception):
             if monitor is not None:
-                await monitor.disconnect()
+                await monitor.close()
         if fleet is not None:
             with contextlib.suppress(Exception):
                 await fleet.close()
@@ -470,6 +377,42 @@ async def _otad_sent(address: str, *, fallback: tuple[Any, Any]) -> tuple[int, i
             return sent_bytes, sent_blocks
     after, before = fallback
     return after.block_bytes - before.block_bytes, after.blocks - before.blocks
+
+
+class _Tally:
+    """What the demo reads of otad's events (each counted once, by ``seq``)."""
+
+    def __init__(self, monitor: EventMonitor) -> None:
+        self._monitor = monitor
+
+    @property
+    def held(self) -> dict[str, str]:
+        """GUID -> the hash the CH reported."""
+        return {e.guid: e.sha256 for e in self._monitor.of_kind(TransferHeld)}
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """GUID -> why its transfer failed."""
+        return {e.guid: e.reason for e in self._monitor.of_kind(TransferFailed)}
+
+    @property
+    def stalled(self) -> bool:
+        """otad says the distribution is stalled now (its latest distribution event)."""
+        monitor = self._monitor
+        moves = [*monitor.of_kind(DistributionStalled), *monitor.of_kind(DistributionResumed)]
+        return isinstance(max(moves, key=lambda e: e.seq, default=None), DistributionStalled)
+
+    @property
+    def bytes_sent(self) -> dict[str, int]:
+        """GUID -> block bytes otad sent it, when it holds the image."""
+        return {e.guid: e.bytes_sent for e in self._monitor.of_kind(TransferHeld)}
+
+    @property
+    def blocks_sent(self) -> dict[str, int]:
+        """GUID -> blocks otad sent it, repeats included, when it holds the image."""
+        return {
+            e.guid: e.blocks_total + e.retransmissions for e in self._monitor.of_kind(TransferHeld)
+        }
 
 
 class _Sayer:

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import json
 import os
 import shutil
 import statistics
@@ -45,12 +44,12 @@ import uvloop
 from loadtest.bench import BENCHMARKS, cpu_seconds, rss_bytes, versions
 from loadtest.broker import MosquittoBroker
 from loadtest.demo import DemoError, otactl, run_cmd, start_otad, stop_otad
+from loadtest.release import make_release
 from loadtest.runner import HostLimitError, HubFleet, check_host_limits, default_procs
 from mqttio import MqttSettings, create_client
-from otad import imagetool
 from otad.ctlclient import CtlClient
-from protocol.release.manifest import DeviceType
-from protocol.release.otaimg import SignedImage
+from otad.events import MonitorEvent, TransferHeld
+from otad.monitor import EventMonitor
 from protocol.wire import topics
 
 
@@ -145,64 +144,75 @@ async def run_all(
 
 
 def make_releases(work: Path, sizes_kib: list[int]) -> dict[int, tuple[Path, str, int]]:
-    """A signing key, its trust directory and one signed CH image per size."""
-    key = work / "signing.pem"
-    imagetool.keys_new(key)
-    trust = work / "trust"
-    trust.mkdir()
-    shutil.copy(work / "signing.pub.pem", trust / "signing.pem")
+    """A signing key, its trust directory and one signed CH image per size (each a newer
+    sequence): size -> (file, SHA-256 hex, blocks)."""
     out: dict[int, tuple[Path, str, int]] = {}
+    key: Path | None = None
     for kib in sizes_kib:
-        firmware = work / f"fw-{kib}.bin"
-        firmware.write_bytes(os.urandom(kib * 1024 - 64))
-        image = work / f"fw-{kib}.otaimg"
-        imagetool.sign_image(
-            key=key, source=firmware, out=image, device_type=DeviceType.CH,
-            now=int(time.time()), version=0x01020000 + kib, hw_min=0, hw_max=0xFFFF,
+        release = make_release(
+            work,
+            firmware_bytes=kib * 1024 - 64,
+            name=f"fw-{kib}",
+            key=key,
+            version=0x01020000 + kib,
             sequence=int(time.time()) + kib,
-        )  # fmt: skip
-        signed = SignedImage.decode(image.read_bytes())
-        import hashlib
-
-        sha = hashlib.sha256(signed.image).hexdigest()
-        out[kib] = (image, sha, -(-len(signed.image) // 1024))
+        )
+        key = release.key
+        out[kib] = (release.path, release.sha256, release.blocks)
     return out
 
 
 class Watcher:
-    """Events and the retained status, from an independent client."""
+    """What the scale run reads of the monitoring feed (an :class:`EventMonitor`): when each CH's
+    ``transfer.held`` was emitted and received, and the worst the status said."""
 
     def __init__(self) -> None:
         self.held: dict[str, dict[str, float]] = {}  # image -> guid -> emit time (wall)
         self.held_at: dict[str, list[float]] = {}  # image -> receipt times (wall)
         self.lags: dict[str, list[float]] = {}
-        self.status: dict[str, Any] = {}
-        self.lag_p99 = 0.0
-        self.lag_max = 0.0
-        self.backlog_max = 0
+        self.monitor = EventMonitor(on_event=self.on_event)
+        self._mark = 0
 
-    def on_message(self, topic: str, payload: bytes, retain: bool) -> None:
+    def on_event(self, event: MonitorEvent) -> None:
+        """Note a ``transfer.held`` (the monitor's hook)."""
+        if not isinstance(event, TransferHeld):
+            return
         now = time.time()
-        try:
-            data = json.loads(payload)
-        except ValueError:
+        seen = self.held.setdefault(event.image, {})
+        if event.guid in seen:
             return
-        if topic == topics.OTAD_STATUS:
-            self.status = data
-            lag = data.get("loop_lag", {})
-            self.lag_p99 = max(self.lag_p99, float(lag.get("p99_ms", 0)))
-            self.lag_max = max(self.lag_max, float(lag.get("max_ms", 0)))
-            self.backlog_max = max(self.backlog_max, int(data.get("events_backlog", 0)))
-            return
-        if data.get("kind") != "transfer.held":
-            return
-        image, guid = data["image"], data["guid"]
-        seen = self.held.setdefault(image, {})
-        if guid in seen:
-            return
-        seen[guid] = float(data["time"])
-        self.held_at.setdefault(image, []).append(now)
-        self.lags.setdefault(image, []).append(now - float(data["time"]))
+        seen[event.guid] = event.time
+        self.held_at.setdefault(event.image, []).append(now)
+        self.lags.setdefault(event.image, []).append(now - event.time)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        """The newest retained status."""
+        return self.monitor.status
+
+    def reset_peaks(self) -> None:
+        """Start the worst-of figures afresh (a new distribution)."""
+        self._mark = len(self.monitor.statuses)
+
+    def _since_mark(self) -> list[dict[str, Any]]:
+        return self.monitor.statuses[self._mark :]
+
+    @property
+    def lag_p99(self) -> float:
+        """Worst event-loop lag p99 otad reported since :meth:`reset_peaks`, ms."""
+        return max((float(s.get("loop_lag", {}).get("p99_ms", 0)) for s in self._since_mark()),
+                   default=0.0)  # fmt: skip
+
+    @property
+    def lag_max(self) -> float:
+        """Worst event-loop lag max otad reported since :meth:`reset_peaks`, ms."""
+        return max((float(s.get("loop_lag", {}).get("max_ms", 0)) for s in self._since_mark()),
+                   default=0.0)  # fmt: skip
+
+    @property
+    def backlog_max(self) -> int:
+        """Largest outbox backlog otad reported since :meth:`reset_peaks`."""
+        return max((int(s.get("events_backlog", 0)) for s in self._since_mark()), default=0)
 
 
 async def fleet_run(
@@ -223,7 +233,7 @@ async def fleet_run(
     monitor = create_client(
         "gmqtt", MqttSettings(client_id="scale-monitor", host=broker.host, port=broker.port)
     )
-    monitor.set_message_handler(watcher.on_message)
+    monitor.set_message_handler(watcher.monitor.feed)
     await monitor.subscribe(topics.EVENTS_WILDCARD, 1)
     await monitor.subscribe(topics.OTAD_STATUS, 1)
     await monitor.connect()
@@ -271,8 +281,7 @@ async def distribute(
     n = run.hubs
     before = await ctl.call("status")
     cpu0 = cpu_seconds(proc.pid)
-    watcher.lag_p99 = watcher.lag_max = 0.0
-    watcher.backlog_max = 0
+    watcher.reset_peaks()
     t0 = time.monotonic()
     wall0 = time.time()
     await ctl.call("distribute", {"image": sha, "all_matching": True})
