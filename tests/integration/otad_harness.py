@@ -2,16 +2,18 @@
 
 * :class:`Otad` runs ``python -m otad run`` as a real subprocess (so SIGKILL is real) with a
   config file, a state directory and a trust directory of the test, logging to a file;
-* :class:`Monitor` is an independent MQTT client subscribed from the start to the events, the
-  retained status and, as a wiretap, every CH's ``down`` topic (it decodes each ``Block`` and
-  counts its payload bytes per CH);
-* :func:`otactl` runs the real ``otactl`` command line (``python -m otad.ctl``);
-* :func:`make_release` signs a CH firmware release with a fresh key.
+* :class:`Monitor` is otad's monitoring feed as any tool reads it (:class:`otad.monitor.
+  EventMonitor`: events decoded, kept once by ``seq``, the retained status) plus, as a wiretap,
+  every CH's ``down`` topic (it decodes each ``Block`` and counts its payload bytes per CH);
+* :func:`otad_with_fleet` is the setup every test repeats: a monitor, otad, a fleet of virtual
+  CHs, and every CH known to otad (its ``hub.online`` seen);
+* :func:`otactl` runs the real ``otactl`` command line (``python -m otad.ctl``).
+
+Releases come from :func:`loadtest.release.make_release`, as the demo's and the benchmarks' do.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -19,75 +21,23 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loadtest.broker import MosquittoBroker
+from loadtest.release import Release
+from loadtest.runner import HubFleet
 from mqttio import MqttClient, MqttSettings, create_client
-from otad import imagetool
+from otad.events import HubOnline, MonitorEvent, TransferHeld, TransferProgress
+from otad.monitor import EventMonitor
 from protocol.errors import ProtocolError
-from protocol.release.manifest import DeviceType
 from protocol.wire import topics
 from protocol.wire.messages import Block, Offer, decode
 
 WAIT = 60.0
-
-
-@dataclass
-class Release:
-    """A signed image on disk."""
-
-    path: Path
-    sha256: str
-    size: int  # bytes of the image (the OTA file the manifest covers)
-    blocks: int
-    block_size: int
-    trust_dir: Path
-    key: Path
-
-
-def make_release(
-    workdir: Path,
-    *,
-    size: int = 256 * 1024,
-    block_size: int = 1024,
-    device_type: DeviceType = DeviceType.CH,
-    name: str = "fw",
-    key: Path | None = None,
-) -> Release:
-    """Sign ``size`` random bytes of firmware (wrapped into a ZigBee OTA file) for hardware
-    0x0000-0xFFFF; the key's public half goes into ``workdir/trust`` unless ``key`` is given."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    trust = workdir / "trust"
-    trust.mkdir(exist_ok=True)
-    if key is None:
-        key = workdir / f"{name}-key.pem"
-        imagetool.keys_new(key)
-        (trust / f"{name}.pem").write_bytes((workdir / f"{name}-key.pub.pem").read_bytes())
-    firmware = workdir / f"{name}.bin"
-    firmware.write_bytes(os.urandom(size))
-    out = workdir / f"{name}.otaimg"
-    imagetool.sign_image(
-        key=key,
-        source=firmware,
-        out=out,
-        device_type=device_type,
-        now=int(time.time()),
-        version=0x01020304,
-        hw_min=0,
-        hw_max=0xFFFF,
-        block_size=block_size,
-    )
-    from protocol.release.otaimg import SignedImage
-
-    signed = SignedImage.decode(out.read_bytes())
-    import hashlib
-
-    digest = hashlib.sha256(signed.image).hexdigest()
-    n = -(-len(signed.image) // block_size)
-    return Release(out, digest, len(signed.image), n, block_size, trust, key)
 
 
 def otactl(
@@ -202,18 +152,17 @@ class Otad:
         return sqlite3.connect(f"file:{self.state_dir / 'otad.db'}?mode=ro", uri=True)
 
 
-@dataclass
-class Monitor:
-    """Events, status and a wiretap on every CH's ``down`` topic, from an independent client."""
+class Monitor(EventMonitor):
+    """Events and status, from an independent client, and a wiretap on every CH's ``down``
+    topic."""
 
-    events: list[dict[str, Any]] = field(default_factory=list)
-    status: list[dict[str, Any]] = field(default_factory=list)
-    block_bytes: dict[str, int] = field(default_factory=dict)  # per CH GUID
-    blocks: dict[str, int] = field(default_factory=dict)
-    offers: dict[str, int] = field(default_factory=dict)
-    block_times: list[float] = field(default_factory=list)  # monotonic arrival of each Block
-    client: MqttClient | None = None
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    def __init__(self) -> None:
+        super().__init__()
+        self.block_bytes: dict[str, int] = {}  # per CH GUID
+        self.blocks: dict[str, int] = {}
+        self.offers: dict[str, int] = {}
+        self.block_times: list[float] = []  # monotonic arrival of each Block
+        self.client: MqttClient | None = None
 
     async def start(self, broker: MosquittoBroker, *, wiretap: bool = True) -> Monitor:
         """Connect and subscribe (events, status, and the wiretap unless disabled)."""
@@ -221,8 +170,8 @@ class Monitor:
             "gmqtt",
             MqttSettings(client_id=f"monitor-{os.getpid()}", host=broker.host, port=broker.port),
         )
-        client.set_message_handler(self._on_message)
-        await client.subscribe(f"{topics.ROOT}/events/#", 1)
+        client.set_message_handler(self.feed)
+        await client.subscribe(topics.EVENTS_WILDCARD, 1)
         await client.subscribe(topics.OTAD_STATUS, 1)
         if wiretap:
             await client.subscribe(f"{topics.ROOT}/ch/+/down", 0)
@@ -235,69 +184,103 @@ class Monitor:
         if self.client is not None:
             await self.client.disconnect()
 
-    def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
-        if topic.endswith("/down"):
-            guid = topic.split("/")[3]
-            try:
-                message = decode(payload)
-            except ProtocolError:
-                return
-            if type(message) is Block:
-                self.block_bytes[guid] = self.block_bytes.get(guid, 0) + len(message.data)
-                self.blocks[guid] = self.blocks.get(guid, 0) + 1
-                self.block_times.append(time.monotonic())
-            elif type(message) is Offer:
-                self.offers[guid] = self.offers.get(guid, 0) + 1
+    def feed(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """The wiretap's messages are counted here; the feed's go to the event monitor."""
+        if not topic.endswith("/down"):
+            super().feed(topic, payload, retain)
             return
-        data = json.loads(payload)
-        if topic == topics.OTAD_STATUS:
-            self.status.append(data)
-        else:
-            self.events.append(data)
-        self._changed.set()
-
-    async def wait_for(self, predicate: Callable[[], bool], wait_s: float = WAIT) -> None:
-        """Wait until ``predicate()`` holds (checked whenever an event or status arrives, and
-        every 0.2 s)."""
-        async with asyncio.timeout(wait_s):
-            while not predicate():
-                self._changed.clear()
-                try:
-                    async with asyncio.timeout(0.2):
-                        await self._changed.wait()
-                except TimeoutError:
-                    pass
+        guid = topic.split("/")[3]
+        try:
+            message = decode(payload)
+        except ProtocolError:
+            return
+        if type(message) is Block:
+            self.block_bytes[guid] = self.block_bytes.get(guid, 0) + len(message.data)
+            self.blocks[guid] = self.blocks.get(guid, 0) + 1
+            self.block_times.append(time.monotonic())
+        elif type(message) is Offer:
+            self.offers[guid] = self.offers.get(guid, 0) + 1
 
     async def wait_online(self, otad: Otad, wait_s: float = WAIT) -> None:
         """Wait for the retained status of this otad process saying online."""
         await self.wait_for(
             lambda: any(
-                s.get("state") == "online" and s.get("pid") == otad.pid for s in self.status
+                s.get("state") == "online" and s.get("pid") == otad.pid for s in self.statuses
             ),
             wait_s,
         )
 
-    def by_seq(self) -> dict[int, dict[str, Any]]:
+    def by_seq(self) -> dict[int, MonitorEvent]:
         """Events deduplicated by ``seq`` (asserting duplicates are identical)."""
-        out: dict[int, dict[str, Any]] = {}
-        for event in self.events:
-            seen = out.setdefault(event["seq"], event)
-            assert seen == event, f"two different events share seq {event['seq']}"
-        return out
-
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        """Deduplicated events of one kind."""
-        return [e for e in self.by_seq().values() if e["kind"] == kind]
+        for event in self.received:
+            seen = self.events[event.seq]
+            assert seen == event, f"two different events share seq {event.seq}"
+        return dict(self.events)
 
     def acked_fraction(self, total_blocks: int) -> float:
         """Share of all blocks acknowledged, from the latest progress event per transfer."""
         latest: dict[str, int] = {}
-        for e in self.events:
-            if e["kind"] == "transfer.progress":
-                latest[e["guid"]] = max(latest.get(e["guid"], 0), e["blocks_acked"])
-            elif e["kind"] == "transfer.held":
-                latest[e["guid"]] = e["blocks_total"]
+        for e in self.received:
+            if isinstance(e, TransferProgress):
+                latest[e.guid] = max(latest.get(e.guid, 0), e.blocks_acked)
+            elif isinstance(e, TransferHeld):
+                latest[e.guid] = e.blocks_total
         return sum(latest.values()) / total_blocks if total_blocks else 0.0
+
+
+@dataclass
+class Setup:
+    """What :func:`otad_with_fleet` starts."""
+
+    broker: MosquittoBroker
+    release: Release
+    monitor: Monitor
+    otad: Otad
+    fleet: HubFleet
+
+    def import_and_distribute(self) -> None:
+        """``otactl image import`` the release and ``otactl distribute`` it to every matching
+        CH, each asserted to succeed."""
+        imported = otactl(self.broker, "image", "import", str(self.release.path))
+        assert imported.returncode == 0, imported.stderr
+        result = otactl(self.broker, "distribute", self.release.sha256, "--all-matching")
+        assert result.returncode == 0, result.stderr
+
+
+@asynccontextmanager
+async def otad_with_fleet(
+    broker: MosquittoBroker,
+    workdir: Path,
+    release: Release,
+    *,
+    hubs: int,
+    library: str = "gmqtt",
+    config: str = "",
+    wiretap: bool = True,
+    **fleet_options: Any,
+) -> AsyncIterator[Setup]:
+    """A monitor (subscribed from the start), an otad (``library``, ``config``) trusting the
+    release's key, and ``hubs`` virtual CHs (``fleet_options`` for :class:`HubFleet`: ``procs``
+    defaults to 1), every one of them known to otad. The fleet stops when the block ends (or
+    before, by ``fleet.close()``), then otad is killed if it still runs."""
+    monitor = await Monitor().start(broker, wiretap=wiretap)
+    otad = Otad(broker, workdir / "otad", release.trust_dir, library=library, config=config)
+    otad.start()
+    try:
+        await monitor.wait_online(otad)
+        fleet_options.setdefault("procs", 1)
+        async with HubFleet(
+            broker=(broker.host, broker.port),
+            state_dir=workdir / "hubs",
+            count=hubs,
+            trust_dir=release.trust_dir,
+            **fleet_options,
+        ) as fleet:
+            await monitor.wait_for(lambda: len(monitor.of_kind(HubOnline)) == hubs)
+            yield Setup(broker, release, monitor, otad, fleet)
+    finally:
+        otad.stop_quietly()
+        await monitor.close()
 
 
 def otad_config(**sections: dict[str, Any]) -> str:

@@ -8,17 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
-from otad_harness import (
-    Monitor,
-    Otad,
-    assert_clean_log,
-    make_release,
-    otactl,
-    otactl_json,
-)
+from otad_harness import assert_clean_log, otactl, otactl_json, otad_with_fleet
 
 from loadtest.broker import MosquittoBroker
-from loadtest.runner import HubFleet
+from loadtest.release import make_release
 from mqttio import MqttSettings, create_client
 from otad.ctlclient import CtlClient
 from protocol.wire import topics
@@ -33,25 +26,17 @@ STRANGER = "00000000DEADBEEF"
 async def test_bad_input_is_refused_with_a_reason_and_changes_nothing(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
-    release = make_release(tmp_path / "release", size=8 * 1024)
-    rogue = make_release(tmp_path / "rogue", size=8 * 1024, name="rogue")  # key not trusted
-    monitor = await Monitor().start(broker, wiretap=False)
-    otad = Otad(broker, tmp_path / "otad", release.trust_dir)
-    otad.start()
+    release = make_release(tmp_path / "release", firmware_bytes=8 * 1024)
+    rogue = make_release(tmp_path / "rogue", firmware_bytes=8 * 1024, name="rogue")  # untrusted
     attacker = create_client(
         "gmqtt", MqttSettings(client_id="attacker", host=broker.host, port=broker.port)
     )
     try:
-        await monitor.wait_online(otad)
-        async with HubFleet(
-            broker=(broker.host, broker.port),
-            state_dir=tmp_path / "hubs",
-            count=1,
-            procs=0,
-            trust_dir=release.trust_dir,
-        ) as fleet:
+        async with otad_with_fleet(
+            broker, tmp_path, release, hubs=1, procs=0, wiretap=False
+        ) as setup:
+            otad, fleet = setup.otad, setup.fleet
             guid = fleet.guids[0]
-            await monitor.wait_for(lambda: len(monitor.of_kind("hub.online")) == 1)
             fleet_before = otactl_json(broker, "fleet", "list")
             await attacker.connect()
 
@@ -101,28 +86,29 @@ async def test_bad_input_is_refused_with_a_reason_and_changes_nothing(
             images = otactl_json(broker, "transfers")
             async with CtlClient(broker.host, broker.port) as ctl:
                 status = await ctl.call("status")
-        # nothing changed: the hub is as it announced itself, the stranger is unknown
-        assert [h["guid"] for h in fleet_after] == [guid]
-        assert fleet_after[0]["supplier"] == fleet_before[0]["supplier"]
-        assert images == []
-        assert not any((otad.state_dir / "images").glob("*"))
-        # every refusal was logged with its typed reason, and counted
-        log = otad.log()
-        for reason in ("MALFORMED", "BAD_IDENTIFIER", "TOO_LARGE", "UNKNOWN_HUB", "UNKNOWN_KEY_ID"):
-            assert f": {reason}: " in log, f"{reason} not logged"
-        assert status["rejected"]["TOO_LARGE"] >= 2
-        assert otad.alive
-        assert_clean_log(otad)
-        assert otad.terminate() == 0
-        with otad.db() as db:
-            assert db.execute("SELECT count(*) FROM images").fetchone() == (0,)
-            assert db.execute("SELECT guid FROM hubs").fetchall() == [(guid,)]
-        # 8. with otad stopped, otactl says so clearly and fails
-        silent = otactl(broker, "fleet", "list", "--timeout", "1.5")
-        assert silent.returncode == 2
-        assert "did not answer" in silent.stderr
-        assert "Traceback" not in silent.stderr
+            await fleet.close()
+            # nothing changed: the hub is as it announced itself, the stranger is unknown
+            assert [h["guid"] for h in fleet_after] == [guid]
+            assert fleet_after[0]["supplier"] == fleet_before[0]["supplier"]
+            assert images == []
+            assert not any((otad.state_dir / "images").glob("*"))
+            # every refusal was logged with its typed reason, and counted
+            log = otad.log()
+            for reason in (
+                "MALFORMED", "BAD_IDENTIFIER", "TOO_LARGE", "UNKNOWN_HUB", "UNKNOWN_KEY_ID",
+            ):  # fmt: skip
+                assert f": {reason}: " in log, f"{reason} not logged"
+            assert status["rejected"]["TOO_LARGE"] >= 2
+            assert otad.alive
+            assert_clean_log(otad)
+            assert otad.terminate() == 0
+            with otad.db() as db:
+                assert db.execute("SELECT count(*) FROM images").fetchone() == (0,)
+                assert db.execute("SELECT guid FROM hubs").fetchall() == [(guid,)]
+            # 8. with otad stopped, otactl says so clearly and fails
+            silent = otactl(broker, "fleet", "list", "--timeout", "1.5")
+            assert silent.returncode == 2
+            assert "did not answer" in silent.stderr
+            assert "Traceback" not in silent.stderr
     finally:
-        otad.stop_quietly()
         await attacker.disconnect()
-        await monitor.close()

@@ -11,18 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from otad_harness import (
-    Monitor,
-    Otad,
-    assert_clean_log,
-    make_release,
-    otactl,
-    otactl_json,
-    otad_config,
-)
+from otad_harness import assert_clean_log, otactl, otactl_json, otad_config, otad_with_fleet
 
 from loadtest.broker import MosquittoBroker
-from loadtest.runner import HubFleet
+from loadtest.release import make_release
+from otad.events import TransferHeld
 from protocol.wire.messages import Limits
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -32,32 +25,22 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 async def test_200_hubs_each_receive_verify_and_hold_a_256_kib_image(
     broker: MosquittoBroker, tmp_path: Path, mqtt_library: str
 ) -> None:
-    release = make_release(tmp_path / "release", size=256 * 1024)
-    monitor = await Monitor().start(broker)
-    otad = Otad(broker, tmp_path / "otad", release.trust_dir, library=mqtt_library)
-    otad.start()
-    try:
-        await monitor.wait_online(otad)
-        async with HubFleet(
-            broker=(broker.host, broker.port),
-            state_dir=tmp_path / "hubs",
-            count=200,
-            procs=1,
-            trust_dir=release.trust_dir,
-        ) as fleet:
-            await monitor.wait_for(lambda: len(monitor.of_kind("hub.online")) == 200)
-            imported = otactl(broker, "image", "import", str(release.path))
-            assert imported.returncode == 0, imported.stderr
-            assert release.sha256 in imported.stdout
-            began = time.monotonic()
-            dist = otactl(broker, "distribute", release.sha256[:12], "--all-matching")
-            assert dist.returncode == 0, dist.stderr
-            assert "200 started" in dist.stdout
-            await monitor.wait_for(lambda: len(monitor.of_kind("transfer.held")) >= 200, 100)
-            elapsed = time.monotonic() - began
+    release = make_release(tmp_path / "release", firmware_bytes=256 * 1024)
+    async with otad_with_fleet(broker, tmp_path, release, hubs=200, library=mqtt_library) as setup:
+        monitor, otad, fleet = setup.monitor, setup.otad, setup.fleet
+        imported = otactl(broker, "image", "import", str(release.path))
+        assert imported.returncode == 0, imported.stderr
+        assert release.sha256 in imported.stdout
+        began = time.monotonic()
+        dist = otactl(broker, "distribute", release.sha256[:12], "--all-matching")
+        assert dist.returncode == 0, dist.stderr
+        assert "200 started" in dist.stdout
+        await monitor.wait_for(lambda: len(monitor.of_kind(TransferHeld)) >= 200, 100)
+        elapsed = time.monotonic() - began
 
-            rows = otactl_json(broker, "transfers")
-            hub_stats = await fleet.stats()
+        rows = otactl_json(broker, "transfers")
+        hub_stats = await fleet.stats()
+        await fleet.close()
 
         assert len(rows) == 200
         assert {r["guid"] for r in rows} == set(fleet.guids)
@@ -67,9 +50,9 @@ async def test_200_hubs_each_receive_verify_and_hold_a_256_kib_image(
             assert row["held_sha256"] == release.sha256
             assert row["matches"] is True
             assert row["bytes_sent"] >= release.size
-        held = monitor.of_kind("transfer.held")
-        assert {e["guid"] for e in held} == set(fleet.guids)
-        assert all(e["sha256"] == release.sha256 and e["matches"] is True for e in held)
+        held = monitor.of_kind(TransferHeld)
+        assert {e.guid for e in held} == set(fleet.guids)
+        assert all(e.sha256 == release.sha256 and e.matches is True for e in held)
         # what each CH itself computed over the image it stored
         assert all(s.held.get(release.sha256) == release.sha256 for s in hub_stats.values())
         sent = sum(monitor.block_bytes.values())
@@ -81,48 +64,36 @@ async def test_200_hubs_each_receive_verify_and_hold_a_256_kib_image(
         )
         assert_clean_log(otad)
         assert otad.terminate() == 0
-    finally:
-        otad.stop_quietly()
-        await monitor.close()
 
 
 @pytest.mark.timeout(90)
 async def test_a_hub_declaring_a_two_block_window_never_has_more_than_two_outstanding(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
-    release = make_release(tmp_path / "release", size=64 * 1024, block_size=512)
-    monitor = await Monitor().start(broker)
-    otad = Otad(broker, tmp_path / "otad", release.trust_dir)
-    otad.start()
+    release = make_release(tmp_path / "release", firmware_bytes=64 * 1024, block_size=512)
     narrow = {0: Limits(max_block=4096, window=2, buffer=64 * 1024)}
     small_blocks = {1: Limits(max_block=256, window=8, buffer=64 * 1024)}
-    try:
-        await monitor.wait_online(otad)
-        async with HubFleet(
-            broker=(broker.host, broker.port),
-            state_dir=tmp_path / "hubs",
-            count=6,
-            procs=0,
-            trust_dir=release.trust_dir,
-            limits_for={**narrow, **small_blocks},
-        ) as fleet:
-            await monitor.wait_for(lambda: len(monitor.of_kind("hub.online")) == 6)
-            assert otactl(broker, "image", "import", str(release.path)).returncode == 0
-            result = otactl(broker, "distribute", release.sha256, "--all-matching", "--json")
-            # the CH that takes 256-byte blocks at most is refused, with the reason, and the
-            # exit status says something was refused
-            assert result.returncode == 2, result.stderr
-            dist = json.loads(result.stdout)
-            assert dist["refused"] == [
-                {
-                    "guid": fleet.guids[1],
-                    "error": "LIMITS_EXCEEDED",
-                    "detail": f"block size 512 > max_block 256 of {fleet.guids[1]}",
-                }
-            ]
-            assert len(dist["started"]) == 5
-            await monitor.wait_for(lambda: len(monitor.of_kind("transfer.held")) == 5)
-            stats = await fleet.stats()
+    async with otad_with_fleet(
+        broker, tmp_path, release, hubs=6, procs=0, limits_for={**narrow, **small_blocks}
+    ) as setup:
+        monitor, otad, fleet = setup.monitor, setup.otad, setup.fleet
+        assert otactl(broker, "image", "import", str(release.path)).returncode == 0
+        result = otactl(broker, "distribute", release.sha256, "--all-matching", "--json")
+        # the CH that takes 256-byte blocks at most is refused, with the reason, and the
+        # exit status says something was refused
+        assert result.returncode == 2, result.stderr
+        dist = json.loads(result.stdout)
+        assert dist["refused"] == [
+            {
+                "guid": fleet.guids[1],
+                "error": "LIMITS_EXCEEDED",
+                "detail": f"block size 512 > max_block 256 of {fleet.guids[1]}",
+            }
+        ]
+        assert len(dist["started"]) == 5
+        await monitor.wait_for(lambda: len(monitor.of_kind(TransferHeld)) == 5)
+        stats = await fleet.stats()
+        await fleet.close()
         assert stats[fleet.guids[0]].held == {release.sha256: release.sha256}
         assert stats[fleet.guids[0]].max_outstanding <= 2
         # the measure itself sees more than two where the CH allows eight
@@ -130,9 +101,6 @@ async def test_a_hub_declaring_a_two_block_window_never_has_more_than_two_outsta
         assert stats[fleet.guids[1]].blocks == 0
         assert stats[fleet.guids[1]].offers == 0
         assert_clean_log(otad)
-    finally:
-        otad.stop_quietly()
-        await monitor.close()
 
 
 @pytest.mark.timeout(90)
@@ -140,25 +108,15 @@ async def test_the_segment_rate_cap_paces_the_blocks_of_a_shared_cell(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
     rate = 200.0
-    release = make_release(tmp_path / "release", size=64 * 1024)
-    monitor = await Monitor().start(broker)
+    release = make_release(tmp_path / "release", firmware_bytes=64 * 1024)
     config = otad_config(transfer={"segment_rate": rate})
-    otad = Otad(broker, tmp_path / "otad", release.trust_dir, config=config)
-    otad.start()
-    try:
-        await monitor.wait_online(otad)
-        async with HubFleet(
-            broker=(broker.host, broker.port),
-            state_dir=tmp_path / "hubs",
-            count=8,
-            procs=0,
-            segments=1,  # every CH in the same cell
-            trust_dir=release.trust_dir,
-        ):
-            await monitor.wait_for(lambda: len(monitor.of_kind("hub.online")) == 8)
-            assert otactl(broker, "image", "import", str(release.path)).returncode == 0
-            assert otactl(broker, "distribute", release.sha256, "--all-matching").returncode == 0
-            await monitor.wait_for(lambda: len(monitor.of_kind("transfer.held")) == 8)
+    async with otad_with_fleet(
+        broker, tmp_path, release, hubs=8, procs=0, segments=1, config=config
+    ) as setup:  # every CH in the same cell
+        monitor, otad, fleet = setup.monitor, setup.otad, setup.fleet
+        setup.import_and_distribute()
+        await monitor.wait_for(lambda: len(monitor.of_kind(TransferHeld)) == 8)
+        await fleet.close()
         times = monitor.block_times
         assert len(times) >= 8 * release.blocks
         busiest = max(sum(1 for t in times[i:] if t - start < 1.0) for i, start in enumerate(times))
@@ -168,6 +126,3 @@ async def test_the_segment_rate_cap_paces_the_blocks_of_a_shared_cell(
         assert busiest <= 1.15 * (rate + 20)  # the rate plus the burst (a tenth of a second)
         assert mean >= 0.6 * rate  # and it is not slower than it needs to be
         assert_clean_log(otad)
-    finally:
-        otad.stop_quietly()
-        await monitor.close()

@@ -10,20 +10,12 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from otad_harness import (
-    Monitor,
-    Otad,
-    Release,
-    assert_clean_log,
-    make_release,
-    otactl,
-    otactl_json,
-    otad_config,
-)
+from otad_harness import assert_clean_log, otactl_json, otad_config, otad_with_fleet
 
 from loadtest.broker import MosquittoBroker
 from loadtest.hub import HubStats
-from loadtest.runner import HubFleet
+from loadtest.release import Release, make_release
+from otad.events import HubOffline
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -47,87 +39,62 @@ def assert_all_held_without_restarting(
 async def test_broker_restarted_mid_transfer(
     broker: MosquittoBroker, tmp_path: Path, mqtt_library: str
 ) -> None:
-    release = make_release(tmp_path / "release", size=256 * 1024)
-    monitor = await Monitor().start(broker, wiretap=False)
-    otad = Otad(broker, tmp_path / "otad", release.trust_dir, library=mqtt_library, config=PACED)
-    otad.start()
-    try:
-        await monitor.wait_online(otad)
-        async with HubFleet(
-            broker=(broker.host, broker.port),
-            state_dir=tmp_path / "hubs",
-            count=HUBS,
-            procs=1,
-            trust_dir=release.trust_dir,
-        ) as fleet:
-            await monitor.wait_for(lambda: len(monitor.of_kind("hub.online")) == HUBS)
-            assert otactl(broker, "image", "import", str(release.path)).returncode == 0
-            assert otactl(broker, "distribute", release.sha256, "--all-matching").returncode == 0
-            await monitor.wait_for(lambda: monitor.acked_fraction(HUBS * release.blocks) >= 0.4)
-            before = await fleet.stats()
-            assert sum(1 for s in before.values() if s.held) < HUBS  # mid-way
-            broker.restart()  # same port; no persistence: queues and retained messages are gone
-            await asyncio.sleep(1.0)
-            rows: list[dict[str, object]] = []
-            for _ in range(120):
-                rows = otactl_json(broker, "transfers")
-                if all(r["state"] == "held" for r in rows):
-                    break
-                await asyncio.sleep(0.5)
-            stats = await fleet.stats()
+    release = make_release(tmp_path / "release", firmware_bytes=256 * 1024)
+    async with otad_with_fleet(
+        broker, tmp_path, release, hubs=HUBS, library=mqtt_library, config=PACED, wiretap=False
+    ) as setup:
+        monitor, otad, fleet = setup.monitor, setup.otad, setup.fleet
+        setup.import_and_distribute()
+        await monitor.wait_for(lambda: monitor.acked_fraction(HUBS * release.blocks) >= 0.4)
+        before = await fleet.stats()
+        assert sum(1 for s in before.values() if s.held) < HUBS  # mid-way
+        broker.restart()  # same port; no persistence: queues and retained messages are gone
+        await asyncio.sleep(1.0)
+        rows: list[dict[str, object]] = []
+        for _ in range(120):
+            rows = otactl_json(broker, "transfers")
+            if all(r["state"] == "held" for r in rows):
+                break
+            await asyncio.sleep(0.5)
+        stats = await fleet.stats()
+        await fleet.close()
         assert_all_held_without_restarting(rows, stats, release)
         assert all(s.connects >= 2 for s in stats.values())  # every CH lost the broker too
         assert otad.alive
         assert "MQTT session lost" in otad.log()
         assert_clean_log(otad)
-    finally:
-        otad.stop_quietly()
-        await monitor.close()
 
 
 @pytest.mark.timeout(120)
 async def test_a_fifth_of_the_hubs_drop_off_and_come_back_mid_transfer(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
-    release = make_release(tmp_path / "release", size=256 * 1024)
-    monitor = await Monitor().start(broker, wiretap=False)
-    otad = Otad(broker, tmp_path / "otad", release.trust_dir, config=PACED)
-    otad.start()
-    try:
-        await monitor.wait_online(otad)
-        async with HubFleet(
-            broker=(broker.host, broker.port),
-            state_dir=tmp_path / "hubs",
-            count=HUBS,
-            procs=1,
-            trust_dir=release.trust_dir,
-            flush_interval=0.5,
-        ) as fleet:
-            await monitor.wait_for(lambda: len(monitor.of_kind("hub.online")) == HUBS)
-            assert otactl(broker, "image", "import", str(release.path)).returncode == 0
-            assert otactl(broker, "distribute", release.sha256, "--all-matching").returncode == 0
-            await monitor.wait_for(lambda: monitor.acked_fraction(HUBS * release.blocks) >= 0.3)
-            crashed, left = fleet.guids[0:5], fleet.guids[5:10]  # 20% of the fleet
-            before = await fleet.stats()
-            await fleet.stop_hubs(crashed, crash=True)  # power cut: the last will fires
-            await fleet.stop_hubs(left)  # clean disconnect
-            await monitor.wait_for(lambda: len(monitor.of_kind("hub.offline")) == 5, 20)
-            await asyncio.sleep(1.0)
-            await fleet.start_hubs(crashed + left)
-            rows: list[dict[str, object]] = []
-            for _ in range(120):
-                rows = otactl_json(broker, "transfers")
-                if all(r["state"] == "held" for r in rows):
-                    break
-                await asyncio.sleep(0.5)
-            stats = await fleet.stats()
+    release = make_release(tmp_path / "release", firmware_bytes=256 * 1024)
+    async with otad_with_fleet(
+        broker, tmp_path, release, hubs=HUBS, config=PACED, wiretap=False, flush_interval=0.5
+    ) as setup:
+        monitor, otad, fleet = setup.monitor, setup.otad, setup.fleet
+        setup.import_and_distribute()
+        await monitor.wait_for(lambda: monitor.acked_fraction(HUBS * release.blocks) >= 0.3)
+        crashed, left = fleet.guids[0:5], fleet.guids[5:10]  # 20% of the fleet
+        before = await fleet.stats()
+        await fleet.stop_hubs(crashed, crash=True)  # power cut: the last will fires
+        await fleet.stop_hubs(left)  # clean disconnect
+        await monitor.wait_for(lambda: len(monitor.of_kind(HubOffline)) == 5, 20)
+        await asyncio.sleep(1.0)
+        await fleet.start_hubs(crashed + left)
+        rows: list[dict[str, object]] = []
+        for _ in range(120):
+            rows = otactl_json(broker, "transfers")
+            if all(r["state"] == "held" for r in rows):
+                break
+            await asyncio.sleep(0.5)
+        stats = await fleet.stats()
+        await fleet.close()
         dropped = crashed + left
         # they really were mid-transfer when they dropped, and really came back
         assert all(0 < before[g].blocks < release.blocks for g in dropped)
         assert all(stats[g].connects >= 2 for g in dropped)
-        assert {e["guid"] for e in monitor.of_kind("hub.offline")} == set(crashed)
+        assert {e.guid for e in monitor.of_kind(HubOffline)} == set(crashed)
         assert_all_held_without_restarting(rows, stats, release)
         assert_clean_log(otad)
-    finally:
-        otad.stop_quietly()
-        await monitor.close()

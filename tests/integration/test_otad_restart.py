@@ -12,18 +12,11 @@ import json
 from pathlib import Path
 
 import pytest
-from otad_harness import (
-    Monitor,
-    Otad,
-    assert_clean_log,
-    make_release,
-    otactl,
-    otactl_json,
-    otad_config,
-)
+from otad_harness import assert_clean_log, otactl, otactl_json, otad_config, otad_with_fleet
 
 from loadtest.broker import MosquittoBroker
-from loadtest.runner import HubFleet
+from loadtest.release import make_release
+from otad.events import ImageImported, TransferHeld, TransferStarted
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -37,37 +30,28 @@ PACED = otad_config(transfer={"segment_rate": 300.0}, events={"progress_interval
 async def test_sigkill_at_half_way_then_restart_completes_without_resending_the_image(
     broker: MosquittoBroker, tmp_path: Path, mqtt_library: str
 ) -> None:
-    release = make_release(tmp_path / "release", size=256 * 1024)
+    release = make_release(tmp_path / "release", firmware_bytes=256 * 1024)
     total_blocks = HUBS * release.blocks
-    monitor = await Monitor().start(broker)
-    otad = Otad(broker, tmp_path / "otad", release.trust_dir, library=mqtt_library, config=PACED)
-    otad.start()
-    try:
+    async with otad_with_fleet(
+        broker, tmp_path, release, hubs=HUBS, library=mqtt_library, config=PACED
+    ) as setup:
+        monitor, otad, fleet = setup.monitor, setup.otad, setup.fleet
+        setup.import_and_distribute()
+
+        await monitor.wait_for(lambda: monitor.acked_fraction(total_blocks) >= 0.5)
+        otad.kill()
+        killed_at = monitor.acked_fraction(total_blocks)
+        sent_before = sum(monitor.block_bytes.values())
+        assert len(monitor.of_kind(TransferHeld)) < HUBS  # really mid-way
+
+        await asyncio.sleep(0.5)
+        otad.start()
         await monitor.wait_online(otad)
-        async with HubFleet(
-            broker=(broker.host, broker.port),
-            state_dir=tmp_path / "hubs",
-            count=HUBS,
-            procs=1,
-            trust_dir=release.trust_dir,
-        ) as fleet:
-            await monitor.wait_for(lambda: len(monitor.of_kind("hub.online")) == HUBS)
-            assert otactl(broker, "image", "import", str(release.path)).returncode == 0
-            assert otactl(broker, "distribute", release.sha256, "--all-matching").returncode == 0
-
-            await monitor.wait_for(lambda: monitor.acked_fraction(total_blocks) >= 0.5)
-            otad.kill()
-            killed_at = monitor.acked_fraction(total_blocks)
-            sent_before = sum(monitor.block_bytes.values())
-            assert len(monitor.of_kind("transfer.held")) < HUBS  # really mid-way
-
-            await asyncio.sleep(0.5)
-            otad.start()
-            await monitor.wait_online(otad)
-            await monitor.wait_for(lambda: len(monitor.of_kind("transfer.held")) == HUBS)
-            rows = otactl_json(broker, "transfers")
-            stats = await fleet.stats()
-            await asyncio.sleep(0.3)  # let late retransmissions (if any) reach the wiretap
+        await monitor.wait_for(lambda: len(monitor.of_kind(TransferHeld)) == HUBS)
+        rows = otactl_json(broker, "transfers")
+        stats = await fleet.stats()
+        await asyncio.sleep(0.3)  # let late retransmissions (if any) reach the wiretap
+        await fleet.close()
 
         # 1. every transfer completed and every CH holds the image it verified
         assert len(rows) == HUBS
@@ -87,7 +71,7 @@ async def test_sigkill_at_half_way_then_restart_completes_without_resending_the_
 
         # 3. a clean stop: exit status 0, offline status retained
         assert otad.terminate() == 0
-        await monitor.wait_for(lambda: monitor.status[-1].get("state") == "offline", 10)
+        await monitor.wait_for(lambda: monitor.status.get("state") == "offline", 10)
         assert_clean_log(otad)
 
         # 4. the monitor saw every event exactly once by seq, across the restart
@@ -96,72 +80,55 @@ async def test_sigkill_at_half_way_then_restart_completes_without_resending_the_
             stored = dict(db.execute("SELECT seq, key FROM events").fetchall())
             unpublished = db.execute("SELECT count(*) FROM events WHERE published = 0").fetchone()
         assert set(distinct) == set(stored) == set(range(1, max(stored) + 1))  # no gaps
-        assert all(distinct[seq]["key"] == key for seq, key in stored.items())
+        assert all(distinct[seq].key() == key for seq, key in stored.items())
         assert unpublished == (0,)
-        held = {e["guid"] for e in monitor.of_kind("transfer.held")}
-        started = {e["guid"] for e in monitor.of_kind("transfer.started")}
+        held = {e.guid for e in monitor.of_kind(TransferHeld)}
+        started = {e.guid for e in monitor.of_kind(TransferStarted)}
         assert held == started == set(fleet.guids)
-        assert len(monitor.events) >= len(distinct)  # duplicates on the wire are allowed
-    finally:
-        otad.stop_quietly()
-        await monitor.close()
+        assert len(monitor.received) >= len(distinct)  # duplicates on the wire are allowed
 
 
 @pytest.mark.timeout(60)
 async def test_sigterm_mid_transfer_flushes_state_publishes_offline_and_resumes(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
-    release = make_release(tmp_path / "release", size=64 * 1024)
-    monitor = await Monitor().start(broker, wiretap=False)
+    release = make_release(tmp_path / "release", firmware_bytes=64 * 1024)
     config = otad_config(transfer={"segment_rate": 100.0}, events={"progress_interval_s": 0.2})
-    otad = Otad(broker, tmp_path / "otad", release.trust_dir, config=config)
-    otad.start()
-    try:
-        await monitor.wait_online(otad)
-        async with HubFleet(
-            broker=(broker.host, broker.port),
-            state_dir=tmp_path / "hubs",
-            count=4,
-            procs=0,
-            segments=1,  # one cell at 100 blocks/s: the transfers take a few seconds
-            trust_dir=release.trust_dir,
-        ) as fleet:
-            await monitor.wait_for(lambda: len(monitor.of_kind("hub.online")) == 4)
-            result = otactl(broker, "image", "import", str(release.path), "--json")
-            assert result.returncode == 0, result.stderr
-            assert json.loads(result.stdout)["new"] is True
-            assert otactl(broker, "distribute", release.sha256, "--all-matching").returncode == 0
-            await monitor.wait_for(lambda: monitor.acked_fraction(4 * release.blocks) >= 0.3)
-            assert otad.terminate(timeout=15) == 0  # a clean stop, mid-transfer
-            await monitor.wait_for(lambda: monitor.status[-1].get("state") == "offline", 10)
-            with otad.db() as db:
-                stored = db.execute("SELECT state, blocks_acked FROM transfers").fetchall()
-                assert db.execute("SELECT hex(sha256) FROM images").fetchall() == [
-                    (release.sha256.upper(),)
-                ]
-                assert db.execute("SELECT count(*) FROM events WHERE published = 0").fetchone() == (
-                    0,
-                )
-            # really mid-transfer, and the acknowledged progress was flushed
-            assert len(stored) == 4
-            assert any(state == "active" for state, _ in stored)
-            assert sum(acked for _, acked in stored) >= 0.3 * 4 * release.blocks
-            assert (otad.state_dir / "images" / release.sha256).stat().st_size == release.size
+    async with otad_with_fleet(
+        broker, tmp_path, release, hubs=4, procs=0, segments=1, config=config, wiretap=False
+    ) as setup:  # one cell at 100 blocks/s: the transfers take a few seconds
+        monitor, otad, fleet = setup.monitor, setup.otad, setup.fleet
+        result = otactl(broker, "image", "import", str(release.path), "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["new"] is True
+        assert otactl(broker, "distribute", release.sha256, "--all-matching").returncode == 0
+        await monitor.wait_for(lambda: monitor.acked_fraction(4 * release.blocks) >= 0.3)
+        assert otad.terminate(timeout=15) == 0  # a clean stop, mid-transfer
+        await monitor.wait_for(lambda: monitor.status.get("state") == "offline", 10)
+        with otad.db() as db:
+            stored = db.execute("SELECT state, blocks_acked FROM transfers").fetchall()
+            assert db.execute("SELECT hex(sha256) FROM images").fetchall() == [
+                (release.sha256.upper(),)
+            ]
+            assert db.execute("SELECT count(*) FROM events WHERE published = 0").fetchone() == (0,)
+        # really mid-transfer, and the acknowledged progress was flushed
+        assert len(stored) == 4
+        assert any(state == "active" for state, _ in stored)
+        assert sum(acked for _, acked in stored) >= 0.3 * 4 * release.blocks
+        assert (otad.state_dir / "images" / release.sha256).stat().st_size == release.size
 
-            otad.start()
-            await monitor.wait_online(otad)
-            again = otactl_json(broker, "image", "import", str(release.path))
-            assert again["new"] is False  # remembered across the restart
-            await monitor.wait_for(lambda: len(monitor.of_kind("transfer.held")) == 4)
-            stats = await fleet.stats()
+        otad.start()
+        await monitor.wait_online(otad)
+        again = otactl_json(broker, "image", "import", str(release.path))
+        assert again["new"] is False  # remembered across the restart
+        await monitor.wait_for(lambda: len(monitor.of_kind(TransferHeld)) == 4)
+        stats = await fleet.stats()
+        await fleet.close()
         assert all(s.held.get(release.sha256) == release.sha256 for s in stats.values())
         assert max(s.blocks for s in stats.values()) <= release.blocks * 1.05
         assert otad.terminate() == 0
         assert_clean_log(otad)
-        assert [e["kind"] for e in monitor.by_seq().values()].count("image.imported") == 1
-    finally:
-        otad.stop_quietly()
-        await monitor.close()
+        assert [type(e) for e in monitor.by_seq().values()].count(ImageImported) == 1
 
 
 @pytest.mark.timeout(180)
@@ -171,33 +138,23 @@ async def test_repeated_kills_ask_chs_with_polls_not_manifests_even_if_they_anno
     """Three SIGKILLs mid-transfer. After each restart, otad asks every CH that had
     acknowledged blocks with a Poll (a few bytes) instead of the whole manifest again, and CHs
     that re-announce on every Poll (allowed, not asked for by SPEC) do not make it loop."""
-    release = make_release(tmp_path / "release", size=256 * 1024)
+    release = make_release(tmp_path / "release", firmware_bytes=256 * 1024)
     total_blocks = HUBS * release.blocks
-    monitor = await Monitor().start(broker)
-    otad = Otad(broker, tmp_path / "otad", release.trust_dir, config=PACED)
-    otad.start()
-    try:
-        await monitor.wait_online(otad)
-        async with HubFleet(
-            broker=(broker.host, broker.port),
-            state_dir=tmp_path / "hubs",
-            count=HUBS,
-            procs=1,
-            trust_dir=release.trust_dir,
-            announce_on_poll=True,
-        ) as fleet:
-            await monitor.wait_for(lambda: len(monitor.of_kind("hub.online")) == HUBS)
-            assert otactl(broker, "image", "import", str(release.path)).returncode == 0
-            assert otactl(broker, "distribute", release.sha256, "--all-matching").returncode == 0
-            for k, at in enumerate((0.3, 0.5, 0.7)):
-                await monitor.wait_for(lambda at=at: monitor.acked_fraction(total_blocks) >= at)
-                otad.kill()
-                await asyncio.sleep(1.0)  # the flush interval has long passed: progress is stored
-                otad.start()
-                await monitor.wait_online(otad)
-                assert len(monitor.of_kind("transfer.held")) < HUBS, k  # still mid-way
-            await monitor.wait_for(lambda: len(monitor.of_kind("transfer.held")) == HUBS, 90)
-            stats = await fleet.stats()
+    async with otad_with_fleet(
+        broker, tmp_path, release, hubs=HUBS, config=PACED, announce_on_poll=True
+    ) as setup:
+        monitor, otad, fleet = setup.monitor, setup.otad, setup.fleet
+        setup.import_and_distribute()
+        for k, at in enumerate((0.3, 0.5, 0.7)):
+            await monitor.wait_for(lambda at=at: monitor.acked_fraction(total_blocks) >= at)
+            otad.kill()
+            await asyncio.sleep(1.0)  # the flush interval has long passed: progress is stored
+            otad.start()
+            await monitor.wait_online(otad)
+            assert len(monitor.of_kind(TransferHeld)) < HUBS, k  # still mid-way
+        await monitor.wait_for(lambda: len(monitor.of_kind(TransferHeld)) == HUBS, 90)
+        stats = await fleet.stats()
+        await fleet.close()
         offer_bytes = sum(s.offer_bytes for s in stats.values())
         block_bytes = sum(monitor.block_bytes.values())
         print(
@@ -212,6 +169,3 @@ async def test_repeated_kills_ask_chs_with_polls_not_manifests_even_if_they_anno
         assert (offer_bytes + block_bytes) / (HUBS * release.size) <= 1.1
         assert otad.terminate() == 0
         assert_clean_log(otad)
-    finally:
-        otad.stop_quietly()
-        await monitor.close()

@@ -17,18 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from otad_harness import Monitor, Otad, assert_clean_log, make_release, otactl, otactl_json
+from otad_harness import Monitor, assert_clean_log, otactl, otactl_json, otad_with_fleet
 
 from loadtest.broker import MosquittoBroker
+from loadtest.release import make_release
 from loadtest.runner import FleetSummary, HubFleet
 from otad.ctlclient import CtlClient
+from otad.events import TransferHeld
 
 HUBS = 3000
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
 
 def latest_status(monitor: Monitor) -> dict[str, Any]:
-    return monitor.status[-1] if monitor.status else {}
+    return monitor.status
 
 
 async def all_known(monitor: Monitor, count: int) -> None:
@@ -76,28 +78,21 @@ class ControlProbe:
 async def test_3000_chs_under_the_default_budget_all_hold_the_image(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
-    release = make_release(tmp_path / "release", size=16 * 1024)
-    monitor = await Monitor().start(broker, wiretap=False)
-    otad = Otad(broker, tmp_path / "otad", release.trust_dir)  # the default configuration
-    otad.start()
-    try:
-        await monitor.wait_online(otad)
-        async with HubFleet(
-            broker=(broker.host, broker.port),
-            state_dir=tmp_path / "hubs",
-            count=HUBS,
-            procs=2,
-            trust_dir=release.trust_dir,
-        ) as fleet:
-            await all_known(monitor, HUBS)
-            assert otactl(broker, "image", "import", str(release.path)).returncode == 0
-            began = time.monotonic()
-            async with ControlProbe(broker) as probe:
-                result = otactl(broker, "distribute", release.sha256, "--all-matching", timeout=60)
-                assert result.returncode == 0, result.stderr
-                await monitor.wait_for(lambda: len(monitor.of_kind("transfer.held")) == HUBS, 240)
-            seconds = time.monotonic() - began
-            stats = await fleet.stats()
+    release = make_release(tmp_path / "release", firmware_bytes=16 * 1024)
+    async with otad_with_fleet(  # the default configuration
+        broker, tmp_path, release, hubs=HUBS, procs=2, wiretap=False
+    ) as setup:
+        monitor, otad, fleet = setup.monitor, setup.otad, setup.fleet
+        await all_known(monitor, HUBS)
+        assert otactl(broker, "image", "import", str(release.path)).returncode == 0
+        began = time.monotonic()
+        async with ControlProbe(broker) as probe:
+            result = otactl(broker, "distribute", release.sha256, "--all-matching", timeout=60)
+            assert result.returncode == 0, result.stderr
+            await monitor.wait_for(lambda: len(monitor.of_kind(TransferHeld)) == HUBS, 240)
+        seconds = time.monotonic() - began
+        stats = await fleet.stats()
+        await fleet.close()
         status = otactl_json(broker, "status")
         scheduler = status["scheduler"]
         print(
@@ -121,9 +116,6 @@ async def test_3000_chs_under_the_default_budget_all_hold_the_image(
         assert max(probe.latencies) < 1.0  # otad answers while it distributes
         assert otad.terminate() == 0
         assert_clean_log(otad)
-    finally:
-        otad.stop_quietly()
-        await monitor.close()
 
 
 @pytest.mark.timeout(300)
@@ -135,33 +127,26 @@ async def test_a_broker_restart_under_3000_chs_is_paced_and_resends_no_manifest_
     on Offers: after the restart, a CH that had acknowledged blocks before it gets no Offer at
     all (only a Poll of a few bytes), and every other CH at most one; so Offer bytes after the
     restart are at most (CHs with nothing acknowledged) x the Offer's size."""
-    release = make_release(tmp_path / "release", size=64 * 1024)
-    monitor = await Monitor().start(broker, wiretap=False)
-    otad = Otad(broker, tmp_path / "otad", release.trust_dir)
-    otad.start()
-    try:
-        await monitor.wait_online(otad)
-        async with HubFleet(
-            broker=(broker.host, broker.port),
-            state_dir=tmp_path / "hubs",
-            count=HUBS,
-            procs=2,
-            trust_dir=release.trust_dir,
-        ) as fleet:
-            await all_known(monitor, HUBS)
-            assert otactl(broker, "image", "import", str(release.path)).returncode == 0
-            result = otactl(broker, "distribute", release.sha256, "--all-matching", timeout=60)
-            assert result.returncode == 0, result.stderr
-            total = HUBS * release.blocks
-            await until(lambda totals: totals.stored_blocks >= 0.35 * total, fleet, 120)
-            before = await fleet.stats()
-            assert sum(1 for s in before.values() if s.held) < HUBS  # mid-way
-            broker.restart()
-            restarted = time.monotonic()
-            await until(lambda totals: totals.held >= HUBS, fleet, 240)
-            recovered = time.monotonic() - restarted
-            after = await fleet.stats()
-            rows = otactl_json(broker, "transfers")
+    release = make_release(tmp_path / "release", firmware_bytes=64 * 1024)
+    async with otad_with_fleet(
+        broker, tmp_path, release, hubs=HUBS, procs=2, wiretap=False
+    ) as setup:
+        monitor, otad, fleet = setup.monitor, setup.otad, setup.fleet
+        await all_known(monitor, HUBS)
+        assert otactl(broker, "image", "import", str(release.path)).returncode == 0
+        result = otactl(broker, "distribute", release.sha256, "--all-matching", timeout=60)
+        assert result.returncode == 0, result.stderr
+        total = HUBS * release.blocks
+        await until(lambda totals: totals.stored_blocks >= 0.35 * total, fleet, 120)
+        before = await fleet.stats()
+        assert sum(1 for s in before.values() if s.held) < HUBS  # mid-way
+        broker.restart()
+        restarted = time.monotonic()
+        await until(lambda totals: totals.held >= HUBS, fleet, 240)
+        recovered = time.monotonic() - restarted
+        after = await fleet.stats()
+        rows = otactl_json(broker, "transfers")
+        await fleet.close()
         offer_size = max(s.offer_bytes // max(1, s.offers) for s in after.values())
         offers_after = {g: after[g].offers - before[g].offers for g in after}
         offer_bytes_after = sum(after[g].offer_bytes - before[g].offer_bytes for g in after)
@@ -185,6 +170,3 @@ async def test_a_broker_restart_under_3000_chs_is_paced_and_resends_no_manifest_
         assert sum(s.blocks for s in after.values()) <= total * 1.05
         assert otad.alive
         assert_clean_log(otad)
-    finally:
-        otad.stop_quietly()
-        await monitor.close()
