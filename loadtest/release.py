@@ -1,7 +1,7 @@
 """A signed release for the demo, the benchmarks and the tests: key, trust directory, image.
 
 :func:`make_release` does what an operator does with ``otactl keys new`` and ``otactl image
-sign`` (the same functions, :mod:`otad.imagetool`, in-process): a P-256 signing key (unless one
+sign`` (the same functions, :mod:`otad.ctl.imagetool`, in-process): a P-256 signing key (unless one
 is given), its public half in ``<workdir>/trust``, random firmware wrapped into a ZigBee OTA
 file and signed into an ``.otaimg``, then decoded and verified against that trust directory.
 """
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from otad import imagetool
+from otad.ctl import imagetool
 from otad.keyfiles import load_trust_dir, public_key_path
 from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.otaimg import SignedImage, verify

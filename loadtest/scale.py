@@ -47,7 +47,7 @@ from loadtest.demo import DemoError, otactl, run_cmd, start_otad, stop_otad
 from loadtest.release import make_release
 from loadtest.runner import HostLimitError, HubFleet, check_host_limits, default_procs
 from mqttio import MqttSettings, create_client
-from otad.ctlclient import CtlClient
+from otad.ctl.client import CtlClient
 from otad.events import MonitorEvent, TransferHeld
 from otad.monitor import EventMonitor
 from protocol.wire import topics

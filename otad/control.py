@@ -38,6 +38,7 @@ from protocol.wire import topics
 log = logging.getLogger("otad.control")
 
 SCHEMA_VERSION = 1
+"""The control plane's ``v``, of requests and responses (otactl's client sends this one)."""
 MAX_REQUEST_BYTES = (MAX_OTAIMG_BYTES * 4) // 3 + 64 * 1024
 MAX_CONCURRENT = 8
 INLINE_PARSE_BYTES = 256 * 1024  # larger requests are parsed in a worker thread

@@ -13,7 +13,7 @@ from otad_harness import assert_clean_log, otactl, otactl_json, otad_with_fleet
 from loadtest.broker import MosquittoBroker
 from loadtest.release import make_release
 from mqttio import MqttSettings, create_client
-from otad.ctlclient import CtlClient
+from otad.ctl.client import CtlClient
 from protocol.wire import topics
 from protocol.wire.messages import HubAnnounced, Limits, TransferAcked
 

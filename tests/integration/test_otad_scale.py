@@ -22,7 +22,7 @@ from otad_harness import Monitor, assert_clean_log, otactl, otactl_json, otad_wi
 from loadtest.broker import MosquittoBroker
 from loadtest.release import make_release
 from loadtest.runner import FleetSummary, HubFleet
-from otad.ctlclient import CtlClient
+from otad.ctl.client import CtlClient
 from otad.events import TransferHeld
 
 HUBS = 3000

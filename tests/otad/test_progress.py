@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from otad.ctlwatch import distribution_line
+from otad.ctl.watch import distribution_line
 from otad.progress import ProgressBar, format_duration
 
 

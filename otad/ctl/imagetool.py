@@ -1,4 +1,4 @@
-"""Key and image commands of ``otactl`` (argparse wiring lives in :mod:`otad.ctl`).
+"""Key and image commands of ``otactl`` (argparse wiring lives in :mod:`otad.ctl`), offline.
 
 Each function does one command and returns the one summary line to print, or raises
 :class:`ToolError` with the one-line reason to print on stderr.

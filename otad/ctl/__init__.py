@@ -1,11 +1,18 @@
-"""``otactl``: the operator's command line.
+"""``otactl``: the operator's command line (``otactl`` or ``python -m otad.ctl``).
+
+The package: this module is the command line (the argparse tree and one handler per command);
+:mod:`otad.ctl.client` talks to the running otad over MQTT request/response (the control plane,
+:mod:`otad.control`); :mod:`otad.ctl.format` turns its answers into tables and summary lines;
+:mod:`otad.ctl.watch` follows the retained status (``otactl watch``); :mod:`otad.ctl.imagetool`
+makes keys and signs and verifies releases, offline.
 
 Commands are ``GROUP ACTION`` pairs. :func:`build_parser` builds the argparse tree (one
 ``_add_<group>`` function per group, listed in :data:`GROUPS`), each leaf parser sets
 ``command="group action"``, and :data:`HANDLERS` maps that name to the function that runs it.
-To add commands (e.g. the daemon ones, which use ``--broker``): write an ``_add_<group>``
-function, append it to :data:`GROUPS` and put its handlers in :data:`HANDLERS`. A command
-without an action (``otactl distribute ...``) is a group parser that sets ``command`` itself.
+To add a command: write (or extend) an ``_add_<group>`` function, append it to :data:`GROUPS`
+and put its handler in :data:`HANDLERS`; one that talks to otad calls :func:`_daemon_call` and
+adds :func:`_add_daemon_options`. A command without an action (``otactl distribute ...``) is a
+group parser that sets ``command`` itself.
 
 Exit status: 0 success (one summary line on stdout), 2 failure or refusal (one line on stderr,
 never a traceback), 130 interrupted.
@@ -23,7 +30,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import mqttio
-from otad import ctlclient, ctlwatch, imagetool
+from otad.ctl import imagetool, watch
+from otad.ctl.client import DEFAULT_TIMEOUT, CtlError, CtlTimeout, CtlUnreachable, call_once
+from otad.ctl.format import (
+    format_distribute,
+    format_fleet,
+    format_import,
+    format_status,
+    format_transfers,
+)
 from otad.files import FileError, read_bounded
 from protocol.release.manifest import DeviceType
 from protocol.release.otaimg import MAX_OTAIMG_BYTES
@@ -35,6 +50,10 @@ EXIT_INTERRUPTED = 130
 
 Handler = Callable[[argparse.Namespace], int]
 _Subparsers = Any  # argparse's _SubParsersAction is private
+
+
+class CtlFailure(Exception):  # noqa: N818 - what otactl reports, not an error of its own
+    """What ``otactl`` reports on stderr (one line) before exiting with status 2."""
 
 
 def parse_broker(text: str) -> tuple[str, int]:
@@ -160,16 +179,16 @@ def _image_verify(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- daemon commands
-# These talk to the running otad over MQTT request/response (otad.control, otad.ctlclient).
+# These talk to the running otad over MQTT request/response (otad.control, otad.ctl.client).
 
 
 def _add_daemon_options(parser: argparse.ArgumentParser, *, json_flag: bool) -> None:
     parser.add_argument(
         "--timeout",
         type=float,
-        default=ctlclient.DEFAULT_TIMEOUT,
+        default=DEFAULT_TIMEOUT,
         metavar="S",
-        help=f"seconds to wait for otad (default {ctlclient.DEFAULT_TIMEOUT:g})",
+        help=f"seconds to wait for otad (default {DEFAULT_TIMEOUT:g})",
     )
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
@@ -214,7 +233,7 @@ def _add_status(groups: _Subparsers) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     result = _daemon_call(args, "status", {})
-    return _print_result(args, result, ctlclient.format_status)
+    return _print_result(args, result, format_status)
 
 
 def _add_watch(groups: _Subparsers) -> None:
@@ -231,14 +250,22 @@ def _watch(args: argparse.Namespace) -> int:
     host, port = args.broker
     try:
         return asyncio.run(
-            ctlwatch.watch(host, port, image=args.image, once=args.once, wait_s=args.timeout)
+            watch.watch(host, port, image=args.image, once=args.once, wait_s=args.timeout)
         )
-    except ctlwatch.WatchError as exc:
-        raise ctlclient.CtlFailure(str(exc)) from None
+    except watch.WatchError as exc:
+        raise CtlFailure(str(exc)) from None
 
 
 def _daemon_call(args: argparse.Namespace, cmd: str, call_args: dict[str, Any]) -> Any:
-    return ctlclient.run_command(args.broker, cmd, call_args, timeout=args.timeout)
+    """Make one call to otad; raise :class:`CtlFailure` with a one-line message for every way
+    it can fail."""
+    host, port = args.broker
+    try:
+        return asyncio.run(call_once(host, port, cmd, call_args, wait_s=args.timeout))
+    except CtlError as exc:
+        raise CtlFailure(f"otad refused {cmd}: {exc.reason}: {exc.detail}") from None
+    except (CtlTimeout, CtlUnreachable) as exc:
+        raise CtlFailure(str(exc)) from None
 
 
 def _print_result(args: argparse.Namespace, result: Any, human: Callable[[Any], str]) -> int:
@@ -253,7 +280,7 @@ def _image_import(args: argparse.Namespace) -> int:
         raise imagetool.ToolError(str(exc)) from None
     payload = {"data": base64.b64encode(data).decode("ascii")}
     result = _daemon_call(args, "image.import", payload)
-    return _print_result(args, result, ctlclient.format_import)
+    return _print_result(args, result, format_import)
 
 
 def _distribute(args: argparse.Namespace) -> int:
@@ -263,19 +290,19 @@ def _distribute(args: argparse.Namespace) -> int:
     else:
         call_args["to"] = list(args.to)
     result = _daemon_call(args, "distribute", call_args)
-    _print_result(args, result, ctlclient.format_distribute)
+    _print_result(args, result, format_distribute)
     return EXIT_FAILED if result.get("refused") else EXIT_OK
 
 
 def _fleet_list(args: argparse.Namespace) -> int:
     result = _daemon_call(args, "fleet.list", {})
-    return _print_result(args, result, ctlclient.format_fleet)
+    return _print_result(args, result, format_fleet)
 
 
 def _transfers(args: argparse.Namespace) -> int:
     call_args = {} if args.image is None else {"image": args.image}
     result = _daemon_call(args, "transfers", call_args)
-    return _print_result(args, result, ctlclient.format_transfers)
+    return _print_result(args, result, format_transfers)
 
 
 # --------------------------------------------------------------------------- wiring
@@ -325,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = HANDLERS[args.command]
     try:
         return handler(args)
-    except (imagetool.ToolError, ctlclient.CtlFailure) as exc:
+    except (imagetool.ToolError, CtlFailure) as exc:
         print(f"otactl: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("otactl: interrupted", file=sys.stderr)
@@ -333,7 +360,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # never a traceback for the operator
         print(f"otactl: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
     return EXIT_FAILED
-
-
-if __name__ == "__main__":
-    sys.exit(main())
