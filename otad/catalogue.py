@@ -110,10 +110,6 @@ class BlockSource:
         self._cached_bytes += len(encoded)
         return encoded
 
-    def block_length(self, index: int) -> int:
-        """Payload bytes of block ``index``."""
-        return min(self.block_size, len(self._data) - index * self.block_size)
-
     @property
     def cached_bytes(self) -> int:
         """Bytes of encoded blocks held now."""
@@ -279,10 +275,6 @@ class Catalogue:
                 self._loading.pop(image.sha256, None)
             return source
         return await loading
-
-    def loaded(self, sha256: bytes) -> BlockSource | None:
-        """The block source of an image if it is loaded."""
-        return self._sources.get(sha256)
 
     def unload(self, sha256: bytes) -> None:
         """Drop the image bytes and encoded blocks (no transfer of it is active)."""

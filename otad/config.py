@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 DEFAULT_STATE_DIR = Path("/var/lib/otad")
+MAX_WINDOW = 64
+"""Largest ``transfer.window``: otad's cap on one CH's blocks in flight (the block size is the
+signed manifest's, never a setting)."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TOPIC_LEVEL = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # as protocol.wire.topics.check_level
 _CLIENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,124}")  # + ".ctl" for the control session
@@ -103,9 +106,7 @@ class TrustConfig:
 class TransferConfig:
     """``[transfer]``: block streaming and flow control."""
 
-    block_size: int = 1024  # bytes per block (capped per CH by its declared max_block)
-    window: int = 8  # initial blocks in flight per CH (capped by the CH's window)
-    max_window: int = 64  # largest window a CH is ever given
+    window: int = 8  # blocks in flight per CH, 1..MAX_WINDOW (each CH's declared window caps it)
     # Blocks in flight across all CHs; CHs take turns for it when it binds. It bounds the queue
     # in front of the broker: about what the broker forwards in a quarter of a second (4096 at
     # the ~16k blocks/s of the reference 2-core machine). Larger queues made first round trips
@@ -121,7 +122,10 @@ class TransferConfig:
     # round trip's jitter beyond a lower floor showed up as spurious retransmissions.
     rto_min: float = 1.0
     rto_max: float = 60.0  # seconds; retransmission timeout ceiling
-    max_rto_without_progress: int = 8  # consecutive timeouts with no new ack -> TIMED_OUT
+    # SPEC 7.7's "momentum" (the Sender's max_timeouts): retransmission timeouts in a row with no
+    # new acknowledgement after which the transfer ends TIMED_OUT. otad's default is 8, below the
+    # Sender's own 10: at 8 backed-off timeouts a silent CH has had minutes to answer.
+    max_rto_without_progress: int = 8
     stall_after_s: float = 30.0  # no progress this long: transfer.stalled event and a WARNING
 
 
@@ -319,12 +323,7 @@ def _validate(config: Config) -> Config:
     _in_range("store.flush_batch", s.flush_batch, 1, 1_000_000)
 
     t = config.transfer
-    _in_range("transfer.block_size", t.block_size, 16, 65536)
-    _in_range("transfer.max_window", t.max_window, 1, 65535)
-    if not 1 <= t.window <= t.max_window:
-        raise ConfigError(
-            "transfer.window", f"must be 1..transfer.max_window ({t.max_window}), got {t.window}"
-        )
+    _in_range("transfer.window", t.window, 1, MAX_WINDOW)
     if t.global_inflight < t.window:
         raise ConfigError(
             "transfer.global_inflight",

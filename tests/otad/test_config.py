@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 
 from otad.config import (
+    MAX_WINDOW,
     BrokerConfig,
     Config,
     ConfigError,
     StoreConfig,
+    TransferConfig,
     cli_overrides,
     load_config,
 )
@@ -38,11 +40,24 @@ def test_defaults_without_a_file() -> None:
     )
     assert config.store.flush_interval == 0.1
     t = config.transfer
-    assert (t.block_size, t.window, t.max_window, t.global_inflight) == (1024, 8, 64, 4096)
+    assert (t.window, MAX_WINDOW, t.global_inflight) == (8, 64, 4096)
     assert (t.segment_rate, t.qos_blocks) == (0.0, 0)
     assert config.events.progress_interval_s == 30.0
     assert config.log.level == "INFO"
     assert not config.broker.tls
+
+
+@pytest.mark.parametrize("key", ["block_size", "max_window"])
+def test_keys_nothing_read_are_gone_and_refused_by_name(tmp_path: Path, key: str) -> None:
+    """transfer.block_size (a block's size is its signed manifest's) and transfer.max_window
+    (the window never grows past transfer.window) were validated and documented, never read."""
+    assert key not in {f.name for f in dataclasses.fields(TransferConfig)}
+    with pytest.raises(ConfigError, match="unknown key") as info:
+        load_config(write(tmp_path, f"[transfer]\n{key} = 64\n"), {}, env={})
+    assert info.value.key == f"transfer.{key}"
+    assert (
+        load_config(write(tmp_path, "[transfer]\nwindow = 64\n"), {}, env={}).transfer.window == 64
+    )
 
 
 def test_state_directory_from_systemd(tmp_path: Path) -> None:
