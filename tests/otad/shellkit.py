@@ -487,6 +487,13 @@ async def shell(
         await daemon.store.close()
 
 
+async def eventually(condition: Callable[[], bool], wait_s: float = 5.0) -> None:
+    """Wait (real time) until ``condition()`` holds: for what a task of the daemon does."""
+    async with asyncio.timeout(wait_s):
+        while not condition():  # noqa: ASYNC110 - the task changes plain state, signals nothing
+            await asyncio.sleep(0.001)
+
+
 def guids(n: int) -> list[str]:
     """``n`` distinct GUIDs."""
     return [f"{0x0011223344550000 + i:016X}" for i in range(n)]

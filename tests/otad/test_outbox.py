@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any, cast
 
+from shellkit import MemoryMqttClient, eventually
+
 from mqttio import MqttClient
 from otad.events import HubOnline, TransferHeld, TransferProgress
-from otad.outbox import PRUNE_BATCH, EventPublisher
+from otad.outbox import CONFIRM_AFTER, PRUNE_BATCH, EventPublisher
 from otad.store import Store
 
 IMAGE = "ab" * 32
@@ -106,3 +109,59 @@ async def test_published_events_past_their_retention_are_pruned_on_a_schedule(
         assert await events.prune(0.0) == 0  # the newest event is never pruned
     finally:
         await store.close()
+
+
+async def test_an_event_is_committed_then_published_then_confirmed_and_again_after_a_loss(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path)
+    client = MemoryMqttClient()
+    monotonic = [0.0]
+    events = EventPublisher(store, client, monotonic=lambda: monotonic[0])
+    client.set_connection_handler(events.connection_changed)
+    await client.connect()
+    committed_when_published: list[bool] = []
+    publish = client.publish
+
+    def spy(topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+        committed_when_published.append(first.done() and not first.cancelled())
+        publish(topic, payload, qos, retain)
+
+    client.publish = spy  # type: ignore[method-assign]
+    runner = asyncio.create_task(events.run())
+    try:
+        event = online("0123456789ABCDEF", 5.0)
+        first = events.emit(event)
+        seq = await first
+        await eventually(lambda: len(client.published) == 1)
+        (message,) = client.published
+        assert committed_when_published == [True]  # 1. committed, 2. published
+        assert (message.topic, message.qos, message.retain) == (
+            "ota/v1/events/hub.online/0123456789ABCDEF", 1, False,
+        )  # fmt: skip
+        assert json.loads(message.payload)["seq"] == seq
+        assert [e.seq for e in await store.unpublished_events()] == [seq]  # 3. not yet confirmed
+        monotonic[0] += CONFIRM_AFTER + 0.1
+        events.connection_changed(True)  # wakes the task: the confirmation is due
+        for _ in range(500):
+            if await _unpublished(store) == []:
+                break
+            await asyncio.sleep(0.01)
+        assert await _unpublished(store) == []  # 4. marked published
+        # published on a connection that is lost before its confirmation: published again
+        second = events.emit(online("0123456789ABCDEF", 6.0))
+        seq2 = await second
+        await eventually(lambda: len(client.published) == 2)
+        client.lose_connection()
+        await eventually(lambda: len(client.published) == 3)  # once the connection is back
+        assert client.published[1].payload == client.published[2].payload
+        assert json.loads(client.published[2].payload)["seq"] == seq2
+    finally:
+        runner.cancel()
+        await client.disconnect()
+        await store.close()
+
+
+async def _unpublished(store: Store) -> list[int]:
+    await store.flush()
+    return [e.seq for e in await store.unpublished_events()]

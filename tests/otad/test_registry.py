@@ -1,0 +1,154 @@
+"""The fleet registry through the real daemon's routing: checks, presence, persistence."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+from shellkit import LIMITS, guids, shell
+
+from otad.events import HubOffline, HubOnline
+from otad.registry import Registry
+from protocol.errors import Reason
+from protocol.wire import topics
+from protocol.wire.messages import HanDevice, HubAnnounced, HubWentOffline, Limits, Poll
+
+GUID, OTHER = guids(2)
+ESME = HanDevice("00000000000000E1", "ESME", "NATIVE", 0x0200, 1)
+
+
+def announcement(**changes: object) -> HubAnnounced:
+    base = HubAnnounced(
+        guid=GUID, fw_version=0x01000000, hw_version=0x0100, supplier="SUPPLIER-A",
+        segment="cell-0", limits=LIMITS, han=(ESME,),
+    )  # fmt: skip
+    return dataclasses.replace(base, **changes)
+
+
+async def test_an_announcement_brings_a_hub_online_with_its_event_and_its_row(
+    tmp_path: Path,
+) -> None:
+    async with shell(tmp_path) as s:
+        s.client.deliver(topics.state(GUID), announcement().encode())
+        hub = s.registry.get(GUID)
+        assert hub is not None
+        assert hub.online
+        assert hub.announcement == announcement()
+        assert s.registry.online == 1
+        await s.settle()
+        (event,) = s.events_published()
+        assert isinstance(event, HubOnline)
+        assert (event.guid, event.segment, event.fw_version) == (GUID, "cell-0", 0x01000000)
+        row = await s.store.hub(GUID)
+        assert row is not None
+        assert row.online
+        assert row.limits == LIMITS
+        assert [d.device_id for d in await s.store.han_devices(GUID)] == [ESME.device_id]
+        # written behind, read back: a restarted otad knows the hub as it last announced itself
+        again = Registry(s.store, s.events, on_change=lambda *change: None)
+        await again.load()
+        assert again.hubs[GUID].announcement == announcement()
+        assert again.online == 1
+
+
+async def test_presence_follows_the_will_and_the_next_announcement(tmp_path: Path) -> None:
+    async with shell(tmp_path) as s:
+        s.client.deliver(topics.state(GUID), announcement().encode())
+        s.clock.advance(1.0)
+        s.client.deliver(topics.state(GUID), HubWentOffline(guid=GUID).encode(), True)
+        hub = s.registry.get(GUID)
+        assert hub is not None
+        assert not hub.online
+        assert s.registry.online == 0
+        s.client.deliver(topics.state(GUID), HubWentOffline(guid=GUID).encode(), True)  # again
+        s.clock.advance(1.0)
+        s.client.deliver(topics.state(GUID), announcement(fw_version=2).encode())
+        assert hub.online
+        assert hub.announcement.fw_version == 2
+        await s.settle()
+        kinds = [type(e) for e in s.events_published()]
+        assert kinds == [HubOnline, HubOffline, HubOnline]  # one offline for two wills
+        row = await s.store.hub(GUID)
+        assert row is not None
+        assert (row.online, row.fw_version) == (True, 2)
+
+
+async def test_a_known_retained_copy_changes_nothing_and_a_live_repeat_is_reported(
+    tmp_path: Path,
+) -> None:
+    async with shell(tmp_path) as s:
+        seen: list[tuple[str, bool, bool, bool]] = []
+        daemon_changed = s.registry._on_change
+
+        def record(hub: object, was_online: bool, announced: bool, changed: bool) -> None:
+            seen.append((getattr(hub, "guid", ""), was_online, announced, changed))
+            daemon_changed(hub, was_online, announced, changed)
+
+        s.registry._on_change = record
+        payload = announcement().encode()
+        s.client.deliver(topics.state(GUID), payload)
+        s.client.deliver(topics.state(GUID), payload, True)  # the broker replays it: known
+        s.client.deliver(topics.state(GUID), payload)  # live again: the CH reconnected
+        assert seen == [(GUID, False, True, True), (GUID, True, True, False)]
+        await s.settle()
+        assert [type(e) for e in s.events_published()] == [HubOnline]
+
+
+def _stranger_will() -> bytes:
+    return HubWentOffline(guid=OTHER).encode()
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        ("ota/v1/ch/not-a-guid/state", announcement().encode(), Reason.BAD_IDENTIFIER),
+        (topics.state(OTHER), announcement().encode(), Reason.BAD_IDENTIFIER),  # an impostor
+        (topics.state(GUID), announcement(supplier="A+B").encode(), Reason.BAD_IDENTIFIER),
+        (topics.state(GUID), announcement(segment="c/1").encode(), Reason.BAD_IDENTIFIER),
+        (topics.state(GUID), announcement(limits=Limits(8, 8, 65536)).encode(), Reason.MALFORMED),
+        (
+            topics.state(GUID),
+            announcement(limits=Limits(1024, 0, 65536)).encode(),
+            Reason.MALFORMED,
+        ),
+        (topics.state(GUID), announcement(limits=Limits(4096, 8, 1024)).encode(), Reason.MALFORMED),
+        (topics.state(GUID), announcement(han=(ESME, ESME)).encode(), Reason.MALFORMED),
+        (
+            topics.state(GUID),
+            announcement(han=(dataclasses.replace(ESME, device_type="TOASTER"),)).encode(),
+            Reason.MALFORMED,
+        ),
+        (
+            topics.state(GUID),
+            announcement(han=(dataclasses.replace(ESME, device_id="a/b"),)).encode(),
+            Reason.BAD_IDENTIFIER,
+        ),
+        (topics.state(GUID), os.urandom(HubAnnounced.MAX_BYTES + 1), Reason.TOO_LARGE),
+        (topics.state(GUID), Poll(nonce=1).encode(), Reason.UNKNOWN_TYPE),
+        (topics.state(GUID), _stranger_will(), Reason.BAD_IDENTIFIER),
+    ],
+)
+async def test_a_refused_state_message_is_counted_by_reason_and_changes_nothing(
+    tmp_path: Path, topic: str, payload: bytes, reason: Reason
+) -> None:
+    async with shell(tmp_path) as s:
+        before = dict(s.daemon.rejects.counts)
+        assert s.client.deliver(topic, payload)
+        assert s.registry.hubs == {}
+        changed = {k: v - before[k] for k, v in s.daemon.rejects.counts.items() if v != before[k]}
+        assert changed == {reason.name: 1}
+        await s.settle()
+        assert s.events_published() == []
+        assert await s.store.hubs() == []
+
+
+async def test_a_cleared_retained_message_is_ignored(tmp_path: Path) -> None:
+    async with shell(tmp_path) as s:
+        s.client.deliver(topics.state(GUID), announcement().encode())
+        s.client.deliver(topics.state(GUID), b"", True)  # someone clears the retained copy
+        hub = s.registry.get(GUID)
+        assert hub is not None
+        assert hub.online
+        assert sum(s.daemon.rejects.counts.values()) == 0
