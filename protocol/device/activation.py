@@ -24,7 +24,6 @@ fields below and nothing else. Decoding is strict and raises :class:`ProtocolErr
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -35,10 +34,8 @@ from protocol.errors import ProtocolError, Reason
 from protocol.release.cose import sign1
 from protocol.release.trust import TrustStore
 from protocol.wire import cbor
+from protocol.wire.limits import HASH_LEN, MAX_U32, MAX_U64, check_eui64
 
-HASH_LEN = 32
-MAX_U32 = 0xFFFF_FFFF
-MAX_U64 = (1 << 64) - 1
 MAX_MESSAGE_BYTES = 256  # any activation message payload (the largest is ~150 bytes)
 MAX_SIGNED_BYTES = 512  # a payload plus its COSE_Sign1 envelope
 
@@ -48,8 +45,6 @@ T_SCHEDULED = "activation_scheduled"
 T_CANCELLED = "activation_cancelled"
 T_ALERT = "activation_alert"
 T_VERSION_REPORT = "version_report"
-
-_DEVICE_ID = re.compile(r"[0-9A-F]{16}")
 
 
 class Outcome(IntEnum):
@@ -63,9 +58,7 @@ class Outcome(IntEnum):
 
 def check_device_id(value: object) -> str:
     """Return ``value`` if it is an EUI-64 as 16 upper-case hex digits, else ``BAD_IDENTIFIER``."""
-    if not isinstance(value, str) or not _DEVICE_ID.fullmatch(value):
-        raise ProtocolError(Reason.BAD_IDENTIFIER, f"device id {value!r:.40} is not an EUI-64")
-    return value
+    return check_eui64(value, "device id")
 
 
 # --------------------------------------------------------------------------- field checks

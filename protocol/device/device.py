@@ -69,8 +69,9 @@ from protocol.device.activation import (
     check_device_id,
 )
 from protocol.errors import ProtocolError, Reason
-from protocol.release.manifest import HASH_LEN, DeviceType, Manifest
+from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.trust import Target, TrustStore, verify_manifest
+from protocol.wire.limits import HASH_LEN
 
 REHASH_CHUNK = 4096  # bytes read from storage at a time when re-hashing
 

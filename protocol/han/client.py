@@ -48,9 +48,6 @@ from typing import Protocol
 from protocol.device.device import Device
 from protocol.errors import ProtocolError, Reason
 from protocol.han.frames import (
-    MAX_U8,
-    MAX_U16,
-    MAX_U32,
     DefaultResponse,
     ImageBlockAbort,
     ImageBlockRequest,
@@ -70,6 +67,7 @@ from protocol.han.frames import (
     decode_frame,
 )
 from protocol.release.manifest import Manifest
+from protocol.wire.limits import MAX_U8, MAX_U16, MAX_U32
 
 
 @dataclass(frozen=True, slots=True)

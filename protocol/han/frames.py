@@ -75,6 +75,7 @@ from enum import IntEnum
 from typing import ClassVar
 
 from protocol.errors import ProtocolError, Reason
+from protocol.wire.limits import MAX_U8, MAX_U16, MAX_U32, MAX_U64
 
 CLUSTER_OTA_UPGRADE = 0x0019
 MAX_FRAME_BYTES = 127  # an IEEE 802.15.4 PHY frame; an APS payload is always smaller
@@ -82,7 +83,6 @@ MIN_BLOCK_DATA = 40  # the range a HAN server may cap its block data to (see Ser
 MAX_BLOCK_DATA = 63  # largest block payload without APS fragmentation (SiLabs)
 MAX_QUERY_JITTER = 100
 UPGRADE_TIME_WAIT = 0xFFFF_FFFF  # "wait for the server's activation command"
-MAX_U8, MAX_U16, MAX_U32, MAX_U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, (1 << 64) - 1
 
 FC_FRAME_TYPE_MASK = 0x03
 FC_GLOBAL = 0x00

@@ -47,8 +47,6 @@ from protocol.errors import ProtocolError, Reason
 from protocol.han.frames import (
     MAX_BLOCK_DATA,
     MAX_QUERY_JITTER,
-    MAX_U16,
-    MAX_U32,
     MIN_BLOCK_DATA,
     UPGRADE_TIME_WAIT,
     DefaultResponse,
@@ -71,6 +69,7 @@ from protocol.han.frames import (
     decode_header,
 )
 from protocol.release.manifest import Manifest
+from protocol.wire.limits import MAX_U16, MAX_U32
 
 Output = list[tuple[str, bytes]]
 """Frames to send: (peer, frame bytes)."""

@@ -17,16 +17,18 @@ from typing import Any
 
 from protocol.errors import ProtocolError, Reason
 from protocol.wire import cbor
+from protocol.wire.limits import (
+    HASH_LEN,
+    MAX_BLOCK_BYTES,
+    MAX_SIGNED_MANIFEST_BYTES,
+    MAX_U16,
+    MAX_U32,
+    MAX_U64,
+)
+from protocol.wire.limits import MAX_IMAGE_BYTES as MAX_IMAGE_BYTES  # re-exported for otad
 
 MANIFEST_VERSION = 1
-MAX_MANIFEST_BYTES = 2 * 1024 * 1024
-MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MIN_BLOCK_SIZE = 16
-MAX_BLOCK_SIZE = 64 * 1024
-HASH_LEN = 32
-MAX_U16 = 0xFFFF
-MAX_U32 = 0xFFFF_FFFF
-MAX_U64 = (1 << 64) - 1
 
 
 class DeviceType(StrEnum):
@@ -124,7 +126,7 @@ class Manifest:
     @classmethod
     def from_cbor(cls, data: bytes) -> Manifest:
         """Strictly decode and validate a manifest; raises ``ProtocolError`` only."""
-        raw = cbor.loads(data, max_size=MAX_MANIFEST_BYTES, max_depth=2)
+        raw = cbor.loads(data, max_size=MAX_SIGNED_MANIFEST_BYTES, max_depth=2)
         if not isinstance(raw, dict):
             raise ProtocolError(Reason.MALFORMED, "manifest is not a map")
         fields = {
@@ -161,7 +163,7 @@ class Manifest:
             sequence=_uint(raw, "sequence", MAX_U64),
             size=_uint(raw, "size", MAX_IMAGE_BYTES),
             sha256=_bytes(raw, "sha256", HASH_LEN),
-            block_size=_uint(raw, "block_size", MAX_BLOCK_SIZE),
+            block_size=_uint(raw, "block_size", MAX_BLOCK_BYTES),
             block_hashes=_bytes(raw, "block_hashes", None),
             created=_uint(raw, "created", MAX_U64),
             expires=_uint(raw, "expires", MAX_U64),

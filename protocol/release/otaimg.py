@@ -23,9 +23,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from protocol.errors import ProtocolError, Reason
 from protocol.release.cose import sign1
-from protocol.release.manifest import MAX_IMAGE_BYTES, DeviceType, Manifest, block_hashes
-from protocol.release.trust import MAX_SIGNED_MANIFEST_BYTES, Target, TrustStore, verify_manifest
+from protocol.release.manifest import DeviceType, Manifest, block_hashes
+from protocol.release.trust import Target, TrustStore, verify_manifest
 from protocol.release.zigbee_ota import OtaFile
+from protocol.wire.limits import MAX_IMAGE_BYTES, MAX_SIGNED_MANIFEST_BYTES
 
 MAGIC = b"OTAIMG\x00\x01"
 _MAGIC_FAMILY = MAGIC[:6]

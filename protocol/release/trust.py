@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from protocol.errors import ProtocolError, Reason
 from protocol.release.cose import key_id, parse_sign1, verify_sign1
-from protocol.release.manifest import MAX_MANIFEST_BYTES, DeviceType, Manifest
-
-# Cap on a whole signed manifest (COSE envelope included), the size of the Offer.manifest field.
-MAX_SIGNED_MANIFEST_BYTES = MAX_MANIFEST_BYTES
+from protocol.release.manifest import DeviceType, Manifest
+from protocol.wire.limits import (  # re-exported: otad imports it from here
+    MAX_SIGNED_MANIFEST_BYTES as MAX_SIGNED_MANIFEST_BYTES,
+)
 
 
 class TrustStore:

@@ -31,7 +31,7 @@ import struct
 from dataclasses import dataclass, replace
 
 from protocol.errors import ProtocolError, Reason
-from protocol.release.manifest import MAX_IMAGE_BYTES
+from protocol.wire.limits import MAX_IMAGE_BYTES, MAX_U16, MAX_U32
 
 MAGIC = 0x0BEEF11E
 HEADER_VERSION = 0x0100
@@ -44,8 +44,6 @@ _FC_KNOWN = FC_SECURITY_CREDENTIAL | FC_DEVICE_SPECIFIC | FC_HW_VERSIONS
 TAG_UPGRADE_IMAGE = 0x0000
 SUB_ELEMENT_HEADER_LEN = 6
 WILDCARD_U16 = 0xFFFF  # manufacturer code / image type wildcard of queries, never in a file
-_MAX_U16 = 0xFFFF
-_MAX_U32 = 0xFFFF_FFFF
 
 _BASE = struct.Struct("<IHHHHHIH32sI")
 _SUB = struct.Struct("<HI")
@@ -68,11 +66,11 @@ class OtaHeader:
 
     def __post_init__(self) -> None:
         for name, value, top in (
-            ("manufacturer_code", self.manufacturer_code, _MAX_U16),
-            ("image_type", self.image_type, _MAX_U16),
-            ("file_version", self.file_version, _MAX_U32),
-            ("stack_version", self.stack_version, _MAX_U16),
-            ("total_image_size", self.total_image_size, _MAX_U32),
+            ("manufacturer_code", self.manufacturer_code, MAX_U16),
+            ("image_type", self.image_type, MAX_U16),
+            ("file_version", self.file_version, MAX_U32),
+            ("stack_version", self.stack_version, MAX_U16),
+            ("total_image_size", self.total_image_size, MAX_U32),
         ):
             if type(value) is not int or not 0 <= value <= top:
                 raise ValueError(f"{name} must be an integer in 0..{top}")
@@ -92,7 +90,7 @@ class OtaHeader:
         if (
             self.hw_min is not None
             and self.hw_max is not None
-            and not (0 <= self.hw_min <= self.hw_max <= _MAX_U16)
+            and not (0 <= self.hw_min <= self.hw_max <= MAX_U16)
         ):
             raise ValueError("need 0 <= hw_min <= hw_max <= 0xffff")
 
@@ -227,9 +225,9 @@ class SubElement:
     data: bytes
 
     def __post_init__(self) -> None:
-        if type(self.tag) is not int or not 0 <= self.tag <= _MAX_U16:
+        if type(self.tag) is not int or not 0 <= self.tag <= MAX_U16:
             raise ValueError("sub-element tag must be a u16")
-        if not isinstance(self.data, bytes) or len(self.data) > _MAX_U32:
+        if not isinstance(self.data, bytes) or len(self.data) > MAX_U32:
             raise ValueError("sub-element data must be bytes of at most 2**32-1")
 
     def encode(self) -> bytes:

@@ -81,10 +81,9 @@ from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
 from protocol.wan.sack import Bitmap
 from protocol.wire import cbor
+from protocol.wire.limits import HASH_LEN, MAX_U16
 from protocol.wire.messages import (
-    HASH_LEN,
     MAX_TEXT,
-    MAX_U16,
     Block,
     Cancel,
     ImageHeld,

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from protocol.errors import ProtocolError, Reason
-from protocol.wire.messages import MAX_BITMAP_BYTES
+from protocol.wire.limits import MAX_BITMAP_BYTES
 
 #: Blocks past the base a SACK can name: a sender never sends beyond ``base + SACK_SPAN``.
 SACK_SPAN = MAX_BITMAP_BYTES * 8

@@ -27,17 +27,19 @@ import cbor2
 
 from protocol.errors import ProtocolError, Reason
 from protocol.wire import cbor
+from protocol.wire.limits import (
+    HASH_LEN,
+    MAX_BITMAP_BYTES,
+    MAX_BLOCK_BYTES,
+    MAX_SIGNED_MANIFEST_BYTES,
+    MAX_U16,
+    MAX_U32,
+    MAX_U64,
+)
 
-PROTOCOL_VERSION = 1
-HASH_LEN = 32
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # hard cap on anything read from the broker
-MAX_BLOCK_DATA = 64 * 1024
 MAX_TEXT = 256
 MAX_HAN_DEVICES = 16
-MAX_BITMAP_BYTES = 8 * 1024  # 65,536 blocks past the base
-MAX_U16 = 0xFFFF
-MAX_U32 = 0xFFFF_FFFF
-MAX_U64 = (1 << 64) - 1
 
 
 def _u(maximum: int = MAX_U64) -> Any:
@@ -59,7 +61,7 @@ def _s(maximum: int = MAX_TEXT) -> Any:
 class Limits:
     """What a receiver can take: the sender never exceeds any of these."""
 
-    max_block: int = _u(MAX_BLOCK_DATA)  # largest block payload it accepts, bytes
+    max_block: int = _u(MAX_BLOCK_BYTES)  # largest block payload it accepts, bytes
     window: int = _u(MAX_U16)  # most blocks unacknowledged at once
     buffer: int = _u(MAX_U32)  # most bytes unacknowledged at once
 
@@ -95,9 +97,9 @@ class Offer(Message):
     """otad offers an image (or resumes offering it): the signed manifest, COSE_Sign1 bytes."""
 
     TYPE: ClassVar[int] = 1
-    MAX_BYTES: ClassVar[int] = 2 * 1024 * 1024 + 1024
+    MAX_BYTES: ClassVar[int] = MAX_SIGNED_MANIFEST_BYTES + 1024
     image: bytes = _b(HASH_LEN)
-    manifest: bytes = _b(None, 2 * 1024 * 1024)
+    manifest: bytes = _b(None, MAX_SIGNED_MANIFEST_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +112,10 @@ class Block(Message):
     waits for the receiver's ack-delay timer (QUIC's IMMEDIATE_ACK idea)."""
 
     TYPE: ClassVar[int] = 2
-    MAX_BYTES: ClassVar[int] = MAX_BLOCK_DATA + 256
+    MAX_BYTES: ClassVar[int] = MAX_BLOCK_BYTES + 256
     image: bytes = _b(HASH_LEN)
     index: int = _u(MAX_U32)
-    data: bytes = _b(None, MAX_BLOCK_DATA)
+    data: bytes = _b(None, MAX_BLOCK_BYTES)
     ack_now: bool = False
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from protocol.errors import ProtocolError, Reason
 from protocol.wire import cbor, messages
+from protocol.wire.limits import MAX_BLOCK_BYTES
 from protocol.wire.messages import Block, HanDevice, HubAnnounced, Limits, TransferAcked
 
 IMAGE = bytes(range(32))
@@ -77,7 +78,7 @@ def test_field_types_and_ranges(field: str, value: object) -> None:
 
 
 def test_block_data_cap() -> None:
-    big = Block(image=IMAGE, index=0, data=b"\x00" * (messages.MAX_BLOCK_DATA + 1))
+    big = Block(image=IMAGE, index=0, data=b"\x00" * (MAX_BLOCK_BYTES + 1))
     with pytest.raises(ProtocolError) as info:
         messages.decode(big.encode())
     assert info.value.reason is Reason.TOO_LARGE

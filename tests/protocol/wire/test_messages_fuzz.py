@@ -23,8 +23,8 @@ from protocol.wan.receiver import DiscardImage, Receiver, StoreBlock
 from protocol.wan.sack import Bitmap, check_sack, sack_indexes
 from protocol.wan.sender import Sender, SenderState
 from protocol.wire import cbor, messages
+from protocol.wire.limits import HASH_LEN, MAX_BLOCK_BYTES
 from protocol.wire.messages import (
-    HASH_LEN,
     Block,
     Cancel,
     HanDevice,
@@ -50,7 +50,7 @@ u32 = st.integers(0, 0xFFFF_FFFF)
 u64 = st.integers(0, (1 << 64) - 1)
 text = st.text(max_size=40)
 
-limits = st.builds(Limits, st.integers(0, messages.MAX_BLOCK_DATA), u16, u32)
+limits = st.builds(Limits, st.integers(0, MAX_BLOCK_BYTES), u16, u32)
 valid_messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Offer, digests, st.binary(max_size=300)),
     st.builds(Block, digests, u32, st.binary(max_size=300), st.booleans()),
