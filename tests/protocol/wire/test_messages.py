@@ -91,9 +91,9 @@ def test_per_type_size_cap() -> None:
     assert info.value.reason is Reason.TOO_LARGE
 
 
-def test_decode_as_checks_the_class() -> None:
+def test_decoding_as_a_class_checks_the_class() -> None:
     with pytest.raises(ProtocolError) as info:
-        messages.decode_as(Block, SAMPLES[3].encode())
+        Block.decode(SAMPLES[3].encode())
     assert info.value.reason is Reason.UNKNOWN_TYPE
 
 
