@@ -66,12 +66,11 @@ from protocol.device.activation import (
     ActivationScheduled,
     Outcome,
     VersionReport,
-    check_device_id,
 )
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.trust import Target, TrustStore, verify_manifest
-from protocol.wire.limits import HASH_LEN
+from protocol.wire.limits import HASH_LEN, check_eui64
 
 REHASH_CHUNK = 4096  # bytes read from storage at a time when re-hashing
 
@@ -117,7 +116,7 @@ class DeviceIdentity:
 
     def __post_init__(self) -> None:
         try:
-            check_device_id(self.device_id)
+            check_eui64(self.device_id, "device id")
         except ProtocolError as exc:
             raise ValueError(str(exc)) from None
 

@@ -18,8 +18,9 @@ type hint              declared with                on the wire; refused with
 ``str``                ``text(maximum)``            text of at most ``maximum`` characters;
                                                     ``MALFORMED``
 ``str``                ``eui64()``                  16 upper-case hex digits; ``BAD_IDENTIFIER``
-an ``IntEnum``         (nothing; ``| None`` too)    one of its values; ``MALFORMED``
-a ``StrEnum``          (nothing)                    one of its values; ``MALFORMED``
+an ``IntEnum``         ``member()`` (``| None``     one of its values; ``MALFORMED``
+                       too)
+a ``StrEnum``          ``member()``                 one of its values; ``MALFORMED``
 a registered record    (nothing)                    a nested map, decoded by the same rules
 ``tuple[R, ...]``      ``array(maximum)``           an array of at most ``maximum`` records
                                                     ``R``; ``MALFORMED``
@@ -101,6 +102,12 @@ def text(maximum: int = DEFAULT_MAX_TEXT, **options: Any) -> Any:
 def eui64(**options: Any) -> Any:
     """A text field holding an EUI-64 as 16 upper-case hex digits (``BAD_IDENTIFIER``)."""
     return field(metadata={"kind": "eui64"}, **options)
+
+
+def member(**options: Any) -> Any:
+    """A field holding one member of its ``IntEnum`` or ``StrEnum`` type (no bound to declare;
+    the helper exists so every field is declared alike)."""
+    return field(metadata={"kind": "enum"}, **options)
 
 
 def array(maximum: int = DEFAULT_MAX_ITEMS, **options: Any) -> Any:
@@ -278,7 +285,7 @@ def _spec(owner: type[Any], name: str, hint: Any, meta: dict[str, Any]) -> Field
     if hint is int and kind == "uint":
         return FieldSpec(name, "uint", optional, maximum=meta["max"])
     if optional:
-        if isinstance(hint, type) and issubclass(hint, IntEnum):
+        if isinstance(hint, type) and issubclass(hint, IntEnum) and kind in (None, "enum"):
             return FieldSpec(name, "enum", True, enum=hint)
         raise RuntimeError(f"only integers and IntEnums may be null, not {where}")
     if hint is bool and kind is None:
@@ -289,7 +296,7 @@ def _spec(owner: type[Any], name: str, hint: Any, meta: dict[str, Any]) -> Field
         return FieldSpec(name, "text", maximum=meta["max"])
     if hint is str and kind == "eui64":
         return FieldSpec(name, "eui64")
-    if isinstance(hint, type) and issubclass(hint, (IntEnum, StrEnum)) and kind is None:
+    if isinstance(hint, type) and issubclass(hint, (IntEnum, StrEnum)) and kind in (None, "enum"):
         return FieldSpec(name, "enum", enum=hint)
     if _is_record(hint) and kind is None:
         return FieldSpec(name, "record", record=hint)
