@@ -115,7 +115,7 @@ def build(
     if hw_min is None or hw_max is None:
         raise ValueError("the OTA header has no hardware range: give hw_min and hw_max")
     # Inconsistent fields are caller errors here, not untrusted input; the round trip through
-    # from_cbor also checks the u16/u32/u64 ranges and the manifest size cap.
+    # decode also checks the u16/u32/u64 ranges and the manifest size cap.
     try:
         manifest = Manifest.for_image(
             bytes(ota_file),
@@ -130,8 +130,8 @@ def build(
             created=created,
             expires=expires,
         )
-        payload = manifest.to_cbor()
-        Manifest.from_cbor(payload)
+        payload = manifest.encode()
+        Manifest.decode(payload)
     except ProtocolError as exc:
         raise ValueError(f"manifest would not verify: {exc}") from None
     signed = sign1(payload, private_key)

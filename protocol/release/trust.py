@@ -7,7 +7,7 @@ checks in a fixed order and stops at the first failure:
 1. envelope and signature (:meth:`TrustStore.verify`): ``MALFORMED``/``TOO_LARGE``/...,
    ``REVOKED_KEY``, ``UNKNOWN_KEY_ID``, ``BAD_ALGORITHM``, ``BAD_SIGNATURE``. The payload is not
    decoded before its signature has verified (A11);
-2. manifest decoding (:meth:`Manifest.from_cbor`);
+2. manifest decoding (:meth:`Manifest.decode`);
 3. expiry against the caller's fixed update-start time: ``EXPIRED`` (A03);
 4. with a :class:`Target`: ``WRONG_VENDOR``, ``WRONG_DEVICE_TYPE``, ``HARDWARE_OUT_OF_RANGE``
    (A05), then ``ROLLBACK`` for a lower sequence and ``REPLAYED`` for the installed one (A02).
@@ -130,7 +130,7 @@ def verify_manifest(
     checked (what otad itself does before it offers an image).
     """
     payload = trust.verify(signed, max_size=MAX_SIGNED_MANIFEST_BYTES)
-    manifest = Manifest.from_cbor(payload)
+    manifest = Manifest.decode(payload)
     if now >= manifest.expires:
         raise ProtocolError(Reason.EXPIRED, f"manifest expired at {manifest.expires}, now {now}")
     if target is not None:

@@ -67,7 +67,7 @@ def signed_manifest(
     }
     args.update(fields)
     manifest = Manifest.for_image(image, **args)
-    return manifest, sign1(manifest.to_cbor(), key)
+    return manifest, sign1(manifest.encode(), key)
 
 
 def make_device(

@@ -57,7 +57,7 @@ def manifest(**changes: Any) -> Manifest:
 
 
 def signed(key: ec.EllipticCurvePrivateKey, **changes: Any) -> bytes:
-    return sign1(manifest(**changes).to_cbor(), key)
+    return sign1(manifest(**changes).encode(), key)
 
 
 TARGET = Target(device_type=DeviceType.ESME, hw_version=0x1200, installed_sequence=9, vendor=0x121D)
@@ -96,7 +96,7 @@ def test_a01_attacker_claims_trusted_kid(
     attacker_key: ec.EllipticCurvePrivateKey,
     trust: TrustStore,
 ) -> None:
-    forged = sign1(manifest().to_cbor(), attacker_key, kid=key_id(release_key.public_key()))
+    forged = sign1(manifest().encode(), attacker_key, kid=key_id(release_key.public_key()))
     assert refused(forged, trust) is Reason.BAD_SIGNATURE
 
 
@@ -108,7 +108,7 @@ def test_a01_bad_signature(release_key: ec.EllipticCurvePrivateKey, trust: Trust
 
 def test_a01_tampered_payload(release_key: ec.EllipticCurvePrivateKey, trust: TrustStore) -> None:
     good = parse_sign1(signed(release_key), max_size=MAX_SIGNED_MANIFEST_BYTES)
-    evil = dataclasses.replace(manifest(), hw_max=0xFFFF).to_cbor()
+    evil = dataclasses.replace(manifest(), hw_max=0xFFFF).encode()
     assert len(evil) == len(good.payload)
     tampered = cbor.dumps(cbor2.CBORTag(18, [good.protected, {4: good.kid}, evil, good.signature]))
     assert refused(tampered, trust) is Reason.BAD_SIGNATURE
@@ -127,7 +127,7 @@ def test_a01_every_single_byte_change_is_refused(
 
 def test_garbage_is_malformed(trust: TrustStore) -> None:
     assert refused(b"\x00not cose", trust) is Reason.MALFORMED
-    assert refused(manifest().to_cbor(), trust) is Reason.MALFORMED  # an unsigned manifest
+    assert refused(manifest().encode(), trust) is Reason.MALFORMED  # an unsigned manifest
 
 
 # --------------------------------------------------------------------------- A02 rollback, replay
@@ -273,7 +273,7 @@ def test_several_keys_selected_by_kid() -> None:
     for n, key in enumerate(keys):
         assert verify_manifest(signed(key, sequence=n + 1), store, now=NOW).sequence == n + 1
     # key 1's signature labelled with key 0's kid is checked against key 0 and fails
-    mislabelled = sign1(manifest().to_cbor(), keys[1], kid=key_id(keys[0].public_key()))
+    mislabelled = sign1(manifest().encode(), keys[1], kid=key_id(keys[0].public_key()))
     assert refused(mislabelled, store) is Reason.BAD_SIGNATURE
     # revoking one key leaves the others working
     store.revoke(key_id(keys[0].public_key()))
@@ -321,7 +321,7 @@ _FIELDS = [*manifest().__dataclass_fields__, "v"]
 @given(st.binary(max_size=400))
 def test_fuzz_manifest_from_random_bytes(data: bytes) -> None:
     with contextlib.suppress(ProtocolError):
-        Manifest.from_cbor(data)
+        Manifest.decode(data)
 
 
 @settings(max_examples=300, deadline=None)
@@ -334,18 +334,18 @@ def test_fuzz_manifest_structured(
     changes: dict[str, object], extra: dict[str, object], drop: bool
 ) -> None:
     """Valid manifests with fields replaced, removed or added decode or raise ProtocolError."""
-    raw: dict[str, object] = cbor2.loads(manifest().to_cbor())
+    raw: dict[str, object] = cbor2.loads(manifest().encode())
     raw.update(changes)
     if drop and changes:
         del raw[next(iter(changes))]
     raw.update(extra)
     with contextlib.suppress(ProtocolError):
-        Manifest.from_cbor(bytes(cbor2.dumps(raw)))
+        Manifest.decode(bytes(cbor2.dumps(raw)))
 
 
 _FUZZ_KEY = ec.generate_private_key(ec.SECP256R1())
 _FUZZ_STORE = TrustStore([_FUZZ_KEY.public_key()])
-_FUZZ_SIGNED = sign1(manifest(block_size=2304).to_cbor(), _FUZZ_KEY)
+_FUZZ_SIGNED = sign1(manifest(block_size=2304).encode(), _FUZZ_KEY)
 
 
 @settings(max_examples=300, deadline=None)
