@@ -28,7 +28,7 @@ record checks its fields at once and raises ``ValueError``.
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import ClassVar
 
@@ -38,7 +38,7 @@ from protocol.errors import Reason
 from protocol.release.cose import sign1
 from protocol.release.trust import TrustStore
 from protocol.wire import cbor, codec
-from protocol.wire.codec import byte_string, eui64, member, uint
+from protocol.wire.codec import byte_string, eui64, uint
 from protocol.wire.limits import HASH_LEN, MAX_U32, MAX_U64
 
 MAX_MESSAGE_BYTES = 256  # any activation message payload (the largest is ~150 bytes)
@@ -90,10 +90,10 @@ class ActivationCommand(ActivationRecord):
     """
 
     TYPE: ClassVar[str] = "activate"
-    device_id: str = eui64()
-    image_sha256: bytes = byte_string(HASH_LEN)
-    counter: int = uint(MAX_U64)
-    execute_at: int | None = uint(MAX_U64, default=None)
+    device_id: str = field(metadata=eui64())
+    image_sha256: bytes = field(metadata=byte_string(HASH_LEN))
+    counter: int = field(metadata=uint(MAX_U64))
+    execute_at: int | None = field(default=None, metadata=uint(MAX_U64))
     cancel: bool = False
 
     def __post_init__(self) -> None:
@@ -127,10 +127,10 @@ class ActivationResponse(ActivationRecord):
     """
 
     TYPE: ClassVar[str] = "activation_response"
-    device_id: str = eui64()
-    counter: int = uint(MAX_U64)  # the command's counter
-    outcome: Outcome = member()  # noqa: RUF009 (a field declaration, not a default)
-    running_fw_version: int = uint(MAX_U32)
+    device_id: str = field(metadata=eui64())
+    counter: int = field(metadata=uint(MAX_U64))  # the command's counter
+    outcome: Outcome
+    running_fw_version: int = field(metadata=uint(MAX_U32))
     reason: Reason | None = None
 
 
@@ -139,9 +139,9 @@ class ActivationScheduled(ActivationRecord):
     """A future-dated activation was accepted and will execute at ``execute_at``."""
 
     TYPE: ClassVar[str] = "activation_scheduled"
-    device_id: str = eui64()
-    counter: int = uint(MAX_U64)
-    execute_at: int = uint(MAX_U64)
+    device_id: str = field(metadata=eui64())
+    counter: int = field(metadata=uint(MAX_U64))
+    execute_at: int = field(metadata=uint(MAX_U64))
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,9 +149,10 @@ class ActivationCancelled(ActivationRecord):
     """Answer to a cancel: which scheduled activation (by counter) it removed, if any."""
 
     TYPE: ClassVar[str] = "activation_cancelled"
-    device_id: str = eui64()
-    counter: int = uint(MAX_U64)  # the cancel command's counter
-    cancelled_counter: int | None = uint(MAX_U64)  # None: nothing matching was scheduled
+    device_id: str = field(metadata=eui64())
+    counter: int = field(metadata=uint(MAX_U64))  # the cancel command's counter
+    # None: nothing matching was scheduled
+    cancelled_counter: int | None = field(metadata=uint(MAX_U64))
 
 
 # --------------------------------------------------------------------------- confirmation
@@ -166,10 +167,10 @@ class ActivationAlert(ActivationRecord):
     """
 
     TYPE: ClassVar[str] = "activation_alert"
-    device_id: str = eui64()
-    fw_version: int = uint(MAX_U32)
-    image_sha256: bytes = byte_string(HASH_LEN)
-    counter: int = uint(MAX_U64)
+    device_id: str = field(metadata=eui64())
+    fw_version: int = field(metadata=uint(MAX_U32))
+    image_sha256: bytes = field(metadata=byte_string(HASH_LEN))
+    counter: int = field(metadata=uint(MAX_U64))
 
     def sign(self, private_key: ec.EllipticCurvePrivateKey) -> bytes:
         """The COSE_Sign1 of this alert under the device's key."""
@@ -194,10 +195,10 @@ class VersionReport(ActivationRecord):
     """
 
     TYPE: ClassVar[str] = "version_report"
-    device_id: str = eui64()
-    fw_version: int = uint(MAX_U32)
-    boot_count: int = uint(MAX_U32)
-    counter: int = uint(MAX_U64)  # the activation command this follows
+    device_id: str = field(metadata=eui64())
+    fw_version: int = field(metadata=uint(MAX_U32))
+    boot_count: int = field(metadata=uint(MAX_U32))
+    counter: int = field(metadata=uint(MAX_U64))  # the activation command this follows
 
 
 for _cls in (

@@ -53,7 +53,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum, StrEnum
+from enum import Enum
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -70,22 +70,10 @@ from protocol.device.activation import (
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.trust import Target, TrustStore, verify_manifest
+from protocol.wire.devices import JoinMode as JoinMode  # re-exported: callers import it here
 from protocol.wire.limits import HASH_LEN, check_eui64
 
 REHASH_CHUNK = 4096  # bytes read from storage at a time when re-hashing
-
-
-class JoinMode(StrEnum):
-    """How a device joined the HAN (DP170 question 4); decides what confirmation it can give."""
-
-    CAD = "CAD"  # consumer access device: no credentials, cannot sign
-    PPMID = "PPMID"  # joined like a PPMID: holds a key, can sign an alert
-    NATIVE = "NATIVE"  # ESME, GSME, PPMID, HCALCS, CH: SMKI credentials
-
-    @property
-    def can_sign(self) -> bool:
-        """Whether a device joined this way can sign its activation alert."""
-        return self is not JoinMode.CAD
 
 
 class SlotState(Enum):

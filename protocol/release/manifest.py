@@ -10,12 +10,12 @@ SHA-256 per block so a receiver checks each block on arrival and re-fetches a co
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from enum import StrEnum
+from dataclasses import dataclass, field
 
 from protocol.errors import ProtocolError, Reason
 from protocol.wire import cbor, codec
-from protocol.wire.codec import byte_string, member, uint
+from protocol.wire.codec import byte_string, uint
+from protocol.wire.devices import DeviceType as DeviceType  # re-exported: callers import it here
 from protocol.wire.limits import (
     HASH_LEN,
     MAX_BLOCK_BYTES,
@@ -28,28 +28,6 @@ from protocol.wire.limits import MAX_IMAGE_BYTES as MAX_IMAGE_BYTES  # re-export
 
 MANIFEST_VERSION = 1
 MIN_BLOCK_SIZE = 16
-
-
-class DeviceType(StrEnum):
-    """Device types of a GB smart-metering premises (B1-B4: Alt HAN point-to-point bridges)."""
-
-    CH = "CH"
-    ESME = "ESME"
-    GSME = "GSME"
-    PPMID = "PPMID"
-    HCALCS = "HCALCS"
-    B1 = "B1"
-    B2 = "B2"
-    B3 = "B3"
-    B4 = "B4"
-
-    @classmethod
-    def parse(cls, value: object) -> DeviceType:
-        """Return the member named ``value`` or raise ``ProtocolError(MALFORMED)``."""
-        try:
-            return cls(str(value)) if isinstance(value, str) else cls("\0")
-        except ValueError:
-            raise ProtocolError(Reason.MALFORMED, f"unknown device type {value!r}") from None
 
 
 def block_count(size: int, block_size: int) -> int:
@@ -69,19 +47,20 @@ def block_hashes(image: bytes, block_size: int) -> bytes:
 class Manifest:
     """A release of one image for one device type. Field meanings: SPEC §6.2."""
 
-    vendor: int = uint(MAX_U16)  # ZigBee manufacturer code
-    image_type: int = uint(MAX_U16)  # ZigBee OTA image type
-    device_type: DeviceType = member()  # noqa: RUF009 (a field declaration, not a default)
-    hw_min: int = uint(MAX_U16)  # inclusive hardware-version range
-    hw_max: int = uint(MAX_U16)
-    fw_version: int = uint(MAX_U32)  # ZigBee OTA file version
-    sequence: int = uint(MAX_U64)  # monotonic release counter, the anti-rollback value
-    size: int = uint(MAX_IMAGE_BYTES)  # image bytes
-    sha256: bytes = byte_string(HASH_LEN)  # digest of the whole image; the image id on the wire
-    block_size: int = uint(MAX_BLOCK_BYTES)
-    block_hashes: bytes = byte_string(maximum=MAX_SIGNED_MANIFEST_BYTES)  # HASH_LEN per block
-    created: int = uint(MAX_U64)  # unix seconds
-    expires: int = uint(MAX_U64)  # unix seconds; refused at or after this instant
+    vendor: int = field(metadata=uint(MAX_U16))  # ZigBee manufacturer code
+    image_type: int = field(metadata=uint(MAX_U16))  # ZigBee OTA image type
+    device_type: DeviceType
+    hw_min: int = field(metadata=uint(MAX_U16))  # inclusive hardware-version range
+    hw_max: int = field(metadata=uint(MAX_U16))
+    fw_version: int = field(metadata=uint(MAX_U32))  # ZigBee OTA file version
+    sequence: int = field(metadata=uint(MAX_U64))  # release counter: the anti-rollback value
+    size: int = field(metadata=uint(MAX_IMAGE_BYTES))  # image bytes
+    sha256: bytes = field(metadata=byte_string(HASH_LEN))  # of the whole image: its wire id
+    block_size: int = field(metadata=uint(MAX_BLOCK_BYTES))
+    # HASH_LEN bytes per block, concatenated
+    block_hashes: bytes = field(metadata=byte_string(maximum=MAX_SIGNED_MANIFEST_BYTES))
+    created: int = field(metadata=uint(MAX_U64))  # unix seconds
+    expires: int = field(metadata=uint(MAX_U64))  # unix seconds; refused at or after this instant
 
     @property
     def block_count(self) -> int:

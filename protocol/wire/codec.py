@@ -4,27 +4,27 @@ The WAN messages (SPEC §3), the manifest (§6.2) and the activation messages (�
 frozen, slotted dataclasses encoded the same way: one CBOR map with text keys, the record's tag
 (its type code ``"t"`` or format version ``"v"``) and one entry per field, nothing else. A
 field's wire form follows from its type hint, and its bound from the metadata the helpers below
-put on it:
+build (``count: int = field(metadata=uint(1000))``):
 
-=====================  ===========================  =============================================
-type hint              declared with                on the wire; refused with
-=====================  ===========================  =============================================
-``int``                ``uint(maximum)``            unsigned integer 0..maximum; ``MALFORMED``
-``int | None``         ``uint(maximum)``            the same, or null
-``bool``               (nothing)                    false / true; ``MALFORMED``
-``bytes``              ``byte_string(...)``         a byte string: of exactly ``length`` bytes
-                                                    (else ``MALFORMED``), at most ``maximum``
-                                                    (else ``TOO_LARGE``)
-``str``                ``text(maximum)``            text of at most ``maximum`` characters;
-                                                    ``MALFORMED``
-``str``                ``eui64()``                  16 upper-case hex digits; ``BAD_IDENTIFIER``
-an ``IntEnum``         ``member()`` (``| None``     one of its values; ``MALFORMED``
-                       too)
-a ``StrEnum``          ``member()``                 one of its values; ``MALFORMED``
-a registered record    (nothing)                    a nested map, decoded by the same rules
-``tuple[R, ...]``      ``array(maximum)``           an array of at most ``maximum`` records
-                                                    ``R``; ``MALFORMED``
-=====================  ===========================  =============================================
+=====================  ==============================  ==========================================
+type hint              ``field(metadata=...)``         on the wire; refused with
+=====================  ==============================  ==========================================
+``int``                ``uint(maximum)``               unsigned integer 0..maximum; ``MALFORMED``
+``int | None``         ``uint(maximum)``               the same, or null
+``bool``               (no metadata)                   false / true; ``MALFORMED``
+``bytes``              ``byte_string(length, maximum)``  a byte string of exactly ``length``
+                                                       bytes (else ``MALFORMED``), at most
+                                                       ``maximum`` (else ``TOO_LARGE``)
+``str``                ``text(maximum)``               text of at most ``maximum`` characters;
+                                                       ``MALFORMED``
+``str``                ``eui64()``                     16 upper-case hex digits;
+                                                       ``BAD_IDENTIFIER``
+an ``IntEnum``         (no metadata; ``| None`` too)   one of its values; ``MALFORMED``
+a ``StrEnum``          (no metadata)                   one of its values; ``MALFORMED``
+a registered record    (no metadata)                   a nested map, by the same rules
+``tuple[R, ...]``      ``array(maximum)``              an array of at most ``maximum`` records
+                                                       ``R``; ``MALFORMED``
+=====================  ==============================  ==========================================
 
 :func:`register` builds each record's :class:`Schema` once, at import: its key order and one
 checker per field, so that encoding and decoding do no type dispatch per value (the WAN path
@@ -61,8 +61,8 @@ import dataclasses
 import operator
 import types
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from enum import Enum, IntEnum, StrEnum
 from typing import Any, Final
 
@@ -80,39 +80,35 @@ DEFAULT_MAX_ITEMS: Final = 64
 
 
 # --------------------------------------------------------------------------- declaring fields
+#
+# Each helper returns the metadata of one field, for ``dataclasses.field(metadata=...)``: written
+# that way, mypy and ruff see a field with no default (mypy's dataclass plugin knows ``field``
+# only), and ``default=`` stays where dataclasses expects it.
 
 
-def uint(maximum: int = MAX_U64, **options: Any) -> Any:
-    """An unsigned integer field (``int``, or ``int | None``) of at most ``maximum``.
-
-    ``options`` are passed to :func:`dataclasses.field` (``default=`` and the like)."""
-    return field(metadata={"kind": "uint", "max": maximum}, **options)
+def uint(maximum: int = MAX_U64) -> Mapping[str, Any]:
+    """An unsigned integer field (``int``, or ``int | None``) of at most ``maximum``."""
+    return {"kind": "uint", "max": maximum}
 
 
-def byte_string(length: int | None = None, maximum: int = DEFAULT_MAX_BYTES, **options: Any) -> Any:
+def byte_string(length: int | None = None, maximum: int = DEFAULT_MAX_BYTES) -> Mapping[str, Any]:
     """A byte-string field: exactly ``length`` bytes when given, at most ``maximum``."""
-    return field(metadata={"kind": "bytes", "len": length, "max": maximum}, **options)
+    return {"kind": "bytes", "len": length, "max": maximum}
 
 
-def text(maximum: int = DEFAULT_MAX_TEXT, **options: Any) -> Any:
+def text(maximum: int = DEFAULT_MAX_TEXT) -> Mapping[str, Any]:
     """A text field of at most ``maximum`` characters."""
-    return field(metadata={"kind": "text", "max": maximum}, **options)
+    return {"kind": "text", "max": maximum}
 
 
-def eui64(**options: Any) -> Any:
+def eui64() -> Mapping[str, Any]:
     """A text field holding an EUI-64 as 16 upper-case hex digits (``BAD_IDENTIFIER``)."""
-    return field(metadata={"kind": "eui64"}, **options)
+    return {"kind": "eui64"}
 
 
-def member(**options: Any) -> Any:
-    """A field holding one member of its ``IntEnum`` or ``StrEnum`` type (no bound to declare;
-    the helper exists so every field is declared alike)."""
-    return field(metadata={"kind": "enum"}, **options)
-
-
-def array(maximum: int = DEFAULT_MAX_ITEMS, **options: Any) -> Any:
+def array(maximum: int = DEFAULT_MAX_ITEMS) -> Mapping[str, Any]:
     """A ``tuple[Record, ...]`` field of at most ``maximum`` records."""
-    return field(metadata={"kind": "array", "max": maximum}, **options)
+    return {"kind": "array", "max": maximum}
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +281,7 @@ def _spec(owner: type[Any], name: str, hint: Any, meta: dict[str, Any]) -> Field
     if hint is int and kind == "uint":
         return FieldSpec(name, "uint", optional, maximum=meta["max"])
     if optional:
-        if isinstance(hint, type) and issubclass(hint, IntEnum) and kind in (None, "enum"):
+        if isinstance(hint, type) and issubclass(hint, IntEnum) and kind is None:
             return FieldSpec(name, "enum", True, enum=hint)
         raise RuntimeError(f"only integers and IntEnums may be null, not {where}")
     if hint is bool and kind is None:
@@ -296,7 +292,7 @@ def _spec(owner: type[Any], name: str, hint: Any, meta: dict[str, Any]) -> Field
         return FieldSpec(name, "text", maximum=meta["max"])
     if hint is str and kind == "eui64":
         return FieldSpec(name, "eui64")
-    if isinstance(hint, type) and issubclass(hint, (IntEnum, StrEnum)) and kind in (None, "enum"):
+    if isinstance(hint, type) and issubclass(hint, (IntEnum, StrEnum)) and kind is None:
         return FieldSpec(name, "enum", enum=hint)
     if _is_record(hint) and kind is None:
         return FieldSpec(name, "record", record=hint)

@@ -25,7 +25,8 @@ from typing import ClassVar
 
 from protocol.errors import ProtocolError, Reason
 from protocol.wire import cbor, codec
-from protocol.wire.codec import array, byte_string, text, uint
+from protocol.wire.codec import array, byte_string, eui64, text, uint
+from protocol.wire.devices import DeviceType, JoinMode
 from protocol.wire.limits import (
     HASH_LEN,
     MAX_BITMAP_BYTES,
@@ -48,20 +49,29 @@ MAX_HAN_DEVICES = 16
 class Limits:
     """What a receiver can take: the sender never exceeds any of these."""
 
-    max_block: int = uint(MAX_BLOCK_BYTES)  # largest block payload it accepts, bytes
-    window: int = uint(MAX_U16)  # most blocks unacknowledged at once
-    buffer: int = uint(MAX_U32)  # most bytes unacknowledged at once
+    max_block: int = field(metadata=uint(MAX_BLOCK_BYTES))  # largest block payload it takes
+    window: int = field(metadata=uint(MAX_U16))  # most blocks unacknowledged at once
+    buffer: int = field(metadata=uint(MAX_U32))  # most bytes unacknowledged at once
 
 
 @dataclass(frozen=True, slots=True)
 class HanDevice:
-    """One device on the CH's home area network, as the CH reports it."""
+    """One device on the CH's home area network, as the CH reports it.
 
-    device_id: str = text(64)  # EUI-64 as 16 hex digits
-    device_type: str = text(8)  # protocol.release.manifest.DeviceType value
-    join_mode: str = text(8)  # "CAD" or "PPMID" (DP170 Q4); "NATIVE" for ESME/GSME/...
-    fw_version: int = uint(MAX_U32)
-    hw_version: int = uint(MAX_U16)
+    ``device_type`` and ``join_mode`` may be given as their plain strings (``"B2"``, ``"CAD"``):
+    they are taken as the members, and an unknown one is a ``ValueError``."""
+
+    device_id: str = field(metadata=eui64())
+    device_type: DeviceType
+    join_mode: JoinMode  # CAD or PPMID for Alt HAN bridges (DP170 Q4), NATIVE for the others
+    fw_version: int = field(metadata=uint(MAX_U32))
+    hw_version: int = field(metadata=uint(MAX_U16))
+
+    def __post_init__(self) -> None:
+        if type(self.device_type) is not DeviceType:
+            object.__setattr__(self, "device_type", DeviceType(self.device_type))
+        if type(self.join_mode) is not JoinMode:
+            object.__setattr__(self, "join_mode", JoinMode(self.join_mode))
 
 
 # --------------------------------------------------------------------------- messages
@@ -96,8 +106,8 @@ class Offer(Message):
 
     TYPE: ClassVar[int] = 1
     MAX_BYTES: ClassVar[int] = MAX_SIGNED_MANIFEST_BYTES + 1024
-    image: bytes = byte_string(HASH_LEN)
-    manifest: bytes = byte_string(None, MAX_SIGNED_MANIFEST_BYTES)
+    image: bytes = field(metadata=byte_string(HASH_LEN))
+    manifest: bytes = field(metadata=byte_string(None, MAX_SIGNED_MANIFEST_BYTES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +121,9 @@ class Block(Message):
 
     TYPE: ClassVar[int] = 2
     MAX_BYTES: ClassVar[int] = MAX_BLOCK_BYTES + 256
-    image: bytes = byte_string(HASH_LEN)
-    index: int = uint(MAX_U32)
-    data: bytes = byte_string(None, MAX_BLOCK_BYTES)
+    image: bytes = field(metadata=byte_string(HASH_LEN))
+    index: int = field(metadata=uint(MAX_U32))
+    data: bytes = field(metadata=byte_string(None, MAX_BLOCK_BYTES))
     ack_now: bool = False
 
 
@@ -122,8 +132,8 @@ class Cancel(Message):
     """otad abandons a transfer; the CH discards what it holds of the image."""
 
     TYPE: ClassVar[int] = 3
-    image: bytes = byte_string(HASH_LEN)
-    reason: int = uint(MAX_U16)
+    image: bytes = field(metadata=byte_string(HASH_LEN))
+    reason: int = field(metadata=uint(MAX_U16))
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +141,7 @@ class Poll(Message):
     """otad asks the CH to re-announce itself and report every transfer it holds state for."""
 
     TYPE: ClassVar[int] = 4
-    nonce: int = uint(MAX_U64)
+    nonce: int = field(metadata=uint(MAX_U64))
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,10 +151,10 @@ class TransferAcked(Message):
 
     TYPE: ClassVar[int] = 16
     MAX_BYTES: ClassVar[int] = MAX_BITMAP_BYTES + 256
-    image: bytes = byte_string(HASH_LEN)
-    base: int = uint(MAX_U32)
-    bitmap: bytes = byte_string(None, MAX_BITMAP_BYTES)
-    credit: int = uint(MAX_U16)
+    image: bytes = field(metadata=byte_string(HASH_LEN))
+    base: int = field(metadata=uint(MAX_U32))
+    bitmap: bytes = field(metadata=byte_string(None, MAX_BITMAP_BYTES))
+    credit: int = field(metadata=uint(MAX_U16))
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +162,8 @@ class ImageHeld(Message):
     """The CH holds the whole image and verified it; ``sha256`` is the digest it computed."""
 
     TYPE: ClassVar[int] = 17
-    image: bytes = byte_string(HASH_LEN)
-    sha256: bytes = byte_string(HASH_LEN)
+    image: bytes = field(metadata=byte_string(HASH_LEN))
+    sha256: bytes = field(metadata=byte_string(HASH_LEN))
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,9 +171,9 @@ class TransferRejected(Message):
     """The CH refused an offer or aborted a transfer, with a :class:`Reason` code."""
 
     TYPE: ClassVar[int] = 18
-    image: bytes = byte_string(HASH_LEN)
-    reason: int = uint(MAX_U16)
-    detail: str = text()
+    image: bytes = field(metadata=byte_string(HASH_LEN))
+    reason: int = field(metadata=uint(MAX_U16))
+    detail: str = field(metadata=text())
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,13 +182,13 @@ class HubAnnounced(Message):
 
     TYPE: ClassVar[int] = 32
     MAX_BYTES: ClassVar[int] = 16 * 1024
-    guid: str = text(16)
-    fw_version: int = uint(MAX_U32)
-    hw_version: int = uint(MAX_U16)
-    supplier: str = text(64)
-    segment: str = text(64)
+    guid: str = field(metadata=text(16))
+    fw_version: int = field(metadata=uint(MAX_U32))
+    hw_version: int = field(metadata=uint(MAX_U16))
+    supplier: str = field(metadata=text(64))
+    segment: str = field(metadata=text(64))
     limits: Limits = field(default_factory=lambda: Limits(1024, 8, 64 * 1024))
-    han: tuple[HanDevice, ...] = array(MAX_HAN_DEVICES, default=())
+    han: tuple[HanDevice, ...] = field(default=(), metadata=array(MAX_HAN_DEVICES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +196,7 @@ class HubWentOffline(Message):
     """The CH's last will, retained on ``state``: the broker lost the connection."""
 
     TYPE: ClassVar[int] = 33
-    guid: str = text(16)
+    guid: str = field(metadata=text(16))
 
 
 # --------------------------------------------------------------------------- codec

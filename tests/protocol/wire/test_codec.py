@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any, ClassVar
 
@@ -26,7 +26,7 @@ class Level(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Part:
-    serial: str = eui64()
+    serial: str = field(metadata=eui64())
     colour: Colour = Colour.RED
 
     def __post_init__(self) -> None:
@@ -39,16 +39,16 @@ codec.register(Part)
 @dataclass(frozen=True, slots=True)
 class Sample:
     TYPE: ClassVar[str] = "sample"
-    count: int = uint(1000)
-    limit: int | None = uint(10)
-    digest: bytes = byte_string(4)
-    blob: bytes = byte_string(maximum=8)
-    name: str = text(5)
+    count: int = field(metadata=uint(1000))
+    limit: int | None = field(metadata=uint(10))
+    digest: bytes = field(metadata=byte_string(4))
+    blob: bytes = field(metadata=byte_string(maximum=8))
+    name: str = field(metadata=text(5))
     flag: bool = False
     level: Level = Level.LOW
     floor: Level | None = None
     part: Part = Part("0011223344556677")
-    parts: tuple[Part, ...] = array(2, default=())
+    parts: tuple[Part, ...] = field(default=(), metadata=array(2))
 
     def __post_init__(self) -> None:
         codec.validate(self)
@@ -150,7 +150,7 @@ def test_bad_declarations_are_bugs_found_at_import() -> None:
 
     @dataclass(frozen=True, slots=True)
     class Clash:
-        t: int = uint()
+        t: int = field(metadata=uint())
 
     with pytest.raises(RuntimeError, match="tag key"):
         codec.register(Clash, Tag("t", 1, Reason.UNKNOWN_TYPE))

@@ -6,6 +6,7 @@ import pytest
 
 from protocol.errors import ProtocolError, Reason
 from protocol.wire import cbor, messages
+from protocol.wire.devices import DeviceType, JoinMode
 from protocol.wire.limits import MAX_BLOCK_BYTES
 from protocol.wire.messages import Block, HanDevice, HubAnnounced, Limits, TransferAcked
 
@@ -103,6 +104,40 @@ def test_nested_record_is_checked() -> None:
     assert isinstance(han, list)
     han[0]["fw_version"] = -3
     assert reason_of(raw) is Reason.MALFORMED
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("device_id", "0011223344556677/", Reason.BAD_IDENTIFIER),
+        ("device_id", "00112233445566zz", Reason.BAD_IDENTIFIER),
+        ("device_id", "meter-1", Reason.BAD_IDENTIFIER),
+        ("device_type", "B5", Reason.MALFORMED),
+        ("join_mode", "SMKI", Reason.MALFORMED),
+        ("join_mode", 1, Reason.MALFORMED),
+    ],
+)
+def test_han_devices_are_checked_as_spec_3_says(
+    field: str, value: object, expected: Reason
+) -> None:
+    raw = wire(SAMPLES[7])
+    han = raw["han"]
+    assert isinstance(han, list)
+    han[0][field] = value
+    assert reason_of(raw) is expected
+
+
+def test_han_device_types_and_join_modes_decode_as_members() -> None:
+    announced = messages.decode(SAMPLES[7].encode())
+    assert isinstance(announced, HubAnnounced)
+    device = announced.han[0]
+    assert (device.device_type, device.join_mode) == (DeviceType.B2, JoinMode.CAD)
+    assert type(device.device_type) is DeviceType
+    assert type(device.join_mode) is JoinMode
+    # built from the plain strings (as callers outside protocol/ do), they are the members too
+    assert type(HanDevice("0011223344556677", "ESME", "NATIVE", 1, 1).join_mode) is JoinMode
+    with pytest.raises(ValueError):
+        HanDevice("0011223344556677", "XX", "NATIVE", 1, 1)
 
 
 def test_too_many_han_devices() -> None:
