@@ -79,9 +79,13 @@ class HanDevice:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """Base class: subclasses set ``TYPE`` (the wire code) and ``MAX_BYTES``."""
+    """Base class: each subclass sets ``TYPE`` (its wire code ``t``), ``QOS`` (the MQTT QoS it
+    is published with: SPEC §1-2, 0 for blocks and acknowledgements, which the transfer repairs
+    and repeats itself, 1 for control messages and reports) and, when not 4096, ``MAX_BYTES``
+    (its size cap). SPEC §3's table lists all three per message."""
 
     TYPE: ClassVar[int] = 0
+    QOS: ClassVar[int]
     MAX_BYTES: ClassVar[int] = 4096
 
     def encode(self) -> bytes:
@@ -105,6 +109,7 @@ class Offer(Message):
     """otad offers an image (or resumes offering it): the signed manifest, COSE_Sign1 bytes."""
 
     TYPE: ClassVar[int] = 1
+    QOS: ClassVar[int] = 1
     MAX_BYTES: ClassVar[int] = MAX_SIGNED_MANIFEST_BYTES + 1024
     image: bytes = field(metadata=byte_string(HASH_LEN))
     manifest: bytes = field(metadata=byte_string(None, MAX_SIGNED_MANIFEST_BYTES))
@@ -120,6 +125,7 @@ class Block(Message):
     waits for the receiver's ack-delay timer (QUIC's IMMEDIATE_ACK idea)."""
 
     TYPE: ClassVar[int] = 2
+    QOS: ClassVar[int] = 0
     MAX_BYTES: ClassVar[int] = MAX_BLOCK_BYTES + 256
     image: bytes = field(metadata=byte_string(HASH_LEN))
     index: int = field(metadata=uint(MAX_U32))
@@ -132,6 +138,7 @@ class Cancel(Message):
     """otad abandons a transfer; the CH discards what it holds of the image."""
 
     TYPE: ClassVar[int] = 3
+    QOS: ClassVar[int] = 1
     image: bytes = field(metadata=byte_string(HASH_LEN))
     reason: int = field(metadata=uint(MAX_U16))
 
@@ -141,6 +148,7 @@ class Poll(Message):
     """otad asks the CH to re-announce itself and report every transfer it holds state for."""
 
     TYPE: ClassVar[int] = 4
+    QOS: ClassVar[int] = 1
     nonce: int = field(metadata=uint(MAX_U64))
 
 
@@ -150,6 +158,7 @@ class TransferAcked(Message):
     means block ``base + 1 + i`` held. ``credit`` is how many more blocks the CH will take now."""
 
     TYPE: ClassVar[int] = 16
+    QOS: ClassVar[int] = 0
     MAX_BYTES: ClassVar[int] = MAX_BITMAP_BYTES + 256
     image: bytes = field(metadata=byte_string(HASH_LEN))
     base: int = field(metadata=uint(MAX_U32))
@@ -162,6 +171,7 @@ class ImageHeld(Message):
     """The CH holds the whole image and verified it; ``sha256`` is the digest it computed."""
 
     TYPE: ClassVar[int] = 17
+    QOS: ClassVar[int] = 1
     image: bytes = field(metadata=byte_string(HASH_LEN))
     sha256: bytes = field(metadata=byte_string(HASH_LEN))
 
@@ -171,6 +181,7 @@ class TransferRejected(Message):
     """The CH refused an offer or aborted a transfer, with a :class:`Reason` code."""
 
     TYPE: ClassVar[int] = 18
+    QOS: ClassVar[int] = 1
     image: bytes = field(metadata=byte_string(HASH_LEN))
     reason: int = field(metadata=uint(MAX_U16))
     detail: str = field(metadata=text())
@@ -181,6 +192,7 @@ class HubAnnounced(Message):
     """A CH says who it is, what it can take, and what is on its HAN (retained on ``state``)."""
 
     TYPE: ClassVar[int] = 32
+    QOS: ClassVar[int] = 1
     MAX_BYTES: ClassVar[int] = 16 * 1024
     guid: str = field(metadata=text(16))
     fw_version: int = field(metadata=uint(MAX_U32))
@@ -196,6 +208,7 @@ class HubWentOffline(Message):
     """The CH's last will, retained on ``state``: the broker lost the connection."""
 
     TYPE: ClassVar[int] = 33
+    QOS: ClassVar[int] = 1
     guid: str = field(metadata=text(16))
 
 
@@ -238,6 +251,8 @@ for _cls in (
 ):
     if _cls.TYPE in _REGISTRY:
         raise RuntimeError(f"duplicate message type {_cls.TYPE}")
+    if getattr(_cls, "QOS", None) not in (0, 1):
+        raise RuntimeError(f"{_cls.__name__} declares no QoS of 0 or 1")
     codec.register(_cls, codec.Tag("t", _cls.TYPE, Reason.UNKNOWN_TYPE))
     _REGISTRY[_cls.TYPE] = _cls
 del _cls

@@ -149,6 +149,14 @@ def test_too_many_han_devices() -> None:
 
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_each_message_type_declares_its_qos(message: messages.Message) -> None:
+    # SPEC §1: blocks and acknowledgements at QoS 0 (the transfer repairs and repeats them),
+    # control messages and reports at QoS 1
+    qos = type(message).QOS
+    assert qos == (0 if isinstance(message, (Block, TransferAcked)) else 1)
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
 def test_encoding_is_the_canonical_encoding(message: messages.Message) -> None:
     # encode() builds maps in canonical key order and skips cbor2's canonical sort; the bytes
     # must be exactly what canonical mode produces
