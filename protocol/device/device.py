@@ -58,6 +58,7 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from protocol.clock import UnixTime
 from protocol.device.activation import (
     ActivationAlert,
     ActivationCancelled,
@@ -236,7 +237,7 @@ class Device:
 
     # ------------------------------------------------------------------ distribution
 
-    def check_manifest(self, signed: bytes, now: float) -> Manifest:
+    def check_manifest(self, signed: bytes, now: UnixTime) -> Manifest:
         """Verify ``signed`` for this device without changing any state; ``ProtocolError``.
 
         Checks: signature (trust store), expiry, vendor, device type, hardware version, image
@@ -248,7 +249,7 @@ class Device:
             installed_sequence=self.running.sequence,
             vendor=self.identity.vendor,
         )
-        manifest = verify_manifest(signed, self.trust, now=int(now), target=target)
+        manifest = verify_manifest(signed, self.trust, now=now, target=target)
         if manifest.image_type != self.identity.image_type:
             raise ProtocolError(
                 Reason.WRONG_DEVICE_TYPE,
@@ -266,7 +267,7 @@ class Device:
                 )
         return manifest
 
-    def manifest_received(self, signed: bytes, now: float) -> Manifest:
+    def manifest_received(self, signed: bytes, now: UnixTime) -> Manifest:
         """Verify a signed manifest for this device and prepare the pending slot for its image.
 
         Raises ``ProtocolError`` (nothing stored, slot untouched) for any failure of
@@ -331,7 +332,7 @@ class Device:
 
     # ------------------------------------------------------------------ activation
 
-    def activation_received(self, signed: bytes, now: float) -> list[DeviceOutput]:
+    def activation_received(self, signed: bytes, now: UnixTime) -> list[DeviceOutput]:
         """Verify and accept an activation command; execute it now or schedule it.
 
         Raises ``ProtocolError`` for a bad signature (the trust store's reasons),
@@ -362,13 +363,13 @@ class Device:
             ]
         return self._execute(command)
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self) -> UnixTime | None:
         """When :meth:`handle_timer` must next be called (a scheduled activation), or ``None``."""
         if self.scheduled is None or self.scheduled.execute_at is None:
             return None
-        return float(self.scheduled.execute_at)
+        return UnixTime(float(self.scheduled.execute_at))
 
-    def handle_timer(self, now: float) -> list[DeviceOutput]:
+    def handle_timer(self, now: UnixTime) -> list[DeviceOutput]:
         """Execute a scheduled activation whose time has come."""
         command = self.scheduled
         if command is None or command.execute_at is None or now < command.execute_at:

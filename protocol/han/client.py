@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from protocol.clock import UnixTime, later
 from protocol.device.device import Device
 from protocol.errors import ProtocolError, Reason
 from protocol.han.frames import (
@@ -65,6 +66,7 @@ from protocol.han.frames import (
     UpgradeEndResponse,
     ZclStatus,
     decode_frame,
+    unix_time,
 )
 from protocol.release.manifest import Manifest
 from protocol.wire.limits import MAX_U8, MAX_U16, MAX_U32
@@ -223,13 +225,13 @@ class HanClient:
         self._events: list[ClientEvent] = []
         self._seq = 0
         self._timer: _Timer | None = None
-        self._timer_at = 0.0
+        self._timer_at = UnixTime(0.0)
         self._outstanding: int | None = None  # ZCL sequence number awaited
         self._requested_offset = 0
         self._requested_size = 0
         self._errors = 0
         self._period_ms = 0
-        self._last_block_request_at: float | None = None
+        self._last_block_request_at: UnixTime | None = None
         self._offer: QueryNextImageResponse | None = None
         self._manifest = bytearray()
         self._manifest_size: int | None = None
@@ -247,7 +249,7 @@ class HanClient:
         events, self._events = self._events, []
         return events
 
-    def start(self, now: float) -> list[bytes]:
+    def start(self, now: UnixTime) -> list[bytes]:
         """Query the server now (network up); afterwards every ``query_interval``."""
         self._sync(now)
         if self.state is not ClientState.IDLE:
@@ -255,11 +257,11 @@ class HanClient:
         self._arm(_Timer.SEND, now)
         return self._fire_due(now)
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self) -> UnixTime | None:
         """When :meth:`handle_timer` must next be called, or ``None``."""
         return self._timer_at if self._timer is not None else None
 
-    def handle_timer(self, now: float) -> list[bytes]:
+    def handle_timer(self, now: UnixTime) -> list[bytes]:
         """Send what is due: a retry after a timeout, a paced request, a periodic query."""
         self._sync(now)
         if self._timer is _Timer.TIMEOUT and now >= self._timer_at:
@@ -270,7 +272,7 @@ class HanClient:
             return out + self._fire_due(now)
         return self._fire_due(now)
 
-    def frame_received(self, data: bytes, now: float) -> list[bytes]:
+    def frame_received(self, data: bytes, now: UnixTime) -> list[bytes]:
         """Handle one frame from the server; return the frames to send."""
         self._sync(now)
         try:
@@ -301,7 +303,7 @@ class HanClient:
 
     # ------------------------------------------------------------------ helpers
 
-    def _sync(self, now: float) -> None:
+    def _sync(self, now: UnixTime) -> None:
         """Leave WAITING_ACTIVATION once the device has activated or dropped the image."""
         if (
             self.state in (ClientState.ENDING, ClientState.WAITING_ACTIVATION)
@@ -309,31 +311,31 @@ class HanClient:
         ):
             self._go_idle(now)
 
-    def _go_idle(self, now: float) -> None:
+    def _go_idle(self, now: UnixTime) -> None:
         self.state = ClientState.IDLE
         self._offer = None
         self._outstanding = None
         self._errors = 0
-        self._arm(_Timer.SEND, now + self.config.query_interval)
+        self._arm(_Timer.SEND, later(now, self.config.query_interval))
 
-    def _arm(self, kind: _Timer, at: float) -> None:
+    def _arm(self, kind: _Timer, at: UnixTime) -> None:
         self._timer = kind
         self._timer_at = at
 
-    def _arm_send(self, at: float) -> None:
+    def _arm_send(self, at: UnixTime) -> None:
         """Schedule the next request at ``at``, but block requests not before the period."""
         if (
             self.state in (ClientState.FETCHING_MANIFEST, ClientState.DOWNLOADING)
             and self._last_block_request_at is not None
         ):
-            at = max(at, self._last_block_request_at + self._period_ms / 1000.0)
+            at = max(at, later(self._last_block_request_at, self._period_ms / 1000.0))
         self._arm(_Timer.SEND, at)
 
     def _clear_outstanding(self) -> None:
         self._outstanding = None
         self._timer = None
 
-    def _fire_due(self, now: float) -> list[bytes]:
+    def _fire_due(self, now: UnixTime) -> list[bytes]:
         if self._timer is _Timer.SEND and now >= self._timer_at:
             self._timer = None
             return [self._send(now)]
@@ -343,7 +345,7 @@ class HanClient:
         self._seq = (self._seq + 1) & MAX_U8
         return self._seq
 
-    def _send(self, now: float) -> bytes:
+    def _send(self, now: UnixTime) -> bytes:
         """Build and account for the current state's request; arm its timeout."""
         ident = self.device.identity
         seq = self._next_seq()
@@ -396,11 +398,11 @@ class HanClient:
                     offer.file_version,
                 )
         self._outstanding = seq
-        self._arm(_Timer.TIMEOUT, now + self.config.message_timeout)
+        self._arm(_Timer.TIMEOUT, later(now, self.config.message_timeout))
         self.stats.requests += 1
         return frame.encode()
 
-    def _error(self, now: float, reason: Reason) -> list[bytes]:
+    def _error(self, now: UnixTime, reason: Reason) -> list[bytes]:
         """One more consecutive error: retry after backoff, or give up after ``max_errors``."""
         self._errors += 1
         if self._errors >= self.config.max_errors:
@@ -411,19 +413,19 @@ class HanClient:
                 # the image is held: keep it and wait for the activation command regardless
                 self.state = ClientState.WAITING_ACTIVATION
                 self._errors = 0
-                self._arm(_Timer.SEND, now + self.config.upgrade_end_requery)
+                self._arm(_Timer.SEND, later(now, self.config.upgrade_end_requery))
                 return []
             return self._abort(now, reason, ZclStatus.ABORT)
         if self.state is ClientState.WAITING_ACTIVATION:
-            self._arm(_Timer.SEND, now + self.config.upgrade_end_requery)
+            self._arm(_Timer.SEND, later(now, self.config.upgrade_end_requery))
             return []
         backoff = min(
             self.config.retry_backoff * 2.0 ** (self._errors - 1), self.config.max_backoff
         )
-        self._arm_send(now + backoff)
+        self._arm_send(later(now, backoff))
         return []
 
-    def _abort(self, now: float, reason: Reason, status: ZclStatus | None) -> list[bytes]:
+    def _abort(self, now: UnixTime, reason: Reason, status: ZclStatus | None) -> list[bytes]:
         """Stop the download; tell the server (UpgradeEnd with ``status``) unless ``None``."""
         out: list[bytes] = []
         offer = self._offer
@@ -447,16 +449,16 @@ class HanClient:
         self._clear_outstanding()
         self._errors = 0
 
-    def _waited(self, frame: ImageBlockWait | ManifestBlockWait, now: float) -> None:
+    def _waited(self, frame: ImageBlockWait | ManifestBlockWait, now: UnixTime) -> None:
         self._answered()
         self.stats.waits += 1
         self._period_ms = frame.minimum_block_period
-        delay = float(frame.request_time - frame.current_time)
-        self._arm_send(now + min(max(delay, 0.0), self.config.max_wait))
+        delay = unix_time(frame.request_time) - unix_time(frame.current_time)
+        self._arm_send(later(now, min(max(delay, 0.0), self.config.max_wait)))
 
     # ------------------------------------------------------------------ handlers
 
-    def _notified(self, frame: ImageNotify, now: float) -> list[bytes]:
+    def _notified(self, frame: ImageNotify, now: UnixTime) -> list[bytes]:
         if self.state is not ClientState.IDLE:
             return []
         ident = self.device.identity
@@ -472,7 +474,7 @@ class HanClient:
         return self._fire_due(now)
 
     def _query_answered(
-        self, frame: QueryNextImageResponse | QueryNextImageRefused, now: float
+        self, frame: QueryNextImageResponse | QueryNextImageRefused, now: UnixTime
     ) -> list[bytes]:
         if self.state is not ClientState.QUERYING:
             return []
@@ -509,7 +511,7 @@ class HanClient:
         ) == (offer.manufacturer_code, offer.image_type, offer.file_version, offer.image_size)
 
     def _manifest_answered(
-        self, frame: ManifestBlockResponse | ManifestBlockWait | ManifestBlockAbort, now: float
+        self, frame: ManifestBlockResponse | ManifestBlockWait | ManifestBlockAbort, now: UnixTime
     ) -> list[bytes]:
         if self.state is not ClientState.FETCHING_MANIFEST:
             return []
@@ -543,7 +545,7 @@ class HanClient:
             return []
         return self._manifest_complete(now)
 
-    def _manifest_complete(self, now: float) -> list[bytes]:
+    def _manifest_complete(self, now: UnixTime) -> list[bytes]:
         signed = bytes(self._manifest)
         try:
             manifest = self.device.check_manifest(signed, now)
@@ -563,7 +565,7 @@ class HanClient:
         return []
 
     def _block_answered(
-        self, frame: ImageBlockResponse | ImageBlockWait | ImageBlockAbort, now: float
+        self, frame: ImageBlockResponse | ImageBlockWait | ImageBlockAbort, now: UnixTime
     ) -> list[bytes]:
         if self.state is not ClientState.DOWNLOADING:
             return []
@@ -598,7 +600,7 @@ class HanClient:
         self._arm_send(now)
         return []
 
-    def _image_held(self, now: float) -> list[bytes]:
+    def _image_held(self, now: UnixTime) -> list[bytes]:
         manifest = self.device.pending_manifest
         assert manifest is not None
         self._events.append(ImageReceived(manifest.sha256))
@@ -606,7 +608,7 @@ class HanClient:
         self._arm(_Timer.SEND, now)
         return []
 
-    def _upgrade_end_answered(self, frame: UpgradeEndResponse, now: float) -> list[bytes]:
+    def _upgrade_end_answered(self, frame: UpgradeEndResponse, now: UnixTime) -> list[bytes]:
         offer = self._offer
         if self.state not in (ClientState.ENDING, ClientState.WAITING_ACTIVATION) or (
             offer is None
@@ -623,5 +625,5 @@ class HanClient:
         # Never activate on this unsigned frame, whatever its upgrade time: wait for the signed
         # activation command, re-announcing the held image every upgrade_end_requery seconds.
         self.state = ClientState.WAITING_ACTIVATION
-        self._arm(_Timer.SEND, now + self.config.upgrade_end_requery)
+        self._arm(_Timer.SEND, later(now, self.config.upgrade_end_requery))
         return []

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
+from protocol.clock import UnixTime, later
 from protocol.errors import ProtocolError, Reason
 from protocol.han.frames import (
     MAX_BLOCK_DATA,
@@ -67,6 +68,7 @@ from protocol.han.frames import (
     ZclStatus,
     decode_frame,
     decode_header,
+    zigbee_time,
 )
 from protocol.release.manifest import Manifest
 from protocol.wire.limits import MAX_U16, MAX_U32
@@ -170,8 +172,8 @@ class SessionInfo:
     peer: str
     image_sha256: bytes
     state: SessionState
-    started_at: float | None
-    finished_at: float | None
+    started_at: UnixTime | None
+    finished_at: UnixTime | None
     bytes_served: int
     manifest_bytes_served: int
     blocks_served: int
@@ -198,15 +200,15 @@ class _Session:
         "state",
     )
 
-    def __init__(self, peer: str, image: OfferedImage, now: float) -> None:
+    def __init__(self, peer: str, image: OfferedImage, now: UnixTime) -> None:
         self.peer = peer
         self.image = image
         self.state = SessionState.OFFERED
         self.last_request_at = now
-        self.last_served_at: float | None = None
+        self.last_served_at: UnixTime | None = None
         self.period_announced = False
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
+        self.started_at: UnixTime | None = None
+        self.finished_at: UnixTime | None = None
         self.bytes_served = 0
         self.manifest_bytes_served = 0
         self.blocks_served = 0
@@ -239,7 +241,7 @@ class SessionStarted:
 
     peer: str
     image_sha256: bytes
-    at: float
+    at: UnixTime
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +250,7 @@ class ImageDelivered:
 
     peer: str
     image_sha256: bytes
-    at: float
+    at: UnixTime
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +260,7 @@ class SessionFailed:
     peer: str
     image_sha256: bytes
     status: ZclStatus
-    at: float
+    at: UnixTime
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,13 +269,13 @@ class SessionTimedOut:
 
     peer: str
     image_sha256: bytes
-    at: float
+    at: UnixTime
 
 
 ServerEvent = SessionStarted | ImageDelivered | SessionFailed | SessionTimedOut
 
 
-def zcl_time(now: float) -> int:
+def zcl_time(now: UnixTime) -> int:
     """``now`` as the u32 seconds carried in frames (only differences are meaningful)."""
     return int(now) & MAX_U32
 
@@ -351,7 +353,7 @@ class HanServer:
 
     # ------------------------------------------------------------------ input
 
-    def frame_received(self, peer: str, data: bytes, now: float) -> Output:
+    def frame_received(self, peer: str, data: bytes, now: UnixTime) -> Output:
         """Handle one frame from ``peer``; return the frames to send."""
         try:
             frame = decode_frame(data)
@@ -365,16 +367,16 @@ class HanServer:
             return [(peer, self._upgrade_end(peer, frame, now))]
         return []  # server->client frames and Default Responses need no answer
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self) -> UnixTime | None:
         """When :meth:`handle_timer` must next be called, or ``None``."""
         deadlines = [
-            s.last_request_at + self.config.session_timeout
+            later(s.last_request_at, self.config.session_timeout)
             for s in self._sessions.values()
             if s.state is SessionState.TRANSFERRING
         ]
         return min(deadlines, default=None)
 
-    def handle_timer(self, now: float) -> Output:
+    def handle_timer(self, now: UnixTime) -> Output:
         """Free the slots of sessions that went silent."""
         for s in self._sessions.values():
             if (
@@ -436,7 +438,7 @@ class HanServer:
                 return image
         return None
 
-    def _session_for(self, peer: str, image: OfferedImage, now: float) -> _Session:
+    def _session_for(self, peer: str, image: OfferedImage, now: UnixTime) -> _Session:
         session = self._sessions.get(peer)
         if (
             session is None
@@ -451,7 +453,7 @@ class HanServer:
             self._sessions[peer] = session
         return session
 
-    def _query(self, peer: str, req: QueryNextImageRequest, now: float) -> bytes:
+    def _query(self, peer: str, req: QueryNextImageRequest, now: UnixTime) -> bytes:
         image = self._select(peer, req)
         if image is None:
             return QueryNextImageRefused(req.seq, ZclStatus.NO_IMAGE_AVAILABLE).encode()
@@ -462,24 +464,25 @@ class HanServer:
             req.seq, m.vendor, m.image_type, m.fw_version, m.size
         ).encode()
 
-    def _block(self, peer: str, req: ImageBlockRequest | ManifestBlockRequest, now: float) -> bytes:
+    def _block(
+        self, peer: str, req: ImageBlockRequest | ManifestBlockRequest, now: UnixTime
+    ) -> bytes:
         image = self._find(peer, req.manufacturer_code, req.image_type, req.file_version)
         if image is None:
             return self._abort(req, ZclStatus.NO_IMAGE_AVAILABLE)
         session = self._session_for(peer, image, now)
         session.last_request_at = now
-        current = zcl_time(now)
         if session.state is not SessionState.TRANSFERRING and not self._admit(session, now):
             session.busy_waits += 1
-            return self._wait(req, current, current + self.config.busy_retry_s)
+            return self._wait(req, now, self.config.busy_retry_s)
         if self._too_early(session, req.minimum_block_period, now):
             session.period_waits += 1
-            return self._wait(req, current, current)
+            return self._wait(req, now, 0)
         if isinstance(req, ManifestBlockRequest):
             return self._serve_manifest(session, req, now)
-        return self._serve_image(session, req, now, current)
+        return self._serve_image(session, req, now)
 
-    def _too_early(self, session: _Session, declared: int | None, now: float) -> bool:
+    def _too_early(self, session: _Session, declared: int | None, now: UnixTime) -> bool:
         """Whether to answer with the pacing WAIT_FOR_DATA instead of data.
 
         A client that declares (at least) our MinimumBlockPeriod is trusted to pace itself. One
@@ -495,7 +498,7 @@ class HanServer:
         last = session.last_served_at
         return last is not None and (now - last) * 1000.0 < period_ms
 
-    def _serve_manifest(self, session: _Session, req: ManifestBlockRequest, now: float) -> bytes:
+    def _serve_manifest(self, session: _Session, req: ManifestBlockRequest, now: UnixTime) -> bytes:
         image = session.image
         total = len(image.signed_manifest)
         if req.offset >= total:
@@ -514,9 +517,7 @@ class HanServer:
             image.signed_manifest[req.offset : req.offset + n],
         ).encode()
 
-    def _serve_image(
-        self, session: _Session, req: ImageBlockRequest, now: float, current: int
-    ) -> bytes:
+    def _serve_image(self, session: _Session, req: ImageBlockRequest, now: UnixTime) -> bytes:
         image = session.image
         size = image.manifest.size
         if req.file_offset >= size:
@@ -525,7 +526,7 @@ class HanServer:
         data = image.source.read(req.file_offset, n)
         if data is None or len(data) != n:
             session.data_waits += 1
-            return self._wait(req, current, current + self.config.data_retry_s)
+            return self._wait(req, now, self.config.data_retry_s)
         session.bytes_served += n
         session.blocks_served += 1
         session.last_served_at = now
@@ -533,7 +534,7 @@ class HanServer:
             req.seq, req.manufacturer_code, req.image_type, req.file_version, req.file_offset, data
         ).encode()
 
-    def _admit(self, session: _Session, now: float) -> bool:
+    def _admit(self, session: _Session, now: UnixTime) -> bool:
         """Give ``session`` a transfer slot if one is free and no earlier waiter claims it."""
         stale_after = 3 * self.config.busy_retry_s
         for peer in list(self._queue):
@@ -560,13 +561,17 @@ class HanServer:
             self._queue.append(session.peer)
         return False
 
-    def _wait(self, req: ImageBlockRequest | ManifestBlockRequest, current: int, at: int) -> bytes:
+    def _wait(
+        self, req: ImageBlockRequest | ManifestBlockRequest, now: UnixTime, delay: int
+    ) -> bytes:
+        """WAIT_FOR_DATA: ask again ``delay`` seconds from ``now``, at the configured period."""
+        current, request = zigbee_time(now), zigbee_time(later(now, delay))
         period = self.config.minimum_block_period_ms
         if isinstance(req, ManifestBlockRequest):
             return ManifestBlockWait(
-                req.seq, req.manufacturer_code, current, at & MAX_U32, period
+                req.seq, req.manufacturer_code, current, request, period
             ).encode()
-        return ImageBlockWait(req.seq, current, at & MAX_U32, period).encode()
+        return ImageBlockWait(req.seq, current, request, period).encode()
 
     @staticmethod
     def _abort(req: ImageBlockRequest | ManifestBlockRequest, status: ZclStatus) -> bytes:
@@ -574,7 +579,7 @@ class HanServer:
             return ManifestBlockAbort(req.seq, req.manufacturer_code, status).encode()
         return ImageBlockAbort(req.seq, status).encode()
 
-    def _upgrade_end(self, peer: str, req: UpgradeEndRequest, now: float) -> bytes:
+    def _upgrade_end(self, peer: str, req: UpgradeEndRequest, now: UnixTime) -> bytes:
         image = self._find(peer, req.manufacturer_code, req.image_type, req.file_version)
         if image is None:
             return DefaultResponse(
@@ -594,7 +599,7 @@ class HanServer:
                 req.manufacturer_code,
                 req.image_type,
                 req.file_version,
-                zcl_time(now),
+                zigbee_time(now),
                 UPGRADE_TIME_WAIT,
             ).encode()
         if session.state is not SessionState.FAILED:

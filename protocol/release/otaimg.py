@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from protocol.clock import UnixTime
 from protocol.errors import ProtocolError, Reason
 from protocol.release.cose import sign1
 from protocol.release.manifest import DeviceType, Manifest, block_hashes
@@ -144,7 +145,7 @@ def build(
 
 
 def verify(
-    image: SignedImage, trust: TrustStore, *, now: int, target: Target | None = None
+    image: SignedImage, trust: TrustStore, *, now: UnixTime, target: Target | None = None
 ) -> tuple[Manifest, OtaFile]:
     """Verify a release completely; return its manifest and parsed OTA file.
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from protocol.clock import UnixTime
 from protocol.errors import ProtocolError, Reason
 from protocol.release.cose import key_id, parse_sign1, verify_sign1
 from protocol.release.manifest import DeviceType, Manifest
@@ -121,18 +122,20 @@ class Target:
 
 
 def verify_manifest(
-    signed: bytes, trust: TrustStore, *, now: int, target: Target | None = None
+    signed: bytes, trust: TrustStore, *, now: UnixTime, target: Target | None = None
 ) -> Manifest:
     """Verify a signed manifest completely; return it or raise ``ProtocolError`` (see module doc).
 
-    ``now`` is unix seconds, fixed at the start of the update (TUF): a manifest is refused at or
-    after its ``expires`` instant. Without ``target`` only signature, decoding and expiry are
+    ``now`` is wall-clock time, fixed at the start of the update (TUF): a manifest is refused at
+    or after its ``expires`` instant. Without ``target`` only signature, decoding and expiry are
     checked (what otad itself does before it offers an image).
     """
     payload = trust.verify(signed, max_size=MAX_SIGNED_MANIFEST_BYTES)
     manifest = Manifest.decode(payload)
     if now >= manifest.expires:
-        raise ProtocolError(Reason.EXPIRED, f"manifest expired at {manifest.expires}, now {now}")
+        raise ProtocolError(
+            Reason.EXPIRED, f"manifest expired at {manifest.expires}, now {int(now)}"
+        )
     if target is not None:
         check_target(manifest, target)
     return manifest

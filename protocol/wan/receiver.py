@@ -77,6 +77,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from protocol.clock import Monotonic, later
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
 from protocol.wan.sack import Bitmap
@@ -174,7 +175,7 @@ class _Transfer:
         self.unacked = 0
         self.new_blocks = 0
         self.new_bytes = 0
-        self.ack_due: float | None = None
+        self.ack_due: Monotonic | None = None
         self.verify_pending = False
 
 
@@ -227,7 +228,7 @@ class Receiver:
         self._transfers: dict[bytes, _Transfer] = {}
         self._pending: list[ReceiverAction] = []
         self._nt_image = b""
-        self._nt_at = float("-inf")
+        self._nt_at = Monotonic(float("-inf"))
         self.rejected: Counter[Reason] = Counter()
         self.blocks_stored = 0
         self.bytes_stored = 0
@@ -262,7 +263,7 @@ class Receiver:
 
     # ------------------------------------------------------------------ input
 
-    def message_received(self, msg: Message, now: float) -> list[ReceiverAction]:
+    def message_received(self, msg: Message, now: Monotonic) -> list[ReceiverAction]:
         """Handle one decoded message from otad (``Offer``, ``Block``, ``Cancel``, ``Poll``).
 
         Never raises for bad input: bad blocks and offers are refused and counted in
@@ -282,7 +283,7 @@ class Receiver:
         self.rejected[Reason.UNKNOWN_TYPE] += 1
         return []
 
-    def image_hashed(self, image: bytes, sha256: bytes, now: float) -> list[ReceiverAction]:
+    def image_hashed(self, image: bytes, sha256: bytes, now: Monotonic) -> list[ReceiverAction]:
         """The shell re-hashed the stored ``image`` (after :class:`VerifyImage`): report it."""
         transfer = self._transfers.get(image)
         if transfer is None or transfer.phase is not TransferPhase.VERIFYING:
@@ -302,14 +303,14 @@ class Receiver:
 
     # ------------------------------------------------------------------ timers
 
-    def next_deadline(self) -> float | None:
-        """When :meth:`handle_timer` must next be called (0.0: at once), or None."""
+    def next_deadline(self) -> Monotonic | None:
+        """When :meth:`handle_timer` must next be called (0.0, a past instant: at once), or None."""
         if self._pending:
-            return 0.0
+            return Monotonic(0.0)
         due = [t.ack_due for t in self._transfers.values() if t.ack_due is not None]
         return min(due) if due else None
 
-    def handle_timer(self, now: float) -> list[ReceiverAction]:
+    def handle_timer(self, now: Monotonic) -> list[ReceiverAction]:
         """Send the delayed acknowledgements due at ``now`` (and, once after a restore, the
         re-hash and discard actions the restore decided on)."""
         actions, self._pending = self._pending, []
@@ -320,7 +321,7 @@ class Receiver:
 
     # ------------------------------------------------------------------ offers
 
-    def _on_offer(self, msg: Offer, now: float) -> list[ReceiverAction]:
+    def _on_offer(self, msg: Offer, now: Monotonic) -> list[ReceiverAction]:
         image = msg.image
         actions: list[ReceiverAction] = []
         try:
@@ -362,7 +363,7 @@ class Receiver:
 
     # ------------------------------------------------------------------ blocks
 
-    def _on_block(self, msg: Block, now: float) -> list[ReceiverAction]:
+    def _on_block(self, msg: Block, now: Monotonic) -> list[ReceiverAction]:
         transfer = self._transfers.get(msg.image)
         if transfer is None:
             self.rejected[Reason.NO_TRANSFER] += 1
@@ -409,7 +410,7 @@ class Receiver:
                 return Reason.WRONG_IMAGE
         return Reason.BLOCK_HASH
 
-    def _store(self, transfer: _Transfer, msg: Block, now: float) -> list[ReceiverAction]:
+    def _store(self, transfer: _Transfer, msg: Block, now: Monotonic) -> list[ReceiverAction]:
         manifest = transfer.manifest
         index, data = msg.index, bytes(msg.data)
         transfer.held.add(index)
@@ -443,7 +444,7 @@ class Receiver:
         ):
             actions.append(self._ack(transfer))
         elif transfer.ack_due is None:
-            transfer.ack_due = now + self._ack_delay
+            transfer.ack_due = later(now, self._ack_delay)
         return actions
 
     # ------------------------------------------------------------------ replies

@@ -101,6 +101,7 @@ from bisect import bisect_right, insort
 from dataclasses import dataclass, replace
 from enum import Enum
 
+from protocol.clock import Monotonic, later
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
 from protocol.wan.rtt import RttEstimator
@@ -215,7 +216,7 @@ class _Flight:
         "trust_latest",
     )
 
-    def __init__(self, seq: int, sent_at: float, retransmitted: bool, ack_now: bool) -> None:
+    def __init__(self, seq: int, sent_at: Monotonic, retransmitted: bool, ack_now: bool) -> None:
         self.seq = self.first_seq = seq
         self.sent_at = self.first_sent_at = sent_at
         self.retransmitted = retransmitted
@@ -287,7 +288,7 @@ class Sender:
         manifest: Manifest,
         limits: Limits,
         *,
-        now: float,
+        now: Monotonic,
         window: int | None = None,
         acked: bytes | None = None,
         initial_rto: float = 1.0,
@@ -335,18 +336,18 @@ class Sender:
         self._seq = 0
         self._rack_seq = -1
         self._delivered: list[int] = []  # send numbers delivered past the oldest outstanding
-        self._rack_sent = float("-inf")
+        self._rack_sent = Monotonic(float("-inf"))
         self._rack_rtt = 0.0
         self._reo_mult = 1
         self._reordering_seen = False
-        self._reorder_deadline: float | None = None
+        self._reorder_deadline: Monotonic | None = None
         self._rtt = RttEstimator(initial_rto=initial_rto, min_rto=min_rto, max_rto=max_rto)
         self._initial_rto = initial_rto
         self._rto_floor = initial_rto  # until the first block's round trip is measured
-        self._timer_start: float | None = None
+        self._timer_start: Monotonic | None = None
         self._timeouts = 0
         self._offer_due = True
-        self._offer_sent_at: float | None = None
+        self._offer_sent_at: Monotonic | None = None
         self._offer_retx = False
         self._ask_poll = holds_manifest
         self._polls_left = POLL_ASKS
@@ -467,7 +468,7 @@ class Sender:
 
     # ------------------------------------------------------------------ timers
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self) -> Monotonic | None:
         """When :meth:`handle_timer` must next be called (a time in the past means now), or None.
 
         After construction, and after every :meth:`message_received` and :meth:`handle_timer`,
@@ -483,7 +484,7 @@ class Sender:
             return self._reorder_deadline
         return deadline
 
-    def handle_timer(self, now: float) -> None:
+    def handle_timer(self, now: Monotonic) -> None:
         """Run whatever timers have expired at ``now`` (reorder timer, RTO)."""
         if self._state in _TERMINAL:
             return
@@ -493,12 +494,12 @@ class Sender:
         if deadline is not None and now >= deadline:
             self._on_rto(now)
 
-    def _rto_deadline(self) -> float | None:
+    def _rto_deadline(self) -> Monotonic | None:
         if self._timer_start is None:
             return None
-        return self._timer_start + max(self._rtt.rto, self._rto_floor)
+        return later(self._timer_start, max(self._rtt.rto, self._rto_floor))
 
-    def _on_rto(self, now: float) -> None:
+    def _on_rto(self, now: Monotonic) -> None:
         self._timer_start = now
         self._timeouts += 1
         self.rto_expiries += 1
@@ -534,7 +535,7 @@ class Sender:
 
     # ------------------------------------------------------------------ sending
 
-    def next_actions(self, now: float, budget: int) -> list[SenderAction]:
+    def next_actions(self, now: Monotonic, budget: int) -> list[SenderAction]:
         """What to publish now: an Offer, a Cancel, or blocks.
 
         At most ``budget`` blocks (the scheduler's share of the global in-flight budget), plus at
@@ -609,7 +610,7 @@ class Sender:
             return None
         return i
 
-    def _send(self, index: int, now: float, *, ack_now: bool = False) -> SendBlock:
+    def _send(self, index: int, now: Monotonic, *, ack_now: bool = False) -> SendBlock:
         length = self.manifest.block_length(index)
         again = not self._sent.add(index)
         seq = self._seq
@@ -635,7 +636,7 @@ class Sender:
 
     # ------------------------------------------------------------------ receiving
 
-    def message_received(self, msg: Message, now: float) -> None:
+    def message_received(self, msg: Message, now: Monotonic) -> None:
         """Apply a message from the CH: ``TransferAcked``, ``ImageHeld`` or ``TransferRejected``.
 
         Raises ``ProtocolError`` (state unchanged) for another image (``WRONG_IMAGE``), an
@@ -656,7 +657,7 @@ class Sender:
         else:
             self._on_rejected(msg, now)
 
-    def _on_ack(self, msg: TransferAcked, now: float) -> None:
+    def _on_ack(self, msg: TransferAcked, now: Monotonic) -> None:
         self._credit = msg.credit
         state = self._state
         if state is SenderState.OFFERING:
@@ -692,10 +693,10 @@ class Sender:
         ):
             self._timer_start = now  # persist timer: probe a CH that gave no credit
 
-    def _account_delivered(self, newly: list[int], now: float) -> None:
+    def _account_delivered(self, newly: list[int], now: Monotonic) -> None:
         """Retire newly acknowledged blocks: RTT samples (Karn), spurious repairs, RACK state."""
-        oldest: float | None = None
-        newest: float | None = None
+        oldest: Monotonic | None = None
+        newest: Monotonic | None = None
         min_rtt = self._rtt.min_rtt
         for index in newly:
             flight = self._flight.pop(index, None)
@@ -741,8 +742,8 @@ class Sender:
         window = min(self._reo_mult * rtt.min_rtt / 4, rtt.srtt)
         return max(window, MIN_REORDER_WINDOW)
 
-    def _detect_losses(self, now: float) -> None:
-        deadline: float | None = None
+    def _detect_losses(self, now: Monotonic) -> None:
+        deadline: Monotonic | None = None
         rack_seq, rack_sent = self._rack_seq, self._rack_sent
         wait = self._rack_rtt + self._reorder_window()
         delivered = self._delivered
@@ -752,15 +753,15 @@ class Sender:
             oldest = min(oldest, flight.seq)
             if flight.lost:
                 continue
-            later = len(delivered) - bisect_right(delivered, flight.seq)
-            if count_rule and later >= self._dupthresh:
+            delivered_after = len(delivered) - bisect_right(delivered, flight.seq)
+            if count_rule and delivered_after >= self._dupthresh:
                 flight.lost = flight.lost_by_count = True
             elif flight.sent_at <= rack_sent:
-                due = flight.sent_at + wait
+                due = later(flight.sent_at, wait)
                 if flight.seq > rack_seq and not flight.ack_now:
                     # sent in the same instant but after the newest delivered block: if the
                     # ack_now block of its burst was lost, the CH holds its SACK back
-                    due += self._max_ack_delay
+                    due = later(due, self._max_ack_delay)
                 if now >= due:
                     flight.lost = True
                 elif deadline is None or due < deadline:
@@ -770,7 +771,7 @@ class Sender:
         self._reorder_deadline = deadline
         del delivered[: bisect_right(delivered, oldest)]  # keep only what can still count
 
-    def _adopt_receiver_state(self, msg: TransferAcked, now: float) -> None:
+    def _adopt_receiver_state(self, msg: TransferAcked, now: Monotonic) -> None:
         """Take the CH's SACK as the whole truth (answer to an Offer or a VERIFYING probe)."""
         self._acked.replace_with_sack(msg.base, msg.bitmap)
         self._flight.clear()
@@ -787,7 +788,7 @@ class Sender:
         if self._acked.full():
             self._enter_verifying(now)
 
-    def _enter_verifying(self, now: float) -> None:
+    def _enter_verifying(self, now: Monotonic) -> None:
         self._state = SenderState.VERIFYING
         self._flight.clear()
         self._flight_bytes = 0
@@ -797,7 +798,7 @@ class Sender:
         self._probed = False
         self._timer_start = now
 
-    def _on_held(self, msg: ImageHeld, now: float) -> None:
+    def _on_held(self, msg: ImageHeld, now: Monotonic) -> None:
         if msg.sha256 != self.manifest.sha256:
             self._fail(Reason.IMAGE_HASH, "the CH reported another digest", now, True)
             return
@@ -809,7 +810,7 @@ class Sender:
         self._state = SenderState.COMPLETE
         self._events.append(TransferCompleted(self._image, msg.sha256))
 
-    def _on_rejected(self, msg: TransferRejected, now: float) -> None:
+    def _on_rejected(self, msg: TransferRejected, now: Monotonic) -> None:
         try:
             reason = Reason(msg.reason)
             detail = msg.detail
@@ -833,7 +834,7 @@ class Sender:
 
     # ------------------------------------------------------------------ ending
 
-    def cancel(self, now: float, reason: Reason = Reason.CANCELLED) -> None:
+    def cancel(self, now: Monotonic, reason: Reason = Reason.CANCELLED) -> None:
         """Abandon the transfer (operator or campaign decision); a Cancel goes out next."""
         if self._state not in _TERMINAL:
             self._fail(reason, "cancelled by otad", now, True)
@@ -847,7 +848,7 @@ class Sender:
         self._offer_due = False
         self._probe_due = False
 
-    def _fail(self, reason: Reason, detail: str, now: float, cancel: bool = False) -> None:
+    def _fail(self, reason: Reason, detail: str, now: Monotonic, cancel: bool = False) -> None:
         self._stop()
         self._state = SenderState.FAILED
         if cancel:

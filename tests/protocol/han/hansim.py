@@ -105,7 +105,7 @@ def release(
         created=int(T0) - 60,
         expires=int(T0) + 30 * 86_400,
     )
-    manifest = verify_manifest(signed.signed_manifest, RELEASE_TRUST, now=int(T0))
+    manifest = verify_manifest(signed.signed_manifest, RELEASE_TRUST, now=T0)
     assert len(ota) == size
     return Release(signed.image, manifest, signed.signed_manifest)
 

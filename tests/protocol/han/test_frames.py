@@ -32,6 +32,8 @@ from protocol.han.frames import (
     UpgradeEndResponse,
     ZclStatus,
     decode_frame,
+    unix_time,
+    zigbee_time,
 )
 
 # --------------------------------------------------------------------------- frames
@@ -170,6 +172,23 @@ def test_decoding_is_strict(data: bytes, expected: Reason) -> None:
     with pytest.raises(ProtocolError) as info:
         decode_frame(data)
     assert info.value.reason is expected
+
+
+def test_frame_times_are_zigbee_utc_time() -> None:
+    # ZCL UTCTime counts seconds from 2000-01-01 00:00 UTC, not from 1970
+    assert zigbee_time(946_684_800.0) == 0
+    assert zigbee_time(1_750_000_000.7) == 803_315_200  # 2025-06-15 15:06:40 UTC, whole seconds
+    assert unix_time(803_315_200) == 1_750_000_000.0
+    assert unix_time(zigbee_time(1_750_000_000.0)) == 1_750_000_000.0
+    assert zigbee_time(946_684_800.0 + 0xFFFF_FFFE) == 0xFFFF_FFFE  # the last second it holds
+
+
+@pytest.mark.parametrize("when", [0.0, 12_345.6, 946_684_799.0, 946_684_800.0 + 0xFFFF_FFFF])
+def test_an_instant_utc_time_cannot_hold_is_a_caller_error(when: float) -> None:
+    # a monotonic clock (loop.time(), a few thousand seconds) is refused, not sent as 1970
+    # wrapped into the ZigBee epoch; 0xFFFFFFFF is never a time (it means "wait")
+    with pytest.raises(ValueError, match="UTCTime"):
+        zigbee_time(when)
 
 
 def test_local_frame_errors_are_value_errors() -> None:

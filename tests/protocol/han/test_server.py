@@ -30,6 +30,7 @@ from protocol.han.frames import (
     UpgradeEndResponse,
     ZclStatus,
     decode_frame,
+    zigbee_time,
 )
 from protocol.han.server import (
     HanServer,
@@ -42,6 +43,10 @@ from protocol.han.server import (
 from protocol.release.manifest import DeviceType
 
 # --------------------------------------------------------------------------- server unit
+
+# frames carry ZigBee UTCTime: seconds since 2000-01-01 UTC (SPEC §8.1); T0 is 2025-06-15
+UTC_T0 = zigbee_time(T0)
+assert UTC_T0 == 803_315_200
 
 
 def query(
@@ -92,12 +97,12 @@ def test_server_caps_blocks_paces_and_holds_back_missing_bytes() -> None:
     server = HanServer(ServerConfig(max_data_size=40, minimum_block_period_ms=250, data_retry_s=2))
     server.add_image(r.signed, r.manifest, source)
     reply = ask(server, B2_ID, block_request(period=None), T0)
-    assert reply == ImageBlockWait(1, int(T0), int(T0), 250)  # learn the period
+    assert reply == ImageBlockWait(1, UTC_T0, UTC_T0, 250)  # learn the period
     reply = ask(server, B2_ID, block_request(period=250), T0 + 0.25)
     assert isinstance(reply, ImageBlockResponse)
     assert reply.data == r.image[:40]
     reply = ask(server, B2_ID, block_request(offset=990, period=250), T0 + 0.5)
-    assert reply == ImageBlockWait(1, int(T0), int(T0) + 2, 250)  # cut-through: not here yet
+    assert reply == ImageBlockWait(1, UTC_T0, UTC_T0 + 2, 250)  # cut-through: not here yet
     source.append(r.image[1000:])
     reply = ask(server, B2_ID, block_request(offset=4090, period=250), T0 + 3)
     assert isinstance(reply, ImageBlockResponse)
@@ -123,7 +128,7 @@ def test_silent_session_times_out_and_frees_its_slot() -> None:
     server = serve(ServerConfig(max_sessions=1, session_timeout=60, busy_retry_s=10), r)
     assert isinstance(ask(server, B1_ID, block_request(), T0), ImageBlockResponse)
     assert ask(server, B2_ID, block_request(), T0 + 1) == ImageBlockWait(
-        1, int(T0) + 1, int(T0) + 11, 100
+        1, UTC_T0 + 1, UTC_T0 + 11, 100
     )
     assert server.next_deadline() == T0 + 60
     server.handle_timer(T0 + 59)
@@ -157,7 +162,7 @@ def test_upgrade_end_is_idempotent_and_errors_are_reported() -> None:
     end = UpgradeEndRequest(5, ZclStatus.SUCCESS, VENDOR, 0x0B02, NEW_VERSION).encode()
     for _ in range(2):
         assert ask(server, B2_ID, end, T0) == UpgradeEndResponse(
-            5, VENDOR, 0x0B02, NEW_VERSION, int(T0), UPGRADE_TIME_WAIT
+            5, VENDOR, 0x0B02, NEW_VERSION, UTC_T0, UPGRADE_TIME_WAIT
         )
     assert [type(e) for e in server.drain_events()] == [ImageDelivered]
     bad = UpgradeEndRequest(6, ZclStatus.INVALID_IMAGE, VENDOR, 0x0B02, NEW_VERSION).encode()
