@@ -187,8 +187,8 @@ class Receiver:
         "_ack_every",
         "_credit",
         "_max_transfers",
-        "_nt_at",
-        "_nt_image",
+        "_no_transfer_at",
+        "_no_transfer_image",
         "_pending",
         "_transfers",
         "_verify",
@@ -227,8 +227,9 @@ class Receiver:
         self._credit = min(limits.window, MAX_U16)
         self._transfers: dict[bytes, _Transfer] = {}
         self._pending: list[ReceiverAction] = []
-        self._nt_image = b""
-        self._nt_at = Monotonic(float("-inf"))
+        # the last TransferRejected(NO_TRANSFER) sent (one per image per ack delay, SPEC §7.2)
+        self._no_transfer_image = b""
+        self._no_transfer_at = Monotonic(float("-inf"))
         self.rejected: Counter[Reason] = Counter()
         self.blocks_stored = 0
         self.bytes_stored = 0
@@ -367,8 +368,11 @@ class Receiver:
         transfer = self._transfers.get(msg.image)
         if transfer is None:
             self.rejected[Reason.NO_TRANSFER] += 1
-            if msg.image != self._nt_image or now >= self._nt_at + self._ack_delay:
-                self._nt_image, self._nt_at = msg.image, now
+            if (
+                msg.image != self._no_transfer_image
+                or now >= self._no_transfer_at + self._ack_delay
+            ):
+                self._no_transfer_image, self._no_transfer_at = msg.image, now
                 rejected = TransferRejected(
                     image=msg.image, reason=Reason.NO_TRANSFER, detail="no transfer: offer it"
                 )

@@ -112,7 +112,7 @@ DUPTHRESH = 3
 #: Asks made with a Poll before falling back to the full Offer (a CH reconnecting after a broker
 #: restart may take seconds to subscribe again: it should not cost it the whole manifest).
 POLL_ASKS = 3
-MAX_REORDER_MULTIPLIER = 16
+MAX_REORDER_WINDOW_SCALE = 16  # the reordering window grows to at most 16 x min_rtt / 4
 MIN_REORDER_WINDOW = 0.001
 
 
@@ -236,10 +236,9 @@ class Sender:
         "_acked",
         "_answered",
         "_ask_poll",
+        "_block_count",
         "_cancel_reason",
-        "_cap",
         "_credit",
-        "_cum",
         "_delivered",
         "_due_at",
         "_dupthresh",
@@ -248,9 +247,9 @@ class Sender:
         "_flight_bytes",
         "_image",
         "_initial_rto",
+        "_lowest_unacked",
         "_max_ack_delay",
         "_max_timeouts",
-        "_n",
         "_next_new",
         "_offer_due",
         "_offer_retx",
@@ -262,8 +261,8 @@ class Sender:
         "_rack_rtt",
         "_rack_sent",
         "_rack_seq",
-        "_reo_mult",
         "_reorder_deadline",
+        "_reorder_window_scale",
         "_reordering_seen",
         "_repair",
         "_rto_floor",
@@ -273,6 +272,7 @@ class Sender:
         "_state",
         "_timeouts",
         "_timer_start",
+        "_window_cap",
         "blocks_sent",
         "bytes_sent",
         "limits",
@@ -319,17 +319,22 @@ class Sender:
         self.manifest = manifest
         self.limits = limits
         self._image = manifest.sha256
-        self._n = manifest.block_count
-        self._cap = limits.window if window is None else min(window, limits.window)
-        self._credit = self._cap
+        self._block_count = manifest.block_count
+        # otad's own cap on blocks in flight (its per-CH window), never above the CH's window
+        self._window_cap = limits.window if window is None else min(window, limits.window)
+        self._credit = self._window_cap
         self._dupthresh = dupthresh
         self._max_timeouts = max_timeouts
         self._max_ack_delay = max_ack_delay
         self._state = SenderState.OFFERING
-        self._acked = Bitmap(self._n) if acked is None else Bitmap.from_bytes(acked, self._n)
-        self._sent = Bitmap(self._n)
-        self._cum = self._acked.first_missing()
-        self._next_new = self._cum
+        self._acked = (
+            Bitmap(self._block_count)
+            if acked is None
+            else Bitmap.from_bytes(acked, self._block_count)
+        )
+        self._sent = Bitmap(self._block_count)
+        self._lowest_unacked = self._acked.first_missing()  # SPEC's "lowest unacknowledged"
+        self._next_new = self._lowest_unacked
         self._flight: dict[int, _Flight] = {}
         self._flight_bytes = 0
         self._repair: set[int] = set()
@@ -338,7 +343,7 @@ class Sender:
         self._delivered: list[int] = []  # send numbers delivered past the oldest outstanding
         self._rack_sent = Monotonic(float("-inf"))
         self._rack_rtt = 0.0
-        self._reo_mult = 1
+        self._reorder_window_scale = 1
         self._reordering_seen = False
         self._reorder_deadline: Monotonic | None = None
         self._rtt = RttEstimator(initial_rto=initial_rto, min_rto=min_rto, max_rto=max_rto)
@@ -387,7 +392,7 @@ class Sender:
     @property
     def blocks_total(self) -> int:
         """Blocks in the image."""
-        return self._n
+        return self._block_count
 
     @property
     def blocks_acked(self) -> int:
@@ -407,7 +412,7 @@ class Sender:
     @property
     def window(self) -> int:
         """The window in force: ``min(window, limits.window, credit)``."""
-        return min(self._cap, self._credit)
+        return min(self._window_cap, self._credit)
 
     @property
     def rto(self) -> float:
@@ -452,7 +457,7 @@ class Sender:
         """Change otad's own cap on blocks in flight (never above ``limits.window``)."""
         if window < 1:
             raise ValueError("window must be >= 1")
-        self._cap = min(window, self.limits.window)
+        self._window_cap = min(window, self.limits.window)
 
     def sendable(self) -> int:
         """About how many blocks :meth:`next_actions` would send with an unlimited budget (for a
@@ -461,9 +466,9 @@ class Sender:
             return int(self._probe_due)
         if self._state is not SenderState.STREAMING:
             return 0
-        room = min(self._cap, self._credit) - len(self._flight)
+        room = min(self._window_cap, self._credit) - len(self._flight)
         room = min(room, (self.limits.buffer - self._flight_bytes) // self.manifest.block_size)
-        unsent = self._n - self._acked.count - len(self._flight)
+        unsent = self._block_count - self._acked.count - len(self._flight)
         return len(self._repair) + int(self._probe_due) + max(0, min(room, unsent))
 
     # ------------------------------------------------------------------ timers
@@ -527,7 +532,7 @@ class Sender:
             self._probe_due = True
             self._probe_index = max(self._flight, key=lambda i: self._flight[i].seq)
             self._due_at = now
-        elif min(self._cap, self._credit) == 0:
+        elif min(self._window_cap, self._credit) == 0:
             self._probe_due = True  # zero credit: a persist probe
             self._due_at = now
         else:
@@ -563,7 +568,7 @@ class Sender:
             if self._probe_due:
                 self._probe_due = False
                 self._probed = True
-                out.append(self._send(self._n - 1, now, ack_now=True))
+                out.append(self._send(self._block_count - 1, now, ack_now=True))
             return out
         if state is not SenderState.STREAMING:
             return out
@@ -571,7 +576,7 @@ class Sender:
             self._probe_due = False
             index, self._probe_index = self._probe_index, None
             if index is None or index not in self._flight:
-                index = self._cum  # zero credit: the persist probe
+                index = self._lowest_unacked  # zero credit: the persist probe
             self._repair.discard(index)
             out.append(self._send(index, now, ack_now=True))
         sent = 0
@@ -597,14 +602,14 @@ class Sender:
 
     def _next_new_block(self) -> int | None:
         """The next never-acknowledged block not in flight, if the window/credit/buffer allow."""
-        if len(self._flight) >= min(self._cap, self._credit):
+        if len(self._flight) >= min(self._window_cap, self._credit):
             return None
-        i, n = self._next_new, self._n
+        i, n = self._next_new, self._block_count
         acked, flight = self._acked, self._flight
         while i < n and (i in acked or i in flight):
             i += 1
         self._next_new = i
-        if i >= n or i > self._cum + SACK_SPAN:
+        if i >= n or i > self._lowest_unacked + SACK_SPAN:
             return None
         if self._flight_bytes + self.manifest.block_length(i) > self.limits.buffer:
             return None
@@ -647,7 +652,7 @@ class Sender:
         if msg.image != self._image:
             raise ProtocolError(Reason.WRONG_IMAGE, "message for another image")
         if isinstance(msg, TransferAcked):
-            check_sack(msg.base, msg.bitmap, self._n)
+            check_sack(msg.base, msg.bitmap, self._block_count)
         if self._state in _TERMINAL:
             return
         if isinstance(msg, TransferAcked):
@@ -668,18 +673,18 @@ class Sender:
             self._timeouts = 0
             self._adopt_receiver_state(msg, now)
         elif state is SenderState.VERIFYING:
-            if msg.base < self._n and self._probed:
+            if msg.base < self._block_count and self._probed:
                 self._adopt_receiver_state(msg, now)  # the CH lost blocks it had acknowledged
         else:
             newly = self._acked.merge_sack(msg.base, msg.bitmap)
             if newly:
-                self._cum = self._acked.first_missing(self._cum)
+                self._lowest_unacked = self._acked.first_missing(self._lowest_unacked)
                 self._account_delivered(newly, now)
                 self._rtt.reset_backoff()
                 if self._rto_floor:
                     self._rto_floor = self._initial_rto
                 self._timeouts = 0
-                self._events.append(ProgressMade(self._image, self._acked.count, self._n))
+                self._events.append(ProgressMade(self._image, self._acked.count, self._block_count))
                 if self._acked.full():
                     self._enter_verifying(now)
                     return
@@ -688,7 +693,7 @@ class Sender:
         if (
             self._state is SenderState.STREAMING
             and not self._flight
-            and min(self._cap, self._credit) == 0
+            and min(self._window_cap, self._credit) == 0
             and self._timer_start is None
         ):
             self._timer_start = now  # persist timer: probe a CH that gave no credit
@@ -713,7 +718,8 @@ class Sender:
                 # got there, so the path reorders
                 self.spurious_repairs += 1
                 self._reordering_seen = True
-                self._reo_mult = min(self._reo_mult + 1, MAX_REORDER_MULTIPLIER)
+                scale = self._reorder_window_scale + 1
+                self._reorder_window_scale = min(scale, MAX_REORDER_WINDOW_SCALE)
                 continue
             elif flight.trust_latest:
                 # a repair made because dupthresh later sends got through: the first copy is
@@ -739,7 +745,7 @@ class Sender:
         rtt = self._rtt
         if rtt.min_rtt is None or rtt.srtt is None:
             return rtt.rto / 4
-        window = min(self._reo_mult * rtt.min_rtt / 4, rtt.srtt)
+        window = min(self._reorder_window_scale * rtt.min_rtt / 4, rtt.srtt)
         return max(window, MIN_REORDER_WINDOW)
 
     def _detect_losses(self, now: Monotonic) -> None:
@@ -779,12 +785,12 @@ class Sender:
         self._repair.clear()
         self._reorder_deadline = None
         self._probe_due = False
-        self._cum = self._acked.first_missing()
-        self._next_new = self._cum
+        self._lowest_unacked = self._acked.first_missing()
+        self._next_new = self._lowest_unacked
         self._timer_start = None
         self._state = SenderState.STREAMING
         self._answered = True
-        self._events.append(ProgressMade(self._image, self._acked.count, self._n))
+        self._events.append(ProgressMade(self._image, self._acked.count, self._block_count))
         if self._acked.full():
             self._enter_verifying(now)
 
@@ -803,8 +809,8 @@ class Sender:
             self._fail(Reason.IMAGE_HASH, "the CH reported another digest", now, True)
             return
         if not self._acked.full():
-            self._acked.replace_with_sack(self._n, b"")
-            self._events.append(ProgressMade(self._image, self._n, self._n))
+            self._acked.replace_with_sack(self._block_count, b"")
+            self._events.append(ProgressMade(self._image, self._block_count, self._block_count))
         self._stop()
         self._answered = True
         self._state = SenderState.COMPLETE
