@@ -54,7 +54,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Final, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -71,6 +71,7 @@ from protocol.device.activation import (
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.trust import Target, TrustStore, verify_manifest
+from protocol.transitions import checked
 from protocol.wire.devices import JoinMode as JoinMode  # re-exported: callers import it here
 from protocol.wire.limits import HASH_LEN, check_eui64
 
@@ -90,6 +91,22 @@ class ActivationState(Enum):
 
     IDLE = "idle"
     SCHEDULED = "scheduled"
+
+
+#: The pending slot's edges (SPEC §8.6 draws and lists them). RECEIVING -> RECEIVING is a newer
+#: verified manifest restarting the slot (erased first).
+SLOT_TRANSITIONS: Final[dict[SlotState, frozenset[SlotState]]] = {
+    SlotState.EMPTY: frozenset({SlotState.RECEIVING}),
+    SlotState.RECEIVING: frozenset({SlotState.RECEIVING, SlotState.HELD, SlotState.EMPTY}),
+    SlotState.HELD: frozenset({SlotState.RECEIVING, SlotState.EMPTY}),
+}
+
+#: The activation's edges (SPEC §8.6). SCHEDULED -> SCHEDULED is a newer future-dated command
+#: replacing the scheduled one.
+ACTIVATION_TRANSITIONS: Final[dict[ActivationState, frozenset[ActivationState]]] = {
+    ActivationState.IDLE: frozenset({ActivationState.SCHEDULED}),
+    ActivationState.SCHEDULED: frozenset({ActivationState.IDLE, ActivationState.SCHEDULED}),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,20 +232,41 @@ class Device:
         self.previous: FirmwareInfo | None = None
         self.last_counter = last_counter
         self.boot_count = boot_count
-        self.slot_state = SlotState.EMPTY
+        self._slot_state = SlotState.EMPTY  # the initial state, not an edge
         self.pending_manifest: Manifest | None = None
         self.signed_manifest: bytes | None = None
         self.stored_bytes = 0  # verified bytes written to the pending slot
         self.next_offset = 0  # next image offset the device expects
         self._buffer = bytearray()  # bytes of the current manifest block, not yet verified
-        self.scheduled: ActivationCommand | None = None
+        self._scheduled: ActivationCommand | None = None  # IDLE: the initial state
 
     # ------------------------------------------------------------------ properties
 
     @property
+    def slot_state(self) -> SlotState:
+        """The pending slot's :class:`SlotState`."""
+        return self._slot_state
+
+    @property
+    def scheduled(self) -> ActivationCommand | None:
+        """The future-dated activation waiting for its time, if any."""
+        return self._scheduled
+
+    @property
     def activation_state(self) -> ActivationState:
         """SCHEDULED while a future-dated activation waits for its time."""
-        return ActivationState.IDLE if self.scheduled is None else ActivationState.SCHEDULED
+        return ActivationState.IDLE if self._scheduled is None else ActivationState.SCHEDULED
+
+    def _enter_slot(self, state: SlotState) -> None:
+        """Change the slot's state along an edge of :data:`SLOT_TRANSITIONS`."""
+        self._slot_state = checked(SLOT_TRANSITIONS, "Device slot", self._slot_state, state)
+
+    def _schedule(self, command: ActivationCommand | None) -> None:
+        """Schedule ``command`` (``None``: nothing) along an edge of
+        :data:`ACTIVATION_TRANSITIONS`."""
+        new = ActivationState.IDLE if command is None else ActivationState.SCHEDULED
+        checked(ACTIVATION_TRANSITIONS, "Device activation", self.activation_state, new)
+        self._scheduled = command
 
     @property
     def holds_image(self) -> bool:
@@ -280,7 +318,7 @@ class Device:
             self.next_offset = self.stored_bytes
             return manifest
         self.store.erase_pending()
-        self.slot_state = SlotState.RECEIVING
+        self._enter_slot(SlotState.RECEIVING)
         self.pending_manifest = manifest
         self.signed_manifest = bytes(signed)
         self.stored_bytes = 0
@@ -327,7 +365,7 @@ class Device:
             if self._rehash(manifest.size) != manifest.sha256:
                 self._discard()
                 raise ProtocolError(Reason.IMAGE_HASH, "stored image does not match the manifest")
-            self.slot_state = SlotState.HELD
+            self._enter_slot(SlotState.HELD)
         return self.next_offset
 
     # ------------------------------------------------------------------ activation
@@ -354,10 +392,10 @@ class Device:
             cancelled: int | None = None
             if scheduled is not None and scheduled.image_sha256 == command.image_sha256:
                 cancelled = scheduled.counter
-                self.scheduled = None
+                self._schedule(None)
             return [ActivationCancelled(self.identity.device_id, command.counter, cancelled)]
         if command.execute_at is not None and command.execute_at > now:
-            self.scheduled = command
+            self._schedule(command)
             return [
                 ActivationScheduled(self.identity.device_id, command.counter, command.execute_at)
             ]
@@ -374,7 +412,7 @@ class Device:
         command = self.scheduled
         if command is None or command.execute_at is None or now < command.execute_at:
             return []
-        self.scheduled = None
+        self._schedule(None)
         return self._execute(command)
 
     # ------------------------------------------------------------------ internals
@@ -408,7 +446,7 @@ class Device:
             self._discard()
             return [self._response(command, Outcome.ACTIVATION_FAILED, Reason.SELF_TEST_FAILED)]
         self.previous = old
-        self.slot_state = SlotState.EMPTY  # the pending slot now holds the previous image
+        self._enter_slot(SlotState.EMPTY)  # the pending slot now holds the previous image
         self.pending_manifest = None
         self.signed_manifest = None
         self.stored_bytes = self.next_offset = 0
@@ -442,7 +480,7 @@ class Device:
 
     def _discard(self) -> None:
         self.store.erase_pending()
-        self.slot_state = SlotState.EMPTY
+        self._enter_slot(SlotState.EMPTY)
         self.pending_manifest = None
         self.signed_manifest = None
         self.stored_bytes = self.next_offset = 0

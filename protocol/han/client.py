@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Final, Protocol
 
 from protocol.clock import UnixTime, later
 from protocol.device.device import Device
@@ -69,6 +69,7 @@ from protocol.han.frames import (
     unix_time,
 )
 from protocol.release.manifest import Manifest
+from protocol.transitions import checked
 from protocol.wire.limits import MAX_U8, MAX_U16, MAX_U32
 
 
@@ -104,6 +105,21 @@ class ClientState(Enum):
     DOWNLOADING = "downloading"
     ENDING = "ending"
     WAITING_ACTIVATION = "waiting_activation"
+
+
+#: The download's edges (SPEC §8.4 draws and lists them); :meth:`HanClient._enter` takes no other.
+TRANSITIONS: Final[dict[ClientState, frozenset[ClientState]]] = {
+    ClientState.IDLE: frozenset({ClientState.QUERYING}),
+    ClientState.QUERYING: frozenset(
+        {ClientState.IDLE, ClientState.FETCHING_MANIFEST, ClientState.ENDING}
+    ),
+    ClientState.FETCHING_MANIFEST: frozenset(
+        {ClientState.IDLE, ClientState.DOWNLOADING, ClientState.ENDING}
+    ),
+    ClientState.DOWNLOADING: frozenset({ClientState.IDLE, ClientState.ENDING}),
+    ClientState.ENDING: frozenset({ClientState.WAITING_ACTIVATION, ClientState.IDLE}),
+    ClientState.WAITING_ACTIVATION: frozenset({ClientState.IDLE}),
+}
 
 
 # --------------------------------------------------------------------------- events
@@ -219,7 +235,7 @@ class HanClient:
         self.device = device
         self.config = config or ClientConfig()
         self.rng: JitterSource = rng or _XorShift(int(device.identity.device_id, 16))
-        self.state = ClientState.IDLE
+        self._state = ClientState.IDLE  # the initial state, not an edge
         self.stats = ClientStats()
         self.last_failure: Reason | None = None
         self._events: list[ClientEvent] = []
@@ -238,6 +254,11 @@ class HanClient:
         self._node_address = int(device.identity.device_id, 16)
 
     # ------------------------------------------------------------------ API
+
+    @property
+    def state(self) -> ClientState:
+        """The current :class:`ClientState`."""
+        return self._state
 
     @property
     def minimum_block_period_ms(self) -> int:
@@ -311,8 +332,12 @@ class HanClient:
         ):
             self._go_idle(now)
 
+    def _enter(self, state: ClientState) -> None:
+        """Change state along an edge of :data:`TRANSITIONS` (``IllegalTransitionError`` if not)."""
+        self._state = checked(TRANSITIONS, "HanClient", self._state, state)
+
     def _go_idle(self, now: UnixTime) -> None:
-        self.state = ClientState.IDLE
+        self._enter(ClientState.IDLE)
         self._offer = None
         self._outstanding = None
         self._errors = 0
@@ -351,7 +376,8 @@ class HanClient:
         seq = self._next_seq()
         frame: QueryNextImageRequest | ManifestBlockRequest | ImageBlockRequest | UpgradeEndRequest
         if self.state in (ClientState.IDLE, ClientState.QUERYING):
-            self.state = ClientState.QUERYING
+            if self.state is ClientState.IDLE:
+                self._enter(ClientState.QUERYING)
             frame = QueryNextImageRequest(
                 seq,
                 ident.vendor,
@@ -411,7 +437,8 @@ class HanClient:
                 return []
             if self.state in (ClientState.ENDING, ClientState.WAITING_ACTIVATION):
                 # the image is held: keep it and wait for the activation command regardless
-                self.state = ClientState.WAITING_ACTIVATION
+                if self.state is ClientState.ENDING:
+                    self._enter(ClientState.WAITING_ACTIVATION)
                 self._errors = 0
                 self._arm(_Timer.SEND, later(now, self.config.upgrade_end_requery))
                 return []
@@ -492,10 +519,10 @@ class HanClient:
         self._events.append(ImageOffered(frame.file_version, frame.image_size))
         held = self.device.pending_manifest
         if self.device.holds_image and held is not None and self._matches(held):
-            self.state = ClientState.ENDING  # already held: just report it
+            self._enter(ClientState.ENDING)  # already held: just report it
             self._arm(_Timer.SEND, now)
             return []
-        self.state = ClientState.FETCHING_MANIFEST
+        self._enter(ClientState.FETCHING_MANIFEST)
         self._manifest = bytearray()
         self._manifest_size = None
         self._arm_send(now)
@@ -560,7 +587,7 @@ class HanClient:
         self._events.append(ManifestAccepted(manifest))
         if self.device.holds_image:
             return self._image_held(now)
-        self.state = ClientState.DOWNLOADING
+        self._enter(ClientState.DOWNLOADING)
         self._arm_send(now)
         return []
 
@@ -604,7 +631,7 @@ class HanClient:
         manifest = self.device.pending_manifest
         assert manifest is not None
         self._events.append(ImageReceived(manifest.sha256))
-        self.state = ClientState.ENDING
+        self._enter(ClientState.ENDING)
         self._arm(_Timer.SEND, now)
         return []
 
@@ -624,6 +651,7 @@ class HanClient:
         self._events.append(UpgradeEndAcknowledged(frame.upgrade_time & MAX_U32))
         # Never activate on this unsigned frame, whatever its upgrade time: wait for the signed
         # activation command, re-announcing the held image every upgrade_end_requery seconds.
-        self.state = ClientState.WAITING_ACTIVATION
+        if self.state is ClientState.ENDING:
+            self._enter(ClientState.WAITING_ACTIVATION)
         self._arm(_Timer.SEND, later(now, self.config.upgrade_end_requery))
         return []

@@ -41,7 +41,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Final, Protocol
 
 from protocol.clock import UnixTime, later
 from protocol.errors import ProtocolError, Reason
@@ -71,6 +71,7 @@ from protocol.han.frames import (
     zigbee_time,
 )
 from protocol.release.manifest import Manifest
+from protocol.transitions import checked
 from protocol.wire.limits import MAX_U16, MAX_U32
 
 Output = list[tuple[str, bytes]]
@@ -165,6 +166,36 @@ class SessionState(Enum):
     TIMED_OUT = "timed_out"
 
 
+#: A session's edges (SPEC §8.3 draws and lists them). Sessions start OFFERED; a FAILED or
+#: TIMED_OUT one is replaced by a new session when its peer asks again.
+TRANSITIONS: Final[dict[SessionState, frozenset[SessionState]]] = {
+    SessionState.OFFERED: frozenset(
+        {
+            SessionState.WAITING,
+            SessionState.TRANSFERRING,
+            SessionState.DELIVERED,
+            SessionState.FAILED,
+        }
+    ),
+    SessionState.WAITING: frozenset(
+        {
+            SessionState.TRANSFERRING,
+            SessionState.OFFERED,
+            SessionState.DELIVERED,
+            SessionState.FAILED,
+        }
+    ),
+    SessionState.TRANSFERRING: frozenset(
+        {SessionState.DELIVERED, SessionState.FAILED, SessionState.TIMED_OUT}
+    ),
+    SessionState.DELIVERED: frozenset(
+        {SessionState.WAITING, SessionState.TRANSFERRING, SessionState.FAILED}
+    ),
+    SessionState.FAILED: frozenset(),
+    SessionState.TIMED_OUT: frozenset(),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
     """A snapshot of one session, for the CH's reports (CCS08-like transfer outcome)."""
@@ -203,7 +234,7 @@ class _Session:
     def __init__(self, peer: str, image: OfferedImage, now: UnixTime) -> None:
         self.peer = peer
         self.image = image
-        self.state = SessionState.OFFERED
+        self.state = SessionState.OFFERED  # the initial state, not an edge
         self.last_request_at = now
         self.last_served_at: UnixTime | None = None
         self.period_announced = False
@@ -215,6 +246,10 @@ class _Session:
         self.busy_waits = 0
         self.data_waits = 0
         self.period_waits = 0
+
+    def enter(self, state: SessionState) -> None:
+        """Change state along an edge of :data:`TRANSITIONS` (``IllegalTransitionError`` if not)."""
+        self.state = checked(TRANSITIONS, "HanServer", self.state, state)
 
     def info(self) -> SessionInfo:
         return SessionInfo(
@@ -383,7 +418,7 @@ class HanServer:
                 s.state is SessionState.TRANSFERRING
                 and now >= s.last_request_at + self.config.session_timeout
             ):
-                s.state = SessionState.TIMED_OUT
+                s.enter(SessionState.TIMED_OUT)
                 s.finished_at = now
                 self._events.append(SessionTimedOut(s.peer, s.image.manifest.sha256, now))
         return []
@@ -546,17 +581,18 @@ class HanServer:
             ):
                 self._queue.remove(peer)
                 if waiter is not None and waiter.state is SessionState.WAITING:
-                    waiter.state = SessionState.OFFERED
+                    waiter.enter(SessionState.OFFERED)  # went silent: leaves the queue
         ahead = self._queue.index(session.peer) if session.peer in self._queue else len(self._queue)
         if self.transferring + ahead < self.config.max_sessions:
             if session.peer in self._queue:
                 self._queue.remove(session.peer)
-            session.state = SessionState.TRANSFERRING
+            session.enter(SessionState.TRANSFERRING)
             if session.started_at is None:
                 session.started_at = now
             self._events.append(SessionStarted(session.peer, session.image.manifest.sha256, now))
             return True
-        session.state = SessionState.WAITING
+        if session.state is not SessionState.WAITING:
+            session.enter(SessionState.WAITING)
         if session.peer not in self._queue:
             self._queue.append(session.peer)
         return False
@@ -591,7 +627,7 @@ class HanServer:
         if req.status is ZclStatus.SUCCESS:
             if session.state is not SessionState.DELIVERED:
                 self._leave_queue(session)
-                session.state = SessionState.DELIVERED
+                session.enter(SessionState.DELIVERED)
                 session.finished_at = now
                 self._events.append(ImageDelivered(peer, sha, now))
             return UpgradeEndResponse(
@@ -604,7 +640,7 @@ class HanServer:
             ).encode()
         if session.state is not SessionState.FAILED:
             self._leave_queue(session)
-            session.state = SessionState.FAILED
+            session.enter(SessionState.FAILED)
             session.finished_at = now
             self._events.append(SessionFailed(peer, sha, req.status, now))
         return DefaultResponse(req.seq, req.COMMAND, ZclStatus.SUCCESS, True).encode()

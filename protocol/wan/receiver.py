@@ -75,11 +75,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Final
 
 from protocol.clock import Monotonic, later
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
+from protocol.transitions import checked
 from protocol.wan.sack import Bitmap
 from protocol.wire import cbor
 from protocol.wire.limits import HASH_LEN, MAX_U16
@@ -107,6 +108,16 @@ class TransferPhase(Enum):
     RECEIVING = 0  # blocks missing
     VERIFYING = 1  # every block held; the shell is re-hashing the stored image
     HELD = 2  # the stored image hashed to the manifest's digest
+
+
+#: One image's edges on the receiving side (SPEC §7.10 draws and lists them). A transfer starts
+#: RECEIVING (or VERIFYING when restored with every block held) and ends by being forgotten
+#: (Cancel, a re-hash mismatch, a manifest that no longer verifies), which is not a phase.
+TRANSITIONS: Final[dict[TransferPhase, frozenset[TransferPhase]]] = {
+    TransferPhase.RECEIVING: frozenset({TransferPhase.VERIFYING}),
+    TransferPhase.VERIFYING: frozenset({TransferPhase.HELD}),
+    TransferPhase.HELD: frozenset(),
+}
 
 
 # --------------------------------------------------------------------------- actions
@@ -170,6 +181,7 @@ class _Transfer:
         self.held = held
         self.base = held.first_missing()
         self.highest = held.highest()
+        # the initial phase, not an edge
         self.phase = TransferPhase.VERIFYING if held.full() else TransferPhase.RECEIVING
         self.sha256 = b""
         self.unacked = 0
@@ -177,6 +189,10 @@ class _Transfer:
         self.new_bytes = 0
         self.ack_due: Monotonic | None = None
         self.verify_pending = False
+
+    def enter(self, phase: TransferPhase) -> None:
+        """Change phase along an edge of :data:`TRANSITIONS` (``IllegalTransitionError`` if not)."""
+        self.phase = checked(TRANSITIONS, "Receiver", self.phase, phase)
 
 
 class Receiver:
@@ -291,7 +307,7 @@ class Receiver:
             return []
         transfer.verify_pending = False
         if sha256 == transfer.manifest.sha256:
-            transfer.phase = TransferPhase.HELD
+            transfer.enter(TransferPhase.HELD)
             transfer.sha256 = sha256
             return [Reply(ImageHeld(image=image, sha256=sha256))]
         self.rejected[Reason.IMAGE_HASH] += 1
@@ -434,7 +450,7 @@ class Receiver:
             StoreBlock(msg.image, index, index * manifest.block_size, data)
         ]
         if transfer.held.full():
-            transfer.phase = TransferPhase.VERIFYING
+            transfer.enter(TransferPhase.VERIFYING)
             transfer.verify_pending = True
             actions.append(self._ack(transfer))
             actions.append(VerifyImage(msg.image, manifest.size))
@@ -557,7 +573,7 @@ class Receiver:
             return
         transfer = _Transfer(entry["m"], manifest, held)
         if phase is TransferPhase.HELD and entry["d"] == manifest.sha256:
-            transfer.phase = TransferPhase.HELD
+            transfer.enter(TransferPhase.HELD)
             transfer.sha256 = manifest.sha256
         elif transfer.phase is TransferPhase.VERIFYING:
             transfer.verify_pending = True

@@ -100,10 +100,12 @@ from __future__ import annotations
 from bisect import bisect_right, insort
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import Final
 
 from protocol.clock import Monotonic, later
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
+from protocol.transitions import checked
 from protocol.wan.rtt import RttEstimator
 from protocol.wan.sack import SACK_SPAN, Bitmap, check_sack
 from protocol.wire.messages import ImageHeld, Limits, Message, TransferAcked, TransferRejected
@@ -124,6 +126,22 @@ class SenderState(Enum):
     VERIFYING = "verifying"  # every block acknowledged; waiting for ImageHeld
     COMPLETE = "complete"  # the CH holds the image and its digest matches
     FAILED = "failed"  # given up; see the TransferFailed event
+
+
+#: The sender's edges (SPEC §7.10 draws and lists them); :meth:`Sender._enter` takes no other.
+TRANSITIONS: Final[dict[SenderState, frozenset[SenderState]]] = {
+    SenderState.OFFERING: frozenset(
+        {SenderState.STREAMING, SenderState.COMPLETE, SenderState.FAILED}
+    ),
+    SenderState.STREAMING: frozenset(
+        {SenderState.VERIFYING, SenderState.OFFERING, SenderState.COMPLETE, SenderState.FAILED}
+    ),
+    SenderState.VERIFYING: frozenset(
+        {SenderState.STREAMING, SenderState.OFFERING, SenderState.COMPLETE, SenderState.FAILED}
+    ),
+    SenderState.COMPLETE: frozenset(),
+    SenderState.FAILED: frozenset(),
+}
 
 
 # --------------------------------------------------------------------------- actions
@@ -326,7 +344,7 @@ class Sender:
         self._dupthresh = dupthresh
         self._max_timeouts = max_timeouts
         self._max_ack_delay = max_ack_delay
-        self._state = SenderState.OFFERING
+        self._state = SenderState.OFFERING  # the initial state, not an edge
         self._acked = (
             Bitmap(self._block_count)
             if acked is None
@@ -788,14 +806,18 @@ class Sender:
         self._lowest_unacked = self._acked.first_missing()
         self._next_new = self._lowest_unacked
         self._timer_start = None
-        self._state = SenderState.STREAMING
+        self._enter(SenderState.STREAMING)
         self._answered = True
         self._events.append(ProgressMade(self._image, self._acked.count, self._block_count))
         if self._acked.full():
             self._enter_verifying(now)
 
+    def _enter(self, state: SenderState) -> None:
+        """Change state along an edge of :data:`TRANSITIONS` (``IllegalTransitionError`` if not)."""
+        self._state = checked(TRANSITIONS, "Sender", self._state, state)
+
     def _enter_verifying(self, now: Monotonic) -> None:
-        self._state = SenderState.VERIFYING
+        self._enter(SenderState.VERIFYING)
         self._flight.clear()
         self._flight_bytes = 0
         self._repair.clear()
@@ -813,7 +835,7 @@ class Sender:
             self._events.append(ProgressMade(self._image, self._block_count, self._block_count))
         self._stop()
         self._answered = True
-        self._state = SenderState.COMPLETE
+        self._enter(SenderState.COMPLETE)
         self._events.append(TransferCompleted(self._image, msg.sha256))
 
     def _on_rejected(self, msg: TransferRejected, now: Monotonic) -> None:
@@ -832,7 +854,7 @@ class Sender:
             self._fail(Reason.TIMED_OUT, "the CH keeps losing the transfer", now, True)
             return
         self._stop()
-        self._state = SenderState.OFFERING
+        self._enter(SenderState.OFFERING)
         self._offer_due = True
         self._ask_poll = False  # the CH lost the transfer: it needs the manifest
         self._offer_sent_at = None
@@ -856,7 +878,7 @@ class Sender:
 
     def _fail(self, reason: Reason, detail: str, now: Monotonic, cancel: bool = False) -> None:
         self._stop()
-        self._state = SenderState.FAILED
+        self._enter(SenderState.FAILED)
         if cancel:
             self._cancel_reason = reason
             self._due_at = now
