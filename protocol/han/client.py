@@ -265,7 +265,7 @@ class HanClient:
         """The MinimumBlockPeriod the client currently honours."""
         return self._period_ms
 
-    def drain_events(self) -> list[ClientEvent]:
+    def events(self) -> list[ClientEvent]:
         """Events since the last call, oldest first."""
         events, self._events = self._events, []
         return events

@@ -381,7 +381,7 @@ class HanServer:
         if peer in self._queue:
             self._queue.remove(peer)
 
-    def drain_events(self) -> list[ServerEvent]:
+    def events(self) -> list[ServerEvent]:
         """Events since the last call, oldest first."""
         events, self._events = self._events, []
         return events

@@ -189,10 +189,10 @@ class HanSim:
         return self._n
 
     def _collect(self) -> None:
-        for server_event in self.server.drain_events():
+        for server_event in self.server.events():
             self.events.append((self.now, server_event))
         for n in self.nodes:
-            for client_event in n.client.drain_events():
+            for client_event in n.client.events():
                 self.events.append((self.now, (n.peer, client_event)))
         self.max_transferring = max(self.max_transferring, self.server.transferring)
 
