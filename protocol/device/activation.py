@@ -13,7 +13,7 @@ activation's wire format; :mod:`protocol.device.device` is what a device does wi
 * :class:`ActivationScheduled` / :class:`ActivationCancelled` -- the device's immediate answer to
   a future-dated command and to a cancellation (GBCS "future-dated, Device" response pattern);
   the outcome follows as an :class:`ActivationResponse` when the command executes.
-* Confirmation evidence, by join mode (DESIGN.md section 1, DP170 questions 1, 2 and 4):
+* Confirmation evidence, by join mode (SPEC §8.8; DP170 questions 1, 2 and 4):
   :class:`ActivationAlert`, signed by the *device's* own key, for devices that can sign (native
   devices and bridges joined as a PPMID); :class:`VersionReport`, unsigned, for bridges joined as
   a CAD: the CH's own evidence that the device rebooted and now reports the new version.
@@ -163,7 +163,7 @@ class ActivationAlert(ActivationRecord):
     """Signed by the device: "I now run ``fw_version``, the image ``image_sha256``".
 
     ``counter`` is the activation command's counter, so an alert from an earlier cycle cannot be
-    replayed as confirmation of a later one (A13).
+    replayed as confirmation of a later one (SPEC §8.8).
     """
 
     TYPE: ClassVar[str] = "activation_alert"

@@ -1,29 +1,16 @@
 """The device verifier/activator: one active image, one pending image, signed activation.
 
-Used by the virtual HAN devices (bridges B1-B4, ESME, ...) and by the virtual CH for its own
-firmware. Sans-IO: flash is behind the small :class:`SlotStore` interface (tests use
+Meant for the virtual HAN devices (bridges B1-B4, ESME, ...) and the virtual CH's own firmware;
+their shells are issue 9's, today the tests drive it (with a :class:`~protocol.han.client.HanClient`
+feeding it). Sans-IO: flash is behind the small :class:`SlotStore` interface (tests use
 :class:`MemorySlotStore`; a virtual device may back it with a file), time comes in as ``now``,
 the one timer (a future-dated activation) is exposed by :meth:`Device.next_deadline` and fired by
 :meth:`Device.handle_timer`, and the self-test result is injected.
 
-Two small machines run side by side. The pending slot (:class:`SlotState`)::
-
-              manifest verified                    last byte stored and
-    EMPTY ─────────────────────────► RECEIVING ──── whole image re-read from ────► HELD
-      ▲     (slot erased first)        │   ▲        storage matches the digest       │
-      │                                │   │ block hash wrong:                       │
-      │◄── image digest wrong ─────────┘   └ block dropped, re-fetched               │
-      │    (slot erased)                                                             │
-      │◄── activation executed: success (slot now holds the previous image),─────────┘
-      │    stored image re-hash mismatch (erased), self-test failed (rolled back, erased)
-    a newer verified manifest moves RECEIVING or HELD back to RECEIVING (slot erased).
-
-The activation (:class:`ActivationState`)::
-
-    IDLE ── future-dated command accepted ──► SCHEDULED ── execute_at reached ──► IDLE (executes)
-                                               │  ▲
-                 cancel accepted ◄─────────────┘  └── a newer future-dated command replaces it
-    IDLE ── immediate command accepted ──► executes now, stays IDLE
+Two small machines run side by side, the pending slot (:class:`SlotState`) and the activation
+(:class:`ActivationState`); SPEC §8.6 draws both and lists every edge (:data:`SLOT_TRANSITIONS`,
+:data:`ACTIVATION_TRANSITIONS` are those tables). An immediate activation command executes at
+once and leaves the activation IDLE.
 
 What is checked, and when:
 
@@ -39,9 +26,10 @@ What is checked, and when:
   verifies, it names this device (``WRONG_DEVICE``) and its counter is strictly greater than the
   last accepted one (``REPLAYED``); the counter is then consumed. At execution time (now, or at
   ``execute_at``) the pending image is **re-hashed from storage**, never from a cached digest
-  (A11 TOCTOU): no image -> ``NO_IMAGE_HELD``; command hash differs from the held image or the
-  stored bytes no longer hash to it -> ``HASH_MISMATCH``; otherwise the slots swap, the injected
-  self-test runs, and a failure swaps back (``ACTIVATION_FAILED``, reason ``SELF_TEST_FAILED``).
+  (time of check is time of use): no image -> ``NO_IMAGE_HELD``; command hash differs from the
+  held image or the stored bytes no longer hash to it -> ``HASH_MISMATCH``; otherwise the slots
+  swap, the injected self-test runs, and a failure swaps back (``ACTIVATION_FAILED``, reason
+  ``SELF_TEST_FAILED``).
 * Success yields the confirmation evidence the join mode allows: a device-signed
   :class:`~protocol.device.activation.ActivationAlert` (native devices, bridges joined as a PPMID)
   or a
@@ -432,7 +420,7 @@ class Device:
             # the command names another image: keep ours, refuse to switch
             return [self._response(command, Outcome.HASH_MISMATCH, Reason.HASH_MISMATCH)]
         if self._rehash(manifest.size) != command.image_sha256:
-            # the stored bytes changed since they were verified (A11): the image is unusable
+            # the stored bytes changed since they were verified: the image is unusable
             self._discard()
             return [self._response(command, Outcome.HASH_MISMATCH, Reason.HASH_MISMATCH)]
         self.store.swap()

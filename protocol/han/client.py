@@ -2,38 +2,14 @@
 
 The client drives the download (ZigBee OTA is pull: the client owns the offset) and hands every
 byte to its :class:`~protocol.device.device.Device`, which verifies the signed manifest before the
-first image byte, each manifest block before it reaches flash, and the whole image at the end::
+first image byte, each manifest block before it reaches flash, and the whole image at the end.
 
-        start() / query timer / ImageNotify (jitter draw passed)
-    IDLE ─────────────────────────────────────────────────► QUERYING
-     ▲ ▲                                                      │ QueryNextImageResponse
-     │ └─ NO_IMAGE_AVAILABLE, same version, N errors ◄────────┤ (new version)
-     │                                                        ▼
-     │                                              FETCHING_MANIFEST  (ManifestBlockRequest...)
-     │◄── manifest refused by the device: UpgradeEnd(INVALID_IMAGE) ──┤ manifest verified
-     │                                                                ▼
-     │                                                         DOWNLOADING  (ImageBlockRequest...)
-     │◄── ABORT from the server, N consecutive errors: UpgradeEnd(ABORT)  │
-     │◄── stored image digest wrong: UpgradeEnd(INVALID_IMAGE)            │ image held
-     │                                                                    ▼
-     │                                                      ENDING  (UpgradeEnd(SUCCESS) sent)
-     │                                                                    │ UpgradeEndResponse
-     │                                                                    ▼ (or N errors)
-     └──── the device activated or dropped the image ◄──────── WAITING_ACTIVATION
-                                                        (UpgradeEnd re-sent every hour)
-
-Timers and pacing (all deadlines are exposed by :meth:`HanClient.next_deadline`):
-
-* one request outstanding at a time; no answer within ``message_timeout`` (3 s) is an error;
-  the request is retried after ``retry_backoff`` doubling per consecutive error (2, 4, 8 ... s,
-  at most ``max_backoff``); ``max_errors`` (10) consecutive errors abort the download;
-* block requests (manifest or image) are never sent less than MinimumBlockPeriod after the
-  previous block request; the period is learned from the server's WAIT_FOR_DATA responses and
-  declared in every request;
-* WAIT_FOR_DATA(current, request time, period): ask again ``request time - current time``
-  seconds later (and not before the period), without counting an error;
-* responses are matched to the outstanding request by ZCL sequence number and offset; a late
-  answer to an earlier (timed-out) request is ignored.
+SPEC §8.4 is the normative description: the frames the client sends and when, its timers (one
+request outstanding; ``message_timeout``, a backoff doubling per consecutive error up to
+``max_backoff``, ``max_errors`` to abort; block requests paced by the MinimumBlockPeriod learned
+from WAIT_FOR_DATA; stale answers matched by sequence number and offset and ignored), its states
+with every edge (:data:`TRANSITIONS` is that table) and its defaults (:class:`ClientConfig`).
+All deadlines are exposed by :meth:`HanClient.next_deadline`.
 
 The device never activates on an UpgradeEndResponse: whatever its upgrade time, the client
 waits for the signed activation command (:meth:`protocol.device.device.Device.activation_received`).

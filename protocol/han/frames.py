@@ -44,7 +44,7 @@ Standard cluster commands (ZCL, OTA Upgrade cluster):
 
 Manufacturer-specific extension (bit 2 set; the header's manufacturer code is the image's
 manufacturer code), carrying the COSE_Sign1 manifest to the device before any image byte, by
-the same client-pulled offset/length mechanics as image blocks (see protocol/spec/han.md):
+the same client-pulled offset/length mechanics as image blocks (SPEC §8.2):
 
 ====  ======  ==========================  ================================================
 0x00  c->s    ManifestBlockRequest        u16 image type, u32 version, u32 offset,

@@ -3,32 +3,14 @@
 The CH holds images (each with its signed manifest) and serves them to HAN clients that pull
 them: QueryNextImage, then the manifest by ManifestBlockRequest (manufacturer-specific
 extension), then the image by ImageBlockRequest, then UpgradeEnd. The server keeps one session
-per client (``peer``: the client's address, opaque here). Per session::
+per client (``peer``: the client's address, opaque here).
 
-                 QueryNextImage (image for this peer)
-      (none) ──────────────────────────────────────► OFFERED
-                                                        │ block request
-                         ┌──────────────────────────────┤
-          K sessions busy│ (or earlier waiters queued)  │ slot free
-                         ▼                              ▼
-                      WAITING ── block request, ──► TRANSFERRING ── no request for ──► TIMED_OUT
-             (WAIT_FOR_DATA,       slot free            │  │        session_timeout
-              busy_retry_s)                             │  └── UpgradeEnd(error) ──► FAILED
-                                                        │
-                                      UpgradeEnd(SUCCESS)▼
-                                                    DELIVERED  (UpgradeEndResponse with
-                                                                upgrade time 0xFFFFFFFF)
-
-Back-pressure, always by an ImageBlockResponse/ManifestBlockResponse with status WAIT_FOR_DATA
-carrying (current time, request time, minimum block period):
-
-* **busy**: at most ``max_sessions`` (K, default 2) sessions are TRANSFERRING; any other client
-  is answered "ask again in ``busy_retry_s``" and queued first-come first-served, so a freed
-  slot goes to the longest waiter (a waiter that stops asking drops out of the queue);
-* **pacing**: a block request that does not declare the server's MinimumBlockPeriod (or declares
-  a smaller one) is answered "now, at this period", which is how the client learns it;
-* **cut-through**: a block whose bytes the CH does not hold yet (the image is still arriving over
-  the WAN, see :class:`ProgressiveImage`) is answered "ask again in ``data_retry_s``".
+SPEC §8.3 is the normative description: what each frame is answered with and in which order
+(admission of at most ``max_sessions`` K transferring sessions with a first-come first-served
+queue, pacing by the MinimumBlockPeriod, bounds, cut-through from an image still arriving over
+the WAN), the session states with every edge (:data:`TRANSITIONS` is that table) and the
+defaults (:class:`ServerConfig`). Back-pressure is always a WAIT_FOR_DATA response carrying
+(current time, request time, minimum block period).
 
 A session's bytes come from an :class:`ImageSource`; the server never writes anything. Activation
 is not the server's business: UpgradeEnd always answers upgrade time 0xFFFFFFFF (wait for the

@@ -1,12 +1,8 @@
 """The ``.otaimg`` release file: a signed manifest and the ZigBee OTA file it covers.
 
-Layout (all of it; integers big-endian)::
-
-    offset  size  field
-    0       8     magic b"OTAIMG" 0x00 0x01 (the last two bytes are the format version, 1)
-    8       4     M = length of the signed manifest (u32), 1 <= M <= MAX_SIGNED_MANIFEST_BYTES
-    12      M     signed manifest: the COSE_Sign1 bytes exactly as signed (protocol.release.cose)
-    12+M    rest  the ZigBee OTA file; the manifest's ``size`` and ``sha256`` are of these bytes
+SPEC §6.6 gives the layout (integers big-endian): an 8-byte magic with the format version, the
+signed manifest's length (u32), the COSE_Sign1 bytes exactly as signed, then the ZigBee OTA file
+the manifest's ``size`` and ``sha256`` are of.
 
 :meth:`SignedImage.decode` checks the container only; :func:`verify` checks everything: the
 signature and manifest (:func:`protocol.release.trust.verify_manifest`), the bytes against the

@@ -2,15 +2,11 @@
 
 :class:`TrustStore` maps key ids to P-256 public keys and keeps a revocation list of key ids.
 :func:`verify_manifest` is the one place a signed manifest becomes a :class:`Manifest`; it runs the
-checks in a fixed order and stops at the first failure:
-
-1. envelope and signature (:meth:`TrustStore.verify`): ``MALFORMED``/``TOO_LARGE``/...,
-   ``REVOKED_KEY``, ``UNKNOWN_KEY_ID``, ``BAD_ALGORITHM``, ``BAD_SIGNATURE``. The payload is not
-   decoded before its signature has verified (A11);
-2. manifest decoding (:meth:`Manifest.decode`);
-3. expiry against the caller's fixed update-start time: ``EXPIRED`` (A03);
-4. with a :class:`Target`: ``WRONG_VENDOR``, ``WRONG_DEVICE_TYPE``, ``HARDWARE_OUT_OF_RANGE``
-   (A05), then ``ROLLBACK`` for a lower sequence and ``REPLAYED`` for the installed one (A02).
+checks in the order of SPEC §6.4 (which names each step's reasons) and stops at the first
+failure: envelope and signature (:meth:`TrustStore.verify`, steps 1-6; the payload is not
+decoded before its signature has verified), manifest decoding (:meth:`Manifest.decode`, step
+7), expiry against the caller's fixed update-start time (step 8), and, given a
+:class:`Target`, vendor, device type, hardware range and anti-rollback (steps 9-13).
 
 Sans-IO: keys come in as objects, time comes in as ``now``.
 """

@@ -1,28 +1,11 @@
 """The ZigBee OTA Upgrade file (ZCL spec, OTA Upgrade cluster, "OTA Upgrade File Format").
 
-All integers little-endian. The header::
-
-    offset size field
-    0      4    file identifier, 0x0BEEF11E
-    4      2    header version, 0x0100
-    6      2    header length (bytes, incl. the optional fields)
-    8      2    header field control (bit0 security credential version present,
-                bit1 device-specific file: upgrade file destination present,
-                bit2 minimum/maximum hardware versions present)
-    10     2    manufacturer code
-    12     2    image type
-    14     4    file version
-    18     2    ZigBee stack version
-    20     32   header string
-    52     4    total image size (the whole file, header included)
-    56     1    security credential version         (bit0)
-    ..     8    upgrade file destination (IEEE addr) (bit1)
-    ..     2+2  minimum, maximum hardware version    (bit2)
-
-then sub-elements to the end of the file: tag (u16), length (u32), data. Tag 0x0000 is the
-Upgrade Image. :meth:`OtaFile.parse` is strict: every byte is accounted for and any
-inconsistency raises :class:`ProtocolError`. :meth:`OtaHeader.parse` reads the header alone (for
-files whose body is not sub-element framed, such as the GBCS sample in the DCC DUIS templates).
+SPEC §6.5 gives the layout (all integers little-endian): a header of fixed fields and optional
+ones chosen by its field control, then sub-elements to the end of the file (tag u16, length
+u32, data; tag 0x0000 is the Upgrade Image). :meth:`OtaFile.parse` is strict: every byte is
+accounted for and any inconsistency raises :class:`ProtocolError`. :meth:`OtaHeader.parse`
+reads the header alone (for files whose body is not sub-element framed, such as the GBCS
+sample in the DCC DUIS templates).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The receiving half of a WAN transfer: a Communications Hub (or a HAN device) taking images.
+"""The receiving half of a WAN transfer: a Communications Hub taking images from otad (SPEC §7).
 
 Theory of operation
 -------------------
@@ -12,42 +12,23 @@ and the time, and carries out the actions it returns --
   ``TransferRejected``);
 * :class:`StoreBlock` -- write these bytes at this offset of the image. Emitted only after the
   block passed every check, so nothing unverified is ever written;
-* :class:`VerifyImage` -- every block is held: re-hash the *stored* image (not a RAM copy, A11)
-  and report the digest with :meth:`Receiver.image_hashed`;
+* :class:`VerifyImage` -- every block is held: re-hash the *stored* image (not a RAM copy:
+  what is checked is what is used) and report the digest with :meth:`Receiver.image_hashed`;
 * :class:`DiscardImage` -- delete whatever is stored for the image.
 
-Per-image phases (all transitions happen in this file)::
-
-      Offer (manifest verifies, fits the limits, room for another transfer)
-        |
-        v
-    RECEIVING --last block stored--> VERIFYING --image_hashed(digest ok)--> HELD
-        ^  |                            |
-        |  +-- Block: checked, stored   +--image_hashed(digest wrong)--> (gone) + DiscardImage
-        |                                                                 + Rejected(IMAGE_HASH)
-    Cancel, or an Offer whose manifest no longer verifies --> (gone) + DiscardImage
+Per-image phases: SPEC §7.10 draws them and lists every edge; :data:`TRANSITIONS` is that table.
 
 An Offer for an image already known is answered with its current state (``TransferAcked`` or
 ``ImageHeld``): that is how a restarted otad learns what a CH holds. A ``Poll`` is answered with
 the state of every image.
 
-Checks on a block, in order; a failure drops the block and counts the reason in
-:attr:`Receiver.rejected` -- nothing is stored, nothing raises:
-
-1. its image has a transfer (else ``NO_TRANSFER``: no state is created for it; one
-   ``TransferRejected(NO_TRANSFER)`` per image per ack delay tells a sender whose CH lost its
-   state to offer again);
-2. ``index < block count`` (``BLOCK_OUT_OF_RANGE``);
-3. its length: longer than the manifest's block size or the CH's ``max_block``: ``BLOCK_SIZE``;
-   longer than this block (only the last can be; bytes past the end of the image):
-   ``TOO_MANY_BYTES``; shorter: ``BLOCK_SIZE``;
-4. SHA-256 equals the signed block hash (``BLOCK_HASH``; ``WRONG_IMAGE`` when the bytes are the
-   same block of another image this CH is receiving -- mix-and-match).
-
-Each block is stored once, at its exact length, so the bytes stored for an image can never exceed
-``manifest.size``. A block that arrives while more new blocks have come since the last
-acknowledgement than the advertised credit (or more bytes than ``limits.buffer``) is still
-accepted if valid, and counted as ``LIMITS_EXCEEDED`` (the sender overran the window).
+Checks on a block: SPEC §7.9, in its order. A failure drops the block and counts the reason in
+:attr:`Receiver.rejected` -- nothing is stored, nothing raises; a block for an image without a
+transfer creates no state, and one ``TransferRejected(NO_TRANSFER)`` per image per ack delay
+tells a sender whose CH lost its state to offer again. A block that arrives while more new
+blocks have come since the last acknowledgement than the advertised credit (or more bytes than
+``limits.buffer``) is still accepted if valid, and counted as ``LIMITS_EXCEEDED`` (the sender
+overran the window).
 
 Acknowledgement policy. The SACK (:mod:`protocol.wan.sack`) is sent
 

@@ -12,26 +12,9 @@ names an index and the shell reads that block from its content-addressed image s
 memory is two bitmaps of ``ceil(blocks / 8)`` bytes (acknowledged, ever sent) plus one small
 record per block in flight, and thousands run side by side.
 
-States (all transitions happen in this file)::
-
-                    Offer on every RTO (backed off)
-                      +-----+
-                      v     |
-    new Sender --> OFFERING-+--ImageHeld(sha ok)------------------------------+
-                      |  TransferAcked (the CH's state, taken as the truth)    |
-                      v                                                      |
-          +------> STREAMING  blocks: repairs first, then new, within        |
-          |           |        window, credit, buffer bytes and budget       |
-          |           |  every block acknowledged                            v
-          |           v                                                  COMPLETE
-          +------- VERIFYING  probe block on every RTO until ---ImageHeld---^
-         SACK after a probe shows blocks missing (the CH lost them)
-
-    any state --TransferRejected(reason)--> FAILED(reason)
-                  (except NO_TRANSFER: the CH lost the transfer; back to OFFERING)
-    any state --ImageHeld(wrong sha256)--> FAILED(IMAGE_HASH), sends Cancel
-    any state --more than max_timeouts RTOs in a row without progress--> FAILED(TIMED_OUT)
-    any state --cancel()--> FAILED(CANCELLED), sends Cancel
+States. SPEC §7.10 draws the sender's states and lists every edge; :data:`TRANSITIONS` is that
+table and :meth:`Sender._enter` refuses any other edge (``tests/protocol/test_spec.py`` compares
+the two). The diagram also says which failures send ``Cancel``; §7.11 lists the reasons.
 
 Flow control. At most ``min(window, limits.window, credit)`` blocks are outstanding (sent and not
 yet acknowledged -- a block declared lost still counts until it is acknowledged, because the

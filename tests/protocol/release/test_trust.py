@@ -1,4 +1,5 @@
-"""Trust store and manifest verification: the update-security attacks A01-A05, A11, revocation."""
+"""Trust store and manifest verification against the update-security attacks (arbitrary
+software, rollback and replay, freeze, wrong target, decoding before verifying) and revocation."""
 
 from __future__ import annotations
 
@@ -84,7 +85,7 @@ def test_without_target_only_signature_and_expiry(
     assert verify_manifest(data, trust, now=NOW).device_type is DeviceType.GSME
 
 
-# --------------------------------------------------------------------------- A01 arbitrary software
+# --------------------------------------------------------------------------- arbitrary software
 
 
 def test_a01_unknown_key(attacker_key: ec.EllipticCurvePrivateKey, trust: TrustStore) -> None:
@@ -130,7 +131,7 @@ def test_garbage_is_malformed(trust: TrustStore) -> None:
     assert refused(manifest().encode(), trust) is Reason.MALFORMED  # an unsigned manifest
 
 
-# --------------------------------------------------------------------------- A02 rollback, replay
+# --------------------------------------------------------------------------- rollback, replay
 
 
 def test_a02_rollback(release_key: ec.EllipticCurvePrivateKey, trust: TrustStore) -> None:
@@ -149,7 +150,7 @@ def test_a02_sequence_not_firmware_version_orders_releases(
     assert verify_manifest(data, trust, now=NOW, target=TARGET).fw_version == 0x0100
 
 
-# --------------------------------------------------------------------------- A03 freeze
+# --------------------------------------------------------------------------- freeze
 
 
 def test_a03_expired_at_the_instant(
@@ -168,7 +169,7 @@ def test_a03_expiry_is_checked_before_the_target(
     assert refused(data, trust, now=EXPIRES, target=TARGET) is Reason.EXPIRED
 
 
-# --------------------------------------------------------------------------- A05 wrong target
+# --------------------------------------------------------------------------- wrong target
 
 
 @pytest.mark.parametrize(
@@ -198,7 +199,7 @@ def test_a05_hardware_range_is_inclusive(
     assert verify_manifest(signed(release_key), trust, now=NOW, target=target).hw_min == 0x1111
 
 
-# --------------------------------------------------------------------------- A11 verify first
+# --------------------------------------------------------------------------- verify first
 
 
 _HOSTILE = [
