@@ -2,17 +2,21 @@
 
 Every way untrusted input can be wrong maps to one :class:`Reason`. Decoders, verifiers and state
 machines raise :class:`ProtocolError` (or return the reason in a message) and never any other
-exception for bad input. The numeric values go on the wire (``Rejected.reason``,
-``TransferFailed.reason``) and are documented in ``protocol/SPEC.md``; never renumber them.
+exception for bad input. The numeric values go on the wire (``TransferRejected.reason``,
+``Cancel.reason``) and in otad's events; SPEC §4 lists them; never renumber them.
+
+A caller's mistake (an argument out of range, a record built with a bad value) is a
+``ValueError``; a state machine about to take an edge its transition table does not have is an
+:class:`IllegalTransitionError`: a bug in the machine, never the peer's doing.
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 
 class Reason(IntEnum):
-    """Why something was refused. Values are stable wire codes (see SPEC.md, "Error codes")."""
+    """Why something was refused. Values are stable wire codes (SPEC §4, "Error codes")."""
 
     # 1-19: encoding
     MALFORMED = 1  # not well-formed CBOR, wrong types, missing fields
@@ -72,3 +76,14 @@ class ProtocolError(Exception):
 
     def __reduce__(self) -> tuple[type[ProtocolError], tuple[Reason, str]]:
         return (type(self), (self.reason, self.detail))
+
+
+class IllegalTransitionError(RuntimeError):
+    """A state machine tried to enter ``new`` from ``current``, an edge its table lacks (a bug in
+    the machine: untrusted input never gets here, it is refused before any state changes)."""
+
+    def __init__(self, machine: str, current: Enum, new: Enum) -> None:
+        self.machine = machine
+        self.current = current
+        self.new = new
+        super().__init__(f"{machine}: no transition {current.name} -> {new.name}")

@@ -1,29 +1,16 @@
 """The device verifier/activator: one active image, one pending image, signed activation.
 
-Used by the virtual HAN devices (bridges B1-B4, ESME, ...) and by the virtual CH for its own
-firmware. Sans-IO: flash is behind the small :class:`SlotStore` interface (tests use
+Meant for the virtual HAN devices (bridges B1-B4, ESME, ...) and the virtual CH's own firmware;
+their shells are issue 9's, today the tests drive it (with a :class:`~protocol.han.client.HanClient`
+feeding it). Sans-IO: flash is behind the small :class:`SlotStore` interface (tests use
 :class:`MemorySlotStore`; a virtual device may back it with a file), time comes in as ``now``,
 the one timer (a future-dated activation) is exposed by :meth:`Device.next_deadline` and fired by
 :meth:`Device.handle_timer`, and the self-test result is injected.
 
-Two small machines run side by side. The pending slot (:class:`SlotState`)::
-
-              manifest verified                    last byte stored and
-    EMPTY ─────────────────────────► RECEIVING ──── whole image re-read from ────► HELD
-      ▲     (slot erased first)        │   ▲        storage matches the digest       │
-      │                                │   │ block hash wrong:                       │
-      │◄── image digest wrong ─────────┘   └ block dropped, re-fetched               │
-      │    (slot erased)                                                             │
-      │◄── activation executed: success (slot now holds the previous image),─────────┘
-      │    stored image re-hash mismatch (erased), self-test failed (rolled back, erased)
-    a newer verified manifest moves RECEIVING or HELD back to RECEIVING (slot erased).
-
-The activation (:class:`ActivationState`)::
-
-    IDLE ── future-dated command accepted ──► SCHEDULED ── execute_at reached ──► IDLE (executes)
-                                               │  ▲
-                 cancel accepted ◄─────────────┘  └── a newer future-dated command replaces it
-    IDLE ── immediate command accepted ──► executes now, stays IDLE
+Two small machines run side by side, the pending slot (:class:`SlotState`) and the activation
+(:class:`ActivationState`); SPEC §8.6 draws both and lists every edge (:data:`SLOT_TRANSITIONS`,
+:data:`ACTIVATION_TRANSITIONS` are those tables). An immediate activation command executes at
+once and leaves the activation IDLE.
 
 What is checked, and when:
 
@@ -39,9 +26,10 @@ What is checked, and when:
   verifies, it names this device (``WRONG_DEVICE``) and its counter is strictly greater than the
   last accepted one (``REPLAYED``); the counter is then consumed. At execution time (now, or at
   ``execute_at``) the pending image is **re-hashed from storage**, never from a cached digest
-  (A11 TOCTOU): no image -> ``NO_IMAGE_HELD``; command hash differs from the held image or the
-  stored bytes no longer hash to it -> ``HASH_MISMATCH``; otherwise the slots swap, the injected
-  self-test runs, and a failure swaps back (``ACTIVATION_FAILED``, reason ``SELF_TEST_FAILED``).
+  (time of check is time of use): no image -> ``NO_IMAGE_HELD``; command hash differs from the
+  held image or the stored bytes no longer hash to it -> ``HASH_MISMATCH``; otherwise the slots
+  swap, the injected self-test runs, and a failure swaps back (``ACTIVATION_FAILED``, reason
+  ``SELF_TEST_FAILED``).
 * Success yields the confirmation evidence the join mode allows: a device-signed
   :class:`~protocol.device.activation.ActivationAlert` (native devices, bridges joined as a PPMID)
   or a
@@ -53,11 +41,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum, StrEnum
-from typing import Protocol
+from enum import Enum
+from typing import Final, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from protocol.clock import UnixTime
 from protocol.device.activation import (
     ActivationAlert,
     ActivationCancelled,
@@ -66,26 +55,15 @@ from protocol.device.activation import (
     ActivationScheduled,
     Outcome,
     VersionReport,
-    check_device_id,
 )
 from protocol.errors import ProtocolError, Reason
-from protocol.release.manifest import HASH_LEN, DeviceType, Manifest
+from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.trust import Target, TrustStore, verify_manifest
+from protocol.transitions import checked
+from protocol.wire.devices import JoinMode as JoinMode  # re-exported: callers import it here
+from protocol.wire.limits import HASH_LEN, check_eui64
 
 REHASH_CHUNK = 4096  # bytes read from storage at a time when re-hashing
-
-
-class JoinMode(StrEnum):
-    """How a device joined the HAN (DP170 question 4); decides what confirmation it can give."""
-
-    CAD = "CAD"  # consumer access device: no credentials, cannot sign
-    PPMID = "PPMID"  # joined like a PPMID: holds a key, can sign an alert
-    NATIVE = "NATIVE"  # ESME, GSME, PPMID, HCALCS, CH: SMKI credentials
-
-    @property
-    def can_sign(self) -> bool:
-        """Whether a device joined this way can sign its activation alert."""
-        return self is not JoinMode.CAD
 
 
 class SlotState(Enum):
@@ -103,6 +81,22 @@ class ActivationState(Enum):
     SCHEDULED = "scheduled"
 
 
+#: The pending slot's edges (SPEC §8.6 draws and lists them). RECEIVING -> RECEIVING is a newer
+#: verified manifest restarting the slot (erased first).
+SLOT_TRANSITIONS: Final[dict[SlotState, frozenset[SlotState]]] = {
+    SlotState.EMPTY: frozenset({SlotState.RECEIVING}),
+    SlotState.RECEIVING: frozenset({SlotState.RECEIVING, SlotState.HELD, SlotState.EMPTY}),
+    SlotState.HELD: frozenset({SlotState.RECEIVING, SlotState.EMPTY}),
+}
+
+#: The activation's edges (SPEC §8.6). SCHEDULED -> SCHEDULED is a newer future-dated command
+#: replacing the scheduled one.
+ACTIVATION_TRANSITIONS: Final[dict[ActivationState, frozenset[ActivationState]]] = {
+    ActivationState.IDLE: frozenset({ActivationState.SCHEDULED}),
+    ActivationState.SCHEDULED: frozenset({ActivationState.IDLE, ActivationState.SCHEDULED}),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceIdentity:
     """Who the device is: what a manifest and an activation command must match."""
@@ -116,7 +110,7 @@ class DeviceIdentity:
 
     def __post_init__(self) -> None:
         try:
-            check_device_id(self.device_id)
+            check_eui64(self.device_id, "device id")
         except ProtocolError as exc:
             raise ValueError(str(exc)) from None
 
@@ -226,20 +220,41 @@ class Device:
         self.previous: FirmwareInfo | None = None
         self.last_counter = last_counter
         self.boot_count = boot_count
-        self.slot_state = SlotState.EMPTY
+        self._slot_state = SlotState.EMPTY  # the initial state, not an edge
         self.pending_manifest: Manifest | None = None
         self.signed_manifest: bytes | None = None
         self.stored_bytes = 0  # verified bytes written to the pending slot
         self.next_offset = 0  # next image offset the device expects
         self._buffer = bytearray()  # bytes of the current manifest block, not yet verified
-        self.scheduled: ActivationCommand | None = None
+        self._scheduled: ActivationCommand | None = None  # IDLE: the initial state
 
     # ------------------------------------------------------------------ properties
 
     @property
+    def slot_state(self) -> SlotState:
+        """The pending slot's :class:`SlotState`."""
+        return self._slot_state
+
+    @property
+    def scheduled(self) -> ActivationCommand | None:
+        """The future-dated activation waiting for its time, if any."""
+        return self._scheduled
+
+    @property
     def activation_state(self) -> ActivationState:
         """SCHEDULED while a future-dated activation waits for its time."""
-        return ActivationState.IDLE if self.scheduled is None else ActivationState.SCHEDULED
+        return ActivationState.IDLE if self._scheduled is None else ActivationState.SCHEDULED
+
+    def _enter_slot(self, state: SlotState) -> None:
+        """Change the slot's state along an edge of :data:`SLOT_TRANSITIONS`."""
+        self._slot_state = checked(SLOT_TRANSITIONS, "Device slot", self._slot_state, state)
+
+    def _schedule(self, command: ActivationCommand | None) -> None:
+        """Schedule ``command`` (``None``: nothing) along an edge of
+        :data:`ACTIVATION_TRANSITIONS`."""
+        new = ActivationState.IDLE if command is None else ActivationState.SCHEDULED
+        checked(ACTIVATION_TRANSITIONS, "Device activation", self.activation_state, new)
+        self._scheduled = command
 
     @property
     def holds_image(self) -> bool:
@@ -248,7 +263,7 @@ class Device:
 
     # ------------------------------------------------------------------ distribution
 
-    def check_manifest(self, signed: bytes, now: float) -> Manifest:
+    def check_manifest(self, signed: bytes, now: UnixTime) -> Manifest:
         """Verify ``signed`` for this device without changing any state; ``ProtocolError``.
 
         Checks: signature (trust store), expiry, vendor, device type, hardware version, image
@@ -260,7 +275,7 @@ class Device:
             installed_sequence=self.running.sequence,
             vendor=self.identity.vendor,
         )
-        manifest = verify_manifest(signed, self.trust, now=int(now), target=target)
+        manifest = verify_manifest(signed, self.trust, now=now, target=target)
         if manifest.image_type != self.identity.image_type:
             raise ProtocolError(
                 Reason.WRONG_DEVICE_TYPE,
@@ -278,7 +293,7 @@ class Device:
                 )
         return manifest
 
-    def manifest_received(self, signed: bytes, now: float) -> Manifest:
+    def manifest_received(self, signed: bytes, now: UnixTime) -> Manifest:
         """Verify a signed manifest for this device and prepare the pending slot for its image.
 
         Raises ``ProtocolError`` (nothing stored, slot untouched) for any failure of
@@ -291,7 +306,7 @@ class Device:
             self.next_offset = self.stored_bytes
             return manifest
         self.store.erase_pending()
-        self.slot_state = SlotState.RECEIVING
+        self._enter_slot(SlotState.RECEIVING)
         self.pending_manifest = manifest
         self.signed_manifest = bytes(signed)
         self.stored_bytes = 0
@@ -338,12 +353,12 @@ class Device:
             if self._rehash(manifest.size) != manifest.sha256:
                 self._discard()
                 raise ProtocolError(Reason.IMAGE_HASH, "stored image does not match the manifest")
-            self.slot_state = SlotState.HELD
+            self._enter_slot(SlotState.HELD)
         return self.next_offset
 
     # ------------------------------------------------------------------ activation
 
-    def activation_received(self, signed: bytes, now: float) -> list[DeviceOutput]:
+    def activation_received(self, signed: bytes, now: UnixTime) -> list[DeviceOutput]:
         """Verify and accept an activation command; execute it now or schedule it.
 
         Raises ``ProtocolError`` for a bad signature (the trust store's reasons),
@@ -365,27 +380,27 @@ class Device:
             cancelled: int | None = None
             if scheduled is not None and scheduled.image_sha256 == command.image_sha256:
                 cancelled = scheduled.counter
-                self.scheduled = None
+                self._schedule(None)
             return [ActivationCancelled(self.identity.device_id, command.counter, cancelled)]
         if command.execute_at is not None and command.execute_at > now:
-            self.scheduled = command
+            self._schedule(command)
             return [
                 ActivationScheduled(self.identity.device_id, command.counter, command.execute_at)
             ]
         return self._execute(command)
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self) -> UnixTime | None:
         """When :meth:`handle_timer` must next be called (a scheduled activation), or ``None``."""
         if self.scheduled is None or self.scheduled.execute_at is None:
             return None
-        return float(self.scheduled.execute_at)
+        return UnixTime(float(self.scheduled.execute_at))
 
-    def handle_timer(self, now: float) -> list[DeviceOutput]:
+    def handle_timer(self, now: UnixTime) -> list[DeviceOutput]:
         """Execute a scheduled activation whose time has come."""
         command = self.scheduled
         if command is None or command.execute_at is None or now < command.execute_at:
             return []
-        self.scheduled = None
+        self._schedule(None)
         return self._execute(command)
 
     # ------------------------------------------------------------------ internals
@@ -405,7 +420,7 @@ class Device:
             # the command names another image: keep ours, refuse to switch
             return [self._response(command, Outcome.HASH_MISMATCH, Reason.HASH_MISMATCH)]
         if self._rehash(manifest.size) != command.image_sha256:
-            # the stored bytes changed since they were verified (A11): the image is unusable
+            # the stored bytes changed since they were verified: the image is unusable
             self._discard()
             return [self._response(command, Outcome.HASH_MISMATCH, Reason.HASH_MISMATCH)]
         self.store.swap()
@@ -419,7 +434,7 @@ class Device:
             self._discard()
             return [self._response(command, Outcome.ACTIVATION_FAILED, Reason.SELF_TEST_FAILED)]
         self.previous = old
-        self.slot_state = SlotState.EMPTY  # the pending slot now holds the previous image
+        self._enter_slot(SlotState.EMPTY)  # the pending slot now holds the previous image
         self.pending_manifest = None
         self.signed_manifest = None
         self.stored_bytes = self.next_offset = 0
@@ -453,7 +468,7 @@ class Device:
 
     def _discard(self) -> None:
         self.store.erase_pending()
-        self.slot_state = SlotState.EMPTY
+        self._enter_slot(SlotState.EMPTY)
         self.pending_manifest = None
         self.signed_manifest = None
         self.stored_bytes = self.next_offset = 0

@@ -2,38 +2,14 @@
 
 The client drives the download (ZigBee OTA is pull: the client owns the offset) and hands every
 byte to its :class:`~protocol.device.device.Device`, which verifies the signed manifest before the
-first image byte, each manifest block before it reaches flash, and the whole image at the end::
+first image byte, each manifest block before it reaches flash, and the whole image at the end.
 
-        start() / query timer / ImageNotify (jitter draw passed)
-    IDLE ─────────────────────────────────────────────────► QUERYING
-     ▲ ▲                                                      │ QueryNextImageResponse
-     │ └─ NO_IMAGE_AVAILABLE, same version, N errors ◄────────┤ (new version)
-     │                                                        ▼
-     │                                              FETCHING_MANIFEST  (ManifestBlockRequest...)
-     │◄── manifest refused by the device: UpgradeEnd(INVALID_IMAGE) ──┤ manifest verified
-     │                                                                ▼
-     │                                                         DOWNLOADING  (ImageBlockRequest...)
-     │◄── ABORT from the server, N consecutive errors: UpgradeEnd(ABORT)  │
-     │◄── stored image digest wrong: UpgradeEnd(INVALID_IMAGE)            │ image held
-     │                                                                    ▼
-     │                                                      ENDING  (UpgradeEnd(SUCCESS) sent)
-     │                                                                    │ UpgradeEndResponse
-     │                                                                    ▼ (or N errors)
-     └──── the device activated or dropped the image ◄──────── WAITING_ACTIVATION
-                                                        (UpgradeEnd re-sent every hour)
-
-Timers and pacing (all deadlines are exposed by :meth:`HanClient.next_deadline`):
-
-* one request outstanding at a time; no answer within ``message_timeout`` (3 s) is an error;
-  the request is retried after ``retry_backoff`` doubling per consecutive error (2, 4, 8 ... s,
-  at most ``max_backoff``); ``max_errors`` (10) consecutive errors abort the download;
-* block requests (manifest or image) are never sent less than MinimumBlockPeriod after the
-  previous block request; the period is learned from the server's WAIT_FOR_DATA responses and
-  declared in every request;
-* WAIT_FOR_DATA(current, request time, period): ask again ``request time - current time``
-  seconds later (and not before the period), without counting an error;
-* responses are matched to the outstanding request by ZCL sequence number and offset; a late
-  answer to an earlier (timed-out) request is ignored.
+SPEC §8.4 is the normative description: the frames the client sends and when, its timers (one
+request outstanding; ``message_timeout``, a backoff doubling per consecutive error up to
+``max_backoff``, ``max_errors`` to abort; block requests paced by the MinimumBlockPeriod learned
+from WAIT_FOR_DATA; stale answers matched by sequence number and offset and ignored), its states
+with every edge (:data:`TRANSITIONS` is that table) and its defaults (:class:`ClientConfig`).
+All deadlines are exposed by :meth:`HanClient.next_deadline`.
 
 The device never activates on an UpgradeEndResponse: whatever its upgrade time, the client
 waits for the signed activation command (:meth:`protocol.device.device.Device.activation_received`).
@@ -43,14 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Final, Protocol
 
+from protocol.clock import UnixTime, later
 from protocol.device.device import Device
 from protocol.errors import ProtocolError, Reason
 from protocol.han.frames import (
-    MAX_U8,
-    MAX_U16,
-    MAX_U32,
     DefaultResponse,
     ImageBlockAbort,
     ImageBlockRequest,
@@ -68,8 +42,11 @@ from protocol.han.frames import (
     UpgradeEndResponse,
     ZclStatus,
     decode_frame,
+    unix_time,
 )
 from protocol.release.manifest import Manifest
+from protocol.transitions import checked
+from protocol.wire.limits import MAX_U8, MAX_U16, MAX_U32
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +81,21 @@ class ClientState(Enum):
     DOWNLOADING = "downloading"
     ENDING = "ending"
     WAITING_ACTIVATION = "waiting_activation"
+
+
+#: The download's edges (SPEC §8.4 draws and lists them); :meth:`HanClient._enter` takes no other.
+TRANSITIONS: Final[dict[ClientState, frozenset[ClientState]]] = {
+    ClientState.IDLE: frozenset({ClientState.QUERYING}),
+    ClientState.QUERYING: frozenset(
+        {ClientState.IDLE, ClientState.FETCHING_MANIFEST, ClientState.ENDING}
+    ),
+    ClientState.FETCHING_MANIFEST: frozenset(
+        {ClientState.IDLE, ClientState.DOWNLOADING, ClientState.ENDING}
+    ),
+    ClientState.DOWNLOADING: frozenset({ClientState.IDLE, ClientState.ENDING}),
+    ClientState.ENDING: frozenset({ClientState.WAITING_ACTIVATION, ClientState.IDLE}),
+    ClientState.WAITING_ACTIVATION: frozenset({ClientState.IDLE}),
+}
 
 
 # --------------------------------------------------------------------------- events
@@ -219,19 +211,19 @@ class HanClient:
         self.device = device
         self.config = config or ClientConfig()
         self.rng: JitterSource = rng or _XorShift(int(device.identity.device_id, 16))
-        self.state = ClientState.IDLE
+        self._state = ClientState.IDLE  # the initial state, not an edge
         self.stats = ClientStats()
         self.last_failure: Reason | None = None
         self._events: list[ClientEvent] = []
         self._seq = 0
         self._timer: _Timer | None = None
-        self._timer_at = 0.0
+        self._timer_at = UnixTime(0.0)
         self._outstanding: int | None = None  # ZCL sequence number awaited
         self._requested_offset = 0
         self._requested_size = 0
         self._errors = 0
         self._period_ms = 0
-        self._last_block_request_at: float | None = None
+        self._last_block_request_at: UnixTime | None = None
         self._offer: QueryNextImageResponse | None = None
         self._manifest = bytearray()
         self._manifest_size: int | None = None
@@ -240,16 +232,21 @@ class HanClient:
     # ------------------------------------------------------------------ API
 
     @property
+    def state(self) -> ClientState:
+        """The current :class:`ClientState`."""
+        return self._state
+
+    @property
     def minimum_block_period_ms(self) -> int:
         """The MinimumBlockPeriod the client currently honours."""
         return self._period_ms
 
-    def drain_events(self) -> list[ClientEvent]:
+    def events(self) -> list[ClientEvent]:
         """Events since the last call, oldest first."""
         events, self._events = self._events, []
         return events
 
-    def start(self, now: float) -> list[bytes]:
+    def start(self, now: UnixTime) -> list[bytes]:
         """Query the server now (network up); afterwards every ``query_interval``."""
         self._sync(now)
         if self.state is not ClientState.IDLE:
@@ -257,11 +254,11 @@ class HanClient:
         self._arm(_Timer.SEND, now)
         return self._fire_due(now)
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self) -> UnixTime | None:
         """When :meth:`handle_timer` must next be called, or ``None``."""
         return self._timer_at if self._timer is not None else None
 
-    def handle_timer(self, now: float) -> list[bytes]:
+    def handle_timer(self, now: UnixTime) -> list[bytes]:
         """Send what is due: a retry after a timeout, a paced request, a periodic query."""
         self._sync(now)
         if self._timer is _Timer.TIMEOUT and now >= self._timer_at:
@@ -272,7 +269,7 @@ class HanClient:
             return out + self._fire_due(now)
         return self._fire_due(now)
 
-    def frame_received(self, data: bytes, now: float) -> list[bytes]:
+    def frame_received(self, data: bytes, now: UnixTime) -> list[bytes]:
         """Handle one frame from the server; return the frames to send."""
         self._sync(now)
         try:
@@ -303,7 +300,7 @@ class HanClient:
 
     # ------------------------------------------------------------------ helpers
 
-    def _sync(self, now: float) -> None:
+    def _sync(self, now: UnixTime) -> None:
         """Leave WAITING_ACTIVATION once the device has activated or dropped the image."""
         if (
             self.state in (ClientState.ENDING, ClientState.WAITING_ACTIVATION)
@@ -311,31 +308,35 @@ class HanClient:
         ):
             self._go_idle(now)
 
-    def _go_idle(self, now: float) -> None:
-        self.state = ClientState.IDLE
+    def _enter(self, state: ClientState) -> None:
+        """Change state along an edge of :data:`TRANSITIONS` (``IllegalTransitionError`` if not)."""
+        self._state = checked(TRANSITIONS, "HanClient", self._state, state)
+
+    def _go_idle(self, now: UnixTime) -> None:
+        self._enter(ClientState.IDLE)
         self._offer = None
         self._outstanding = None
         self._errors = 0
-        self._arm(_Timer.SEND, now + self.config.query_interval)
+        self._arm(_Timer.SEND, later(now, self.config.query_interval))
 
-    def _arm(self, kind: _Timer, at: float) -> None:
+    def _arm(self, kind: _Timer, at: UnixTime) -> None:
         self._timer = kind
         self._timer_at = at
 
-    def _arm_send(self, at: float) -> None:
+    def _arm_send(self, at: UnixTime) -> None:
         """Schedule the next request at ``at``, but block requests not before the period."""
         if (
             self.state in (ClientState.FETCHING_MANIFEST, ClientState.DOWNLOADING)
             and self._last_block_request_at is not None
         ):
-            at = max(at, self._last_block_request_at + self._period_ms / 1000.0)
+            at = max(at, later(self._last_block_request_at, self._period_ms / 1000.0))
         self._arm(_Timer.SEND, at)
 
     def _clear_outstanding(self) -> None:
         self._outstanding = None
         self._timer = None
 
-    def _fire_due(self, now: float) -> list[bytes]:
+    def _fire_due(self, now: UnixTime) -> list[bytes]:
         if self._timer is _Timer.SEND and now >= self._timer_at:
             self._timer = None
             return [self._send(now)]
@@ -345,13 +346,14 @@ class HanClient:
         self._seq = (self._seq + 1) & MAX_U8
         return self._seq
 
-    def _send(self, now: float) -> bytes:
+    def _send(self, now: UnixTime) -> bytes:
         """Build and account for the current state's request; arm its timeout."""
         ident = self.device.identity
         seq = self._next_seq()
         frame: QueryNextImageRequest | ManifestBlockRequest | ImageBlockRequest | UpgradeEndRequest
         if self.state in (ClientState.IDLE, ClientState.QUERYING):
-            self.state = ClientState.QUERYING
+            if self.state is ClientState.IDLE:
+                self._enter(ClientState.QUERYING)
             frame = QueryNextImageRequest(
                 seq,
                 ident.vendor,
@@ -398,11 +400,11 @@ class HanClient:
                     offer.file_version,
                 )
         self._outstanding = seq
-        self._arm(_Timer.TIMEOUT, now + self.config.message_timeout)
+        self._arm(_Timer.TIMEOUT, later(now, self.config.message_timeout))
         self.stats.requests += 1
         return frame.encode()
 
-    def _error(self, now: float, reason: Reason) -> list[bytes]:
+    def _error(self, now: UnixTime, reason: Reason) -> list[bytes]:
         """One more consecutive error: retry after backoff, or give up after ``max_errors``."""
         self._errors += 1
         if self._errors >= self.config.max_errors:
@@ -411,21 +413,22 @@ class HanClient:
                 return []
             if self.state in (ClientState.ENDING, ClientState.WAITING_ACTIVATION):
                 # the image is held: keep it and wait for the activation command regardless
-                self.state = ClientState.WAITING_ACTIVATION
+                if self.state is ClientState.ENDING:
+                    self._enter(ClientState.WAITING_ACTIVATION)
                 self._errors = 0
-                self._arm(_Timer.SEND, now + self.config.upgrade_end_requery)
+                self._arm(_Timer.SEND, later(now, self.config.upgrade_end_requery))
                 return []
             return self._abort(now, reason, ZclStatus.ABORT)
         if self.state is ClientState.WAITING_ACTIVATION:
-            self._arm(_Timer.SEND, now + self.config.upgrade_end_requery)
+            self._arm(_Timer.SEND, later(now, self.config.upgrade_end_requery))
             return []
         backoff = min(
             self.config.retry_backoff * 2.0 ** (self._errors - 1), self.config.max_backoff
         )
-        self._arm_send(now + backoff)
+        self._arm_send(later(now, backoff))
         return []
 
-    def _abort(self, now: float, reason: Reason, status: ZclStatus | None) -> list[bytes]:
+    def _abort(self, now: UnixTime, reason: Reason, status: ZclStatus | None) -> list[bytes]:
         """Stop the download; tell the server (UpgradeEnd with ``status``) unless ``None``."""
         out: list[bytes] = []
         offer = self._offer
@@ -449,16 +452,16 @@ class HanClient:
         self._clear_outstanding()
         self._errors = 0
 
-    def _waited(self, frame: ImageBlockWait | ManifestBlockWait, now: float) -> None:
+    def _waited(self, frame: ImageBlockWait | ManifestBlockWait, now: UnixTime) -> None:
         self._answered()
         self.stats.waits += 1
         self._period_ms = frame.minimum_block_period
-        delay = float(frame.request_time - frame.current_time)
-        self._arm_send(now + min(max(delay, 0.0), self.config.max_wait))
+        delay = unix_time(frame.request_time) - unix_time(frame.current_time)
+        self._arm_send(later(now, min(max(delay, 0.0), self.config.max_wait)))
 
     # ------------------------------------------------------------------ handlers
 
-    def _notified(self, frame: ImageNotify, now: float) -> list[bytes]:
+    def _notified(self, frame: ImageNotify, now: UnixTime) -> list[bytes]:
         if self.state is not ClientState.IDLE:
             return []
         ident = self.device.identity
@@ -474,7 +477,7 @@ class HanClient:
         return self._fire_due(now)
 
     def _query_answered(
-        self, frame: QueryNextImageResponse | QueryNextImageRefused, now: float
+        self, frame: QueryNextImageResponse | QueryNextImageRefused, now: UnixTime
     ) -> list[bytes]:
         if self.state is not ClientState.QUERYING:
             return []
@@ -492,10 +495,10 @@ class HanClient:
         self._events.append(ImageOffered(frame.file_version, frame.image_size))
         held = self.device.pending_manifest
         if self.device.holds_image and held is not None and self._matches(held):
-            self.state = ClientState.ENDING  # already held: just report it
+            self._enter(ClientState.ENDING)  # already held: just report it
             self._arm(_Timer.SEND, now)
             return []
-        self.state = ClientState.FETCHING_MANIFEST
+        self._enter(ClientState.FETCHING_MANIFEST)
         self._manifest = bytearray()
         self._manifest_size = None
         self._arm_send(now)
@@ -511,7 +514,7 @@ class HanClient:
         ) == (offer.manufacturer_code, offer.image_type, offer.file_version, offer.image_size)
 
     def _manifest_answered(
-        self, frame: ManifestBlockResponse | ManifestBlockWait | ManifestBlockAbort, now: float
+        self, frame: ManifestBlockResponse | ManifestBlockWait | ManifestBlockAbort, now: UnixTime
     ) -> list[bytes]:
         if self.state is not ClientState.FETCHING_MANIFEST:
             return []
@@ -545,7 +548,7 @@ class HanClient:
             return []
         return self._manifest_complete(now)
 
-    def _manifest_complete(self, now: float) -> list[bytes]:
+    def _manifest_complete(self, now: UnixTime) -> list[bytes]:
         signed = bytes(self._manifest)
         try:
             manifest = self.device.check_manifest(signed, now)
@@ -560,12 +563,12 @@ class HanClient:
         self._events.append(ManifestAccepted(manifest))
         if self.device.holds_image:
             return self._image_held(now)
-        self.state = ClientState.DOWNLOADING
+        self._enter(ClientState.DOWNLOADING)
         self._arm_send(now)
         return []
 
     def _block_answered(
-        self, frame: ImageBlockResponse | ImageBlockWait | ImageBlockAbort, now: float
+        self, frame: ImageBlockResponse | ImageBlockWait | ImageBlockAbort, now: UnixTime
     ) -> list[bytes]:
         if self.state is not ClientState.DOWNLOADING:
             return []
@@ -600,15 +603,15 @@ class HanClient:
         self._arm_send(now)
         return []
 
-    def _image_held(self, now: float) -> list[bytes]:
+    def _image_held(self, now: UnixTime) -> list[bytes]:
         manifest = self.device.pending_manifest
         assert manifest is not None
         self._events.append(ImageReceived(manifest.sha256))
-        self.state = ClientState.ENDING
+        self._enter(ClientState.ENDING)
         self._arm(_Timer.SEND, now)
         return []
 
-    def _upgrade_end_answered(self, frame: UpgradeEndResponse, now: float) -> list[bytes]:
+    def _upgrade_end_answered(self, frame: UpgradeEndResponse, now: UnixTime) -> list[bytes]:
         offer = self._offer
         if self.state not in (ClientState.ENDING, ClientState.WAITING_ACTIVATION) or (
             offer is None
@@ -624,6 +627,7 @@ class HanClient:
         self._events.append(UpgradeEndAcknowledged(frame.upgrade_time & MAX_U32))
         # Never activate on this unsigned frame, whatever its upgrade time: wait for the signed
         # activation command, re-announcing the held image every upgrade_end_requery seconds.
-        self.state = ClientState.WAITING_ACTIVATION
-        self._arm(_Timer.SEND, now + self.config.upgrade_end_requery)
+        if self.state is ClientState.ENDING:
+            self._enter(ClientState.WAITING_ACTIVATION)
+        self._arm(_Timer.SEND, later(now, self.config.upgrade_end_requery))
         return []

@@ -44,7 +44,7 @@ Standard cluster commands (ZCL, OTA Upgrade cluster):
 
 Manufacturer-specific extension (bit 2 set; the header's manufacturer code is the image's
 manufacturer code), carrying the COSE_Sign1 manifest to the device before any image byte, by
-the same client-pulled offset/length mechanics as image blocks (see protocol/spec/han.md):
+the same client-pulled offset/length mechanics as image blocks (SPEC §8.2):
 
 ====  ======  ==========================  ================================================
 0x00  c->s    ManifestBlockRequest        u16 image type, u32 version, u32 offset,
@@ -74,7 +74,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar
 
+from protocol.clock import UnixTime
 from protocol.errors import ProtocolError, Reason
+from protocol.wire.limits import MAX_U8, MAX_U16, MAX_U32, MAX_U64
 
 CLUSTER_OTA_UPGRADE = 0x0019
 MAX_FRAME_BYTES = 127  # an IEEE 802.15.4 PHY frame; an APS payload is always smaller
@@ -82,7 +84,8 @@ MIN_BLOCK_DATA = 40  # the range a HAN server may cap its block data to (see Ser
 MAX_BLOCK_DATA = 63  # largest block payload without APS fragmentation (SiLabs)
 MAX_QUERY_JITTER = 100
 UPGRADE_TIME_WAIT = 0xFFFF_FFFF  # "wait for the server's activation command"
-MAX_U8, MAX_U16, MAX_U32, MAX_U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, (1 << 64) - 1
+#: The ZigBee epoch, 2000-01-01 00:00:00 UTC, in Unix seconds: ZCL UTCTime counts from it.
+ZIGBEE_EPOCH = 946_684_800
 
 FC_FRAME_TYPE_MASK = 0x03
 FC_GLOBAL = 0x00
@@ -145,6 +148,28 @@ _BLOCK_ABORT_STATUSES = frozenset(
         ZclStatus.INVALID_FIELD,
     }
 )
+
+
+# --------------------------------------------------------------------------- time
+
+
+def zigbee_time(now: UnixTime) -> int:
+    """``now`` as ZCL UTCTime: the u32 whole seconds since 2000-01-01 00:00 UTC that every time
+    field of a HAN frame carries (SPEC §8.1).
+
+    Raises ``ValueError`` for an instant UTCTime cannot hold: before 2000, or from 2136 on
+    (``0xFFFFFFFF`` is never a time; as an upgrade time it means "wait for the activation
+    command", :data:`UPGRADE_TIME_WAIT`). A monotonic clock passed where wall time belongs is
+    usually such an instant, so the mistake shows at once."""
+    seconds = int(now) - ZIGBEE_EPOCH
+    if not 0 <= seconds < UPGRADE_TIME_WAIT:
+        raise ValueError(f"{now!r} is not a wall-clock time ZigBee UTCTime can carry")
+    return seconds
+
+
+def unix_time(zigbee: int) -> UnixTime:
+    """A ZCL UTCTime field's value as Unix seconds: the inverse of :func:`zigbee_time`."""
+    return UnixTime(float(ZIGBEE_EPOCH + zigbee))
 
 
 # --------------------------------------------------------------------------- helpers

@@ -3,32 +3,14 @@
 The CH holds images (each with its signed manifest) and serves them to HAN clients that pull
 them: QueryNextImage, then the manifest by ManifestBlockRequest (manufacturer-specific
 extension), then the image by ImageBlockRequest, then UpgradeEnd. The server keeps one session
-per client (``peer``: the client's address, opaque here). Per session::
+per client (``peer``: the client's address, opaque here).
 
-                 QueryNextImage (image for this peer)
-      (none) ──────────────────────────────────────► OFFERED
-                                                        │ block request
-                         ┌──────────────────────────────┤
-          K sessions busy│ (or earlier waiters queued)  │ slot free
-                         ▼                              ▼
-                      WAITING ── block request, ──► TRANSFERRING ── no request for ──► TIMED_OUT
-             (WAIT_FOR_DATA,       slot free            │  │        session_timeout
-              busy_retry_s)                             │  └── UpgradeEnd(error) ──► FAILED
-                                                        │
-                                      UpgradeEnd(SUCCESS)▼
-                                                    DELIVERED  (UpgradeEndResponse with
-                                                                upgrade time 0xFFFFFFFF)
-
-Back-pressure, always by an ImageBlockResponse/ManifestBlockResponse with status WAIT_FOR_DATA
-carrying (current time, request time, minimum block period):
-
-* **busy**: at most ``max_sessions`` (K, default 2) sessions are TRANSFERRING; any other client
-  is answered "ask again in ``busy_retry_s``" and queued first-come first-served, so a freed
-  slot goes to the longest waiter (a waiter that stops asking drops out of the queue);
-* **pacing**: a block request that does not declare the server's MinimumBlockPeriod (or declares
-  a smaller one) is answered "now, at this period", which is how the client learns it;
-* **cut-through**: a block whose bytes the CH does not hold yet (the image is still arriving over
-  the WAN, see :class:`ProgressiveImage`) is answered "ask again in ``data_retry_s``".
+SPEC §8.3 is the normative description: what each frame is answered with and in which order
+(admission of at most ``max_sessions`` K transferring sessions with a first-come first-served
+queue, pacing by the MinimumBlockPeriod, bounds, cut-through from an image still arriving over
+the WAN), the session states with every edge (:data:`TRANSITIONS` is that table) and the
+defaults (:class:`ServerConfig`). Back-pressure is always a WAIT_FOR_DATA response carrying
+(current time, request time, minimum block period).
 
 A session's bytes come from an :class:`ImageSource`; the server never writes anything. Activation
 is not the server's business: UpgradeEnd always answers upgrade time 0xFFFFFFFF (wait for the
@@ -41,14 +23,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Final, Protocol
 
+from protocol.clock import UnixTime, later
 from protocol.errors import ProtocolError, Reason
 from protocol.han.frames import (
     MAX_BLOCK_DATA,
     MAX_QUERY_JITTER,
-    MAX_U16,
-    MAX_U32,
     MIN_BLOCK_DATA,
     UPGRADE_TIME_WAIT,
     DefaultResponse,
@@ -69,8 +50,11 @@ from protocol.han.frames import (
     ZclStatus,
     decode_frame,
     decode_header,
+    zigbee_time,
 )
 from protocol.release.manifest import Manifest
+from protocol.transitions import checked
+from protocol.wire.limits import MAX_U16, MAX_U32
 
 Output = list[tuple[str, bytes]]
 """Frames to send: (peer, frame bytes)."""
@@ -164,6 +148,36 @@ class SessionState(Enum):
     TIMED_OUT = "timed_out"
 
 
+#: A session's edges (SPEC §8.3 draws and lists them). Sessions start OFFERED; a FAILED or
+#: TIMED_OUT one is replaced by a new session when its peer asks again.
+TRANSITIONS: Final[dict[SessionState, frozenset[SessionState]]] = {
+    SessionState.OFFERED: frozenset(
+        {
+            SessionState.WAITING,
+            SessionState.TRANSFERRING,
+            SessionState.DELIVERED,
+            SessionState.FAILED,
+        }
+    ),
+    SessionState.WAITING: frozenset(
+        {
+            SessionState.TRANSFERRING,
+            SessionState.OFFERED,
+            SessionState.DELIVERED,
+            SessionState.FAILED,
+        }
+    ),
+    SessionState.TRANSFERRING: frozenset(
+        {SessionState.DELIVERED, SessionState.FAILED, SessionState.TIMED_OUT}
+    ),
+    SessionState.DELIVERED: frozenset(
+        {SessionState.WAITING, SessionState.TRANSFERRING, SessionState.FAILED}
+    ),
+    SessionState.FAILED: frozenset(),
+    SessionState.TIMED_OUT: frozenset(),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class SessionInfo:
     """A snapshot of one session, for the CH's reports (CCS08-like transfer outcome)."""
@@ -171,8 +185,8 @@ class SessionInfo:
     peer: str
     image_sha256: bytes
     state: SessionState
-    started_at: float | None
-    finished_at: float | None
+    started_at: UnixTime | None
+    finished_at: UnixTime | None
     bytes_served: int
     manifest_bytes_served: int
     blocks_served: int
@@ -199,21 +213,25 @@ class _Session:
         "state",
     )
 
-    def __init__(self, peer: str, image: OfferedImage, now: float) -> None:
+    def __init__(self, peer: str, image: OfferedImage, now: UnixTime) -> None:
         self.peer = peer
         self.image = image
-        self.state = SessionState.OFFERED
+        self.state = SessionState.OFFERED  # the initial state, not an edge
         self.last_request_at = now
-        self.last_served_at: float | None = None
+        self.last_served_at: UnixTime | None = None
         self.period_announced = False
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
+        self.started_at: UnixTime | None = None
+        self.finished_at: UnixTime | None = None
         self.bytes_served = 0
         self.manifest_bytes_served = 0
         self.blocks_served = 0
         self.busy_waits = 0
         self.data_waits = 0
         self.period_waits = 0
+
+    def enter(self, state: SessionState) -> None:
+        """Change state along an edge of :data:`TRANSITIONS` (``IllegalTransitionError`` if not)."""
+        self.state = checked(TRANSITIONS, "HanServer", self.state, state)
 
     def info(self) -> SessionInfo:
         return SessionInfo(
@@ -240,7 +258,7 @@ class SessionStarted:
 
     peer: str
     image_sha256: bytes
-    at: float
+    at: UnixTime
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,7 +267,7 @@ class ImageDelivered:
 
     peer: str
     image_sha256: bytes
-    at: float
+    at: UnixTime
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +277,7 @@ class SessionFailed:
     peer: str
     image_sha256: bytes
     status: ZclStatus
-    at: float
+    at: UnixTime
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,13 +286,13 @@ class SessionTimedOut:
 
     peer: str
     image_sha256: bytes
-    at: float
+    at: UnixTime
 
 
 ServerEvent = SessionStarted | ImageDelivered | SessionFailed | SessionTimedOut
 
 
-def zcl_time(now: float) -> int:
+def zcl_time(now: UnixTime) -> int:
     """``now`` as the u32 seconds carried in frames (only differences are meaningful)."""
     return int(now) & MAX_U32
 
@@ -345,14 +363,14 @@ class HanServer:
         if peer in self._queue:
             self._queue.remove(peer)
 
-    def drain_events(self) -> list[ServerEvent]:
+    def events(self) -> list[ServerEvent]:
         """Events since the last call, oldest first."""
         events, self._events = self._events, []
         return events
 
     # ------------------------------------------------------------------ input
 
-    def frame_received(self, peer: str, data: bytes, now: float) -> Output:
+    def frame_received(self, peer: str, data: bytes, now: UnixTime) -> Output:
         """Handle one frame from ``peer``; return the frames to send."""
         try:
             frame = decode_frame(data)
@@ -366,23 +384,23 @@ class HanServer:
             return [(peer, self._upgrade_end(peer, frame, now))]
         return []  # server->client frames and Default Responses need no answer
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self) -> UnixTime | None:
         """When :meth:`handle_timer` must next be called, or ``None``."""
         deadlines = [
-            s.last_request_at + self.config.session_timeout
+            later(s.last_request_at, self.config.session_timeout)
             for s in self._sessions.values()
             if s.state is SessionState.TRANSFERRING
         ]
         return min(deadlines, default=None)
 
-    def handle_timer(self, now: float) -> Output:
+    def handle_timer(self, now: UnixTime) -> Output:
         """Free the slots of sessions that went silent."""
         for s in self._sessions.values():
             if (
                 s.state is SessionState.TRANSFERRING
                 and now >= s.last_request_at + self.config.session_timeout
             ):
-                s.state = SessionState.TIMED_OUT
+                s.enter(SessionState.TIMED_OUT)
                 s.finished_at = now
                 self._events.append(SessionTimedOut(s.peer, s.image.manifest.sha256, now))
         return []
@@ -437,7 +455,7 @@ class HanServer:
                 return image
         return None
 
-    def _session_for(self, peer: str, image: OfferedImage, now: float) -> _Session:
+    def _session_for(self, peer: str, image: OfferedImage, now: UnixTime) -> _Session:
         session = self._sessions.get(peer)
         if (
             session is None
@@ -452,7 +470,7 @@ class HanServer:
             self._sessions[peer] = session
         return session
 
-    def _query(self, peer: str, req: QueryNextImageRequest, now: float) -> bytes:
+    def _query(self, peer: str, req: QueryNextImageRequest, now: UnixTime) -> bytes:
         image = self._select(peer, req)
         if image is None:
             return QueryNextImageRefused(req.seq, ZclStatus.NO_IMAGE_AVAILABLE).encode()
@@ -463,24 +481,25 @@ class HanServer:
             req.seq, m.vendor, m.image_type, m.fw_version, m.size
         ).encode()
 
-    def _block(self, peer: str, req: ImageBlockRequest | ManifestBlockRequest, now: float) -> bytes:
+    def _block(
+        self, peer: str, req: ImageBlockRequest | ManifestBlockRequest, now: UnixTime
+    ) -> bytes:
         image = self._find(peer, req.manufacturer_code, req.image_type, req.file_version)
         if image is None:
             return self._abort(req, ZclStatus.NO_IMAGE_AVAILABLE)
         session = self._session_for(peer, image, now)
         session.last_request_at = now
-        current = zcl_time(now)
         if session.state is not SessionState.TRANSFERRING and not self._admit(session, now):
             session.busy_waits += 1
-            return self._wait(req, current, current + self.config.busy_retry_s)
+            return self._wait(req, now, self.config.busy_retry_s)
         if self._too_early(session, req.minimum_block_period, now):
             session.period_waits += 1
-            return self._wait(req, current, current)
+            return self._wait(req, now, 0)
         if isinstance(req, ManifestBlockRequest):
             return self._serve_manifest(session, req, now)
-        return self._serve_image(session, req, now, current)
+        return self._serve_image(session, req, now)
 
-    def _too_early(self, session: _Session, declared: int | None, now: float) -> bool:
+    def _too_early(self, session: _Session, declared: int | None, now: UnixTime) -> bool:
         """Whether to answer with the pacing WAIT_FOR_DATA instead of data.
 
         A client that declares (at least) our MinimumBlockPeriod is trusted to pace itself. One
@@ -496,7 +515,7 @@ class HanServer:
         last = session.last_served_at
         return last is not None and (now - last) * 1000.0 < period_ms
 
-    def _serve_manifest(self, session: _Session, req: ManifestBlockRequest, now: float) -> bytes:
+    def _serve_manifest(self, session: _Session, req: ManifestBlockRequest, now: UnixTime) -> bytes:
         image = session.image
         total = len(image.signed_manifest)
         if req.offset >= total:
@@ -515,9 +534,7 @@ class HanServer:
             image.signed_manifest[req.offset : req.offset + n],
         ).encode()
 
-    def _serve_image(
-        self, session: _Session, req: ImageBlockRequest, now: float, current: int
-    ) -> bytes:
+    def _serve_image(self, session: _Session, req: ImageBlockRequest, now: UnixTime) -> bytes:
         image = session.image
         size = image.manifest.size
         if req.file_offset >= size:
@@ -526,7 +543,7 @@ class HanServer:
         data = image.source.read(req.file_offset, n)
         if data is None or len(data) != n:
             session.data_waits += 1
-            return self._wait(req, current, current + self.config.data_retry_s)
+            return self._wait(req, now, self.config.data_retry_s)
         session.bytes_served += n
         session.blocks_served += 1
         session.last_served_at = now
@@ -534,7 +551,7 @@ class HanServer:
             req.seq, req.manufacturer_code, req.image_type, req.file_version, req.file_offset, data
         ).encode()
 
-    def _admit(self, session: _Session, now: float) -> bool:
+    def _admit(self, session: _Session, now: UnixTime) -> bool:
         """Give ``session`` a transfer slot if one is free and no earlier waiter claims it."""
         stale_after = 3 * self.config.busy_retry_s
         for peer in list(self._queue):
@@ -546,28 +563,33 @@ class HanServer:
             ):
                 self._queue.remove(peer)
                 if waiter is not None and waiter.state is SessionState.WAITING:
-                    waiter.state = SessionState.OFFERED
+                    waiter.enter(SessionState.OFFERED)  # went silent: leaves the queue
         ahead = self._queue.index(session.peer) if session.peer in self._queue else len(self._queue)
         if self.transferring + ahead < self.config.max_sessions:
             if session.peer in self._queue:
                 self._queue.remove(session.peer)
-            session.state = SessionState.TRANSFERRING
+            session.enter(SessionState.TRANSFERRING)
             if session.started_at is None:
                 session.started_at = now
             self._events.append(SessionStarted(session.peer, session.image.manifest.sha256, now))
             return True
-        session.state = SessionState.WAITING
+        if session.state is not SessionState.WAITING:
+            session.enter(SessionState.WAITING)
         if session.peer not in self._queue:
             self._queue.append(session.peer)
         return False
 
-    def _wait(self, req: ImageBlockRequest | ManifestBlockRequest, current: int, at: int) -> bytes:
+    def _wait(
+        self, req: ImageBlockRequest | ManifestBlockRequest, now: UnixTime, delay: int
+    ) -> bytes:
+        """WAIT_FOR_DATA: ask again ``delay`` seconds from ``now``, at the configured period."""
+        current, request = zigbee_time(now), zigbee_time(later(now, delay))
         period = self.config.minimum_block_period_ms
         if isinstance(req, ManifestBlockRequest):
             return ManifestBlockWait(
-                req.seq, req.manufacturer_code, current, at & MAX_U32, period
+                req.seq, req.manufacturer_code, current, request, period
             ).encode()
-        return ImageBlockWait(req.seq, current, at & MAX_U32, period).encode()
+        return ImageBlockWait(req.seq, current, request, period).encode()
 
     @staticmethod
     def _abort(req: ImageBlockRequest | ManifestBlockRequest, status: ZclStatus) -> bytes:
@@ -575,7 +597,7 @@ class HanServer:
             return ManifestBlockAbort(req.seq, req.manufacturer_code, status).encode()
         return ImageBlockAbort(req.seq, status).encode()
 
-    def _upgrade_end(self, peer: str, req: UpgradeEndRequest, now: float) -> bytes:
+    def _upgrade_end(self, peer: str, req: UpgradeEndRequest, now: UnixTime) -> bytes:
         image = self._find(peer, req.manufacturer_code, req.image_type, req.file_version)
         if image is None:
             return DefaultResponse(
@@ -587,7 +609,7 @@ class HanServer:
         if req.status is ZclStatus.SUCCESS:
             if session.state is not SessionState.DELIVERED:
                 self._leave_queue(session)
-                session.state = SessionState.DELIVERED
+                session.enter(SessionState.DELIVERED)
                 session.finished_at = now
                 self._events.append(ImageDelivered(peer, sha, now))
             return UpgradeEndResponse(
@@ -595,12 +617,12 @@ class HanServer:
                 req.manufacturer_code,
                 req.image_type,
                 req.file_version,
-                zcl_time(now),
+                zigbee_time(now),
                 UPGRADE_TIME_WAIT,
             ).encode()
         if session.state is not SessionState.FAILED:
             self._leave_queue(session)
-            session.state = SessionState.FAILED
+            session.enter(SessionState.FAILED)
             session.finished_at = now
             self._events.append(SessionFailed(peer, sha, req.status, now))
         return DefaultResponse(req.seq, req.COMMAND, ZclStatus.SUCCESS, True).encode()

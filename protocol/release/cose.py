@@ -1,18 +1,13 @@
 """COSE_Sign1 (RFC 9052) with ES256 (RFC 9053): the signature envelope of a manifest.
 
-One profile only, so a verifier has nothing to negotiate:
-
-* the message is tagged: ``18([protected, unprotected, payload, signature])``;
-* ``protected`` is the byte string ``h'a10126'``, i.e. the map ``{1: -7}`` (alg: ES256) and
-  nothing else;
-* ``unprotected`` is ``{4: kid}``: the key id, :func:`key_id` of the signer's public key;
-* ``payload`` is attached (a byte string, never ``nil``);
-* ``signature`` is ECDSA P-256 over SHA-256 of the ``Sig_structure``
-  ``["Signature1", protected, h'', payload]``, as the 64 bytes ``r || s`` (RFC 9053 2.1), not DER.
+One profile only (SPEC §6.1), so a verifier has nothing to negotiate: tagged 18, the protected
+header exactly ``h'a10126'`` (alg ES256), the unprotected ``{4: kid}`` (:func:`key_id` of the
+signer's public key), the payload attached, and the signature ECDSA P-256 over SHA-256 of the
+``Sig_structure`` as the 64 bytes ``r || s`` (RFC 9053 2.1), not DER.
 
 :func:`parse_sign1` only takes the envelope apart (strictly, through :mod:`protocol.wire.cbor`); the
 payload stays opaque bytes until :func:`verify_sign1` has checked the signature over exactly those
-bytes (verify before decode, A11).
+bytes (verify before decode, SPEC §6.1).
 """
 
 from __future__ import annotations

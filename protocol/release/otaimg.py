@@ -1,12 +1,8 @@
 """The ``.otaimg`` release file: a signed manifest and the ZigBee OTA file it covers.
 
-Layout (all of it; integers big-endian)::
-
-    offset  size  field
-    0       8     magic b"OTAIMG" 0x00 0x01 (the last two bytes are the format version, 1)
-    8       4     M = length of the signed manifest (u32), 1 <= M <= MAX_SIGNED_MANIFEST_BYTES
-    12      M     signed manifest: the COSE_Sign1 bytes exactly as signed (protocol.release.cose)
-    12+M    rest  the ZigBee OTA file; the manifest's ``size`` and ``sha256`` are of these bytes
+SPEC §6.6 gives the layout (integers big-endian): an 8-byte magic with the format version, the
+signed manifest's length (u32), the COSE_Sign1 bytes exactly as signed, then the ZigBee OTA file
+the manifest's ``size`` and ``sha256`` are of.
 
 :meth:`SignedImage.decode` checks the container only; :func:`verify` checks everything: the
 signature and manifest (:func:`protocol.release.trust.verify_manifest`), the bytes against the
@@ -21,11 +17,13 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from protocol.clock import UnixTime
 from protocol.errors import ProtocolError, Reason
 from protocol.release.cose import sign1
-from protocol.release.manifest import MAX_IMAGE_BYTES, DeviceType, Manifest, block_hashes
-from protocol.release.trust import MAX_SIGNED_MANIFEST_BYTES, Target, TrustStore, verify_manifest
+from protocol.release.manifest import DeviceType, Manifest, block_hashes
+from protocol.release.trust import Target, TrustStore, verify_manifest
 from protocol.release.zigbee_ota import OtaFile
+from protocol.wire.limits import MAX_IMAGE_BYTES, MAX_SIGNED_MANIFEST_BYTES
 
 MAGIC = b"OTAIMG\x00\x01"
 _MAGIC_FAMILY = MAGIC[:6]
@@ -114,7 +112,7 @@ def build(
     if hw_min is None or hw_max is None:
         raise ValueError("the OTA header has no hardware range: give hw_min and hw_max")
     # Inconsistent fields are caller errors here, not untrusted input; the round trip through
-    # from_cbor also checks the u16/u32/u64 ranges and the manifest size cap.
+    # decode also checks the u16/u32/u64 ranges and the manifest size cap.
     try:
         manifest = Manifest.for_image(
             bytes(ota_file),
@@ -129,8 +127,8 @@ def build(
             created=created,
             expires=expires,
         )
-        payload = manifest.to_cbor()
-        Manifest.from_cbor(payload)
+        payload = manifest.encode()
+        Manifest.decode(payload)
     except ProtocolError as exc:
         raise ValueError(f"manifest would not verify: {exc}") from None
     signed = sign1(payload, private_key)
@@ -143,7 +141,7 @@ def build(
 
 
 def verify(
-    image: SignedImage, trust: TrustStore, *, now: int, target: Target | None = None
+    image: SignedImage, trust: TrustStore, *, now: UnixTime, target: Target | None = None
 ) -> tuple[Manifest, OtaFile]:
     """Verify a release completely; return its manifest and parsed OTA file.
 

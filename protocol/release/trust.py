@@ -2,15 +2,11 @@
 
 :class:`TrustStore` maps key ids to P-256 public keys and keeps a revocation list of key ids.
 :func:`verify_manifest` is the one place a signed manifest becomes a :class:`Manifest`; it runs the
-checks in a fixed order and stops at the first failure:
-
-1. envelope and signature (:meth:`TrustStore.verify`): ``MALFORMED``/``TOO_LARGE``/...,
-   ``REVOKED_KEY``, ``UNKNOWN_KEY_ID``, ``BAD_ALGORITHM``, ``BAD_SIGNATURE``. The payload is not
-   decoded before its signature has verified (A11);
-2. manifest decoding (:meth:`Manifest.from_cbor`);
-3. expiry against the caller's fixed update-start time: ``EXPIRED`` (A03);
-4. with a :class:`Target`: ``WRONG_VENDOR``, ``WRONG_DEVICE_TYPE``, ``HARDWARE_OUT_OF_RANGE``
-   (A05), then ``ROLLBACK`` for a lower sequence and ``REPLAYED`` for the installed one (A02).
+checks in the order of SPEC §6.4 (which names each step's reasons) and stops at the first
+failure: envelope and signature (:meth:`TrustStore.verify`, steps 1-6; the payload is not
+decoded before its signature has verified), manifest decoding (:meth:`Manifest.decode`, step
+7), expiry against the caller's fixed update-start time (step 8), and, given a
+:class:`Target`, vendor, device type, hardware range and anti-rollback (steps 9-13).
 
 Sans-IO: keys come in as objects, time comes in as ``now``.
 """
@@ -22,12 +18,13 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from protocol.clock import UnixTime
 from protocol.errors import ProtocolError, Reason
 from protocol.release.cose import key_id, parse_sign1, verify_sign1
-from protocol.release.manifest import MAX_MANIFEST_BYTES, DeviceType, Manifest
-
-# Cap on a whole signed manifest (COSE envelope included), the size of the Offer.manifest field.
-MAX_SIGNED_MANIFEST_BYTES = MAX_MANIFEST_BYTES
+from protocol.release.manifest import DeviceType, Manifest
+from protocol.wire.limits import (  # re-exported: otad imports it from here
+    MAX_SIGNED_MANIFEST_BYTES as MAX_SIGNED_MANIFEST_BYTES,
+)
 
 
 class TrustStore:
@@ -121,18 +118,20 @@ class Target:
 
 
 def verify_manifest(
-    signed: bytes, trust: TrustStore, *, now: int, target: Target | None = None
+    signed: bytes, trust: TrustStore, *, now: UnixTime, target: Target | None = None
 ) -> Manifest:
     """Verify a signed manifest completely; return it or raise ``ProtocolError`` (see module doc).
 
-    ``now`` is unix seconds, fixed at the start of the update (TUF): a manifest is refused at or
-    after its ``expires`` instant. Without ``target`` only signature, decoding and expiry are
+    ``now`` is wall-clock time, fixed at the start of the update (TUF): a manifest is refused at
+    or after its ``expires`` instant. Without ``target`` only signature, decoding and expiry are
     checked (what otad itself does before it offers an image).
     """
     payload = trust.verify(signed, max_size=MAX_SIGNED_MANIFEST_BYTES)
-    manifest = Manifest.from_cbor(payload)
+    manifest = Manifest.decode(payload)
     if now >= manifest.expires:
-        raise ProtocolError(Reason.EXPIRED, f"manifest expired at {manifest.expires}, now {now}")
+        raise ProtocolError(
+            Reason.EXPIRED, f"manifest expired at {manifest.expires}, now {int(now)}"
+        )
     if target is not None:
         check_target(manifest, target)
     return manifest

@@ -1,28 +1,11 @@
 """The ZigBee OTA Upgrade file (ZCL spec, OTA Upgrade cluster, "OTA Upgrade File Format").
 
-All integers little-endian. The header::
-
-    offset size field
-    0      4    file identifier, 0x0BEEF11E
-    4      2    header version, 0x0100
-    6      2    header length (bytes, incl. the optional fields)
-    8      2    header field control (bit0 security credential version present,
-                bit1 device-specific file: upgrade file destination present,
-                bit2 minimum/maximum hardware versions present)
-    10     2    manufacturer code
-    12     2    image type
-    14     4    file version
-    18     2    ZigBee stack version
-    20     32   header string
-    52     4    total image size (the whole file, header included)
-    56     1    security credential version         (bit0)
-    ..     8    upgrade file destination (IEEE addr) (bit1)
-    ..     2+2  minimum, maximum hardware version    (bit2)
-
-then sub-elements to the end of the file: tag (u16), length (u32), data. Tag 0x0000 is the
-Upgrade Image. :meth:`OtaFile.parse` is strict: every byte is accounted for and any
-inconsistency raises :class:`ProtocolError`. :meth:`OtaHeader.parse` reads the header alone (for
-files whose body is not sub-element framed, such as the GBCS sample in the DCC DUIS templates).
+SPEC §6.5 gives the layout (all integers little-endian): a header of fixed fields and optional
+ones chosen by its field control, then sub-elements to the end of the file (tag u16, length
+u32, data; tag 0x0000 is the Upgrade Image). :meth:`OtaFile.parse` is strict: every byte is
+accounted for and any inconsistency raises :class:`ProtocolError`. :meth:`OtaHeader.parse`
+reads the header alone (for files whose body is not sub-element framed, such as the GBCS
+sample in the DCC DUIS templates).
 """
 
 from __future__ import annotations
@@ -31,7 +14,7 @@ import struct
 from dataclasses import dataclass, replace
 
 from protocol.errors import ProtocolError, Reason
-from protocol.release.manifest import MAX_IMAGE_BYTES
+from protocol.wire.limits import MAX_IMAGE_BYTES, MAX_U16, MAX_U32
 
 MAGIC = 0x0BEEF11E
 HEADER_VERSION = 0x0100
@@ -44,8 +27,6 @@ _FC_KNOWN = FC_SECURITY_CREDENTIAL | FC_DEVICE_SPECIFIC | FC_HW_VERSIONS
 TAG_UPGRADE_IMAGE = 0x0000
 SUB_ELEMENT_HEADER_LEN = 6
 WILDCARD_U16 = 0xFFFF  # manufacturer code / image type wildcard of queries, never in a file
-_MAX_U16 = 0xFFFF
-_MAX_U32 = 0xFFFF_FFFF
 
 _BASE = struct.Struct("<IHHHHHIH32sI")
 _SUB = struct.Struct("<HI")
@@ -68,11 +49,11 @@ class OtaHeader:
 
     def __post_init__(self) -> None:
         for name, value, top in (
-            ("manufacturer_code", self.manufacturer_code, _MAX_U16),
-            ("image_type", self.image_type, _MAX_U16),
-            ("file_version", self.file_version, _MAX_U32),
-            ("stack_version", self.stack_version, _MAX_U16),
-            ("total_image_size", self.total_image_size, _MAX_U32),
+            ("manufacturer_code", self.manufacturer_code, MAX_U16),
+            ("image_type", self.image_type, MAX_U16),
+            ("file_version", self.file_version, MAX_U32),
+            ("stack_version", self.stack_version, MAX_U16),
+            ("total_image_size", self.total_image_size, MAX_U32),
         ):
             if type(value) is not int or not 0 <= value <= top:
                 raise ValueError(f"{name} must be an integer in 0..{top}")
@@ -92,7 +73,7 @@ class OtaHeader:
         if (
             self.hw_min is not None
             and self.hw_max is not None
-            and not (0 <= self.hw_min <= self.hw_max <= _MAX_U16)
+            and not (0 <= self.hw_min <= self.hw_max <= MAX_U16)
         ):
             raise ValueError("need 0 <= hw_min <= hw_max <= 0xffff")
 
@@ -227,9 +208,9 @@ class SubElement:
     data: bytes
 
     def __post_init__(self) -> None:
-        if type(self.tag) is not int or not 0 <= self.tag <= _MAX_U16:
+        if type(self.tag) is not int or not 0 <= self.tag <= MAX_U16:
             raise ValueError("sub-element tag must be a u16")
-        if not isinstance(self.data, bytes) or len(self.data) > _MAX_U32:
+        if not isinstance(self.data, bytes) or len(self.data) > MAX_U32:
             raise ValueError("sub-element data must be bytes of at most 2**32-1")
 
     def encode(self) -> bytes:

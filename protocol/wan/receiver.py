@@ -1,4 +1,4 @@
-"""The receiving half of a WAN transfer: a Communications Hub (or a HAN device) taking images.
+"""The receiving half of a WAN transfer: a Communications Hub taking images from otad (SPEC §7).
 
 Theory of operation
 -------------------
@@ -12,42 +12,23 @@ and the time, and carries out the actions it returns --
   ``TransferRejected``);
 * :class:`StoreBlock` -- write these bytes at this offset of the image. Emitted only after the
   block passed every check, so nothing unverified is ever written;
-* :class:`VerifyImage` -- every block is held: re-hash the *stored* image (not a RAM copy, A11)
-  and report the digest with :meth:`Receiver.image_hashed`;
+* :class:`VerifyImage` -- every block is held: re-hash the *stored* image (not a RAM copy:
+  what is checked is what is used) and report the digest with :meth:`Receiver.image_hashed`;
 * :class:`DiscardImage` -- delete whatever is stored for the image.
 
-Per-image phases (all transitions happen in this file)::
-
-      Offer (manifest verifies, fits the limits, room for another transfer)
-        |
-        v
-    RECEIVING --last block stored--> VERIFYING --image_hashed(digest ok)--> HELD
-        ^  |                            |
-        |  +-- Block: checked, stored   +--image_hashed(digest wrong)--> (gone) + DiscardImage
-        |                                                                 + Rejected(IMAGE_HASH)
-    Cancel, or an Offer whose manifest no longer verifies --> (gone) + DiscardImage
+Per-image phases: SPEC §7.10 draws them and lists every edge; :data:`TRANSITIONS` is that table.
 
 An Offer for an image already known is answered with its current state (``TransferAcked`` or
 ``ImageHeld``): that is how a restarted otad learns what a CH holds. A ``Poll`` is answered with
 the state of every image.
 
-Checks on a block, in order; a failure drops the block and counts the reason in
-:attr:`Receiver.rejected` -- nothing is stored, nothing raises:
-
-1. its image has a transfer (else ``NO_TRANSFER``: no state is created for it; one
-   ``TransferRejected(NO_TRANSFER)`` per image per ack delay tells a sender whose CH lost its
-   state to offer again);
-2. ``index < block count`` (``BLOCK_OUT_OF_RANGE``);
-3. its length: longer than the manifest's block size or the CH's ``max_block``: ``BLOCK_SIZE``;
-   longer than this block (only the last can be; bytes past the end of the image):
-   ``TOO_MANY_BYTES``; shorter: ``BLOCK_SIZE``;
-4. SHA-256 equals the signed block hash (``BLOCK_HASH``; ``WRONG_IMAGE`` when the bytes are the
-   same block of another image this CH is receiving -- mix-and-match).
-
-Each block is stored once, at its exact length, so the bytes stored for an image can never exceed
-``manifest.size``. A block that arrives while more new blocks have come since the last
-acknowledgement than the advertised credit (or more bytes than ``limits.buffer``) is still
-accepted if valid, and counted as ``LIMITS_EXCEEDED`` (the sender overran the window).
+Checks on a block: SPEC §7.9, in its order. A failure drops the block and counts the reason in
+:attr:`Receiver.rejected` -- nothing is stored, nothing raises; a block for an image without a
+transfer creates no state, and one ``TransferRejected(NO_TRANSFER)`` per image per ack delay
+tells a sender whose CH lost its state to offer again. A block that arrives while more new
+blocks have come since the last acknowledgement than the advertised credit (or more bytes than
+``limits.buffer``) is still accepted if valid, and counted as ``LIMITS_EXCEEDED`` (the sender
+overran the window).
 
 Acknowledgement policy. The SACK (:mod:`protocol.wan.sack`) is sent
 
@@ -75,16 +56,17 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Final
 
+from protocol.clock import Monotonic, later
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
+from protocol.transitions import checked
 from protocol.wan.sack import Bitmap
 from protocol.wire import cbor
+from protocol.wire.limits import HASH_LEN, MAX_U16
 from protocol.wire.messages import (
-    HASH_LEN,
     MAX_TEXT,
-    MAX_U16,
     Block,
     Cancel,
     ImageHeld,
@@ -107,6 +89,16 @@ class TransferPhase(Enum):
     RECEIVING = 0  # blocks missing
     VERIFYING = 1  # every block held; the shell is re-hashing the stored image
     HELD = 2  # the stored image hashed to the manifest's digest
+
+
+#: One image's edges on the receiving side (SPEC §7.10 draws and lists them). A transfer starts
+#: RECEIVING (or VERIFYING when restored with every block held) and ends by being forgotten
+#: (Cancel, a re-hash mismatch, a manifest that no longer verifies), which is not a phase.
+TRANSITIONS: Final[dict[TransferPhase, frozenset[TransferPhase]]] = {
+    TransferPhase.RECEIVING: frozenset({TransferPhase.VERIFYING}),
+    TransferPhase.VERIFYING: frozenset({TransferPhase.HELD}),
+    TransferPhase.HELD: frozenset(),
+}
 
 
 # --------------------------------------------------------------------------- actions
@@ -170,13 +162,18 @@ class _Transfer:
         self.held = held
         self.base = held.first_missing()
         self.highest = held.highest()
+        # the initial phase, not an edge
         self.phase = TransferPhase.VERIFYING if held.full() else TransferPhase.RECEIVING
         self.sha256 = b""
         self.unacked = 0
         self.new_blocks = 0
         self.new_bytes = 0
-        self.ack_due: float | None = None
+        self.ack_due: Monotonic | None = None
         self.verify_pending = False
+
+    def enter(self, phase: TransferPhase) -> None:
+        """Change phase along an edge of :data:`TRANSITIONS` (``IllegalTransitionError`` if not)."""
+        self.phase = checked(TRANSITIONS, "Receiver", self.phase, phase)
 
 
 class Receiver:
@@ -187,8 +184,8 @@ class Receiver:
         "_ack_every",
         "_credit",
         "_max_transfers",
-        "_nt_at",
-        "_nt_image",
+        "_no_transfer_at",
+        "_no_transfer_image",
         "_pending",
         "_transfers",
         "_verify",
@@ -227,8 +224,9 @@ class Receiver:
         self._credit = min(limits.window, MAX_U16)
         self._transfers: dict[bytes, _Transfer] = {}
         self._pending: list[ReceiverAction] = []
-        self._nt_image = b""
-        self._nt_at = float("-inf")
+        # the last TransferRejected(NO_TRANSFER) sent (one per image per ack delay, SPEC §7.2)
+        self._no_transfer_image = b""
+        self._no_transfer_at = Monotonic(float("-inf"))
         self.rejected: Counter[Reason] = Counter()
         self.blocks_stored = 0
         self.bytes_stored = 0
@@ -263,7 +261,7 @@ class Receiver:
 
     # ------------------------------------------------------------------ input
 
-    def message_received(self, msg: Message, now: float) -> list[ReceiverAction]:
+    def message_received(self, msg: Message, now: Monotonic) -> list[ReceiverAction]:
         """Handle one decoded message from otad (``Offer``, ``Block``, ``Cancel``, ``Poll``).
 
         Never raises for bad input: bad blocks and offers are refused and counted in
@@ -283,14 +281,14 @@ class Receiver:
         self.rejected[Reason.UNKNOWN_TYPE] += 1
         return []
 
-    def image_hashed(self, image: bytes, sha256: bytes, now: float) -> list[ReceiverAction]:
+    def image_hashed(self, image: bytes, sha256: bytes, now: Monotonic) -> list[ReceiverAction]:
         """The shell re-hashed the stored ``image`` (after :class:`VerifyImage`): report it."""
         transfer = self._transfers.get(image)
         if transfer is None or transfer.phase is not TransferPhase.VERIFYING:
             return []
         transfer.verify_pending = False
         if sha256 == transfer.manifest.sha256:
-            transfer.phase = TransferPhase.HELD
+            transfer.enter(TransferPhase.HELD)
             transfer.sha256 = sha256
             return [Reply(ImageHeld(image=image, sha256=sha256))]
         self.rejected[Reason.IMAGE_HASH] += 1
@@ -303,14 +301,14 @@ class Receiver:
 
     # ------------------------------------------------------------------ timers
 
-    def next_deadline(self) -> float | None:
-        """When :meth:`handle_timer` must next be called (0.0: at once), or None."""
+    def next_deadline(self) -> Monotonic | None:
+        """When :meth:`handle_timer` must next be called (0.0, a past instant: at once), or None."""
         if self._pending:
-            return 0.0
+            return Monotonic(0.0)
         due = [t.ack_due for t in self._transfers.values() if t.ack_due is not None]
         return min(due) if due else None
 
-    def handle_timer(self, now: float) -> list[ReceiverAction]:
+    def handle_timer(self, now: Monotonic) -> list[ReceiverAction]:
         """Send the delayed acknowledgements due at ``now`` (and, once after a restore, the
         re-hash and discard actions the restore decided on)."""
         actions, self._pending = self._pending, []
@@ -321,7 +319,7 @@ class Receiver:
 
     # ------------------------------------------------------------------ offers
 
-    def _on_offer(self, msg: Offer, now: float) -> list[ReceiverAction]:
+    def _on_offer(self, msg: Offer, now: Monotonic) -> list[ReceiverAction]:
         image = msg.image
         actions: list[ReceiverAction] = []
         try:
@@ -363,12 +361,15 @@ class Receiver:
 
     # ------------------------------------------------------------------ blocks
 
-    def _on_block(self, msg: Block, now: float) -> list[ReceiverAction]:
+    def _on_block(self, msg: Block, now: Monotonic) -> list[ReceiverAction]:
         transfer = self._transfers.get(msg.image)
         if transfer is None:
             self.rejected[Reason.NO_TRANSFER] += 1
-            if msg.image != self._nt_image or now >= self._nt_at + self._ack_delay:
-                self._nt_image, self._nt_at = msg.image, now
+            if (
+                msg.image != self._no_transfer_image
+                or now >= self._no_transfer_at + self._ack_delay
+            ):
+                self._no_transfer_image, self._no_transfer_at = msg.image, now
                 rejected = TransferRejected(
                     image=msg.image, reason=Reason.NO_TRANSFER, detail="no transfer: offer it"
                 )
@@ -410,7 +411,7 @@ class Receiver:
                 return Reason.WRONG_IMAGE
         return Reason.BLOCK_HASH
 
-    def _store(self, transfer: _Transfer, msg: Block, now: float) -> list[ReceiverAction]:
+    def _store(self, transfer: _Transfer, msg: Block, now: Monotonic) -> list[ReceiverAction]:
         manifest = transfer.manifest
         index, data = msg.index, bytes(msg.data)
         transfer.held.add(index)
@@ -430,7 +431,7 @@ class Receiver:
             StoreBlock(msg.image, index, index * manifest.block_size, data)
         ]
         if transfer.held.full():
-            transfer.phase = TransferPhase.VERIFYING
+            transfer.enter(TransferPhase.VERIFYING)
             transfer.verify_pending = True
             actions.append(self._ack(transfer))
             actions.append(VerifyImage(msg.image, manifest.size))
@@ -444,7 +445,7 @@ class Receiver:
         ):
             actions.append(self._ack(transfer))
         elif transfer.ack_due is None:
-            transfer.ack_due = now + self._ack_delay
+            transfer.ack_due = later(now, self._ack_delay)
         return actions
 
     # ------------------------------------------------------------------ replies
@@ -553,7 +554,7 @@ class Receiver:
             return
         transfer = _Transfer(entry["m"], manifest, held)
         if phase is TransferPhase.HELD and entry["d"] == manifest.sha256:
-            transfer.phase = TransferPhase.HELD
+            transfer.enter(TransferPhase.HELD)
             transfer.sha256 = manifest.sha256
         elif transfer.phase is TransferPhase.VERIFYING:
             transfer.verify_pending = True

@@ -20,8 +20,9 @@ On the wire a receiver's state is a SACK (``TransferAcked``)::
             the base) -- a sender never sends a block beyond that horizon
 
 :meth:`Bitmap.sack` produces it, :func:`check_sack` validates one against a block count (a bit
-for a block that does not exist is a lie, refused with ``MALFORMED``) and :func:`sack_indexes`
-lists the held indexes it names. Nothing here allocates more than the bitmap it was given.
+for a block that does not exist is a lie, refused with ``MALFORMED``), :func:`sack_indexes`
+lists the held indexes it names and :func:`covers` asks it about one block. Nothing here
+allocates more than the bitmap it was given.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from protocol.errors import ProtocolError, Reason
-from protocol.wire.messages import MAX_BITMAP_BYTES
+from protocol.wire.limits import MAX_BITMAP_BYTES
 
 #: Blocks past the base a SACK can name: a sender never sends beyond ``base + SACK_SPAN``.
 SACK_SPAN = MAX_BITMAP_BYTES * 8
@@ -195,6 +196,21 @@ def check_sack(base: int, bitmap: bytes, count: int) -> None:
             raise ProtocolError(
                 Reason.MALFORMED, f"SACK names block {highest} of an image of {count}"
             )
+
+
+def covers(index: int, base: int, bitmap: bytes) -> bool:
+    """Whether the SACK (``base``, ``bitmap``) says block ``index`` is held.
+
+    Every block below ``base`` is; block ``base`` is not; block ``base + 1 + i`` is when bit
+    ``i`` of ``bitmap`` is set. The SACK is taken as it is (validate it first with
+    :func:`check_sack`); an index past the bitmap is not covered.
+    """
+    if index < base:
+        return True
+    bit = index - base - 1
+    if bit < 0 or bit >= len(bitmap) * 8:
+        return False
+    return bool(bitmap[bit >> 3] >> (bit & 7) & 1)
 
 
 def sack_indexes(base: int, bitmap: bytes) -> Iterator[int]:

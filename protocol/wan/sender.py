@@ -12,26 +12,9 @@ names an index and the shell reads that block from its content-addressed image s
 memory is two bitmaps of ``ceil(blocks / 8)`` bytes (acknowledged, ever sent) plus one small
 record per block in flight, and thousands run side by side.
 
-States (all transitions happen in this file)::
-
-                    Offer on every RTO (backed off)
-                      +-----+
-                      v     |
-    new Sender --> OFFERING-+--ImageHeld(sha ok)------------------------------+
-                      |  TransferAcked (the CH's state, taken as the truth)    |
-                      v                                                      |
-          +------> STREAMING  blocks: repairs first, then new, within        |
-          |           |        window, credit, buffer bytes and budget       |
-          |           |  every block acknowledged                            v
-          |           v                                                  COMPLETE
-          +------- VERIFYING  probe block on every RTO until ---ImageHeld---^
-         SACK after a probe shows blocks missing (the CH lost them)
-
-    any state --TransferRejected(reason)--> FAILED(reason)
-                  (except NO_TRANSFER: the CH lost the transfer; back to OFFERING)
-    any state --ImageHeld(wrong sha256)--> FAILED(IMAGE_HASH), sends Cancel
-    any state --more than max_timeouts RTOs in a row without progress--> FAILED(TIMED_OUT)
-    any state --cancel()--> FAILED(CANCELLED), sends Cancel
+States. SPEC §7.10 draws the sender's states and lists every edge; :data:`TRANSITIONS` is that
+table and :meth:`Sender._enter` refuses any other edge (``tests/protocol/test_spec.py`` compares
+the two). The diagram also says which failures send ``Cancel``; §7.11 lists the reasons.
 
 Flow control. At most ``min(window, limits.window, credit)`` blocks are outstanding (sent and not
 yet acknowledged -- a block declared lost still counts until it is acknowledged, because the
@@ -100,9 +83,12 @@ from __future__ import annotations
 from bisect import bisect_right, insort
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import Final
 
+from protocol.clock import Monotonic, later
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
+from protocol.transitions import checked
 from protocol.wan.rtt import RttEstimator
 from protocol.wan.sack import SACK_SPAN, Bitmap, check_sack
 from protocol.wire.messages import ImageHeld, Limits, Message, TransferAcked, TransferRejected
@@ -111,7 +97,7 @@ DUPTHRESH = 3
 #: Asks made with a Poll before falling back to the full Offer (a CH reconnecting after a broker
 #: restart may take seconds to subscribe again: it should not cost it the whole manifest).
 POLL_ASKS = 3
-MAX_REORDER_MULTIPLIER = 16
+MAX_REORDER_WINDOW_SCALE = 16  # the reordering window grows to at most 16 x min_rtt / 4
 MIN_REORDER_WINDOW = 0.001
 
 
@@ -123,6 +109,22 @@ class SenderState(Enum):
     VERIFYING = "verifying"  # every block acknowledged; waiting for ImageHeld
     COMPLETE = "complete"  # the CH holds the image and its digest matches
     FAILED = "failed"  # given up; see the TransferFailed event
+
+
+#: The sender's edges (SPEC §7.10 draws and lists them); :meth:`Sender._enter` takes no other.
+TRANSITIONS: Final[dict[SenderState, frozenset[SenderState]]] = {
+    SenderState.OFFERING: frozenset(
+        {SenderState.STREAMING, SenderState.COMPLETE, SenderState.FAILED}
+    ),
+    SenderState.STREAMING: frozenset(
+        {SenderState.VERIFYING, SenderState.OFFERING, SenderState.COMPLETE, SenderState.FAILED}
+    ),
+    SenderState.VERIFYING: frozenset(
+        {SenderState.STREAMING, SenderState.OFFERING, SenderState.COMPLETE, SenderState.FAILED}
+    ),
+    SenderState.COMPLETE: frozenset(),
+    SenderState.FAILED: frozenset(),
+}
 
 
 # --------------------------------------------------------------------------- actions
@@ -215,7 +217,7 @@ class _Flight:
         "trust_latest",
     )
 
-    def __init__(self, seq: int, sent_at: float, retransmitted: bool, ack_now: bool) -> None:
+    def __init__(self, seq: int, sent_at: Monotonic, retransmitted: bool, ack_now: bool) -> None:
         self.seq = self.first_seq = seq
         self.sent_at = self.first_sent_at = sent_at
         self.retransmitted = retransmitted
@@ -235,10 +237,9 @@ class Sender:
         "_acked",
         "_answered",
         "_ask_poll",
+        "_block_count",
         "_cancel_reason",
-        "_cap",
         "_credit",
-        "_cum",
         "_delivered",
         "_due_at",
         "_dupthresh",
@@ -247,9 +248,9 @@ class Sender:
         "_flight_bytes",
         "_image",
         "_initial_rto",
+        "_lowest_unacked",
         "_max_ack_delay",
         "_max_timeouts",
-        "_n",
         "_next_new",
         "_offer_due",
         "_offer_retx",
@@ -261,8 +262,8 @@ class Sender:
         "_rack_rtt",
         "_rack_sent",
         "_rack_seq",
-        "_reo_mult",
         "_reorder_deadline",
+        "_reorder_window_scale",
         "_reordering_seen",
         "_repair",
         "_rto_floor",
@@ -272,6 +273,7 @@ class Sender:
         "_state",
         "_timeouts",
         "_timer_start",
+        "_window_cap",
         "blocks_sent",
         "bytes_sent",
         "limits",
@@ -287,7 +289,7 @@ class Sender:
         manifest: Manifest,
         limits: Limits,
         *,
-        now: float,
+        now: Monotonic,
         window: int | None = None,
         acked: bytes | None = None,
         initial_rto: float = 1.0,
@@ -318,35 +320,40 @@ class Sender:
         self.manifest = manifest
         self.limits = limits
         self._image = manifest.sha256
-        self._n = manifest.block_count
-        self._cap = limits.window if window is None else min(window, limits.window)
-        self._credit = self._cap
+        self._block_count = manifest.block_count
+        # otad's own cap on blocks in flight (its per-CH window), never above the CH's window
+        self._window_cap = limits.window if window is None else min(window, limits.window)
+        self._credit = self._window_cap
         self._dupthresh = dupthresh
         self._max_timeouts = max_timeouts
         self._max_ack_delay = max_ack_delay
-        self._state = SenderState.OFFERING
-        self._acked = Bitmap(self._n) if acked is None else Bitmap.from_bytes(acked, self._n)
-        self._sent = Bitmap(self._n)
-        self._cum = self._acked.first_missing()
-        self._next_new = self._cum
+        self._state = SenderState.OFFERING  # the initial state, not an edge
+        self._acked = (
+            Bitmap(self._block_count)
+            if acked is None
+            else Bitmap.from_bytes(acked, self._block_count)
+        )
+        self._sent = Bitmap(self._block_count)
+        self._lowest_unacked = self._acked.first_missing()  # SPEC's "lowest unacknowledged"
+        self._next_new = self._lowest_unacked
         self._flight: dict[int, _Flight] = {}
         self._flight_bytes = 0
         self._repair: set[int] = set()
         self._seq = 0
         self._rack_seq = -1
         self._delivered: list[int] = []  # send numbers delivered past the oldest outstanding
-        self._rack_sent = float("-inf")
+        self._rack_sent = Monotonic(float("-inf"))
         self._rack_rtt = 0.0
-        self._reo_mult = 1
+        self._reorder_window_scale = 1
         self._reordering_seen = False
-        self._reorder_deadline: float | None = None
+        self._reorder_deadline: Monotonic | None = None
         self._rtt = RttEstimator(initial_rto=initial_rto, min_rto=min_rto, max_rto=max_rto)
         self._initial_rto = initial_rto
         self._rto_floor = initial_rto  # until the first block's round trip is measured
-        self._timer_start: float | None = None
+        self._timer_start: Monotonic | None = None
         self._timeouts = 0
         self._offer_due = True
-        self._offer_sent_at: float | None = None
+        self._offer_sent_at: Monotonic | None = None
         self._offer_retx = False
         self._ask_poll = holds_manifest
         self._polls_left = POLL_ASKS
@@ -386,7 +393,7 @@ class Sender:
     @property
     def blocks_total(self) -> int:
         """Blocks in the image."""
-        return self._n
+        return self._block_count
 
     @property
     def blocks_acked(self) -> int:
@@ -406,7 +413,7 @@ class Sender:
     @property
     def window(self) -> int:
         """The window in force: ``min(window, limits.window, credit)``."""
-        return min(self._cap, self._credit)
+        return min(self._window_cap, self._credit)
 
     @property
     def rto(self) -> float:
@@ -451,7 +458,7 @@ class Sender:
         """Change otad's own cap on blocks in flight (never above ``limits.window``)."""
         if window < 1:
             raise ValueError("window must be >= 1")
-        self._cap = min(window, self.limits.window)
+        self._window_cap = min(window, self.limits.window)
 
     def sendable(self) -> int:
         """About how many blocks :meth:`next_actions` would send with an unlimited budget (for a
@@ -460,14 +467,14 @@ class Sender:
             return int(self._probe_due)
         if self._state is not SenderState.STREAMING:
             return 0
-        room = min(self._cap, self._credit) - len(self._flight)
+        room = min(self._window_cap, self._credit) - len(self._flight)
         room = min(room, (self.limits.buffer - self._flight_bytes) // self.manifest.block_size)
-        unsent = self._n - self._acked.count - len(self._flight)
+        unsent = self._block_count - self._acked.count - len(self._flight)
         return len(self._repair) + int(self._probe_due) + max(0, min(room, unsent))
 
     # ------------------------------------------------------------------ timers
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self) -> Monotonic | None:
         """When :meth:`handle_timer` must next be called (a time in the past means now), or None.
 
         After construction, and after every :meth:`message_received` and :meth:`handle_timer`,
@@ -483,7 +490,7 @@ class Sender:
             return self._reorder_deadline
         return deadline
 
-    def handle_timer(self, now: float) -> None:
+    def handle_timer(self, now: Monotonic) -> None:
         """Run whatever timers have expired at ``now`` (reorder timer, RTO)."""
         if self._state in _TERMINAL:
             return
@@ -493,12 +500,12 @@ class Sender:
         if deadline is not None and now >= deadline:
             self._on_rto(now)
 
-    def _rto_deadline(self) -> float | None:
+    def _rto_deadline(self) -> Monotonic | None:
         if self._timer_start is None:
             return None
-        return self._timer_start + max(self._rtt.rto, self._rto_floor)
+        return later(self._timer_start, max(self._rtt.rto, self._rto_floor))
 
-    def _on_rto(self, now: float) -> None:
+    def _on_rto(self, now: Monotonic) -> None:
         self._timer_start = now
         self._timeouts += 1
         self.rto_expiries += 1
@@ -526,7 +533,7 @@ class Sender:
             self._probe_due = True
             self._probe_index = max(self._flight, key=lambda i: self._flight[i].seq)
             self._due_at = now
-        elif min(self._cap, self._credit) == 0:
+        elif min(self._window_cap, self._credit) == 0:
             self._probe_due = True  # zero credit: a persist probe
             self._due_at = now
         else:
@@ -534,7 +541,7 @@ class Sender:
 
     # ------------------------------------------------------------------ sending
 
-    def next_actions(self, now: float, budget: int) -> list[SenderAction]:
+    def next_actions(self, now: Monotonic, budget: int) -> list[SenderAction]:
         """What to publish now: an Offer, a Cancel, or blocks.
 
         At most ``budget`` blocks (the scheduler's share of the global in-flight budget), plus at
@@ -562,7 +569,7 @@ class Sender:
             if self._probe_due:
                 self._probe_due = False
                 self._probed = True
-                out.append(self._send(self._n - 1, now, ack_now=True))
+                out.append(self._send(self._block_count - 1, now, ack_now=True))
             return out
         if state is not SenderState.STREAMING:
             return out
@@ -570,7 +577,7 @@ class Sender:
             self._probe_due = False
             index, self._probe_index = self._probe_index, None
             if index is None or index not in self._flight:
-                index = self._cum  # zero credit: the persist probe
+                index = self._lowest_unacked  # zero credit: the persist probe
             self._repair.discard(index)
             out.append(self._send(index, now, ack_now=True))
         sent = 0
@@ -596,20 +603,20 @@ class Sender:
 
     def _next_new_block(self) -> int | None:
         """The next never-acknowledged block not in flight, if the window/credit/buffer allow."""
-        if len(self._flight) >= min(self._cap, self._credit):
+        if len(self._flight) >= min(self._window_cap, self._credit):
             return None
-        i, n = self._next_new, self._n
+        i, n = self._next_new, self._block_count
         acked, flight = self._acked, self._flight
         while i < n and (i in acked or i in flight):
             i += 1
         self._next_new = i
-        if i >= n or i > self._cum + SACK_SPAN:
+        if i >= n or i > self._lowest_unacked + SACK_SPAN:
             return None
         if self._flight_bytes + self.manifest.block_length(i) > self.limits.buffer:
             return None
         return i
 
-    def _send(self, index: int, now: float, *, ack_now: bool = False) -> SendBlock:
+    def _send(self, index: int, now: Monotonic, *, ack_now: bool = False) -> SendBlock:
         length = self.manifest.block_length(index)
         again = not self._sent.add(index)
         seq = self._seq
@@ -635,7 +642,7 @@ class Sender:
 
     # ------------------------------------------------------------------ receiving
 
-    def message_received(self, msg: Message, now: float) -> None:
+    def message_received(self, msg: Message, now: Monotonic) -> None:
         """Apply a message from the CH: ``TransferAcked``, ``ImageHeld`` or ``TransferRejected``.
 
         Raises ``ProtocolError`` (state unchanged) for another image (``WRONG_IMAGE``), an
@@ -646,7 +653,7 @@ class Sender:
         if msg.image != self._image:
             raise ProtocolError(Reason.WRONG_IMAGE, "message for another image")
         if isinstance(msg, TransferAcked):
-            check_sack(msg.base, msg.bitmap, self._n)
+            check_sack(msg.base, msg.bitmap, self._block_count)
         if self._state in _TERMINAL:
             return
         if isinstance(msg, TransferAcked):
@@ -656,7 +663,7 @@ class Sender:
         else:
             self._on_rejected(msg, now)
 
-    def _on_ack(self, msg: TransferAcked, now: float) -> None:
+    def _on_ack(self, msg: TransferAcked, now: Monotonic) -> None:
         self._credit = msg.credit
         state = self._state
         if state is SenderState.OFFERING:
@@ -667,18 +674,18 @@ class Sender:
             self._timeouts = 0
             self._adopt_receiver_state(msg, now)
         elif state is SenderState.VERIFYING:
-            if msg.base < self._n and self._probed:
+            if msg.base < self._block_count and self._probed:
                 self._adopt_receiver_state(msg, now)  # the CH lost blocks it had acknowledged
         else:
             newly = self._acked.merge_sack(msg.base, msg.bitmap)
             if newly:
-                self._cum = self._acked.first_missing(self._cum)
+                self._lowest_unacked = self._acked.first_missing(self._lowest_unacked)
                 self._account_delivered(newly, now)
                 self._rtt.reset_backoff()
                 if self._rto_floor:
                     self._rto_floor = self._initial_rto
                 self._timeouts = 0
-                self._events.append(ProgressMade(self._image, self._acked.count, self._n))
+                self._events.append(ProgressMade(self._image, self._acked.count, self._block_count))
                 if self._acked.full():
                     self._enter_verifying(now)
                     return
@@ -687,15 +694,15 @@ class Sender:
         if (
             self._state is SenderState.STREAMING
             and not self._flight
-            and min(self._cap, self._credit) == 0
+            and min(self._window_cap, self._credit) == 0
             and self._timer_start is None
         ):
             self._timer_start = now  # persist timer: probe a CH that gave no credit
 
-    def _account_delivered(self, newly: list[int], now: float) -> None:
+    def _account_delivered(self, newly: list[int], now: Monotonic) -> None:
         """Retire newly acknowledged blocks: RTT samples (Karn), spurious repairs, RACK state."""
-        oldest: float | None = None
-        newest: float | None = None
+        oldest: Monotonic | None = None
+        newest: Monotonic | None = None
         min_rtt = self._rtt.min_rtt
         for index in newly:
             flight = self._flight.pop(index, None)
@@ -712,7 +719,8 @@ class Sender:
                 # got there, so the path reorders
                 self.spurious_repairs += 1
                 self._reordering_seen = True
-                self._reo_mult = min(self._reo_mult + 1, MAX_REORDER_MULTIPLIER)
+                scale = self._reorder_window_scale + 1
+                self._reorder_window_scale = min(scale, MAX_REORDER_WINDOW_SCALE)
                 continue
             elif flight.trust_latest:
                 # a repair made because dupthresh later sends got through: the first copy is
@@ -738,11 +746,11 @@ class Sender:
         rtt = self._rtt
         if rtt.min_rtt is None or rtt.srtt is None:
             return rtt.rto / 4
-        window = min(self._reo_mult * rtt.min_rtt / 4, rtt.srtt)
+        window = min(self._reorder_window_scale * rtt.min_rtt / 4, rtt.srtt)
         return max(window, MIN_REORDER_WINDOW)
 
-    def _detect_losses(self, now: float) -> None:
-        deadline: float | None = None
+    def _detect_losses(self, now: Monotonic) -> None:
+        deadline: Monotonic | None = None
         rack_seq, rack_sent = self._rack_seq, self._rack_sent
         wait = self._rack_rtt + self._reorder_window()
         delivered = self._delivered
@@ -752,15 +760,15 @@ class Sender:
             oldest = min(oldest, flight.seq)
             if flight.lost:
                 continue
-            later = len(delivered) - bisect_right(delivered, flight.seq)
-            if count_rule and later >= self._dupthresh:
+            delivered_after = len(delivered) - bisect_right(delivered, flight.seq)
+            if count_rule and delivered_after >= self._dupthresh:
                 flight.lost = flight.lost_by_count = True
             elif flight.sent_at <= rack_sent:
-                due = flight.sent_at + wait
+                due = later(flight.sent_at, wait)
                 if flight.seq > rack_seq and not flight.ack_now:
                     # sent in the same instant but after the newest delivered block: if the
                     # ack_now block of its burst was lost, the CH holds its SACK back
-                    due += self._max_ack_delay
+                    due = later(due, self._max_ack_delay)
                 if now >= due:
                     flight.lost = True
                 elif deadline is None or due < deadline:
@@ -770,7 +778,7 @@ class Sender:
         self._reorder_deadline = deadline
         del delivered[: bisect_right(delivered, oldest)]  # keep only what can still count
 
-    def _adopt_receiver_state(self, msg: TransferAcked, now: float) -> None:
+    def _adopt_receiver_state(self, msg: TransferAcked, now: Monotonic) -> None:
         """Take the CH's SACK as the whole truth (answer to an Offer or a VERIFYING probe)."""
         self._acked.replace_with_sack(msg.base, msg.bitmap)
         self._flight.clear()
@@ -778,17 +786,21 @@ class Sender:
         self._repair.clear()
         self._reorder_deadline = None
         self._probe_due = False
-        self._cum = self._acked.first_missing()
-        self._next_new = self._cum
+        self._lowest_unacked = self._acked.first_missing()
+        self._next_new = self._lowest_unacked
         self._timer_start = None
-        self._state = SenderState.STREAMING
+        self._enter(SenderState.STREAMING)
         self._answered = True
-        self._events.append(ProgressMade(self._image, self._acked.count, self._n))
+        self._events.append(ProgressMade(self._image, self._acked.count, self._block_count))
         if self._acked.full():
             self._enter_verifying(now)
 
-    def _enter_verifying(self, now: float) -> None:
-        self._state = SenderState.VERIFYING
+    def _enter(self, state: SenderState) -> None:
+        """Change state along an edge of :data:`TRANSITIONS` (``IllegalTransitionError`` if not)."""
+        self._state = checked(TRANSITIONS, "Sender", self._state, state)
+
+    def _enter_verifying(self, now: Monotonic) -> None:
+        self._enter(SenderState.VERIFYING)
         self._flight.clear()
         self._flight_bytes = 0
         self._repair.clear()
@@ -797,19 +809,19 @@ class Sender:
         self._probed = False
         self._timer_start = now
 
-    def _on_held(self, msg: ImageHeld, now: float) -> None:
+    def _on_held(self, msg: ImageHeld, now: Monotonic) -> None:
         if msg.sha256 != self.manifest.sha256:
             self._fail(Reason.IMAGE_HASH, "the CH reported another digest", now, True)
             return
         if not self._acked.full():
-            self._acked.replace_with_sack(self._n, b"")
-            self._events.append(ProgressMade(self._image, self._n, self._n))
+            self._acked.replace_with_sack(self._block_count, b"")
+            self._events.append(ProgressMade(self._image, self._block_count, self._block_count))
         self._stop()
         self._answered = True
-        self._state = SenderState.COMPLETE
+        self._enter(SenderState.COMPLETE)
         self._events.append(TransferCompleted(self._image, msg.sha256))
 
-    def _on_rejected(self, msg: TransferRejected, now: float) -> None:
+    def _on_rejected(self, msg: TransferRejected, now: Monotonic) -> None:
         try:
             reason = Reason(msg.reason)
             detail = msg.detail
@@ -825,7 +837,7 @@ class Sender:
             self._fail(Reason.TIMED_OUT, "the CH keeps losing the transfer", now, True)
             return
         self._stop()
-        self._state = SenderState.OFFERING
+        self._enter(SenderState.OFFERING)
         self._offer_due = True
         self._ask_poll = False  # the CH lost the transfer: it needs the manifest
         self._offer_sent_at = None
@@ -833,7 +845,7 @@ class Sender:
 
     # ------------------------------------------------------------------ ending
 
-    def cancel(self, now: float, reason: Reason = Reason.CANCELLED) -> None:
+    def cancel(self, now: Monotonic, reason: Reason = Reason.CANCELLED) -> None:
         """Abandon the transfer (operator or campaign decision); a Cancel goes out next."""
         if self._state not in _TERMINAL:
             self._fail(reason, "cancelled by otad", now, True)
@@ -847,9 +859,9 @@ class Sender:
         self._offer_due = False
         self._probe_due = False
 
-    def _fail(self, reason: Reason, detail: str, now: float, cancel: bool = False) -> None:
+    def _fail(self, reason: Reason, detail: str, now: Monotonic, cancel: bool = False) -> None:
         self._stop()
-        self._state = SenderState.FAILED
+        self._enter(SenderState.FAILED)
         if cancel:
             self._cancel_reason = reason
             self._due_at = now

@@ -17,7 +17,10 @@ trailing bytes and no non-preferred number forms); a walk over the decoded value
 and tags. Only input that fails is scanned byte by byte (:func:`_scan`), to name the precise
 :class:`~protocol.errors.Reason`; hostile input never surfaces as another exception.
 
-Encoding uses cbor2's canonical mode, so what we sign and what we send is deterministic.
+Encoding (:func:`dumps`) uses cbor2's canonical mode (RFC 8949 §4.2.3, length-first map keys),
+so what we sign and what we send is deterministic; for the text-keyed maps of the messages this
+is the same bytes as the core deterministic encoding SPEC §3 names (see
+:mod:`protocol.wire.codec`, which builds its maps in that order instead of sorting them).
 """
 
 from __future__ import annotations

@@ -17,17 +17,15 @@ from __future__ import annotations
 import re
 
 from protocol.errors import ProtocolError, Reason
+from protocol.wire.limits import check_eui64
 
 ROOT = "ota/v1"
-_GUID = re.compile(r"[0-9A-F]{16}")
 _LEVEL = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 def check_guid(guid: str) -> str:
-    """Return ``guid`` if it is 16 upper-case hex digits, else raise ``BAD_IDENTIFIER``."""
-    if not isinstance(guid, str) or not _GUID.fullmatch(guid):
-        raise ProtocolError(Reason.BAD_IDENTIFIER, f"GUID {guid!r} is not 16 upper-case hex digits")
-    return guid
+    """Return ``guid`` if it is an EUI-64 (16 upper-case hex digits), else ``BAD_IDENTIFIER``."""
+    return check_eui64(guid, "GUID")
 
 
 def check_level(value: str) -> str:

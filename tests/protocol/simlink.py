@@ -118,7 +118,7 @@ def make_release(
         expires=EXPIRES,
     )
     key = key or signing_key()
-    signed = cose.sign1(manifest.to_cbor(), key)
+    signed = cose.sign1(manifest.encode(), key)
     return Release(image, manifest, signed, store or trust.TrustStore([key.public_key()]))
 
 

@@ -23,8 +23,9 @@ from protocol.wan.receiver import DiscardImage, Receiver, StoreBlock
 from protocol.wan.sack import Bitmap, check_sack, sack_indexes
 from protocol.wan.sender import Sender, SenderState
 from protocol.wire import cbor, messages
+from protocol.wire.devices import DeviceType, JoinMode
+from protocol.wire.limits import HASH_LEN, MAX_BLOCK_BYTES
 from protocol.wire.messages import (
-    HASH_LEN,
     Block,
     Cancel,
     HanDevice,
@@ -49,8 +50,9 @@ u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFF_FFFF)
 u64 = st.integers(0, (1 << 64) - 1)
 text = st.text(max_size=40)
+eui64s = st.text(alphabet="0123456789ABCDEF", min_size=16, max_size=16)
 
-limits = st.builds(Limits, st.integers(0, messages.MAX_BLOCK_DATA), u16, u32)
+limits = st.builds(Limits, st.integers(0, MAX_BLOCK_BYTES), u16, u32)
 valid_messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Offer, digests, st.binary(max_size=300)),
     st.builds(Block, digests, u32, st.binary(max_size=300), st.booleans()),
@@ -68,8 +70,9 @@ valid_messages: st.SearchStrategy[Message] = st.one_of(
         text,
         limits,
         st.lists(
+            # a HAN device id is an EUI-64, its type and join mode are SPEC §3's values
             st.builds(
-                HanDevice, st.text(max_size=16), st.text(max_size=8), st.text(max_size=8), u32, u16
+                HanDevice, eui64s, st.sampled_from(DeviceType), st.sampled_from(JoinMode), u32, u16
             ),
             max_size=3,
         ).map(tuple),

@@ -6,6 +6,8 @@ import pytest
 
 from protocol.errors import ProtocolError, Reason
 from protocol.wire import cbor, messages
+from protocol.wire.devices import DeviceType, JoinMode
+from protocol.wire.limits import MAX_BLOCK_BYTES
 from protocol.wire.messages import Block, HanDevice, HubAnnounced, Limits, TransferAcked
 
 IMAGE = bytes(range(32))
@@ -77,7 +79,7 @@ def test_field_types_and_ranges(field: str, value: object) -> None:
 
 
 def test_block_data_cap() -> None:
-    big = Block(image=IMAGE, index=0, data=b"\x00" * (messages.MAX_BLOCK_DATA + 1))
+    big = Block(image=IMAGE, index=0, data=b"\x00" * (MAX_BLOCK_BYTES + 1))
     with pytest.raises(ProtocolError) as info:
         messages.decode(big.encode())
     assert info.value.reason is Reason.TOO_LARGE
@@ -90,9 +92,9 @@ def test_per_type_size_cap() -> None:
     assert info.value.reason is Reason.TOO_LARGE
 
 
-def test_decode_as_checks_the_class() -> None:
+def test_decoding_as_a_class_checks_the_class() -> None:
     with pytest.raises(ProtocolError) as info:
-        messages.decode_as(Block, SAMPLES[3].encode())
+        Block.decode(SAMPLES[3].encode())
     assert info.value.reason is Reason.UNKNOWN_TYPE
 
 
@@ -104,12 +106,54 @@ def test_nested_record_is_checked() -> None:
     assert reason_of(raw) is Reason.MALFORMED
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("device_id", "0011223344556677/", Reason.BAD_IDENTIFIER),
+        ("device_id", "00112233445566zz", Reason.BAD_IDENTIFIER),
+        ("device_id", "meter-1", Reason.BAD_IDENTIFIER),
+        ("device_type", "B5", Reason.MALFORMED),
+        ("join_mode", "SMKI", Reason.MALFORMED),
+        ("join_mode", 1, Reason.MALFORMED),
+    ],
+)
+def test_han_devices_are_checked_as_spec_3_says(
+    field: str, value: object, expected: Reason
+) -> None:
+    raw = wire(SAMPLES[7])
+    han = raw["han"]
+    assert isinstance(han, list)
+    han[0][field] = value
+    assert reason_of(raw) is expected
+
+
+def test_han_device_types_and_join_modes_decode_as_members() -> None:
+    announced = messages.decode(SAMPLES[7].encode())
+    assert isinstance(announced, HubAnnounced)
+    device = announced.han[0]
+    assert (device.device_type, device.join_mode) == (DeviceType.B2, JoinMode.CAD)
+    assert type(device.device_type) is DeviceType
+    assert type(device.join_mode) is JoinMode
+    # built from the plain strings (as callers outside protocol/ do), they are the members too
+    assert type(HanDevice("0011223344556677", "ESME", "NATIVE", 1, 1).join_mode) is JoinMode
+    with pytest.raises(ValueError):
+        HanDevice("0011223344556677", "XX", "NATIVE", 1, 1)
+
+
 def test_too_many_han_devices() -> None:
     raw = wire(SAMPLES[7])
     han = raw["han"]
     assert isinstance(han, list)
     raw["han"] = han * (messages.MAX_HAN_DEVICES + 1)
     assert reason_of(raw) is Reason.MALFORMED
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_each_message_type_declares_its_qos(message: messages.Message) -> None:
+    # SPEC §1: blocks and acknowledgements at QoS 0 (the transfer repairs and repeats them),
+    # control messages and reports at QoS 1
+    qos = type(message).QOS
+    assert qos == (0 if isinstance(message, (Block, TransferAcked)) else 1)
 
 
 @pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)

@@ -227,7 +227,7 @@ def _signed_manifest_for(key: ec.EllipticCurvePrivateKey, image: bytes, **change
         "expires": EXPIRES,
     }
     fields.update(changes)
-    return sign1(Manifest.for_image(image, **fields).to_cbor(), key)
+    return sign1(Manifest.for_image(image, **fields).encode(), key)
 
 
 def test_hand_built_manifest_control_case(
@@ -284,11 +284,9 @@ def test_wrong_block_hashes_under_a_good_digest(
     key: ec.EllipticCurvePrivateKey, trust: TrustStore
 ) -> None:
     ota = ota_file()
-    good = Manifest.from_cbor(
-        parse_sign1(release(key, ota).signed_manifest, max_size=1 << 20).payload
-    )
+    good = Manifest.decode(parse_sign1(release(key, ota).signed_manifest, max_size=1 << 20).payload)
     bad = dataclasses.replace(good, block_hashes=bytes(len(good.block_hashes)))
-    image = SignedImage(sign1(bad.to_cbor(), key), ota)
+    image = SignedImage(sign1(bad.encode(), key), ota)
     assert refused(image, trust) is Reason.BLOCK_HASH
 
 

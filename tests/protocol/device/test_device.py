@@ -67,7 +67,7 @@ def signed_manifest(
     }
     args.update(fields)
     manifest = Manifest.for_image(image, **args)
-    return manifest, sign1(manifest.to_cbor(), key)
+    return manifest, sign1(manifest.encode(), key)
 
 
 def make_device(
@@ -313,7 +313,7 @@ def test_activation_for_another_device_is_refused_and_consumes_no_counter() -> N
 def test_activation_signed_by_an_untrusted_key_is_refused() -> None:
     device, image = held_device()
     signed = ActivationCommand(DEVICE_ID, hashlib.sha256(image).digest(), 1).sign(RELEASE_KEY)
-    with pytest.raises(ProtocolError) as info:  # release key: manifests only (A09)
+    with pytest.raises(ProtocolError) as info:  # release key: manifests only
         device.activation_received(signed, NOW)
     assert info.value.reason is Reason.UNKNOWN_KEY_ID
     assert device.running == OLD
@@ -345,7 +345,7 @@ def test_activation_without_a_pending_image_is_no_image_held() -> None:
 def test_tampered_storage_after_download_is_a_hash_mismatch() -> None:
     device, image = held_device()
     store = store_of(device)
-    store.pending[len(image) // 2] ^= 0x40  # flash changed after verification (A11)
+    store.pending[len(image) // 2] ^= 0x40  # flash changed after verification
     assert activate(device, image, counter=1) == [
         ActivationResponse(DEVICE_ID, 1, Outcome.HASH_MISMATCH, 0x0100, Reason.HASH_MISMATCH)
     ]
