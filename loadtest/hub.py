@@ -50,6 +50,7 @@ from typing import Any
 from loadtest.hubstate import HubStore, hash_file
 from mqttio.interface import MqttClient, MqttSettings, NotConnected, Will, create_client
 from otad.targeting import refusal
+from protocol.clock import Monotonic, UnixTime
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.trust import TrustStore, verify_manifest
@@ -62,7 +63,9 @@ from protocol.wan.receiver import (
     TransferPhase,
     VerifyImage,
 )
+from protocol.wan.sack import covers
 from protocol.wire import topics
+from protocol.wire.devices import JoinMode
 from protocol.wire.messages import (
     Block,
     Cancel,
@@ -146,9 +149,9 @@ def make_identity(
     """
     rng = random.Random(f"{seed}/{index}")
     han = [
-        HanDevice(_device_id(seed, index, 0), DeviceType.ESME.value, "NATIVE", 0x0200, 0x0001),
-        HanDevice(_device_id(seed, index, 1), DeviceType.GSME.value, "NATIVE", 0x0105, 0x0001),
-        HanDevice(_device_id(seed, index, 2), DeviceType.PPMID.value, "NATIVE", 0x0300, 0x0002),
+        HanDevice(_device_id(seed, index, 0), DeviceType.ESME, JoinMode.NATIVE, 0x0200, 0x0001),
+        HanDevice(_device_id(seed, index, 1), DeviceType.GSME, JoinMode.NATIVE, 0x0105, 0x0001),
+        HanDevice(_device_id(seed, index, 2), DeviceType.PPMID, JoinMode.NATIVE, 0x0300, 0x0002),
     ]
     if rng.random() < BRIDGE_SHARE:
         kinds = rng.sample([DeviceType.B1, DeviceType.B2, DeviceType.B3, DeviceType.B4], 4)
@@ -156,8 +159,8 @@ def make_identity(
             han.append(
                 HanDevice(
                     _device_id(seed, index, slot),
-                    kind.value,
-                    rng.choice(("CAD", "PPMID")),
+                    kind,
+                    rng.choice((JoinMode.CAD, JoinMode.PPMID)),
                     0x0100 + rng.randrange(4),
                     0x0001,
                 )
@@ -209,16 +212,6 @@ class HubStats:
 
 def _bump(counter: dict[str, int], key: str) -> None:
     counter[key] = counter.get(key, 0) + 1
-
-
-def _covered(index: int, base: int, bitmap: bytes) -> bool:
-    """Whether an ack (base, bitmap) says block ``index`` is held."""
-    if index < base:
-        return True
-    bit = index - base - 1
-    if bit < 0 or bit >= len(bitmap) * 8:
-        return False
-    return bool(bitmap[bit >> 3] >> (bit & 7) & 1)
 
 
 # ----------------------------------------------------------------------------- the hub
@@ -313,7 +306,7 @@ class VirtualHub:
         belongs, and the receiver reports its state when otad offers or polls); a completed
         image is re-hashed as usual.
         """
-        now = self._loop.time()
+        now = Monotonic(self._loop.time())
         later: list[ReceiverAction] = []
         for image in receiver.images():
             manifest = receiver.manifest(image)
@@ -336,7 +329,7 @@ class VirtualHub:
         """The Receiver's check of an Offer's manifest: signature, expiry, then whether it is
         for this premises and fits its limits (:func:`otad.targeting.refusal`; nothing is
         installed here, so any sequence above 0 is new)."""
-        manifest = verify_manifest(signed, self._trust, now=int(time.time()))
+        manifest = verify_manifest(signed, self._trust, now=UnixTime(int(time.time())))
         error = refusal(self._announcement, manifest, installed_sequence=0)
         if error is not None:
             raise error
@@ -355,7 +348,7 @@ class VirtualHub:
             will=Will(
                 topic=self._state_topic,
                 payload=HubWentOffline(guid=self.guid).encode(),
-                qos=1,
+                qos=HubWentOffline.QOS,
                 retain=True,
             ),
             keepalive=self._options.keepalive,
@@ -394,10 +387,10 @@ class VirtualHub:
             self._announce()
 
     def _announce(self) -> None:
-        if self._publish(self._state_topic, self._announce_payload, True):
+        if self._publish(self._state_topic, self._announce_payload, True, HubAnnounced.QOS):
             self.stats.announces += 1
 
-    def _publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> bool:
+    def _publish(self, topic: str, payload: bytes, retain: bool, qos: int) -> bool:
         client = self._client
         if client is None:
             return False
@@ -451,7 +444,7 @@ class VirtualHub:
             stats.block_bytes += len(message.data)
             image = message.image
             last = self._last_ack.get(image)
-            if last is None or not _covered(message.index, last[0], last[1]):
+            if last is None or not covers(message.index, last[0], last[1]):
                 pending = self._unacked.get(image)
                 if pending is None:
                     pending = self._unacked[image] = set()
@@ -467,7 +460,9 @@ class VirtualHub:
                 self._announce()
         elif type(message) is Cancel:
             structural = True
-        self._apply(self.receiver.message_received(message, self._loop.time()), structural)
+        self._apply(
+            self.receiver.message_received(message, Monotonic(self._loop.time())), structural
+        )
 
     # ---------------------------------------------------------------- actions
 
@@ -513,7 +508,7 @@ class VirtualHub:
             pending = self._unacked.get(message.image)
             if pending:
                 base, bitmap = message.base, message.bitmap
-                pending.difference_update([i for i in pending if _covered(i, base, bitmap)])
+                pending.difference_update([i for i in pending if covers(i, base, bitmap)])
         elif isinstance(message, TransferRejected):
             try:
                 name = Reason(message.reason).name
@@ -525,8 +520,7 @@ class VirtualHub:
             self._forget(message.image)
         # A SACK is cumulative and idempotent: a lost one is covered by the next, or by the
         # sender's probe on timeout, so acks go at QoS 0; reports that end a transfer at QoS 1.
-        qos = 0 if type(message) is TransferAcked else 1
-        self._publish(self._up_topic, message.encode(), qos=qos)
+        self._publish(self._up_topic, message.encode(), False, message.QOS)
 
     def _forget(self, image: bytes) -> None:
         self._unacked.pop(image, None)
@@ -553,7 +547,7 @@ class VirtualHub:
     def _image_hashed(self, image: bytes, digest: bytes) -> None:
         if not self.running:
             return
-        self._apply(self.receiver.image_hashed(image, digest, self._loop.time()))
+        self._apply(self.receiver.image_hashed(image, digest, Monotonic(self._loop.time())))
 
     # ---------------------------------------------------------------- timers and persistence
 
@@ -581,7 +575,7 @@ class VirtualHub:
         self._timer_at = None
         if not self.running or self.muted:
             return
-        self._apply(self.receiver.handle_timer(self._loop.time()))
+        self._apply(self.receiver.handle_timer(Monotonic(self._loop.time())))
 
     def save(self) -> None:
         """Write the receiver snapshot now (atomically)."""

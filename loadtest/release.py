@@ -16,6 +16,7 @@ from pathlib import Path
 
 from otad.ctl import imagetool
 from otad.keyfiles import load_trust_dir, public_key_path
+from protocol.clock import UnixTime
 from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.otaimg import SignedImage, verify
 
@@ -90,5 +91,7 @@ def make_release(
         sequence=sequence,
         block_size=block_size,
     )
-    manifest, _ota = verify(SignedImage.decode(out.read_bytes()), load_trust_dir(trust), now=now)
+    manifest, _ota = verify(
+        SignedImage.decode(out.read_bytes()), load_trust_dir(trust), now=UnixTime(now)
+    )
     return Release(path=out, manifest=manifest, key=key, trust_dir=trust)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from otad.files import FileError, read_bounded, write_atomic
 from otad.store import ConflictError, ImageRow, Store
+from protocol.clock import UnixTime
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
 from protocol.release.otaimg import SignedImage, verify
@@ -116,7 +117,7 @@ class BlockSource:
         return self._cached_bytes
 
 
-def _verify_release(data: bytes, trust: TrustStore, now: int) -> tuple[Manifest, SignedImage]:
+def _verify_release(data: bytes, trust: TrustStore, now: UnixTime) -> tuple[Manifest, SignedImage]:
     """Decode and fully verify an ``.otaimg`` (worker thread)."""
     signed = SignedImage.decode(data)
     manifest, _ota = verify(signed, trust, now=now)
@@ -200,7 +201,9 @@ class Catalogue:
         Raises :class:`ProtocolError` with the reason a bad image is refused (nothing stored).
         """
         now = time.time()
-        manifest, signed = await asyncio.to_thread(_verify_release, data, self._trust, int(now))
+        manifest, signed = await asyncio.to_thread(
+            _verify_release, data, self._trust, UnixTime(int(now))
+        )
         async with self._import_lock:
             known = self.images.get(manifest.sha256)
             if known is not None:

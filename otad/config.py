@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mqttio.address import split_host_port
+from protocol.wire.messages import Block
 
 __all__ = [
     "BrokerConfig",
@@ -116,7 +117,7 @@ class TransferConfig:
     max_handshakes: int = 1024  # Offers/Polls unanswered at once (start-up and reconnect pacing)
     handshake_kib: int = 16384  # ... and KiB of them (a 64 MiB image's Offer is about 2 MiB)
     segment_rate: float = 0.0  # blocks/s per network segment (shared cell); 0 = unlimited
-    qos_blocks: int = 0  # MQTT QoS of block messages (control messages always use 1)
+    qos_blocks: int = Block.QOS  # MQTT QoS of block messages (others: each type's QOS, SPEC §3)
     # Seconds; the retransmission timeout's floor. 1 s as RFC 6298 (2.4) says: a loss is repaired
     # from the CH's acknowledgements (RACK, SPEC 7.6), not by the timer, and at fleet scale a
     # round trip's jitter beyond a lower floor showed up as spurious retransmissions.

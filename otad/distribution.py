@@ -55,7 +55,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final, TypedDict
+from typing import Any, Final, TypedDict, cast
 
 from mqttio import MqttClient, NotConnected
 from otad import events as monitoring
@@ -68,6 +68,7 @@ from otad.scheduler import Scheduler, SlotState, budget_charge, handshake_charge
 from otad.store import FinalState, Store, StoreError, TransferRow, TransferState
 from otad.targeting import matches, refusal
 from otad.timers import TimerHost, TimerSlot, TimerStats
+from protocol.clock import Monotonic
 from protocol.errors import ProtocolError, Reason
 from protocol.wan.sender import (
     ProgressMade,
@@ -85,6 +86,7 @@ from protocol.wire.messages import (
     ImageHeld,
     Limits,
     Message,
+    Offer,
     Poll,
     TransferAcked,
     TransferRejected,
@@ -262,7 +264,7 @@ class Transfer:
         """Publish every unbudgeted action that is due (Offer, Poll, Cancel, probe) and at most
         ``budget`` new blocks; return (blocks published, blocks still sendable)."""
         sender = self.sender
-        actions = sender.next_actions(now, budget)
+        actions = sender.next_actions(Monotonic(now), budget)
         blocks = 0
         if actions:
             publish, down, source, qos = self.publish, self.down, self.source, self.qos_blocks
@@ -274,13 +276,13 @@ class Transfer:
                         publish(down, source.get(action.index, action.ack_now), qos, False)
                         blocks += 1
                     elif kind is SendOffer:
-                        publish(down, self.image.offer, 1, False)
+                        publish(down, self.image.offer, Offer.QOS, False)
                     elif kind is SendPoll:
-                        publish(down, Poll(nonce=next(_POLL_NONCES)).encode(), 1, False)
+                        publish(down, Poll(nonce=next(_POLL_NONCES)).encode(), Poll.QOS, False)
                     else:  # SendCancel
                         reason = getattr(action, "reason", Reason.CANCELLED)
                         cancel = Cancel(image=self.image.sha256, reason=int(reason))
-                        publish(down, cancel.encode(), 1, False)
+                        publish(down, cancel.encode(), Cancel.QOS, False)
             except NotConnected:
                 pass  # the sender's timers repair it; the daemon re-synchronises on reconnect
             self.timer.arm(sender.next_deadline())
@@ -437,7 +439,7 @@ class Distribution:
         what is recorded: start and end times, progress, event times. ``rng`` orders
         re-synchronisations (tests seed it)."""
         self._timers = timers
-        self._clock = timers.time
+        self._clock = cast(Callable[[], Monotonic], timers.time)  # the event loop's clock
         self._wall_clock = wall_clock
         self._client = client
         self._store = store
@@ -580,7 +582,7 @@ class Distribution:
                 if hub is not None and hub.online:
                     yield t
 
-    def _start_all(self, now: float) -> None:
+    def _start_all(self, now: Monotonic) -> None:
         order = [t for t in self._live() if t.slot.state is SlotState.STOPPED]
         self._rng.shuffle(order)
         for t in order:
@@ -625,11 +627,11 @@ class Distribution:
             self._resync(t, now)
         self._arm_scheduler()
 
-    def _suspend(self, t: Transfer, now: float) -> None:
+    def _suspend(self, t: Transfer, now: Monotonic) -> None:
         t.timer.cancel()
         self.scheduler.stop(t.slot, now)
 
-    def _resync(self, t: Transfer, now: float, *, start: bool = True) -> None:
+    def _resync(self, t: Transfer, now: Monotonic, *, start: bool = True) -> None:
         """Replace the sender with a fresh one, seeded with what is acknowledged, in OFFERING,
         and queue it for admission (``start``)."""
         if t.state is not TransferState.ACTIVE:
@@ -652,7 +654,7 @@ class Distribution:
             self.scheduler.start(t.slot, now)
 
     def _new_sender(
-        self, image: Image, limits: Limits, now: float, acked: bytes | None, *, known: bool
+        self, image: Image, limits: Limits, now: Monotonic, acked: bytes | None, *, known: bool
     ) -> Sender:
         c = self._config
         return Sender(

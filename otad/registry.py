@@ -37,6 +37,7 @@ from otad.store import Store
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import MIN_BLOCK_SIZE, DeviceType
 from protocol.wire import topics
+from protocol.wire.devices import JoinMode
 from protocol.wire.messages import HanDevice, HubAnnounced, HubWentOffline, decode
 
 log = logging.getLogger("otad.registry")
@@ -158,7 +159,13 @@ class Registry:
         devices: dict[str, list[HanDevice]] = {}
         for d in await self._store.han_devices():
             devices.setdefault(d.guid, []).append(
-                HanDevice(d.device_id, d.device_type, d.join_mode, d.fw_version, d.hw_version)
+                HanDevice(
+                    d.device_id,
+                    DeviceType(d.device_type),
+                    JoinMode(d.join_mode),
+                    d.fw_version,
+                    d.hw_version,
+                )
             )
         for row in await self._store.hubs():
             announcement = HubAnnounced(

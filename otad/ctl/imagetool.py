@@ -14,12 +14,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from otad.files import FileError, read_bounded, write_atomic
 from otad.keyfiles import KeyFileError, load_private_key, load_trust_dir, write_keypair
+from protocol.clock import UnixTime
 from protocol.errors import ProtocolError
 from protocol.release.cose import parse_sign1
-from protocol.release.manifest import MAX_IMAGE_BYTES, DeviceType, Manifest
+from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.otaimg import MAX_OTAIMG_BYTES, SignedImage, build, verify
 from protocol.release.trust import MAX_SIGNED_MANIFEST_BYTES, TrustStore
 from protocol.release.zigbee_ota import MAGIC, OtaFile, wrap
+from protocol.wire.limits import MAX_IMAGE_BYTES
 
 DEFAULT_MANUFACTURER = 0x1234
 DEFAULT_IMAGE_TYPE = 0x0001
@@ -117,7 +119,7 @@ def sign_image(
             hw_min=hw_min,
             hw_max=hw_max,
         )
-        manifest, ota = verify(signed, TrustStore([private_key.public_key()]), now=now)
+        manifest, ota = verify(signed, TrustStore([private_key.public_key()]), now=UnixTime(now))
     except (ValueError, ProtocolError) as exc:
         raise ToolError(f"cannot sign {source}: {exc}") from None
     _write(Path(out), signed.encode())
@@ -139,7 +141,7 @@ def verify_image(
     data = _read(Path(path), MAX_OTAIMG_BYTES)
     try:
         image = SignedImage.decode(data)
-        manifest, ota = verify(image, trust, now=now)
+        manifest, ota = verify(image, trust, now=UnixTime(now))
     except ProtocolError as exc:
         detail = f": {exc.detail}" if exc.detail else ""
         raise ToolError(f"{path}: refused: {exc.reason.name}{detail}") from None
