@@ -463,9 +463,7 @@ class Sender:
     def sendable(self) -> int:
         """About how many blocks :meth:`next_actions` would send with an unlimited budget (for a
         scheduler sharing a global budget; :meth:`next_actions` is authoritative)."""
-        if self._state is SenderState.VERIFYING:
-            return int(self._probe_due)
-        if self._state is not SenderState.STREAMING:
+        if self._state is not SenderState.STREAMING:  # a VERIFYING probe is a Poll, no block
             return 0
         room = min(self._window_cap, self._credit) - len(self._flight)
         room = min(room, (self.limits.buffer - self._flight_bytes) // self.manifest.block_size)
@@ -510,9 +508,9 @@ class Sender:
         self._timeouts += 1
         self.rto_expiries += 1
         if self._timeouts > self._max_timeouts:
-            self._fail(
-                Reason.TIMED_OUT, f"{self._max_timeouts} timeouts without progress", now, True
-            )
+            # No Cancel: the CH keeps what it holds (in VERIFYING, perhaps the verified image
+            # whose ImageHeld was lost), and a later distribution resumes from it (SPEC §7.7).
+            self._fail(Reason.TIMED_OUT, f"{self._max_timeouts} timeouts without progress", now)
             return
         self._rtt.on_timeout()
         if self._rto_floor:  # the floor backs off with the estimator
@@ -566,10 +564,10 @@ class Sender:
                 out.append(SendPoll(self._image) if self._ask_poll else SendOffer(self._image))
             return out
         if state is SenderState.VERIFYING:
-            if self._probe_due:
+            if self._probe_due:  # a Poll: the CH answers with ImageHeld if it holds the image
                 self._probe_due = False
                 self._probed = True
-                out.append(self._send(self._block_count - 1, now, ack_now=True))
+                out.append(SendPoll(self._image))
             return out
         if state is not SenderState.STREAMING:
             return out
@@ -834,7 +832,7 @@ class Sender:
             return  # a late answer to a block sent before this offer
         self._timeouts += 1
         if self._timeouts > self._max_timeouts:
-            self._fail(Reason.TIMED_OUT, "the CH keeps losing the transfer", now, True)
+            self._fail(Reason.TIMED_OUT, "the CH keeps losing the transfer", now)
             return
         self._stop()
         self._enter(SenderState.OFFERING)

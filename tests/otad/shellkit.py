@@ -268,20 +268,29 @@ class SimCH:
         self.silent = False
         """A hung CH: it receives and answers nothing."""
         self.received: list[Message] = []
+        self.lose: Callable[[Message], bool] = lambda reply: False
+        """Which of its replies the link loses (``lose(reply)`` true: never reaches otad)."""
+        self.lost: list[Message] = []
 
     def handle(self, message: Message, now: float) -> list[Message]:
         """Feed one downlink message to the receiver; return its replies."""
         self.received.append(message)
         if self.silent:
             return []
-        return self.hub.apply(self.hub.receiver.message_received(message, now), now)
+        return self._sent(self.hub.apply(self.hub.receiver.message_received(message, now), now))
 
     def timers_due(self, now: float) -> list[Message]:
         """Run the receiver's timers due at ``now`` (delayed acknowledgements)."""
         deadline = self.hub.receiver.next_deadline()
         if self.silent or deadline is None or deadline > now:
             return []
-        return self.hub.apply(self.hub.receiver.handle_timer(now), now)
+        return self._sent(self.hub.apply(self.hub.receiver.handle_timer(now), now))
+
+    def _sent(self, replies: list[Message]) -> list[Message]:
+        kept = []
+        for reply in replies:
+            (self.lost if self.lose(reply) else kept).append(reply)
+        return kept
 
 
 # --------------------------------------------------------------------------- the shell

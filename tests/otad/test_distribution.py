@@ -19,7 +19,8 @@ from otad.events import (
 from otad.store import TransferState
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
-from protocol.wire.messages import Block, Offer, Poll, decode
+from protocol.wan.receiver import TransferPhase
+from protocol.wire.messages import Block, Cancel, ImageHeld, Offer, Poll, decode
 
 
 async def test_a_distribution_offers_streams_and_ends_with_every_ch_holding_the_image(
@@ -171,6 +172,32 @@ async def test_a_hung_ch_is_flagged_stalled_then_times_out(tmp_path: Path) -> No
         assert row is not None
         assert row.state is TransferState.TIMED_OUT
         assert s.distribution.counts()["held"] == 1
+        # no Cancel: the hung CH keeps what it received, for a later distribution (SPEC §7.7)
+        assert not [m for m in s.chs[hung].received if isinstance(m, Cancel)]
+
+
+async def test_a_lost_image_held_costs_one_poll_and_the_ch_keeps_its_image(
+    tmp_path: Path,
+) -> None:
+    async with shell(tmp_path, firmware_bytes=32 * 1024) as s:
+        (guid,) = guids(1)
+        ch = s.add_ch(guid)
+        ch.lose = lambda reply: isinstance(reply, ImageHeld) and not ch.lost
+        s.announce(guid)
+        await s.distribute()
+        s.run_until(lambda: s.distribution.transfers[(guid, s.image)].state
+                    is TransferState.HELD, max_s=60.0)  # fmt: skip
+        await s.settle()
+        assert [type(m) for m in ch.lost] == [ImageHeld]  # the first report never reached otad
+        row = await s.recorded(guid)
+        assert row is not None
+        assert (row.state, row.held_sha256) == (TransferState.HELD, s.image)
+        assert ch.hub.receiver.phase(s.image) is TransferPhase.HELD  # and the CH kept it
+        assert hashlib.sha256(ch.hub.assembled(s.image)).digest() == s.image
+        after_blocks = ch.received[max(i for i, m in enumerate(ch.received)
+                                       if isinstance(m, Block)) + 1 :]  # fmt: skip
+        assert [type(m) for m in after_blocks] == [Poll]  # one probe, answered with ImageHeld
+        assert not [m for m in ch.received if isinstance(m, Cancel)]
 
 
 async def test_a_distribution_whose_chs_all_drop_off_is_stalled_and_resumes(

@@ -45,6 +45,7 @@ from protocol.wan.sender import (
     SenderEvent,
     SenderState,
     SendOffer,
+    SendPoll,
 )
 from protocol.wire.messages import (
     Block,
@@ -53,6 +54,7 @@ from protocol.wire.messages import (
     Limits,
     Message,
     Offer,
+    Poll,
     TransferAcked,
     decode,
 )
@@ -353,6 +355,8 @@ class TransferRun:
                 message = Offer(image=action.image, manifest=self.release.signed)
             elif isinstance(action, SendCancel):
                 message = Cancel(image=action.image, reason=action.reason)
+            elif isinstance(action, SendPoll):
+                message = Poll(nonce=len(self.sends))
             else:
                 assert isinstance(action, SendBlock)
                 index = action.index

@@ -17,6 +17,7 @@ from protocol.wan.sender import (
     Sender,
     SenderState,
     SendOffer,
+    SendPoll,
     TransferCompleted,
     TransferFailed,
 )
@@ -101,7 +102,7 @@ def test_offer_is_due_at_once_then_repeated_with_backoff_until_timed_out(
     assert deadlines == pytest.approx([1.0, 2.0, 4.0])  # initial RTO, doubled each time
     sender.handle_timer(now + 8.0)
     assert state(sender) is SenderState.FAILED
-    assert sender.next_actions(now + 8.0, 100) == [SendCancel(manifest.sha256, Reason.TIMED_OUT)]
+    # no Cancel: a timed-out CH keeps what it holds, for a later distribution (SPEC §7.7)
     assert sender.next_actions(now + 8.0, 100) == []
     assert sender.next_deadline() is None
     (failed,) = sender.events()
@@ -357,7 +358,8 @@ def test_verifying_probes_until_image_held(manifest: Manifest) -> None:
     assert deadline is not None
     sender.handle_timer(deadline)
     probe = sender.next_actions(deadline, 0)  # a probe is not budgeted
-    assert [(a.index, a.ack_now) for a in probe if isinstance(a, SendBlock)] == [(COUNT - 1, True)]
+    assert probe == [SendPoll(manifest.sha256)]  # answered with ImageHeld by a CH that holds it
+    assert sender.sendable() == 0  # and it is no block
     sender.message_received(ImageHeld(image=manifest.sha256, sha256=manifest.sha256), deadline)
     assert state(sender) is SenderState.COMPLETE
     assert sender.events()[-1] == TransferCompleted(manifest.sha256, manifest.sha256)

@@ -17,7 +17,7 @@ from protocol.errors import Reason
 from protocol.release import trust
 from protocol.wan.receiver import Receiver, TransferPhase
 from protocol.wan.sender import SenderState, TransferCompleted, TransferFailed
-from protocol.wire.messages import Block, Limits, decode
+from protocol.wire.messages import Block, Cancel, ImageHeld, Limits, Poll, decode
 
 IMAGE_SIZE = 256 * 1024
 BLOCKS = 256
@@ -268,6 +268,39 @@ def test_ch_that_forgot_acknowledged_blocks_gets_them_again(release: Release) ->
     assert run.sender.retransmissions >= 90
 
 
+def test_a_lost_image_held_is_asked_for_again_and_the_ch_keeps_its_image(
+    release: Release,
+) -> None:
+    run = TransferRun(release, seed=3)
+    dropped: list[float] = []
+
+    def lose_first_image_held(data: bytes, now: float) -> bytes | None:
+        if isinstance(decode(data), ImageHeld) and not dropped:
+            dropped.append(now)
+            return None
+        return data
+
+    down: list[object] = []
+
+    def record(data: bytes, now: float) -> bytes:
+        down.append(decode(data))
+        return data
+
+    run.link.tamper[UP] = lose_first_image_held
+    run.link.tamper[DOWN] = record
+    run.run()
+    assert dropped  # the CH's first report was lost ...
+    assert run.sender.state is SenderState.COMPLETE  # ... and the transfer still ended held
+    assert isinstance(run.events[-1], TransferCompleted)
+    sha = release.manifest.sha256
+    assert run.hub.receiver.phase(sha) is TransferPhase.HELD
+    assert run.hub.assembled(sha) == release.image
+    polls = [m for m in down if isinstance(m, Poll)]
+    assert len(polls) == 1  # one VERIFYING probe, a Poll: the CH answered it with ImageHeld
+    assert not [m for m in down if isinstance(m, Cancel)]
+    assert run.now - dropped[0] <= 2 * run.sender.rto + 2 * RTT
+
+
 # --------------------------------------------------------------------------- 5. integrity
 
 
@@ -365,7 +398,7 @@ def test_offer_signed_by_an_unknown_key_fails_with_no_block_sent() -> None:
     assert run.hub.receiver.images() == []
 
 
-def test_dead_link_times_out_and_cancels(release: Release) -> None:
+def test_dead_link_times_out_without_a_cancel(release: Release) -> None:
     run = TransferRun(
         release, seed=13, down=Path(loss=1.0), sender_kw={"max_timeouts": 4, "max_rto": 4.0}
     ).run(max_time=60)
@@ -374,7 +407,7 @@ def test_dead_link_times_out_and_cancels(release: Release) -> None:
     assert isinstance(failed, TransferFailed)
     assert failed.reason is Reason.TIMED_OUT
     assert run.sender.offers_sent == 5
-    assert run.link.stats[DOWN].sent == 6  # five Offers and the Cancel
+    assert run.link.stats[DOWN].sent == 5  # five Offers; no Cancel: the CH keeps what it has
 
 
 def test_cancel_discards_what_the_ch_holds(release: Release) -> None:
