@@ -62,6 +62,7 @@ from otad.distribution import Distribution
 from otad.keyfiles import load_trust_dir
 from otad.looplag import LoopLag
 from otad.outbox import EventPublisher
+from otad.refusals import HubRefusals
 from otad.registry import Hub, Registry
 from otad.rejects import RejectLog
 from otad.status import StatusPublisher, StatusSnapshot, lost_status
@@ -190,8 +191,16 @@ class Daemon:
         self.events = EventPublisher(
             self.store, self.client, topic_prefix=c.events.topic_prefix, clock=self._wall_clock
         )
+        self.refusals = HubRefusals(
+            self.rejects, self.events, self.client, monotonic=timers.time,
+            wall_clock=self._wall_clock,
+        )  # fmt: skip
         self.registry = Registry(
-            self.store, self.events, on_change=self._hub_changed, rejects=self.rejects
+            self.store,
+            self.events,
+            on_change=self._hub_changed,
+            rejects=self.rejects,
+            refusals=self.refusals,
         )
         await self.registry.load()
         self.distribution = Distribution(
@@ -217,6 +226,7 @@ class Daemon:
             loop_lag=self.loop_lag,
             events=self.events,
             rejects=self.rejects,
+            refusals=self.refusals,
             clock=timers.time,
         )
         self.status = StatusPublisher(

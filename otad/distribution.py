@@ -91,6 +91,7 @@ from protocol.wire.messages import (
     TransferAcked,
     TransferRejected,
     decode,
+    peek_type,
 )
 
 log = logging.getLogger("otad.distribution")
@@ -694,7 +695,7 @@ class Distribution:
         try:
             t.sender.message_received(msg, now)
         except ProtocolError as exc:
-            self.rejects.reject(f"report from {guid}", exc.reason, exc.detail)
+            self._registry.refused(guid, "up", msg.TYPE, exc)
             return
         t.heard_at = now
         self._after(t, now)
@@ -708,9 +709,8 @@ class Distribution:
             self.rejects.reject(f"message on {topic[:80]!r}", exc.reason, exc.detail)
             return
         if self._registry.get(guid) is None:
-            self.rejects.reject(
-                f"up message from {guid}", Reason.UNKNOWN_HUB, "the CH never announced itself"
-            )
+            error = ProtocolError(Reason.UNKNOWN_HUB, "the CH never announced itself")
+            self._registry.refused(guid, "up", peek_type(payload), error)
             return
         msg = self._decode_up(guid, payload)
         if msg is not None:
@@ -719,29 +719,26 @@ class Distribution:
     def _decode_up(self, guid: str, payload: bytes) -> Message | None:
         """Decode an up message, or log its typed refusal and return None."""
         if len(payload) > MAX_UP_BYTES:
-            self.rejects.reject(f"up message from {guid}", Reason.TOO_LARGE, f"{len(payload)} B")
+            error = ProtocolError(Reason.TOO_LARGE, f"up message of {len(payload)} B")
+            self._registry.refused(guid, "up", 0, error)
             return None
         try:
             return decode(payload, max_size=MAX_UP_BYTES)
         except ProtocolError as exc:
-            self.rejects.reject(f"up message from {guid}", exc.reason, exc.detail)
+            self._registry.refused(guid, "up", peek_type(payload), exc)
             return None
 
-    def _no_transfer(self, guid: str, msg: object) -> None:
+    def _no_transfer(self, guid: str, msg: Message) -> None:
         if type(msg) not in (TransferAcked, ImageHeld, TransferRejected):
-            self.rejects.reject(
-                f"up message from {guid}",
-                Reason.UNKNOWN_TYPE,
-                f"{type(msg).__name__} is not a CH report",
-            )
+            error = ProtocolError(Reason.UNKNOWN_TYPE, f"{type(msg).__name__} is not a CH report")
+            self._registry.refused(guid, "up", msg.TYPE, error)
             return
         image: bytes = getattr(msg, "image", b"")
         key = (guid, image)
         if key in self.transfers or key in self._ended or key in self._finishing:
             return  # a late report for a transfer that has ended (or a Poll's other answers)
-        self.rejects.reject(
-            f"report from {guid}", Reason.NO_TRANSFER, f"no transfer of {image.hex()[:16]}"
-        )
+        error = ProtocolError(Reason.NO_TRANSFER, f"no transfer of {image.hex()[:16]}")
+        self._registry.refused(guid, "up", msg.TYPE, error)
 
     def _after(self, t: Transfer, now: float) -> None:
         """After the sender changed: outcomes, then the scheduler (sending), then the timer."""
@@ -1199,9 +1196,11 @@ class Distribution:
                 candidates.append(hub)
         for hub in candidates:
             error = refusal(hub.announcement, manifest)
-            if error is not None:
+            if error is not None and error.reason is not Reason.LIMITS_EXCEEDED:
                 refused.append(_refusal(hub.guid, error))
                 continue
+            # limits that cannot carry the image: the transfer is created and fails
+            # LIMITS_EXCEEDED at once (SPEC §7.4), recorded and reported like any other end
             key = (hub.guid, image.sha256)
             existing = self.transfers.get(key)
             state = existing.state if existing is not None else self._ended.get(key)

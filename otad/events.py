@@ -52,6 +52,7 @@ __all__ = [
     "EventDecodeError",
     "HubOffline",
     "HubOnline",
+    "HubRefused",
     "ImageImported",
     "MonitorEvent",
     "TransferFailed",
@@ -201,6 +202,25 @@ class HubOffline(MonitorEvent):
         return f"hub.offline:{self.guid}:{self._ms()}"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HubRefused(MonitorEvent):
+    """otad refused a message from a CH (SPEC §5.1): it changed nothing. At most one per CH and
+    reason a minute (what the limit suppresses is counted in the status's ``refusals``)."""
+
+    KIND: ClassVar[str] = "hub.refused"
+    ABOUT_A_HUB: ClassVar[bool] = True
+
+    guid: str = doc("the CH's GUID (from the topic the message came on)")
+    source: str = doc("which of its topics the message came on: state or up")
+    of: int = doc("the refused message's type code (0: it did not decode that far)")
+    reason: str = doc("why, a reason name (SPEC §4), e.g. MALFORMED")
+    detail: str = doc("what was wrong, for people (at most 200 characters)")
+    told: bool = doc("a Refused went to the CH (it declared protocol 1.1 or later)")
+
+    def key(self) -> str:
+        return f"hub.refused:{self.guid}:{self.reason}:{self._ms()}"
+
+
 # --------------------------------------------------------------------------- transfers
 
 
@@ -348,6 +368,7 @@ EVENT_TYPES: Final[dict[str, type[MonitorEvent]]] = {
         ImageImported,
         HubOnline,
         HubOffline,
+        HubRefused,
         TransferStarted,
         TransferProgress,
         TransferHeld,

@@ -7,12 +7,15 @@ interpreted. Everything that arrives there is untrusted and checked before anyth
 
 * the topic must parse and name a well-formed GUID (``BAD_IDENTIFIER``);
 * the payload must fit the announcement cap (``TOO_LARGE``) and decode strictly;
-* an announcement's ``guid`` must equal the topic's (``BAD_IDENTIFIER``), its supplier and
-  segment must be safe topic levels (they name per-supplier topics and rate-cap buckets), its
-  limits must be usable (``MALFORMED``), and its HAN devices must have known types;
+* an announcement (``HubAnnounced``, or ``HubAnnouncedVersioned`` from a CH of protocol 1.1)
+  must name the topic's GUID (``BAD_IDENTIFIER``), its supplier and segment must be labels
+  (SPEC §3: printable text of 1-64 characters, ``MALFORMED``), and its HAN devices must have
+  known types, each listed once; its limits are not judged here (SPEC §7.4: a transfer that
+  they cannot carry fails ``LIMITS_EXCEEDED``);
 * any other message type on a state topic is ``UNKNOWN_TYPE``.
 
-A refused message is logged with its reason (rate-limited per reason) and changes nothing. An
+A refused message changes nothing; it is journalled, reported to monitors and told to the CH
+(:mod:`otad.refusals`, SPEC §5.1). An
 accepted change gets its ``hub.online`` / ``hub.offline`` event and is reported through the
 ``on_change`` callback (the distribution resumes or suspends that CH's transfers). It is written to
 the store behind the message handler's back: queued in memory and written, group-committed
@@ -32,13 +35,24 @@ from dataclasses import dataclass
 
 from otad.events import HubOffline, HubOnline
 from otad.outbox import EventPublisher
+from otad.refusals import HubRefusals
 from otad.rejects import RejectLog
 from otad.store import Store
 from protocol.errors import ProtocolError, Reason
-from protocol.release.manifest import MIN_BLOCK_SIZE, DeviceType
+from protocol.release.manifest import DeviceType
 from protocol.wire import topics
 from protocol.wire.devices import JoinMode
-from protocol.wire.messages import HanDevice, HubAnnounced, HubWentOffline, decode
+from protocol.wire.limits import check_label
+from protocol.wire.messages import (
+    HanDevice,
+    HubAnnounced,
+    HubAnnouncedVersioned,
+    HubWentOffline,
+    declaring_minor,
+    decode,
+    minor_version,
+    peek_type,
+)
 
 log = logging.getLogger("otad.registry")
 
@@ -106,16 +120,10 @@ def check_announcement(message: HubAnnounced, topic_guid: str) -> None:
             Reason.BAD_IDENTIFIER,
             f"announcement for {message.guid!r} on the state topic of {topic_guid}",
         )
-    topics.check_level(message.supplier)
-    topics.check_level(message.segment)
-    limits = message.limits
-    if limits.max_block < MIN_BLOCK_SIZE or limits.window < 1:
-        raise ProtocolError(
-            Reason.MALFORMED,
-            f"unusable limits (max_block {limits.max_block}, window {limits.window})",
-        )
-    if limits.buffer < limits.max_block:
-        raise ProtocolError(Reason.MALFORMED, "buffer smaller than one block")
+    check_label(message.supplier, "supplier")
+    check_label(message.segment, "segment")
+    # Limits are not checked here: a CH whose limits cannot carry an image's blocks is still in
+    # the fleet, and a transfer of such an image to it fails LIMITS_EXCEEDED (SPEC §7.4).
     seen: set[str] = set()
     for device in message.han:
         DeviceType.parse(device.device_type)
@@ -135,12 +143,15 @@ class Registry:
         *,
         on_change: ChangeHandler,
         rejects: RejectLog | None = None,
+        refusals: HubRefusals | None = None,
     ) -> None:
-        """``on_change`` is told about every accepted change, after its event is emitted."""
+        """``on_change`` is told about every accepted change, after its event is emitted;
+        ``refusals`` tells a CH's refused messages (only journalled in ``rejects`` without)."""
         self._store = store
         self._events = events
         self._on_change = on_change
         self.rejects = rejects or RejectLog(log)
+        self.refusals = refusals
         self.hubs: dict[str, Hub] = {}
         self.online = 0
         """How many CHs are online now (kept incrementally)."""
@@ -168,14 +179,17 @@ class Registry:
                 )
             )
         for row in await self._store.hubs():
-            announcement = HubAnnounced(
-                guid=row.guid,
-                fw_version=row.fw_version,
-                hw_version=row.hw_version,
-                supplier=row.supplier,
-                segment=row.segment,
-                limits=row.limits,
-                han=tuple(devices.get(row.guid, ())),
+            announcement = declaring_minor(
+                HubAnnounced(
+                    guid=row.guid,
+                    fw_version=row.fw_version,
+                    hw_version=row.hw_version,
+                    supplier=row.supplier,
+                    segment=row.segment,
+                    limits=row.limits,
+                    han=tuple(devices.get(row.guid, ())),
+                ),
+                row.protocol_minor,
             )
             self.hubs[row.guid] = Hub(
                 row.guid, announcement, row.online, row.first_seen, row.last_seen
@@ -240,14 +254,11 @@ class Registry:
             return None
         if not payload:  # a retained message being cleared
             return None
-        if len(payload) > MAX_STATE_BYTES:
-            self.rejects.reject(
-                f"state message from {guid}", Reason.TOO_LARGE, f"{len(payload)} bytes"
-            )
-            return None
         try:
+            if len(payload) > MAX_STATE_BYTES:
+                raise ProtocolError(Reason.TOO_LARGE, f"state message of {len(payload)} bytes")
             message = decode(payload, max_size=MAX_STATE_BYTES)
-            if type(message) is HubAnnounced:
+            if isinstance(message, HubAnnounced):
                 check_announcement(message, guid)
                 return self._announced(message, retain, now)
             if type(message) is HubWentOffline:
@@ -261,8 +272,21 @@ class Registry:
                 Reason.UNKNOWN_TYPE, f"{type(message).__name__} is not a state message"
             )
         except ProtocolError as exc:
-            self.rejects.reject(f"state message from {guid}", exc.reason, exc.detail)
+            of = 0 if exc.reason is Reason.TOO_LARGE else peek_type(payload)
+            self.refused(guid, "state", of, exc, 1 if of == HubAnnouncedVersioned.TYPE else 0)
             return None
+
+    def refused(self, guid: str, leaf: str, of: int, error: ProtocolError, minor: int = 0) -> None:
+        """A message of type ``of`` from CH ``guid`` was refused: tell it (SPEC §5.1) at the
+        higher of ``minor`` (what the refused message declared) and the minor version of the
+        CH's latest accepted announcement."""
+        hub = self.hubs.get(guid)
+        if hub is not None:
+            minor = max(minor, minor_version(hub.announcement))
+        if self.refusals is None:
+            self.rejects.reject(f"{leaf} message from {guid}", error.reason, error.detail)
+        else:
+            self.refusals.refuse(guid, leaf, of, error, minor)
 
     def _announced(self, message: HubAnnounced, retain: bool, now: float) -> Hub | None:
         hub = self.hubs.get(message.guid)

@@ -27,6 +27,7 @@ from otad.distribution import DistributionStatus
 from otad.events import SCHEMA_VERSION, iso_time
 from otad.jsonwire import dumps
 from otad.looplag import LoopLagStatus
+from otad.refusals import RefusalCounts
 from otad.scheduler import SchedulerStatus
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from otad.distribution import Distribution
     from otad.looplag import LoopLag
     from otad.outbox import EventPublisher
+    from otad.refusals import HubRefusals
     from otad.registry import Registry
     from otad.rejects import RejectLog
 
@@ -69,6 +71,7 @@ class StatusFields(TypedDict):
     reports_received: int
     blocks_in_flight: int
     rejected: dict[str, int]
+    refusals: RefusalCounts
 
 
 class Status(StatusFields):
@@ -118,6 +121,8 @@ FIELD_DOCS: dict[str, str] = {
     "reports_received": "messages received on CHs' up topics since start",
     "blocks_in_flight": "blocks sent and not acknowledged, all CHs",
     "rejected": "input refused since start, by reason (every reason, zeros included)",
+    "refusals": "refused CH messages reported (hub.refused), told to the CH (Refused, 1.1), "
+    "and suppressed by the rate limit, since start",
     "reason": "why the will was published (connection lost)",
 }
 """What each top-level key of the status says (``docs/EVENTS.md`` and the schema)."""
@@ -138,6 +143,7 @@ class StatusSnapshot:
         loop_lag: LoopLag,
         events: EventPublisher,
         rejects: RejectLog,
+        refusals: HubRefusals,
         clock: Callable[[], float],
     ) -> None:
         """``clock`` is the distribution's monotonic clock (idle times, waits)."""
@@ -150,6 +156,7 @@ class StatusSnapshot:
         self._loop_lag = loop_lag
         self._events = events
         self._rejects = rejects
+        self._refusals = refusals
         self._clock = clock
 
     def __call__(self) -> StatusFields:
@@ -180,6 +187,7 @@ class StatusSnapshot:
             "reports_received": distribution.up_messages,
             "blocks_in_flight": scheduler.inflight,
             "rejected": dict(self._rejects.counts),
+            "refusals": self._refusals.counts(),
         }
 
 

@@ -106,7 +106,12 @@ CREATE INDEX events_unpublished ON events (seq) WHERE published = 0;
 CREATE INDEX events_created ON events (created_at) WHERE published = 1;
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (V1,)
+#: The minor version of protocol 1 each CH declared in its announcement (SPEC §5): 0 for 1.0.
+V2: Final = """
+ALTER TABLE hubs ADD COLUMN protocol_minor INTEGER NOT NULL DEFAULT 0 CHECK (protocol_minor >= 0);
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (V1, V2)
 """Script *i* upgrades ``user_version`` *i* to *i + 1*."""
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

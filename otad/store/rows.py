@@ -62,6 +62,8 @@ class HubRow:
     online: bool
     first_seen: float
     last_seen: float
+    protocol_minor: int = 0
+    """The minor version of protocol 1 it declared (SPEC §5): 0 for 1.0."""
 
 
 @dataclass(frozen=True, slots=True)

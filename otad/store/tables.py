@@ -32,7 +32,7 @@ from otad.store.rows import (
     TransferState,
 )
 from protocol.release.manifest import Manifest
-from protocol.wire.messages import HubAnnounced, Limits
+from protocol.wire.messages import HubAnnounced, Limits, minor_version
 
 _MAX_SQL_INT: Final = (1 << 63) - 1
 _IN_CHUNK: Final = 500  # parameters per "IN (...)" list (SQLite allows 32,766)
@@ -92,6 +92,7 @@ class Store(Engine):
             int(online),
             now,
             now,
+            minor_version(hub),
         )
         devices = [
             (hub.guid, d.device_id, d.device_type, d.join_mode, d.fw_version, d.hw_version, now)
@@ -101,13 +102,14 @@ class Store(Engine):
         async def upsert_hub(tx: Tx) -> None:
             await tx.execute(
                 "INSERT INTO hubs (guid, fw_version, hw_version, supplier, segment, max_block,"
-                " window_blocks, buffer_bytes, online, first_seen, last_seen)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " window_blocks, buffer_bytes, online, first_seen, last_seen, protocol_minor)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (guid) DO UPDATE SET fw_version = excluded.fw_version,"
                 " hw_version = excluded.hw_version, supplier = excluded.supplier,"
                 " segment = excluded.segment, max_block = excluded.max_block,"
                 " window_blocks = excluded.window_blocks, buffer_bytes = excluded.buffer_bytes,"
-                " online = excluded.online, last_seen = excluded.last_seen",
+                " online = excluded.online, last_seen = excluded.last_seen,"
+                " protocol_minor = excluded.protocol_minor",
                 values,
             )
             await tx.execute("DELETE FROM han_devices WHERE guid = ?", (hub.guid,))
@@ -745,6 +747,7 @@ def _hub_row(row: sqlite3.Row) -> HubRow:
         online=bool(row["online"]),
         first_seen=row["first_seen"],
         last_seen=row["last_seen"],
+        protocol_minor=row["protocol_minor"],
     )
 
 

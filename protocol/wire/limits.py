@@ -8,6 +8,7 @@ module that needs a cap does not import another module's internals for it.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from protocol.errors import ProtocolError, Reason
 
@@ -51,4 +52,28 @@ def check_eui64(value: object, what: str) -> str:
             Reason.BAD_IDENTIFIER,
             f"{what} {value!r:.40} is not an EUI-64 (16 upper-case hex digits)",
         )
+    return value
+
+
+#: Longest label (``HubAnnounced.supplier`` and ``segment``, SPEC §3), in characters.
+MAX_LABEL_CHARS = 64
+_LABEL_CATEGORIES = frozenset("LMNPS")
+
+
+def check_label(value: object, what: str) -> str:
+    """Return ``value`` if it is a label (SPEC §3 "Labels"): 1 to :data:`MAX_LABEL_CHARS`
+    characters, each a letter, mark, number, punctuation, symbol or the space, not starting or
+    ending with a space. Otherwise raise ``ProtocolError(MALFORMED)`` naming ``what``."""
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_LABEL_CHARS:
+        raise ProtocolError(
+            Reason.MALFORMED, f"{what} must be 1 to {MAX_LABEL_CHARS} characters: {value!r:.80}"
+        )
+    if value[0] == " " or value[-1] == " ":
+        raise ProtocolError(Reason.MALFORMED, f"{what} starts or ends with a space: {value!r}")
+    for char in value:
+        if char != " " and unicodedata.category(char)[0] not in _LABEL_CATEGORIES:
+            raise ProtocolError(
+                Reason.MALFORMED,
+                f"{what} has the character U+{ord(char):04X}, which is not printable: {value!r}",
+            )
     return value

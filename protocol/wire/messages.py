@@ -7,10 +7,14 @@ with text keys, the type code under ``"t"`` and one entry per field, nothing els
 
 Direction and topic (see :mod:`protocol.wire.topics`):
 
-* otad -> CH on ``.../down``: :class:`Offer`, :class:`Block`, :class:`Cancel`, :class:`Poll`
+* otad -> CH on ``.../down``: :class:`Offer`, :class:`Block`, :class:`Cancel`, :class:`Poll`;
+  :class:`Refused` (protocol 1.1, only to a CH that declared it)
 * CH -> otad on ``.../up``: :class:`TransferAcked`, :class:`ImageHeld`, :class:`TransferRejected`
 * CH -> otad on ``.../state`` (retained; the CH's last will is :class:`HubWentOffline`):
-  :class:`HubAnnounced`
+  :class:`HubAnnounced` (protocol 1.0) or :class:`HubAnnouncedVersioned` (1.1 and later)
+
+Minor versions of protocol 1 (SPEC §5): a CH declares the highest one it implements by announcing
+itself with :class:`HubAnnouncedVersioned`; :func:`minor_version` reads it from either form.
 
 Names of messages a peer sends *to us about something that happened* are past tense.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -32,6 +36,7 @@ from protocol.wire.limits import (
     MAX_BITMAP_BYTES,
     MAX_BLOCK_BYTES,
     MAX_SIGNED_MANIFEST_BYTES,
+    MAX_U8,
     MAX_U16,
     MAX_U32,
     MAX_U64,
@@ -40,6 +45,8 @@ from protocol.wire.limits import (
 MAX_MESSAGE_BYTES = codec.DEFAULT_MAX_BYTES  # hard cap on anything read from the broker
 MAX_TEXT = 256
 MAX_HAN_DEVICES = 16
+MINOR_VERSION = 1
+"""The highest minor version of protocol 1 this code implements (SPEC §5): 1.1."""
 
 
 # --------------------------------------------------------------------------- nested records
@@ -153,6 +160,19 @@ class Poll(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Refused(Message):
+    """otad refused a message of the CH, and says which and why (protocol 1.1, SPEC §5; sent
+    only to a CH that declared minor version 1 or later). ``of`` is the refused message's type
+    code, 0 when it did not decode that far; ``reason`` a :class:`Reason` code."""
+
+    TYPE: ClassVar[int] = 5
+    QOS: ClassVar[int] = 1
+    of: int = field(metadata=uint(MAX_U8))
+    reason: int = field(metadata=uint(MAX_U16))
+    detail: str = field(metadata=text())
+
+
+@dataclass(frozen=True, slots=True)
 class TransferAcked(Message):
     """Selective acknowledgement: blocks ``< base`` held; bit i of ``bitmap`` (LSB first) set
     means block ``base + 1 + i`` held. ``credit`` is how many more blocks the CH will take now."""
@@ -204,6 +224,40 @@ class HubAnnounced(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class HubAnnouncedVersioned(HubAnnounced):
+    """A :class:`HubAnnounced` that also declares ``minor``, the highest minor version of
+    protocol 1 the CH implements (SPEC §5). A 1.0 CH sends the plain :class:`HubAnnounced`."""
+
+    TYPE: ClassVar[int] = 34
+    minor: int = field(default=MINOR_VERSION, metadata=uint(MAX_U8))
+
+
+def minor_version(announcement: HubAnnounced) -> int:
+    """The minor version of protocol 1 a CH declared: 0 for a plain :class:`HubAnnounced`."""
+    return announcement.minor if isinstance(announcement, HubAnnouncedVersioned) else 0
+
+
+def declaring_minor(announcement: HubAnnounced, minor: int) -> HubAnnounced:
+    """``announcement`` as a CH of minor version ``minor`` sends it: the plain
+    :class:`HubAnnounced` for 0, else a :class:`HubAnnouncedVersioned` with the same fields."""
+    base = {f.name: getattr(announcement, f.name) for f in fields(HubAnnounced)}
+    if minor == 0:
+        return HubAnnounced(**base)
+    return HubAnnouncedVersioned(**base, minor=minor)
+
+
+def peek_type(data: bytes) -> int:
+    """The type code ``t`` a payload claims, if it is a CBOR map with an integer ``t`` within a
+    byte, else 0: what a :class:`Refused` names as ``of`` when the message itself was refused."""
+    try:
+        raw = cbor.loads(data, max_size=MAX_MESSAGE_BYTES, max_depth=4)
+    except ProtocolError:
+        return 0
+    type_code = raw.get("t") if isinstance(raw, dict) else None
+    return type_code if type(type_code) is int and 0 <= type_code <= MAX_U8 else 0
+
+
+@dataclass(frozen=True, slots=True)
 class HubWentOffline(Message):
     """The CH's last will, retained on ``state``: the broker lost the connection."""
 
@@ -243,11 +297,13 @@ for _cls in (
     Block,
     Cancel,
     Poll,
+    Refused,
     TransferAcked,
     ImageHeld,
     TransferRejected,
     HubAnnounced,
     HubWentOffline,
+    HubAnnouncedVersioned,
 ):
     if _cls.TYPE in _REGISTRY:
         raise RuntimeError(f"duplicate message type {_cls.TYPE}")

@@ -20,7 +20,7 @@ from otad.store import TransferState
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
 from protocol.wan.receiver import TransferPhase
-from protocol.wire.messages import Block, Cancel, ImageHeld, Offer, Poll, decode
+from protocol.wire.messages import Block, Cancel, ImageHeld, Limits, Offer, Poll, decode
 
 
 async def test_a_distribution_offers_streams_and_ends_with_every_ch_holding_the_image(
@@ -231,3 +231,26 @@ async def test_a_distribution_whose_chs_all_drop_off_is_stalled_and_resumes(
 
 def _refuse(signed: bytes) -> Manifest:
     raise ProtocolError(Reason.UNKNOWN_KEY_ID, "not a key this CH trusts")
+
+
+async def test_a_ch_whose_limits_cannot_carry_the_image_gets_a_transfer_that_fails_at_once(
+    tmp_path: Path,
+) -> None:
+    async with shell(tmp_path, firmware_bytes=8 * 1024, block_size=1024) as s:
+        small, fine = guids(2)
+        s.add_ch(small, limits=Limits(512, 8, 65536))  # blocks of 1 KiB do not fit
+        s.add_ch(fine)
+        for guid in (small, fine):
+            s.announce(guid)
+        assert s.registry.get(small) is not None  # in the fleet despite its limits
+        result = await s.distribute()
+        assert sorted(result["started"]) == sorted([small, fine])
+        assert result["refused"] == []
+        s.run_until(lambda: s.distribution.counts()["held"] == 1)
+        await s.settle()
+        row = await s.recorded(small)
+        assert row is not None
+        assert (row.state, row.reason) == (TransferState.FAILED, "LIMITS_EXCEEDED")
+        (failed,) = [e for e in s.events_published() if isinstance(e, TransferFailed)]
+        assert (failed.guid, failed.reason) == (small, "LIMITS_EXCEEDED")
+        assert s.chs[small].received == []  # nothing was offered to it

@@ -15,6 +15,7 @@ from otad.events import (
     EventDecodeError,
     HubOffline,
     HubOnline,
+    HubRefused,
     ImageImported,
     MonitorEvent,
     TransferFailed,
@@ -45,6 +46,15 @@ def one_of_each() -> list[MonitorEvent]:
             hw_version=0x0100,
         ),
         HubOffline(time=T, guid=GUID),
+        HubRefused(
+            time=T,
+            guid=GUID,
+            source="state",
+            of=32,
+            reason="MALFORMED",
+            detail="supplier must be 1 to 64 characters: ''",
+            told=False,
+        ),
         TransferStarted(**transfer, blocks_total=3),
         TransferProgress(**transfer, blocks_acked=1, blocks_total=3, bytes_sent=1024),
         TransferHeld(
@@ -67,6 +77,12 @@ def one_of_each() -> list[MonitorEvent]:
 def published(event: MonitorEvent, seq: int) -> bytes:
     """The body the outbox publishes."""
     return dumps({**event.payload(), "seq": seq, "key": event.key()})
+
+
+def held_example() -> TransferHeld:
+    """The example ``transfer.held`` event."""
+    (held,) = [e for e in one_of_each() if isinstance(e, TransferHeld)]
+    return held
 
 
 def test_every_kind_has_one_class_and_one_example() -> None:
@@ -113,6 +129,7 @@ def test_keys_are_the_same_facts_as_before_so_a_restart_stores_each_once() -> No
         "image.imported": f"image.imported:{IMAGE}",
         "hub.online": f"hub.online:{GUID}:1767225600123",
         "hub.offline": f"hub.offline:{GUID}:1767225600123",
+        "hub.refused": f"hub.refused:{GUID}:MALFORMED:1767225600123",
         "transfer.started": f"transfer.started:{GUID}:{IMAGE}:2",
         "transfer.progress": f"transfer.progress:{GUID}:{IMAGE}:2:1",
         "transfer.held": f"transfer.held:{GUID}:{IMAGE}:2",
@@ -171,13 +188,13 @@ def test_fields_the_decoder_does_not_know_are_compatible_additions() -> None:
     ],
 )
 def test_what_is_not_an_event_is_refused_by_name(change: dict[str, Any], message: str) -> None:
-    body = {**json.loads(published(one_of_each()[5], 9)), **change}
+    body = {**json.loads(published(held_example(), 9)), **change}
     with pytest.raises(EventDecodeError, match=message):
         decode_event(body)
 
 
 def test_a_missing_field_or_a_payload_that_is_not_an_object_is_refused() -> None:
-    body = json.loads(published(one_of_each()[5], 9))
+    body = json.loads(published(held_example(), 9))
     del body["sha256"]
     with pytest.raises(EventDecodeError, match="no 'sha256'"):
         decode_event(body)

@@ -10,11 +10,22 @@ import cbor2
 import pytest
 from shellkit import LIMITS, guids, shell
 
-from otad.events import HubOffline, HubOnline
+from otad.events import HubOffline, HubOnline, HubRefused
 from otad.registry import Registry
 from protocol.errors import Reason
 from protocol.wire import cbor, topics
-from protocol.wire.messages import HanDevice, HubAnnounced, HubWentOffline, Limits, Poll
+from protocol.wire.messages import (
+    HanDevice,
+    HubAnnounced,
+    HubAnnouncedVersioned,
+    HubWentOffline,
+    Limits,
+    Poll,
+    Refused,
+    declaring_minor,
+    decode,
+    minor_version,
+)
 
 GUID, OTHER = guids(2)
 ESME = HanDevice("00000000000000E1", "ESME", "NATIVE", 0x0200, 1)
@@ -114,15 +125,10 @@ def _stranger_will() -> bytes:
     [
         ("ota/v1/ch/not-a-guid/state", announcement().encode(), Reason.BAD_IDENTIFIER),
         (topics.state(OTHER), announcement().encode(), Reason.BAD_IDENTIFIER),  # an impostor
-        (topics.state(GUID), announcement(supplier="A+B").encode(), Reason.BAD_IDENTIFIER),
-        (topics.state(GUID), announcement(segment="c/1").encode(), Reason.BAD_IDENTIFIER),
-        (topics.state(GUID), announcement(limits=Limits(8, 8, 65536)).encode(), Reason.MALFORMED),
-        (
-            topics.state(GUID),
-            announcement(limits=Limits(1024, 0, 65536)).encode(),
-            Reason.MALFORMED,
-        ),
-        (topics.state(GUID), announcement(limits=Limits(4096, 8, 1024)).encode(), Reason.MALFORMED),
+        (topics.state(GUID), announcement(supplier="").encode(), Reason.MALFORMED),
+        (topics.state(GUID), announcement(supplier=" Acme").encode(), Reason.MALFORMED),
+        (topics.state(GUID), announcement(segment="cell\t1").encode(), Reason.MALFORMED),
+        (topics.state(GUID), announcement(segment="x" * 65).encode(), Reason.MALFORMED),
         (topics.state(GUID), announcement(han=(ESME, ESME)).encode(), Reason.MALFORMED),
         (
             topics.state(GUID),
@@ -149,8 +155,94 @@ async def test_a_refused_state_message_is_counted_by_reason_and_changes_nothing(
         changed = {k: v - before[k] for k, v in s.daemon.rejects.counts.items() if v != before[k]}
         assert changed == {reason.name: 1}
         await s.settle()
-        assert s.events_published() == []
+        published = s.events_published()
         assert await s.store.hubs() == []
+        if "not-a-guid" in topic:
+            assert published == []  # no CH to name: journalled only
+            return
+        (refused,) = published  # monitors see it, on the CH's own event topic
+        assert isinstance(refused, HubRefused)
+        assert (refused.guid, refused.source, refused.reason) == (
+            topic.split("/")[3], "state", reason.name,
+        )  # fmt: skip
+        assert refused.told is False  # a 1.0 CH would not understand a Refused
+        assert s.client.take("ota/v1/ch/+/down") == []
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"supplier": "Acme Ltd"},
+        {"supplier": "A+B", "segment": "c/1"},
+        {"segment": "Süd-Netz #3"},
+        {"limits": Limits(8, 8, 65536)},  # blocks of more than 8 bytes fail LIMITS_EXCEEDED
+        {"limits": Limits(1024, 0, 65536)},
+        {"limits": Limits(4096, 8, 1024)},
+    ],
+)
+async def test_a_hub_with_any_printable_labels_or_any_limits_joins_the_fleet(
+    tmp_path: Path, changes: dict[str, object]
+) -> None:
+    async with shell(tmp_path) as s:
+        s.client.deliver(topics.state(GUID), announcement(**changes).encode())
+        hub = s.registry.get(GUID)
+        assert hub is not None
+        assert hub.online
+        assert sum(s.daemon.rejects.counts.values()) == 0
+        await s.settle()
+        (online,) = s.events_published()
+        assert isinstance(online, HubOnline)
+        (row,) = await s.store.hubs()
+        assert (row.supplier, row.segment, row.limits) == (
+            hub.announcement.supplier, hub.announcement.segment, hub.announcement.limits,
+        )  # fmt: skip
+
+
+async def test_a_ch_of_protocol_1_1_is_told_why_it_was_refused_once_a_minute(
+    tmp_path: Path,
+) -> None:
+    async with shell(tmp_path) as s:
+        bad = declaring_minor(announcement(supplier="Acme\tLtd"), 1)
+        for _ in range(3):  # a CH that keeps announcing the same bad content
+            s.client.deliver(topics.state(GUID), bad.encode(), False)
+        told = s.client.take(topics.down(GUID))
+        assert len(told) == 1  # rate-limited: one per CH and reason a minute
+        refused = decode(told[0].payload)
+        assert isinstance(refused, Refused)
+        assert (refused.of, refused.reason) == (HubAnnouncedVersioned.TYPE, Reason.MALFORMED)
+        assert "supplier" in refused.detail
+        assert told[0].qos == Refused.QOS
+        assert s.daemon.refusals.counts() == {"reported": 1, "told": 1, "suppressed": 2}
+        assert s.daemon.rejects.counts["MALFORMED"] == 3  # every one journalled
+        await s.settle()
+        (event,) = s.events_published()
+        assert isinstance(event, HubRefused)
+        assert event.told is True
+        # fixed: the same CH announces well and joins, as a CH of protocol 1.1
+        s.client.deliver(topics.state(GUID), declaring_minor(announcement(), 1).encode())
+        hub = s.registry.get(GUID)
+        assert hub is not None
+        assert minor_version(hub.announcement) == 1
+        # its refused reports are told too: it declared 1.1 in its accepted announcement
+        s.client.deliver(topics.up(GUID), Poll(nonce=7).encode())  # a CH never sends a Poll
+        (told_up,) = s.client.take(topics.down(GUID))
+        refused_up = decode(told_up.payload)
+        assert isinstance(refused_up, Refused)
+        assert (refused_up.of, refused_up.reason) == (Poll.TYPE, Reason.UNKNOWN_TYPE)
+        s.client.deliver(topics.up(GUID), b"\xff")  # MALFORMED again, within the minute
+        assert s.client.take(topics.down(GUID)) == []
+
+
+async def test_the_declared_minor_version_survives_a_restart(tmp_path: Path) -> None:
+    async with shell(tmp_path) as s:
+        s.client.deliver(topics.state(GUID), declaring_minor(announcement(), 1).encode())
+        await s.registry.flushed()
+        registry = Registry(s.store, s.events, on_change=lambda *_: None)
+        await registry.load()
+        hub = registry.get(GUID)
+        assert hub is not None
+        assert minor_version(hub.announcement) == 1
+        assert hub.announcement == s.registry.hubs[GUID].announcement
 
 
 async def test_a_cleared_retained_message_is_ignored(tmp_path: Path) -> None:

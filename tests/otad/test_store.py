@@ -207,7 +207,8 @@ async def test_failed_migration_changes_nothing(
     broken = (*MIGRATIONS, "CREATE TABLE campaigns (id TEXT);\nTHIS IS NOT SQL;")
     monkeypatch.setattr(store_module, "MIGRATIONS", broken)
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", len(broken))
-    with pytest.raises(StoreError, match=r"migrating schema 1 -> 2 failed"):
+    failing = rf"migrating schema {len(MIGRATIONS)} -> {len(MIGRATIONS) + 1} failed"
+    with pytest.raises(StoreError, match=failing):
         await Store.open(state_dir)
     with contextlib.closing(raw(state_dir)) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
