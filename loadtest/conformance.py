@@ -110,6 +110,8 @@ IMMEDIATE_SLACK = 0.25
 #: How often a clause repeats a Block it wants a NO_TRANSFER answer to (the CH sends at most one
 #: per image per ack delay, SPEC §7.2).
 RESEND_INTERVAL = 0.5
+#: How long a restarted CH may take to announce itself again, at least (a real one reboots).
+RESTART_WAIT = 30.0
 
 Restart = Callable[[], Awaitable[None]]
 """Restarts the CH under test (returns once it was told to; the kit waits for its announcement)."""
@@ -1095,7 +1097,7 @@ async def _restart(ctx: Context) -> None:
     cursor = ctx.probe.cursor()
     await ctx.restart()
     ctx.restarted = True
-    wait = 3 * ctx.timeout
+    wait = max(RESTART_WAIT, 3 * ctx.timeout)
 
     def announced(received: Received) -> bool:
         if isinstance(received.message, HubWentOffline):
