@@ -4,6 +4,9 @@
   [--library gmqtt] [--trust DIR]``: run N virtual CHs until SIGINT/SIGTERM, then disconnect them
   cleanly and print a one-line summary. Started again on the same state directory, the hubs
   resume their transfers. ``--trust`` defaults to ``DIR/trust``.
+* ``conformance --broker HOST:PORT --guid GUID --trust DIR [--restart-command CMD] [--timeout S]``:
+  check a CH connected to that broker against SPEC.md clause by clause, one line per clause and a
+  verdict; exit status 0 only if no clause failed (see :mod:`loadtest.conformance`).
 * ``demo``: the end-to-end demonstration (``make demo``), see :mod:`loadtest.demo`.
 * ``bench``: baseline vs otad throughput (``make bench``), see :mod:`loadtest.bench`.
 * ``scale``: otad at 1,000-10,000 CHs, default configuration (``make scale``), see
@@ -60,6 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
     hubs.add_argument("--segments", type=_positive, default=8, help="network segments cell-<k>")
     hubs.add_argument("--library", choices=("gmqtt", "aiomqtt"), default="gmqtt")
     hubs.add_argument("--trust", metavar="DIR", help="trusted public keys (default DIR/trust)")
+
+    conformance = sub.add_parser(
+        "conformance", help="check a CH against SPEC.md clause by clause (a vendor's kit)"
+    )
+    conformance.add_argument("--broker", type=_broker, required=True, metavar="HOST:PORT")
+    conformance.add_argument("--guid", required=True, help="the CH's GUID (16 hex digits)")
+    conformance.add_argument(
+        "--trust",
+        required=True,
+        metavar="DIR",
+        help="holds the release key NAME.pem (NAME.pub.pem beside it) the CH trusts",
+    )
+    conformance.add_argument(
+        "--restart-command",
+        metavar="CMD",
+        help="shell command that restarts the CH (resume and last-will clauses need it)",
+    )
+    conformance.add_argument(
+        "--timeout", type=float, default=5.0, metavar="S", help="wait per answer (default 5)"
+    )
+    conformance.add_argument("--library", choices=("gmqtt", "aiomqtt"), default="gmqtt")
 
     demo = sub.add_parser("demo", help="Mosquitto + otad + virtual CHs: one image delivered live")
     from loadtest import demo as demo_module
@@ -134,6 +158,31 @@ async def run_hubs(args: argparse.Namespace) -> int:
     return 0
 
 
+async def run_conformance_command(args: argparse.Namespace) -> int:
+    """The ``conformance`` command: one line per clause as it ends, then the verdict."""
+    from loadtest.conformance import restart_command, run_conformance
+    from mqttio import MqttConnectError
+    from otad.keyfiles import KeyFileError
+    from protocol.errors import ProtocolError
+
+    restart = restart_command(args.restart_command) if args.restart_command else None
+    try:
+        report = await run_conformance(
+            args.broker,
+            args.guid,
+            args.trust,
+            restart=restart,
+            timeout=args.timeout,
+            library=args.library,
+            on_result=lambda result: print(result.line(), flush=True),
+        )
+    except (KeyFileError, MqttConnectError, ProtocolError) as exc:
+        print(f"conformance: {exc}", file=sys.stderr)
+        return 2
+    print(report.verdict(), flush=True)
+    return 0 if report.passed else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
@@ -151,6 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         config = FleetConfig.from_json(json.loads(args.config))
         return uvloop.run(worker_main(config, args.number, args.first, args.last))
+    if args.command == "conformance":
+        if not args.timeout > 0:
+            print("conformance: --timeout must be positive", file=sys.stderr)
+            return 2
+        return uvloop.run(run_conformance_command(args))
     if args.command == "demo":
         from loadtest import demo as demo_module
 

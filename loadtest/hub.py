@@ -52,8 +52,9 @@ from mqttio.interface import MqttClient, MqttSettings, NotConnected, Will, creat
 from otad.targeting import refusal
 from protocol.clock import Monotonic, UnixTime
 from protocol.errors import ProtocolError, Reason
+from protocol.release.cose import parse_sign1
 from protocol.release.manifest import DeviceType, Manifest
-from protocol.release.trust import TrustStore, verify_manifest
+from protocol.release.trust import MAX_SIGNED_MANIFEST_BYTES, TrustStore, verify_manifest
 from protocol.wan.receiver import (
     DiscardImage,
     Receiver,
@@ -87,6 +88,16 @@ log = logging.getLogger("loadtest.hub")
 #: Images up to this size are re-hashed on the event loop (about 0.12 ms for 256 KiB); larger
 #: ones in a worker thread, so thousands of hubs completing together never stall the loop.
 INLINE_HASH_BYTES = 256 * 1024
+
+#: Deliberate departures from SPEC a hub can be told to make (``HubOptions.faults``), so the
+#: conformance kit's own test can show it catches them. The normal path never looks at them.
+HUB_FAULTS = frozenset(
+    {
+        "accept_bad_signature",  # take a manifest whose signature does not verify (§6.4)
+        "no_rereport",  # answer a Poll or a repeated Offer for a held image with nothing (§7.2)
+        "forget_on_restart",  # start without the persisted snapshot (§7.8)
+    }
+)
 
 SUPPLIERS = ("SUPPLIER-A", "SUPPLIER-B", "SUPPLIER-C", "SUPPLIER-D")
 CH_HW_VERSIONS = (0x0100, 0x0101, 0x0200)
@@ -231,6 +242,12 @@ class HubOptions:
     ack_delay: float | None = None
     inline_hash_bytes: int = INLINE_HASH_BYTES
     announce_on_poll: bool = False
+    faults: frozenset[str] = frozenset()  # of HUB_FAULTS: a deliberately broken CH (tests only)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.faults) - HUB_FAULTS
+        if unknown:
+            raise ValueError(f"unknown hub faults {sorted(unknown)}; known: {sorted(HUB_FAULTS)}")
 
 
 class VirtualHub:
@@ -282,6 +299,8 @@ class VirtualHub:
 
     def _load_receiver(self) -> Receiver:
         snapshot = self._store.load_snapshot()
+        if "forget_on_restart" in self._options.faults:
+            snapshot = None
         if snapshot is not None:
             try:
                 receiver = Receiver.restore(
@@ -329,7 +348,15 @@ class VirtualHub:
         """The Receiver's check of an Offer's manifest: signature, expiry, then whether it is
         for this premises and fits its limits (:func:`otad.targeting.refusal`; nothing is
         installed here, so any sequence above 0 is new)."""
-        manifest = verify_manifest(signed, self._trust, now=UnixTime(int(time.time())))
+        try:
+            manifest = verify_manifest(signed, self._trust, now=UnixTime(int(time.time())))
+        except ProtocolError as exc:
+            if exc.reason is not Reason.BAD_SIGNATURE or (
+                "accept_bad_signature" not in self._options.faults
+            ):
+                raise
+            payload = parse_sign1(signed, max_size=MAX_SIGNED_MANIFEST_BYTES).payload
+            manifest = Manifest.decode(payload)
         error = refusal(self._announcement, manifest, installed_sequence=0)
         if error is not None:
             raise error
@@ -460,9 +487,10 @@ class VirtualHub:
                 self._announce()
         elif type(message) is Cancel:
             structural = True
-        self._apply(
-            self.receiver.message_received(message, Monotonic(self._loop.time())), structural
-        )
+        actions = self.receiver.message_received(message, Monotonic(self._loop.time()))
+        if "no_rereport" in self._options.faults and type(message) in (Poll, Offer):
+            actions = [a for a in actions if not _reports_held(a)]
+        self._apply(actions, structural)
 
     # ---------------------------------------------------------------- actions
 
@@ -580,6 +608,10 @@ class VirtualHub:
     def save(self) -> None:
         """Write the receiver snapshot now (atomically)."""
         self._store.save_snapshot(self.receiver.snapshot())
+
+
+def _reports_held(action: ReceiverAction) -> bool:
+    return isinstance(action, Reply) and type(action.message) is ImageHeld
 
 
 def _cut(client: MqttClient) -> None:
