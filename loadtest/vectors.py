@@ -227,8 +227,67 @@ def value_for(spec: FieldSpec, variant: str, rng: random.Random) -> Any:
     raise RuntimeError(f"{spec.name}: field kind {kind!r} has no vector rule in {__name__}")
 
 
+@dataclass(frozen=True)
+class Drawn:
+    """One vector's values for a message type; ``record`` is ``None`` when the type's own
+    consistency rules (its ``__post_init__``) refuse values its field bounds allow, and
+    ``refusal`` then says why: such a draw becomes an invalid vector (``MALFORMED``)."""
+
+    name: str
+    values: dict[str, Any]
+    record: Message | None
+    refusal: str = ""
+
+
+def draw(cls: type[Message]) -> list[Drawn]:
+    """The vectors of message type ``cls``: one per :data:`VARIANTS`, then its :data:`EXAMPLES`
+    (which must be valid). The same values on every call."""
+    rng = random.Random(f"{SEED}:{cls.__name__}")
+    out = []
+    for variant in VARIANTS:
+        name = f"{cls.__name__}.{variant}"
+        values = {spec.name: value_for(spec, variant, rng) for spec in codec.schema(cls).fields}
+        try:
+            out.append(Drawn(name, values, cls(**values)))
+        except ValueError as exc:
+            out.append(Drawn(name, values, None, str(exc)))
+    for label, example in EXAMPLES.get(cls.__name__, {}).items():
+        values = example()
+        out.append(Drawn(f"{cls.__name__}.{label}", values, cls(**values)))
+    return out
+
+
+def _valid_draws(cls: type[Message]) -> list[tuple[str, Message]]:
+    valid = [(drawn.name, drawn.record) for drawn in draw(cls) if drawn.record is not None]
+    if not valid:
+        raise RuntimeError(
+            f"{cls.__name__}: its own rules refuse every generated vector; "
+            "give it an example in EXAMPLES"
+        )
+    return valid
+
+
+def _wire_of(cls: type[Any], values: dict[str, Any]) -> dict[str, Any]:
+    """The map a record of ``cls`` with ``values`` would encode to, built without constructing
+    it (its own rules may refuse the values), its tag included."""
+    built = codec.schema(cls)
+    wire: dict[str, Any] = {}
+    for spec in built.fields:
+        value = values[spec.name]
+        if spec.kind == "enum" and value is not None:
+            value = value.value
+        elif spec.kind == "record":
+            value = codec.schema(type(value)).to_wire(value)
+        elif spec.kind == "array":
+            value = [codec.schema(type(item)).to_wire(item) for item in value]
+        wire[spec.name] = value
+    if built.tag is not None:
+        wire[built.tag.key] = built.tag.value
+    return wire
+
+
 def build_record(cls: type[Any], variant: str, rng: random.Random) -> Any:
-    """A record of ``cls`` with every field from :func:`value_for`."""
+    """A record of ``cls`` with every field from :func:`value_for` (nested records)."""
     values = {spec.name: value_for(spec, variant, rng) for spec in codec.schema(cls).fields}
     try:
         return cls(**values)
@@ -304,13 +363,8 @@ def message_vectors() -> dict[str, Any]:
     messages = []
     seeded: list[tuple[str, Message]] = []
     for cls in _message_types():
-        rng = random.Random(f"{SEED}:{cls.__name__}")
-        records: list[tuple[str, Message]] = [
-            (f"{cls.__name__}.{variant}", build_record(cls, variant, rng)) for variant in VARIANTS
-        ]
-        for name, example in EXAMPLES.get(cls.__name__, {}).items():
-            records.append((f"{cls.__name__}.{name}", cls(**example())))
-        seeded.append(records[VARIANTS.index("seeded")])
+        records = _valid_draws(cls)
+        seeded.append(_base_draw(cls))
         for name, message in records:
             data = message.encode()
             if len(data) > cls.MAX_BYTES:
@@ -608,15 +662,31 @@ def _record_shape_invalids(
     yield f"{where}.unknown-key", rebuild(extra), Reason.UNKNOWN_KEY, f"{where} with a key extra"
 
 
+def _base_draw(cls: type[Message]) -> tuple[str, Message]:
+    """The vector the per-field invalid ones mutate: ``seeded``, or the first valid one."""
+    valid = _valid_draws(cls)
+    return next((drawn for drawn in valid if drawn[0].endswith(".seeded")), valid[0])
+
+
+def rule_invalids() -> list[Invalid]:
+    """Generated vectors whose fields are in range but which a type's own rules refuse."""
+    out = []
+    for cls in _message_types():
+        for drawn in draw(cls):
+            if drawn.record is None:
+                data = cbor.dumps(_wire_of(cls, drawn.values))
+                reason = Reason.TOO_LARGE if len(data) > cls.MAX_BYTES else Reason.MALFORMED
+                why = f"every field in range, but {cls.__name__} refuses it: {drawn.refusal}"
+                out.append(Invalid(f"{drawn.name}.refused", data, reason, why))
+    return out
+
+
 def field_invalids() -> list[Invalid]:
     """Per message type, every field made wrong in each way its spec allows, in the type's
     ``seeded`` vector (generated from the field specs: new types get these too)."""
     out: list[Invalid] = []
     for cls in _message_types():
-        rng = random.Random(f"{SEED}:{cls.__name__}")
-        for variant in VARIANTS:  # the same draws as messages.json: its seeded vector
-            message = build_record(cls, variant, rng)
-        wire = codec.schema(cls).to_wire(message)
+        wire = codec.schema(cls).to_wire(_base_draw(cls)[1])
         cases = list(_record_shape_invalids(cls, wire, cls.__name__, lambda m: m))
         cases += _field_invalids(cls, wire, f"{cls.__name__}.", lambda m: m)
         for name, mutated, reason, why in cases:
@@ -632,7 +702,8 @@ def invalid_vectors() -> dict[str, Any]:
     """invalid.json: encodings the decoder must refuse, each with its reason."""
     encoding = encoding_invalids()
     fields = field_invalids()
-    for case in (*encoding, *fields):
+    rules = rule_invalids()
+    for case in (*encoding, *fields, *rules):
         try:
             decode(case.data)
         except ProtocolError as exc:
@@ -650,6 +721,7 @@ def invalid_vectors() -> dict[str, Any]:
         ),
         "encoding": [case.as_json() for case in encoding],
         "fields": [case.as_json() for case in fields],
+        "rules": [case.as_json() for case in rules],
     }
 
 
@@ -1187,6 +1259,7 @@ def readme(contents: dict[str, bytes]) -> str:
         types=types,
         n_encoding=len(invalid["encoding"]),
         n_fields=len(invalid["fields"]),
+        n_rules=len(invalid["rules"]),
         n_manifest=len(manifest["invalid"]),
         kid=kid,
         now=NOW,
@@ -1268,6 +1341,9 @@ Each is `{{name, reason, code, why, hex}}`; decoding `hex` must fail with exactl
   lower-case enumeration value, a nested record that is not a map or lacks a key or has an
   extra one, an array with one item too many. A mutation that pushes the message over its
   type's cap is `TOO_LARGE` instead, as the cap is checked first.
+* `rules` ({n_rules}): generated vectors whose every field is in range but which the type's own
+  consistency rules refuse (`MALFORMED`, SPEC §3 step 3); empty while no message type has such
+  a rule.
 
 ### State-level checks (not in invalid.json)
 

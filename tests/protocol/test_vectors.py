@@ -87,15 +87,18 @@ def test_the_command_writes_into_out(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 MESSAGES = load("messages.json")
+INVALID = load("invalid.json")
 
 
 def test_every_message_type_has_vectors() -> None:
     covered = {entry["t"] for entry in MESSAGES["messages"]}
     missing = sorted(set(MESSAGE_TYPES) - covered)
     assert not missing, f"message types {missing} have no vectors: {STALE}"
+    valid = {e["name"] for e in MESSAGES["messages"]}
+    refused = {e["name"].removesuffix(".refused") for e in INVALID["rules"]}
     for cls in MESSAGE_TYPES.values():
-        names = {e["name"] for e in MESSAGES["messages"] if e["t"] == cls.TYPE}
-        assert {f"{cls.__name__}.{v}" for v in ("min", "max", "seeded")} <= names
+        for variant in ("min", "max", "seeded"):  # valid, or refused by the type's own rules
+            assert f"{cls.__name__}.{variant}" in valid | refused, STALE
 
 
 @pytest.mark.parametrize("entry", MESSAGES["messages"], ids=lambda e: e["name"])
@@ -145,10 +148,9 @@ def test_keys_in_any_order_decode(entry: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- invalid
 
 
-INVALID = load("invalid.json")
-
-
-@pytest.mark.parametrize("entry", INVALID["encoding"] + INVALID["fields"], ids=lambda e: e["name"])
+@pytest.mark.parametrize(
+    "entry", INVALID["encoding"] + INVALID["fields"] + INVALID["rules"], ids=lambda e: e["name"]
+)
 def test_invalid_encoding_is_refused_with_its_reason(entry: dict[str, Any]) -> None:
     assert Reason[entry["reason"]] == entry["code"]
     with pytest.raises(ProtocolError) as refused:
@@ -205,6 +207,10 @@ class Gauge(Message):
     mode: JoinMode
     limits: Limits
 
+    def __post_init__(self) -> None:
+        if self.level < 1:  # a rule of its own, narrower than the field's bound
+            raise ValueError("level is at least 1")
+
 
 codec.register(Gauge, codec.Tag("t", Gauge.TYPE, Reason.UNKNOWN_TYPE))
 
@@ -216,12 +222,19 @@ def test_a_new_message_type_gets_vectors_from_its_field_specs(
     valid = {e["name"]: e for e in vectors.message_vectors()["messages"]}
     assert valid["Gauge.max"]["fields"]["level"] == 255
     assert valid["Gauge.max"]["fields"]["label"] == "AbÜ9AbÜ9"
-    assert valid["Gauge.min"]["fields"]["device"] == "0" * 16
-    assert (
-        decode(bytes.fromhex(valid["Gauge.seeded"]["hex"])).encode().hex()
-        == (valid["Gauge.seeded"]["hex"])
-    )
-    invalid = {e["name"]: e["reason"] for e in vectors.invalid_vectors()["fields"]}
+    assert valid["Gauge.max"]["fields"]["device"] == "F" * 16
+    seeded = bytes.fromhex(valid["Gauge.seeded"]["hex"])
+    assert decode(seeded).encode() == seeded
+    # level 0 is in the field's range but not the type's rule: an invalid vector, not a valid one
+    assert "Gauge.min" not in valid
+    generated = vectors.invalid_vectors()  # checks each vector against decode itself
+    rules = {e["name"]: e for e in generated["rules"]}
+    assert rules["Gauge.min.refused"]["reason"] == "MALFORMED"
+    assert "level is at least 1" in rules["Gauge.min.refused"]["why"]
+    with pytest.raises(ProtocolError) as refused:
+        decode(bytes.fromhex(rules["Gauge.min.refused"]["hex"]))
+    assert refused.value.reason is Reason.MALFORMED
+    invalid = {e["name"]: e["reason"] for e in generated["fields"]}
     assert invalid["Gauge.level.over-maximum"] == "MALFORMED"
     assert invalid["Gauge.label.too-long"] == "MALFORMED"
     assert invalid["Gauge.tag.short"] == "MALFORMED"
