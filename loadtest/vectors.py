@@ -1318,8 +1318,8 @@ reverse order: a decoder must accept them (key order is not checked) and re-enco
 `canonical`.
 
 Valid here means the encoding decodes; it does not mean otad accepts the message in every state
-(see "State-level checks" below): `HubAnnounced.min` has an empty GUID and `window` 0, and is
-still a well-formed `HubAnnounced`.
+(see "State-level checks" below): `HubAnnounced.min` declares `window` 0, limits no transfer
+can use (SPEC §7.4), and is still a well-formed `HubAnnounced`.
 
 ## invalid.json: encodings a decoder must refuse
 
