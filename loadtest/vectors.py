@@ -1350,9 +1350,10 @@ Each is `{{name, reason, code, why, hex}}`; decoding `hex` must fail with exactl
 These are refused by the receiving state machine or otad, not by the decoder: a message that
 fails them decodes, and must, so that the receiver can answer with the right reason.
 
-* a `TransferAcked` whose `base` is past the image's block count, or whose bitmap names blocks
-  past it, or any message for an image digest without a transfer (the sender, SPEC §7.3, §7.8);
-* every check on a `Block` (SPEC §7.9: index in range, length, per-block hash, limits);
+* a `TransferAcked` whose `base` is past the image's block count, or whose bitmap names a block
+  at or past it: refused `MALFORMED` by the sender, which knows the count (SPEC §7.3);
+* every check on a `Block` (SPEC §7.9: a transfer for the image, else `NO_TRANSFER`; index in
+  range; length; per-block hash; limits);
 * the GUID of a `HubAnnounced` or `HubWentOffline` against its topic (SPEC §2: a lower-case or
   15-digit GUID in the payload decodes, and is refused `BAD_IDENTIFIER` because it cannot
   equal the topic's GUID), and the announcement rules otad applies to `supplier`, `segment`
