@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Any, Final
 
 import cbor2
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from protocol.clock import Monotonic, UnixTime
 from protocol.errors import ProtocolError, Reason
@@ -47,11 +48,13 @@ from protocol.wan.receiver import VerifyImage as VerifyImageAction
 from protocol.wan.sender import SendBlock, SendCancel, Sender, SenderState, SendOffer, SendPoll
 from protocol.wire import cbor, codec
 from protocol.wire.codec import FieldSpec
+from protocol.wire.devices import JoinMode
 from protocol.wire.messages import (
     MAX_MESSAGE_BYTES,
     MESSAGE_TYPES,
     Block,
     Cancel,
+    HanDevice,
     Limits,
     Message,
     Offer,
@@ -299,9 +302,6 @@ def build_record(cls: type[Any], variant: str, rng: random.Random) -> Any:
 
 
 def _hub_example() -> dict[str, Any]:
-    from protocol.wire.devices import JoinMode
-    from protocol.wire.messages import HanDevice
-
     return {
         "guid": "00DB1234567890AB",
         "fw_version": 0x0102_0304,
@@ -777,13 +777,11 @@ def _target_json(target: Target | None) -> dict[str, Any] | None:
     }
 
 
-def _sign_raw(payload: bytes, protected: bytes = b"\xa1\x01\x26") -> bytes:
-    """A COSE_Sign1 of ``payload`` with any protected header, signed by the test key."""
+def _sign_with_header(payload: bytes, protected: bytes) -> bytes:
+    """A COSE_Sign1 of ``payload`` under another protected header than the profile's (which
+    :func:`protocol.release.cose.sign1` will not write), validly signed by the test key."""
     key = test_key()
     tbs = cbor.dumps(["Signature1", protected, b"", payload])
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-
     der = key.sign(tbs, ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
     r, s = decode_dss_signature(der)
     signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
@@ -804,7 +802,7 @@ def manifest_vectors(image: otaimg.SignedImage) -> dict[str, Any]:
     other = _derived_key(_OTHER_KEY_LABEL)
     newer = replace(TARGET, installed_sequence=SEQUENCE + 1)
     hostile = b"\xff\xff\xff"  # not CBOR at all, under a signature that does not verify
-    bad_sig_hostile = bytearray(_sign_raw(hostile))
+    bad_sig_hostile = bytearray(cose.sign1(hostile, key, deterministic=True))
     bad_sig_hostile[-1] ^= 0x01
     v2 = cbor.dumps({**wire, "v": 2})
     swapped_hw = cbor.dumps({**wire, "hw_min": HW_MAX, "hw_max": HW_MIN})
@@ -916,19 +914,19 @@ def manifest_vectors(image: otaimg.SignedImage) -> dict[str, Any]:
     )
     case(
         "bad-algorithm",
-        _sign_raw(payload, protected=cbor.dumps({1: -35})),
+        _sign_with_header(payload, cbor.dumps({1: -35})),
         Reason.BAD_ALGORITHM,
         "protected header {1: -35} (ES384), validly signed with the P-256 key (#5)",
     )
     case(
         "unsupported-manifest-version",
-        _sign_raw(v2),
+        cose.sign1(v2, key, deterministic=True),
         Reason.UNSUPPORTED_VERSION,
         "a validly signed manifest with v = 2 (#7)",
     )
     case(
         "inconsistent-manifest",
-        _sign_raw(swapped_hw),
+        cose.sign1(swapped_hw, key, deterministic=True),
         Reason.MALFORMED,
         "a validly signed manifest with hw_min > hw_max (#7, §6.2 consistency)",
     )
