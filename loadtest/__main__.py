@@ -11,6 +11,8 @@
 * ``bench``: baseline vs otad throughput (``make bench``), see :mod:`loadtest.bench`.
 * ``scale``: otad at 1,000-10,000 CHs, default configuration (``make scale``), see
   :mod:`loadtest.scale`.
+* ``vectors [--out DIR]``: regenerate the protocol test vectors (default
+  ``protocol/vectors/``), see :mod:`loadtest.vectors`.
 """
 
 from __future__ import annotations
@@ -99,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     from loadtest import scale as scale_module
 
     scale_module.add_arguments(scale)
+
+    vectors = sub.add_parser("vectors", help="regenerate the test vectors in protocol/vectors/")
+    from loadtest import vectors as vectors_module
+
+    vectors_module.add_arguments(vectors)
 
     worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
     worker.add_argument("config")
@@ -217,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loadtest import scale as scale_module
 
         return scale_module.main(args)
+    if args.command == "vectors":
+        from loadtest import vectors as vectors_module
+
+        return vectors_module.main(args)
     raise AssertionError(args.command)
 
 

@@ -64,12 +64,19 @@ def _require_p256(key: ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) -
 
 
 def sign1(
-    payload: bytes, private_key: ec.EllipticCurvePrivateKey, *, kid: bytes | None = None
+    payload: bytes,
+    private_key: ec.EllipticCurvePrivateKey,
+    *,
+    kid: bytes | None = None,
+    deterministic: bool = False,
 ) -> bytes:
     """Sign ``payload`` and return the tagged COSE_Sign1 bytes.
 
-    ``kid`` defaults to :func:`key_id` of the matching public key. Raises ``ValueError`` for a key
-    that is not P-256 (a caller error, not untrusted input).
+    ``kid`` defaults to :func:`key_id` of the matching public key. ``deterministic`` derives the
+    ECDSA nonce from the key and the message (RFC 6979), so the same payload and key always give
+    the same bytes (the test vectors, ``protocol/vectors/``); the default draws a random nonce.
+    Either verifies the same way. Raises ``ValueError`` for a key that is not P-256 (a caller
+    error, not untrusted input).
     """
     if not isinstance(private_key.curve, ec.SECP256R1):
         raise ValueError(f"ES256 needs a P-256 key, not {private_key.curve.name}")
@@ -79,7 +86,8 @@ def sign1(
         raise ValueError(f"kid must be 1..{MAX_KID_LEN} bytes")
     payload = bytes(payload)
     protected = _protected_es256()
-    der = private_key.sign(_sig_structure(protected, payload), ec.ECDSA(hashes.SHA256()))
+    algorithm = ec.ECDSA(hashes.SHA256(), deterministic_signing=deterministic)
+    der = private_key.sign(_sig_structure(protected, payload), algorithm)
     r, s = decode_dss_signature(der)
     signature = r.to_bytes(_COORD_LEN, "big") + s.to_bytes(_COORD_LEN, "big")
     message = cbor2.CBORTag(

@@ -90,13 +90,16 @@ def build(
     expires: int,
     hw_min: int | None = None,
     hw_max: int | None = None,
+    deterministic: bool = False,
 ) -> SignedImage:
     """Sign a release of ``ota_file`` (a strict ZigBee OTA file).
 
     Vendor, image type and firmware version come from the OTA header. The hardware range comes
     from the header when it has one (``hw_min``/``hw_max``, if given, must then be equal) and
-    from the arguments otherwise. Raises ``ProtocolError`` if ``ota_file`` does not parse and
-    ``ValueError`` for inconsistent or out-of-range arguments.
+    from the arguments otherwise. ``deterministic`` signs with an RFC 6979 nonce (see
+    :func:`~protocol.release.cose.sign1`): the same inputs always give the same bytes. Raises
+    ``ProtocolError`` if ``ota_file`` does not parse and ``ValueError`` for inconsistent or
+    out-of-range arguments.
     """
     ota = OtaFile.parse(ota_file)
     header = ota.header
@@ -131,7 +134,7 @@ def build(
         Manifest.decode(payload)
     except ProtocolError as exc:
         raise ValueError(f"manifest would not verify: {exc}") from None
-    signed = sign1(payload, private_key)
+    signed = sign1(payload, private_key, deterministic=deterministic)
     if len(signed) > MAX_SIGNED_MANIFEST_BYTES:
         raise ValueError(
             f"signed manifest of {len(signed)} bytes over {MAX_SIGNED_MANIFEST_BYTES}: "

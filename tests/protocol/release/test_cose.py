@@ -114,6 +114,18 @@ def test_explicit_kid(key: ec.EllipticCurvePrivateKey) -> None:
     verify_sign1(message, key.public_key())
 
 
+def test_deterministic_signing_gives_the_same_bytes_and_verifies(
+    key: ec.EllipticCurvePrivateKey,
+) -> None:
+    payload = _manifest_payload()
+    first = sign1(payload, key, deterministic=True)
+    assert sign1(payload, key, deterministic=True) == first  # RFC 6979: no random nonce
+    assert sign1(payload + b"\x00", key, deterministic=True)[-64:] != first[-64:]
+    verify_sign1(parse_sign1(first, max_size=MAX), key.public_key())
+    # the default keeps drawing a random nonce: two signatures of one payload differ
+    assert sign1(payload, key) != sign1(payload, key)
+
+
 def test_sign1_refuses_other_curves() -> None:
     with pytest.raises(ValueError, match="P-256"):
         sign1(b"x", ec.generate_private_key(ec.SECP384R1()))
