@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from simlink import EXPIRES, Release, make_release, signing_key
+from simlink import EXPIRES, VERIFY_AT, Release, make_release, signing_key
 
+from protocol.clock import UnixTime
 from protocol.errors import ProtocolError, Reason
 from protocol.release import trust
 from protocol.release.manifest import Manifest
@@ -34,6 +35,7 @@ from protocol.wire.messages import (
 )
 
 BLOCK = 64
+WALL = VERIFY_AT  # the CH's wall clock when each Offer arrives
 LIMITS = Limits(max_block=BLOCK, window=4, buffer=4 * BLOCK)
 
 
@@ -80,7 +82,7 @@ def ack(release: Release, base: int, bitmap: bytes = b"", credit: int = 4) -> Re
 
 def started(release: Release, **kw: object) -> Receiver:
     rx = receiver(release, **kw)
-    assert rx.message_received(offer(release), 0.0) == [ack(release, 0)]
+    assert rx.offer_received(offer(release), WALL, 0.0) == [ack(release, 0)]
     return rx
 
 
@@ -105,7 +107,7 @@ def test_offer_with_a_broken_signature_is_refused_and_no_block_is_then_stored(
 ) -> None:
     rx = receiver(release)
     forged = release.signed[:-1] + bytes([release.signed[-1] ^ 1])
-    actions = rx.message_received(Offer(image=release.manifest.sha256, manifest=forged), 0.0)
+    actions = rx.offer_received(Offer(image=release.manifest.sha256, manifest=forged), WALL, 0.0)
     assert rejection(actions) is Reason.BAD_SIGNATURE
     assert rx.images() == []
     for index in range(release.manifest.block_count):
@@ -116,36 +118,38 @@ def test_offer_with_a_broken_signature_is_refused_and_no_block_is_then_stored(
 
 
 def test_offer_failing_policy_is_refused_with_its_reason(release: Release) -> None:
-    unknown = Receiver(LIMITS, lambda s: trust.verify_manifest(s, trust.TrustStore(), now=0))
-    assert rejection(unknown.message_received(offer(release), 0.0)) is Reason.UNKNOWN_KEY_ID
-    expired = Receiver(LIMITS, lambda s: trust.verify_manifest(s, release.trust, now=EXPIRES))
-    assert rejection(expired.message_received(offer(release), 0.0)) is Reason.EXPIRED
+    unknown = Receiver(LIMITS, lambda s, at: trust.verify_manifest(s, trust.TrustStore(), now=at))
+    assert rejection(unknown.offer_received(offer(release), WALL, 0.0)) is Reason.UNKNOWN_KEY_ID
+    expired = Receiver(LIMITS, lambda s, at: trust.verify_manifest(s, release.trust, now=EXPIRES))
+    assert rejection(expired.offer_received(offer(release), WALL, 0.0)) is Reason.EXPIRED
     assert unknown.images() == expired.images() == []
 
 
 def test_offer_naming_another_image_is_mix_and_match(release: Release, other: Release) -> None:
     rx = receiver(release)
-    actions = rx.message_received(Offer(image=other.manifest.sha256, manifest=release.signed), 0)
+    actions = rx.offer_received(
+        Offer(image=other.manifest.sha256, manifest=release.signed), WALL, 0
+    )
     assert rejection(actions) is Reason.WRONG_IMAGE
     assert rx.images() == []
 
 
 def test_offer_with_blocks_over_max_block_is_refused(release: Release) -> None:
     rx = Receiver(Limits(max_block=BLOCK - 1, window=4, buffer=1024), release.verify)
-    assert rejection(rx.message_received(offer(release), 0.0)) is Reason.LIMITS_EXCEEDED
+    assert rejection(rx.offer_received(offer(release), WALL, 0.0)) is Reason.LIMITS_EXCEEDED
     assert rx.images() == []
 
 
 def test_transfers_beyond_the_limit_are_refused(release: Release, other: Release) -> None:
     rx = receiver(release, max_transfers=1)
-    rx.message_received(offer(release), 0.0)
+    rx.offer_received(offer(release), WALL, 0.0)
     both = Receiver(
         LIMITS,
-        lambda s: other.verify(s) if s == other.signed else release.verify(s),
+        lambda s, at: other.verify(s, at) if s == other.signed else release.verify(s, at),
         max_transfers=1,
     )
-    both.message_received(offer(release), 0.0)
-    assert rejection(both.message_received(offer(other), 0.0)) is Reason.STORAGE_FULL
+    both.offer_received(offer(release), WALL, 0.0)
+    assert rejection(both.offer_received(offer(other), WALL, 0.0)) is Reason.STORAGE_FULL
     assert both.images() == [release.manifest.sha256]
 
 
@@ -153,7 +157,7 @@ def test_repeated_offer_is_answered_with_the_current_state(release: Release) -> 
     rx = started(release)
     rx.message_received(block(release, 0), 0.1)
     rx.message_received(block(release, 2), 0.1)
-    assert rx.message_received(offer(release), 0.2) == [ack(release, 1, b"\x01")]
+    assert rx.offer_received(offer(release), WALL, 0.2) == [ack(release, 1, b"\x01")]
 
 
 # --------------------------------------------------------------------------- block checks
@@ -161,9 +165,9 @@ def test_repeated_offer_is_answered_with_the_current_state(release: Release) -> 
 
 def two_images(release: Release, other: Release) -> Receiver:
     by_bytes = {release.signed: release, other.signed: other}
-    rx = Receiver(LIMITS, lambda s: by_bytes[s].verify(s), ack_every=2)
-    rx.message_received(offer(release), 0.0)
-    rx.message_received(offer(other), 0.0)
+    rx = Receiver(LIMITS, lambda s, at: by_bytes[s].verify(s, at), ack_every=2)
+    rx.offer_received(offer(release), WALL, 0.0)
+    rx.offer_received(offer(other), WALL, 0.0)
     return rx
 
 
@@ -255,7 +259,7 @@ def test_overrunning_the_buffer_is_counted(release: Release) -> None:
         ack_every=100,
         ack_delay=10.0,
     )
-    rx.message_received(offer(release), 0.0)
+    rx.offer_received(offer(release), WALL, 0.0)
     for index in range(3):
         rx.message_received(block(release, index), 0.1)
     assert rx.rejected == {Reason.LIMITS_EXCEEDED: 1}
@@ -360,7 +364,9 @@ def test_last_block_asks_for_a_rehash_then_image_held(release: Release) -> None:
     assert rx.message_received(block(release, 4), 0.4) == [
         Reply(ImageHeld(image=image, sha256=image))
     ]
-    assert rx.message_received(offer(release), 0.5) == [Reply(ImageHeld(image=image, sha256=image))]
+    assert rx.offer_received(offer(release), WALL, 0.5) == [
+        Reply(ImageHeld(image=image, sha256=image))
+    ]
     assert rx.image_hashed(image, image, 0.6) == []  # stale
 
 
@@ -414,7 +420,7 @@ def test_restart_resumes_from_the_snapshot(release: Release) -> None:
     assert again.handle_timer(0.0) == []
     assert again.phase(image) is TransferPhase.RECEIVING
     assert [i for i in range(11) if again.has_block(image, i)] == [0, 1, 2, 5]
-    assert again.message_received(offer(release), 1.0) == [ack(release, 3, b"\x02")]
+    assert again.offer_received(offer(release), WALL, 1.0) == [ack(release, 3, b"\x02")]
     assert stored(again.message_received(block(release, 3), 1.1)) == [3]
     assert stored(again.message_received(block(release, 0), 1.1)) == []
 
@@ -427,7 +433,7 @@ def test_restored_complete_image_is_rehashed_and_held_one_stays_held(
     complete(rx, other, 0.1)
     rx.image_hashed(other.manifest.sha256, other.manifest.sha256, 0.2)
     by_bytes = {release.signed: release, other.signed: other}
-    again = Receiver.restore(rx.snapshot(), LIMITS, lambda s: by_bytes[s].verify(s))
+    again = Receiver.restore(rx.snapshot(), LIMITS, lambda s, at: by_bytes[s].verify(s, at))
     assert again.next_deadline() == 0.0
     assert again.handle_timer(5.0) == [VerifyImage(release.manifest.sha256, release.manifest.size)]
     assert again.next_deadline() is None
@@ -439,8 +445,8 @@ def test_restore_drops_transfers_whose_manifest_no_longer_verifies(release: Rele
     rx.message_received(block(release, 0), 0.1)
     revoked = trust.TrustStore([signing_key().public_key()], revoked=release.trust.kids)
 
-    def verify(signed: bytes) -> Manifest:
-        return trust.verify_manifest(signed, revoked, now=0)
+    def verify(signed: bytes, at: UnixTime) -> Manifest:
+        return trust.verify_manifest(signed, revoked, now=at)
 
     again = Receiver.restore(rx.snapshot(), LIMITS, verify)
     assert again.images() == []
