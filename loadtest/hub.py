@@ -12,8 +12,12 @@ sans-IO :class:`protocol.wan.receiver.Receiver` the specification describes. It
 * verifies each ``Offer``'s signed manifest against its trust store, for itself (a CH image) or
   for the matching device of its HAN inventory (an ESME, bridge... image);
 * stores verified blocks through :class:`loadtest.hubstate.HubStore` (a sparse file per image),
-  re-hashes the *stored* image when the receiver asks (inline for small images, in a worker
-  thread for large ones) and reports :class:`ImageHeld` with the digest it computed;
+  re-reads the *stored* image when the receiver asks (inline for small images, in a worker
+  thread for large ones), re-hashes it and runs the whole-image checks of SPEC §6.4 (15-17,
+  :func:`protocol.release.otaimg.check_image`: a CH never reports held an image its HAN devices
+  would refuse), and reports the digest it computed or the check that failed;
+* verifies every manifest of a transfer at the transfer's update-start instant (its wall clock
+  when the first Offer arrived, SPEC §7.9), which the receiver keeps and persists;
 * persists the receiver snapshot at once, *before* publishing the reply that reports it, whenever
   the set of transfers or a phase changes (offer accepted, image complete, held, cancelled,
   discarded), every ``flush_interval`` (10 s) while blocks arrive, and on a clean stop. Blocks
@@ -54,6 +58,7 @@ from protocol.clock import Monotonic, UnixTime
 from protocol.errors import ProtocolError, Reason
 from protocol.release.cose import parse_sign1
 from protocol.release.manifest import DeviceType, Manifest
+from protocol.release.otaimg import check_image
 from protocol.release.trust import MAX_SIGNED_MANIFEST_BYTES, TrustStore, verify_manifest
 from protocol.wan.receiver import (
     DiscardImage,
@@ -344,12 +349,13 @@ class VirtualHub:
             )
         self._after_restore = later
 
-    def _verify_manifest(self, signed: bytes) -> Manifest:
-        """The Receiver's check of an Offer's manifest: signature, expiry, then whether it is
-        for this premises and fits its limits (:func:`otad.targeting.refusal`; nothing is
-        installed here, so any sequence above 0 is new)."""
+    def _verify_manifest(self, signed: bytes, at: UnixTime) -> Manifest:
+        """The Receiver's check of an Offer's manifest: signature, expiry at the transfer's
+        update-start instant ``at``, then whether it is for this premises and fits its limits
+        (:func:`otad.targeting.refusal`; nothing is installed here, so any sequence above 0 is
+        new)."""
         try:
-            manifest = verify_manifest(signed, self._trust, now=UnixTime(int(time.time())))
+            manifest = verify_manifest(signed, self._trust, now=at)
         except ProtocolError as exc:
             if exc.reason is not Reason.BAD_SIGNATURE or (
                 "accept_bad_signature" not in self._options.faults
@@ -487,7 +493,11 @@ class VirtualHub:
                 self._announce()
         elif type(message) is Cancel:
             structural = True
-        actions = self.receiver.message_received(message, Monotonic(self._loop.time()))
+        now = Monotonic(self._loop.time())
+        if type(message) is Offer:
+            actions = self.receiver.offer_received(message, UnixTime(time.time()), now)
+        else:
+            actions = self.receiver.message_received(message, now)
         if "no_rereport" in self._options.faults and type(message) in (Poll, Offer):
             actions = [a for a in actions if not _reports_held(a)]
         self._apply(actions, structural)
@@ -557,25 +567,32 @@ class VirtualHub:
     def _verify_image(self, image: bytes, size: int) -> None:
         self._store.close_image(image)
         path = self._store.image_path(image)
+        manifest = self.receiver.manifest(image)
+        if manifest is None:
+            return
         if size <= self._options.inline_hash_bytes:
-            self._loop.call_soon(self._image_hashed, image, _hash_or_empty(path, size))
+            self._loop.call_soon(self._image_checked, image, _check_stored(path, manifest))
             return
         if image in self._hashing:
             return
         self._hashing.add(image)
-        future = self._loop.run_in_executor(self._group.executor, _hash_or_empty, path, size)
-        future.add_done_callback(lambda f: self._hash_done(image, f))
+        future = self._loop.run_in_executor(self._group.executor, _check_stored, path, manifest)
+        future.add_done_callback(lambda f: self._check_done(image, f))
 
-    def _hash_done(self, image: bytes, future: asyncio.Future[bytes]) -> None:
+    def _check_done(self, image: bytes, future: asyncio.Future[bytes | ProtocolError]) -> None:
         self._hashing.discard(image)
         if future.cancelled() or not self.running:
             return
-        self._image_hashed(image, future.result())
+        self._image_checked(image, future.result())
 
-    def _image_hashed(self, image: bytes, digest: bytes) -> None:
+    def _image_checked(self, image: bytes, result: bytes | ProtocolError) -> None:
         if not self.running:
             return
-        self._apply(self.receiver.image_hashed(image, digest, Monotonic(self._loop.time())))
+        now = Monotonic(self._loop.time())
+        if isinstance(result, ProtocolError):
+            self._apply(self.receiver.image_refused(image, result, now))
+        else:
+            self._apply(self.receiver.image_hashed(image, result, now))
 
     # ---------------------------------------------------------------- timers and persistence
 
@@ -624,11 +641,22 @@ def _cut(client: MqttClient) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
-def _hash_or_empty(path: Path, size: int) -> bytes:
+def _check_stored(path: Path, manifest: Manifest) -> bytes | ProtocolError:
+    """Re-read the stored image: its SHA-256 (the digest of nothing when the file is gone), or,
+    when that matches the manifest, the whole-image check's refusal (SPEC §6.4 15-17), if any.
+    Safe in a worker thread."""
     try:
-        return hash_file(path, size)
+        digest = hash_file(path, manifest.size)
     except FileNotFoundError:
         return hashlib.sha256(b"").digest()
+    if digest != manifest.sha256:
+        return digest
+    try:
+        with open(path, "rb") as f:
+            check_image(manifest, f.read(manifest.size))
+    except ProtocolError as exc:
+        return exc
+    return digest
 
 
 # ----------------------------------------------------------------------------- the group

@@ -289,12 +289,31 @@ def _wire_of(cls: type[Any], values: dict[str, Any]) -> dict[str, Any]:
     return wire
 
 
+def _members_from(spec: FieldSpec, drawn: Any) -> list[Any]:
+    """The members of ``spec``'s enum, starting at ``drawn`` and wrapping around."""
+    assert spec.enum is not None
+    members = list(spec.enum)
+    start = members.index(drawn)
+    return members[start:] + members[:start]
+
+
 def build_record(cls: type[Any], variant: str, rng: random.Random) -> Any:
     """A record of ``cls`` with every field from :func:`value_for` (nested records)."""
-    values = {spec.name: value_for(spec, variant, rng) for spec in codec.schema(cls).fields}
+    specs = codec.schema(cls).fields
+    values = {spec.name: value_for(spec, variant, rng) for spec in specs}
     try:
         return cls(**values)
     except ValueError as exc:
+        # a rule across enum fields (a B4 joins CAD or PPMID, never NATIVE): the nearest
+        # combination that the record accepts, searched from the drawn one in a fixed order
+        enums = [spec for spec in specs if spec.kind == "enum"]
+        orders = [_members_from(spec, values[spec.name]) for spec in enums]
+        for combination in itertools.product(*orders):
+            values.update(zip((spec.name for spec in enums), combination, strict=True))
+            try:
+                return cls(**values)
+            except ValueError:
+                continue
         raise RuntimeError(
             f"{cls.__name__}.{variant}: the record's own rules refuse what its field bounds "
             f"allow ({exc}); give it an example in EXAMPLES and say why in SPEC"
@@ -1081,8 +1100,8 @@ class ReferenceHub:
     shell drives one (SPEC §7): store verified blocks, re-hash the stored image when asked."""
 
     def __init__(self) -> None:
-        def verify(data: bytes) -> Manifest:
-            return verify_manifest(data, _trust(), now=UnixTime(NOW), target=TARGET)
+        def verify(data: bytes, at: UnixTime) -> Manifest:
+            return verify_manifest(data, _trust(), now=at, target=TARGET)
 
         self.receiver = Receiver(CH_LIMITS, verify, ack_every=ACK_EVERY, ack_delay=ACK_DELAY)
         self.blocks: dict[int, bytes] = {}
@@ -1149,7 +1168,11 @@ def transcript_vectors(image: otaimg.SignedImage) -> dict[str, Any]:
             _, direction, data = link.pop()
             message = decode(data)
             if direction == "down":
-                for reply in hub.apply(hub.receiver.message_received(message, now), now):
+                if isinstance(message, Offer):  # the CH's wall clock is the vectors' fixed NOW
+                    actions = hub.receiver.offer_received(message, UnixTime(NOW), now)
+                else:
+                    actions = hub.receiver.message_received(message, now)
+                for reply in hub.apply(actions, now):
                     link.send("up", reply, now)
             elif sender.state not in (SenderState.COMPLETE, SenderState.FAILED):
                 sender.message_received(message, now)

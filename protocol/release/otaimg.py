@@ -156,7 +156,15 @@ def verify(
     size).
     """
     manifest = verify_manifest(image.signed_manifest, trust, now=now, target=target)
-    data = image.image
+    return manifest, check_image(manifest, image.image)
+
+
+def check_image(manifest: Manifest, data: bytes) -> OtaFile:
+    """The whole-image checks of SPEC §6.4 (14-17) of ``data`` against its verified manifest:
+    what otad runs on an ``.otaimg`` and a CH on an assembled transfer before ``ImageHeld``.
+
+    ``IMAGE_HASH`` (length or SHA-256), ``BLOCK_HASH``, the strict OTA parse (``MALFORMED``...),
+    ``HEADER_MISMATCH`` (:func:`check_header`); returns the parsed file."""
     if len(data) != manifest.size:
         raise ProtocolError(
             Reason.IMAGE_HASH, f"image is {len(data)} bytes, manifest says {manifest.size}"
@@ -167,7 +175,7 @@ def verify(
         raise ProtocolError(Reason.BLOCK_HASH, "signed block hashes do not match the image")
     ota = OtaFile.parse(data)
     check_header(manifest, ota)
-    return manifest, ota
+    return ota
 
 
 def check_header(manifest: Manifest, ota: OtaFile) -> None:

@@ -13,7 +13,9 @@ and the time, and carries out the actions it returns --
 * :class:`StoreBlock` -- write these bytes at this offset of the image. Emitted only after the
   block passed every check, so nothing unverified is ever written;
 * :class:`VerifyImage` -- every block is held: re-hash the *stored* image (not a RAM copy:
-  what is checked is what is used) and report the digest with :meth:`Receiver.image_hashed`;
+  what is checked is what is used), run the whole-image checks of SPEC §6.4 (15-17:
+  :func:`protocol.release.otaimg.check_image`) on it, and report the digest with
+  :meth:`Receiver.image_hashed` -- or a failed check with :meth:`Receiver.image_refused`;
 * :class:`DiscardImage` -- delete whatever is stored for the image.
 
 Per-image phases: SPEC §7.10 draws them and lists every edge; :data:`TRANSITIONS` is that table.
@@ -21,6 +23,16 @@ Per-image phases: SPEC §7.10 draws them and lists every edge; :data:`TRANSITION
 An Offer for an image already known is answered with its current state (``TransferAcked`` or
 ``ImageHeld``): that is how a restarted otad learns what a CH holds. A ``Poll`` is answered with
 the state of every image.
+
+Time of trust (SPEC §6.4 check 8, §7.9). A transfer's *update-start instant* is the CH's wall clock
+(``wall``) when the Offer that created it arrived; every later verification of a manifest for that
+image (a repeated Offer, a re-signed manifest, :meth:`Receiver.restore`) runs at that instant, so
+a transfer that started before its manifest expired is never refused ``EXPIRED`` while it lives.
+An Offer after the transfer was forgotten starts a new one, checked at its own arrival.
+
+A repeated Offer with another signed manifest for a known image (SPEC §7.9): same size, block
+size and block hashes -- the blocks are kept and the new manifest adopted (it verified); another
+block layout -- the old blocks are discarded and the transfer starts empty.
 
 Checks on a block: SPEC §7.9, in its order. A failure drops the block and counts the reason in
 :attr:`Receiver.rejected` -- nothing is stored, nothing raises; a block for an image without a
@@ -39,7 +51,8 @@ Acknowledgement policy. The SACK (:mod:`protocol.wan.sack`) is sent
 * otherwise after ``ack_every`` new blocks (default: half the window), or ``ack_delay`` seconds
   after the first unacknowledged one, whichever comes first.
 
-``credit`` is always ``limits.window``.
+``credit`` is always ``min(limits.window, 65535)``: a constant credit equal to the window, which
+SPEC §7.3 allows (a CH may announce less, never more).
 
 Durability. :meth:`Receiver.snapshot` is the CH's state as CBOR (signed manifest, bitmap, phase
 per image). The CH shell must persist it before it publishes a ``Reply`` that acknowledges
@@ -58,7 +71,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
 
-from protocol.clock import Monotonic, later
+from protocol.clock import Monotonic, UnixTime, later
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
 from protocol.transitions import checked
@@ -137,7 +150,9 @@ class DiscardImage:
 
 
 ReceiverAction = Reply | StoreBlock | VerifyImage | DiscardImage
-VerifyManifest = Callable[[bytes], Manifest]
+#: ``verify(signed, at)``: the full check of a signed manifest (SPEC §6.4 steps 1-13) with ``at``
+#: as the update-start instant of step 8; returns the :class:`Manifest` or raises ProtocolError.
+VerifyManifest = Callable[[bytes, UnixTime], Manifest]
 
 
 class _Transfer:
@@ -152,12 +167,14 @@ class _Transfer:
         "phase",
         "sha256",
         "signed",
+        "started",
         "unacked",
         "verify_pending",
     )
 
-    def __init__(self, signed: bytes, manifest: Manifest, held: Bitmap) -> None:
+    def __init__(self, signed: bytes, manifest: Manifest, held: Bitmap, started: UnixTime) -> None:
         self.signed = signed
+        self.started = started  # the update-start instant: every verification of it runs here
         self.manifest = manifest
         self.held = held
         self.base = held.first_missing()
@@ -206,9 +223,10 @@ class Receiver:
         ack_delay: float = 0.05,
         max_transfers: int = 4,
     ) -> None:
-        """``limits`` are what this CH declares; ``verify_manifest`` turns signed manifest bytes
-        into a :class:`Manifest` or raises ``ProtocolError`` (the shell closes it over
-        :func:`protocol.release.trust.verify_manifest` with its trust store, time and target).
+        """``limits`` are what this CH declares; ``verify_manifest(signed, at)`` turns signed
+        manifest bytes into a :class:`Manifest` or raises ``ProtocolError`` (the shell closes it
+        over :func:`protocol.release.trust.verify_manifest` with its trust store and target,
+        passing ``at`` as its ``now``).
         ``ack_every`` defaults to half the window (at least 1)."""
         if limits.window < 1:
             raise ValueError("a receiver's window must be >= 1")
@@ -262,14 +280,15 @@ class Receiver:
     # ------------------------------------------------------------------ input
 
     def message_received(self, msg: Message, now: Monotonic) -> list[ReceiverAction]:
-        """Handle one decoded message from otad (``Offer``, ``Block``, ``Cancel``, ``Poll``).
+        """Handle one decoded message from otad (``Block``, ``Cancel``, ``Poll``; an ``Offer``
+        goes to :meth:`offer_received`, which needs the wall clock too: a ``ValueError`` here).
 
-        Never raises for bad input: bad blocks and offers are refused and counted in
-        :attr:`rejected`; other message types are counted as ``UNKNOWN_TYPE``."""
+        Never raises for bad input: bad blocks are refused and counted in :attr:`rejected`;
+        other message types are counted as ``UNKNOWN_TYPE``."""
         if isinstance(msg, Block):
             return self._on_block(msg, now)
         if isinstance(msg, Offer):
-            return self._on_offer(msg, now)
+            raise ValueError("an Offer goes to offer_received(msg, wall, now)")
         if isinstance(msg, Cancel):
             self._transfers.pop(msg.image, None)
             return [DiscardImage(msg.image)]
@@ -281,6 +300,12 @@ class Receiver:
         self.rejected[Reason.UNKNOWN_TYPE] += 1
         return []
 
+    def offer_received(self, msg: Offer, wall: UnixTime, now: Monotonic) -> list[ReceiverAction]:
+        """Handle an ``Offer``. ``wall`` is the CH's wall clock at its arrival: the update-start
+        instant of a transfer it creates (whole seconds; see the module docstring). Never raises
+        for bad input: a refused Offer is answered ``TransferRejected`` and counted."""
+        return self._on_offer(msg, UnixTime(float(int(wall))))
+
     def image_hashed(self, image: bytes, sha256: bytes, now: Monotonic) -> list[ReceiverAction]:
         """The shell re-hashed the stored ``image`` (after :class:`VerifyImage`): report it."""
         transfer = self._transfers.get(image)
@@ -291,13 +316,28 @@ class Receiver:
             transfer.enter(TransferPhase.HELD)
             transfer.sha256 = sha256
             return [Reply(ImageHeld(image=image, sha256=sha256))]
-        self.rejected[Reason.IMAGE_HASH] += 1
+        return self._refuse_image(
+            transfer, Reason.IMAGE_HASH, "stored image does not hash to the manifest digest"
+        )
+
+    def image_refused(
+        self, image: bytes, error: ProtocolError, now: Monotonic
+    ) -> list[ReceiverAction]:
+        """The shell's whole-image check of the stored ``image`` (after :class:`VerifyImage`;
+        SPEC §6.4 checks 14-17, :func:`protocol.release.otaimg.check_image`) failed with
+        ``error``: report ``TransferRejected(error.reason)``, discard the image, forget it."""
+        transfer = self._transfers.get(image)
+        if transfer is None or transfer.phase is not TransferPhase.VERIFYING:
+            return []
+        transfer.verify_pending = False
+        return self._refuse_image(transfer, error.reason, error.detail)
+
+    def _refuse_image(
+        self, transfer: _Transfer, reason: Reason, detail: str
+    ) -> list[ReceiverAction]:
+        image = transfer.manifest.sha256
         del self._transfers[image]
-        detail = "stored image does not hash to the manifest digest"
-        return [
-            Reply(TransferRejected(image=image, reason=Reason.IMAGE_HASH, detail=detail)),
-            DiscardImage(image),
-        ]
+        return [self._reject(image, reason, detail), DiscardImage(image)]
 
     # ------------------------------------------------------------------ timers
 
@@ -319,11 +359,13 @@ class Receiver:
 
     # ------------------------------------------------------------------ offers
 
-    def _on_offer(self, msg: Offer, now: Monotonic) -> list[ReceiverAction]:
+    def _on_offer(self, msg: Offer, wall: UnixTime) -> list[ReceiverAction]:
         image = msg.image
         actions: list[ReceiverAction] = []
+        known = self._transfers.get(image)
+        started = known.started if known is not None else wall
         try:
-            manifest = self._verify(msg.manifest)
+            manifest = self._verify(msg.manifest, started)
         except ProtocolError as exc:
             if self._transfers.pop(image, None) is not None:
                 actions.append(DiscardImage(image))
@@ -350,7 +392,7 @@ class Receiver:
         if len(self._transfers) >= self._max_transfers:
             detail = f"already receiving {len(self._transfers)} images"
             return [*actions, self._reject(image, Reason.STORAGE_FULL, detail)]
-        transfer = _Transfer(bytes(msg.manifest), manifest, Bitmap(manifest.block_count))
+        transfer = _Transfer(bytes(msg.manifest), manifest, Bitmap(manifest.block_count), started)
         self._transfers[image] = transfer
         actions.append(self._ack(transfer))
         return actions
@@ -473,7 +515,8 @@ class Receiver:
     # ------------------------------------------------------------------ persistence
 
     def snapshot(self) -> bytes:
-        """The state to persist: per image its digest, signed manifest, bitmap and phase."""
+        """The state to persist: per image its digest, signed manifest, bitmap, phase, computed
+        digest and update-start instant (``s``, whole unix seconds)."""
         return cbor.dumps(
             {
                 "v": SNAPSHOT_VERSION,
@@ -484,6 +527,7 @@ class Receiver:
                         "h": transfer.held.to_bytes(),
                         "p": transfer.phase.value,
                         "d": transfer.sha256,
+                        "s": int(transfer.started),
                     }
                     for image, transfer in self._transfers.items()
                 ],
@@ -504,8 +548,9 @@ class Receiver:
         """Rebuild a receiver from :meth:`snapshot` bytes, re-verifying every manifest.
 
         Raises ``ProtocolError`` when the snapshot itself is not well formed. A transfer whose
-        manifest no longer verifies (expired, key revoked...) or whose entry does not fit its
-        manifest is dropped, and a :class:`DiscardImage` for it comes from the first
+        manifest no longer verifies at its update-start instant (key revoked...), whose entry
+        does not fit its manifest, or that has no update-start instant (a snapshot of an older
+        version of this code) is dropped, and a :class:`DiscardImage` for it comes from the first
         :meth:`handle_timer`; so does a :class:`VerifyImage` for every image with all blocks held
         that was not yet reported held.
         """
@@ -529,17 +574,21 @@ class Receiver:
         return receiver
 
     def _restore_entry(self, entry: Any) -> None:
-        fields = {"i": bytes, "m": bytes, "h": bytes, "p": int, "d": bytes}
-        if not isinstance(entry, dict) or set(entry) != set(fields):
+        fields = {"i": bytes, "m": bytes, "h": bytes, "p": int, "d": bytes, "s": int}
+        if not isinstance(entry, dict) or set(entry) not in (set(fields), set(fields) - {"s"}):
             raise ProtocolError(Reason.MALFORMED, "snapshot entry has the wrong keys")
         for key, kind in fields.items():
-            if type(entry[key]) is not kind:
+            if key in entry and type(entry[key]) is not kind:
                 raise ProtocolError(Reason.MALFORMED, f"snapshot entry {key!r} has a wrong type")
         image: bytes = entry["i"]
         if len(image) != HASH_LEN or image in self._transfers:
             raise ProtocolError(Reason.MALFORMED, "snapshot entry has a bad or repeated image")
+        if "s" not in entry:  # its update-start instant is unknown: it cannot be re-verified
+            self._pending.append(DiscardImage(image))
+            return
+        started = UnixTime(float(entry["s"]))
         try:
-            manifest = self._verify(entry["m"])
+            manifest = self._verify(entry["m"], started)
             if manifest.sha256 != image:
                 raise ProtocolError(Reason.WRONG_IMAGE, "snapshot manifest is for another image")
             held = Bitmap.from_bytes(entry["h"], manifest.block_count)
@@ -552,7 +601,7 @@ class Receiver:
         ):
             self._pending.append(DiscardImage(image))
             return
-        transfer = _Transfer(entry["m"], manifest, held)
+        transfer = _Transfer(entry["m"], manifest, held, started)
         if phase is TransferPhase.HELD and entry["d"] == manifest.sha256:
             transfer.enter(TransferPhase.HELD)
             transfer.sha256 = manifest.sha256

@@ -35,6 +35,16 @@ DEFAULT_MAX_DEPTH = 8
 
 _MAJOR_UINT, _MAJOR_NINT, _MAJOR_BYTES, _MAJOR_TEXT = 0, 1, 2, 3
 _MAJOR_ARRAY, _MAJOR_MAP, _MAJOR_TAG, _MAJOR_SIMPLE = 4, 5, 6, 7
+#: What a head's argument is, by major type: named in a NON_CANONICAL refusal.
+_HEAD_ARGUMENT = (
+    "integer",
+    "negative integer",
+    "byte string length",
+    "text string length",
+    "array length",
+    "map length",
+    "tag number",
+)
 _SIMPLE_FALSE, _SIMPLE_TRUE, _SIMPLE_NULL = 20, 21, 22
 
 
@@ -132,7 +142,10 @@ def _scan(data: bytes, max_depth: int, allowed_tags: frozenset[int]) -> int:
             arg = int.from_bytes(data[pos : pos + width], "big")
             pos += width
             if major != _MAJOR_SIMPLE and arg < (24 if width == 1 else 1 << (4 * width)):
-                raise ProtocolError(Reason.NON_CANONICAL, "length not minimally encoded")
+                raise ProtocolError(
+                    Reason.NON_CANONICAL,
+                    f"{_HEAD_ARGUMENT[major]} {arg} not minimally encoded (at byte {start})",
+                )
         elif info == 31:
             if major == _MAJOR_SIMPLE:
                 raise ProtocolError(Reason.MALFORMED, "unexpected break")

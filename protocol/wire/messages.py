@@ -79,6 +79,29 @@ class HanDevice:
             object.__setattr__(self, "device_type", DeviceType(self.device_type))
         if type(self.join_mode) is not JoinMode:
             object.__setattr__(self, "join_mode", JoinMode(self.join_mode))
+        check_han_device(self.device_id, self.device_type, self.join_mode)
+
+
+#: Alt HAN bridges, the only HAN devices that join as a CAD or a PPMID (SPEC §3, DP170 Q4).
+ALT_HAN_BRIDGES: frozenset[DeviceType] = frozenset(
+    {DeviceType.B1, DeviceType.B2, DeviceType.B3, DeviceType.B4}
+)
+
+
+def check_han_device(device_id: str, device_type: DeviceType, join_mode: JoinMode) -> None:
+    """Raise ``ValueError`` (``MALFORMED`` on the wire) unless one HAN entry is coherent (SPEC §3):
+    never the CH itself, and a join mode its type can have (``CAD``/``PPMID`` for B1-B4,
+    ``NATIVE`` for every other type)."""
+    if device_type is DeviceType.CH:
+        raise ValueError(f"HAN device {device_id} has type CH: the CH does not list itself")
+    allowed = (
+        (JoinMode.CAD, JoinMode.PPMID) if device_type in ALT_HAN_BRIDGES else (JoinMode.NATIVE,)
+    )
+    if join_mode not in allowed:
+        raise ValueError(
+            f"HAN device {device_id}: a {device_type.value} joins "
+            f"{' or '.join(m.value for m in allowed)}, not {join_mode.value}"
+        )
 
 
 # --------------------------------------------------------------------------- messages

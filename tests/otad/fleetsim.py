@@ -289,7 +289,7 @@ class Fleet:
             assert isinstance(b, bytes)
             if t.hub.silent:
                 return True
-            actions = t.hub.hub.receiver.message_received(decode(b), at)
+            actions = t.hub.hub.receive(decode(b), at)
             for message in t.hub.hub.apply(actions, at):
                 self._up(t, message, at)
             self._arm_hub(t)

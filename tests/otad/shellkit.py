@@ -42,6 +42,7 @@ from otad.outbox import EventPublisher
 from otad.registry import Registry
 from otad.status import StatusPublisher
 from otad.store import Store, TransferRow
+from protocol.clock import UnixTime
 from protocol.release.manifest import Manifest
 from protocol.release.trust import TrustStore, verify_manifest
 from protocol.wire import topics
@@ -51,6 +52,7 @@ from protocol.wire.messages import (
     HubWentOffline,
     Limits,
     Message,
+    Offer,
     decode,
 )
 
@@ -248,7 +250,7 @@ class SimCH:
         hw_version: int = 0x0100,
         han: tuple[HanDevice, ...] = (),
         segment: str = "cell-0",
-        verify: Callable[[bytes], Manifest] | None = None,
+        verify: Callable[[bytes, UnixTime], Manifest] | None = None,
     ) -> None:
         """``verify`` is the CH's check of an Offer's manifest (default: signature and expiry
         against ``trust``)."""
@@ -263,7 +265,7 @@ class SimCH:
             han=han,
         )
         self.hub = Hub(
-            limits, verify or (lambda signed: verify_manifest(signed, trust, now=int(time.time())))
+            limits, verify or (lambda signed, at: verify_manifest(signed, trust, now=at))
         )
         self.silent = False
         """A hung CH: it receives and answers nothing."""
@@ -277,7 +279,12 @@ class SimCH:
         self.received.append(message)
         if self.silent:
             return []
-        return self._sent(self.hub.apply(self.hub.receiver.message_received(message, now), now))
+        rx = self.hub.receiver
+        if isinstance(message, Offer):
+            actions = rx.offer_received(message, UnixTime(time.time()), now)
+        else:
+            actions = rx.message_received(message, now)
+        return self._sent(self.hub.apply(actions, now))
 
     def timers_due(self, now: float) -> list[Message]:
         """Run the receiver's timers due at ``now`` (delayed acknowledgements)."""

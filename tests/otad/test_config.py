@@ -227,3 +227,15 @@ def test_config_is_frozen() -> None:
     config = load_config(None, {}, env={})
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.broker.port = 1  # type: ignore[misc]
+
+
+def test_spec_states_the_daemons_momentum_default() -> None:
+    import protocol
+
+    spec = (Path(protocol.__file__).parent / "SPEC.md").read_text(encoding="utf-8")
+    section = spec[spec.index("### 7.12") : spec.index("## 8.")]
+    stated = re.search(
+        r"`transfer\.max_rto_without_progress`.*?\*\*default (\d+)\*\*", section, re.S
+    )
+    assert stated is not None
+    assert int(stated[1]) == TransferConfig().max_rto_without_progress

@@ -17,6 +17,7 @@ from otad.events import (
     TransferStarted,
 )
 from otad.store import TransferState
+from protocol.clock import UnixTime
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
 from protocol.wan.receiver import TransferPhase
@@ -229,7 +230,7 @@ async def test_a_distribution_whose_chs_all_drop_off_is_stalled_and_resumes(
         s.run_until(lambda: s.distribution.counts()["held"] == 2)
 
 
-def _refuse(signed: bytes) -> Manifest:
+def _refuse(signed: bytes, at: UnixTime) -> Manifest:
     raise ProtocolError(Reason.UNKNOWN_KEY_ID, "not a key this CH trusts")
 
 

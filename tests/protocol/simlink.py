@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from protocol.clock import UnixTime
 from protocol.errors import ProtocolError
 from protocol.release import cose, trust
 from protocol.release.manifest import DeviceType, Manifest
@@ -61,7 +62,7 @@ from protocol.wire.messages import (
 
 CREATED = 1_700_000_000
 EXPIRES = 1_800_000_000
-VERIFY_AT = CREATED + 100  # the CH's fixed update-start time, unix seconds
+VERIFY_AT = UnixTime(CREATED + 100)  # the CH's wall clock when an Offer arrives, unix seconds
 DOWN, UP = "down", "up"
 
 # --------------------------------------------------------------------------- releases
@@ -76,9 +77,9 @@ class Release:
     signed: bytes
     trust: trust.TrustStore
 
-    def verify(self, signed: bytes) -> Manifest:
-        """The CH's ``verify_manifest`` closure."""
-        return trust.verify_manifest(signed, self.trust, now=VERIFY_AT)
+    def verify(self, signed: bytes, at: UnixTime = VERIFY_AT) -> Manifest:
+        """The CH's ``verify_manifest`` closure (``at``: the transfer's update-start instant)."""
+        return trust.verify_manifest(signed, self.trust, now=at)
 
     def block(self, index: int) -> bytes:
         size = self.manifest.block_size
@@ -219,7 +220,7 @@ class Hub:
     """The CH shell: a Receiver, an in-memory block store, and the persisted snapshot."""
 
     def __init__(
-        self, limits: Limits, verify: Callable[[bytes], Manifest], **receiver_kw: object
+        self, limits: Limits, verify: Callable[[bytes, UnixTime], Manifest], **receiver_kw: object
     ) -> None:
         self.limits = limits
         self.verify = verify
@@ -231,6 +232,12 @@ class Hub:
         self.rewrites = 0
         self.decode_errors = 0
         self.restarts = 0
+
+    def receive(self, message: Message, now: float) -> list[ReceiverAction]:
+        """Feed one downlink message to the receiver (an Offer arrives at ``VERIFY_AT``)."""
+        if isinstance(message, Offer):
+            return self.receiver.offer_received(message, VERIFY_AT, now)
+        return self.receiver.message_received(message, now)
 
     def stored_bytes(self, image: bytes) -> int:
         return sum(len(b) for b in self.store.get(image, {}).values())
@@ -391,7 +398,7 @@ class TransferRun:
                 return
             if isinstance(message, Block):
                 self.arrivals.append(Arrived(now, message.index, now))
-            actions = self.hub.receiver.message_received(message, now)
+            actions = self.hub.receive(message, now)
             for reply in self.hub.apply(actions, now):
                 self.link.send(UP, reply.encode(), now)
             return

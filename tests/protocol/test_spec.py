@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import protocol
+from protocol.clock import UnixTime
 from protocol.device import activation
 from protocol.device import device as device_module
 from protocol.errors import Reason
@@ -357,7 +358,7 @@ def default_problems(rows: list[Row], lookup: Callable[[str, str], Any]) -> list
     return problems
 
 
-def _never_verified(signed: bytes) -> Manifest:
+def _never_verified(signed: bytes, at: UnixTime) -> Manifest:
     raise AssertionError("reading a default verifies no manifest")
 
 

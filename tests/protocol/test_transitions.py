@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from simlink import make_release
 
+from protocol.clock import UnixTime
 from protocol.device import device as device_module
 from protocol.device.activation import ActivationCommand
 from protocol.device.device import (
@@ -94,7 +95,9 @@ MACHINES = [
         "Receiver",
         receiver_module.TRANSITIONS,
         TransferPhase,
-        lambda: _Transfer(RELEASE.signed, RELEASE.manifest, Bitmap(RELEASE.manifest.block_count)),
+        lambda: _Transfer(
+            RELEASE.signed, RELEASE.manifest, Bitmap(RELEASE.manifest.block_count), UnixTime(0.0)
+        ),
         lambda transfer, phase: setattr(transfer, "phase", phase),
         lambda transfer, phase: transfer.enter(phase),
         lambda transfer: transfer.phase,

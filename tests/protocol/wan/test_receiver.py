@@ -3,14 +3,17 @@ reason, the acknowledgement policy, and snapshot/restore. Manifests are really s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections.abc import Callable
 
 import pytest
-from simlink import EXPIRES, Release, make_release, signing_key
+from simlink import EXPIRES, VERIFY_AT, Release, make_release, signing_key
 
+from protocol.clock import UnixTime
 from protocol.errors import ProtocolError, Reason
-from protocol.release import trust
-from protocol.release.manifest import Manifest
+from protocol.release import cose, otaimg, trust, zigbee_ota
+from protocol.release.manifest import DeviceType, Manifest
 from protocol.wan.receiver import (
     DiscardImage,
     Receiver,
@@ -34,6 +37,7 @@ from protocol.wire.messages import (
 )
 
 BLOCK = 64
+WALL = VERIFY_AT  # the CH's wall clock when each Offer arrives
 LIMITS = Limits(max_block=BLOCK, window=4, buffer=4 * BLOCK)
 
 
@@ -80,7 +84,7 @@ def ack(release: Release, base: int, bitmap: bytes = b"", credit: int = 4) -> Re
 
 def started(release: Release, **kw: object) -> Receiver:
     rx = receiver(release, **kw)
-    assert rx.message_received(offer(release), 0.0) == [ack(release, 0)]
+    assert rx.offer_received(offer(release), WALL, 0.0) == [ack(release, 0)]
     return rx
 
 
@@ -105,7 +109,7 @@ def test_offer_with_a_broken_signature_is_refused_and_no_block_is_then_stored(
 ) -> None:
     rx = receiver(release)
     forged = release.signed[:-1] + bytes([release.signed[-1] ^ 1])
-    actions = rx.message_received(Offer(image=release.manifest.sha256, manifest=forged), 0.0)
+    actions = rx.offer_received(Offer(image=release.manifest.sha256, manifest=forged), WALL, 0.0)
     assert rejection(actions) is Reason.BAD_SIGNATURE
     assert rx.images() == []
     for index in range(release.manifest.block_count):
@@ -116,36 +120,38 @@ def test_offer_with_a_broken_signature_is_refused_and_no_block_is_then_stored(
 
 
 def test_offer_failing_policy_is_refused_with_its_reason(release: Release) -> None:
-    unknown = Receiver(LIMITS, lambda s: trust.verify_manifest(s, trust.TrustStore(), now=0))
-    assert rejection(unknown.message_received(offer(release), 0.0)) is Reason.UNKNOWN_KEY_ID
-    expired = Receiver(LIMITS, lambda s: trust.verify_manifest(s, release.trust, now=EXPIRES))
-    assert rejection(expired.message_received(offer(release), 0.0)) is Reason.EXPIRED
+    unknown = Receiver(LIMITS, lambda s, at: trust.verify_manifest(s, trust.TrustStore(), now=at))
+    assert rejection(unknown.offer_received(offer(release), WALL, 0.0)) is Reason.UNKNOWN_KEY_ID
+    expired = Receiver(LIMITS, lambda s, at: trust.verify_manifest(s, release.trust, now=EXPIRES))
+    assert rejection(expired.offer_received(offer(release), WALL, 0.0)) is Reason.EXPIRED
     assert unknown.images() == expired.images() == []
 
 
 def test_offer_naming_another_image_is_mix_and_match(release: Release, other: Release) -> None:
     rx = receiver(release)
-    actions = rx.message_received(Offer(image=other.manifest.sha256, manifest=release.signed), 0)
+    actions = rx.offer_received(
+        Offer(image=other.manifest.sha256, manifest=release.signed), WALL, 0
+    )
     assert rejection(actions) is Reason.WRONG_IMAGE
     assert rx.images() == []
 
 
 def test_offer_with_blocks_over_max_block_is_refused(release: Release) -> None:
     rx = Receiver(Limits(max_block=BLOCK - 1, window=4, buffer=1024), release.verify)
-    assert rejection(rx.message_received(offer(release), 0.0)) is Reason.LIMITS_EXCEEDED
+    assert rejection(rx.offer_received(offer(release), WALL, 0.0)) is Reason.LIMITS_EXCEEDED
     assert rx.images() == []
 
 
 def test_transfers_beyond_the_limit_are_refused(release: Release, other: Release) -> None:
     rx = receiver(release, max_transfers=1)
-    rx.message_received(offer(release), 0.0)
+    rx.offer_received(offer(release), WALL, 0.0)
     both = Receiver(
         LIMITS,
-        lambda s: other.verify(s) if s == other.signed else release.verify(s),
+        lambda s, at: other.verify(s, at) if s == other.signed else release.verify(s, at),
         max_transfers=1,
     )
-    both.message_received(offer(release), 0.0)
-    assert rejection(both.message_received(offer(other), 0.0)) is Reason.STORAGE_FULL
+    both.offer_received(offer(release), WALL, 0.0)
+    assert rejection(both.offer_received(offer(other), WALL, 0.0)) is Reason.STORAGE_FULL
     assert both.images() == [release.manifest.sha256]
 
 
@@ -153,7 +159,7 @@ def test_repeated_offer_is_answered_with_the_current_state(release: Release) -> 
     rx = started(release)
     rx.message_received(block(release, 0), 0.1)
     rx.message_received(block(release, 2), 0.1)
-    assert rx.message_received(offer(release), 0.2) == [ack(release, 1, b"\x01")]
+    assert rx.offer_received(offer(release), WALL, 0.2) == [ack(release, 1, b"\x01")]
 
 
 # --------------------------------------------------------------------------- block checks
@@ -161,9 +167,9 @@ def test_repeated_offer_is_answered_with_the_current_state(release: Release) -> 
 
 def two_images(release: Release, other: Release) -> Receiver:
     by_bytes = {release.signed: release, other.signed: other}
-    rx = Receiver(LIMITS, lambda s: by_bytes[s].verify(s), ack_every=2)
-    rx.message_received(offer(release), 0.0)
-    rx.message_received(offer(other), 0.0)
+    rx = Receiver(LIMITS, lambda s, at: by_bytes[s].verify(s, at), ack_every=2)
+    rx.offer_received(offer(release), WALL, 0.0)
+    rx.offer_received(offer(other), WALL, 0.0)
     return rx
 
 
@@ -255,7 +261,7 @@ def test_overrunning_the_buffer_is_counted(release: Release) -> None:
         ack_every=100,
         ack_delay=10.0,
     )
-    rx.message_received(offer(release), 0.0)
+    rx.offer_received(offer(release), WALL, 0.0)
     for index in range(3):
         rx.message_received(block(release, index), 0.1)
     assert rx.rejected == {Reason.LIMITS_EXCEEDED: 1}
@@ -360,7 +366,9 @@ def test_last_block_asks_for_a_rehash_then_image_held(release: Release) -> None:
     assert rx.message_received(block(release, 4), 0.4) == [
         Reply(ImageHeld(image=image, sha256=image))
     ]
-    assert rx.message_received(offer(release), 0.5) == [Reply(ImageHeld(image=image, sha256=image))]
+    assert rx.offer_received(offer(release), WALL, 0.5) == [
+        Reply(ImageHeld(image=image, sha256=image))
+    ]
     assert rx.image_hashed(image, image, 0.6) == []  # stale
 
 
@@ -414,7 +422,7 @@ def test_restart_resumes_from_the_snapshot(release: Release) -> None:
     assert again.handle_timer(0.0) == []
     assert again.phase(image) is TransferPhase.RECEIVING
     assert [i for i in range(11) if again.has_block(image, i)] == [0, 1, 2, 5]
-    assert again.message_received(offer(release), 1.0) == [ack(release, 3, b"\x02")]
+    assert again.offer_received(offer(release), WALL, 1.0) == [ack(release, 3, b"\x02")]
     assert stored(again.message_received(block(release, 3), 1.1)) == [3]
     assert stored(again.message_received(block(release, 0), 1.1)) == []
 
@@ -427,7 +435,7 @@ def test_restored_complete_image_is_rehashed_and_held_one_stays_held(
     complete(rx, other, 0.1)
     rx.image_hashed(other.manifest.sha256, other.manifest.sha256, 0.2)
     by_bytes = {release.signed: release, other.signed: other}
-    again = Receiver.restore(rx.snapshot(), LIMITS, lambda s: by_bytes[s].verify(s))
+    again = Receiver.restore(rx.snapshot(), LIMITS, lambda s, at: by_bytes[s].verify(s, at))
     assert again.next_deadline() == 0.0
     assert again.handle_timer(5.0) == [VerifyImage(release.manifest.sha256, release.manifest.size)]
     assert again.next_deadline() is None
@@ -439,8 +447,8 @@ def test_restore_drops_transfers_whose_manifest_no_longer_verifies(release: Rele
     rx.message_received(block(release, 0), 0.1)
     revoked = trust.TrustStore([signing_key().public_key()], revoked=release.trust.kids)
 
-    def verify(signed: bytes) -> Manifest:
-        return trust.verify_manifest(signed, revoked, now=0)
+    def verify(signed: bytes, at: UnixTime) -> Manifest:
+        return trust.verify_manifest(signed, revoked, now=at)
 
     again = Receiver.restore(rx.snapshot(), LIMITS, verify)
     assert again.images() == []
@@ -476,3 +484,173 @@ def test_snapshot_entry_that_does_not_fit_its_manifest_is_discarded(release: Rel
     again = Receiver.restore(data, LIMITS, release.verify)
     assert again.images() == []
     assert again.handle_timer(0.0) == [DiscardImage(image)]
+
+
+# --------------------------------------------------------------------------- time of trust
+
+
+def resigned(release: Release, **changes: object) -> Release:
+    """The same image under another signed manifest (e.g. a new expiry, another block size)."""
+    manifest = dataclasses.replace(release.manifest, **changes)
+    if "block_size" in changes:
+        manifest = Manifest.for_image(
+            release.image,
+            vendor=manifest.vendor,
+            image_type=manifest.image_type,
+            device_type=manifest.device_type,
+            hw_min=manifest.hw_min,
+            hw_max=manifest.hw_max,
+            fw_version=manifest.fw_version,
+            sequence=manifest.sequence,
+            block_size=manifest.block_size,
+            created=manifest.created,
+            expires=manifest.expires,
+        )
+    signed = cose.sign1(manifest.encode(), signing_key())
+    return Release(release.image, manifest, signed, release.trust)
+
+
+def by_signed(*releases: Release) -> Callable[[bytes, UnixTime], Manifest]:
+    known = {r.signed: r for r in releases}
+    return lambda signed, at: known[signed].verify(signed, at)
+
+
+def test_an_offer_needs_the_wall_clock(release: Release) -> None:
+    with pytest.raises(ValueError, match="offer_received"):
+        receiver(release).message_received(offer(release), 0.0)
+
+
+def test_a_reoffer_is_verified_at_the_first_offers_instant_not_the_current_one(
+    release: Release,
+) -> None:
+    rx = started(release)  # first Offer at WALL, long before EXPIRES
+    rx.message_received(block(release, 0), 0.1)
+    late = UnixTime(EXPIRES + 3600)  # the manifest has expired since
+    assert rx.offer_received(offer(release), late, 5.0) == [ack(release, 1)]
+    again = Receiver.restore(rx.snapshot(), LIMITS, release.verify, ack_every=2)
+    assert again.handle_timer(6.0) == []  # restored at the same instant: still valid
+    assert again.has_block(release.manifest.sha256, 0)
+    assert again.offer_received(offer(release), late, 6.0) == [ack(release, 1)]
+
+
+def test_an_offer_after_the_transfer_was_forgotten_is_checked_afresh(release: Release) -> None:
+    rx = started(release)
+    image = release.manifest.sha256
+    rx.message_received(Cancel(image=image, reason=Reason.CANCELLED), 0.1)
+    late = UnixTime(EXPIRES)
+    assert rejection(rx.offer_received(offer(release), late, 0.2)) is Reason.EXPIRED
+    assert rx.images() == []
+
+
+def test_the_update_start_instant_is_what_the_verifier_is_given(release: Release) -> None:
+    seen: list[UnixTime] = []
+
+    def verify(signed: bytes, at: UnixTime) -> Manifest:
+        seen.append(at)
+        return release.verify(signed, at)
+
+    rx = Receiver(LIMITS, verify)
+    rx.offer_received(offer(release), UnixTime(WALL + 0.75), 0.0)
+    rx.offer_received(offer(release), UnixTime(WALL + 500), 1.0)
+    Receiver.restore(rx.snapshot(), LIMITS, verify)
+    assert seen == [WALL, WALL, WALL]  # whole seconds, kept across re-Offers and restarts
+
+
+def test_a_snapshot_entry_without_its_instant_is_discarded(release: Release) -> None:
+    image = release.manifest.sha256
+    entry = {"i": image, "m": release.signed, "h": b"\x00\x00", "p": 0, "d": b""}
+    again = Receiver.restore(cbor.dumps({"v": 1, "transfers": [entry]}), LIMITS, release.verify)
+    assert again.images() == []
+    assert again.handle_timer(0.0) == [DiscardImage(image)]
+
+
+# --------------------------------------------------------------------------- re-signed manifests
+
+
+def test_a_resigned_manifest_with_the_same_blocks_keeps_them_and_is_adopted(
+    release: Release,
+) -> None:
+    newer = resigned(release, expires=EXPIRES + 86_400)
+    rx = Receiver(LIMITS, by_signed(release, newer), ack_every=2)
+    rx.offer_received(offer(release), WALL, 0.0)
+    rx.message_received(block(release, 0), 0.1)
+    rx.message_received(block(release, 1), 0.1)
+    assert rx.offer_received(offer(newer), WALL, 0.2) == [ack(release, 2)]
+    assert rx.manifest(release.manifest.sha256) == newer.manifest
+    snapshot = cbor.loads(rx.snapshot(), max_size=1 << 20, max_depth=4)
+    assert snapshot["transfers"][0]["m"] == newer.signed  # persisted as the transfer's manifest
+
+
+def test_a_resigned_manifest_with_another_block_layout_starts_over(release: Release) -> None:
+    regrouped = resigned(release, block_size=BLOCK // 2)
+    rx = Receiver(Limits(BLOCK, 8, 8 * BLOCK), by_signed(release, regrouped), ack_every=2)
+    image = release.manifest.sha256
+    rx.offer_received(offer(release), WALL, 0.0)
+    rx.message_received(block(release, 0), 0.1)
+    actions = rx.offer_received(offer(regrouped), WALL, 0.2)
+    assert actions == [
+        DiscardImage(image),
+        Reply(TransferAcked(image=image, base=0, bitmap=b"", credit=8)),
+    ]
+    assert rx.blocks_held(image) == 0
+    assert rx.manifest(image) == regrouped.manifest
+
+
+def test_a_resigned_manifest_that_does_not_verify_discards_the_transfer(
+    release: Release,
+) -> None:
+    bad = resigned(release, expires=EXPIRES + 1)
+    forged = Offer(image=release.manifest.sha256, manifest=bad.signed[:-1] + b"\x00")
+    rx = started(release)
+    actions = rx.offer_received(forged, WALL, 0.1)
+    assert actions[0] == DiscardImage(release.manifest.sha256)
+    assert rejection(actions[1:]) is Reason.BAD_SIGNATURE
+    assert rx.images() == []
+
+
+# --------------------------------------------------------------------------- whole-image checks
+
+
+def test_a_failed_whole_image_check_rejects_and_discards_instead_of_image_held(
+    release: Release,
+) -> None:
+    rx = started(release)
+    image = release.manifest.sha256
+    complete(rx, release, 0.1)
+    assert rx.phase(image) is TransferPhase.VERIFYING
+    error = ProtocolError(Reason.HEADER_MISMATCH, "file version 0x1 != 0x2")
+    actions = rx.image_refused(image, error, 0.2)
+    assert actions == [
+        Reply(TransferRejected(image=image, reason=Reason.HEADER_MISMATCH, detail=error.detail)),
+        DiscardImage(image),
+    ]
+    assert rx.images() == []
+    assert rx.rejected[Reason.HEADER_MISMATCH] == 1
+    assert rx.image_refused(image, error, 0.3) == []  # stale: nothing left to refuse
+
+
+def test_check_image_runs_checks_14_to_17_on_an_assembled_image() -> None:
+    ota = zigbee_ota.wrap(
+        b"firmware" * 40, manufacturer_code=0x1234, image_type=1, file_version=7, hw_min=1, hw_max=9
+    )
+
+    def manifest_for(data: bytes, **changes: object) -> Manifest:
+        fields: dict[str, object] = {
+            "vendor": 0x1234, "image_type": 1, "device_type": DeviceType.ESME, "hw_min": 1,
+            "hw_max": 9, "fw_version": 7, "sequence": 1, "block_size": 64, "created": 1,
+            "expires": 2,
+        }  # fmt: skip
+        fields.update(changes)
+        return Manifest.for_image(data, **fields)  # type: ignore[arg-type]
+
+    assert otaimg.check_image(manifest_for(ota), ota).header.file_version == 7
+    cases = [
+        (manifest_for(ota), ota[:-1] + b"\x00", Reason.IMAGE_HASH),
+        (manifest_for(b"\x00" * len(ota)), b"\x00" * len(ota), Reason.MALFORMED),
+        (manifest_for(ota, fw_version=8), ota, Reason.HEADER_MISMATCH),
+        (manifest_for(ota, hw_min=2), ota, Reason.HEADER_MISMATCH),  # ranges must be equal
+    ]
+    for manifest, data, reason in cases:
+        with pytest.raises(ProtocolError) as info:
+            otaimg.check_image(manifest, data)
+        assert info.value.reason is reason

@@ -126,3 +126,37 @@ def test_fast_path_and_scanner_agree(value: object, tail: bytes, at: int, byte: 
         mutated[at] = byte
     for candidate in (data, data + tail, bytes(mutated)):
         assert _fast_accepts(candidate) == _scanner_accepts(candidate), candidate.hex()
+
+
+@pytest.mark.parametrize(
+    ("data", "what"),
+    [
+        (b"\x18\x05", "integer 5"),  # the reviewer's `base` as 18 05
+        (b"\x38\x05", "negative integer 5"),
+        (b"\x58\x01\x00", "byte string length 1"),
+        (b"\x78\x01a", "text string length 1"),
+        (b"\x98\x01\x00", "array length 1"),
+        (b"\xb8\x01\x00\x00", "map length 1"),
+    ],
+)
+def test_a_non_minimal_head_is_refused_naming_what_was_not_minimal(data: bytes, what: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        cbor.loads(data, max_size=64)
+    assert info.value.reason is Reason.NON_CANONICAL
+    assert info.value.detail.startswith(f"{what} not minimally encoded")
+
+
+def test_a_non_minimal_tag_number_is_named_a_tag() -> None:
+    with pytest.raises(ProtocolError) as info:
+        cbor.loads(b"\xd8\x12\x00", max_size=64, allowed_tags=frozenset({18}))
+    assert info.value.reason is Reason.NON_CANONICAL
+    assert info.value.detail.startswith("tag number 18 not minimally encoded")
+
+
+def test_map_keys_in_any_order_are_accepted_and_depth_counts_the_top_item_as_1() -> None:
+    unsorted = b"\xa2\x62bb\x01\x61a\x02"  # {"bb": 1, "a": 2}: not in deterministic order
+    assert cbor.loads(unsorted, max_size=64) == {"bb": 1, "a": 2}
+    assert cbor.loads(b"\x81\x00", max_size=64, max_depth=1) == [0]  # one level: depth 1
+    with pytest.raises(ProtocolError) as info:
+        cbor.loads(b"\x81\x81\x00", max_size=64, max_depth=1)
+    assert info.value.reason is Reason.TOO_DEEP

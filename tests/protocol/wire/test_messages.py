@@ -161,3 +161,63 @@ def test_encoding_is_the_canonical_encoding(message: messages.Message) -> None:
     # encode() builds maps in canonical key order and skips cbor2's canonical sort; the bytes
     # must be exactly what canonical mode produces
     assert message.encode() == cbor.dumps(cbor.loads(message.encode(), max_size=1 << 22))
+
+
+EMPTY_HAN = HubAnnounced(
+    guid="0011223344556677", fw_version=1, hw_version=1, supplier="S", segment="c", han=()
+)
+
+
+def _announcement_with(device: dict[str, object]) -> bytes:
+    raw = cbor.loads(EMPTY_HAN.encode(), max_size=4096)
+    raw["han"] = [device]
+    return cbor.dumps(raw)
+
+
+HAN_ENTRY = {
+    "device_id": "00112233445566AA",
+    "device_type": "ESME",
+    "join_mode": "NATIVE",
+    "fw_version": 1,
+    "hw_version": 1,
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason", "detail"),
+    [
+        ({"device_type": "B1", "join_mode": "NATIVE"}, Reason.MALFORMED, "joins CAD or PPMID"),
+        ({"device_type": "ESME", "join_mode": "CAD"}, Reason.MALFORMED, "joins NATIVE, not CAD"),
+        ({"device_type": "CH"}, Reason.MALFORMED, "does not list itself"),
+        ({"device_id": "00112233445566aa"}, Reason.BAD_IDENTIFIER, ""),
+    ],
+)
+def test_an_incoherent_han_entry_refuses_the_announcement(
+    changes: dict[str, object], reason: Reason, detail: str
+) -> None:
+    with pytest.raises(ProtocolError) as info:
+        messages.decode(_announcement_with({**HAN_ENTRY, **changes}))
+    assert info.value.reason is reason
+    assert detail in info.value.detail
+
+
+@pytest.mark.parametrize(
+    ("device_type", "join_mode"),
+    [("B1", "CAD"), ("B4", "PPMID"), ("ESME", "NATIVE"), ("PPMID", "NATIVE")],
+)
+def test_coherent_han_entries_and_an_empty_han_are_accepted(
+    device_type: str, join_mode: str
+) -> None:
+    entry = {**HAN_ENTRY, "device_type": device_type, "join_mode": join_mode}
+    decoded = messages.decode(_announcement_with(entry))
+    assert isinstance(decoded, HubAnnounced)
+    assert decoded.han[0].join_mode == join_mode
+    assert messages.decode(EMPTY_HAN.encode()) == EMPTY_HAN
+
+
+def test_a_nested_record_with_a_type_code_is_an_unknown_key() -> None:
+    raw = cbor.loads(EMPTY_HAN.encode(), max_size=4096)
+    raw["limits"] = {**raw["limits"], "t": 1}
+    with pytest.raises(ProtocolError) as info:
+        messages.decode(cbor.dumps(raw))
+    assert info.value.reason is Reason.UNKNOWN_KEY

@@ -16,8 +16,9 @@ from typing import Any
 import cbor2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from simlink import Release, make_release
+from simlink import VERIFY_AT, Release, make_release
 
+from protocol.clock import UnixTime
 from protocol.errors import ProtocolError
 from protocol.wan.receiver import DiscardImage, Receiver, StoreBlock
 from protocol.wan.sack import Bitmap, check_sack, sack_indexes
@@ -26,6 +27,7 @@ from protocol.wire import cbor, messages
 from protocol.wire.devices import DeviceType, JoinMode
 from protocol.wire.limits import HASH_LEN, MAX_BLOCK_BYTES
 from protocol.wire.messages import (
+    ALT_HAN_BRIDGES,
     Block,
     Cancel,
     HanDevice,
@@ -51,6 +53,14 @@ u32 = st.integers(0, 0xFFFF_FFFF)
 u64 = st.integers(0, (1 << 64) - 1)
 text = st.text(max_size=40)
 eui64s = st.text(alphabet="0123456789ABCDEF", min_size=16, max_size=16)
+#: (device type, join mode) pairs a HanDevice may have (SPEC §3): never CH; bridges CAD/PPMID
+VALID_HAN_KINDS = [
+    (kind, mode)
+    for kind in DeviceType
+    if kind is not DeviceType.CH
+    for mode in JoinMode
+    if (mode is JoinMode.NATIVE) != (kind in ALT_HAN_BRIDGES)
+]
 
 limits = st.builds(Limits, st.integers(0, MAX_BLOCK_BYTES), u16, u32)
 valid_messages: st.SearchStrategy[Message] = st.one_of(
@@ -70,9 +80,11 @@ valid_messages: st.SearchStrategy[Message] = st.one_of(
         text,
         limits,
         st.lists(
-            # a HAN device id is an EUI-64, its type and join mode are SPEC §3's values
-            st.builds(
-                HanDevice, eui64s, st.sampled_from(DeviceType), st.sampled_from(JoinMode), u32, u16
+            # a HAN device id is an EUI-64, its type and join mode one of SPEC §3's valid pairs
+            st.sampled_from(VALID_HAN_KINDS).flatmap(
+                lambda kind: st.builds(
+                    HanDevice, eui64s, st.just(kind[0]), st.just(kind[1]), u32, u16
+                )
             ),
             max_size=3,
         ).map(tuple),
@@ -226,16 +238,20 @@ def test_receiver_never_raises_and_stores_only_verified_bytes(
     ours, theirs = small_release(0), small_release(1)
     by_bytes = {ours.signed: ours, theirs.signed: theirs}
 
-    def verify(signed: bytes) -> Any:
+    def verify(signed: bytes, at: UnixTime) -> Any:
         release = by_bytes.get(signed)
-        return (release or ours).verify(signed)
+        return (release or ours).verify(signed, at)
 
     rx = Receiver(Limits(max_block=32, window=3, buffer=96), verify, max_transfers=1)
     stored: dict[bytes, dict[int, bytes]] = {}  # the CH's flash
     now = 0.0
     for message, dt in traffic:
         now += dt
-        for action in rx.message_received(message, now) + rx.handle_timer(now):
+        if isinstance(message, Offer):
+            actions = rx.offer_received(message, VERIFY_AT, now)
+        else:
+            actions = rx.message_received(message, now)
+        for action in actions + rx.handle_timer(now):
             if isinstance(action, DiscardImage):
                 stored.pop(action.image, None)
             elif isinstance(action, StoreBlock):
