@@ -30,6 +30,7 @@ from otad.looplag import LoopLagStatus
 from otad.scheduler import SchedulerStatus
 
 if TYPE_CHECKING:
+    from otad.brokercheck import BrokerCheck
     from otad.catalogue import Catalogue
     from otad.distribution import Distribution
     from otad.looplag import LoopLag
@@ -69,6 +70,7 @@ class StatusFields(TypedDict):
     reports_received: int
     blocks_in_flight: int
     rejected: dict[str, int]
+    broker_warnings: list[str]
 
 
 class Status(StatusFields):
@@ -118,6 +120,8 @@ FIELD_DOCS: dict[str, str] = {
     "reports_received": "messages received on CHs' up topics since start",
     "blocks_in_flight": "blocks sent and not acknowledged, all CHs",
     "rejected": "input refused since start, by reason (every reason, zeros included)",
+    "broker_warnings": "the broker requirements (SPEC §1.1) otad's probe saw broken at its last"
+    " connection, one line each naming the requirement; empty when none (otad.brokercheck)",
     "reason": "why the will was published (connection lost)",
 }
 """What each top-level key of the status says (``docs/EVENTS.md`` and the schema)."""
@@ -138,6 +142,7 @@ class StatusSnapshot:
         loop_lag: LoopLag,
         events: EventPublisher,
         rejects: RejectLog,
+        broker_check: BrokerCheck,
         clock: Callable[[], float],
     ) -> None:
         """``clock`` is the distribution's monotonic clock (idle times, waits)."""
@@ -150,6 +155,7 @@ class StatusSnapshot:
         self._loop_lag = loop_lag
         self._events = events
         self._rejects = rejects
+        self._broker_check = broker_check
         self._clock = clock
 
     def __call__(self) -> StatusFields:
@@ -180,6 +186,7 @@ class StatusSnapshot:
             "reports_received": distribution.up_messages,
             "blocks_in_flight": scheduler.inflight,
             "rejected": dict(self._rejects.counts),
+            "broker_warnings": list(self._broker_check.warnings),
         }
 
 
