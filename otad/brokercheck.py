@@ -14,7 +14,9 @@ on ``ota/v1/otad/probe/<client_id>/...``:
   needs the burst to reach the broker in one read, as otad's blocks do: the probe therefore
   always uses gmqtt (:data:`PROBE_LIBRARY`), which writes a loop turn's packets in one go.
   aiomqtt (paho) writes each packet on its own, and through it the stall showed in only 1 burst
-  of 9, whichever library otad itself uses.
+  of 9, whichever library otad itself uses. The spread is robust to a busy event loop (otad
+  replaying a fleet's retained announcements at the same moment): without Nagle the burst comes
+  back in one segment and is handled in one read, so its arrivals are timestamped together.
 * **retained messages**: a retained probe is published, the probe filter is subscribed again, and
   the broker must replay the message flagged retained; the probe then clears it (empty retained).
 * **packet size** (``max_packet_size``): one QoS 0 probe exactly as large as otad's largest
