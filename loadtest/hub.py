@@ -3,8 +3,9 @@
 A :class:`VirtualHub` is what a real CH's firmware would run for the otad hop, built from the same
 sans-IO :class:`protocol.wan.receiver.Receiver` the specification describes. It
 
-* connects with its GUID as MQTT client id and a retained :class:`HubWentOffline` last will on
-  ``topics.state(guid)``, subscribes ``topics.down(guid)`` and publishes a retained
+* holds the MQTT session of SPEC §1.2: its GUID as client id and username, a clean session, a
+  retained :class:`HubWentOffline` last will on ``topics.state(guid)`` (and the same message
+  published by itself on a clean stop), subscribes ``topics.down(guid)`` and publishes a retained
   :class:`HubAnnounced` (firmware and hardware version, supplier, network segment, declared
   :class:`Limits`, HAN inventory) every time its connection comes up (and, with
   ``HubOptions.announce_on_poll``, on every ``Poll`` too: SPEC does not ask for it, but a CH may
@@ -52,7 +53,14 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.hubstate import HubStore, hash_file
-from mqttio.interface import MqttClient, MqttSettings, NotConnected, Will, create_client
+from mqttio.interface import (
+    MqttClient,
+    MqttSettings,
+    NotConnected,
+    Will,
+    create_client,
+    wait_acknowledged,
+)
 from otad.targeting import refusal
 from protocol.clock import Monotonic, UnixTime
 from protocol.errors import ProtocolError, Reason
@@ -93,6 +101,8 @@ log = logging.getLogger("loadtest.hub")
 #: Images up to this size are re-hashed on the event loop (about 0.12 ms for 256 KiB); larger
 #: ones in a worker thread, so thousands of hubs completing together never stall the loop.
 INLINE_HASH_BYTES = 256 * 1024
+OFFLINE_ACK_WAIT_S = 2.0
+"""On a clean stop, how long a hub waits for the PUBACK of its own ``HubWentOffline``."""
 
 #: Deliberate departures from SPEC a hub can be told to make (``HubOptions.faults``), so the
 #: conformance kit's own test can show it catches them. The normal path never looks at them.
@@ -287,6 +297,7 @@ class VirtualHub:
         self._state_topic = topics.state(self.guid)
         self._announcement = identity.announcement()
         self._announce_payload = self._announcement.encode()
+        self._offline_payload = HubWentOffline(guid=self.guid).encode()
         self._reconnects = 0
         self.running = False
         self.muted = False  # connected but ignoring everything: a hung CH
@@ -378,9 +389,10 @@ class VirtualHub:
             host=self._options.host,
             port=self._options.port,
             client_id=self.guid,
+            username=self.guid,  # what the broker's ACL pattern expands %u to (SPEC §1.2)
             will=Will(
                 topic=self._state_topic,
-                payload=HubWentOffline(guid=self.guid).encode(),
+                payload=self._offline_payload,
                 qos=HubWentOffline.QOS,
                 retain=True,
             ),
@@ -436,9 +448,10 @@ class VirtualHub:
     async def stop(self, *, crash: bool = False) -> None:
         """Stop this hub.
 
-        Clean (default): save the snapshot, send MQTT DISCONNECT (no last will). ``crash=True``:
-        simulate a power cut: no snapshot save, the connection is dropped without DISCONNECT so
-        the broker publishes the last will.
+        Clean (default): save the snapshot, publish :class:`HubWentOffline` (retained, QoS 1)
+        and wait up to :data:`OFFLINE_ACK_WAIT_S` for its PUBACK, then send MQTT DISCONNECT
+        (which discards the will: SPEC §1.2). ``crash=True``: simulate a power cut: no snapshot
+        save, the connection is dropped without DISCONNECT so the broker publishes the last will.
         """
         if not self.running:
             return
@@ -451,6 +464,12 @@ class VirtualHub:
         if client is not None:
             if crash:
                 _cut(client)
+            else:
+                with contextlib.suppress(NotConnected):
+                    client.publish(
+                        self._state_topic, self._offline_payload, HubWentOffline.QOS, True
+                    )
+                    await wait_acknowledged(client, OFFLINE_ACK_WAIT_S)
             with contextlib.suppress(Exception):
                 await client.disconnect()
 

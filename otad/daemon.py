@@ -35,7 +35,9 @@ control session (``<client_id>.ctl``) carries only operator requests and their r
 fleet scale the data session's socket holds hundreds of kilobytes of acknowledgements waiting
 to be read, and its send buffer a megabyte of blocks, so a control request or response sharing
 it waited behind them (0.5-1 s measured at 3,000 CHs). On its own connection a request is read
-within one event-loop turn.
+within one event-loop turn. After each connection of the data session a third, short-lived
+session (``<client_id>.probe``, :mod:`otad.brokercheck`) measures the broker against SPEC §1.1 in
+the background (< 1 s) and puts what it saw broken in the status (``broker_warnings``).
 
 The MQTT clients, the monotonic clock and timers, and the wall clock are injected (the real ones
 by default), so the daemon's shell is tested whole in memory on virtual time
@@ -54,6 +56,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mqttio import MqttClient, MqttSettings, Will, create_client, wait_acknowledged
+from otad.brokercheck import BrokerCheck
 from otad.catalogue import Catalogue
 from otad.commands import Commands
 from otad.config import Config
@@ -133,6 +136,7 @@ class Daemon:
         self.status: StatusPublisher
         self.distribution: Distribution
         self.control: Control
+        self.broker_check: BrokerCheck
 
     def request_stop(self) -> None:
         """Begin a clean shutdown (signal handler)."""
@@ -187,7 +191,9 @@ class Daemon:
         timers: TimerHost = self._timers or asyncio.get_running_loop()
         self.catalogue = Catalogue(self.store, trust, Path(c.store.state_dir) / "images")
         await self.catalogue.load()
-        self.client = self._mqtt_client(c.broker.library, await self._mqtt_settings())
+        settings = await self._mqtt_settings()
+        self.client = self._mqtt_client(c.broker.library, settings)
+        self.broker_check = BrokerCheck(settings, self._mqtt_client, on_result=self._status_poke)
         self.events = EventPublisher(
             self.store, self.client, topic_prefix=c.events.topic_prefix, clock=self._wall_clock
         )
@@ -227,6 +233,7 @@ class Daemon:
             events=self.events,
             rejects=self.rejects,
             refusals=self.refusals,
+            broker_check=self.broker_check,
             clock=timers.time,
         )
         self.status = StatusPublisher(
@@ -378,6 +385,10 @@ class Daemon:
         self.events.connection_changed(up)
         if up:
             self.status.poke()
+            self.broker_check.connection_up()
+
+    def _status_poke(self) -> None:
+        self.status.poke()
 
     def _hub_changed(self, hub: Hub, was_online: bool, announced: bool, changed: bool) -> None:
         self.distribution.hub_changed(hub, was_online, announced, changed)
@@ -391,6 +402,7 @@ class Daemon:
         committed, queued events go out, the retained status says offline."""
         log.info("stopping: flushing state")
         self.distribution.halt()
+        await self.broker_check.close()
         await self.control.close()
         await self.registry.flushed()
         await self.events.flush()  # commits the events the final-state writes wait for

@@ -110,6 +110,8 @@ def _type_schema(hint: Any) -> dict[str, Any]:
         (inner,) = (a for a in args if a is not type(None))
         schema = _type_schema(inner)
         return {**schema, "type": [schema["type"], "null"]}
+    if origin is list:
+        return {"type": "array", "items": _type_schema(args[0])}
     if origin is dict and args[0] is str:
         return {"type": "object", "additionalProperties": _type_schema(args[1])}
     if is_typeddict(hint):

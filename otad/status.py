@@ -31,6 +31,7 @@ from otad.refusals import RefusalCounts
 from otad.scheduler import SchedulerStatus
 
 if TYPE_CHECKING:
+    from otad.brokercheck import BrokerCheck
     from otad.catalogue import Catalogue
     from otad.distribution import Distribution
     from otad.looplag import LoopLag
@@ -72,6 +73,7 @@ class StatusFields(TypedDict):
     blocks_in_flight: int
     rejected: dict[str, int]
     refusals: RefusalCounts
+    broker_warnings: list[str]
 
 
 class Status(StatusFields):
@@ -123,6 +125,8 @@ FIELD_DOCS: dict[str, str] = {
     "rejected": "input refused since start, by reason (every reason, zeros included)",
     "refusals": "refused CH messages reported (hub.refused), told to the CH (Refused, 1.1), "
     "and suppressed by the rate limit, since start",
+    "broker_warnings": "the broker requirements (SPEC §1.1) otad's probe saw broken at its last"
+    " connection, one line each naming the requirement; empty when none (otad.brokercheck)",
     "reason": "why the will was published (connection lost)",
 }
 """What each top-level key of the status says (``docs/EVENTS.md`` and the schema)."""
@@ -144,6 +148,7 @@ class StatusSnapshot:
         events: EventPublisher,
         rejects: RejectLog,
         refusals: HubRefusals,
+        broker_check: BrokerCheck,
         clock: Callable[[], float],
     ) -> None:
         """``clock`` is the distribution's monotonic clock (idle times, waits)."""
@@ -157,6 +162,7 @@ class StatusSnapshot:
         self._events = events
         self._rejects = rejects
         self._refusals = refusals
+        self._broker_check = broker_check
         self._clock = clock
 
     def __call__(self) -> StatusFields:
@@ -188,6 +194,7 @@ class StatusSnapshot:
             "blocks_in_flight": scheduler.inflight,
             "rejected": dict(self._rejects.counts),
             "refusals": self._refusals.counts(),
+            "broker_warnings": list(self._broker_check.warnings),
         }
 
 

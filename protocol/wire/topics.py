@@ -56,6 +56,11 @@ OTAD_STATUS = f"{ROOT}/otad/status"
 EVENTS_WILDCARD = f"{ROOT}/events/#"
 
 
+def otad_probe(client: str) -> str:
+    """Root of the topics otad's broker check publishes to itself on (SPEC §1.1)."""
+    return f"{ROOT}/otad/probe/{check_level(client)}"
+
+
 def event(kind: str) -> str:
     """Topic of one kind of monitoring event, e.g. ``transfer.progress``."""
     return f"{ROOT}/events/{check_level(kind)}"

@@ -44,6 +44,7 @@ def validate(instance: Any, schema: dict[str, Any], root: dict[str, Any] = SCHEM
             "string": lambda v: isinstance(v, str),
             "boolean": lambda v: type(v) is bool,
             "object": lambda v: isinstance(v, dict),
+            "array": lambda v: isinstance(v, list),
             "null": lambda v: v is None,
         }
         if not any(names[k](instance) for k in ([kinds] if isinstance(kinds, str) else kinds)):
@@ -53,6 +54,9 @@ def validate(instance: Any, schema: dict[str, Any], root: dict[str, Any] = SCHEM
         problems.append(f"{instance!r} does not match {schema['pattern']}")
     if "minimum" in schema and instance < schema["minimum"]:
         problems.append(f"{instance} < {schema['minimum']}")
+    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(instance):
+            problems += [f"[{index}]: {p}" for p in validate(item, schema["items"], root)]
     if isinstance(instance, dict):
         properties = schema.get("properties", {})
         problems += [f"no {k!r}" for k in schema.get("required", []) if k not in instance]
@@ -92,6 +96,7 @@ async def test_a_status_and_a_last_will_fit_the_schema(tmp_path: Path) -> None:
     assert validate(will, SCHEMA["$defs"]["status.lost"]) == []
     assert set(will) == set(typing.get_type_hints(LostStatus))
     assert validate({**status, "state": "asleep"}, SCHEMA) != []
+    assert validate({**status, "broker_warnings": ["fine", 1]}, SCHEMA) != []
 
 
 def markdown_table_after(heading: str) -> dict[str, str]:
