@@ -71,15 +71,18 @@ from protocol.wire.messages import (
     Block,
     Cancel,
     HubAnnounced,
+    HubAnnouncedVersioned,
     HubWentOffline,
     ImageHeld,
     Limits,
     Message,
     Offer,
     Poll,
+    Refused,
     TransferAcked,
     TransferRejected,
     decode,
+    minor_version,
 )
 
 __all__ = [
@@ -98,7 +101,7 @@ __all__ = [
 
 #: Message types a CH may publish on its up topic (SPEC §2) and on its state topic.
 UPLINK_TYPES: tuple[type[Message], ...] = (TransferAcked, ImageHeld, TransferRejected)
-ANNOUNCEMENT_TYPES: tuple[type[Message], ...] = (HubAnnounced,)
+ANNOUNCEMENT_TYPES: tuple[type[Message], ...] = (HubAnnounced, HubAnnouncedVersioned)
 STATE_TYPES: tuple[type[Message], ...] = (*ANNOUNCEMENT_TYPES, HubWentOffline)
 
 #: Blocks of a test image at least (the SPEC §7.3 example names block 19), and at most.
@@ -1058,6 +1061,53 @@ async def check_held_re_reported(ctx: Context) -> None:
     )
     if not isinstance(answer, ImageHeld) or answer.sha256 != image.image:
         raise ClauseFailed("ImageHeld (with its digest) to a repeated Offer", describe(answer))
+
+
+@clause("minor-version", "§5", "the announcement declares the CH's minor version (1.0 or 1.1)")
+async def check_minor_version(ctx: Context) -> None:
+    """A HubAnnounced declares 1.0; a HubAnnouncedVersioned its ``minor`` (at least 1). The
+    clauses marked 1.1 below run only for a CH that declared it."""
+    announcement = ctx.announcement
+    if announcement is None:
+        raise ClauseSkipped("no usable announcement from the CH (see 'announcement')")
+    if isinstance(announcement, HubAnnouncedVersioned) and announcement.minor < 1:
+        raise ClauseFailed("minor >= 1 in a HubAnnouncedVersioned", f"minor {announcement.minor}")
+
+
+def _needs_1_1(ctx: Context) -> None:
+    if ctx.announcement is None or minor_version(ctx.announcement) < 1:
+        raise ClauseSkipped("the CH declared protocol 1.0 (a 1.1 clause)")
+
+
+@clause("held-block-reported", "§5", "1.1: a Block for a held image is answered with ImageHeld")
+async def check_held_block_reported(ctx: Context) -> None:
+    """A repeat of the ImageHeld that may have been lost, whatever otad sends next."""
+    _needs_1_1(ctx)
+    image = ctx.image()
+    await ctx.drive(image)
+    cursor = ctx.probe.cursor()
+    ctx.send(image.block(0))
+    answer = await ctx.expect(
+        lambda m: isinstance(m, ImageHeld) and m.image == image.image,
+        "ImageHeld in answer to a Block for the held image",
+        cursor=cursor,
+        image=image.image,
+    )
+    if not isinstance(answer, ImageHeld) or answer.sha256 != image.image:
+        raise ClauseFailed("ImageHeld with the image's digest", describe(answer))
+
+
+@clause("refused-understood", "§5.1", "1.1: a Refused is taken silently; the CH keeps working")
+async def check_refused_understood(ctx: Context) -> None:
+    """The CH answers nothing to a Refused (never a TransferRejected about it), and still
+    answers the next Offer."""
+    _needs_1_1(ctx)
+    cursor = ctx.probe.cursor()
+    ctx.send(Refused(of=HubAnnouncedVersioned.TYPE, reason=Reason.MALFORMED, detail="conformance"))
+    answer = await cursor.next(lambda r: r.topic == "up", ctx.immediate)
+    if answer is not None:
+        raise ClauseFailed("no answer to a Refused", describe(answer.message))
+    await ctx.open_transfer(ctx.image())
 
 
 @clause("resume-after-restart", "§7.8", "after a CH restart the SACK keeps every acked block")

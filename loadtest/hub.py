@@ -81,6 +81,7 @@ from protocol.wan.sack import covers
 from protocol.wire import topics
 from protocol.wire.devices import JoinMode
 from protocol.wire.messages import (
+    MINOR_VERSION,
     Block,
     Cancel,
     HanDevice,
@@ -91,8 +92,10 @@ from protocol.wire.messages import (
     Message,
     Offer,
     Poll,
+    Refused,
     TransferAcked,
     TransferRejected,
+    declaring_minor,
     decode,
 )
 
@@ -225,6 +228,7 @@ class HubStats:
     held: dict[str, str] = field(default_factory=dict)  # image hex -> SHA-256 it computed
     rejected: dict[str, int] = field(default_factory=dict)  # TransferRejected sent, by reason
     undecodable: dict[str, int] = field(default_factory=dict)  # messages refused by the decoder
+    refused: dict[str, int] = field(default_factory=dict)  # Refused received (1.1), by reason
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -258,6 +262,7 @@ class HubOptions:
     inline_hash_bytes: int = INLINE_HASH_BYTES
     announce_on_poll: bool = False
     faults: frozenset[str] = frozenset()  # of HUB_FAULTS: a deliberately broken CH (tests only)
+    protocol_minor: int = MINOR_VERSION  # 0: a CH of protocol 1.0 exactly as SPEC 1.0 said
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - HUB_FAULTS
@@ -295,7 +300,7 @@ class VirtualHub:
         self._up_topic = topics.up(self.guid)
         self._down_topic = topics.down(self.guid)
         self._state_topic = topics.state(self.guid)
-        self._announcement = identity.announcement()
+        self._announcement = declaring_minor(identity.announcement(), options.protocol_minor)
         self._announce_payload = self._announcement.encode()
         self._offline_payload = HubWentOffline(guid=self.guid).encode()
         self._reconnects = 0
@@ -512,6 +517,9 @@ class VirtualHub:
                 self._announce()
         elif type(message) is Cancel:
             structural = True
+        elif type(message) is Refused:
+            self._refused(message)
+            return
         now = Monotonic(self._loop.time())
         if type(message) is Offer:
             actions = self.receiver.offer_received(message, UnixTime(time.time()), now)
@@ -520,6 +528,20 @@ class VirtualHub:
         if "no_rereport" in self._options.faults and type(message) in (Poll, Offer):
             actions = [a for a in actions if not _reports_held(a)]
         self._apply(actions, structural)
+
+    def _refused(self, refused: Refused) -> None:
+        """otad refused something this CH sent (SPEC §5.1): count it; a 1.0 CH does not know
+        the message type at all, and drops it as any unknown type (SPEC §5)."""
+        if self._options.protocol_minor < 1:
+            _bump(self.stats.undecodable, Reason.UNKNOWN_TYPE.name)
+            return
+        try:
+            reason = Reason(refused.reason).name
+        except ValueError:
+            reason = str(refused.reason)
+        _bump(self.stats.refused, reason)
+        log.warning("%s: otad refused our message of type %d: %s: %s",
+                    self.guid, refused.of, reason, refused.detail)  # fmt: skip
 
     # ---------------------------------------------------------------- actions
 
@@ -854,6 +876,7 @@ def merge_stats(a: HubStats | None, b: HubStats) -> HubStats:
         held={**a.held, **b.held},
         rejected=_sum_counts(a.rejected, b.rejected),
         undecodable=_sum_counts(a.undecodable, b.undecodable),
+        refused=_sum_counts(a.refused, b.refused),
     )
 
 

@@ -47,7 +47,7 @@ from loadtest.hub import (
 )
 from otad.keyfiles import load_trust_dir
 from protocol.release.trust import TrustStore
-from protocol.wire.messages import Limits
+from protocol.wire.messages import MINOR_VERSION, Limits
 
 log = logging.getLogger("loadtest.runner")
 
@@ -129,6 +129,7 @@ class FleetConfig:
     ack_delay: float | None = None
     keepalive: int = 30
     announce_on_poll: bool = False
+    protocol_minor: int = MINOR_VERSION  # 0: CHs of protocol 1.0 (SPEC §5)
 
     @property
     def limits(self) -> Limits:
@@ -177,6 +178,7 @@ def _make_group(config: FleetConfig, indices: Iterable[int]) -> HubGroup:
         ack_every=config.ack_every,
         ack_delay=config.ack_delay,
         announce_on_poll=config.announce_on_poll,
+        protocol_minor=config.protocol_minor,
     )
     trust_dir = config.trust_dir or str(Path(config.state_dir) / "trust")
     return HubGroup(
@@ -427,6 +429,7 @@ class HubFleet:
         ack_every: int | None = None,
         ack_delay: float | None = None,
         announce_on_poll: bool = False,
+        protocol_minor: int = MINOR_VERSION,
         python: str | None = None,
     ) -> None:
         if count < 0 or procs < 0:
@@ -451,6 +454,7 @@ class HubFleet:
             ack_every=ack_every,
             ack_delay=ack_delay,
             announce_on_poll=announce_on_poll,
+            protocol_minor=protocol_minor,
         )
         self.procs = min(procs, count) if count else 0
         self.python = python or sys.executable

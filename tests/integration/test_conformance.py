@@ -24,6 +24,7 @@ from loadtest.hub import HubGroup, HubOptions
 from otad.ctl.imagetool import keys_new
 from otad.keyfiles import load_trust_dir, public_key_path
 from protocol.errors import Reason
+from protocol.wire.messages import MINOR_VERSION
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(60)]
 
@@ -51,12 +52,18 @@ def keys(tmp_path: Path) -> KitSetup:
 
 @asynccontextmanager
 async def virtual_ch(
-    broker: MosquittoBroker, keys: KitSetup, state_dir: Path, faults: frozenset[str] = frozenset()
+    broker: MosquittoBroker,
+    keys: KitSetup,
+    state_dir: Path,
+    faults: frozenset[str] = frozenset(),
+    protocol_minor: int = MINOR_VERSION,
 ) -> AsyncIterator[tuple[HubGroup, str, Restart]]:
     """One virtual CH (index 0) and a restart callable that cuts its power and starts it again
     from its state directory."""
     group = HubGroup(
-        options=HubOptions(host=broker.host, port=broker.port, faults=faults),
+        options=HubOptions(
+            host=broker.host, port=broker.port, faults=faults, protocol_minor=protocol_minor
+        ),
         trust=load_trust_dir(keys.hub_trust),
         state_dir=state_dir,
         indices=[0],
@@ -103,6 +110,20 @@ async def test_virtual_ch_passes_every_clause(
     assert stats.rejected.get("REPLAYED") == 1
     assert stats.restored
     assert len(stats.held) >= 4  # duplicates-reordered, full-transfer, held-re-reported, resume
+    assert stats.refused == {"MALFORMED": 1}  # refused-understood: the CH took the Refused
+
+
+async def test_a_ch_of_protocol_1_0_passes_every_clause_but_the_1_1_ones(
+    broker: MosquittoBroker, keys: KitSetup, tmp_path: Path
+) -> None:
+    async with virtual_ch(broker, keys, tmp_path / "state", protocol_minor=0) as (_, guid, rs):
+        report = await run_conformance(broker.address, guid, keys.kit_dir, restart=rs,
+                                       timeout=TIMEOUT)  # fmt: skip
+    only_1_1 = {"held-block-reported", "refused-understood"}
+    outcomes = {r.name: r.outcome for r in report.results}
+    assert {name for name, o in outcomes.items() if o is Outcome.SKIP} == only_1_1, _text(report)
+    assert all(o is Outcome.PASS for name, o in outcomes.items() if name not in only_1_1)
+    assert report.passed
 
 
 @pytest.mark.parametrize(
