@@ -58,7 +58,7 @@ async def test_a_ch_confined_by_the_acl_pattern_announces_and_says_offline_on_a_
         try:
             (guid,) = fleet.guids
             # the ACL let the CH publish on its subtree: its username is its GUID
-            await state.until(lambda: any(type(m) is HubAnnounced for m, _ in state.seen))
+            await state.until(lambda: any(isinstance(m, HubAnnounced) for m, _ in state.seen))
             await fleet.stop_hubs([guid])  # clean stop
             await state.until(lambda: (HubWentOffline(guid=guid), False) in state.seen)
             # it is retained: a reader subscribing now is sent the hub offline

@@ -15,7 +15,7 @@ from otad_harness import assert_clean_log, otactl, otactl_json, otad_config, ota
 
 from loadtest.broker import MosquittoBroker
 from loadtest.release import make_release
-from otad.events import TransferHeld
+from otad.events import TransferFailed, TransferHeld
 from protocol.wire.messages import Limits
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -79,19 +79,16 @@ async def test_a_hub_declaring_a_two_block_window_never_has_more_than_two_outsta
         monitor, otad, fleet = setup.monitor, setup.otad, setup.fleet
         assert otactl(broker, "image", "import", str(release.path)).returncode == 0
         result = otactl(broker, "distribute", release.sha256, "--all-matching", "--json")
-        # the CH that takes 256-byte blocks at most is refused, with the reason, and the
-        # exit status says something was refused
-        assert result.returncode == 2, result.stderr
+        # the CH that takes 256-byte blocks at most gets a transfer that fails at once with
+        # the reason (SPEC §7.4): it is in the fleet, only this image cannot reach it
+        assert result.returncode == 0, result.stderr
         dist = json.loads(result.stdout)
-        assert dist["refused"] == [
-            {
-                "guid": fleet.guids[1],
-                "error": "LIMITS_EXCEEDED",
-                "detail": f"block size 512 > max_block 256 of {fleet.guids[1]}",
-            }
-        ]
-        assert len(dist["started"]) == 5
+        assert dist["refused"] == []
+        assert len(dist["started"]) == 6
         await monitor.wait_for(lambda: len(monitor.of_kind(TransferHeld)) == 5)
+        (failed,) = monitor.of_kind(TransferFailed)
+        assert (failed.guid, failed.reason) == (fleet.guids[1], "LIMITS_EXCEEDED")
+        assert failed.detail == "block of 512 B > CH max_block"
         stats = await fleet.stats()
         await fleet.close()
         assert stats[fleet.guids[0]].held == {release.sha256: release.sha256}
