@@ -1100,11 +1100,15 @@ async def check_held_block_reported(ctx: Context) -> None:
 @clause("refused-understood", "§5.1", "1.1: a Refused is taken silently; the CH keeps working")
 async def check_refused_understood(ctx: Context) -> None:
     """The CH answers nothing to a Refused (never a TransferRejected about it), and still
-    answers the next Offer."""
+    answers the next Offer. Reports of images it holds or receives (late repeats of earlier
+    clauses' ImageHeld and SACKs) are not answers to the Refused and are not counted."""
     _needs_1_1(ctx)
     cursor = ctx.probe.cursor()
     ctx.send(Refused(of=HubAnnouncedVersioned.TYPE, reason=Reason.MALFORMED, detail="conformance"))
-    answer = await cursor.next(lambda r: r.topic == "up", ctx.immediate)
+    answer = await cursor.next(
+        lambda r: r.topic == "up" and not isinstance(r.message, (ImageHeld, TransferAcked)),
+        ctx.immediate,
+    )
     if answer is not None:
         raise ClauseFailed("no answer to a Refused", describe(answer.message))
     await ctx.open_transfer(ctx.image())
