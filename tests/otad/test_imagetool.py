@@ -110,7 +110,7 @@ def test_sign_raw_then_verify(
         image, TrustStore([load_public_key(public_key_path(keypair))]), now=after
     )
     assert ota.upgrade_image == FIRMWARE
-    assert (manifest.vendor, manifest.image_type) == (0x1234, 0x0001)  # raw-firmware defaults
+    assert (manifest.vendor, manifest.image_type) == (0xFFF1, 0x0001)  # raw-firmware defaults
     assert manifest.fw_version == 0x0105
     assert (manifest.hw_min, manifest.hw_max) == (2, 4)
     assert manifest.device_type is DeviceType.B2
