@@ -350,6 +350,12 @@ def default_problems(rows: list[Row], lookup: Callable[[str, str], Any]) -> list
                 got = Receiver(limits, _never_verified)._ack_every
                 problems += compare(f"{name} at window {window}", math.ceil(window / 2), got)
             continue
+        if isinstance(value, Enum):  # a unit or a mode: its value, ticked
+            problems += compare(f"{name} default", ticked(row[1])[:1], [value.value])
+            continue
+        if hex_match := re.match(r"`?0x([0-9A-Fa-f]+)`?", row[1]):  # a code point
+            problems += compare(f"{name} default", int(hex_match[1], 16), value)
+            continue
         expected = quantity(row[1])
         if expected is None:
             problems.append(f"{name}: no default readable in {row[1]!r}")
