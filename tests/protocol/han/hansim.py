@@ -301,7 +301,8 @@ def serve(config: ServerConfig, *releases: Release, source: Any = None) -> HanSe
 
 
 def activation(n: Node, r: Release, counter: int, **kwargs: Any) -> bytes:
-    return ActivationCommand(n.peer, r.manifest.sha256, counter, **kwargs).sign(OPS_KEY)
+    """A signed activation command naming ``r``'s activation digest (SPEC §8.7)."""
+    return ActivationCommand(n.peer, r.manifest.activation_digest, counter, **kwargs).sign(OPS_KEY)
 
 
 B1_ID, B2_ID, B3_ID, B4_ID = (f"00124B00000000B{i}" for i in range(1, 5))
