@@ -23,6 +23,7 @@ from protocol.device.device import (
     JoinMode,
     MemorySlotStore,
 )
+from protocol.errors import ProtocolError
 from protocol.han.client import (
     ClientConfig,
     ClientState,
@@ -176,10 +177,22 @@ class HanSim:
 
     def transmit(self, src: str, dst: str, data: bytes) -> None:
         lost = self._rng.random() < self.drop
-        self.log.append(Sent(self.now, src, dst, decode_frame(data), lost))
+        self.log.append(Sent(self.now, src, dst, self._decode(data), lost))
         if not lost:
             arrival = self.now + self.latency + len(data) * 8 / 250_000
             heapq.heappush(self._heap, (arrival, self._next(), src, dst, data))
+
+    def _decode(self, data: bytes) -> Any:
+        """Decode a frame for the log, under any extension code a peer here is configured with."""
+        codes = {self.server.config.extension_code} | {
+            n.client.config.extension_code for n in self.nodes
+        }
+        for code in sorted(codes):
+            try:
+                return decode_frame(data, extension_code=code)
+            except ProtocolError:
+                continue
+        return decode_frame(data)
 
     def at(self, when: float, hook: Callable[[HanSim], None]) -> None:
         heapq.heappush(self._hooks, (when, self._next(), hook))
