@@ -295,11 +295,19 @@ class HanClient:
             return out + self._fire_due(now)
         return self._fire_due(now)
 
-    def frame_received(self, data: bytes, now: UnixTime, *, unicast: bool = False) -> list[bytes]:
+    def frame_received(self, data: bytes, now: UnixTime) -> list[bytes]:
         """Handle one frame from the server; return the frames to send.
 
-        ``unicast``: the frame was addressed to this device alone (APS unicast), which matters
-        for ImageNotify: a unicast one is always answered, a broadcast one is filtered."""
+        An ImageNotify given here is filtered as a broadcast one is (SPEC §8.4); one the shell
+        knows was addressed to this device alone goes to :meth:`unicast_received`."""
+        return self._received(data, now, unicast=False)
+
+    def unicast_received(self, data: bytes, now: UnixTime) -> list[bytes]:
+        """Handle one frame APS-addressed to this device alone: as :meth:`frame_received`, but a
+        unicast ImageNotify is always answered with a query, whatever its fields (ZCL)."""
+        return self._received(data, now, unicast=True)
+
+    def _received(self, data: bytes, now: UnixTime, *, unicast: bool) -> list[bytes]:
         self._sync(now)
         try:
             frame = decode_frame(

@@ -258,12 +258,12 @@ def test_a_unicast_image_notify_is_always_answered() -> None:
     same = ImageNotify(9, 1, VENDOR, IMAGE_TYPE[DeviceType.B2], OLD_VERSION).encode()
     assert client.frame_received(same, UnixTime(T0 + 1)) == []
     # ... answered at once when unicast, whatever its fields and jitter
-    [query] = client.frame_received(same, UnixTime(T0 + 2), unicast=True)
+    [query] = client.unicast_received(same, UnixTime(T0 + 2))
     assert isinstance(decode_frame(query), QueryNextImageRequest)
     other = idle_after_a_refusal(B1_ID, DeviceType.B1)
     foreign = ImageNotify(10, 1, 0x0001, 0x0001, NEW_VERSION).encode()
     assert other.frame_received(foreign, UnixTime(T0 + 1)) == []
-    [query] = other.frame_received(foreign, UnixTime(T0 + 1), unicast=True)
+    [query] = other.unicast_received(foreign, UnixTime(T0 + 1))
     assert isinstance(decode_frame(query), QueryNextImageRequest)
 
 
