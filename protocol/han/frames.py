@@ -194,11 +194,6 @@ _BLOCK_ABORT_STATUSES = frozenset(
         ZclStatus.INVALID_FIELD,
     }
 )
-#: The failure statuses a server sends in a block response: the ones SiLabs' client treats as an
-#: abort (it retries on any other "unknown status"); ``HanServer`` sends only these.
-SERVER_BLOCK_ABORT_STATUSES = frozenset(
-    {ZclStatus.ABORT, ZclStatus.NO_IMAGE_AVAILABLE, ZclStatus.UNSUP_CLUSTER_COMMAND}
-)
 
 
 # --------------------------------------------------------------------------- time

@@ -7,10 +7,10 @@ per client (``peer``: the client's address, opaque here).
 
 SPEC §8.3 is the normative description: what each frame is answered with and in which order
 (admission of at most ``max_sessions`` K transferring sessions with a first-come first-served
-queue, pacing by the MinimumBlockPeriod, bounds, cut-through from an image still arriving over
-the WAN), the session states with every edge (:data:`TRANSITIONS` is that table) and the
-defaults (:class:`ServerConfig`). Back-pressure is always a WAIT_FOR_DATA response carrying
-(current time, request time, minimum block period).
+queue, pacing by the MinimumBlockPeriod in each client's unit, bounds, cut-through from an
+image still arriving over the WAN), the session states with every edge (:data:`TRANSITIONS`
+is that table) and the defaults (:class:`ServerConfig`). Back-pressure is always a
+WAIT_FOR_DATA response carrying (current time, request time, minimum block period).
 
 A session's bytes come from an :class:`ImageSource`; the server never writes anything. Activation
 is not the server's business: UpgradeEnd always answers upgrade time 0xFFFFFFFF (wait for the
