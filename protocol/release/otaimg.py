@@ -92,9 +92,14 @@ def build(
     hw_max: int | None = None,
     deterministic: bool = False,
     layout: OtaLayout = OtaLayout.SUB_ELEMENTS,
+    manifest_version: int | None = None,
 ) -> SignedImage:
-    """Sign a release of ``ota_file`` (a strict ZigBee OTA file of ``layout``) under a v2
-    manifest, which records the layout and the Manufacturer Image's activation digest.
+    """Sign a release of ``ota_file`` (a strict ZigBee OTA file of ``layout``).
+
+    ``manifest_version`` 1 is the manifest every CH understands (protocol 1.0: the activation
+    digest is the whole file's); 2 records the layout and the Manufacturer Image's activation
+    digest, and only a CH of protocol 1.1 reads it (SPEC §5, §6.2). The default is 1 for the
+    sub-element layout and 2 for a GBCS image, which a v1 manifest cannot describe.
 
     Vendor, image type and firmware version come from the OTA header. The hardware range comes
     from the header when it has one (``hw_min``/``hw_max``, if given, must then be equal) and
@@ -103,6 +108,9 @@ def build(
     ``ProtocolError`` if ``ota_file`` does not parse and ``ValueError`` for inconsistent or
     out-of-range arguments.
     """
+    version = manifest_version or (1 if layout is OtaLayout.SUB_ELEMENTS else 2)
+    if version not in (1, 2) or (version == 1 and layout is not OtaLayout.SUB_ELEMENTS):
+        raise ValueError(f"a v{version} manifest cannot describe a {layout.value} image")
     ota = OtaFile.parse(ota_file, layout)
     header = ota.header
     if (hw_min is None) != (hw_max is None):
@@ -131,7 +139,7 @@ def build(
             block_size=block_size,
             created=created,
             expires=expires,
-            layout=layout,
+            layout=None if version == 1 else layout,
         )
         payload = manifest.encode()
         Manifest.decode(payload)

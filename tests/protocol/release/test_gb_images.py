@@ -53,7 +53,7 @@ def gb_image(body_len: int = 301, seed: int = 7) -> bytes:
     return header.encode() + bytes(body)
 
 
-def sign(ota: bytes, layout: OtaLayout) -> otaimg.SignedImage:
+def sign(ota: bytes, layout: OtaLayout, manifest_version: int = 2) -> otaimg.SignedImage:
     return otaimg.build(
         ota,
         KEY,
@@ -63,6 +63,7 @@ def sign(ota: bytes, layout: OtaLayout) -> otaimg.SignedImage:
         created=NOW - 60,
         expires=NOW + 86_400,
         layout=layout,
+        manifest_version=manifest_version,
     )
 
 
@@ -144,6 +145,20 @@ def test_a_sub_element_file_keeps_working_and_says_which_bytes_activation_hashes
     # all sub-elements as framed (tag, length, data), not just tag 0's data
     assert manifest.activation_digest == hashlib.sha256(body).digest()
     assert manifest.activation_digest != hashlib.sha256(elements[0].data).digest()
+
+
+def test_a_sub_element_file_is_signed_under_a_v1_manifest_unless_asked() -> None:
+    data = wrap(b"firmware" * 20, manufacturer_code=0xFFF1, image_type=1, file_version=2,
+                hw_min=1, hw_max=1)  # fmt: skip
+    signed = otaimg.build(data, KEY, device_type=DeviceType.ESME, sequence=3, block_size=64,
+                          created=NOW - 60, expires=NOW + 86_400)  # fmt: skip
+    manifest, _ota = otaimg.verify(signed, TRUST, now=UnixTime(NOW))
+    assert not isinstance(manifest, ManifestV2)  # every CH of protocol 1.0 reads it
+    assert manifest.activation_digest == hashlib.sha256(data).digest()  # v1: the whole file
+    with pytest.raises(ValueError, match="v1 manifest cannot describe a gbcs image"):
+        otaimg.build(gb_image(), KEY, device_type=DeviceType.ESME, sequence=3, block_size=64,
+                     created=NOW - 60, expires=NOW + 86_400, layout=OtaLayout.GBCS,
+                     manifest_version=1)  # fmt: skip
 
 
 def _resigned(signed: otaimg.SignedImage, **changes: object) -> otaimg.SignedImage:
