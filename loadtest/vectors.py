@@ -823,7 +823,7 @@ def manifest_vectors(image: otaimg.SignedImage) -> dict[str, Any]:
     hostile = b"\xff\xff\xff"  # not CBOR at all, under a signature that does not verify
     bad_sig_hostile = bytearray(cose.sign1(hostile, key, deterministic=True))
     bad_sig_hostile[-1] ^= 0x01
-    v2 = cbor.dumps({**wire, "v": 2})
+    v3 = cbor.dumps({**wire, "v": 3})  # v 2 exists (SPEC §6.2): the next one does not
     swapped_hw = cbor.dumps({**wire, "hw_min": HW_MAX, "hw_max": HW_MIN})
     cases: list[dict[str, Any]] = []
 
@@ -939,9 +939,9 @@ def manifest_vectors(image: otaimg.SignedImage) -> dict[str, Any]:
     )
     case(
         "unsupported-manifest-version",
-        cose.sign1(v2, key, deterministic=True),
+        cose.sign1(v3, key, deterministic=True),
         Reason.UNSUPPORTED_VERSION,
-        "a validly signed manifest with v = 2 (#7)",
+        "a validly signed manifest with v = 3 (#7)",
     )
     case(
         "inconsistent-manifest",

@@ -42,6 +42,7 @@ from otad.ctl.format import (
 from otad.files import FileError, read_bounded
 from protocol.release.manifest import DeviceType
 from protocol.release.otaimg import MAX_OTAIMG_BYTES
+from protocol.release.zigbee_ota import OtaLayout
 
 DEFAULT_BROKER = "127.0.0.1:1883"
 EXIT_OK = 0
@@ -129,12 +130,20 @@ def _add_image(groups: _Subparsers) -> None:
     sign.add_argument(
         "--manufacturer",
         type=_int,
-        help=f"ZigBee manufacturer code (raw default {imagetool.DEFAULT_MANUFACTURER:#06x})",
+        help="ZigBee manufacturer code, the device maker's (raw default "
+        f"{imagetool.DEFAULT_MANUFACTURER:#06x}, the CSA test vendor code: test images only)",
     )
     sign.add_argument(
         "--image-type",
         type=_int,
         help=f"ZigBee OTA image type (raw default {imagetool.DEFAULT_IMAGE_TYPE:#06x})",
+    )
+    sign.add_argument(
+        "--layout",
+        choices=[layout.value for layout in OtaLayout],
+        default=OtaLayout.SUB_ELEMENTS.value,
+        help="what follows the OTA header: ZigBee sub-elements (default) or gbcs, the "
+        "Manufacturer Image unframed (GBCS Upgrade Images); recorded in the manifest",
     )
     sign.set_defaults(command="image sign")
 
@@ -166,6 +175,7 @@ def _image_sign(args: argparse.Namespace) -> int:
             expires_days=args.expires_days,
             manufacturer=args.manufacturer,
             image_type=args.image_type,
+            layout=OtaLayout(args.layout),
         )
     )
 

@@ -20,10 +20,13 @@ from protocol.release.cose import parse_sign1
 from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.otaimg import MAX_OTAIMG_BYTES, SignedImage, build, verify
 from protocol.release.trust import MAX_SIGNED_MANIFEST_BYTES, TrustStore
-from protocol.release.zigbee_ota import MAGIC, OtaFile, wrap
+from protocol.release.zigbee_ota import MAGIC, OtaFile, OtaLayout, wrap
 from protocol.wire.limits import MAX_IMAGE_BYTES
 
-DEFAULT_MANUFACTURER = 0x1234
+#: Raw firmware wrapped without ``--manufacturer`` gets the CSA's Test Vendor 1 code (0xFFF1 of
+#: the 0xFFF1-0xFFF4 test range, the shared ZigBee/Matter registry): no company's code (0x1234,
+#: the old default, is DSR Corporation's), and no real device takes it. 0xFFFF is the wildcard.
+DEFAULT_MANUFACTURER = 0xFFF1
 DEFAULT_IMAGE_TYPE = 0x0001
 DEFAULT_BLOCK_SIZE = 1024
 DEFAULT_EXPIRES_DAYS = 365
@@ -61,14 +64,18 @@ def sign_image(
     expires_days: int = DEFAULT_EXPIRES_DAYS,
     manufacturer: int | None = None,
     image_type: int | None = None,
+    layout: OtaLayout = OtaLayout.SUB_ELEMENTS,
 ) -> str:
     """Sign ``source`` into an ``.otaimg`` at ``out``.
 
-    ``source`` starting with the OTA file identifier is taken as a ZigBee OTA file: its header
-    supplies manufacturer, image type, version and (if present) hardware range, and any of those
-    also given as arguments must agree. Anything else is raw firmware, wrapped into an OTA file
-    from the arguments (``version``, ``hw_min`` and ``hw_max`` required). ``sequence`` defaults
-    to ``now``. The result is verified with the signing key before it is written.
+    ``source`` starting with the OTA file identifier is taken as a ZigBee OTA file of ``layout``
+    (sub-elements, or GBCS: the Manufacturer Image unframed after the header; never guessed): its
+    header supplies manufacturer, image type, version and (if present) hardware range, and any of
+    those also given as arguments must agree. Anything else is raw firmware, wrapped into an OTA
+    file of ``layout`` from the arguments (``version``, ``hw_min`` and ``hw_max`` required;
+    manufacturer default :data:`DEFAULT_MANUFACTURER`). ``sequence`` defaults to ``now``. The
+    layout is recorded in the (v2) manifest. The result is verified with the signing key before
+    it is written.
     """
     private_key = _load_key(key)
     data = _read(Path(source), MAX_IMAGE_BYTES)
@@ -79,9 +86,14 @@ def sign_image(
     if data[:4] == _OTA_MAGIC:
         ota_bytes = data
         try:
-            header = OtaFile.parse(data).header
+            header = OtaFile.parse(data, layout).header
         except ProtocolError as exc:
-            raise ToolError(f"{source}: not a valid ZigBee OTA file: {exc}") from None
+            hint = (
+                " (a GBCS image, its Manufacturer Image not in sub-elements? --layout gbcs)"
+                if layout is OtaLayout.SUB_ELEMENTS
+                else ""
+            )
+            raise ToolError(f"{source}: not a valid ZigBee OTA file: {exc}{hint}") from None
         for flag, given, actual in (
             ("--version", version, header.file_version),
             ("--manufacturer", manufacturer, header.manufacturer_code),
@@ -104,6 +116,7 @@ def sign_image(
                 file_version=version,
                 hw_min=hw_min,
                 hw_max=hw_max,
+                layout=layout,
             )
         except (ValueError, OverflowError) as exc:
             raise ToolError(f"cannot wrap {source}: {exc}") from None
@@ -118,6 +131,7 @@ def sign_image(
             expires=now + expires_days * _DAY,
             hw_min=hw_min,
             hw_max=hw_max,
+            layout=layout,
         )
         manifest, ota = verify(signed, TrustStore([private_key.public_key()]), now=UnixTime(now))
     except (ValueError, ProtocolError) as exc:
@@ -157,7 +171,9 @@ def summary(label: str, manifest: Manifest, ota: OtaFile, image: SignedImage) ->
         f"image-type {manifest.image_type:#06x} version {manifest.fw_version:#010x} "
         f"hw {manifest.hw_min:#06x}-{manifest.hw_max:#06x} sequence {manifest.sequence} "
         f"size {manifest.size} blocks {manifest.block_count}x{manifest.block_size} "
-        f"sha256 {manifest.sha256.hex()[:16]} kid {kid.hex()} "
+        f"layout {manifest.body_layout.value} "
+        f"sha256 {manifest.sha256.hex()[:16]} activation {manifest.activation_digest.hex()[:16]} "
+        f"kid {kid.hex()} "
         f"expires {expires.strftime('%Y-%m-%dT%H:%M:%SZ')}"
         + (f" '{ota.header.text}'" if ota.header.text else "")
     )

@@ -26,8 +26,10 @@ What is checked, and when:
   verifies, it names this device (``WRONG_DEVICE``) and its counter is strictly greater than the
   last accepted one (``REPLAYED``); the counter is then consumed. At execution time (now, or at
   ``execute_at``) the pending image is **re-hashed from storage**, never from a cached digest
-  (time of check is time of use): no image -> ``NO_IMAGE_HELD``; command hash differs from the
-  held image or the stored bytes no longer hash to it -> ``HASH_MISMATCH``; otherwise the slots
+  (time of check is time of use), over what the manifest's activation digest covers (v2: the
+  Manufacturer Image, every byte after the OTA header, as GBCS says; v1: the whole file): no
+  image -> ``NO_IMAGE_HELD``; command hash differs from the held image's activation digest or
+  the stored bytes no longer hash to it -> ``HASH_MISMATCH``; otherwise the slots
   swap, the injected self-test runs, and a failure swaps back (``ACTIVATION_FAILED``, reason
   ``SELF_TEST_FAILED``).
 * Success yields the confirmation evidence the join mode allows: a device-signed
@@ -57,13 +59,15 @@ from protocol.device.activation import (
     VersionReport,
 )
 from protocol.errors import ProtocolError, Reason
-from protocol.release.manifest import DeviceType, Manifest
+from protocol.release.manifest import DeviceType, Manifest, ManifestV2
 from protocol.release.trust import Target, TrustStore, verify_manifest
+from protocol.release.zigbee_ota import BASE_HEADER_LEN, OtaHeader
 from protocol.transitions import checked
 from protocol.wire.devices import JoinMode as JoinMode  # re-exported: callers import it here
 from protocol.wire.limits import HASH_LEN, check_eui64
 
 REHASH_CHUNK = 4096  # bytes read from storage at a time when re-hashing
+_MAX_OTA_HEADER_LEN = BASE_HEADER_LEN + 1 + 8 + 4  # every optional header field present
 
 
 class SlotState(Enum):
@@ -416,10 +420,10 @@ class Device:
         manifest = self.pending_manifest
         if self.slot_state is not SlotState.HELD or manifest is None:
             return [self._response(command, Outcome.NO_IMAGE_HELD, Reason.NO_IMAGE_HELD)]
-        if command.image_sha256 != manifest.sha256:
+        if command.image_sha256 != manifest.activation_digest:
             # the command names another image: keep ours, refuse to switch
             return [self._response(command, Outcome.HASH_MISMATCH, Reason.HASH_MISMATCH)]
-        if self._rehash(manifest.size) != command.image_sha256:
+        if self._activation_rehash(manifest) != command.image_sha256:
             # the stored bytes changed since they were verified: the image is unusable
             self._discard()
             return [self._response(command, Outcome.HASH_MISMATCH, Reason.HASH_MISMATCH)]
@@ -455,9 +459,20 @@ class Device:
             self.identity.device_id, self.running.fw_version, self.boot_count, command.counter
         )
 
-    def _rehash(self, size: int) -> bytes:
+    def _activation_rehash(self, manifest: Manifest) -> bytes:
+        """The stored pending image's activation digest, re-read now: v1 the whole file, v2 the
+        bytes after the OTA header (whose length is read from the stored header too)."""
+        if not isinstance(manifest, ManifestV2):
+            return self._rehash(manifest.size)
+        try:
+            header = OtaHeader.parse(self.store.read_pending(0, _MAX_OTA_HEADER_LEN))
+        except ProtocolError:
+            return bytes(HASH_LEN)  # the stored header no longer parses: cannot match
+        return self._rehash(manifest.size, header.header_length)
+
+    def _rehash(self, size: int, start: int = 0) -> bytes:
         digest = hashlib.sha256()
-        offset = 0
+        offset = start
         while offset < size:
             chunk = self.store.read_pending(offset, min(REHASH_CHUNK, size - offset))
             if not chunk:

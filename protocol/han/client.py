@@ -25,6 +25,8 @@ from protocol.clock import UnixTime, later
 from protocol.device.device import Device
 from protocol.errors import ProtocolError, Reason
 from protocol.han.frames import (
+    EXTENSION_MANUFACTURER_CODE,
+    BlockPeriodUnit,
     DefaultResponse,
     ImageBlockAbort,
     ImageBlockRequest,
@@ -38,6 +40,7 @@ from protocol.han.frames import (
     QueryNextImageRefused,
     QueryNextImageRequest,
     QueryNextImageResponse,
+    Tolerated,
     UpgradeEndRequest,
     UpgradeEndResponse,
     ZclStatus,
@@ -62,6 +65,13 @@ class ClientConfig:
     upgrade_end_requery: float = 3600.0
     max_manifest_bytes: int = 64 * 1024
     max_wait: float = 3600.0  # cap on one WAIT_FOR_DATA delay
+    #: the unit this client's stack reads MinimumBlockPeriod in (SE 1.2b: seconds)
+    block_period_unit: BlockPeriodUnit = BlockPeriodUnit.MILLISECONDS
+    #: the manufacturer code of the ManifestBlock extension's header (SPEC §8.2)
+    extension_code: int = EXTENSION_MANUFACTURER_CODE
+    #: unanswered first ManifestBlockRequests of an offer after which the server is taken not
+    #: to speak the extension (an UNSUP_* answer is final at once)
+    extension_probe_attempts: int = 3
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_data_size <= MAX_U8:
@@ -70,6 +80,10 @@ class ClientConfig:
             raise ValueError("timers must be positive")
         if self.max_errors < 1:
             raise ValueError("max_errors must be at least 1")
+        if self.extension_probe_attempts < 1:
+            raise ValueError("extension_probe_attempts must be at least 1")
+        if not 0 <= self.extension_code < MAX_U16:
+            raise ValueError("extension_code must be a manufacturer code (not 0xffff)")
 
 
 class ClientState(Enum):
@@ -157,7 +171,7 @@ ClientEvent = (
 class ClientStats:
     """Counters a simulator or a test reads (mutable, owned by the client)."""
 
-    __slots__ = ("block_hash_errors", "requests", "stale", "timeouts", "waits")
+    __slots__ = ("block_hash_errors", "requests", "stale", "timeouts", "tolerated", "waits")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -165,6 +179,8 @@ class ClientStats:
         self.waits = 0
         self.stale = 0
         self.block_hash_errors = 0
+        #: frames accepted with trailing bytes or reserved bits (ZCL forward compatibility)
+        self.tolerated = Tolerated()
 
 
 class JitterSource(Protocol):
@@ -190,6 +206,15 @@ class _XorShift:
         x ^= (x << 17) & 0xFFFF_FFFF_FFFF_FFFF
         self._state = x
         return a + x % (b - a + 1)
+
+
+_UNSUPPORTED = frozenset(
+    {
+        ZclStatus.UNSUP_CLUSTER_COMMAND,  # ZCL8's UNSUP_COMMAND
+        ZclStatus.UNSUP_GENERAL_COMMAND,
+        ZclStatus.UNSUP_MANUF_CLUSTER_COMMAND,
+    }
+)
 
 
 class _Timer(Enum):
@@ -223,6 +248,7 @@ class HanClient:
         self._requested_size = 0
         self._errors = 0
         self._period_ms = 0
+        self._manifest_probes = 0  # unanswered first manifest requests of this offer
         self._last_block_request_at: UnixTime | None = None
         self._offer: QueryNextImageResponse | None = None
         self._manifest = bytearray()
@@ -270,14 +296,27 @@ class HanClient:
         return self._fire_due(now)
 
     def frame_received(self, data: bytes, now: UnixTime) -> list[bytes]:
-        """Handle one frame from the server; return the frames to send."""
+        """Handle one frame from the server; return the frames to send.
+
+        An ImageNotify given here is filtered as a broadcast one is (SPEC §8.4); one the shell
+        knows was addressed to this device alone goes to :meth:`unicast_received`."""
+        return self._received(data, now, unicast=False)
+
+    def unicast_received(self, data: bytes, now: UnixTime) -> list[bytes]:
+        """Handle one frame APS-addressed to this device alone: as :meth:`frame_received`, but a
+        unicast ImageNotify is always answered with a query, whatever its fields (ZCL)."""
+        return self._received(data, now, unicast=True)
+
+    def _received(self, data: bytes, now: UnixTime, *, unicast: bool) -> list[bytes]:
         self._sync(now)
         try:
-            frame = decode_frame(data)
+            frame = decode_frame(
+                data, extension_code=self.config.extension_code, tolerated=self.stats.tolerated
+            )
         except ProtocolError:
             return []  # noise or a frame we do not speak: the timeout covers a lost answer
         if isinstance(frame, ImageNotify):
-            return self._notified(frame, now)
+            return self._notified(frame, now, unicast=unicast)
         if isinstance(frame, UpgradeEndResponse):
             return self._upgrade_end_answered(frame, now)
         if frame.seq != self._outstanding or self._timer is not _Timer.TIMEOUT:
@@ -292,13 +331,32 @@ class HanClient:
             out = self._block_answered(frame, now)
         elif isinstance(frame, DefaultResponse) and frame.status is not ZclStatus.SUCCESS:
             self._clear_outstanding()
-            out = self._error(now, Reason.MALFORMED)
+            out = self._refused(frame, now)
         else:
             self.stats.stale += 1
             return []
         return out + self._fire_due(now)
 
     # ------------------------------------------------------------------ helpers
+
+    def _refused(self, frame: DefaultResponse, now: UnixTime) -> list[bytes]:
+        """A Default Response with an error status answered the outstanding request.
+
+        Final where the status says the server cannot do it: an UNSUP_* answer to the query or
+        to a block request (the manifest extension or the image), NO_IMAGE_AVAILABLE to a block
+        request (how SiLabs' server refuses one). Anything else is an error, retried."""
+        unsupported = frame.status in _UNSUPPORTED
+        if self.state is ClientState.QUERYING and unsupported:
+            self._answered()
+            self._go_idle(now)
+            return []
+        if self.state is ClientState.FETCHING_MANIFEST and unsupported:
+            return self._abort(now, Reason.UNKNOWN_TYPE, ZclStatus.ABORT)
+        if self.state is ClientState.DOWNLOADING and (
+            unsupported or frame.status is ZclStatus.NO_IMAGE_AVAILABLE
+        ):
+            return self._abort(now, Reason.CANCELLED, None)
+        return self._error(now, Reason.MALFORMED)
 
     def _sync(self, now: UnixTime) -> None:
         """Leave WAITING_ACTIVATION once the device has activated or dropped the image."""
@@ -375,7 +433,8 @@ class HanClient:
                     offer.file_version,
                     self._requested_offset,
                     self._requested_size,
-                    min(self._period_ms, MAX_U16),
+                    self.config.block_period_unit.to_wire(self._period_ms),
+                    self.config.extension_code,
                 )
             elif self.state is ClientState.DOWNLOADING:
                 self._requested_offset = self.device.next_offset
@@ -389,7 +448,7 @@ class HanClient:
                     self._requested_offset,
                     self._requested_size,
                     self._node_address,
-                    min(self._period_ms, MAX_U16),
+                    self.config.block_period_unit.to_wire(self._period_ms),
                 )
             else:  # ENDING, WAITING_ACTIVATION
                 frame = UpgradeEndRequest(
@@ -405,8 +464,17 @@ class HanClient:
         return frame.encode()
 
     def _error(self, now: UnixTime, reason: Reason) -> list[bytes]:
-        """One more consecutive error: retry after backoff, or give up after ``max_errors``."""
+        """One more consecutive error: retry after backoff, or give up after ``max_errors``
+        (``extension_probe_attempts`` while no manifest byte of the offer has come)."""
         self._errors += 1
+        if (
+            self.state is ClientState.FETCHING_MANIFEST
+            and self._manifest_size is None
+            and reason is Reason.TIMED_OUT
+        ):
+            self._manifest_probes += 1
+            if self._manifest_probes >= self.config.extension_probe_attempts:
+                return self._abort(now, Reason.UNKNOWN_TYPE, ZclStatus.ABORT)
         if self._errors >= self.config.max_errors:
             if self.state is ClientState.QUERYING:
                 self._go_idle(now)
@@ -455,15 +523,18 @@ class HanClient:
     def _waited(self, frame: ImageBlockWait | ManifestBlockWait, now: UnixTime) -> None:
         self._answered()
         self.stats.waits += 1
-        self._period_ms = frame.minimum_block_period
+        self._period_ms = self.config.block_period_unit.from_wire(frame.minimum_block_period)
         delay = unix_time(frame.request_time) - unix_time(frame.current_time)
         self._arm_send(later(now, min(max(delay, 0.0), self.config.max_wait)))
 
     # ------------------------------------------------------------------ handlers
 
-    def _notified(self, frame: ImageNotify, now: UnixTime) -> list[bytes]:
+    def _notified(self, frame: ImageNotify, now: UnixTime, *, unicast: bool) -> list[bytes]:
         if self.state is not ClientState.IDLE:
             return []
+        if unicast:  # ZCL: a unicast notify is answered whatever its fields (a reinstall...)
+            self._arm(_Timer.SEND, now)
+            return self._fire_due(now)
         ident = self.device.identity
         if frame.manufacturer_code is not None and frame.manufacturer_code != ident.vendor:
             return []
@@ -501,6 +572,7 @@ class HanClient:
         self._enter(ClientState.FETCHING_MANIFEST)
         self._manifest = bytearray()
         self._manifest_size = None
+        self._manifest_probes = 0
         self._arm_send(now)
         return []
 

@@ -31,39 +31,47 @@ Standard cluster commands (ZCL, OTA Upgrade cluster):
                                           bit1: minimum block period present), u16 mfr,
                                           u16 image type, u32 version, u32 file offset,
                                           u8 max data size, [u64 IEEE address],
-                                          [u16 minimum block period, ms]
+                                          [u16 minimum block period]
 0x05  s->c    ImageBlockResponse          u8 status SUCCESS, u16 mfr, u16 image type,
                                           u32 version, u32 file offset, u8 data size, data
               ImageBlockWait              u8 status WAIT_FOR_DATA, u32 current time,
-                                          u32 request time, u16 minimum block period (ms)
+                                          u32 request time, u16 minimum block period
               ImageBlockAbort             u8 status (ABORT, NO_IMAGE_AVAILABLE, ...)
 0x06  c->s    UpgradeEndRequest           u8 status, u16 mfr, u16 image type, u32 version
 0x07  s->c    UpgradeEndResponse          u16 mfr, u16 image type, u32 version,
                                           u32 current time, u32 upgrade time
 ====  ======  ==========================  ================================================
 
-Manufacturer-specific extension (bit 2 set; the header's manufacturer code is the image's
-manufacturer code), carrying the COSE_Sign1 manifest to the device before any image byte, by
-the same client-pulled offset/length mechanics as image blocks (SPEC §8.2):
+Manufacturer-specific extension (bit 2 set; the header's manufacturer code is the extension's
+owner, :data:`EXTENSION_MANUFACTURER_CODE` unless configured, never the image's vendor), carrying
+the COSE_Sign1 manifest to the device before any image byte, by the same client-pulled
+offset/length mechanics as image blocks (SPEC §8.2):
 
 ====  ======  ==========================  ================================================
-0x00  c->s    ManifestBlockRequest        u16 image type, u32 version, u32 offset,
-                                          u8 max data size, u16 minimum block period (ms)
-0x01  s->c    ManifestBlockResponse       u8 status SUCCESS, u16 image type, u32 version,
-                                          u32 manifest size, u32 offset, u8 data size, data
+0x00  c->s    ManifestBlockRequest        u16 image mfr, u16 image type, u32 version,
+                                          u32 offset, u8 max data size,
+                                          u16 minimum block period
+0x01  s->c    ManifestBlockResponse       u8 status SUCCESS, u16 image mfr, u16 image type,
+                                          u32 version, u32 manifest size, u32 offset,
+                                          u8 data size, data
               ManifestBlockWait           u8 status WAIT_FOR_DATA, u32 current time,
-                                          u32 request time, u16 minimum block period (ms)
+                                          u32 request time, u16 minimum block period
               ManifestBlockAbort          u8 status (ABORT, NO_IMAGE_AVAILABLE, ...)
 ====  ======  ==========================  ================================================
 
 and the global Default Response (frame type 00, command 0x0B: u8 command id, u8 status), which
 a stack sends for a frame it could not act on (MALFORMED_COMMAND, UNSUP_CLUSTER_COMMAND...).
 
-Times (current/request/upgrade time) are u32 seconds on the sender's clock; a receiver uses only
-their differences, as ZCL prescribes for devices without a synchronised clock.
+Times (current/request/upgrade time) are ZigBee UTCTime (:func:`zigbee_time`); a receiver uses
+only their differences, as ZCL prescribes for devices without a synchronised clock. The
+MinimumBlockPeriod's unit (milliseconds, or seconds as SE 1.2b) is a property of each client
+(:class:`BlockPeriodUnit`), not of the frame.
 
-:func:`decode_frame` is strict: exact length for the command (no trailing bytes), known status
-values, reserved bits clear, at most :data:`MAX_FRAME_BYTES`. It raises
+:func:`decode_frame` follows ZCL's forward compatibility for the standard commands: bytes after a
+command's last field and reserved bits of the frame control and field controls are ignored (and
+counted in a :class:`Tolerated`). Everything else is strict: known status values, frame type
+0 or 1, a known command of a known manufacturer code, at most :data:`MAX_FRAME_BYTES`; and the
+manifest extension, which carries signed data, takes no trailing byte. It raises
 :class:`~protocol.errors.ProtocolError` and nothing else.
 """
 
@@ -71,7 +79,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import ClassVar
 
 from protocol.clock import UnixTime
@@ -86,6 +94,10 @@ MAX_QUERY_JITTER = 100
 UPGRADE_TIME_WAIT = 0xFFFF_FFFF  # "wait for the server's activation command"
 #: The ZigBee epoch, 2000-01-01 00:00:00 UTC, in Unix seconds: ZCL UTCTime counts from it.
 ZIGBEE_EPOCH = 946_684_800
+#: Default manufacturer code of the ManifestBlock extension's header: the CSA test vendor code
+#: 0xFFF1 (no company's, so no vendor's own OTA-cluster commands can collide with ours); a
+#: deployment configures its own CSA-assigned code on its CHs and devices (SPEC §8.2).
+EXTENSION_MANUFACTURER_CODE = 0xFFF1
 
 FC_FRAME_TYPE_MASK = 0x03
 FC_GLOBAL = 0x00
@@ -96,6 +108,39 @@ FC_DISABLE_DEFAULT_RESPONSE = 0x10
 FC_RESERVED = 0xE0
 
 CMD_DEFAULT_RESPONSE = 0x0B  # global command
+
+
+class BlockPeriodUnit(Enum):
+    """The unit a client reads MinimumBlockPeriod in: ZCL 095264r23 §6.7.10 says milliseconds,
+    SE 1.2b (15-0324-02) §11.10.10 says seconds; SiLabs' client makes it a build option."""
+
+    MILLISECONDS = "ms"
+    SECONDS = "s"
+
+    @property
+    def ms(self) -> int:
+        """Milliseconds in one unit."""
+        return 1 if self is BlockPeriodUnit.MILLISECONDS else 1000
+
+    def to_wire(self, period_ms: int) -> int:
+        """``period_ms`` in this unit, rounded up (never shorter), capped to a u16."""
+        return min(-(-period_ms // self.ms), MAX_U16)
+
+    def from_wire(self, value: int) -> int:
+        """A MinimumBlockPeriod ``value`` in this unit, in milliseconds."""
+        return value * self.ms
+
+
+class Tolerated:
+    """What :func:`decode_frame` accepted and ignored under ZCL's forward-compatibility rules:
+    how many frames had bytes after their last field, and how many had reserved bits set
+    (frame control or a field control). Mutable; a server or client owns one."""
+
+    __slots__ = ("reserved_bits", "trailing_bytes")
+
+    def __init__(self) -> None:
+        self.trailing_bytes = 0
+        self.reserved_bits = 0
 
 
 class ZclStatus(IntEnum):
@@ -143,6 +188,7 @@ _BLOCK_ABORT_STATUSES = frozenset(
     {
         ZclStatus.ABORT,
         ZclStatus.NO_IMAGE_AVAILABLE,
+        ZclStatus.UNSUP_CLUSTER_COMMAND,
         ZclStatus.MALFORMED_COMMAND,
         ZclStatus.NOT_AUTHORIZED,
         ZclStatus.INVALID_FIELD,
@@ -188,11 +234,13 @@ def _check_data(data: bytes) -> None:
 class _Reader:
     """Cursor over a frame payload; every shortfall is ``ProtocolError(MALFORMED)``."""
 
-    __slots__ = ("data", "pos")
+    __slots__ = ("data", "pos", "reserved", "trailing")
 
     def __init__(self, data: bytes, pos: int) -> None:
         self.data = data
         self.pos = pos
+        self.trailing = 0  # bytes after the last field, set by end()
+        self.reserved = False  # a field control had reserved bits set
 
     def take(self, fmt: str) -> tuple[int, ...]:
         size = struct.calcsize(fmt)
@@ -223,6 +271,11 @@ class _Reader:
         return out
 
     def end(self) -> None:
+        """The command's fields are read: what follows is a later ZCL revision's, ignored."""
+        self.trailing = len(self.data) - self.pos
+
+    def end_strict(self) -> None:
+        """The command's fields are read and nothing may follow (the manifest extension)."""
         if self.pos != len(self.data):
             raise ProtocolError(Reason.MALFORMED, f"{len(self.data) - self.pos} trailing bytes")
 
@@ -328,8 +381,7 @@ class QueryNextImageRequest:
     @classmethod
     def _decode(cls, seq: int, r: _Reader) -> QueryNextImageRequest:
         fc, mfr, itype, version = r.take("<BHHI")
-        if fc & ~0x01:
-            raise ProtocolError(Reason.MALFORMED, f"QueryNextImage field control 0x{fc:02x}")
+        r.reserved = bool(fc & ~0x01)
         hw = r.u16() if fc & 0x01 else None
         r.end()
         return cls(seq, mfr, itype, version, hw)
@@ -402,7 +454,7 @@ class ImageBlockRequest:
     file_offset: int
     max_data_size: int  # 1..255; the server may send less
     request_node_address: int | None = None  # the client's IEEE address (EUI-64)
-    minimum_block_period: int | None = None  # ms the client waits between requests
+    minimum_block_period: int | None = None  # between requests, in the client's unit
 
     def encode(self) -> bytes:
         """The ZCL frame bytes."""
@@ -435,8 +487,7 @@ class ImageBlockRequest:
     @classmethod
     def _decode(cls, seq: int, r: _Reader) -> ImageBlockRequest:
         fc, mfr, itype, version, offset, max_size = r.take("<BHHIIB")
-        if fc & ~0x03:
-            raise ProtocolError(Reason.MALFORMED, f"ImageBlockRequest field control 0x{fc:02x}")
+        r.reserved = bool(fc & ~0x03)
         if max_size == 0:
             raise ProtocolError(Reason.MALFORMED, "maximum data size 0")
         node = r.u64() if fc & 0x01 else None
@@ -487,7 +538,7 @@ class ImageBlockWait:
     seq: int
     current_time: int  # server clock, seconds
     request_time: int  # when to ask again, same clock
-    minimum_block_period: int  # ms between block requests from now on
+    minimum_block_period: int  # between block requests from now on, in the client's unit
 
     def encode(self) -> bytes:
         """The ZCL frame bytes."""
@@ -611,24 +662,27 @@ class ManifestBlockRequest:
 
     COMMAND: ClassVar[int] = MfrCommand.MANIFEST_BLOCK_REQUEST
     seq: int
-    manufacturer_code: int  # in the ZCL header
+    manufacturer_code: int  # the image's (in the payload)
     image_type: int
     file_version: int
     offset: int
     max_data_size: int
-    minimum_block_period: int  # ms
+    minimum_block_period: int  # in the client's unit, as in ImageBlockRequest
+    extension_code: int = EXTENSION_MANUFACTURER_CODE  # in the ZCL header
 
     def encode(self) -> bytes:
         """The ZCL frame bytes."""
+        _check("manufacturer_code", self.manufacturer_code, MAX_U16)
         _check("image_type", self.image_type, MAX_U16)
         _check("file_version", self.file_version, MAX_U32)
         _check("offset", self.offset, MAX_U32)
         _check("max_data_size", self.max_data_size, MAX_U8, 1)
         _check("minimum_block_period", self.minimum_block_period, MAX_U16)
         return _header(
-            self.seq, self.COMMAND, to_client=False, manufacturer=self.manufacturer_code
+            self.seq, self.COMMAND, to_client=False, manufacturer=self.extension_code
         ) + struct.pack(
-            "<HIIBH",
+            "<HHIIBH",
+            self.manufacturer_code,
             self.image_type,
             self.file_version,
             self.offset,
@@ -637,12 +691,12 @@ class ManifestBlockRequest:
         )
 
     @classmethod
-    def _decode(cls, seq: int, mfr: int, r: _Reader) -> ManifestBlockRequest:
-        itype, version, offset, max_size, period = r.take("<HIIBH")
+    def _decode(cls, seq: int, extension: int, r: _Reader) -> ManifestBlockRequest:
+        mfr, itype, version, offset, max_size, period = r.take("<HHIIBH")
         if max_size == 0:
             raise ProtocolError(Reason.MALFORMED, "maximum data size 0")
-        r.end()
-        return cls(seq, mfr, itype, version, offset, max_size, period)
+        r.end_strict()
+        return cls(seq, mfr, itype, version, offset, max_size, period, extension)
 
 
 @dataclass(frozen=True, slots=True)
@@ -651,25 +705,28 @@ class ManifestBlockResponse:
 
     COMMAND: ClassVar[int] = MfrCommand.MANIFEST_BLOCK_RESPONSE
     seq: int
-    manufacturer_code: int
+    manufacturer_code: int  # the image's (in the payload)
     image_type: int
     file_version: int
     manifest_size: int  # total bytes of the signed manifest
     offset: int
     data: bytes
+    extension_code: int = EXTENSION_MANUFACTURER_CODE  # in the ZCL header
 
     def encode(self) -> bytes:
         """The ZCL frame bytes."""
+        _check("manufacturer_code", self.manufacturer_code, MAX_U16)
         _check("image_type", self.image_type, MAX_U16)
         _check("file_version", self.file_version, MAX_U32)
         _check("manifest_size", self.manifest_size, MAX_U32)
         _check("offset", self.offset, MAX_U32)
         _check_data(self.data)
         return (
-            _header(self.seq, self.COMMAND, to_client=True, manufacturer=self.manufacturer_code)
+            _header(self.seq, self.COMMAND, to_client=True, manufacturer=self.extension_code)
             + struct.pack(
-                "<BHIIIB",
+                "<BHHIIIB",
                 ZclStatus.SUCCESS,
+                self.manufacturer_code,
                 self.image_type,
                 self.file_version,
                 self.manifest_size,
@@ -686,7 +743,7 @@ class ManifestBlockWait:
 
     COMMAND: ClassVar[int] = MfrCommand.MANIFEST_BLOCK_RESPONSE
     seq: int
-    manufacturer_code: int
+    extension_code: int  # the ZCL header's manufacturer code
     current_time: int
     request_time: int
     minimum_block_period: int
@@ -694,7 +751,7 @@ class ManifestBlockWait:
     def encode(self) -> bytes:
         """The ZCL frame bytes."""
         return _header(
-            self.seq, self.COMMAND, to_client=True, manufacturer=self.manufacturer_code
+            self.seq, self.COMMAND, to_client=True, manufacturer=self.extension_code
         ) + _wait_body(self.current_time, self.request_time, self.minimum_block_period)
 
 
@@ -704,7 +761,7 @@ class ManifestBlockAbort:
 
     COMMAND: ClassVar[int] = MfrCommand.MANIFEST_BLOCK_RESPONSE
     seq: int
-    manufacturer_code: int
+    extension_code: int  # the ZCL header's manufacturer code
     status: ZclStatus = ZclStatus.ABORT
 
     def encode(self) -> bytes:
@@ -712,25 +769,25 @@ class ManifestBlockAbort:
         if self.status not in _BLOCK_ABORT_STATUSES:
             raise ValueError(f"{self.status!r} is not a block failure status")
         return _header(
-            self.seq, self.COMMAND, to_client=True, manufacturer=self.manufacturer_code
+            self.seq, self.COMMAND, to_client=True, manufacturer=self.extension_code
         ) + bytes([self.status])
 
 
 def _decode_manifest_response(
-    seq: int, mfr: int, r: _Reader
+    seq: int, extension: int, r: _Reader
 ) -> ManifestBlockResponse | ManifestBlockWait | ManifestBlockAbort:
     status = r.u8()
     if status == ZclStatus.SUCCESS:
-        itype, version, size, offset = r.take("<HIII")
+        mfr, itype, version, size, offset = r.take("<HHIII")
         data = r.data_u8()
-        r.end()
-        return ManifestBlockResponse(seq, mfr, itype, version, size, offset, data)
+        r.end_strict()
+        return ManifestBlockResponse(seq, mfr, itype, version, size, offset, data, extension)
     if status == ZclStatus.WAIT_FOR_DATA:
         current, request, period = r.take("<IIH")
-        r.end()
-        return ManifestBlockWait(seq, mfr, current, request, period)
-    abort = ManifestBlockAbort(seq, mfr, _status(status, _BLOCK_ABORT_STATUSES))
-    r.end()
+        r.end_strict()
+        return ManifestBlockWait(seq, extension, current, request, period)
+    abort = ManifestBlockAbort(seq, extension, _status(status, _BLOCK_ABORT_STATUSES))
+    r.end_strict()
     return abort
 
 
@@ -800,6 +857,7 @@ class FrameHeader:
     to_client: bool
     manufacturer_code: int | None
     cluster_specific: bool
+    reserved_bits: int = 0  # frame-control bits 5-7 as received (ignored, ZCL)
 
 
 def decode_header(data: bytes) -> tuple[FrameHeader, int]:
@@ -811,8 +869,6 @@ def decode_header(data: bytes) -> tuple[FrameHeader, int]:
         raise ProtocolError(Reason.TOO_LARGE, f"{len(data)}-byte frame > {MAX_FRAME_BYTES}")
     r = _Reader(data, 0)
     fc = r.u8()
-    if fc & FC_RESERVED:
-        raise ProtocolError(Reason.MALFORMED, f"reserved frame control bits 0x{fc:02x}")
     ftype = fc & FC_FRAME_TYPE_MASK
     if ftype not in (FC_GLOBAL, FC_CLUSTER_SPECIFIC):
         raise ProtocolError(Reason.MALFORMED, f"frame type {ftype}")
@@ -824,18 +880,35 @@ def decode_header(data: bytes) -> tuple[FrameHeader, int]:
         to_client=bool(fc & FC_SERVER_TO_CLIENT),
         manufacturer_code=mfr,
         cluster_specific=ftype == FC_CLUSTER_SPECIFIC,
+        reserved_bits=fc & FC_RESERVED,
     )
     return header, r.pos
 
 
-def decode_frame(data: bytes) -> Frame:
-    """Strictly decode one OTA-cluster ZCL frame. Raises :class:`ProtocolError` and nothing else.
+def decode_frame(
+    data: bytes,
+    *,
+    extension_code: int = EXTENSION_MANUFACTURER_CODE,
+    tolerated: Tolerated | None = None,
+) -> Frame:
+    """Decode one OTA-cluster ZCL frame. Raises :class:`ProtocolError` and nothing else.
 
     ``TOO_LARGE`` over :data:`MAX_FRAME_BYTES`; ``UNKNOWN_TYPE`` for a command this cluster does
-    not define in that direction; ``MALFORMED`` for everything else that is wrong.
+    not define in that direction, or a manufacturer-specific one under a code other than
+    ``extension_code`` (the ManifestBlock extension's); ``MALFORMED`` for everything else that is
+    wrong. Trailing bytes and reserved bits of the standard commands are accepted and counted in
+    ``tolerated`` (module docstring).
     """
     h, pos = decode_header(data)
     r = _Reader(bytes(data), pos)
+    frame = _decode_payload(h, r, extension_code)
+    if tolerated is not None:
+        tolerated.trailing_bytes += r.trailing > 0
+        tolerated.reserved_bits += bool(h.reserved_bits) or r.reserved
+    return frame
+
+
+def _decode_payload(h: FrameHeader, r: _Reader, extension_code: int) -> Frame:
     if not h.cluster_specific:
         if h.command_id != CMD_DEFAULT_RESPONSE:
             raise ProtocolError(Reason.UNKNOWN_TYPE, f"global command 0x{h.command_id:02x}")
@@ -847,12 +920,14 @@ def decode_frame(data: bytes) -> Frame:
             h.seq, command_id, ZclStatus(status), h.to_client, h.manufacturer_code
         )
     if h.manufacturer_code is not None:
-        if not h.to_client and h.command_id == MfrCommand.MANIFEST_BLOCK_REQUEST:
-            return ManifestBlockRequest._decode(h.seq, h.manufacturer_code, r)
-        if h.to_client and h.command_id == MfrCommand.MANIFEST_BLOCK_RESPONSE:
-            return _decode_manifest_response(h.seq, h.manufacturer_code, r)
+        if h.manufacturer_code == extension_code:
+            if not h.to_client and h.command_id == MfrCommand.MANIFEST_BLOCK_REQUEST:
+                return ManifestBlockRequest._decode(h.seq, h.manufacturer_code, r)
+            if h.to_client and h.command_id == MfrCommand.MANIFEST_BLOCK_RESPONSE:
+                return _decode_manifest_response(h.seq, h.manufacturer_code, r)
         raise ProtocolError(
-            Reason.UNKNOWN_TYPE, f"manufacturer-specific command 0x{h.command_id:02x}"
+            Reason.UNKNOWN_TYPE,
+            f"manufacturer-specific command 0x{h.command_id:02x} of 0x{h.manufacturer_code:04x}",
         )
     if h.to_client:
         if h.command_id == Command.IMAGE_NOTIFY:

@@ -7,10 +7,10 @@ per client (``peer``: the client's address, opaque here).
 
 SPEC §8.3 is the normative description: what each frame is answered with and in which order
 (admission of at most ``max_sessions`` K transferring sessions with a first-come first-served
-queue, pacing by the MinimumBlockPeriod, bounds, cut-through from an image still arriving over
-the WAN), the session states with every edge (:data:`TRANSITIONS` is that table) and the
-defaults (:class:`ServerConfig`). Back-pressure is always a WAIT_FOR_DATA response carrying
-(current time, request time, minimum block period).
+queue, pacing by the MinimumBlockPeriod in each client's unit, bounds, cut-through from an
+image still arriving over the WAN), the session states with every edge (:data:`TRANSITIONS`
+is that table) and the defaults (:class:`ServerConfig`). Back-pressure is always a
+WAIT_FOR_DATA response carrying (current time, request time, minimum block period).
 
 A session's bytes come from an :class:`ImageSource`; the server never writes anything. Activation
 is not the server's business: UpgradeEnd always answers upgrade time 0xFFFFFFFF (wait for the
@@ -28,10 +28,12 @@ from typing import Final, Protocol
 from protocol.clock import UnixTime, later
 from protocol.errors import ProtocolError, Reason
 from protocol.han.frames import (
+    EXTENSION_MANUFACTURER_CODE,
     MAX_BLOCK_DATA,
     MAX_QUERY_JITTER,
     MIN_BLOCK_DATA,
     UPGRADE_TIME_WAIT,
+    BlockPeriodUnit,
     DefaultResponse,
     ImageBlockAbort,
     ImageBlockRequest,
@@ -45,6 +47,7 @@ from protocol.han.frames import (
     QueryNextImageRefused,
     QueryNextImageRequest,
     QueryNextImageResponse,
+    Tolerated,
     UpgradeEndRequest,
     UpgradeEndResponse,
     ZclStatus,
@@ -54,7 +57,7 @@ from protocol.han.frames import (
 )
 from protocol.release.manifest import Manifest
 from protocol.transitions import checked
-from protocol.wire.limits import MAX_U16, MAX_U32
+from protocol.wire.limits import MAX_U16
 
 Output = list[tuple[str, bytes]]
 """Frames to send: (peer, frame bytes)."""
@@ -71,6 +74,10 @@ class ServerConfig:
     data_retry_s: int = 1  # WAIT_FOR_DATA delay when the bytes are not here yet
     session_timeout: float = 60.0  # a TRANSFERRING session with no request this long is dropped
     query_jitter: int = MAX_QUERY_JITTER  # sent in ImageNotify
+    #: the MinimumBlockPeriod unit of a client not set by HanServer.set_block_period_unit
+    block_period_unit: BlockPeriodUnit = BlockPeriodUnit.MILLISECONDS
+    #: the manufacturer code of the ManifestBlock extension's header (SPEC §8.2)
+    extension_code: int = EXTENSION_MANUFACTURER_CODE
 
     def __post_init__(self) -> None:
         if not MIN_BLOCK_DATA <= self.max_data_size <= MAX_BLOCK_DATA:
@@ -85,6 +92,8 @@ class ServerConfig:
             raise ValueError("session_timeout must be positive")
         if not 1 <= self.query_jitter <= MAX_QUERY_JITTER:
             raise ValueError("query_jitter must be 1..100")
+        if not 0 <= self.extension_code < MAX_U16:
+            raise ValueError("extension_code must be a manufacturer code (not 0xffff)")
 
 
 class ImageSource(Protocol):
@@ -281,6 +290,16 @@ class SessionFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class MoreImagesRequired:
+    """A client reported UpgradeEnd(REQUIRE_MORE_IMAGE): it holds this image but needs further
+    images before it can upgrade (ZCL multi-image); not a failure."""
+
+    peer: str
+    image_sha256: bytes
+    at: UnixTime
+
+
+@dataclass(frozen=True, slots=True)
 class SessionTimedOut:
     """A transferring client went silent for ``session_timeout``; its slot was freed."""
 
@@ -289,12 +308,7 @@ class SessionTimedOut:
     at: UnixTime
 
 
-ServerEvent = SessionStarted | ImageDelivered | SessionFailed | SessionTimedOut
-
-
-def zcl_time(now: UnixTime) -> int:
-    """``now`` as the u32 seconds carried in frames (only differences are meaningful)."""
-    return int(now) & MAX_U32
+ServerEvent = SessionStarted | ImageDelivered | MoreImagesRequired | SessionFailed | SessionTimedOut
 
 
 class HanServer:
@@ -307,6 +321,9 @@ class HanServer:
         self._queue: list[str] = []  # WAITING peers, first come first served
         self._events: list[ServerEvent] = []
         self._seq = 0
+        self._units: dict[str, BlockPeriodUnit] = {}
+        #: frames accepted with trailing bytes or reserved bits (ZCL forward compatibility)
+        self.tolerated = Tolerated()
 
     # ------------------------------------------------------------------ images
 
@@ -345,6 +362,15 @@ class HanServer:
                 out.append((peer, frame.encode()))
         return out
 
+    def set_block_period_unit(self, peer: str, unit: BlockPeriodUnit) -> None:
+        """Declare the unit ``peer`` reads MinimumBlockPeriod in (from the CH's device records:
+        a client built to SE 1.2b reads seconds); others use ``config.block_period_unit``."""
+        self._units[peer] = unit
+
+    def block_period_unit(self, peer: str) -> BlockPeriodUnit:
+        """The unit the server tells ``peer`` MinimumBlockPeriod in."""
+        return self._units.get(peer, self.config.block_period_unit)
+
     # ------------------------------------------------------------------ queries
 
     def session(self, peer: str) -> SessionInfo | None:
@@ -373,7 +399,9 @@ class HanServer:
     def frame_received(self, peer: str, data: bytes, now: UnixTime) -> Output:
         """Handle one frame from ``peer``; return the frames to send."""
         try:
-            frame = decode_frame(data)
+            frame = decode_frame(
+                data, extension_code=self.config.extension_code, tolerated=self.tolerated
+            )
         except ProtocolError as exc:
             return self._refuse(peer, data, exc)
         if isinstance(frame, QueryNextImageRequest):
@@ -491,10 +519,10 @@ class HanServer:
         session.last_request_at = now
         if session.state is not SessionState.TRANSFERRING and not self._admit(session, now):
             session.busy_waits += 1
-            return self._wait(req, now, self.config.busy_retry_s)
+            return self._wait(peer, req, now, self.config.busy_retry_s)
         if self._too_early(session, req.minimum_block_period, now):
             session.period_waits += 1
-            return self._wait(req, now, 0)
+            return self._wait(peer, req, now, 0)
         if isinstance(req, ManifestBlockRequest):
             return self._serve_manifest(session, req, now)
         return self._serve_image(session, req, now)
@@ -507,7 +535,8 @@ class HanServer:
         it) it is held to the period by the request times we see.
         """
         period_ms = self.config.minimum_block_period_ms
-        if declared is not None and declared >= period_ms:
+        unit = self.block_period_unit(session.peer)
+        if declared is not None and unit.from_wire(declared) >= period_ms:
             return False
         if not session.period_announced:
             session.period_announced = True
@@ -519,7 +548,7 @@ class HanServer:
         image = session.image
         total = len(image.signed_manifest)
         if req.offset >= total:
-            return self._abort(req, ZclStatus.MALFORMED_COMMAND)
+            return self._abort(req, ZclStatus.ABORT)
         n = min(req.max_data_size, self.config.max_data_size, total - req.offset)
         session.manifest_bytes_served += n
         session.last_served_at = now
@@ -532,18 +561,19 @@ class HanServer:
             total,
             req.offset,
             image.signed_manifest[req.offset : req.offset + n],
+            req.extension_code,
         ).encode()
 
     def _serve_image(self, session: _Session, req: ImageBlockRequest, now: UnixTime) -> bytes:
         image = session.image
         size = image.manifest.size
         if req.file_offset >= size:
-            return self._abort(req, ZclStatus.MALFORMED_COMMAND)
+            return self._abort(req, ZclStatus.ABORT)
         n = min(req.max_data_size, self.config.max_data_size, size - req.file_offset)
         data = image.source.read(req.file_offset, n)
         if data is None or len(data) != n:
             session.data_waits += 1
-            return self._wait(req, now, self.config.data_retry_s)
+            return self._wait(session.peer, req, now, self.config.data_retry_s)
         session.bytes_served += n
         session.blocks_served += 1
         session.last_served_at = now
@@ -580,21 +610,20 @@ class HanServer:
         return False
 
     def _wait(
-        self, req: ImageBlockRequest | ManifestBlockRequest, now: UnixTime, delay: int
+        self, peer: str, req: ImageBlockRequest | ManifestBlockRequest, now: UnixTime, delay: int
     ) -> bytes:
-        """WAIT_FOR_DATA: ask again ``delay`` seconds from ``now``, at the configured period."""
+        """WAIT_FOR_DATA: ask again ``delay`` seconds from ``now``, at the configured period in
+        ``peer``'s unit (rounded up: a seconds client is told 1 for 100 ms)."""
         current, request = zigbee_time(now), zigbee_time(later(now, delay))
-        period = self.config.minimum_block_period_ms
+        period = self.block_period_unit(peer).to_wire(self.config.minimum_block_period_ms)
         if isinstance(req, ManifestBlockRequest):
-            return ManifestBlockWait(
-                req.seq, req.manufacturer_code, current, request, period
-            ).encode()
+            return ManifestBlockWait(req.seq, req.extension_code, current, request, period).encode()
         return ImageBlockWait(req.seq, current, request, period).encode()
 
     @staticmethod
     def _abort(req: ImageBlockRequest | ManifestBlockRequest, status: ZclStatus) -> bytes:
         if isinstance(req, ManifestBlockRequest):
-            return ManifestBlockAbort(req.seq, req.manufacturer_code, status).encode()
+            return ManifestBlockAbort(req.seq, req.extension_code, status).encode()
         return ImageBlockAbort(req.seq, status).encode()
 
     def _upgrade_end(self, peer: str, req: UpgradeEndRequest, now: UnixTime) -> bytes:
@@ -620,6 +649,14 @@ class HanServer:
                 zigbee_time(now),
                 UPGRADE_TIME_WAIT,
             ).encode()
+        if req.status is ZclStatus.REQUIRE_MORE_IMAGE:
+            # it holds this image and needs further ones (ZCL multi-image): not a failure
+            if session.state is not SessionState.DELIVERED:
+                self._leave_queue(session)
+                session.enter(SessionState.DELIVERED)
+                session.finished_at = now
+                self._events.append(MoreImagesRequired(peer, sha, now))
+            return DefaultResponse(req.seq, req.COMMAND, ZclStatus.SUCCESS, True).encode()
         if session.state is not SessionState.FAILED:
             self._leave_queue(session)
             session.enter(SessionState.FAILED)

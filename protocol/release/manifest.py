@@ -5,6 +5,13 @@ the payload of a COSE_Sign1 (:mod:`protocol.release.cose`). It names the target 
 type, hardware range), orders releases (``sequence``, monotonic per vendor and device type, the
 anti-rollback counter), and pins the bytes: whole-image SHA-256 and size, the block size, and one
 SHA-256 per block so a receiver checks each block on arrival and re-fetches a corrupt one alone.
+
+Two format versions decode (SPEC §6.2): **v1** (:class:`Manifest`), whose OTA file has ZigBee
+sub-elements and whose activation digest is the whole-file ``sha256``, and **v2**
+(:class:`ManifestV2`), which adds the body ``layout`` the signer chose (sub-elements or GBCS) and
+``activation_sha256``, the digest of the Manufacturer Image a device hashes before it activates
+(GBCS; SPEC §8.7). :meth:`Manifest.decode` picks the class by ``v``; every caller reads
+:attr:`Manifest.body_layout` and :attr:`Manifest.activation_digest`, which both versions answer.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from protocol.errors import ProtocolError, Reason
+from protocol.release.zigbee_ota import OtaLayout, manufacturer_image_digest
 from protocol.wire import cbor, codec
 from protocol.wire.codec import byte_string, uint
 from protocol.wire.devices import DeviceType as DeviceType  # re-exported: callers import it here
@@ -27,6 +35,7 @@ from protocol.wire.limits import (
 from protocol.wire.limits import MAX_IMAGE_BYTES as MAX_IMAGE_BYTES  # re-exported for otad
 
 MANIFEST_VERSION = 1
+MANIFEST_V2 = 2
 MIN_BLOCK_SIZE = 16
 
 
@@ -63,6 +72,17 @@ class Manifest:
     expires: int = field(metadata=uint(MAX_U64))  # unix seconds; refused at or after this instant
 
     @property
+    def body_layout(self) -> OtaLayout:
+        """What follows the OTA header in the image (v1: always ZigBee sub-elements)."""
+        return OtaLayout.SUB_ELEMENTS
+
+    @property
+    def activation_digest(self) -> bytes:
+        """The SHA-256 an activation command names and a device re-computes before it
+        switches (SPEC §8.7); v1: the whole OTA file's ``sha256``."""
+        return self.sha256
+
+    @property
     def block_count(self) -> int:
         """Number of blocks of ``block_size`` bytes (the last may be shorter)."""
         return block_count(self.size, self.block_size)
@@ -91,7 +111,9 @@ class Manifest:
         The codec's checks (SPEC §3's order: the version ``v``, exactly these keys, each field),
         then :meth:`check_consistent`."""
         raw = cbor.loads(data, max_size=MAX_SIGNED_MANIFEST_BYTES, max_depth=2)
-        manifest = codec.decode(cls, raw)
+        version = raw.get("v") if isinstance(raw, dict) else None
+        record: type[Manifest] = ManifestV2 if version == MANIFEST_V2 else Manifest
+        manifest = codec.decode(record, raw)
         manifest.check_consistent()
         return manifest
 
@@ -126,8 +148,32 @@ class Manifest:
         block_size: int,
         created: int,
         expires: int,
+        layout: OtaLayout | None = None,
     ) -> Manifest:
-        """Build the manifest of ``image``, computing its digest and per-block hashes."""
+        """Build the manifest of ``image``, computing its digest and per-block hashes.
+
+        With a ``layout`` it is a :class:`ManifestV2` recording it and the Manufacturer Image's
+        digest (``image`` must then start with a valid OTA header); without, a v1 manifest."""
+        if layout is not None:
+            v2 = ManifestV2(
+                vendor=vendor,
+                image_type=image_type,
+                device_type=device_type,
+                hw_min=hw_min,
+                hw_max=hw_max,
+                fw_version=fw_version,
+                sequence=sequence,
+                size=len(image),
+                sha256=hashlib.sha256(image).digest(),
+                block_size=block_size,
+                block_hashes=block_hashes(image, block_size),
+                created=created,
+                expires=expires,
+                layout=layout,
+                activation_sha256=manufacturer_image_digest(image),
+            )
+            v2.check_consistent()
+            return v2
         manifest = cls(
             vendor=vendor,
             image_type=image_type,
@@ -147,4 +193,23 @@ class Manifest:
         return manifest
 
 
+@dataclass(frozen=True, slots=True)
+class ManifestV2(Manifest):
+    """Manifest format version 2: v1's fields plus the body layout and the activation digest."""
+
+    layout: OtaLayout  # what follows the OTA header, as the signer declared it
+    activation_sha256: bytes = field(metadata=byte_string(HASH_LEN))  # of the bytes after it
+
+    @property
+    def body_layout(self) -> OtaLayout:
+        """The layout the signer declared."""
+        return self.layout
+
+    @property
+    def activation_digest(self) -> bytes:
+        """SHA-256 of the Manufacturer Image: every byte after the OTA header (SPEC §8.7)."""
+        return self.activation_sha256
+
+
 codec.register(Manifest, codec.Tag("v", MANIFEST_VERSION, Reason.UNSUPPORTED_VERSION))
+codec.register(ManifestV2, codec.Tag("v", MANIFEST_V2, Reason.UNSUPPORTED_VERSION))

@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from protocol.clock import UnixTime
 from protocol.errors import ProtocolError, Reason
 from protocol.release.cose import sign1
-from protocol.release.manifest import DeviceType, Manifest, block_hashes
+from protocol.release.manifest import DeviceType, Manifest, ManifestV2, block_hashes
 from protocol.release.trust import Target, TrustStore, verify_manifest
-from protocol.release.zigbee_ota import OtaFile
+from protocol.release.zigbee_ota import OtaFile, OtaLayout, manufacturer_image_digest
 from protocol.wire.limits import MAX_IMAGE_BYTES, MAX_SIGNED_MANIFEST_BYTES
 
 MAGIC = b"OTAIMG\x00\x01"
@@ -91,8 +91,15 @@ def build(
     hw_min: int | None = None,
     hw_max: int | None = None,
     deterministic: bool = False,
+    layout: OtaLayout = OtaLayout.SUB_ELEMENTS,
+    manifest_version: int | None = None,
 ) -> SignedImage:
-    """Sign a release of ``ota_file`` (a strict ZigBee OTA file).
+    """Sign a release of ``ota_file`` (a strict ZigBee OTA file of ``layout``).
+
+    ``manifest_version`` 1 is the manifest every CH understands (protocol 1.0: the activation
+    digest is the whole file's); 2 records the layout and the Manufacturer Image's activation
+    digest, and only a CH of protocol 1.1 reads it (SPEC §5, §6.2). The default is 1 for the
+    sub-element layout and 2 for a GBCS image, which a v1 manifest cannot describe.
 
     Vendor, image type and firmware version come from the OTA header. The hardware range comes
     from the header when it has one (``hw_min``/``hw_max``, if given, must then be equal) and
@@ -101,7 +108,10 @@ def build(
     ``ProtocolError`` if ``ota_file`` does not parse and ``ValueError`` for inconsistent or
     out-of-range arguments.
     """
-    ota = OtaFile.parse(ota_file)
+    version = manifest_version or (1 if layout is OtaLayout.SUB_ELEMENTS else 2)
+    if version not in (1, 2) or (version == 1 and layout is not OtaLayout.SUB_ELEMENTS):
+        raise ValueError(f"a v{version} manifest cannot describe a {layout.value} image")
+    ota = OtaFile.parse(ota_file, layout)
     header = ota.header
     if (hw_min is None) != (hw_max is None):
         raise ValueError("give both hw_min and hw_max, or neither")
@@ -129,6 +139,7 @@ def build(
             block_size=block_size,
             created=created,
             expires=expires,
+            layout=None if version == 1 else layout,
         )
         payload = manifest.encode()
         Manifest.decode(payload)
@@ -163,8 +174,10 @@ def check_image(manifest: Manifest, data: bytes) -> OtaFile:
     """The whole-image checks of SPEC §6.4 (14-17) of ``data`` against its verified manifest:
     what otad runs on an ``.otaimg`` and a CH on an assembled transfer before ``ImageHeld``.
 
-    ``IMAGE_HASH`` (length or SHA-256), ``BLOCK_HASH``, the strict OTA parse (``MALFORMED``...),
-    ``HEADER_MISMATCH`` (:func:`check_header`); returns the parsed file."""
+    ``IMAGE_HASH`` (length or SHA-256), ``BLOCK_HASH``, the strict OTA parse in the manifest's
+    layout (``MALFORMED``...), ``HEADER_MISMATCH`` (:func:`check_header`), and for a v2 manifest
+    ``IMAGE_HASH`` when the bytes after the header do not hash to its activation digest;
+    returns the parsed file."""
     if len(data) != manifest.size:
         raise ProtocolError(
             Reason.IMAGE_HASH, f"image is {len(data)} bytes, manifest says {manifest.size}"
@@ -173,8 +186,12 @@ def check_image(manifest: Manifest, data: bytes) -> OtaFile:
         raise ProtocolError(Reason.IMAGE_HASH, "image SHA-256 differs from the manifest")
     if block_hashes(data, manifest.block_size) != manifest.block_hashes:
         raise ProtocolError(Reason.BLOCK_HASH, "signed block hashes do not match the image")
-    ota = OtaFile.parse(data)
+    ota = OtaFile.parse(data, manifest.body_layout)
     check_header(manifest, ota)
+    if isinstance(manifest, ManifestV2) and (
+        manufacturer_image_digest(data) != manifest.activation_sha256
+    ):
+        raise ProtocolError(Reason.IMAGE_HASH, "activation digest differs from the image")
     return ota
 
 

@@ -1,17 +1,25 @@
 """The ZigBee OTA Upgrade file (ZCL spec, OTA Upgrade cluster, "OTA Upgrade File Format").
 
 SPEC §6.5 gives the layout (all integers little-endian): a header of fixed fields and optional
-ones chosen by its field control, then sub-elements to the end of the file (tag u16, length
-u32, data; tag 0x0000 is the Upgrade Image). :meth:`OtaFile.parse` is strict: every byte is
-accounted for and any inconsistency raises :class:`ProtocolError`. :meth:`OtaHeader.parse`
-reads the header alone (for files whose body is not sub-element framed, such as the GBCS
-sample in the DCC DUIS templates).
+ones chosen by its field control, then the body, in one of two layouts (:class:`OtaLayout`):
+
+* ``SUB_ELEMENTS`` (ZCL): sub-elements to the end of the file (tag u16, length u32, data; tag
+  0x0000 is the Upgrade Image), as third-party ZigBee OTA files are;
+* ``GBCS``: the Manufacturer Image, opaque, to the end of the file (GBCS Upgrade Images, the DCC's
+  DUIS 11.1 sample; zigpy's ``HueSBLOTAImage`` models the same "header + raw body").
+
+Which layout a file has is never guessed from its bytes: the signer states it and the manifest
+records it (SPEC §6.2). :meth:`OtaFile.parse` is strict for the layout it is told: every byte is
+accounted for and any inconsistency raises :class:`ProtocolError`. :meth:`OtaHeader.parse` reads
+the header alone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from protocol.errors import ProtocolError, Reason
 from protocol.wire.limits import MAX_IMAGE_BYTES, MAX_U16, MAX_U32
@@ -29,6 +37,15 @@ SUB_ELEMENT_HEADER_LEN = 6
 WILDCARD_U16 = 0xFFFF  # manufacturer code / image type wildcard of queries, never in a file
 
 _BASE = struct.Struct("<IHHHHHIH32sI")
+
+
+class OtaLayout(StrEnum):
+    """What follows the OTA header (SPEC §6.5); the value is the manifest's ``layout`` text."""
+
+    SUB_ELEMENTS = "subelements"  # ZCL sub-elements, tiling the rest of the file
+    GBCS = "gbcs"  # the Manufacturer Image, unframed, to the end of the file
+
+
 _SUB = struct.Struct("<HI")
 
 
@@ -220,16 +237,29 @@ class SubElement:
 
 @dataclass(frozen=True, slots=True)
 class OtaFile:
-    """A whole OTA file: header plus at least one sub-element, sizes consistent."""
+    """A whole OTA file: header plus its body, sizes consistent.
+
+    ``SUB_ELEMENTS`` layout: at least one sub-element in ``elements``, ``raw_body`` empty.
+    ``GBCS`` layout: no sub-elements, ``raw_body`` the (non-empty) Manufacturer Image."""
 
     header: OtaHeader
     elements: tuple[SubElement, ...]
+    layout: OtaLayout = OtaLayout.SUB_ELEMENTS
+    raw_body: bytes = b""
 
     def __post_init__(self) -> None:
-        if not self.elements:
-            raise ValueError("an OTA file needs at least one sub-element")
-        size = self.header.header_length + sum(
-            SUB_ELEMENT_HEADER_LEN + len(e.data) for e in self.elements
+        if self.layout is OtaLayout.SUB_ELEMENTS:
+            if not self.elements:
+                raise ValueError("an OTA file needs at least one sub-element")
+            if self.raw_body:
+                raise ValueError("a sub-element OTA file has no raw body")
+        else:
+            if self.elements or not self.raw_body:
+                raise ValueError("a GBCS OTA file has a raw body and no sub-elements")
+        size = (
+            self.header.header_length
+            + len(self.raw_body)
+            + sum(SUB_ELEMENT_HEADER_LEN + len(e.data) for e in self.elements)
         )
         if size != self.header.total_image_size:
             raise ValueError(
@@ -238,23 +268,32 @@ class OtaFile:
 
     @property
     def upgrade_image(self) -> bytes | None:
-        """Data of the first Upgrade Image (tag 0x0000) sub-element, or ``None``."""
+        """The firmware: data of the first Upgrade Image (tag 0x0000) sub-element, or the
+        Manufacturer Image of a GBCS file; ``None`` for a sub-element file without tag 0."""
+        if self.layout is OtaLayout.GBCS:
+            return self.raw_body
         for element in self.elements:
             if element.tag == TAG_UPGRADE_IMAGE:
                 return element.data
         return None
 
+    @property
+    def body(self) -> bytes:
+        """Every byte after the OTA header: what the activation digest covers (SPEC §8.7)."""
+        return self.raw_body + b"".join(e.encode() for e in self.elements)
+
     def encode(self) -> bytes:
         """The file bytes."""
-        return self.header.encode() + b"".join(e.encode() for e in self.elements)
+        return self.header.encode() + self.body
 
     @classmethod
-    def parse(cls, data: bytes) -> OtaFile:
-        """Strictly parse a whole OTA file; raises :class:`ProtocolError` only.
+    def parse(cls, data: bytes, layout: OtaLayout = OtaLayout.SUB_ELEMENTS) -> OtaFile:
+        """Strictly parse a whole OTA file of ``layout``; raises :class:`ProtocolError` only.
 
-        On top of :meth:`OtaHeader.parse`: the total image size equals ``len(data)`` and the
-        sub-elements exactly tile the rest of the file (no truncated header, no length running
-        past the end, no trailing bytes), with at least one sub-element.
+        On top of :meth:`OtaHeader.parse`: the total image size equals ``len(data)``; then, for
+        ``SUB_ELEMENTS``, the sub-elements exactly tile the rest of the file (no truncated
+        header, no length running past the end, no trailing bytes), with at least one; for
+        ``GBCS``, at least one byte of Manufacturer Image follows the header.
         """
         if isinstance(data, (bytes, bytearray, memoryview)) and len(data) > MAX_IMAGE_BYTES:
             raise ProtocolError(Reason.TOO_LARGE, f"{len(data)} bytes > {MAX_IMAGE_BYTES}")
@@ -265,8 +304,12 @@ class OtaFile:
                 Reason.MALFORMED,
                 f"total image size {header.total_image_size} but the file has {len(data)} bytes",
             )
-        elements: list[SubElement] = []
         pos = header.header_length
+        if layout is OtaLayout.GBCS:
+            if pos == len(data):
+                raise ProtocolError(Reason.MALFORMED, "GBCS OTA file has no Manufacturer Image")
+            return cls(header, (), OtaLayout.GBCS, data[pos:])
+        elements: list[SubElement] = []
         while pos < len(data):
             if len(data) - pos < SUB_ELEMENT_HEADER_LEN:
                 raise ProtocolError(Reason.MALFORMED, f"truncated sub-element header at {pos}")
@@ -285,6 +328,15 @@ class OtaFile:
         return cls(header, tuple(elements))
 
 
+def manufacturer_image_digest(ota_file: bytes) -> bytes:
+    """SHA-256 of every byte after the OTA header of ``ota_file``: the activation digest of a
+    v2 manifest (SPEC §8.7). For a GBCS file that is its Manufacturer Image; for a sub-element
+    file, all its sub-elements as framed (tag, length, data). Raises ``ProtocolError`` when the
+    header does not parse."""
+    header = OtaHeader.parse(ota_file)
+    return hashlib.sha256(bytes(ota_file)[header.header_length :]).digest()
+
+
 def wrap(
     firmware: bytes,
     *,
@@ -295,8 +347,10 @@ def wrap(
     hw_max: int | None = None,
     stack_version: int = 2,
     header_string: str = "",
+    layout: OtaLayout = OtaLayout.SUB_ELEMENTS,
 ) -> bytes:
-    """Build an OTA file holding ``firmware`` as its Upgrade Image (tag 0x0000) sub-element.
+    """Build an OTA file holding ``firmware``: as its Upgrade Image (tag 0x0000) sub-element, or
+    (``layout=GBCS``) as the Manufacturer Image right after the header.
 
     ``hw_min``/``hw_max`` together set field control bit 2. ``header_string`` is UTF-8, at most
     32 bytes, NUL padded. Raises ``ValueError`` for arguments out of range.
@@ -309,7 +363,6 @@ def wrap(
     string = header_string.encode("utf-8")
     if len(string) > HEADER_STRING_LEN:
         raise ValueError(f"header string is {len(string)} bytes, at most 32")
-    element = SubElement(TAG_UPGRADE_IMAGE, bytes(firmware))
     header = OtaHeader(
         manufacturer_code=manufacturer_code,
         image_type=image_type,
@@ -320,7 +373,14 @@ def wrap(
         hw_min=hw_min,
         hw_max=hw_max,
     )
-    total = header.header_length + SUB_ELEMENT_HEADER_LEN + len(element.data)
+    if layout is OtaLayout.GBCS:
+        total = header.header_length + len(firmware)
+        elements: tuple[SubElement, ...] = ()
+        raw = bytes(firmware)
+    else:
+        elements = (SubElement(TAG_UPGRADE_IMAGE, bytes(firmware)),)
+        total = header.header_length + SUB_ELEMENT_HEADER_LEN + len(firmware)
+        raw = b""
     if total > MAX_IMAGE_BYTES:
         raise ValueError(f"OTA file would be {total} bytes, over {MAX_IMAGE_BYTES}")
-    return OtaFile(replace(header, total_image_size=total), (element,)).encode()
+    return OtaFile(replace(header, total_image_size=total), elements, layout, raw).encode()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from otad.catalogue import Catalogue
 from otad.ctl import build_parser, main
 from otad.keyfiles import (
     KeyFileError,
@@ -21,11 +22,12 @@ from otad.keyfiles import (
     load_trust_dir,
     public_key_path,
 )
+from otad.store import Store
 from protocol.release.cose import key_id, parse_sign1
 from protocol.release.manifest import DeviceType
 from protocol.release.otaimg import SignedImage, verify
 from protocol.release.trust import MAX_SIGNED_MANIFEST_BYTES, TrustStore
-from protocol.release.zigbee_ota import wrap
+from protocol.release.zigbee_ota import OtaHeader, OtaLayout, wrap
 
 FIRMWARE = b"".join(hashlib.sha256(bytes([i])).digest() for i in range(157))[:5000]
 
@@ -110,7 +112,7 @@ def test_sign_raw_then_verify(
         image, TrustStore([load_public_key(public_key_path(keypair))]), now=after
     )
     assert ota.upgrade_image == FIRMWARE
-    assert (manifest.vendor, manifest.image_type) == (0x1234, 0x0001)  # raw-firmware defaults
+    assert (manifest.vendor, manifest.image_type) == (0xFFF1, 0x0001)  # raw-firmware defaults
     assert manifest.fw_version == 0x0105
     assert (manifest.hw_min, manifest.hw_max) == (2, 4)
     assert manifest.device_type is DeviceType.B2
@@ -401,3 +403,64 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     assert bad.stderr.count("\n") == 1
     assert "not a PEM public key" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# --------------------------------------------------------------------------- GB images
+
+
+def _gb_image() -> bytes:
+    """Shaped like the DCC's DUIS 11.1 sample: a 60-byte header, then a Manufacturer Image that
+    is not split into sub-elements (its first bytes read as an absurd sub-element length)."""
+    body = b"\x2a\x00\x01\x01\x6d\xb3" + FIRMWARE[:295]
+    header = OtaHeader(
+        0x121D, 0x0000, 0xACDC_ACDC, 2, bytes(32), 60 + len(body), hw_min=0x1111, hw_max=0x1211
+    )
+    return header.encode() + body
+
+
+async def test_a_gb_image_signs_verifies_and_imports(
+    tmp_path: Path, keypair: Path, trust_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gb = tmp_path / "dcc-sample.ota"
+    gb.write_bytes(_gb_image())
+    out_file = tmp_path / "gb.otaimg"
+    argv = ["image", "sign", "--key", str(keypair), "--in", str(gb), "--device-type", "ESME"]
+    code, _, err = run(capsys, *argv, "--out", str(out_file))
+    assert code == 2
+    assert "--layout gbcs" in err  # the layout is declared, never guessed: a hint, no signature
+    assert not out_file.exists()
+    code, out, err = run(capsys, *argv, "--layout", "gbcs", "--out", str(out_file))
+    assert (code, err) == (0, "")
+    assert "layout gbcs" in out
+    image = SignedImage.decode(out_file.read_bytes())
+    assert image.image == gb.read_bytes()  # carried unchanged
+    manifest, ota = verify(image, load_trust_dir(trust_dir), now=int(time.time()))
+    assert manifest.body_layout is OtaLayout.GBCS
+    assert manifest.activation_digest == hashlib.sha256(_gb_image()[60:]).digest()
+    assert ota.raw_body == _gb_image()[60:]
+    code, out, _ = run(capsys, "image", "verify", "--trust", str(trust_dir), str(out_file))
+    assert code == 0
+    assert "layout gbcs" in out
+    async with await Store.open(tmp_path / "state") as store:
+        catalogue = Catalogue(store, load_trust_dir(trust_dir), tmp_path / "images")
+        imported, new = await catalogue.import_image(out_file.read_bytes())
+        assert new
+        assert imported.manifest == manifest
+        reloaded = Catalogue(store, load_trust_dir(trust_dir), tmp_path / "images")
+        await reloaded.load()  # the stored v2 manifest decodes again
+        assert reloaded.images[manifest.sha256].manifest == manifest
+
+
+def test_raw_firmware_can_be_wrapped_as_a_gb_image(
+    tmp_path: Path, keypair: Path, trust_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_file = tmp_path / "raw-gb.otaimg"
+    code, _, err = sign_raw(
+        capsys, keypair, out_file, "--layout", "gbcs", "--manufacturer", "0x121d"
+    )
+    assert (code, err) == (0, "")
+    image = SignedImage.decode(out_file.read_bytes())
+    manifest, ota = verify(image, load_trust_dir(trust_dir), now=int(time.time()))
+    assert ota.raw_body == FIRMWARE  # the Manufacturer Image right after the header
+    assert manifest.vendor == 0x121D
+    assert manifest.activation_digest == hashlib.sha256(FIRMWARE).digest()

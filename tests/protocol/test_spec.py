@@ -32,7 +32,7 @@ from protocol.han import client as client_module
 from protocol.han import server as server_module
 from protocol.han.client import ClientConfig
 from protocol.han.server import ServerConfig
-from protocol.release.manifest import Manifest
+from protocol.release.manifest import Manifest, ManifestV2
 from protocol.wan import receiver as receiver_module
 from protocol.wan import sender as sender_module
 from protocol.wan.receiver import Receiver
@@ -269,6 +269,25 @@ def manifest_problems(text: str) -> list[str]:
     return problems
 
 
+def manifest_v2_problems(text: str) -> list[str]:
+    rows = table_with_header(section(text, "6.2"), "v 2 key", "type", "range", "meaning")
+    v1 = {spec.name for spec in codec.schema(Manifest).fields}
+    added = {spec.name: spec for spec in codec.schema(ManifestV2).fields if spec.name not in v1}
+    problems = compare("manifest v2 keys", sorted(ticked(row[0])[0] for row in rows), sorted(added))
+    for key_cell, kind, bounds, _meaning in rows:
+        spec = added.get(ticked(key_cell)[0])
+        if spec is None:
+            continue
+        kinds = {"bytes": "bytes", "text": "enum"}
+        problems += compare(f"manifest v2 {spec.name} type", kinds.get(kind, kind), spec.kind)
+        if spec.kind == "enum":
+            assert spec.enum is not None
+            problems += compare("manifest v2 layouts", ticked(bounds), [m.value for m in spec.enum])
+        elif match := re.fullmatch(r"(\d+) B", bounds):
+            problems += compare(f"manifest v2 {spec.name} length", int(match[1]), spec.length)
+    return problems
+
+
 def activation_problems(text: str) -> list[str]:
     rows = table_with_header(section(text, "8.7"), "`t`", "class", "fields", "signed by")
     problems: list[str] = []
@@ -295,6 +314,16 @@ def _is_activation_record(value: object) -> bool:
 
 def test_the_manifest_table_is_the_code() -> None:
     assert manifest_problems(SPEC) == []
+
+
+def test_the_manifest_v2_table_is_the_code() -> None:
+    assert manifest_v2_problems(SPEC) == []
+    assert manifest_v2_problems(SPEC.replace("| `subelements` `gbcs` |", "| `gbcs` |"))
+    assert manifest_v2_problems(
+        SPEC.replace(
+            "| `activation_sha256` | bytes | 32 B |", "| `activation_sha256` | bytes | 16 B |"
+        )
+    )
 
 
 def test_the_activation_table_is_the_code() -> None:
@@ -349,6 +378,12 @@ def default_problems(rows: list[Row], lookup: Callable[[str, str], Any]) -> list
                 limits = Limits(1024, window, 1 << 20)
                 got = Receiver(limits, _never_verified)._ack_every
                 problems += compare(f"{name} at window {window}", math.ceil(window / 2), got)
+            continue
+        if isinstance(value, Enum):  # a unit or a mode: its value, ticked
+            problems += compare(f"{name} default", ticked(row[1])[:1], [value.value])
+            continue
+        if hex_match := re.match(r"`?0x([0-9A-Fa-f]+)`?", row[1]):  # a code point
+            problems += compare(f"{name} default", int(hex_match[1], 16), value)
             continue
         expected = quantity(row[1])
         if expected is None:

@@ -23,6 +23,7 @@ from protocol.device.device import (
     JoinMode,
     MemorySlotStore,
 )
+from protocol.errors import ProtocolError
 from protocol.han.client import (
     ClientConfig,
     ClientState,
@@ -176,10 +177,22 @@ class HanSim:
 
     def transmit(self, src: str, dst: str, data: bytes) -> None:
         lost = self._rng.random() < self.drop
-        self.log.append(Sent(self.now, src, dst, decode_frame(data), lost))
+        self.log.append(Sent(self.now, src, dst, self._decode(data), lost))
         if not lost:
             arrival = self.now + self.latency + len(data) * 8 / 250_000
             heapq.heappush(self._heap, (arrival, self._next(), src, dst, data))
+
+    def _decode(self, data: bytes) -> Any:
+        """Decode a frame for the log, under any extension code a peer here is configured with."""
+        codes = {self.server.config.extension_code} | {
+            n.client.config.extension_code for n in self.nodes
+        }
+        for code in sorted(codes):
+            try:
+                return decode_frame(data, extension_code=code)
+            except ProtocolError:
+                continue
+        return decode_frame(data)
 
     def at(self, when: float, hook: Callable[[HanSim], None]) -> None:
         heapq.heappush(self._hooks, (when, self._next(), hook))
@@ -301,7 +314,8 @@ def serve(config: ServerConfig, *releases: Release, source: Any = None) -> HanSe
 
 
 def activation(n: Node, r: Release, counter: int, **kwargs: Any) -> bytes:
-    return ActivationCommand(n.peer, r.manifest.sha256, counter, **kwargs).sign(OPS_KEY)
+    """A signed activation command naming ``r``'s activation digest (SPEC §8.7)."""
+    return ActivationCommand(n.peer, r.manifest.activation_digest, counter, **kwargs).sign(OPS_KEY)
 
 
 B1_ID, B2_ID, B3_ID, B4_ID = (f"00124B00000000B{i}" for i in range(1, 5))

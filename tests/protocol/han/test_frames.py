@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from protocol.errors import ProtocolError, Reason
 from protocol.han.frames import (
+    EXTENSION_MANUFACTURER_CODE,
     MAX_FRAME_BYTES,
     UPGRADE_TIME_WAIT,
     DefaultResponse,
@@ -28,6 +29,7 @@ from protocol.han.frames import (
     QueryNextImageRefused,
     QueryNextImageRequest,
     QueryNextImageResponse,
+    Tolerated,
     UpgradeEndRequest,
     UpgradeEndResponse,
     ZclStatus,
@@ -88,8 +90,8 @@ FRAMES = st.one_of(
     st.builds(UpgradeEndResponse, u8, u16, u16, u32, u32, u32),
     st.builds(ManifestBlockRequest, u8, u16, u16, u32, u32, st.integers(1, 255), u16),
     st.builds(ManifestBlockResponse, u8, u16, u16, u32, u32, u32, block),
-    st.builds(ManifestBlockWait, u8, u16, u32, u32, u16),
-    st.builds(ManifestBlockAbort, u8, u16, fail),
+    st.builds(ManifestBlockWait, u8, st.just(EXTENSION_MANUFACTURER_CODE), u32, u32, u16),
+    st.builds(ManifestBlockAbort, u8, st.just(EXTENSION_MANUFACTURER_CODE), fail),
     st.builds(DefaultResponse, u8, u8, st.sampled_from(ZclStatus), st.booleans(), st.none() | u16),
 )
 
@@ -138,7 +140,10 @@ def test_frames_are_little_endian_zcl() -> None:
     wait = ImageBlockWait(7, 1000, 1010, 100)
     assert wait.encode() == bytes.fromhex("19 07 05 97 e8030000 f2030000 6400")
     manifest_req = ManifestBlockRequest(9, 0x1234, 0x0B02, 2, 0, 50, 100)
-    assert manifest_req.encode() == bytes.fromhex("05 3412 09 00 020b 02000000 00000000 32 6400")
+    # the header carries the extension's own code (SPEC §8.2), the payload the image's vendor
+    assert manifest_req.encode() == bytes.fromhex(
+        "05 f1ff 09 00 3412 020b 02000000 00000000 32 6400"
+    )
     end = UpgradeEndResponse(3, 0x1234, 0x0B02, 2, 500, UPGRADE_TIME_WAIT)
     assert end.encode().endswith(bytes.fromhex("f4010000 ffffffff"))
 
@@ -146,16 +151,16 @@ def test_frames_are_little_endian_zcl() -> None:
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        (bytes.fromhex("01 42 03 02 3412 7856 04030201 00010000 32 c800 00"), Reason.MALFORMED),
         (bytes.fromhex("01 42 03 02 3412 7856 04030201 00010000 32 c8"), Reason.MALFORMED),
-        (bytes.fromhex("01 42 03 06 3412 7856 04030201 00010000 32 c800"), Reason.MALFORMED),
         (bytes.fromhex("01 42 03 02 3412 7856 04030201 00010000 00 c800"), Reason.MALFORMED),
-        (bytes.fromhex("21 42 01 00 3412 7856 04030201"), Reason.MALFORMED),  # reserved bit
         (bytes.fromhex("02 42 01 00 3412 7856 04030201"), Reason.MALFORMED),  # frame type 2
         (bytes.fromhex("01 42 04 00"), Reason.UNKNOWN_TYPE),  # ImagePageRequest: not spoken
         (bytes.fromhex("05 3412 42 07 00"), Reason.UNKNOWN_TYPE),  # unknown mfr command
+        # the ManifestBlock ids under another vendor's code are that vendor's, not ours
+        (bytes.fromhex("05 3412 09 00 3412 020b 02000000 00000000 32 6400"), Reason.UNKNOWN_TYPE),
+        # the extension carries signed data: no trailing byte
+        (bytes.fromhex("05 f1ff 09 00 3412 020b 02000000 00000000 32 6400 00"), Reason.MALFORMED),
         (bytes.fromhex("00 42 01"), Reason.UNKNOWN_TYPE),  # global ReadAttributes
-        (bytes.fromhex("01 42 01 02 3412 7856 04030201"), Reason.MALFORMED),  # QNI fc bit 1
         (bytes.fromhex("19 42 00 00 00"), Reason.MALFORMED),  # jitter 0
         (bytes.fromhex("19 42 00 04 64"), Reason.MALFORMED),  # payload type 4
         (bytes.fromhex("19 42 00 01 64 34"), Reason.MALFORMED),  # truncated mfr code
@@ -172,6 +177,66 @@ def test_decoding_is_strict(data: bytes, expected: Reason) -> None:
     with pytest.raises(ProtocolError) as info:
         decode_frame(data)
     assert info.value.reason is expected
+
+
+@pytest.mark.parametrize(
+    ("data", "frame", "trailing", "reserved"),
+    [
+        # ZCL forward compatibility (SPEC §8.1): what a later revision appends is ignored...
+        (
+            "01 42 03 02 3412 7856 04030201 00010000 32 c800 00",
+            ImageBlockRequest(0x42, 0x1234, 0x5678, 0x01020304, 0x100, 50, None, 200),
+            1,
+            0,
+        ),
+        # ... as are reserved bits of a field control (bit 2 of ImageBlockRequest's)
+        (
+            "01 42 03 06 3412 7856 04030201 00010000 32 c800",
+            ImageBlockRequest(0x42, 0x1234, 0x5678, 0x01020304, 0x100, 50, None, 200),
+            0,
+            1,
+        ),
+        # ... and reserved bits 5-7 of the ZCL frame control
+        (
+            "21 42 01 00 3412 7856 04030201",
+            QueryNextImageRequest(0x42, 0x1234, 0x5678, 0x01020304),
+            0,
+            1,
+        ),
+        (
+            "01 42 01 02 3412 7856 04030201",
+            QueryNextImageRequest(0x42, 0x1234, 0x5678, 0x01020304),
+            0,
+            1,
+        ),
+        # zigpy's OTAManager refusal: NO_IMAGE_AVAILABLE with the image fields appended (review #5)
+        ("190602983412020b0002000000400000", QueryNextImageRefused(6), 1, 0),
+        # zigpy/SiLabs ImageBlockResponse with one extra byte after the data
+        (
+            "19 42 05 00 3412 7856 04030201 00010000 02 aabb ff",
+            ImageBlockResponse(0x42, 0x1234, 0x5678, 0x01020304, 0x100, b"\xaa\xbb"),
+            1,
+            0,
+        ),
+    ],
+)
+def test_forward_compatible_frames_decode_and_are_counted(
+    data: str, frame: Frame, trailing: int, reserved: int
+) -> None:
+    tolerated = Tolerated()
+    assert decode_frame(bytes.fromhex(data), tolerated=tolerated) == frame
+    assert (tolerated.trailing_bytes, tolerated.reserved_bits) == (trailing, reserved)
+    decode_frame(frame.encode(), tolerated=tolerated)  # what we build is never "tolerated"
+    assert (tolerated.trailing_bytes, tolerated.reserved_bits) == (trailing, reserved)
+
+
+def test_the_extension_code_is_configurable() -> None:
+    ours = ManifestBlockRequest(9, 0x1234, 0x0B02, 2, 0, 50, 100, extension_code=0x1001)
+    assert ours.encode()[1:3] == bytes.fromhex("0110")
+    assert decode_frame(ours.encode(), extension_code=0x1001) == ours
+    with pytest.raises(ProtocolError) as info:
+        decode_frame(ours.encode())  # a stack configured with another code does not speak it
+    assert info.value.reason is Reason.UNKNOWN_TYPE
 
 
 def test_frame_times_are_zigbee_utc_time() -> None:

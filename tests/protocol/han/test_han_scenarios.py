@@ -6,6 +6,7 @@ and the hand-over to activation.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 from typing import Any
@@ -69,7 +70,7 @@ from protocol.han.server import (
     SessionStarted,
     SessionState,
 )
-from protocol.release.manifest import DeviceType, Manifest
+from protocol.release.manifest import DeviceType
 from protocol.release.trust import TrustStore
 
 # --------------------------------------------------------------------------- full exchanges
@@ -334,9 +335,7 @@ def test_device_refuses_a_bad_manifest_before_any_block_is_requested(
 
 def test_manifest_that_disagrees_with_the_offer_is_refused() -> None:
     r = release(DeviceType.B2, size=8 * 1024)
-    forged = Manifest(
-        **{**{f: getattr(r.manifest, f) for f in r.manifest.__slots__}, "fw_version": 0x0999}
-    )
+    forged = dataclasses.replace(r.manifest, fw_version=0x0999)
     server = HanServer(ServerConfig())
     # the CH announces version 0x0999 but serves the manifest of 0x0200
     server.add_image(r.signed, forged, ProgressiveImage(len(r.image), r.image))

@@ -107,8 +107,9 @@ def test_server_caps_blocks_paces_and_holds_back_missing_bytes() -> None:
     reply = ask(server, B2_ID, block_request(offset=4090, period=250), T0 + 3)
     assert isinstance(reply, ImageBlockResponse)
     assert reply.data == r.image[4090:]
+    # past the end: ABORT, a status SiLabs' client treats as final (review #14)
     assert ask(server, B2_ID, block_request(offset=4096), T0 + 4) == ImageBlockAbort(
-        1, ZclStatus.MALFORMED_COMMAND
+        1, ZclStatus.ABORT
     )
     other = ImageBlockRequest(1, VENDOR, 0x0B02, 0x0777, 0, 50).encode()
     assert ask(server, B2_ID, other, T0) == ImageBlockAbort(1, ZclStatus.NO_IMAGE_AVAILABLE)
