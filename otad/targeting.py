@@ -7,6 +7,8 @@ HubAnnounced`: the CH's own hardware version, its HAN inventory and its transfer
 checks themselves are the protocol's (:class:`~protocol.release.trust.Target`,
 :func:`~protocol.release.trust.check_target`, SPEC 6.4 and 7.4):
 
+0. **protocol version**: a v2 manifest (SPEC §6.2) is for CHs that declared protocol 1.1
+   (``UNSUPPORTED_VERSION`` for a 1.0 CH, which cannot read it);
 1. **device**: a CH image is for the CH itself; any other image is for a device of the image's
    type on the HAN. Refused ``WRONG_DEVICE_TYPE`` when the premises has no device of that type,
    ``HARDWARE_OUT_OF_RANGE`` when none of them has a hardware version in the manifest's range
@@ -20,9 +22,9 @@ checks themselves are the protocol's (:class:`~protocol.release.trust.Target`,
 from __future__ import annotations
 
 from protocol.errors import ProtocolError, Reason
-from protocol.release.manifest import DeviceType, Manifest
+from protocol.release.manifest import DeviceType, Manifest, ManifestV2
 from protocol.release.trust import Target, check_target
-from protocol.wire.messages import HubAnnounced
+from protocol.wire.messages import HubAnnounced, minor_version
 
 __all__ = ["device_for", "matches", "refusal"]
 
@@ -64,6 +66,12 @@ def refusal(
 ) -> ProtocolError | None:
     """Why the premises that made ``announcement`` cannot take ``manifest``'s image (device,
     sequence if ``installed_sequence`` is known, limits: see the module docstring), or None."""
+    if isinstance(manifest, ManifestV2) and minor_version(announcement) < 1:
+        return ProtocolError(
+            Reason.UNSUPPORTED_VERSION,
+            f"a v2 manifest ({manifest.body_layout.value} image) needs a CH of protocol 1.1;"
+            f" {announcement.guid} declared 1.0 (SPEC §5, §6.2)",
+        )
     try:
         target = device_for(announcement, manifest)
         if installed_sequence is not None:

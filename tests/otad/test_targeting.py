@@ -8,7 +8,8 @@ from otad.targeting import device_for, matches, refusal
 from protocol.errors import Reason
 from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.trust import Target
-from protocol.wire.messages import HanDevice, HubAnnounced, Limits
+from protocol.release.zigbee_ota import OtaLayout, wrap
+from protocol.wire.messages import HanDevice, HubAnnounced, Limits, declaring_minor
 
 GUID = "0011223344556677"
 ROOMY = Limits(4096, 8, 65536)
@@ -113,3 +114,16 @@ def test_a_wrong_device_is_refused_before_the_limits() -> None:
     tiny = premises(("GSME", 1), limits=Limits(16, 8, 16))
     assert reason(tiny, manifest(DeviceType.ESME)) is Reason.WRONG_DEVICE_TYPE
     assert matches(tiny, manifest(DeviceType.GSME, hw=(1, 1)))  # matching ignores the limits
+
+
+def test_a_v2_manifest_is_only_for_a_ch_of_protocol_1_1() -> None:
+    image = wrap(bytes(3000), manufacturer_code=0xFFF1, image_type=7, file_version=0x0102_0000,
+                 hw_min=1, hw_max=3, layout=OtaLayout.GBCS)  # fmt: skip
+    v2 = Manifest.for_image(
+        image, vendor=0xFFF1, image_type=7, device_type=DeviceType.CH, hw_min=1, hw_max=3,
+        fw_version=0x0102_0000, sequence=5, block_size=1024, created=1_700_000_000,
+        expires=1_900_000_000, layout=OtaLayout.GBCS,
+    )  # fmt: skip
+    assert reason(premises(), v2) is Reason.UNSUPPORTED_VERSION  # a 1.0 CH cannot read it
+    assert reason(declaring_minor(premises(), 1), v2) is None
+    assert reason(premises(), manifest()) is None  # v1 manifests are for everyone
