@@ -284,7 +284,7 @@ class PremisesStats:
     frames_held_asleep: int = 0  # frames the CH kept for a sleeping device until it woke
     answers_dropped: int = 0  # activation answers lost to ``activation_answer_loss``
     max_concurrent_transfers: int = 0  # the most HAN sessions transferring at once
-    image_bytes_served: int = 0
+    image_bytes_delivered: int = 0  # bytes of the images devices reported held
 
 
 # ----------------------------------------------------------------------------- internals
@@ -811,7 +811,7 @@ class Premises:
             if isinstance(event, (ImageDelivered, MoreImagesRequired)):
                 if event.peer not in relay.held:
                     relay.held.add(event.peer)
-                    self.stats.image_bytes_served += relay.manifest.size
+                    self.stats.image_bytes_delivered += relay.manifest.size
                     self._ended(node, event.image_sha256, TransferOutcome.HELD, None, at)
             elif isinstance(event, SessionFailed):
                 reason = node.last_failure or (
