@@ -3,8 +3,9 @@
 A :class:`Premises` is everything on the HAN side of a CH, built from the same sans-IO machines
 SPEC §8 describes and from the CH's own inventory (:class:`loadtest.hub.HubIdentity`): the CH's
 OTA server (:class:`~protocol.han.server.HanServer`), and for each HAN device of the inventory
-(ESME, GSME, PPMID and, on about 5% of premises, Alt HAN bridges B1-B4 joined as a CAD or a
-PPMID) its firmware slots and activator (:class:`~protocol.device.device.Device` over a
+(what ``make_identity`` generates: ESME, GSME, PPMID and, on about 5% of premises, Alt HAN
+bridges B1-B4 joined as a CAD or a PPMID; an HCALCS in the inventory is simulated alike) its
+firmware slots and activator (:class:`~protocol.device.device.Device` over a
 :class:`~protocol.device.device.MemorySlotStore`), its OTA client
 (:class:`~protocol.han.client.HanClient`), its own signing key when its join mode can sign
 (SPEC §8.8) and its radio link (:class:`loadtest.hanlink.HanLink`). The CH's own firmware is a
@@ -66,10 +67,23 @@ And ``on_ch_reboot(fw_version)`` is called when the CH's own firmware activates 
 the shell reconnects and announces ``fw_version``. :meth:`Premises.inventory` is the HAN
 inventory with the versions the devices run now, for the next announcement.
 
+Timing, and what a shell must allow for:
+
+* a sleepy device (``PremisesConfig.sleepy``, the GSME by default) listens only for
+  ``awake_window`` after it sent; the CH keeps what is for it (ImageNotify, an activation command,
+  a version read) and hands it over when it next wakes, at most ``wake_interval`` HAN seconds
+  later: otad's phase deadlines for a GSME must allow a wake interval per exchange;
+* activation answers and read-backs cross the lossy link once, with no CH-level retry (ZigBee's
+  APS retries are in the loss figure): a lost one is for otad's read-back with backoff;
+* with ``acceleration`` f > 1 everything on the HAN sees HAN time, signed times included: a
+  manifest's expiry and an activation's ``execute_at`` are reached after 1/f of the shell time
+  to them (counted from the premises' creation). Tests of dated activations against otad's wall
+  clock use f = 1.
+
 Scenario knobs (:class:`PremisesConfig`): links per device type, K, the MinimumBlockPeriod, the
-query and wake intervals, the share of devices whose self-test fails (seeded per device: they
-roll back and answer ``SELF_TEST_FAILED``), a loss applied to activation answers only (to show
-read-back), the vendor and image types the devices identify with.
+query and wake intervals, the share of devices whose self-test fails (seeded per device id, the
+CH's own included: they roll back and answer ``SELF_TEST_FAILED``), a loss applied to activation
+answers only (to show read-back), the vendor and image types the devices identify with.
 """
 
 from __future__ import annotations
@@ -81,11 +95,11 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from loadtest.hanlink import Direction, HanClock, HanLink, LinkConfig
-from loadtest.hub import HubIdentity
 from otad.ctl.imagetool import DEFAULT_IMAGE_TYPE, DEFAULT_MANUFACTURER
 from protocol.clock import UnixTime, later
 from protocol.device.activation import (
@@ -125,6 +139,9 @@ from protocol.han.server import (
 from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.trust import TrustStore
 from protocol.wire.messages import HanDevice
+
+if TYPE_CHECKING:  # loadtest.hub will import this module to run its premises: no cycle
+    from loadtest.hub import HubIdentity
 
 __all__ = [
     "ActivationAnswered",
@@ -347,7 +364,6 @@ class _Node:
         "evidence",
         "held",
         "inventory",
-        "key",
         "last_failure",
         "link",
         "progress",
@@ -361,7 +377,6 @@ class _Node:
         device: Device,
         client_config: ClientConfig,
         link: HanLink,
-        key: ec.EllipticCurvePrivateKey | None,
         *,
         sleepy: bool,
         start_at: UnixTime,
@@ -371,7 +386,6 @@ class _Node:
         self.client_config = client_config
         self.client = self._new_client()
         self.link = link
-        self.key = key
         self.sleepy = sleepy
         self.awake_until = UnixTime(float("-inf"))
         self.held: list[_DeviceBound] = []  # kept by the CH while the device sleeps
@@ -453,9 +467,13 @@ class Premises:
             self._nodes[han.device_id] = _Node(
                 han,
                 device,
-                ClientConfig(max_data_size=link_config.block_size, query_interval=interval),
+                ClientConfig(
+                    max_data_size=link_config.block_size,
+                    query_interval=interval,
+                    # a sleepy device holding an image still wakes every wake interval
+                    upgrade_end_requery=min(interval, ClientConfig().upgrade_end_requery),
+                ),
                 HanLink(link_config, f"{cfg.seed}/link/{han.device_id}"),
-                device.signing_key,
                 sleepy=sleepy,
                 start_at=later(self._han_now, self._rng.uniform(0.0, interval)),
             )

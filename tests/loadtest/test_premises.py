@@ -447,6 +447,32 @@ def test_a_future_dated_activation_fires_at_its_time_and_a_cancelled_one_never()
     assert d.p.device(cancelled).holds_image
 
 
+def test_a_sleepy_gsme_gets_its_activation_when_it_wakes() -> None:
+    wake = 900.0
+    r = release(DeviceType.GSME, hw=(0, 0xFFFF))
+    d, (gsme,) = relayed([], r, wake_interval=wake)
+    d.run(d.now + 60)  # it went back to sleep
+    sent_at = d.now
+    held_before = d.p.stats.frames_held_asleep
+    activate(d, gsme, command(gsme, r, 1), after=wake + 60)
+    assert d.p.stats.frames_held_asleep == held_before + 1  # kept for it while it slept
+    (answered,) = d.of(ActivationAnswered, gsme)
+    assert answered.answer.outcome is Outcome.SUCCESS
+    assert sent_at < answered.at <= sent_at + wake + 1
+    assert len(d.of(AlertReceived, gsme)) == 1  # a native device signs
+
+
+def test_an_hcalcs_in_the_inventory_is_a_target_like_any_device() -> None:
+    base = identity([])
+    hcalcs = HanDevice("00124B00000C0001", DeviceType.HCALCS, JoinMode.NATIVE, OLD, 1)
+    d = Driver(premises(replace(base, han=(*base.han, hcalcs))))
+    r = release(DeviceType.HCALCS)
+    d.p.image_held(r.manifest, r.signed, r.image, d.now)
+    d.run(T0 + 3600, d.held(hcalcs.device_id))
+    activate(d, hcalcs.device_id, command(hcalcs.device_id, r, 1))
+    assert d.p.device(hcalcs.device_id).running.fw_version == NEW
+
+
 def test_lost_answers_leave_read_back() -> None:
     r = release(DeviceType.B2)
     d, (b2,) = relayed([(DeviceType.B2, JoinMode.PPMID)], r, activation_answer_loss=1.0)
