@@ -8,8 +8,11 @@ with text keys, the type code under ``"t"`` and one entry per field, nothing els
 Direction and topic (see :mod:`protocol.wire.topics`):
 
 * otad -> CH on ``.../down``: :class:`Offer`, :class:`Block`, :class:`Cancel`, :class:`Poll`;
-  :class:`Refused` (protocol 1.1, only to a CH that declared it)
-* CH -> otad on ``.../up``: :class:`TransferAcked`, :class:`ImageHeld`, :class:`TransferRejected`
+  :class:`Refused`, :class:`Activate`, :class:`ReadVersion` (protocol 1.1, only to a CH that
+  declared it)
+* CH -> otad on ``.../up``: :class:`TransferAcked`, :class:`ImageHeld`, :class:`TransferRejected`;
+  :class:`DeviceTransferReported`, :class:`DeviceReported` (1.1: the HAN carried over the WAN,
+  SPEC §8.10)
 * CH -> otad on ``.../state`` (retained; the CH's last will is :class:`HubWentOffline`):
   :class:`HubAnnounced` (protocol 1.0) or :class:`HubAnnouncedVersioned` (1.1 and later)
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -45,6 +49,8 @@ from protocol.wire.limits import (
 MAX_MESSAGE_BYTES = codec.DEFAULT_MAX_BYTES  # hard cap on anything read from the broker
 MAX_TEXT = 256
 MAX_HAN_DEVICES = 16
+MAX_DEVICE_RECORD_BYTES = 512
+"""The largest device activation record a message carries: a signed one (SPEC §8.7)."""
 MINOR_VERSION = 1
 """The highest minor version of protocol 1 this code implements (SPEC §5): 1.1."""
 
@@ -102,6 +108,26 @@ def check_han_device(device_id: str, device_type: DeviceType, join_mode: JoinMod
             f"HAN device {device_id}: a {device_type.value} joins "
             f"{' or '.join(m.value for m in allowed)}, not {join_mode.value}"
         )
+
+
+class DeviceTransferState(StrEnum):
+    """Where a HAN transfer of an image to one device stands, as its CH reports it (SPEC §8.10;
+    the outcomes are GBCS's firmware transfer alert's)."""
+
+    TRANSFERRING = "transferring"  # blocks flowing over the HAN (bytes_held of size)
+    HELD = "held"  # the device holds the whole image and verified it
+    REFUSED = "refused"  # the device refused the manifest (reason: the device's check)
+    HARDWARE_MISMATCH = "hardware_mismatch"  # the device's hardware version is out of range
+    DISCARDED = "discarded"  # the device discarded the image it held (e.g. IMAGE_HASH)
+    FAILED = "failed"  # the HAN transfer failed (reason)
+    TIMED_OUT = "timed_out"  # the device stopped asking for blocks
+
+
+class Evidence(StrEnum):
+    """Who produced a record a :class:`DeviceReported` relays (SPEC §8.10)."""
+
+    DEVICE = "device"  # relayed verbatim from the device
+    CH = "ch"  # the CH's own observation (a CAD bridge's reboot and the version it then reports)
 
 
 # --------------------------------------------------------------------------- messages
@@ -196,6 +222,30 @@ class Refused(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Activate(Message):
+    """otad asks the CH to relay a signed ActivationCommand (SPEC §8.7, a COSE_Sign1 of at most
+    512 bytes) verbatim to the HAN device ``device_id``, or to act on it itself when
+    ``device_id`` is the CH's own GUID (protocol 1.1, SPEC §8.10)."""
+
+    TYPE: ClassVar[int] = 6
+    QOS: ClassVar[int] = 1
+    device_id: str = field(metadata=eui64())
+    command: bytes = field(metadata=byte_string(None, MAX_DEVICE_RECORD_BYTES))
+
+
+@dataclass(frozen=True, slots=True)
+class ReadVersion(Message):
+    """otad asks which firmware a device runs (the read-back of SPEC §8.10, after a lost
+    activation response); the CH answers with a :class:`DeviceReported` carrying a
+    ``VersionReport``. ``nonce`` is opaque, as :class:`Poll`'s."""
+
+    TYPE: ClassVar[int] = 7
+    QOS: ClassVar[int] = 1
+    device_id: str = field(metadata=eui64())
+    nonce: int = field(metadata=uint(MAX_U64))
+
+
+@dataclass(frozen=True, slots=True)
 class TransferAcked(Message):
     """Selective acknowledgement: blocks ``< base`` held; bit i of ``bitmap`` (LSB first) set
     means block ``base + 1 + i`` held. ``credit`` is how many more blocks the CH will take now."""
@@ -228,6 +278,44 @@ class TransferRejected(Message):
     image: bytes = field(metadata=byte_string(HASH_LEN))
     reason: int = field(metadata=uint(MAX_U16))
     detail: str = field(metadata=text())
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTransferReported(Message):
+    """The CH reports how its HAN transfer of ``image`` to ``device_id`` stands (protocol 1.1,
+    SPEC §8.10): ``bytes_held`` of ``size`` while ``transferring`` (rate-limited by the CH), the
+    outcome otherwise, ``reason`` a :class:`Reason` code (0: none)."""
+
+    TYPE: ClassVar[int] = 19
+    QOS: ClassVar[int] = 1
+    image: bytes = field(metadata=byte_string(HASH_LEN))
+    device_id: str = field(metadata=eui64())
+    state: DeviceTransferState
+    bytes_held: int = field(metadata=uint(MAX_U32))
+    size: int = field(metadata=uint(MAX_U32))
+    reason: int = field(metadata=uint(MAX_U16))
+
+    def __post_init__(self) -> None:
+        if type(self.state) is not DeviceTransferState:
+            object.__setattr__(self, "state", DeviceTransferState(self.state))
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceReported(Message):
+    """The CH relays a device activation record of SPEC §8.7 (an ActivationResponse,
+    ActivationScheduled, ActivationCancelled or VersionReport CBOR map, or a signed
+    ActivationAlert COSE_Sign1) about ``device_id``, verbatim (protocol 1.1, SPEC §8.10).
+    ``evidence`` says whether the device produced it or the CH observed it."""
+
+    TYPE: ClassVar[int] = 20
+    QOS: ClassVar[int] = 1
+    device_id: str = field(metadata=eui64())
+    record: bytes = field(metadata=byte_string(None, MAX_DEVICE_RECORD_BYTES))
+    evidence: Evidence
+
+    def __post_init__(self) -> None:
+        if type(self.evidence) is not Evidence:
+            object.__setattr__(self, "evidence", Evidence(self.evidence))
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,9 +409,13 @@ for _cls in (
     Cancel,
     Poll,
     Refused,
+    Activate,
+    ReadVersion,
     TransferAcked,
     ImageHeld,
     TransferRejected,
+    DeviceTransferReported,
+    DeviceReported,
     HubAnnounced,
     HubWentOffline,
     HubAnnouncedVersioned,

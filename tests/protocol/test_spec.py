@@ -41,7 +41,13 @@ from protocol.wire import codec
 from protocol.wire.codec import FieldSpec
 from protocol.wire.devices import DeviceType, JoinMode
 from protocol.wire.limits import MAX_U16, MAX_U32, MAX_U64
-from protocol.wire.messages import MESSAGE_TYPES, HanDevice, Limits
+from protocol.wire.messages import (
+    MESSAGE_TYPES,
+    DeviceTransferState,
+    Evidence,
+    HanDevice,
+    Limits,
+)
 
 SPEC = (Path(protocol.__file__).parent / "SPEC.md").read_text(encoding="utf-8")
 
@@ -172,7 +178,12 @@ def nested_record_problems(text: str) -> list[str]:
         name = ticked(name_cell)[0]
         if name in records:
             problems += field_problems(name, fields, records[name])
-    enums: dict[str, type[Enum]] = {"DeviceType": DeviceType, "JoinMode": JoinMode}
+    enums: dict[str, type[Enum]] = {
+        "DeviceType": DeviceType,
+        "JoinMode": JoinMode,
+        "DeviceTransferState": DeviceTransferState,
+        "Evidence": Evidence,
+    }
     for name_cell, values in table_with_header(body, "type", "values"):
         enum = enums[ticked(name_cell)[0]]
         problems += compare(f"{enum.__name__} values", ticked(values), [m.value for m in enum])
@@ -195,6 +206,8 @@ def test_the_nested_records_and_text_values_are_the_code() -> None:
         ("`index` (int, ≤ 4,294,967,295)", "`index` (int, ≤ 65,535)"),
         ("`detail` (str, ≤ 256 chars)", "`detail` (str, ≤ 255 chars)"),
         ("| 33 | `HubWentOffline`", "| 34 | `HubWentOffline`"),
+        ("`record` (bytes, ≤ 512 B)", "`record` (bytes, ≤ 256 B)"),
+        ("`state` (DeviceTransferState)", "`state` (str, ≤ 16 chars)"),
         ("`credit` (int, ≤ 65,535) |", "`credit` (int, ≤ 65,535), `extra` (bool) |"),
     ],
 )
@@ -207,8 +220,9 @@ def test_a_wrong_message_line_is_noticed(line: str, doctored: str) -> None:
     ("line", "doctored"),
     [
         ("`buffer` (int, ≤ 4,294,967,295)", "`buffer` (int, ≤ 65,535)"),
-        ("`device_id` (EUI-64)", "`device_id` (str, ≤ 16 chars)"),
+        ("| `HanDevice` | `device_id` (EUI-64)", "| `HanDevice` | `device_id` (str, ≤ 16 chars)"),
         ("| `JoinMode` | `CAD` `PPMID` `NATIVE` |", "| `JoinMode` | `CAD` `NATIVE` |"),
+        ("| `Evidence` | `device` `ch` |", "| `Evidence` | `device` |"),
     ],
 )
 def test_a_wrong_nested_record_line_is_noticed(line: str, doctored: str) -> None:
