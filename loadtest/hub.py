@@ -52,7 +52,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from loadtest.chhan import HanSide
 from loadtest.hubstate import HubStore, hash_file
+from loadtest.premises import PremisesConfig
 from mqttio.interface import (
     MqttClient,
     MqttSettings,
@@ -82,6 +84,7 @@ from protocol.wire import topics
 from protocol.wire.devices import JoinMode
 from protocol.wire.messages import (
     MINOR_VERSION,
+    Activate,
     Block,
     Cancel,
     HanDevice,
@@ -92,6 +95,7 @@ from protocol.wire.messages import (
     Message,
     Offer,
     Poll,
+    ReadVersion,
     Refused,
     TransferAcked,
     TransferRejected,
@@ -229,6 +233,7 @@ class HubStats:
     rejected: dict[str, int] = field(default_factory=dict)  # TransferRejected sent, by reason
     undecodable: dict[str, int] = field(default_factory=dict)  # messages refused by the decoder
     refused: dict[str, int] = field(default_factory=dict)  # Refused received (1.1), by reason
+    reboots: int = 0  # its own firmware activated (or rolled back): it announced the new version
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -307,6 +312,19 @@ class VirtualHub:
         self.running = False
         self.muted = False  # connected but ignoring everything: a hung CH
         self.receiver = self._load_receiver()
+        self.han: HanSide | None = None
+        """Its premises' HAN (SPEC §8.10): only for a 1.1 CH of a group given otad's activation
+        key; otherwise the CH only holds images, as before."""
+        if group.activation_trust is not None and options.protocol_minor >= 1:
+            self.han = HanSide(
+                identity,
+                trust=trust,
+                activation_trust=group.activation_trust,
+                send=self._send_up,
+                loop=self._loop,
+                config=group.premises_config(identity.index),
+                on_ch_reboot=self._rebooted,
+            )
 
     # ---------------------------------------------------------------- receiver and trust
 
@@ -462,6 +480,8 @@ class VirtualHub:
             return
         self.running = False
         self._cancel_timer()
+        if self.han is not None:
+            self.han.close()
         client, self._client = self._client, None
         if not crash:
             self.save()
@@ -519,6 +539,13 @@ class VirtualHub:
             structural = True
         elif type(message) is Refused:
             self._refused(message)
+            return
+        elif type(message) in (Activate, ReadVersion):
+            if self.han is None:  # a CH without a HAN side does not know these types
+                _bump(stats.undecodable, Reason.UNKNOWN_TYPE.name)
+            else:
+                assert isinstance(message, (Activate, ReadVersion))
+                self.han.down_received(message)
             return
         now = Monotonic(self._loop.time())
         if type(message) is Offer:
@@ -595,11 +622,35 @@ class VirtualHub:
                 name = str(message.reason)
             _bump(self.stats.rejected, name)
         elif isinstance(message, ImageHeld):
+            first = message.image.hex() not in self.stats.held
             self.stats.held[message.image.hex()] = message.sha256.hex()
             self._forget(message.image)
+            if first and self.han is not None:
+                self._relay(message.image)
         # A SACK is cumulative and idempotent: a lost one is covered by the next, or by the
         # sender's probe on timeout, so acks go at QoS 0; reports that end a transfer at QoS 1.
         self._publish(self._up_topic, message.encode(), False, message.QOS)
+
+    def _send_up(self, message: Message) -> None:
+        self._publish(self._up_topic, message.encode(), False, message.QOS)
+
+    def _relay(self, image: bytes) -> None:
+        """Hand a newly held image to the HAN side (it relays it to the devices it is for)."""
+        manifest = self.receiver.manifest(image)
+        signed = self.receiver.signed_manifest(image)
+        if self.han is None or manifest is None or signed is None:
+            return
+        with open(self._store.image_path(image), "rb") as f:
+            data = f.read(manifest.size)
+        self.han.image_held(manifest, signed, data)
+
+    def _rebooted(self, fw_version: int) -> None:
+        """The CH's own firmware was activated (or rolled back): it comes back running
+        ``fw_version`` and announces it."""
+        self.stats.reboots += 1
+        self._announcement = replace(self._announcement, fw_version=fw_version)
+        self._announce_payload = self._announcement.encode()
+        self._announce()
 
     def _forget(self, image: bytes) -> None:
         self._unacked.pop(image, None)
@@ -707,6 +758,9 @@ class HubGroup:
     """Many virtual hubs on one event loop, with one periodic snapshot flush and one hashing pool.
 
     ``limits_for`` overrides the declared limits of particular hub indices (e.g. a window of 2).
+    ``activation_trust`` (otad's activation key) gives every 1.1 hub its premises' HAN
+    (:mod:`loadtest.chhan`), run as ``premises`` says (seeded per hub); without it the hubs only
+    hold images.
     """
 
     def __init__(
@@ -722,6 +776,8 @@ class HubGroup:
         segments: int = 8,
         flush_interval: float = 10.0,
         connect_concurrency: int = 200,
+        activation_trust: TrustStore | None = None,
+        premises: PremisesConfig | None = None,
     ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -730,6 +786,8 @@ class HubGroup:
         self.trust = trust
         self.state_dir = Path(state_dir)
         self.seed = seed
+        self.activation_trust = activation_trust
+        self._premises = premises or PremisesConfig()
         self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hub-hash")
         self._flush_interval = flush_interval
         self._connect_sem = asyncio.Semaphore(connect_concurrency)
@@ -744,6 +802,10 @@ class HubGroup:
                 seed, index, limits=overrides.get(index, limits), segments=segments
             )
             self.identities[identity.guid] = identity
+
+    def premises_config(self, index: int) -> PremisesConfig:
+        """The premises scenario of hub ``index``: the group's, seeded for that hub."""
+        return replace(self._premises, seed=(self.seed << 32) + index)
 
     @property
     def guids(self) -> list[str]:
@@ -877,6 +939,7 @@ def merge_stats(a: HubStats | None, b: HubStats) -> HubStats:
         rejected=_sum_counts(a.rejected, b.rejected),
         undecodable=_sum_counts(a.undecodable, b.undecodable),
         refused=_sum_counts(a.refused, b.refused),
+        reboots=a.reboots + b.reboots,
     )
 
 

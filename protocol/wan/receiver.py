@@ -267,6 +267,12 @@ class Receiver:
         transfer = self._transfers.get(image)
         return None if transfer is None else transfer.manifest
 
+    def signed_manifest(self, image: bytes) -> bytes | None:
+        """The signed manifest (COSE_Sign1 bytes) of ``image`` as it was offered, if known: what
+        a CH hands on to the HAN devices it relays the image to (SPEC §8.2)."""
+        transfer = self._transfers.get(image)
+        return None if transfer is None else transfer.signed
+
     def blocks_held(self, image: bytes) -> int:
         """How many blocks of ``image`` are held (0 if unknown)."""
         transfer = self._transfers.get(image)
