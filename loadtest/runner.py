@@ -45,6 +45,7 @@ from loadtest.hub import (
     HubStats,
     make_identity,
 )
+from loadtest.premises import PremisesConfig
 from otad.keyfiles import load_trust_dir
 from protocol.release.trust import TrustStore
 from protocol.wire.messages import MINOR_VERSION, Limits
@@ -130,6 +131,22 @@ class FleetConfig:
     keepalive: int = 30
     announce_on_poll: bool = False
     protocol_minor: int = MINOR_VERSION  # 0: CHs of protocol 1.0 (SPEC §5)
+    # The premises' HAN (loadtest/chhan.py): on when otad's activation public key is given.
+    activation_trust_dir: str | None = None
+    han_acceleration: float = 1.0  # HAN time runs this many times as fast
+    han_max_transfers: int = 2  # K concurrent HAN transfers per CH
+    self_test_failure_share: float = 0.0  # devices (seeded) whose new image fails self-test
+    activation_answer_loss: float = 0.0  # extra loss of activation answers (not read-backs)
+
+    def premises(self) -> PremisesConfig:
+        """The premises scenario every hub of the fleet runs (seeded per hub by its group)."""
+        return PremisesConfig(
+            seed=self.seed,
+            acceleration=self.han_acceleration,
+            max_transfers=self.han_max_transfers,
+            self_test_failure_share=self.self_test_failure_share,
+            activation_answer_loss=self.activation_answer_loss,
+        )
 
     @property
     def limits(self) -> Limits:
@@ -191,6 +208,10 @@ def _make_group(config: FleetConfig, indices: Iterable[int]) -> HubGroup:
         limits_for=config.overrides(),
         segments=config.segments,
         flush_interval=config.flush_interval,
+        activation_trust=(
+            load_trust(config.activation_trust_dir) if config.activation_trust_dir else None
+        ),
+        premises=config.premises(),
     )
 
 
@@ -407,7 +428,10 @@ class HubFleet:
     """N virtual CHs, in this process (``procs=0``) or over ``procs`` worker processes.
 
     Use as ``async with HubFleet(...) as fleet:``; leaving the block stops every hub cleanly
-    (snapshots saved, MQTT DISCONNECT) and ends every worker process.
+    (snapshots saved, MQTT DISCONNECT) and ends every worker process. ``activation_trust_dir``
+    (otad's activation public key) gives every 1.1 hub its premises' HAN
+    (:mod:`loadtest.chhan`), with ``han_acceleration``, ``han_max_transfers``,
+    ``self_test_failure_share`` and ``activation_answer_loss`` as :class:`FleetConfig` says.
     """
 
     def __init__(
@@ -430,6 +454,11 @@ class HubFleet:
         ack_delay: float | None = None,
         announce_on_poll: bool = False,
         protocol_minor: int = MINOR_VERSION,
+        activation_trust_dir: Path | str | None = None,
+        han_acceleration: float = 1.0,
+        han_max_transfers: int = 2,
+        self_test_failure_share: float = 0.0,
+        activation_answer_loss: float = 0.0,
         python: str | None = None,
     ) -> None:
         if count < 0 or procs < 0:
@@ -455,6 +484,13 @@ class HubFleet:
             ack_delay=ack_delay,
             announce_on_poll=announce_on_poll,
             protocol_minor=protocol_minor,
+            activation_trust_dir=None
+            if activation_trust_dir is None
+            else str(activation_trust_dir),
+            han_acceleration=han_acceleration,
+            han_max_transfers=han_max_transfers,
+            self_test_failure_share=self_test_failure_share,
+            activation_answer_loss=activation_answer_loss,
         )
         self.procs = min(procs, count) if count else 0
         self.python = python or sys.executable
