@@ -140,6 +140,7 @@ class Daemon:
         self.control: Control
         self.broker_check: BrokerCheck
         self.devices: Devices
+        self.commands: Commands
 
     def request_stop(self) -> None:
         """Begin a clean shutdown (signal handler)."""
@@ -264,7 +265,7 @@ class Daemon:
         self.status = StatusPublisher(
             self.client, topics.OTAD_STATUS, snapshot, clock=self._wall_clock
         )
-        commands = Commands(
+        self.commands = commands = Commands(
             catalogue=self.catalogue,
             registry=self.registry,
             distribution=self.distribution,

@@ -191,7 +191,8 @@ def test_events_about_one_ch_carry_its_guid_in_the_topic() -> None:
 
 
 def test_alerts_go_under_their_suppliers_own_topic_level() -> None:
-    assert ACME.startswith("acme-ltd-") and len(ACME) == len("acme-ltd-") + 8
+    assert ACME.startswith("acme-ltd-")
+    assert len(ACME) == len("acme-ltd-") + 8
     # labels that slug alike get different levels; odd characters never reach the topic
     ids = {supplier_topic_id(label) for label in ("Acme Ltd", "ACME-LTD", "acme ltd", "Åcme Ltd")}
     assert len(ids) == 4
