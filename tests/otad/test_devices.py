@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -571,3 +571,86 @@ async def test_activation_needs_a_held_image_and_a_ch_of_protocol_1_1(tmp_path: 
         assert p.state(second) is DeviceState.HELD_BY_CH
         assert p.sh.daemon.rejects.counts["UNKNOWN_TYPE"] == 1
         assert not [m for m in p.downlink() if isinstance(m, Activate)]
+
+
+# --------------------------------------------------------------------------- a CH's own firmware
+
+
+async def test_a_ch_image_is_activated_and_confirmed_by_the_chs_new_announcement(
+    tmp_path: Path,
+) -> None:
+    key_path = tmp_path / "activation.pem"
+    write_keypair(key_path)
+    activation_key = load_private_key(key_path)
+    config = ActivationConfig(key=key_path, **ACTIVATION)
+    async with shell(tmp_path, activation=config) as sh:
+        manifest = sh.release.manifest  # the shell's release is a CH image
+        ch = sh.add_ch(GUID)
+        ch.announcement = declaring_minor(ch.announcement, 1)
+        itself = DeviceIdentity(
+            GUID, DeviceType.CH, 0x0100, manifest.vendor, manifest.image_type, JoinMode.NATIVE
+        )
+        firmware = ch.han.add(
+            Device(
+                itself,
+                sh.trust,
+                MemorySlotStore(),
+                running=FirmwareInfo(0x0100_0000, 0),
+                activation_trust=TrustStore([activation_key.public_key()]),
+                signing_key=ec.generate_private_key(ec.SECP256R1()),
+            )
+        )
+        ch.han.lose = lambda output: True  # it reboots before anything reaches otad
+        sh.announce(GUID)
+        await sh.registry.flushed()
+        result = await sh.daemon.commands.distribute({"image": sh.release.sha256, "to": [GUID]})
+        assert result["devices"] == 1
+        image = sh.catalogue.images[manifest.sha256]
+        records = sh.daemon.devices.records
+        await sh.run_until_handled(
+            lambda: records[(GUID, image.sha256)].state is DeviceState.HELD_BY_CH
+        )
+        ota = SignedImage.decode(sh.release.path.read_bytes()).image
+        ch.han.deliver(GUID, image.sha256, image.signed_manifest, ota, time.time())
+        await sh.events.flush()
+        sh.client.take("ota/v1/alerts/#")
+        issued = await sh.daemon.commands.activate({"image": image.hex, "devices": [GUID]})
+        assert [i["device_id"] for i in issued["issued"]] == [GUID]
+        sh.pump()
+        (sent,) = [
+            m for m in map(decode, (p.payload for p in sh.downlink)) if isinstance(m, Activate)
+        ]
+        assert sent.device_id == GUID
+        await sh.run_until_handled(lambda: firmware.running.fw_version == manifest.fw_version)
+        # rebooted into it: it announces its new version
+        ch.announcement = replace(ch.announcement, fw_version=manifest.fw_version)
+        sh.announce(GUID)
+        await sh.run_until_handled(
+            lambda: records[(GUID, image.sha256)].state is DeviceState.CONFIRMED
+        )
+        assert records[(GUID, image.sha256)].proof is Proof.READ_BACK
+        await sh.events.flush()
+        (published,) = sh.client.take("ota/v1/alerts/#")
+        alert = decode_event(published.payload)
+        assert isinstance(alert, DeviceConfirmed)
+        assert (alert.device_type, alert.device_id, alert.fw_version) == (
+            "CH",
+            GUID,
+            manifest.fw_version,
+        )
+        assert published.topic.startswith(f"ota/v1/alerts/{supplier_topic_id('SUPPLIER-A')}/")
+
+
+async def test_without_an_activation_key_activate_is_refused(tmp_path: Path) -> None:
+    async with shell(tmp_path) as sh:
+        with pytest.raises(ProtocolError) as info:
+            await sh.daemon.commands.activate({"image": sh.release.sha256, "all_held": True})
+        assert info.value.reason is Reason.UNKNOWN_KEY_ID
+        for bad in (
+            {"image": sh.release.sha256},
+            {"image": sh.release.sha256, "all_held": True, "devices": [GUID]},
+            {"image": sh.release.sha256, "all_held": True, "at": "noon"},
+        ):
+            with pytest.raises(ProtocolError) as info:
+                await sh.daemon.commands.activate(bad)
+            assert info.value.reason is Reason.MALFORMED
