@@ -122,9 +122,7 @@ class Commands:
             raise ProtocolError(Reason.MALFORMED, "give either 'to' (GUIDs) or all_matching")
         result = await self._distribution.distribute(ref, guids, all_matching=all_matching)
         image = self._catalogue.resolve(result["image"])
-        result["devices"] = await self._devices.offered(
-            image, result["started"] + result["already"]
-        )
+        result["devices"] = await self._devices.offered(image, result["started"], result["already"])
         return result
 
     async def activate(self, args: dict[str, Any]) -> Any:

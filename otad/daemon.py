@@ -248,6 +248,7 @@ class Daemon:
         await self.devices.load()
         self.distribution.device_reports = self.devices.report_received
         self.distribution.transfer_ended = self.devices.transfer_ended
+        self.devices.transfer_state = self.distribution.transfer_state
         snapshot = StatusSnapshot(
             version=self.version,
             started_at=self.started_at,

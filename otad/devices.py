@@ -336,6 +336,8 @@ class Devices:
         self._timer_at: float | None = None
         self._readers: dict[str, _Readers] = collections.defaultdict(_Readers)
         self._started = False
+        self.transfer_state: Callable[[str, bytes], TransferState | None] = lambda g, i: None
+        """Where the WAN transfer of an image to a CH stands (the distribution's answer)."""
         self.published_commands = 0
         """Activate messages published (re-sends included)."""
 
@@ -661,15 +663,19 @@ class Devices:
 
     # ------------------------------------------------------------------ inputs: otad
 
-    async def offered(self, image: Image, guids: Sequence[str]) -> int:
-        """A distribution sent (or is sending) ``image`` to the CHs ``guids``: every device of
-        theirs it is for is OFFERED (a CH image: the CH itself); HELD_BY_CH at once when the
-        CH already holds it. Returns how many devices."""
+    async def offered(
+        self, image: Image, started: Sequence[str], already: Sequence[str] = ()
+    ) -> int:
+        """A distribution is sending ``image`` to the CHs ``started`` (and had sent or is
+        sending it to ``already``): every device of theirs it is for is OFFERED (a CH image:
+        the CH itself); HELD_BY_CH at once when the CH already holds it. Returns how many
+        devices."""
         m = image.manifest
         now = self._wall()
         new_records: list[DeviceRecord] = []
         async with self._lock:
-            for guid in guids:
+            earlier = frozenset(already)
+            for guid in itertools.chain(started, already):
                 hub = self._registry.get(guid)
                 if hub is None:
                     continue
@@ -682,8 +688,12 @@ class Devices:
                         for d in hub.announcement.han
                         if d.device_type is m.device_type and m.hw_min <= d.hw_version <= m.hw_max
                     ]
-                row = await self._store.transfer(guid, image.sha256)
-                held = row is not None and row.state is TransferState.HELD
+                if not targets:
+                    continue
+                held = (
+                    guid in earlier
+                    and self.transfer_state(guid, image.sha256) is TransferState.HELD
+                )
                 for device_id, device_type, join_mode in targets:
                     old = self._by_device.get(device_id, {}).get(image.sha256)
                     if old is not None and old.state not in (_S.FAILED, _S.TIMED_OUT):
@@ -719,8 +729,11 @@ class Devices:
     ) -> None:
         now = self._wall()
         changed: list[DeviceRecord] = []
-        for rec in self.records.values():
-            if rec.guid != guid or rec.image != image or rec.state is not _S.OFFERED:
+        hub = self._registry.get(guid)
+        on_premises = [guid] + ([] if hub is None else [d.device_id for d in hub.announcement.han])
+        for device_id in on_premises:
+            rec = self._by_device.get(device_id, {}).get(image)
+            if rec is None or rec.guid != guid or rec.state is not _S.OFFERED:
                 continue
             new = rec.copy()
             new.updated_at = now
@@ -1052,10 +1065,6 @@ class Devices:
             }
             for r in sorted(self.records.values(), key=lambda r: (r.guid, r.device_id, r.image))
         ]
-
-    def counts(self) -> dict[str, int]:
-        """Devices per state."""
-        return dict(collections.Counter(r.state.value for r in self.records.values()))
 
 
 def _refusal(device_id: str, reason: Reason, detail: str) -> dict[str, str]:

@@ -744,6 +744,13 @@ class Distribution:
             self._registry.refused(guid, "up", peek_type(payload), exc)
             return None
 
+    def transfer_state(self, guid: str, image: bytes) -> TransferState | None:
+        """Where the transfer of ``image`` to CH ``guid`` stands now (ended ones included,
+        before their final state is written), or None if there never was one."""
+        key = (guid, image)
+        current = self.transfers.get(key) or self._finishing.get(key)
+        return current.state if current is not None else self._ended.get(key)
+
     def _no_transfer(self, guid: str, msg: Message) -> None:
         if type(msg) not in (TransferAcked, ImageHeld, TransferRejected):
             error = ProtocolError(Reason.UNKNOWN_TYPE, f"{type(msg).__name__} is not a CH report")

@@ -654,3 +654,22 @@ async def test_without_an_activation_key_activate_is_refused(tmp_path: Path) -> 
             with pytest.raises(ProtocolError) as info:
                 await sh.daemon.commands.activate(bad)
             assert info.value.reason is Reason.MALFORMED
+
+
+async def test_a_device_that_failed_is_offered_again_and_held_by_its_ch_at_once(
+    tmp_path: Path,
+) -> None:
+    async with premises(tmp_path, (JoinMode.CAD,)) as p:
+        (device,) = p.devices
+        size = len(p.ota)
+        refused = DeviceTransferReported(
+            p.image.sha256, device, DeviceTransferState.HARDWARE_MISMATCH, 0, size, 0
+        )
+        p.sh.send_up(GUID, refused)
+        await p.until(lambda: p.state(device) is DeviceState.FAILED)
+        assert p.record(device).reason == "HARDWARE_OUT_OF_RANGE"
+        again = await p.sh.daemon.commands.distribute({"image": p.image.hex, "to": [GUID]})
+        assert (again["already"], again["devices"]) == ([GUID], 1)
+        assert p.state(device) is DeviceState.HELD_BY_CH  # the CH still holds the image
+        await p.relay()
+        assert p.record(device).reason is None
