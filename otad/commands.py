@@ -9,7 +9,15 @@ The arguments are untrusted and checked here (``MALFORMED`` otherwise).
                    (verified against the trust store; an ``image.imported`` event when new)
 ``image.list``     -> list of image summaries
 ``distribute``     args ``image`` (digest or unique hex prefix), ``to`` (list of GUIDs) or
-                   ``all_matching`` (true) -> ``{image, started, already, refused}``
+                   ``all_matching`` (true) -> ``{image, started, already, refused, devices}``
+                   (``devices``: HAN devices, or CHs for a CH image, now followed: otad.devices)
+``activate``       args ``image``, ``devices`` (list of device ids) or ``all_held`` (true),
+                   optional ``at`` (unix s: future-dated) -> ``{image, issued, refused}``; each
+                   issued command was committed durably before it was sent (SPEC §8.10)
+``activate.cancel`` args ``image``, ``devices`` -> ``{image, issued, refused}`` (the cancels)
+``devices``        optional args ``image``, ``guid`` -> one row per (device, image)
+``firmware.version`` args ``device``, optional ``wait_s`` (default 10) -> the device's
+                   ``VersionReport`` as its CH relayed it
 ``fleet.list``     -> list of CHs (announcement, online, first/last seen)
 ``transfers``      optional args ``image``, ``guid`` -> list of per-CH transfer rows
 ``status``         -> the status snapshot, ``state: "online"``, and otad's resident memory
@@ -23,6 +31,7 @@ from typing import Any
 
 from otad.catalogue import Catalogue
 from otad.control import Command, arg_bytes_b64, arg_str, arg_str_list
+from otad.devices import Devices
 from otad.distribution import Distribution
 from otad.events import ImageImported
 from otad.outbox import EventPublisher
@@ -41,6 +50,7 @@ class Commands:
         catalogue: Catalogue,
         registry: Registry,
         distribution: Distribution,
+        devices: Devices,
         events: EventPublisher,
         snapshot: Callable[[], StatusFields],
         status_changed: Callable[[], None],
@@ -51,6 +61,7 @@ class Commands:
         self._catalogue = catalogue
         self._registry = registry
         self._distribution = distribution
+        self._devices = devices
         self._events = events
         self._snapshot = snapshot
         self._status_changed = status_changed
@@ -64,6 +75,10 @@ class Commands:
             "distribute": self.distribute,
             "fleet.list": self.fleet_list,
             "transfers": self.transfers,
+            "activate": self.activate,
+            "activate.cancel": self.activate_cancel,
+            "devices": self.devices,
+            "firmware.version": self.firmware_version,
             "status": self.status,
         }
 
@@ -105,7 +120,51 @@ class Commands:
         guids = arg_str_list(args, "to")
         if all_matching == bool(guids):
             raise ProtocolError(Reason.MALFORMED, "give either 'to' (GUIDs) or all_matching")
-        return await self._distribution.distribute(ref, guids, all_matching=all_matching)
+        result = await self._distribution.distribute(ref, guids, all_matching=all_matching)
+        image = self._catalogue.resolve(result["image"])
+        result["devices"] = await self._devices.offered(image, result["started"], result["already"])
+        return result
+
+    async def activate(self, args: dict[str, Any]) -> Any:
+        """Sign and send an activation command to each device named (or holding the image)."""
+        image = self._catalogue.resolve(arg_str(args, "image"))
+        all_held = args.get("all_held", False)
+        if not isinstance(all_held, bool):
+            raise ProtocolError(Reason.MALFORMED, "all_held must be true or false")
+        devices = arg_str_list(args, "devices")
+        if all_held == bool(devices):
+            raise ProtocolError(Reason.MALFORMED, "give either 'devices' or all_held")
+        at = args.get("at")
+        if at is not None and (type(at) is not int or not 0 <= at < 2**63):
+            raise ProtocolError(Reason.MALFORMED, "at must be unix seconds (an integer)")
+        return await self._devices.activate(image, devices, all_held=all_held, execute_at=at)
+
+    async def activate_cancel(self, args: dict[str, Any]) -> Any:
+        """Cancel the future-dated activations of an image on the devices named."""
+        image = self._catalogue.resolve(arg_str(args, "image"))
+        devices = arg_str_list(args, "devices")
+        if not devices:
+            raise ProtocolError(Reason.MALFORMED, "give 'devices'")
+        return await self._devices.cancel(image, devices)
+
+    async def devices(self, args: dict[str, Any]) -> Any:
+        """Every device's state per image, or those of one image and/or one premises."""
+        rows = self._devices.listing()
+        if "image" in args:
+            image = self._catalogue.resolve(arg_str(args, "image")).hex
+            rows = [r for r in rows if r["image"] == image]
+        if "guid" in args:
+            guid = arg_str(args, "guid")
+            rows = [r for r in rows if r["guid"] == guid]
+        return rows
+
+    async def firmware_version(self, args: dict[str, Any]) -> Any:
+        """Read a device's running firmware version through its CH."""
+        device = arg_str(args, "device")
+        wait_s = args.get("wait_s", 10.0)
+        if type(wait_s) not in (int, float) or not 0 < wait_s <= 300:
+            raise ProtocolError(Reason.MALFORMED, "wait_s must be a number of seconds, 0..300")
+        return await self._devices.read_version(device, float(wait_s))
 
     async def fleet_list(self, args: dict[str, Any]) -> Any:
         """Every known CH, by GUID."""

@@ -30,6 +30,7 @@ from mqttio.address import split_host_port
 from protocol.wire.messages import Block
 
 __all__ = [
+    "ActivationConfig",
     "BrokerConfig",
     "Config",
     "ConfigError",
@@ -145,6 +146,24 @@ class EventsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ActivationConfig:
+    """``[activation]``: signed activation of the images devices hold, and its confirmation
+    (SPEC §8.7, §8.10; :mod:`otad.devices`)."""
+
+    key: Path | None = None  # otad's P-256 activation signing key (PEM); unset: no activation
+    # One public key per device that signs its activation alerts: <DEVICE_ID>.pem (SPEC §8.10)
+    device_keys: Path | None = None
+    # Seconds after a command's execution time (or its sending) without its outcome before
+    # otad reads the device's firmware version back
+    response_timeout_s: float = 60.0
+    read_back_attempts: int = 5  # read-backs, doubling from read_back_backoff_s, then TIMED_OUT
+    read_back_backoff_s: float = 30.0
+    # Seconds a HAN transfer (held by the CH, or relaying) may go without a report before the
+    # device ends TIMED_OUT; allow for sleepy devices (a GSME queries every 30 min or so)
+    han_timeout_s: float = 7200.0
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """``[log]``: logging to stdout / the journal."""
 
@@ -160,6 +179,7 @@ class Config:
     trust: TrustConfig = field(default_factory=TrustConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    activation: ActivationConfig = field(default_factory=ActivationConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -353,6 +373,11 @@ def _validate(config: Config) -> Config:
             "events.topic_prefix",
             f"must be topic levels of A-Z a-z 0-9 _ . : - joined by '/', got {e.topic_prefix!r}",
         )
+
+    a = config.activation
+    for name in ("response_timeout_s", "read_back_backoff_s", "han_timeout_s"):
+        _in_range(f"activation.{name}", getattr(a, name), 0.001, 30 * 86_400.0)
+    _in_range("activation.read_back_attempts", a.read_back_attempts, 1, 100)
 
     level = config.log.level.upper()
     if level not in LOG_LEVELS:

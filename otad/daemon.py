@@ -19,6 +19,7 @@ subscriptions are in place before ``connect`` returns) and sending starts.
 ``otad.stalls``       flags transfers and distributions that stopped making progress
 ``otad.looplag``      measures event-loop lag continuously (shown in the status)
 ``otad.registry``     writes hub announcements / presence to the store, group-committed
+``otad.devices``      HAN devices' reports, activations, read-backs, deadlines (:mod:`otad.devices`)
 ``otad.store.writer`` (the store's own single writer task)
 
 Everything on the data path runs in the MQTT message handler and in ``loop.call_at`` timers, with
@@ -61,8 +62,9 @@ from otad.catalogue import Catalogue
 from otad.commands import Commands
 from otad.config import Config
 from otad.control import Control
+from otad.devices import Devices, load_device_keys, load_signing_key
 from otad.distribution import Distribution
-from otad.keyfiles import load_trust_dir
+from otad.keyfiles import KeyFileError, load_trust_dir
 from otad.looplag import LoopLag
 from otad.outbox import EventPublisher
 from otad.refusals import HubRefusals
@@ -137,6 +139,8 @@ class Daemon:
         self.distribution: Distribution
         self.control: Control
         self.broker_check: BrokerCheck
+        self.devices: Devices
+        self.commands: Commands
 
     def request_stop(self) -> None:
         """Begin a clean shutdown (signal handler)."""
@@ -169,7 +173,11 @@ class Daemon:
             log.error("cannot open the store: %s", exc)
             return EXIT_START_FAILED
         try:
-            await self.startup(trust)
+            try:
+                await self.startup(trust)
+            except KeyFileError as exc:
+                log.error("cannot load the activation keys: %s", exc)
+                return EXIT_START_FAILED
             if not await self.connect():
                 log.info("stopped before the broker could be reached")
                 return 0
@@ -222,6 +230,25 @@ class Daemon:
             wall_clock=self._wall_clock,
         )
         resumed = await self.distribution.resume()
+        a = c.activation
+        signing_key = await asyncio.to_thread(load_signing_key, a.key)
+        device_keys = await asyncio.to_thread(load_device_keys, a.device_keys)
+        self.devices = Devices(
+            store=self.store,
+            client=self.client,
+            registry=self.registry,
+            catalogue=self.catalogue,
+            events=self.events,
+            timers=timers,
+            config=a,
+            signing_key=signing_key,
+            device_keys=device_keys,
+            wall_clock=self._wall_clock,
+        )
+        await self.devices.load()
+        self.distribution.device_reports = self.devices.report_received
+        self.distribution.transfer_ended = self.devices.transfer_ended
+        self.devices.transfer_state = self.distribution.transfer_state
         snapshot = StatusSnapshot(
             version=self.version,
             started_at=self.started_at,
@@ -239,10 +266,11 @@ class Daemon:
         self.status = StatusPublisher(
             self.client, topics.OTAD_STATUS, snapshot, clock=self._wall_clock
         )
-        commands = Commands(
+        self.commands = commands = Commands(
             catalogue=self.catalogue,
             registry=self.registry,
             distribution=self.distribution,
+            devices=self.devices,
             events=self.events,
             snapshot=snapshot,
             status_changed=self.status.poke,
@@ -284,6 +312,7 @@ class Daemon:
             return False
         connect.result()
         self.distribution.start()
+        await self.devices.start()
         self.status.poke()
         # Everything loaded so far (modules, the fleet, resumed transfers) lives as long as the
         # process: move it out of the cyclic collector's sight, so its full passes scan only
@@ -344,6 +373,7 @@ class Daemon:
                 group.create_task(self.distribution.run_stall_watch(), name="otad.stalls")
                 group.create_task(self.loop_lag.run(), name="otad.looplag")
                 group.create_task(self.registry.run(), name="otad.registry")
+                group.create_task(self.devices.run(), name="otad.devices")
                 group.create_task(self._wait_stop(), name="otad.shutdown")
         except* _StopRequestedError:
             pass
@@ -392,6 +422,8 @@ class Daemon:
 
     def _hub_changed(self, hub: Hub, was_online: bool, announced: bool, changed: bool) -> None:
         self.distribution.hub_changed(hub, was_online, announced, changed)
+        if announced:
+            self.devices.hub_announced(hub)
         if was_online != hub.online:
             self.status.poke()
 
@@ -405,6 +437,7 @@ class Daemon:
         await self.broker_check.close()
         await self.control.close()
         await self.registry.flushed()
+        await self.devices.flushed()
         await self.events.flush()  # commits the events the final-state writes wait for
         await self.distribution.wait_final_writes()
         await self.events.close()

@@ -83,6 +83,8 @@ from protocol.wan.sender import (
 from protocol.wire import topics
 from protocol.wire.messages import (
     Cancel,
+    DeviceReported,
+    DeviceTransferReported,
     ImageHeld,
     Limits,
     Message,
@@ -105,6 +107,9 @@ log = logging.getLogger("otad.distribution")
 PROGRESS_HANDOFF_S: Final = 2.0
 #: Largest message accepted on an ``up`` topic (the largest CH -> otad message type).
 MAX_UP_BYTES = max(TransferAcked.MAX_BYTES, ImageHeld.MAX_BYTES, TransferRejected.MAX_BYTES)
+#: A CH's reports about its HAN devices (protocol 1.1, SPEC §8.10): not transfers of ours, handed
+#: to :attr:`Distribution.device_reports` (otad.devices).
+_DEVICE_REPORTS: Final = (DeviceTransferReported, DeviceReported)
 #: How long a final-state write waits for its event to be committed first (a stuck outbox must
 #: not keep a transfer's end unrecorded for ever).
 FINAL_EVENT_WAIT: Final = 10.0
@@ -452,6 +457,10 @@ class Distribution:
         self._stall_after = config.stall_after_s
         self.rejects = rejects or RejectLog(log)
         self._rng = rng or random.Random()
+        self.device_reports: Callable[[str, Message], None] | None = None
+        """Where a CH's reports about its HAN devices go (``otad.devices``; None: refused)."""
+        self.transfer_ended: Callable[[str, bytes, TransferState, str | None], None] | None = None
+        """Told ``(guid, image, final state, reason)`` when a transfer ends."""
         self.scheduler = Scheduler(
             global_inflight=config.global_inflight,
             max_handshakes=config.max_handshakes,
@@ -685,6 +694,9 @@ class Distribution:
         msg = self._decode_up(guid, payload)
         if msg is None:
             return
+        if type(msg) in _DEVICE_REPORTS and self.device_reports is not None:
+            self.device_reports(guid, msg)
+            return
         t = active.get(getattr(msg, "image", b""))
         if t is None:
             self._no_transfer(guid, msg)
@@ -713,8 +725,12 @@ class Distribution:
             self._registry.refused(guid, "up", peek_type(payload), error)
             return
         msg = self._decode_up(guid, payload)
-        if msg is not None:
-            self._no_transfer(guid, msg)
+        if msg is None:
+            return
+        if type(msg) in _DEVICE_REPORTS and self.device_reports is not None:
+            self.device_reports(guid, msg)
+            return
+        self._no_transfer(guid, msg)
 
     def _decode_up(self, guid: str, payload: bytes) -> Message | None:
         """Decode an up message, or log its typed refusal and return None."""
@@ -727,6 +743,13 @@ class Distribution:
         except ProtocolError as exc:
             self._registry.refused(guid, "up", peek_type(payload), exc)
             return None
+
+    def transfer_state(self, guid: str, image: bytes) -> TransferState | None:
+        """Where the transfer of ``image`` to CH ``guid`` stands now (ended ones included,
+        before their final state is written), or None if there never was one."""
+        key = (guid, image)
+        current = self.transfers.get(key) or self._finishing.get(key)
+        return current.state if current is not None else self._ended.get(key)
 
     def _no_transfer(self, guid: str, msg: Message) -> None:
         if type(msg) not in (TransferAcked, ImageHeld, TransferRejected):
@@ -919,6 +942,8 @@ class Distribution:
         self._finishing[(t.guid, t.image.sha256)] = t
         self._finals.append((t, event))
         self._finals_wake.set()
+        if self.transfer_ended is not None:
+            self.transfer_ended(t.guid, t.image.sha256, state, reason)
 
     def _release_image(self, sha: bytes) -> None:
         users = self._image_users.get(sha, 0) - 1

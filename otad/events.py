@@ -28,6 +28,13 @@ Topics: an event about one CH is published on ``<prefix>/<kind>/<guid>``, any ot
 ``ota/v1/events/#`` is every event, ``ota/v1/events/transfer.held/#`` every ``transfer.held`` and
 ``ota/v1/events/+/0123456789ABCDEF`` everything about one CH.
 
+Alerts (SECMP0024) go to the supplier that owns the premises, not to every monitor: an event of an
+``ALERT`` kind (``device.confirmed``, ``device.failed``) is published on
+``ota/v1/alerts/<supplier_topic>/<kind>/<guid>``, where ``supplier_topic`` is
+:func:`supplier_topic_id` of the CH's declared supplier (a label of any printable characters,
+SPEC §3, made a topic level: a slug and a hash), so one broker ACL line per supplier
+(``pattern read ota/v1/alerts/<its id>/#``) gives each supplier its own alerts and no other's.
+
 A class's name is its kind in CamelCase; its ``KIND`` is the kind. A progress report
 (``SUPERSEDABLE``) still waiting to be committed is dropped when a newer event about the same
 :meth:`~MonitorEvent.subject` (one attempt of one transfer) is emitted.
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import re
 import typing
@@ -45,8 +53,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
 __all__ = [
+    "ALERTS_PREFIX",
     "EVENT_TYPES",
     "SCHEMA_VERSION",
+    "DeviceConfirmed",
+    "DeviceFailed",
     "DistributionResumed",
     "DistributionStalled",
     "EventDecodeError",
@@ -63,12 +74,17 @@ __all__ = [
     "decode_event",
     "event_topic",
     "iso_time",
+    "payload_topic",
+    "supplier_topic_id",
 ]
 
 SCHEMA_VERSION: Final = 1
 """The ``v`` of every event (and of the retained status)."""
+ALERTS_PREFIX: Final = "ota/v1/alerts"
+"""Where alerts go, under each supplier's own topic level (see the module docstring)."""
 
 _GUID = re.compile(r"[0-9A-F]{16}")
+_TOPIC_LEVEL = re.compile(r"[a-z0-9-]{1,64}")
 
 
 class EventDecodeError(ValueError):
@@ -100,6 +116,9 @@ class MonitorEvent:
     """A newer event about the same subject drops this one while it waits to be committed."""
     ABOUT_A_HUB: ClassVar[bool] = False
     """The event is about one CH: its GUID is the last level of its topic."""
+    ALERT: ClassVar[bool] = False
+    """An alert for the premises' supplier: published under :data:`ALERTS_PREFIX`, in the
+    level ``supplier_topic`` (see the module docstring)."""
 
     time: float = doc("when it happened, unix seconds (UTC, to the millisecond)")
     seq: int = field(default=0, compare=False, metadata={"doc": "the outbox sequence"})
@@ -140,8 +159,9 @@ class MonitorEvent:
         }
 
     def topic(self, prefix: str) -> str:
-        """The event's topic under ``prefix`` (see the module docstring)."""
-        return event_topic(prefix, self.KIND, getattr(self, "guid", None))
+        """The event's topic under ``prefix`` (an alert's: under its supplier's level of
+        :data:`ALERTS_PREFIX`; see the module docstring)."""
+        return payload_topic(prefix, self.KIND, self.fields())
 
     def _ms(self) -> int:
         return round(self.time * 1000)
@@ -362,6 +382,54 @@ class DistributionResumed(MonitorEvent):
         return f"distribution.resumed:{self.image}:{self._ms()}"
 
 
+# --------------------------------------------------------------------------- device alerts
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _DeviceAlert(MonitorEvent):
+    """An alert about one device (a HAN device, or a CH itself) of one premises."""
+
+    ABOUT_A_HUB: ClassVar[bool] = True
+    ALERT: ClassVar[bool] = True
+
+    guid: str = doc("the premises: its CH's GUID")
+    supplier: str = doc("the supplier the CH declared (it owns the premises)")
+    supplier_topic: str = doc("the supplier's topic level under ota/v1/alerts (slug-hash)")
+    device_id: str = doc("the device's EUI-64 (the CH's GUID when the CH itself is meant)")
+    device_type: str = doc("the device's type: CH, ESME, GSME, PPMID, HCALCS, B1-B4")
+    image: str = doc("the image's SHA-256, hex")
+    counter: int = doc("the activation command's counter (0: none was issued)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceConfirmed(_DeviceAlert):
+    """A device proved it runs the new firmware (SECMP0024): it counts as upgraded."""
+
+    KIND: ClassVar[str] = "device.confirmed"
+
+    fw_version: int = doc("the firmware version it now runs (u32)", hex_digits=8)
+    proof: str = doc("how it was proven: signed_alert, ch_evidence or read_back")
+
+    def key(self) -> str:
+        return f"device.confirmed:{self.device_id}:{self.image}:{self.counter}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceFailed(_DeviceAlert):
+    """A device will not run the image: its HAN transfer or its activation failed, it rolled
+    back after a failed self-test, or it stopped answering (``TIMED_OUT``)."""
+
+    KIND: ClassVar[str] = "device.failed"
+
+    fw_version: int = doc("the firmware version it runs (u32; 0: unknown)", hex_digits=8)
+    state: str = doc("where it ended: failed or timed_out")
+    reason: str = doc("why, a reason name (SPEC §4), e.g. SELF_TEST_FAILED, HASH_MISMATCH")
+    rolled_back: bool = doc("the new image booted, failed its self-test, and was rolled back")
+
+    def key(self) -> str:
+        return f"device.failed:{self.device_id}:{self.image}:{self.counter}:{self.reason}"
+
+
 EVENT_TYPES: Final[dict[str, type[MonitorEvent]]] = {
     cls.KIND: cls
     for cls in (
@@ -376,6 +444,8 @@ EVENT_TYPES: Final[dict[str, type[MonitorEvent]]] = {
         TransferStalled,
         DistributionStalled,
         DistributionResumed,
+        DeviceConfirmed,
+        DeviceFailed,
     )
 }
 """Every kind, in the order the documentation lists them."""
@@ -390,6 +460,29 @@ def event_topic(prefix: str, kind: str, guid: object = None) -> str:
     if cls is not None and cls.ABOUT_A_HUB and isinstance(guid, str) and _GUID.fullmatch(guid):
         return f"{prefix}/{kind}/{guid}"
     return f"{prefix}/{kind}"
+
+
+def payload_topic(prefix: str, kind: str, fields: Mapping[str, Any]) -> str:
+    """The topic of an event of ``kind`` with ``fields`` (its payload, or just its fields):
+    an alert's under its ``supplier_topic``, any other's by :func:`event_topic`."""
+    cls = EVENT_TYPES.get(kind)
+    if cls is not None and cls.ALERT:
+        level = fields.get("supplier_topic")
+        guid = fields.get("guid")
+        if isinstance(level, str) and _TOPIC_LEVEL.fullmatch(level):
+            tail = f"/{guid}" if isinstance(guid, str) and _GUID.fullmatch(guid) else ""
+            return f"{ALERTS_PREFIX}/{level}/{kind}{tail}"
+    return event_topic(prefix, kind, fields.get("guid"))
+
+
+def supplier_topic_id(supplier: str) -> str:
+    """The topic level of a supplier's alerts: a lower-case ASCII slug of the label (at most 32
+    characters; ``supplier`` when nothing is left) and the first 8 hex digits of the label's
+    SHA-256, so two labels that slug alike (``"Acme Ltd"``, ``"ACME-LTD"``, ``"Åcme"``) still
+    get different levels. Only ``a-z 0-9 -`` appear: never ``/ + #`` or NUL."""
+    slug = re.sub(r"[^a-z0-9]+", "-", supplier.lower()).strip("-")[:32].strip("-") or "supplier"
+    digest = hashlib.sha256(supplier.encode("utf-8")).hexdigest()[:8]
+    return f"{slug}-{digest}"
 
 
 def decode_event(payload: bytes | str | Mapping[str, Any]) -> MonitorEvent:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mqttio import MqttClient, NotConnected, wait_acknowledged
-from otad.events import MonitorEvent, event_topic
+from otad.events import MonitorEvent, payload_topic
 from otad.jsonwire import dumps
 from otad.store import NewEvent, Store, StoreError, Tx
 
@@ -229,7 +229,7 @@ class EventPublisher:
                 break
             for row in rows:
                 body = dumps({**row.payload, "seq": row.seq, "key": row.key})
-                topic = event_topic(self._prefix, row.kind, row.payload.get("guid"))
+                topic = payload_topic(self._prefix, row.kind, row.payload)
                 self._sent.append(_Sent(row.seq, topic, body, -1e9, -1))
                 after = row.seq
         self.last_seq = max(after, await self._store.read(_max_seq))

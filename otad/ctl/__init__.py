@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import datetime
 import json
 import sys
 import time
@@ -33,7 +34,10 @@ import mqttio
 from otad.ctl import imagetool, watch
 from otad.ctl.client import DEFAULT_TIMEOUT, CtlError, CtlTimeout, CtlUnreachable, call_once
 from otad.ctl.format import (
+    format_activate,
+    format_devices,
     format_distribute,
+    format_firmware_version,
     format_fleet,
     format_import,
     format_status,
@@ -218,6 +222,97 @@ def _add_distribute(groups: _Subparsers) -> None:
     dist.set_defaults(command="distribute")
 
 
+def _add_activate(groups: _Subparsers) -> None:
+    activate = groups.add_parser(
+        "activate",
+        help="sign and send activation commands for an image devices hold (or cancel them)",
+        usage="otactl activate [cancel] IMAGE (--device ID... | --all-held) [--at TIME]",
+    )
+    activate.add_argument(
+        "words", nargs="+", metavar="[cancel] IMAGE",
+        help="the image (SHA-256 or a unique hex prefix); 'cancel IMAGE' cancels a future-dated"
+        " activation",
+    )  # fmt: skip
+    targets = activate.add_mutually_exclusive_group(required=True)
+    targets.add_argument("--device", nargs="+", metavar="ID", help="these devices (EUI-64)")
+    targets.add_argument(
+        "--all-held", action="store_true", help="every device that holds the image"
+    )
+    activate.add_argument(
+        "--at", type=_time, metavar="TIME",
+        help="execute then: unix seconds or ISO 8601 UTC (2026-06-01T02:00:00Z); default now",
+    )  # fmt: skip
+    _add_daemon_options(activate, json_flag=True)
+    activate.set_defaults(command="activate")
+
+
+def _time(text: str) -> int:
+    """Unix seconds, or an ISO 8601 time (UTC unless it says otherwise)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not unix seconds or ISO 8601: {text!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return int(moment.timestamp())
+
+
+def _activate(args: argparse.Namespace) -> int:
+    words = list(args.words)
+    cancel = words[0] == "cancel" and len(words) == 2
+    if len(words) != 1 and not cancel:
+        raise CtlFailure("usage: otactl activate [cancel] IMAGE (--device ID... | --all-held)")
+    image = words[-1]
+    if cancel:
+        if args.all_held or args.at is not None:
+            raise CtlFailure("activate cancel takes --device ID... (and no --at)")
+        result = _daemon_call(args, "activate.cancel", {"image": image, "devices": args.device})
+    else:
+        call_args: dict[str, Any] = {"image": image}
+        if args.all_held:
+            call_args["all_held"] = True
+        else:
+            call_args["devices"] = list(args.device)
+        if args.at is not None:
+            call_args["at"] = args.at
+        result = _daemon_call(args, "activate", call_args)
+    _print_result(args, result, format_activate)
+    return EXIT_FAILED if result.get("refused") else EXIT_OK
+
+
+def _add_devices(groups: _Subparsers) -> None:
+    devices = groups.add_parser(
+        "devices", help="each HAN device's state per image: transfer, activation, proof"
+    )
+    devices.add_argument("--image", metavar="IMAGE", help="only this image (hex prefix)")
+    devices.add_argument("--guid", metavar="GUID", help="only this premises (CH)")
+    _add_daemon_options(devices, json_flag=True)
+    devices.set_defaults(command="devices")
+
+
+def _devices(args: argparse.Namespace) -> int:
+    call_args = {k: v for k, v in (("image", args.image), ("guid", args.guid)) if v is not None}
+    result = _daemon_call(args, "devices", call_args)
+    return _print_result(args, result, format_devices)
+
+
+def _add_firmware_version(groups: _Subparsers) -> None:
+    version = groups.add_parser(
+        "firmware-version", help="read the firmware version a device runs, through its CH"
+    )
+    version.add_argument("device", metavar="DEVICE", help="the device id (EUI-64)")
+    _add_daemon_options(version, json_flag=True)
+    version.set_defaults(command="firmware-version")
+
+
+def _firmware_version(args: argparse.Namespace) -> int:
+    wait_s = max(0.5, args.timeout * 0.8)  # the daemon answers before otactl gives up
+    result = _daemon_call(args, "firmware.version", {"device": args.device, "wait_s": wait_s})
+    return _print_result(args, result, format_firmware_version)
+
+
 def _add_fleet(groups: _Subparsers) -> None:
     fleet = groups.add_parser("fleet", help="the CHs otad knows")
     actions = fleet.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -321,6 +416,9 @@ GROUPS: list[Callable[[_Subparsers], None]] = [
     _add_keys,
     _add_image,
     _add_distribute,
+    _add_activate,
+    _add_devices,
+    _add_firmware_version,
     _add_fleet,
     _add_transfers,
     _add_status,
@@ -333,6 +431,9 @@ HANDLERS: dict[str, Handler] = {
     "image verify": _image_verify,
     "image import": _image_import,
     "distribute": _distribute,
+    "activate": _activate,
+    "devices": _devices,
+    "firmware-version": _firmware_version,
     "fleet list": _fleet_list,
     "transfers": _transfers,
     "status": _status,

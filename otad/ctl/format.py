@@ -114,3 +114,52 @@ def format_status(status: dict[str, Any]) -> str:
         flag = "  STALLED" if entry.get("stalled") else ""
         lines.append(f"  {image[:16]}: {states}{flag}")
     return "\n".join(lines)
+
+
+def format_activate(result: dict[str, Any]) -> str:
+    """``otactl activate`` (and ``activate cancel``) summary lines."""
+    lines = []
+    for issued in result.get("issued", []):
+        what = "cancel" if issued.get("cancel") else "activate"
+        when = issued.get("execute_at")
+        at = "now" if when is None else f"at {when}"
+        lines.append(f"{issued['device_id']}: {what} sent, counter {issued['counter']}, {at}")
+    lines += [
+        f"{r['device_id']}: refused {r['reason']}: {r['detail']}" for r in result.get("refused", [])
+    ]
+    issued_n, refused_n = len(result.get("issued", [])), len(result.get("refused", []))
+    lines.append(f"image {result['image'][:12]}: {issued_n} sent, {refused_n} refused")
+    return "\n".join(lines)
+
+
+def format_devices(rows: list[dict[str, Any]]) -> str:
+    """``otactl devices`` as a table."""
+    table = [
+        [
+            r["guid"],
+            r["device_id"],
+            r["device_type"],
+            r["join_mode"],
+            r["image"][:12],
+            r["state"],
+            f"{r['percent']}%",
+            r["proof"] or "-",
+            r["reason"] or "-",
+        ]
+        for r in rows
+    ]
+    headers = ["PREMISES", "DEVICE", "TYPE", "JOIN", "IMAGE", "STATE", "%", "PROOF", "REASON"]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
+    return f"{_table(headers, table)}\n{len(rows)} device(s): {summary}"
+
+
+def format_firmware_version(result: dict[str, Any]) -> str:
+    """``otactl firmware-version`` summary line."""
+    return (
+        f"{result['device_id']} (premises {result['guid']}) runs {result['fw_version_hex']},"
+        f" boot {result['boot_count']}, last command {result['counter']}"
+        f" (reported by the {result['evidence']})"
+    )

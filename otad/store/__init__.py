@@ -21,6 +21,8 @@ from otad.store.engine import (
     Tx,
 )
 from otad.store.rows import (
+    CommandRow,
+    DeviceRow,
     EventRow,
     FinalState,
     HanDeviceRow,
@@ -35,7 +37,9 @@ from otad.store.tables import Store
 __all__ = [
     "DB_NAME",
     "LOCK_NAME",
+    "CommandRow",
     "ConflictError",
+    "DeviceRow",
     "EventRow",
     "FinalState",
     "HanDeviceRow",

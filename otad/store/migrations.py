@@ -111,7 +111,47 @@ V2: Final = """
 ALTER TABLE hubs ADD COLUMN protocol_minor INTEGER NOT NULL DEFAULT 0 CHECK (protocol_minor >= 0);
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (V1, V2)
+#: Each HAN device's (and each CH's own) state per image, and every activation command otad
+#: signed (otad/devices.py; SPEC §8.10). A command's row, with its counter, is committed durably
+#: before the command is published: the highest counter per device is never issued twice.
+V3: Final = """
+CREATE TABLE devices (
+    device_id     TEXT NOT NULL,
+    image         BLOB NOT NULL REFERENCES images (sha256),
+    guid          TEXT NOT NULL,
+    device_type   TEXT NOT NULL,
+    join_mode     TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    bytes_held    INTEGER NOT NULL DEFAULT 0 CHECK (bytes_held >= 0),
+    size          INTEGER NOT NULL DEFAULT 0 CHECK (size >= 0),
+    proof         TEXT,
+    reason        TEXT,
+    counter       INTEGER CHECK (counter IS NULL OR counter > 0),
+    execute_at    INTEGER,
+    deadline      REAL,
+    read_attempts INTEGER NOT NULL DEFAULT 0 CHECK (read_attempts >= 0),
+    updated_at    REAL NOT NULL,
+    PRIMARY KEY (device_id, image)
+) WITHOUT ROWID;
+CREATE INDEX devices_state ON devices (state);
+
+CREATE TABLE activation_commands (
+    device_id   TEXT NOT NULL,
+    counter     INTEGER NOT NULL CHECK (counter > 0),
+    image       BLOB NOT NULL CHECK (length(image) = 32),
+    guid        TEXT NOT NULL,
+    execute_at  INTEGER,
+    cancel      INTEGER NOT NULL CHECK (cancel IN (0, 1)),
+    signed      BLOB NOT NULL,
+    issued_at   REAL NOT NULL,
+    answered_at REAL,
+    PRIMARY KEY (device_id, counter)
+) WITHOUT ROWID;
+CREATE INDEX activation_commands_unanswered ON activation_commands (device_id)
+    WHERE answered_at IS NULL;
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (V1, V2, V3)
 """Script *i* upgrades ``user_version`` *i* to *i + 1*."""
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

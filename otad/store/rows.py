@@ -122,6 +122,43 @@ class TransferRow:
 
 
 @dataclass(frozen=True, slots=True)
+class DeviceRow:
+    """One HAN device's (or a CH's own) state for one image (:mod:`otad.devices` says what each
+    field means; ``state`` and ``proof`` are free text checked there)."""
+
+    device_id: str
+    image: bytes
+    guid: str
+    device_type: str
+    join_mode: str
+    state: str
+    bytes_held: int
+    size: int
+    proof: str | None
+    reason: str | None
+    counter: int | None  # the activation command in progress (or last issued)
+    execute_at: int | None  # its execution time (unix s), None: at once
+    deadline: float | None  # unix s: when otad acts if nothing arrives (None: it waits)
+    read_attempts: int  # firmware-version read-backs sent for the current command
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRow:
+    """One signed activation command (or cancel) as issued, before it was published."""
+
+    device_id: str
+    counter: int
+    image: bytes
+    guid: str
+    execute_at: int | None
+    cancel: bool
+    signed: bytes  # the COSE_Sign1 published in an ``Activate``
+    issued_at: float
+    answered_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class FinalState:
     """A transfer's end, with its last progress: one row of :meth:`Store.finish_transfers`."""
 

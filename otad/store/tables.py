@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -22,6 +22,8 @@ import aiosqlite
 
 from otad.store.engine import ConflictError, Engine, NotFoundError, Tx
 from otad.store.rows import (
+    CommandRow,
+    DeviceRow,
     EventRow,
     FinalState,
     HanDeviceRow,
@@ -653,6 +655,103 @@ class Store(Engine):
 
         return await self.write(next_counter, durable=True)
 
+    # ----------------------------------------------------------------------- devices
+
+    async def save_devices(self, rows: Sequence[DeviceRow], *, durable: bool = True) -> None:
+        """Insert or replace device rows, in one change. State changes are durable; HAN progress
+        (``durable=False``) is committed, and a crash may lose it (the CH reports it again)."""
+        values = [dataclasses.astuple(row) for row in rows]
+
+        async def save_devices(tx: Tx) -> None:
+            await tx.executemany(_DEVICE_UPSERT, values)
+
+        await self.write(save_devices, durable=durable)
+
+    async def devices(self) -> list[DeviceRow]:
+        """Every device row."""
+
+        async def devices(tx: Tx) -> list[DeviceRow]:
+            rows = await tx.fetchall(
+                "SELECT device_id, image, guid, device_type, join_mode, state, bytes_held, size,"
+                " proof, reason, counter, execute_at, deadline, read_attempts, updated_at"
+                " FROM devices"
+            )
+            return [DeviceRow(*row) for row in rows]
+
+        return await self.read(devices)
+
+    async def issue_command(
+        self,
+        device_id: str,
+        image: bytes,
+        guid: str,
+        *,
+        execute_at: int | None,
+        cancel: bool,
+        floor: int,
+        sign: Callable[[int], bytes],
+        device_after: Callable[[int], DeviceRow],
+        now: float,
+    ) -> CommandRow:
+        """Take the device's next activation counter, sign the command with it, store both and
+        the device's row ``device_after(counter)``, in one durable change; return the command.
+
+        The counter is above every counter ever issued to the device and at least ``floor``
+        (otad passes the wall clock in milliseconds, so a store restored from a backup still
+        issues fresh counters). ``sign(counter)`` returns the COSE_Sign1 to publish. Nothing is
+        published here: the caller publishes after this returns, i.e. after the fsync."""
+
+        async def issue_command(tx: Tx) -> CommandRow:
+            row = await tx.fetchone(
+                "SELECT MAX(counter) FROM activation_commands WHERE device_id = ?", (device_id,)
+            )
+            highest = 0 if row is None or row[0] is None else int(row[0])
+            counter = max(highest + 1, floor)
+            if counter > _MAX_SQL_INT:
+                raise ConflictError(f"activation counter of {device_id} exhausted")
+            command = CommandRow(
+                device_id, counter, image, guid, execute_at, cancel, sign(counter), now, None
+            )
+            await tx.execute(
+                "INSERT INTO activation_commands (device_id, counter, image, guid, execute_at,"
+                " cancel, signed, issued_at, answered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (device_id, counter, image, guid, execute_at, int(cancel), command.signed, now,
+                 None),
+            )  # fmt: skip
+            await tx.execute(_DEVICE_UPSERT, dataclasses.astuple(device_after(counter)))
+            return command
+
+        return await self.write(issue_command, durable=True)
+
+    async def answer_command(self, device_id: str, counter: int, now: float) -> None:
+        """Mark a command answered (its outcome, or its cancellation, arrived)."""
+
+        async def answer_command(tx: Tx) -> None:
+            await tx.execute(
+                "UPDATE activation_commands SET answered_at = ?"
+                " WHERE device_id = ? AND counter = ? AND answered_at IS NULL",
+                (now, device_id, counter),
+            )
+
+        await self.write(answer_command, durable=False)
+
+    async def unanswered_commands(self) -> list[CommandRow]:
+        """Every command whose outcome has not arrived, oldest first per device."""
+
+        async def unanswered_commands(tx: Tx) -> list[CommandRow]:
+            rows = await tx.fetchall(
+                "SELECT device_id, counter, image, guid, execute_at, cancel, signed, issued_at,"
+                " answered_at FROM activation_commands WHERE answered_at IS NULL"
+                " ORDER BY device_id, counter"
+            )
+            return [
+                CommandRow(r[0], r[1], bytes(r[2]), r[3], r[4], bool(r[5]), bytes(r[6]), r[7],
+                           r[8])
+                for r in rows
+            ]  # fmt: skip
+
+        return await self.read(unanswered_commands)
+
     # ----------------------------------------------------------------------- internals
 
     def _overlay(self, row: TransferRow) -> TransferRow:
@@ -730,6 +829,13 @@ class Store(Engine):
         mark = batch.published
         if mark is not None and (self._pending_mark is None or mark > self._pending_mark):
             self._pending_mark = mark
+
+
+_DEVICE_UPSERT: Final = (
+    "INSERT OR REPLACE INTO devices (device_id, image, guid, device_type, join_mode, state,"
+    " bytes_held, size, proof, reason, counter, execute_at, deadline, read_attempts, updated_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def _seq_text(sequence: int) -> str:

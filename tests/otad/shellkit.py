@@ -12,7 +12,11 @@
   :class:`VirtualTime`;
 * :class:`SimCH` is a CH: the protocol's :class:`~protocol.wan.receiver.Receiver` behind the
   seeded link's hub shell (``tests/protocol/simlink.py``), answering otad through the memory
-  client; :meth:`Shell.run_until` moves messages and virtual time until a condition holds.
+  client; :meth:`Shell.run_until` moves messages and virtual time until a condition holds;
+* :class:`HanRelay` is a CH's side of SPEC §8.10 for its HAN devices: real
+  :class:`~protocol.device.device.Device` machines behind it, to which it relays ``Activate``
+  and whose answers (and ``ReadVersion`` read-backs) it reports as ``DeviceReported``;
+  :meth:`Shell.run_until_handled` also lets otad's device task (:mod:`otad.devices`) run.
 """
 
 from __future__ import annotations
@@ -33,7 +37,14 @@ from loadtest.release import Release, make_release
 from mqttio import MqttClient, MqttConnectError, MqttSettings, NotConnected
 from mqttio.interface import validate_topic_name
 from otad.catalogue import Catalogue
-from otad.config import Config, EventsConfig, StoreConfig, TransferConfig, TrustConfig
+from otad.config import (
+    ActivationConfig,
+    Config,
+    EventsConfig,
+    StoreConfig,
+    TransferConfig,
+    TrustConfig,
+)
 from otad.daemon import Daemon
 from otad.distribution import Distribution
 from otad.events import MonitorEvent, decode_event
@@ -43,16 +54,25 @@ from otad.registry import Registry
 from otad.status import StatusPublisher
 from otad.store import Store, TransferRow
 from protocol.clock import UnixTime
+from protocol.device.activation import VersionReport
+from protocol.device.device import AlertRaised, Device, DeviceOutput
+from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
 from protocol.release.trust import TrustStore, verify_manifest
 from protocol.wire import topics
 from protocol.wire.messages import (
+    Activate,
+    DeviceReported,
+    DeviceTransferReported,
+    DeviceTransferState,
+    Evidence,
     HanDevice,
     HubAnnounced,
     HubWentOffline,
     Limits,
     Message,
     Offer,
+    ReadVersion,
     decode,
 )
 
@@ -273,12 +293,16 @@ class SimCH:
         self.lose: Callable[[Message], bool] = lambda reply: False
         """Which of its replies the link loses (``lose(reply)`` true: never reaches otad)."""
         self.lost: list[Message] = []
+        self.han = HanRelay()
+        """Its HAN devices (SPEC §8.10)."""
 
     def handle(self, message: Message, now: float) -> list[Message]:
         """Feed one downlink message to the receiver; return its replies."""
         self.received.append(message)
         if self.silent:
             return []
+        if isinstance(message, (Activate, ReadVersion)):
+            return self._sent(self.han.handle(message, WALL0 + now))
         rx = self.hub.receiver
         if isinstance(message, Offer):
             actions = rx.offer_received(message, UnixTime(time.time()), now)
@@ -288,16 +312,124 @@ class SimCH:
 
     def timers_due(self, now: float) -> list[Message]:
         """Run the receiver's timers due at ``now`` (delayed acknowledgements)."""
-        deadline = self.hub.receiver.next_deadline()
-        if self.silent or deadline is None or deadline > now:
+        if self.silent:
             return []
-        return self._sent(self.hub.apply(self.hub.receiver.handle_timer(now), now))
+        replies = self._sent(self.han.timers_due(WALL0 + now))
+        deadline = self.hub.receiver.next_deadline()
+        if deadline is None or deadline > now:
+            return replies
+        return replies + self._sent(self.hub.apply(self.hub.receiver.handle_timer(now), now))
+
+    def next_deadline(self) -> float | None:
+        """The receiver's or a device's next deadline (virtual monotonic time), or None."""
+        han = self.han.next_deadline()
+        deadlines = [self.hub.receiver.next_deadline(), None if han is None else han - WALL0]
+        return min((d for d in deadlines if d is not None), default=None)
 
     def _sent(self, replies: list[Message]) -> list[Message]:
         kept = []
         for reply in replies:
             (self.lost if self.lose(reply) else kept).append(reply)
         return kept
+
+
+# --------------------------------------------------------------------------- a CH's HAN
+
+
+class HanRelay:
+    """A CH's side of SPEC §8.10: the real device machines on its HAN, and what it reports.
+
+    The HAN link itself (ZigBee OTA frames) is not simulated here: :meth:`deliver` puts an image
+    into a device the way its HAN client would (manifest first, then the bytes) and returns the
+    reports a CH sends about it. ``lose(output)`` true drops a device's answer on the way."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, Device] = {}
+        self.lose: Callable[[DeviceOutput], bool] = lambda output: False
+        self.refused: list[tuple[str, Reason]] = []
+        """(device id, reason) of every activation command a device refused."""
+        self.lost: list[DeviceOutput] = []
+
+    def add(self, device: Device) -> Device:
+        self.devices[device.identity.device_id] = device
+        return device
+
+    def deliver(
+        self, device_id: str, sha: bytes, signed_manifest: bytes, image: bytes, wall: float
+    ) -> list[Message]:
+        """Relay image ``sha`` to a device: a progress report halfway, then its outcome."""
+        device = self.devices[device_id]
+        size = len(image)
+        try:
+            device.manifest_received(signed_manifest, UnixTime(wall))
+        except ProtocolError as exc:
+            refused = DeviceTransferState.REFUSED
+            return [DeviceTransferReported(sha, device_id, refused, 0, size, int(exc.reason))]
+        half = size // 2
+        device.image_data_received(0, image[:half])
+        reports: list[Message] = [
+            DeviceTransferReported(sha, device_id, DeviceTransferState.TRANSFERRING, half, size, 0)
+        ]
+        try:
+            device.image_data_received(half, image[half:])
+        except ProtocolError as exc:
+            state = DeviceTransferState.DISCARDED
+            reason = int(exc.reason)
+            return [*reports, DeviceTransferReported(sha, device_id, state, 0, size, reason)]
+        held = DeviceTransferState.HELD
+        return [*reports, DeviceTransferReported(sha, device_id, held, size, size, 0)]
+
+    def handle(self, message: Message, wall: float) -> list[Message]:
+        """An ``Activate`` or a ``ReadVersion`` from otad; the reports it causes."""
+        if isinstance(message, ReadVersion):
+            device = self.devices.get(message.device_id)
+            if device is None:
+                return []
+            running = device.running.fw_version
+            report = VersionReport(
+                message.device_id, running, device.boot_count, device.last_counter
+            )
+            return [DeviceReported(message.device_id, report.encode(), Evidence.DEVICE)]
+        if not isinstance(message, Activate):
+            return []
+        device = self.devices.get(message.device_id)
+        if device is None:
+            return []
+        try:
+            outputs = device.activation_received(message.command, UnixTime(wall))
+        except ProtocolError as exc:
+            self.refused.append((message.device_id, exc.reason))
+            return []
+        return self._reports(device, outputs)
+
+    def timers_due(self, wall: float) -> list[Message]:
+        """Run the devices' future-dated activations due at ``wall``."""
+        replies: list[Message] = []
+        for device in self.devices.values():
+            deadline = device.next_deadline()
+            if deadline is not None and deadline <= wall:
+                replies += self._reports(device, device.handle_timer(UnixTime(wall)))
+        return replies
+
+    def next_deadline(self) -> float | None:
+        """The earliest device deadline (wall clock), or None."""
+        deadlines = [d.next_deadline() for d in self.devices.values()]
+        return min((float(d) for d in deadlines if d is not None), default=None)
+
+    def _reports(self, device: Device, outputs: list[DeviceOutput]) -> list[Message]:
+        device_id = device.identity.device_id
+        reports: list[Message] = []
+        for output in outputs:
+            if self.lose(output):
+                self.lost.append(output)
+                continue
+            if isinstance(output, AlertRaised):
+                reports.append(DeviceReported(device_id, output.signed, Evidence.DEVICE))
+            elif isinstance(output, VersionReport):  # what the CH saw of a CAD bridge
+                reports.append(DeviceReported(device_id, output.encode(), Evidence.CH))
+            else:
+                reports.append(DeviceReported(device_id, output.encode(), Evidence.DEVICE))
+        return reports
 
 
 # --------------------------------------------------------------------------- the shell
@@ -320,6 +452,16 @@ class Shell:
     """Every downlink message otad published, as the broker saw it (a wiretap)."""
     _wire: list[tuple[float, int, str, str, bytes]] = field(default_factory=list)
     _order: itertools.count[int] = field(default_factory=itertools.count)
+    killed: bool = False
+    """:meth:`kill` was called: no clean shutdown."""
+
+    def kill(self) -> None:
+        """The process dies (SIGKILL): nothing more is sent or handled, nothing is flushed;
+        what the store committed is all that survives (the store is closed afterwards)."""
+        self.killed = True
+        self.client.reachable = False
+        self.client.lose_connection()
+        self._wire.clear()
 
     @property
     def store(self) -> Store:
@@ -420,6 +562,26 @@ class Shell:
                 raise AssertionError(f"not done after {self.clock.now - began:.1f} virtual s")
             self.clock.advance(max(0.0, at - self.clock.now))
 
+    async def run_until_handled(self, condition: Callable[[], bool], max_s: float = 600.0) -> float:
+        """:meth:`run_until`, letting otad's device task handle what arrived at every step (its
+        store writes need the event loop); return the virtual seconds it took."""
+        began = self.clock.now
+        while True:
+            self.pump()
+            await self.daemon.devices.flushed()
+            self.pump()
+            if condition():
+                return self.clock.now - began
+            at = self._next_deadline()
+            if at is None or at - began > max_s:
+                raise AssertionError(f"not done after {self.clock.now - began:.1f} virtual s")
+            self.clock.advance(max(0.0, at - self.clock.now))
+
+    def send_up(self, guid: str, *messages: Message) -> None:
+        """The CH ``guid`` publishes ``messages`` on its up topic (they arrive after latency)."""
+        for message in messages:
+            self._send(self.clock.now, "up", guid, message.encode())
+
     def run_for(self, seconds: float) -> None:
         """Move messages and virtual time for ``seconds``."""
         until = self.clock.now + seconds
@@ -434,7 +596,7 @@ class Shell:
 
     def _next_deadline(self) -> float | None:
         deadlines = [self.clock.next_at(), self._wire[0][0] if self._wire else None] + [
-            ch.hub.receiver.next_deadline() for ch in self.chs.values() if not ch.silent
+            ch.next_deadline() for ch in self.chs.values() if not ch.silent
         ]
         return min((d for d in deadlines if d is not None), default=None)
 
@@ -462,19 +624,27 @@ async def shell(
     firmware_bytes: int = 8 * 1024,
     block_size: int = 1024,
     seed: int = 1,
+    activation: ActivationConfig | None = None,
+    release: Release | None = None,
+    clock: VirtualTime | None = None,
 ) -> AsyncIterator[Shell]:
     """A :class:`Shell` on a fresh state directory with one signed release imported, its MQTT
-    sessions connected, sending started; shut down (as on SIGTERM) and closed afterwards."""
-    release = make_release(tmp_path / "release", firmware_bytes=firmware_bytes,
-                           block_size=block_size)  # fmt: skip
+    sessions connected, sending started; shut down (as on SIGTERM) and closed afterwards.
+
+    Given the ``release`` (and ``clock``) of an earlier shell on the same ``tmp_path``, it is
+    that daemon restarted on its state directory (after :meth:`Shell.kill`, a crash)."""
+    if release is None:
+        release = make_release(tmp_path / "release", firmware_bytes=firmware_bytes,
+                               block_size=block_size)  # fmt: skip
     trust = load_trust_dir(release.trust_dir)
     config = Config(
         store=StoreConfig(state_dir=tmp_path / "state", flush_interval_ms=10),
         trust=TrustConfig(dir=release.trust_dir),
         transfer=transfer or TransferConfig(),
         events=events or EventsConfig(),
+        activation=activation or ActivationConfig(),
     )
-    clock = VirtualTime()
+    clock = clock or VirtualTime()
     sessions: dict[str, MemoryMqttClient] = {}
 
     def mqtt_client(library: str, settings: MqttSettings) -> MemoryMqttClient:
@@ -488,7 +658,7 @@ async def shell(
         assert await daemon.connect()
         daemon.distribution._rng.seed(seed)
         await daemon.catalogue.import_image(release.path.read_bytes())
-        yield Shell(
+        sh = Shell(
             daemon=daemon,
             client=sessions["otad"],
             control=sessions["otad.ctl"],
@@ -496,7 +666,9 @@ async def shell(
             release=release,
             trust=trust,
         )
-        await daemon.shutdown()
+        yield sh
+        if not sh.killed:
+            await daemon.shutdown()
     finally:
         for client in sessions.values():
             await client.disconnect()

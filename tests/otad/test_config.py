@@ -73,7 +73,8 @@ def test_example_file_is_valid_and_lists_every_key_with_its_default() -> None:
     uncommented = re.sub(r"^# (\w+ = )", r"\1", text, flags=re.MULTILINE)
     parsed = tomllib.loads(uncommented)
     defaults = Config()
-    optional = {"username", "password_file", "tls_ca", "tls_cert", "tls_key", "revoked_file"}
+    optional = {"username", "password_file", "tls_ca", "tls_cert", "tls_key", "revoked_file",
+                "key", "device_keys"}  # fmt: skip
     for section in dataclasses.fields(Config):
         table = parsed[section.name]
         section_defaults = getattr(defaults, section.name)

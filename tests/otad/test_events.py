@@ -10,6 +10,8 @@ import pytest
 from otad.events import (
     EVENT_TYPES,
     SCHEMA_VERSION,
+    DeviceConfirmed,
+    DeviceFailed,
     DistributionResumed,
     DistributionStalled,
     EventDecodeError,
@@ -26,16 +28,29 @@ from otad.events import (
     decode_event,
     event_topic,
     iso_time,
+    payload_topic,
+    supplier_topic_id,
 )
 from otad.jsonwire import dumps
 
 GUID = "0123456789ABCDEF"
 IMAGE = "9f" * 32
 T = 1_767_225_600.1234  # 2026-01-01T00:00:00.123Z, and a bit
+ACME = supplier_topic_id("Acme Ltd")
 
 
 def one_of_each() -> list[MonitorEvent]:
     transfer = {"time": T, "guid": GUID, "image": IMAGE, "attempt": 2}
+    device = {
+        "time": T,
+        "guid": GUID,
+        "supplier": "Acme Ltd",
+        "supplier_topic": ACME,
+        "device_id": "00DB1234567890AE",
+        "device_type": "B2",
+        "image": IMAGE,
+        "counter": 9,
+    }
     return [
         ImageImported(
             time=T, image=IMAGE, device_type="CH", fw_version=0x01020304, sequence=7, size=3000,
@@ -71,6 +86,11 @@ def one_of_each() -> list[MonitorEvent]:
             offline=5, pending=0, running=0, queued=0, throttled=0,
         ),
         DistributionResumed(time=T, image=IMAGE, active=5, stalled_s=12.5),
+        DeviceConfirmed(**device, fw_version=0x01020305, proof="signed_alert"),
+        DeviceFailed(
+            **device, fw_version=0x01020304, state="failed", reason="SELF_TEST_FAILED",
+            rolled_back=True,
+        ),
     ]  # fmt: skip
 
 
@@ -137,6 +157,8 @@ def test_keys_are_the_same_facts_as_before_so_a_restart_stores_each_once() -> No
         "transfer.stalled": f"transfer.stalled:{GUID}:{IMAGE}:2:1767225600123",
         "distribution.stalled": f"distribution.stalled:{IMAGE}:1767225600123",
         "distribution.resumed": f"distribution.resumed:{IMAGE}:1767225600123",
+        "device.confirmed": f"device.confirmed:00DB1234567890AE:{IMAGE}:9",
+        "device.failed": f"device.failed:00DB1234567890AE:{IMAGE}:9:SELF_TEST_FAILED",
     }
 
 
@@ -158,12 +180,32 @@ def test_events_about_one_ch_carry_its_guid_in_the_topic() -> None:
     for kind, topic in topics.items():
         if kind.startswith(("hub.", "transfer.")):
             assert topic == f"ota/v1/events/{kind}/{GUID}"
+        elif kind.startswith("device."):
+            assert topic == f"ota/v1/alerts/{ACME}/{kind}/{GUID}"
         else:
             assert topic == f"ota/v1/events/{kind}"
     # a stored payload's topic is found the same way (a restart re-publishes from the outbox)
     assert event_topic("p", "transfer.held", GUID) == f"p/transfer.held/{GUID}"
     assert event_topic("p", "transfer.held", "not/a+guid") == "p/transfer.held"
     assert event_topic("p", "image.imported", GUID) == "p/image.imported"
+
+
+def test_alerts_go_under_their_suppliers_own_topic_level() -> None:
+    assert ACME.startswith("acme-ltd-")
+    assert len(ACME) == len("acme-ltd-") + 8
+    # labels that slug alike get different levels; odd characters never reach the topic
+    ids = {supplier_topic_id(label) for label in ("Acme Ltd", "ACME-LTD", "acme ltd", "Åcme Ltd")}
+    assert len(ids) == 4
+    for label in ("Süd-Netz/3", "+#", "   ", "\u00e9\u00e9", "a" * 64):
+        level = supplier_topic_id(label)
+        assert all(c in "abcdefghijklmnopqrstuvwxyz0123456789-" for c in level), level
+        assert 9 < len(level) <= 32 + 9
+    assert supplier_topic_id("+#").startswith("supplier-")
+    # a stored payload's topic is found the same way (a restart re-publishes from the outbox)
+    (confirmed,) = [e for e in one_of_each() if isinstance(e, DeviceConfirmed)]
+    assert payload_topic("p", confirmed.KIND, confirmed.payload()) == confirmed.topic("p")
+    forged = {**confirmed.payload(), "supplier_topic": "../other/#"}
+    assert payload_topic("p", confirmed.KIND, forged) == f"p/device.confirmed/{GUID}"
 
 
 def test_fields_the_decoder_does_not_know_are_compatible_additions() -> None:
