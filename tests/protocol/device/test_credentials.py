@@ -363,18 +363,50 @@ def test_the_default_generator_makes_a_fresh_key_per_replacement() -> None:
 # --------------------------------------------------------------------------- SPEC §8.11
 
 
-def test_the_credentials_table_of_spec_is_the_code() -> None:
-    body = SPEC.split("### 8.11", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+def credentials_table_problems(text: str) -> list[str]:
+    """How §8.11's record table differs from the code (t, class, fields, byte lengths)."""
+    body = text.split("### 8.11", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
     rows = [
         [cell.strip() for cell in line.strip("|").split("|")]
         for line in body.splitlines()
         if line.startswith("| `") and line.count("|") == 5
-    ]
-    table = {re.findall(r"`([^`]+)`", row[0])[0]: row for row in rows}
-    classes = (CredentialsCommand, KeyPossession, CredentialsConfirmation)
-    assert sorted(table) == sorted(cls.TYPE for cls in classes)
-    for cls in classes:
-        row = table[cls.TYPE]
-        assert re.findall(r"`([^`]+)`", row[1]) == [cls.__name__]
-        declared = [spec.name for spec in codec.schema(cls).fields]
-        assert [f.split(" ")[0] for f in re.findall(r"`([a-z_]+)`", row[2])] == declared
+    ][1:]  # below the header "| `t` | class | fields | signed by |"
+    classes = {
+        cls.__name__: cls for cls in (CredentialsCommand, KeyPossession, CredentialsConfirmation)
+    }
+    problems: list[str] = []
+    for code_cell, class_cell, fields_cell, _signer in rows:
+        names = re.findall(r"`([^`]+)`", class_cell)
+        cls = classes.pop(names[0], None) if names else None
+        if cls is None:
+            problems.append(f"no credentials record {class_cell}")
+            continue
+        if re.findall(r"`([^`]+)`", code_cell) != [cls.TYPE]:
+            problems.append(f"{cls.__name__}: t {code_cell}, code {cls.TYPE}")
+        schema = codec.schema(cls)
+        listed = re.findall(r"`([a-z_]+)`(?: \((\d+) B)?", fields_cell)
+        if [name for name, _ in listed] != [spec.name for spec in schema.fields]:
+            problems.append(f"{cls.__name__}: fields {fields_cell}")
+        lengths = {spec.name: spec.length for spec in schema.fields}
+        for name, length in listed:
+            if length and lengths.get(name) != int(length):
+                problems.append(f"{cls.__name__}.{name}: {length} B, code {lengths.get(name)}")
+    return problems + [f"{name} not in SPEC §8.11" for name in classes]
+
+
+def test_the_credentials_table_of_spec_is_the_code() -> None:
+    assert credentials_table_problems(SPEC) == []
+
+
+@pytest.mark.parametrize(
+    ("line", "doctored"),
+    [
+        ("| `replace_credentials` |", "| `replace_credential` |"),
+        ("`current_kid` (8 B)", "`current_kid` (16 B)"),
+        ("`new_key` (91 B), `possession` (64 B)", "`new_key` (91 B)"),
+        ("| `key_possession` | `KeyPossession` |", "| `key_possession` | `KeyProof` |"),
+    ],
+)
+def test_a_wrong_credentials_line_is_noticed(line: str, doctored: str) -> None:
+    assert line in SPEC
+    assert credentials_table_problems(SPEC.replace(line, doctored))
