@@ -12,7 +12,8 @@ not pay for) and translates both ways:
 * out, on the CH's up topic: :class:`~protocol.wire.messages.DeviceTransferReported` for each
   relay's progress (rate-limited by the premises) and outcome, and
   :class:`~protocol.wire.messages.DeviceReported` for each device activation record: the device's
-  own answers and signed alerts (evidence ``device``), and the CH's version reports (evidence
+  own answers, signed alerts and credential confirmations (SPEC §8.11; evidence ``device``), and
+  the CH's version reports (evidence
   ``ch``: a CAD bridge's reboot and next query, or the answer to a read-back).
 
 A refused activation command (replayed, forged, for another device) gets no answer on the WAN:
@@ -34,6 +35,8 @@ from loadtest.premises import (
     ActivationAnswered,
     ActivationRefused,
     AlertReceived,
+    CredentialsRefused,
+    CredentialsReplaced,
     Premises,
     PremisesConfig,
     TransferEnded,
@@ -189,11 +192,11 @@ class HanSide:
             )
         if isinstance(event, ActivationAnswered):
             return DeviceReported(event.device_id, event.answer.encode(), Evidence.DEVICE)
-        if isinstance(event, AlertReceived):
+        if isinstance(event, (AlertReceived, CredentialsReplaced)):
             return DeviceReported(event.device_id, event.signed, Evidence.DEVICE)
         if isinstance(event, VersionReported):
             return DeviceReported(event.device_id, event.report.encode(), Evidence.CH)
-        if isinstance(event, ActivationRefused):
+        if isinstance(event, (ActivationRefused, CredentialsRefused)):
             name = event.reason.name
             self.stats.refused_commands[name] = self.stats.refused_commands.get(name, 0) + 1
         return None

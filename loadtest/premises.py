@@ -36,10 +36,12 @@ Inputs:
   Raises :class:`ProtocolError` ``WRONG_DEVICE_TYPE`` when no device of that type is here.
 * :meth:`Premises.image_discarded` ``(sha256, now)``: the CH dropped an image; it is no longer
   served.
-* :meth:`Premises.activation_received` ``(device_id, signed_command, now)``: a signed activation
-  command for one device (or for the CH, by its GUID), carried to the device over its link (loss
-  applies; a sleepy device gets it when it next wakes). ``ProtocolError`` ``WRONG_DEVICE`` for a
-  device not on this premises.
+* :meth:`Premises.activation_received` ``(device_id, signed_command, now)``: a command otad
+  signed for one device (or for the CH, by its GUID) -- an activation, or a credentials command
+  (SPEC §8.11: both ride in the WAN's ``Activate``; the device tells them apart by the ``"t"``
+  inside the signed payload) -- carried to the device over its link (loss applies; a sleepy
+  device gets it when it next wakes). ``ProtocolError`` ``WRONG_DEVICE`` for a device not on
+  this premises.
 * :meth:`Premises.version_read` ``(device_id, now)``: read a device's running version back; the
   answer is a :class:`VersionReported`.
 
@@ -55,8 +57,16 @@ Events (:data:`PremisesEvent`), each with the device id and the shell time it re
 * :class:`ActivationAnswered` -- the device's :class:`~protocol.device.activation.
   ActivationResponse`, :class:`~protocol.device.activation.ActivationScheduled` or
   :class:`~protocol.device.activation.ActivationCancelled`;
-* :class:`ActivationRefused` -- the device refused the command (``REPLAYED``, ``WRONG_DEVICE``,
-  a signature reason);
+* :class:`ActivationRefused` -- the device refused an activation command (``REPLAYED``,
+  ``WRONG_DEVICE``, a signature reason);
+* :class:`CredentialsReplaced` -- a device that signs carried out a credentials command: it
+  generated a new key pair, and ``signed`` is its confirmation (SPEC §8.11), signed by the key
+  the command named, for otad's :func:`~protocol.device.credentials.adopt_new_key`; from then on
+  it signs with the new key (:meth:`Premises.public_key` returns it);
+* :class:`CredentialsRefused` -- the device refused a credentials command (``NO_CREDENTIALS``
+  for a CAD-joined bridge, ``REPLAYED``, ``WRONG_DEVICE``, ``UNKNOWN_KEY_ID`` for a forged one or
+  one naming a key the device does not hold, ...). Which kind of command was refused is what it
+  claimed to be, unverified (a forged command is told apart only for the event);
 * :class:`AlertReceived` -- the signed :class:`~protocol.device.activation.ActivationAlert` of a
   device that can sign (NATIVE, PPMID-joined); verify it with :meth:`Premises.public_key`;
 * :class:`VersionReported` -- a :class:`~protocol.device.activation.VersionReport`: the CH's
@@ -73,8 +83,10 @@ Timing, and what a shell must allow for:
   ``awake_window`` after it sent; the CH keeps what is for it (ImageNotify, an activation command,
   a version read) and hands it over when it next wakes, at most ``wake_interval`` HAN seconds
   later: otad's phase deadlines for a GSME must allow a wake interval per exchange;
-* activation answers and read-backs cross the lossy link once, with no CH-level retry (ZigBee's
-  APS retries are in the loss figure): a lost one is for otad's read-back with backoff;
+* activation answers, credential confirmations and read-backs cross the lossy link once, with no
+  CH-level retry (ZigBee's APS retries are in the loss figure): a lost activation answer is for
+  otad's read-back with backoff, a lost confirmation for a new credentials command naming the
+  key otad still trusts (SPEC §8.11);
 * with ``acceleration`` f > 1 everything on the HAN sees HAN time, signed times included: a
   manifest's expiry and an activation's ``execute_at`` are reached after 1/f of the shell time
   to them (counted from the premises' creation). Tests of dated activations against otad's wall
@@ -83,7 +95,10 @@ Timing, and what a shell must allow for:
 Scenario knobs (:class:`PremisesConfig`): links per device type, K, the MinimumBlockPeriod, the
 query and wake intervals, the share of devices whose self-test fails (seeded per device id, the
 CH's own included: they roll back and answer ``SELF_TEST_FAILED``), a loss applied to activation
-answers only (to show read-back), the vendor and image types the devices identify with.
+answers and credential confirmations only (to show read-back and recovery), the vendor and image
+types the devices identify with. A device's keys are derived from the seed and its id
+(:func:`device_key`: generation 0 is the key it starts with, generation n the one its n-th
+credential replacement generates), so runs are reproducible.
 """
 
 from __future__ import annotations
@@ -108,8 +123,10 @@ from protocol.device.activation import (
     ActivationScheduled,
     VersionReport,
 )
+from protocol.device.credentials import CredentialsCommand, claimed_command_type
 from protocol.device.device import (
     AlertRaised,
+    CredentialsConfirmed,
     Device,
     DeviceIdentity,
     DeviceOutput,
@@ -147,6 +164,8 @@ __all__ = [
     "ActivationAnswered",
     "ActivationRefused",
     "AlertReceived",
+    "CredentialsRefused",
+    "CredentialsReplaced",
     "Premises",
     "PremisesConfig",
     "PremisesEvent",
@@ -205,10 +224,20 @@ class PremisesConfig:
         return self.image_types.get(device_type, DEFAULT_IMAGE_TYPE)
 
 
-def device_key(seed: int, device_id: str) -> ec.EllipticCurvePrivateKey:
-    """The signing key of device ``device_id`` in a run seeded ``seed`` (deterministic)."""
-    digest = hashlib.sha256(f"otad-loadtest/device-key/{seed}/{device_id}".encode()).digest()
+def device_key(seed: int, device_id: str, generation: int = 0) -> ec.EllipticCurvePrivateKey:
+    """The signing key of device ``device_id`` in a run seeded ``seed`` (deterministic):
+    ``generation`` 0 is the key it starts with, n the one its n-th credential replacement makes."""
+    label = f"otad-loadtest/device-key/{seed}/{device_id}"
+    if generation:
+        label += f"/{generation}"
+    digest = hashlib.sha256(label.encode()).digest()
     return ec.derive_private_key(int.from_bytes(digest) % (_P256_ORDER - 1) + 1, ec.SECP256R1())
+
+
+def _replacement_keys(seed: int, device_id: str) -> Callable[[], ec.EllipticCurvePrivateKey]:
+    """The key generator of a device: generations 1, 2, ... of :func:`device_key`."""
+    generations = itertools.count(1)
+    return lambda: device_key(seed, device_id, next(generations))
 
 
 # ----------------------------------------------------------------------------- events
@@ -274,6 +303,25 @@ class AlertReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialsReplaced:
+    """A device replaced its key pair: ``signed`` is its CredentialsConfirmation (COSE_Sign1
+    under the key the command named; SPEC §8.11), to relay to otad verbatim."""
+
+    device_id: str
+    signed: bytes
+    at: UnixTime
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialsRefused:
+    """The device refused a credentials command before acting on it (SPEC §8.11)."""
+
+    device_id: str
+    reason: Reason
+    at: UnixTime
+
+
+@dataclass(frozen=True, slots=True)
 class VersionReported:
     """The CH's VersionReport of a device: CAD evidence, or a read-back's answer."""
 
@@ -288,6 +336,8 @@ PremisesEvent = (
     | ActivationAnswered
     | ActivationRefused
     | AlertReceived
+    | CredentialsReplaced
+    | CredentialsRefused
     | VersionReported
 )
 
@@ -299,7 +349,7 @@ class PremisesStats:
     frames_sent: int = 0  # on every link, both ways
     frames_lost: int = 0
     frames_held_asleep: int = 0  # frames the CH kept for a sleeping device until it woke
-    answers_dropped: int = 0  # activation answers lost to ``activation_answer_loss``
+    answers_dropped: int = 0  # answers and confirmations lost to ``activation_answer_loss``
     max_concurrent_transfers: int = 0  # the most HAN sessions transferring at once
     image_bytes_delivered: int = 0  # bytes of the images devices reported held
 
@@ -323,6 +373,13 @@ class _ToDevice:
 class _Command:
     device_id: str
     signed: bytes
+    credentials: bool  # claims to be a credentials command (unverified: for the events only)
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    reason: Reason
+    credentials: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,7 +390,7 @@ class _VersionRead:
 @dataclass(frozen=True, slots=True)
 class _Answer:
     device_id: str
-    answer: DeviceOutput | Reason
+    answer: DeviceOutput | _Refusal
 
 
 _Delivery = _ToCh | _ToDevice | _Command | _VersionRead | _Answer
@@ -509,6 +566,7 @@ class Premises:
             activation_trust=activation_trust,
             signing_key=device_key(cfg.seed, device_id) if join_mode.can_sign else None,
             self_test=(lambda _manifest: not fails),
+            key_generator=_replacement_keys(cfg.seed, device_id),
         )
 
     # ------------------------------------------------------------------ queries
@@ -525,7 +583,8 @@ class Premises:
         return self._node(device_id).device
 
     def public_key(self, device_id: str) -> ec.EllipticCurvePublicKey | None:
-        """The public key ``device_id`` signs its alerts with (``None``: CAD-joined, cannot)."""
+        """The public key ``device_id`` signs its alerts with now (after a credential replacement
+        the new one; ``None``: CAD-joined, it cannot sign)."""
         key = self.device(device_id).signing_key
         return None if key is None else key.public_key()
 
@@ -603,15 +662,21 @@ class Premises:
         self.server.remove_image(sha256)
 
     def activation_received(self, device_id: str, signed_command: bytes, now: UnixTime) -> None:
-        """Carry a signed activation command to ``device_id`` (the CH: its GUID)."""
+        """Carry a signed command (activation or credentials) to ``device_id`` (the CH: its
+        GUID)."""
         at = self._advance(now)
+        command = _Command(
+            device_id,
+            bytes(signed_command),
+            claimed_command_type(signed_command) is CredentialsCommand,
+        )
         if device_id == self.identity.guid:
-            self._ch_activation(signed_command, at)
+            self._ch_activation(command, at)
             return
         node = self._nodes.get(device_id)
         if node is None:
             raise ProtocolError(Reason.WRONG_DEVICE, f"{device_id} is not on this premises")
-        self._to_device(node, _Command(device_id, bytes(signed_command)), at)
+        self._to_device(node, command, at)
 
     def version_read(self, device_id: str, now: UnixTime) -> None:
         """Read ``device_id``'s running version (answered by a :class:`VersionReported`)."""
@@ -728,9 +793,9 @@ class Premises:
                 self._client_sent(node, node.client.unicast_received(delivery.data, at), at)
             elif isinstance(delivery, _Command):
                 try:
-                    outputs = node.device.activation_received(delivery.signed, at)
+                    outputs = node.device.command_received(delivery.signed, at)
                 except ProtocolError as exc:
-                    self._answer(node, exc.reason, at)
+                    self._answer(node, _Refusal(exc.reason, delivery.credentials), at)
                     return
                 self._device_outputs(node, outputs, at)
             else:
@@ -757,7 +822,7 @@ class Premises:
             node.reboot()
             node.start_at = at
 
-    def _answer(self, node: _Node, answer: DeviceOutput | Reason, at: UnixTime) -> None:
+    def _answer(self, node: _Node, answer: DeviceOutput | _Refusal, at: UnixTime) -> None:
         if self.config.activation_answer_loss and (
             self._rng.random() < self.config.activation_answer_loss
         ):
@@ -863,10 +928,13 @@ class Premises:
             TransferEnded(node.inventory.device_id, sha256, outcome, reason, self.clock.shell(at))
         )
 
-    def _answer_at_ch(self, device_id: str, answer: DeviceOutput | Reason, at: UnixTime) -> None:
+    def _answer_at_ch(self, device_id: str, answer: DeviceOutput | _Refusal, at: UnixTime) -> None:
         shell_at = self.clock.shell(at)
-        if isinstance(answer, Reason):
-            self._emit(ActivationRefused(device_id, answer, shell_at))
+        if isinstance(answer, _Refusal):
+            refused = CredentialsRefused if answer.credentials else ActivationRefused
+            self._emit(refused(device_id, answer.reason, shell_at))
+        elif isinstance(answer, CredentialsConfirmed):
+            self._emit(CredentialsReplaced(device_id, answer.signed, shell_at))
         elif isinstance(answer, AlertRaised):
             self._emit(AlertReceived(device_id, answer.signed, shell_at))
         elif isinstance(answer, VersionReport):
@@ -908,11 +976,11 @@ class Premises:
             TransferEnded(guid, manifest.sha256, TransferOutcome.HELD, None, self.clock.shell(at))
         )
 
-    def _ch_activation(self, signed: bytes, at: UnixTime) -> None:
+    def _ch_activation(self, command: _Command, at: UnixTime) -> None:
         try:
-            outputs = self.ch.activation_received(signed, at)
+            outputs = self.ch.command_received(command.signed, at)
         except ProtocolError as exc:
-            self._emit(ActivationRefused(self.identity.guid, exc.reason, self.clock.shell(at)))
+            self._answer_at_ch(self.identity.guid, _Refusal(exc.reason, command.credentials), at)
             return
         self._ch_outputs(outputs, at)
 

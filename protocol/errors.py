@@ -60,6 +60,7 @@ class Reason(IntEnum):
     ACTIVATION_FAILED = 82
     SELF_TEST_FAILED = 83  # new image booted but failed self-test: rolled back
     WRONG_DEVICE = 84  # activation addressed to another device
+    NO_CREDENTIALS = 85  # credentials command for a device holding none (CAD-joined, SPEC §8.11)
     # 100-: fleet / daemon
     UNKNOWN_HUB = 100
     UNKNOWN_IMAGE = 101

@@ -36,6 +36,14 @@ What is checked, and when:
   :class:`~protocol.device.activation.ActivationAlert` (native devices, bridges joined as a PPMID)
   or a
   :class:`~protocol.device.activation.VersionReport` (bridges joined as a CAD, which cannot sign).
+* A credentials command (:meth:`Device.credentials_received`, SPEC §8.11) passes the same
+  signature, ``WRONG_DEVICE`` and ``REPLAYED`` checks against the *same* counter, then
+  ``NO_CREDENTIALS`` for a device that cannot sign (CAD-joined) and ``UNKNOWN_KEY_ID`` when it
+  names a key the device does not hold; the device then generates a new key pair (the injected
+  ``key_generator``), answers with a
+  :class:`~protocol.device.credentials.CredentialsConfirmation` signed by the key the command
+  named, and signs every later alert with the new key. :meth:`Device.command_received` takes
+  either kind of command, told apart by the ``"t"`` inside the signed payload.
 """
 
 from __future__ import annotations
@@ -58,7 +66,14 @@ from protocol.device.activation import (
     Outcome,
     VersionReport,
 )
+from protocol.device.credentials import (
+    CredentialsCommand,
+    CredentialsConfirmation,
+    DeviceCommand,
+    verify_command,
+)
 from protocol.errors import ProtocolError, Reason
+from protocol.release.cose import key_id
 from protocol.release.manifest import DeviceType, Manifest, ManifestV2
 from protocol.release.trust import Target, TrustStore, verify_manifest
 from protocol.release.zigbee_ota import BASE_HEADER_LEN, OtaHeader
@@ -186,10 +201,29 @@ class AlertRaised:
     signed: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class CredentialsConfirmed:
+    """Output: the device replaced its key pair; ``signed`` is the COSE_Sign1 of its
+    :class:`~protocol.device.credentials.CredentialsConfirmation` (under the key the command
+    named), what otad adopts the new key from (SPEC §8.11)."""
+
+    signed: bytes
+
+
 DeviceOutput = (
-    ActivationResponse | ActivationScheduled | ActivationCancelled | AlertRaised | VersionReport
+    ActivationResponse
+    | ActivationScheduled
+    | ActivationCancelled
+    | AlertRaised
+    | VersionReport
+    | CredentialsConfirmed
 )
-"""What the device sends back (through its CH) after an activation command or timer."""
+"""What the device sends back (through its CH) after a command or timer."""
+
+
+def generate_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh P-256 key pair from the platform's generator (the default ``key_generator``)."""
+    return ec.generate_private_key(ec.SECP256R1())
 
 
 class Device:
@@ -207,10 +241,15 @@ class Device:
         self_test: Callable[[Manifest], bool] | None = None,
         last_counter: int = 0,
         boot_count: int = 0,
+        key_generator: Callable[[], ec.EllipticCurvePrivateKey] = generate_key,
+        previous_signing_key: ec.EllipticCurvePrivateKey | None = None,
     ) -> None:
         """``trust`` verifies manifests (release keys); ``activation_trust`` (default: the same)
-        verifies activation commands. ``signing_key`` is required when the join mode can sign.
-        ``self_test`` decides whether a freshly activated image passes (default: it does).
+        verifies activation and credentials commands. ``signing_key`` is required when the join
+        mode can sign. ``self_test`` decides whether a freshly activated image passes (default:
+        it does). ``key_generator`` makes the key pair a credentials command asks for;
+        ``previous_signing_key`` is the key before ``signing_key`` while otad may not have
+        adopted ``signing_key`` yet (SPEC §8.11; both restored by the shell after a restart).
         """
         if identity.join_mode.can_sign and signing_key is None:
             raise ValueError(f"join mode {identity.join_mode.value} needs a signing key")
@@ -219,6 +258,8 @@ class Device:
         self.activation_trust = activation_trust if activation_trust is not None else trust
         self.store = store
         self.signing_key = signing_key
+        self.previous_signing_key = previous_signing_key
+        self.key_generator = key_generator
         self.self_test: Callable[[Manifest], bool] = self_test or (lambda _manifest: True)
         self.running = running
         self.previous: FirmwareInfo | None = None
@@ -369,7 +410,30 @@ class Device:
         ``WRONG_DEVICE`` for a command addressed to another device and ``REPLAYED`` for a
         counter not greater than the last accepted. Returns the answers to send back.
         """
-        command = ActivationCommand.verify(signed, self.activation_trust)
+        return self._activate(ActivationCommand.verify(signed, self.activation_trust), now)
+
+    def command_received(self, signed: bytes, now: UnixTime) -> list[DeviceOutput]:
+        """Verify any command otad signed for this device and act on it: an activation
+        (:meth:`activation_received`) or a credentials command (:meth:`credentials_received`),
+        told apart by the ``"t"`` inside the signed payload (``UNKNOWN_TYPE`` for neither)."""
+        command = verify_command(signed, self.activation_trust)
+        if isinstance(command, CredentialsCommand):
+            return self._replace_credentials(command)
+        return self._activate(command, now)
+
+    def credentials_received(self, signed: bytes, now: UnixTime) -> list[DeviceOutput]:
+        """Verify a credentials command and replace the signing key (SPEC §8.11).
+
+        Raises ``ProtocolError``, nothing changed and no counter consumed: the signature's
+        reasons, ``WRONG_DEVICE``, ``REPLAYED`` (counter not greater than the last accepted
+        command's, activation or credentials), ``NO_CREDENTIALS`` (this device cannot sign: a
+        CAD-joined bridge), ``UNKNOWN_KEY_ID`` (``current_kid`` is neither the current key nor
+        the one before it). Returns the :class:`CredentialsConfirmed` to send back.
+        """
+        del now  # a replacement is immediate; ``now`` keeps the convention of every input
+        return self._replace_credentials(CredentialsCommand.verify(signed, self.activation_trust))
+
+    def _check_fresh(self, command: DeviceCommand) -> None:
         if command.device_id != self.identity.device_id:
             raise ProtocolError(
                 Reason.WRONG_DEVICE, f"for {command.device_id}, I am {self.identity.device_id}"
@@ -378,6 +442,35 @@ class Device:
             raise ProtocolError(
                 Reason.REPLAYED, f"counter {command.counter} <= last {self.last_counter}"
             )
+
+    def _replace_credentials(self, command: CredentialsCommand) -> list[DeviceOutput]:
+        self._check_fresh(command)
+        current = self.signing_key
+        if not self.identity.join_mode.can_sign or current is None:
+            raise ProtocolError(
+                Reason.NO_CREDENTIALS,
+                f"joined as {self.identity.join_mode.value}: no credentials to replace",
+            )
+        previous = self.previous_signing_key
+        if command.current_kid == key_id(current.public_key()):
+            signer, kept = current, current  # otad adopted the current key: keep it as previous
+        elif previous is not None and command.current_kid == key_id(previous.public_key()):
+            signer, kept = previous, previous  # otad missed the last confirmation
+        else:
+            raise ProtocolError(
+                Reason.UNKNOWN_KEY_ID, f"no key {command.current_kid.hex()} on this device"
+            )
+        new = self.key_generator()
+        signed = CredentialsConfirmation.create(
+            self.identity.device_id, command.counter, old_key=signer, new_key=new
+        )
+        self.last_counter = command.counter
+        self.previous_signing_key = kept
+        self.signing_key = new
+        return [CredentialsConfirmed(signed)]
+
+    def _activate(self, command: ActivationCommand, now: UnixTime) -> list[DeviceOutput]:
+        self._check_fresh(command)
         self.last_counter = command.counter
         if command.cancel:
             scheduled = self.scheduled

@@ -1,7 +1,8 @@
 """The virtual premises (loadtest/premises.py) in virtual time: relay to the right devices with
 K transfers at a time over lossy links, a sleepy GSME, the CH's own image, activation with its
 evidence by join mode, self-test rollback, hash mismatch, replay, future-dated and cancelled
-activations, read-back, and 100 premises with bridges."""
+activations, read-back, credential replacement (the next alert verifies only with the new key;
+replayed, forged and CAD-bound commands refused), and 100 premises with bridges."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from loadtest.premises import (
     ActivationAnswered,
     ActivationRefused,
     AlertReceived,
+    CredentialsRefused,
+    CredentialsReplaced,
     Premises,
     PremisesConfig,
     PremisesEvent,
@@ -37,9 +40,11 @@ from protocol.device.activation import (
     ActivationScheduled,
     Outcome,
 )
+from protocol.device.credentials import CredentialsCommand, adopt_new_key
 from protocol.device.device import SlotState
 from protocol.errors import ProtocolError, Reason
 from protocol.release import otaimg, zigbee_ota
+from protocol.release.cose import key_id
 from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.trust import TrustStore, verify_manifest
 from protocol.wire.devices import JoinMode
@@ -416,6 +421,93 @@ def test_a_replayed_or_forged_command_is_refused() -> None:
     refused = [e.reason for e in d.of(ActivationRefused, b2)]
     assert refused == [Reason.UNKNOWN_KEY_ID, Reason.REPLAYED]
     assert [e.answer.outcome for e in d.of(ActivationAnswered, b2)] == [Outcome.SUCCESS]
+
+
+def replace_credentials(
+    d: Driver, device_id: str, counter: int, trusted: ec.EllipticCurvePublicKey, **kw: Any
+) -> None:
+    signer = kw.pop("key", OPS_KEY)
+    signed = CredentialsCommand(device_id, counter, key_id(trusted)).sign(signer)
+    activate(d, device_id, signed, **kw)
+
+
+def test_a_ppmid_bridge_replaced_its_credentials_its_next_alert_verifies_only_with_them() -> None:
+    r = release(DeviceType.B2)
+    d, (b2,) = relayed([(DeviceType.B2, JoinMode.PPMID)], r)
+    old = d.p.public_key(b2)
+    assert old is not None
+    replace_credentials(d, b2, 1, old)
+    (replaced,) = d.of(CredentialsReplaced, b2)
+    new = adopt_new_key(replaced.signed, trusted_key=old, device_id=b2, counter=1)
+    current = d.p.public_key(b2)
+    assert current is not None
+    assert current.public_numbers() == new.public_numbers() != old.public_numbers()
+    # its next alert (an activation on the same counter sequence) is signed by the new key
+    activate(d, b2, command(b2, r, 2))
+    (alert,) = d.of(AlertReceived, b2)
+    assert ActivationAlert.verify(alert.signed, TrustStore([new])).counter == 2
+    with pytest.raises(ProtocolError) as info:
+        ActivationAlert.verify(alert.signed, TrustStore([old]))
+    assert info.value.reason is Reason.UNKNOWN_KEY_ID
+    # a replayed replacement command is refused, and the key stays
+    replace_credentials(d, b2, 1, old)
+    assert [e.reason for e in d.of(CredentialsRefused, b2)] == [Reason.REPLAYED]
+    assert len(d.of(CredentialsReplaced, b2)) == 1
+    after = d.p.public_key(b2)
+    assert after is not None
+    assert after.public_numbers() == new.public_numbers()
+    assert d.of(ActivationRefused, b2) == []
+
+
+def test_a_cad_bridge_refuses_credentials_and_a_forged_command_is_refused() -> None:
+    d = Driver(premises(identity([(DeviceType.B2, JoinMode.CAD), (DeviceType.B4, JoinMode.PPMID)])))
+    cad, ppmid = d.p.device_ids[3:]
+    esme_key = d.p.public_key(d.p.device_ids[0])
+    ppmid_key = d.p.public_key(ppmid)
+    assert esme_key is not None
+    assert ppmid_key is not None
+    replace_credentials(d, cad, 1, esme_key)
+    replace_credentials(d, ppmid, 1, ppmid_key, key=ROGUE_KEY)
+    assert [e.reason for e in d.of(CredentialsRefused, cad)] == [Reason.NO_CREDENTIALS]
+    assert [e.reason for e in d.of(CredentialsRefused, ppmid)] == [Reason.UNKNOWN_KEY_ID]
+    assert d.of(CredentialsReplaced) == []
+    assert d.p.public_key(cad) is None
+    unchanged = d.p.public_key(ppmid)
+    assert unchanged is not None
+    assert unchanged.public_numbers() == ppmid_key.public_numbers()
+    assert d.p.device(ppmid).last_counter == 0  # refusals consume no counter
+
+
+def test_native_devices_and_the_ch_replace_credentials_too() -> None:
+    ident = identity([])
+    d = Driver(premises(ident))
+    esme = d.p.device_ids[0]
+    for device_id in (esme, ident.guid):
+        old = d.p.public_key(device_id)
+        assert old is not None
+        replace_credentials(d, device_id, 1, old)
+        (replaced,) = d.of(CredentialsReplaced, device_id)
+        new = adopt_new_key(replaced.signed, trusted_key=old, device_id=device_id, counter=1)
+        current = d.p.public_key(device_id)
+        assert current is not None
+        assert current.public_numbers() == new.public_numbers()
+
+
+def test_a_lost_confirmation_is_recovered_by_naming_the_old_key_again() -> None:
+    d = Driver(premises(identity([(DeviceType.B3, JoinMode.PPMID)]), activation_answer_loss=1.0))
+    (b3,) = ids_of(d.p, DeviceType.B3)
+    old = d.p.public_key(b3)
+    assert old is not None
+    replace_credentials(d, b3, 1, old)
+    assert d.of(CredentialsReplaced, b3) == []  # the confirmation was lost
+    assert d.p.stats.answers_dropped == 1
+    d.p.config = replace(d.p.config, activation_answer_loss=0.0)
+    replace_credentials(d, b3, 2, old)  # otad still trusts the old key
+    (replaced,) = d.of(CredentialsReplaced, b3)
+    new = adopt_new_key(replaced.signed, trusted_key=old, device_id=b3, counter=2)
+    current = d.p.public_key(b3)
+    assert current is not None
+    assert current.public_numbers() == new.public_numbers()
 
 
 def test_a_future_dated_activation_fires_at_its_time_and_a_cancelled_one_never() -> None:

@@ -1,6 +1,7 @@
 """The device verifier/activator: manifest checks before storage, per-block and whole-image
 checks, signed activation (replay, wrong device, hash, TOCTOU, self-test rollback, future
-dating and cancel) and confirmation evidence by join mode. Virtual time, in-memory flash."""
+dating and cancel), confirmation evidence by join mode and the alert after a credential
+replacement. Virtual time, in-memory flash."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from protocol.device.activation import (
     Outcome,
     VersionReport,
 )
+from protocol.device.credentials import CredentialsCommand, adopt_new_key
 from protocol.device.device import (
     ActivationState,
     AlertRaised,
+    CredentialsConfirmed,
     Device,
     DeviceIdentity,
     FirmwareInfo,
@@ -31,7 +34,7 @@ from protocol.device.device import (
     SlotState,
 )
 from protocol.errors import ProtocolError, Reason
-from protocol.release.cose import sign1
+from protocol.release.cose import key_id, sign1
 from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.trust import TrustStore
 
@@ -286,6 +289,25 @@ def test_activation_success_ppmid_bridge_signs_an_alert() -> None:
     assert alert == ActivationAlert(DEVICE_ID, 0x0200, hashlib.sha256(image).digest(), 9)
     with pytest.raises(ProtocolError):  # only the device's key makes it evidence
         ActivationAlert.verify(evidence.signed, TrustStore([OPS_KEY.public_key()]))
+
+
+def test_after_a_credential_replacement_the_activation_alert_is_signed_by_the_new_key() -> None:
+    new_key = ec.derive_private_key(0x5EED5, ec.SECP256R1())
+    device, image = held_device(JoinMode.PPMID, key_generator=lambda: new_key)
+    command = CredentialsCommand(DEVICE_ID, 1, key_id(DEVICE_KEY.public_key()))
+    (confirmed,) = device.credentials_received(command.sign(OPS_KEY), NOW)
+    assert isinstance(confirmed, CredentialsConfirmed)
+    adopted = adopt_new_key(
+        confirmed.signed, trusted_key=DEVICE_KEY.public_key(), device_id=DEVICE_ID, counter=1
+    )
+    response, evidence = activate(device, image, counter=2)
+    assert response.outcome is Outcome.SUCCESS
+    assert isinstance(evidence, AlertRaised)
+    alert = ActivationAlert.verify(evidence.signed, TrustStore([adopted]))
+    assert alert == ActivationAlert(DEVICE_ID, 0x0200, hashlib.sha256(image).digest(), 2)
+    with pytest.raises(ProtocolError) as info:  # a verifier still on the old key refuses it
+        ActivationAlert.verify(evidence.signed, TrustStore([DEVICE_KEY.public_key()]))
+    assert info.value.reason is Reason.UNKNOWN_KEY_ID
 
 
 def test_replayed_activation_is_refused() -> None:
