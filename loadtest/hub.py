@@ -174,11 +174,13 @@ def make_identity(
     *,
     limits: Limits = DEFAULT_LIMITS,
     segments: int = 8,
+    bridge_share: float = BRIDGE_SHARE,
 ) -> HubIdentity:
     """Deterministically generate hub ``index``'s identity and HAN inventory.
 
-    Every hub has an ESME, a GSME and a PPMID; about 5% also have 2-3 Alt HAN bridges (B1-B4),
-    each joined as a CAD or as a PPMID. The network segment is ``cell-<k>``, k < ``segments``.
+    Every hub has an ESME, a GSME and a PPMID; ``bridge_share`` of them (about 5% by default)
+    also have 2-3 Alt HAN bridges (B1-B4), each joined as a CAD or as a PPMID. The network
+    segment is ``cell-<k>``, k < ``segments``.
     """
     rng = random.Random(f"{seed}/{index}")
     han = [
@@ -186,7 +188,7 @@ def make_identity(
         HanDevice(_device_id(seed, index, 1), DeviceType.GSME, JoinMode.NATIVE, 0x0105, 0x0001),
         HanDevice(_device_id(seed, index, 2), DeviceType.PPMID, JoinMode.NATIVE, 0x0300, 0x0002),
     ]
-    if rng.random() < BRIDGE_SHARE:
+    if rng.random() < bridge_share:
         kinds = rng.sample([DeviceType.B1, DeviceType.B2, DeviceType.B3, DeviceType.B4], 4)
         for slot, kind in enumerate(kinds[: rng.choice((2, 3))], start=3):
             han.append(
@@ -778,6 +780,7 @@ class HubGroup:
         connect_concurrency: int = 200,
         activation_trust: TrustStore | None = None,
         premises: PremisesConfig | None = None,
+        bridge_share: float = BRIDGE_SHARE,
     ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -799,7 +802,11 @@ class HubGroup:
         overrides = dict(limits_for or {})
         for index in indices:
             identity = make_identity(
-                seed, index, limits=overrides.get(index, limits), segments=segments
+                seed,
+                index,
+                limits=overrides.get(index, limits),
+                segments=segments,
+                bridge_share=bridge_share,
             )
             self.identities[identity.guid] = identity
 

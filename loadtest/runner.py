@@ -36,8 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+
 from loadtest.broker import raise_nofile_limit
 from loadtest.hub import (
+    BRIDGE_SHARE,
     DEFAULT_LIMITS,
     HubGroup,
     HubIdentity,
@@ -45,9 +48,10 @@ from loadtest.hub import (
     HubStats,
     make_identity,
 )
-from loadtest.premises import PremisesConfig
+from loadtest.premises import PremisesConfig, device_key
 from otad.keyfiles import load_trust_dir
 from protocol.release.trust import TrustStore
+from protocol.wire.devices import JoinMode
 from protocol.wire.messages import MINOR_VERSION, Limits
 
 log = logging.getLogger("loadtest.runner")
@@ -137,6 +141,7 @@ class FleetConfig:
     han_max_transfers: int = 2  # K concurrent HAN transfers per CH
     self_test_failure_share: float = 0.0  # devices (seeded) whose new image fails self-test
     activation_answer_loss: float = 0.0  # extra loss of activation answers (not read-backs)
+    bridge_share: float = BRIDGE_SHARE  # premises with 2-3 Alt HAN bridges
 
     def premises(self) -> PremisesConfig:
         """The premises scenario every hub of the fleet runs (seeded per hub by its group)."""
@@ -164,7 +169,31 @@ class FleetConfig:
             index,
             limits=self.overrides().get(index, self.limits),
             segments=self.segments,
+            bridge_share=self.bridge_share,
         )
+
+    def write_device_keys(self, directory: Path) -> int:
+        """Write the public key of every virtual device that signs (native, PPMID-joined:
+        SPEC §8.8) as ``<DEVICE_ID>.pem`` into ``directory``: what otad's
+        ``[activation] device_keys`` holds for this fleet. Returns how many."""
+        directory.mkdir(parents=True, exist_ok=True)
+        written = 0
+        for index in range(self.count):
+            identity = self.identity(index)
+            seed = (self.seed << 32) + index  # HubGroup.premises_config's seed
+            for device in identity.han:
+                if device.join_mode is JoinMode.CAD:
+                    continue
+                pem = (
+                    device_key(seed, device.device_id)
+                    .public_key()
+                    .public_bytes(
+                        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                    )
+                )
+                (directory / f"{device.device_id}.pem").write_bytes(pem)
+                written += 1
+        return written
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -208,6 +237,7 @@ def _make_group(config: FleetConfig, indices: Iterable[int]) -> HubGroup:
         limits_for=config.overrides(),
         segments=config.segments,
         flush_interval=config.flush_interval,
+        bridge_share=config.bridge_share,
         activation_trust=(
             load_trust(config.activation_trust_dir) if config.activation_trust_dir else None
         ),
@@ -459,6 +489,7 @@ class HubFleet:
         han_max_transfers: int = 2,
         self_test_failure_share: float = 0.0,
         activation_answer_loss: float = 0.0,
+        bridge_share: float = BRIDGE_SHARE,
         python: str | None = None,
     ) -> None:
         if count < 0 or procs < 0:
@@ -491,6 +522,7 @@ class HubFleet:
             han_max_transfers=han_max_transfers,
             self_test_failure_share=self_test_failure_share,
             activation_answer_loss=activation_answer_loss,
+            bridge_share=bridge_share,
         )
         self.procs = min(procs, count) if count else 0
         self.python = python or sys.executable
