@@ -7,6 +7,7 @@ CHs' down topics, and the devices' own state."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from otad_harness import otactl, otactl_json, otad_config, otad_with_fleet
 from loadtest.broker import MosquittoBroker
 from loadtest.release import make_release
 from loadtest.runner import FleetConfig
-from otad.events import TransferHeld
+from mqttio import MqttSettings, create_client
+from otad.events import TransferHeld, supplier_topic_id
 from protocol.release.manifest import DeviceType
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -134,3 +136,197 @@ async def test_an_image_for_b2_reaches_every_b2_and_nothing_else_and_every_b2_is
     by_proof = {p: sum(1 for v in proofs.values() if v == p) for p in set(proofs.values())}
     print(f"\n{PREMISES} premises, {len(carriers)} with a B2, {len(b2)} B2 devices confirmed: "
           f"{by_proof}")  # fmt: skip
+
+
+@pytest.mark.timeout(240)
+async def test_self_test_failures_roll_back_and_lost_responses_are_confirmed_by_read_back(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """A share of devices fails its self-test and rolls back; every activation answer (response
+    and alert) is lost on the HAN: all the others are still confirmed, by read-back."""
+    release = make_release(
+        tmp_path / "release", firmware_bytes=2 * 1024, device_type=DeviceType.ESME, version=0x0300
+    )
+    private, trust = activation_keys(tmp_path)
+    device_keys = tmp_path / "device-keys"
+    hubs = 40
+    FleetConfig(host=broker.host, port=broker.port, state_dir="", count=hubs).write_device_keys(
+        device_keys
+    )
+    config = otad_config(
+        activation={
+            "key": str(private),
+            "device_keys": str(device_keys),
+            "response_timeout_s": 2.0,
+            "read_back_backoff_s": 1.0,
+        }
+    )
+    async with otad_with_fleet(
+        broker,
+        tmp_path,
+        release,
+        hubs=hubs,
+        config=config,
+        activation_trust_dir=trust,
+        han_acceleration=HAN_ACCELERATION,
+        self_test_failure_share=0.2,
+        activation_answer_loss=1.0,
+    ):
+        assert otactl(broker, "image", "import", str(release.path)).returncode == 0
+        otactl_json(broker, "distribute", release.sha256, "--all-matching")
+        await wait_devices(
+            broker,
+            lambda rs: len(rs) == hubs and all(r["state"] == "held_by_device" for r in rs),
+            60,
+            release.sha256,
+        )
+        assert otactl(broker, "activate", release.sha256, "--all-held").returncode == 0
+        rows = await wait_devices(
+            broker,
+            lambda rs: all(r["state"] in ("confirmed", "failed", "timed_out") for r in rs),
+            120,
+            release.sha256,
+        )
+    failed = [r for r in rows if r["state"] == "failed"]
+    confirmed = [r for r in rows if r["state"] == "confirmed"]
+    assert failed, "the scenario's self-test failures"
+    assert len(failed) + len(confirmed) == hubs  # none timed out, none stuck
+    # a rolled-back device is reported with its reason and never counted as upgraded
+    assert {r["reason"] for r in failed} <= {"SELF_TEST_FAILED", "ACTIVATION_FAILED"}
+    assert {r["proof"] for r in confirmed} == {"read_back"}  # every answer was lost
+    assert {r["proof"] for r in failed} == {None}
+    print(f"\n{hubs} ESMEs: {len(confirmed)} confirmed by read-back, {len(failed)} rolled back")
+
+
+@pytest.mark.timeout(240)
+async def test_a_ch_image_reboots_every_ch_into_it_and_alerts_its_own_supplier_only(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    version = 0x0102_0000
+    release = make_release(
+        tmp_path / "release", firmware_bytes=4 * 1024, device_type=DeviceType.CH, version=version
+    )
+    private, trust = activation_keys(tmp_path)
+    hubs = 20
+    fleet_config = FleetConfig(host=broker.host, port=broker.port, state_dir="", count=hubs)
+    suppliers = {fleet_config.identity(i).guid: fleet_config.identity(i).supplier
+                 for i in range(hubs)}  # fmt: skip
+    assert len(set(suppliers.values())) > 1
+    config = otad_config(
+        activation={"key": str(private), "response_timeout_s": 2.0, "read_back_backoff_s": 1.0}
+    )
+    alerts: list[tuple[str, dict[str, Any]]] = []
+    watcher = create_client(
+        "gmqtt", MqttSettings(client_id="alert-watcher", host=broker.host, port=broker.port)
+    )
+    watcher.set_message_handler(lambda t, p, r: alerts.append((t, json.loads(p))))
+    await watcher.subscribe("ota/v1/alerts/#", 1)
+    await watcher.connect()
+    try:
+        async with otad_with_fleet(
+            broker,
+            tmp_path,
+            release,
+            hubs=hubs,
+            config=config,
+            activation_trust_dir=trust,
+            han_acceleration=HAN_ACCELERATION,
+        ) as setup:
+            assert otactl(broker, "image", "import", str(release.path)).returncode == 0
+            otactl_json(broker, "distribute", release.sha256, "--all-matching")
+            await setup.monitor.wait_for(
+                lambda: len(setup.monitor.of_kind(TransferHeld)) == hubs, 60
+            )
+            await wait_devices(
+                broker,
+                lambda rs: (
+                    len(rs) == hubs
+                    and all(r["state"] in ("held_by_ch", "held_by_device") for r in rs)
+                ),
+                30,
+                release.sha256,
+            )
+            assert otactl(broker, "activate", release.sha256, "--all-held").returncode == 0
+            rows = await wait_devices(
+                broker,
+                lambda rs: all(r["state"] in ("confirmed", "failed", "timed_out") for r in rs),
+                90,
+                release.sha256,
+            )
+            fleet = otactl_json(broker, "fleet", "list")
+            stats = await setup.fleet.stats()
+            for _ in range(50):
+                if len([a for a in alerts if "/device.confirmed/" in a[0]]) >= hubs:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        await watcher.disconnect()
+    assert [r["state"] for r in rows] == ["confirmed"] * hubs
+    assert {r["device_id"] for r in rows} == set(suppliers)  # the CH itself is the device
+    assert all(s.reboots == 1 for s in stats.values())  # each rebooted into the new image...
+    assert {h["guid"]: h["fw_version"] for h in fleet} == dict.fromkeys(suppliers, version)
+    confirmed = [(t, a) for t, a in alerts if "/device.confirmed/" in t]
+    assert {a["guid"] for _t, a in confirmed} == set(suppliers)
+    for topic, alert in confirmed:  # ...and its supplier's alert carries the new version
+        assert alert["fw_version"] == version
+        assert alert["supplier"] == suppliers[alert["guid"]]
+        # under that supplier's own prefix: an ACL per prefix gives each supplier only its own
+        assert topic == f"ota/v1/alerts/{supplier_topic_id(alert['supplier'])}/device.confirmed/"\
+            f"{alert['guid']}"  # fmt: skip
+    prefixes = {t.split("/")[3] for t, _a in confirmed}
+    assert len(prefixes) == len(set(suppliers.values()))  # one prefix per supplier
+
+
+@pytest.mark.timeout(240)
+async def test_otad_killed_between_issuing_activations_and_their_outcomes_loses_none(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """SIGKILL right after the commands are issued, with their execution a few seconds ahead
+    (HAN time at 1x): the outcomes arrive while otad is down. After the restart every device is
+    confirmed under the counter it was issued before the kill: none activated twice (a
+    re-published command is refused as a replay), none lost."""
+    release = make_release(
+        tmp_path / "release", firmware_bytes=1024, device_type=DeviceType.ESME, version=0x0300
+    )
+    private, trust = activation_keys(tmp_path)
+    device_keys = tmp_path / "device-keys"
+    hubs = 10
+    FleetConfig(host=broker.host, port=broker.port, state_dir="", count=hubs).write_device_keys(
+        device_keys
+    )
+    config = otad_config(
+        activation={
+            "key": str(private),
+            "device_keys": str(device_keys),
+            "response_timeout_s": 3.0,
+            "read_back_backoff_s": 1.0,
+        }
+    )
+    async with otad_with_fleet(
+        broker, tmp_path, release, hubs=hubs, config=config, activation_trust_dir=trust
+    ) as setup:
+        otad = setup.otad
+        assert otactl(broker, "image", "import", str(release.path)).returncode == 0
+        otactl_json(broker, "distribute", release.sha256, "--all-matching")
+        await wait_devices(
+            broker,
+            lambda rs: len(rs) == hubs and all(r["state"] == "held_by_device" for r in rs),
+            90,
+            release.sha256,
+        )
+        at = str(int(time.time()) + 4)
+        assert otactl(broker, "activate", release.sha256, "--all-held", "--at", at).returncode == 0
+        issued = {r["device_id"]: r["counter"] for r in otactl_json(broker, "devices")}
+        assert all(issued.values())  # committed (and reported) before anything was sent
+        otad.kill()  # SIGKILL: the devices execute at their time with otad gone
+        await asyncio.sleep(6)
+        otad.start()
+        await setup.monitor.wait_online(otad)
+        rows = await wait_devices(
+            broker,
+            lambda rs: all(r["state"] in ("confirmed", "failed", "timed_out") for r in rs),
+            90,
+            release.sha256,
+        )
+    assert [r["state"] for r in rows] == ["confirmed"] * hubs
+    assert {r["device_id"]: r["counter"] for r in rows} == issued  # no second command
