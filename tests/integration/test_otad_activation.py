@@ -22,7 +22,11 @@ from loadtest.release import make_release
 from loadtest.runner import FleetConfig
 from mqttio import MqttSettings, create_client
 from otad.events import TransferHeld, supplier_topic_id
+from protocol.device.activation import ActivationCommand, ActivationResponse, Outcome
+from protocol.errors import Reason
 from protocol.release.manifest import DeviceType
+from protocol.wire import topics
+from protocol.wire.messages import Activate, DeviceReported, Message, decode
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -330,3 +334,116 @@ async def test_otad_killed_between_issuing_activations_and_their_outcomes_loses_
         )
     assert [r["state"] for r in rows] == ["confirmed"] * hubs
     assert {r["device_id"]: r["counter"] for r in rows} == issued  # no second command
+
+
+@pytest.mark.timeout(240)
+async def test_wrong_image_replayed_and_forged_commands_are_refused_by_the_device(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Commands that did not come from otad's flow, published on a CH's down topic as a rogue
+    (or a replaying) party would: the device holding another image answers HASH_MISMATCH; a
+    replay of a command it already took and a command signed by the wrong key get nothing, and
+    the device keeps running what it ran (read back through otad)."""
+    release = make_release(
+        tmp_path / "release", firmware_bytes=1024, device_type=DeviceType.ESME, version=0x0300
+    )
+    private, trust = activation_keys(tmp_path)
+    otad_key = serialization.load_pem_private_key(private.read_bytes(), None)
+    assert isinstance(otad_key, ec.EllipticCurvePrivateKey)
+    rogue = ec.generate_private_key(ec.SECP256R1())
+    config = otad_config(activation={"key": str(private), "response_timeout_s": 30.0})
+    up: list[Message] = []
+    async with otad_with_fleet(
+        broker, tmp_path, release, hubs=1, config=config, activation_trust_dir=trust,
+        han_acceleration=HAN_ACCELERATION,
+    ) as setup:  # fmt: skip
+        guid = setup.fleet.guids[0]
+        assert otactl(broker, "image", "import", str(release.path)).returncode == 0
+        otactl_json(broker, "distribute", release.sha256, "--all-matching")
+        (row,) = await wait_devices(
+            broker, lambda rs: [r["state"] for r in rs] == ["held_by_device"], 60, release.sha256
+        )
+        esme = row["device_id"]
+        spy = create_client(
+            "gmqtt", MqttSettings(client_id="rogue", host=broker.host, port=broker.port)
+        )
+        spy.set_message_handler(lambda t, p, r: up.append(decode(p)))
+        await spy.subscribe(topics.up(guid), 1)
+        await spy.connect()
+        try:
+            counter = int(time.time() * 1000) + 10**9  # above anything otad issued
+            other = ActivationCommand(device_id=esme, image_sha256=bytes(32), counter=counter)
+            command = other.sign(otad_key)
+            spy.publish(topics.down(guid), Activate(esme, command).encode(), 1, False)
+            answers = await _device_answers(up, esme, 1)
+            response = ActivationResponse.decode(answers[0].record)
+            assert response.outcome is Outcome.HASH_MISMATCH
+            assert response.reason == int(Reason.HASH_MISMATCH)
+            before = len(up)
+            spy.publish(topics.down(guid), Activate(esme, command).encode(), 1, False)  # replay
+            forged = ActivationCommand(device_id=esme, image_sha256=bytes(32), counter=counter + 1)
+            spy.publish(topics.down(guid), Activate(esme, forged.sign(rogue)).encode(), 1, False)
+            await asyncio.sleep(1.0)
+            assert [m for m in up[before:] if isinstance(m, DeviceReported)] == []
+        finally:
+            await spy.disconnect()
+        version = otactl_json(broker, "firmware-version", esme)
+    assert version["fw_version"] != 0x0300  # it still runs its old firmware
+
+
+async def _device_answers(up: list[Message], device_id: str, n: int) -> list[DeviceReported]:
+    for _ in range(100):
+        answers = [m for m in up if isinstance(m, DeviceReported) and m.device_id == device_id]
+        if len(answers) >= n:
+            return answers
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"fewer than {n} answers from {device_id}: {up}")
+
+
+@pytest.mark.timeout(240)
+async def test_a_dated_activation_fires_at_its_time_and_a_cancelled_one_never(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    release = make_release(
+        tmp_path / "release", firmware_bytes=1024, device_type=DeviceType.ESME, version=0x0300
+    )
+    private, trust = activation_keys(tmp_path)
+    device_keys = tmp_path / "device-keys"
+    FleetConfig(host=broker.host, port=broker.port, state_dir="", count=2).write_device_keys(
+        device_keys
+    )
+    config = otad_config(activation={"key": str(private), "device_keys": str(device_keys)})
+    async with otad_with_fleet(
+        broker, tmp_path, release, hubs=2, config=config, activation_trust_dir=trust
+    ):
+        assert otactl(broker, "image", "import", str(release.path)).returncode == 0
+        otactl_json(broker, "distribute", release.sha256, "--all-matching")
+        rows = await wait_devices(
+            broker,
+            lambda rs: len(rs) == 2 and all(r["state"] == "held_by_device" for r in rs),
+            90,
+            release.sha256,
+        )
+        fires, cancelled = sorted(r["device_id"] for r in rows)
+        at = int(time.time()) + 5
+        for device in (fires, cancelled):
+            activated = otactl(broker, "activate", release.sha256, "--device", device,
+                               "--at", str(at))  # fmt: skip
+            assert activated.returncode == 0, activated.stderr
+        cancel = otactl(broker, "activate", "cancel", release.sha256, "--device", cancelled)
+        assert cancel.returncode == 0, cancel.stderr
+        early = {r["device_id"]: r["state"] for r in otactl_json(broker, "devices")}
+        assert early[fires] == "activation_pending"  # not before its time
+        rows = await wait_devices(
+            broker,
+            lambda rs: {r["device_id"]: r["state"] for r in rs}.get(fires) == "confirmed",
+            60,
+            release.sha256,
+        )
+        assert time.time() >= at
+        await asyncio.sleep(2.0)  # past its time: the cancelled one must still not have fired
+        states = {r["device_id"]: r for r in otactl_json(broker, "devices")}
+        version = otactl_json(broker, "firmware-version", cancelled)
+    assert states[cancelled]["state"] == "held_by_device"
+    assert states[cancelled]["reason"] == "CANCELLED"
+    assert version["fw_version"] != 0x0300
