@@ -22,6 +22,8 @@ from otad.store.engine import (
 )
 from otad.store.rows import (
     CommandRow,
+    CredentialsRow,
+    DeviceKeyRow,
     DeviceRow,
     EventRow,
     FinalState,
@@ -38,6 +40,8 @@ __all__ = [
     "DB_NAME",
     "LOCK_NAME",
     "CommandRow",
+    "CredentialsRow",
+    "DeviceKeyRow",
     "ConflictError",
     "DeviceRow",
     "EventRow",

@@ -11,6 +11,8 @@ from otad.events import (
     EVENT_TYPES,
     SCHEMA_VERSION,
     DeviceConfirmed,
+    DeviceCredentialsFailed,
+    DeviceCredentialsReplaced,
     DeviceFailed,
     DistributionResumed,
     DistributionStalled,
@@ -90,6 +92,14 @@ def one_of_each() -> list[MonitorEvent]:
         DeviceFailed(
             **device, fw_version=0x01020304, state="failed", reason="SELF_TEST_FAILED",
             rolled_back=True,
+        ),
+        DeviceCredentialsReplaced(
+            time=T, guid=GUID, device_id="00DB1234567890AE", device_type="B2", counter=11,
+            attempts=2, old_kid="0123456789abcdef", new_kid="fedcba9876543210",
+        ),
+        DeviceCredentialsFailed(
+            time=T, guid=GUID, device_id="00DB1234567890AE", device_type="B2", counter=12,
+            attempts=3, old_kid="0123456789abcdef", reason="TIMED_OUT",
         ),
     ]  # fmt: skip
 
