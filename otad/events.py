@@ -57,8 +57,8 @@ __all__ = [
     "EVENT_TYPES",
     "SCHEMA_VERSION",
     "DeviceConfirmed",
-    "DeviceCredentialsFailed",
-    "DeviceCredentialsReplaced",
+    "CredentialsFailed",
+    "CredentialsReplaced",
     "DeviceFailed",
     "DistributionResumed",
     "DistributionStalled",
@@ -451,29 +451,29 @@ class _CredentialsEvent(MonitorEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceCredentialsReplaced(_CredentialsEvent):
+class CredentialsReplaced(_CredentialsEvent):
     """A device generated a new key pair and confirmed it under its old key: otad trusts only
     the new key for its alerts from now on."""
 
-    KIND: ClassVar[str] = "device.credentials_replaced"
+    KIND: ClassVar[str] = "credentials.replaced"
 
     new_kid: str = doc("the key id (hex, 8 bytes) of the key otad trusts for the device now")
 
     def key(self) -> str:
-        return f"device.credentials_replaced:{self.device_id}:{self.counter}"
+        return f"credentials.replaced:{self.device_id}:{self.counter}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceCredentialsFailed(_CredentialsEvent):
+class CredentialsFailed(_CredentialsEvent):
     """A replacement ended without a confirmation otad could adopt: otad still trusts the old
     key (``old_kid``)."""
 
-    KIND: ClassVar[str] = "device.credentials_failed"
+    KIND: ClassVar[str] = "credentials.failed"
 
     reason: str = doc("why, a reason name (SPEC §4): TIMED_OUT after every attempt")
 
     def key(self) -> str:
-        return f"device.credentials_failed:{self.device_id}:{self.counter}:{self.reason}"
+        return f"credentials.failed:{self.device_id}:{self.counter}:{self.reason}"
 
 
 EVENT_TYPES: Final[dict[str, type[MonitorEvent]]] = {
@@ -492,8 +492,8 @@ EVENT_TYPES: Final[dict[str, type[MonitorEvent]]] = {
         DistributionResumed,
         DeviceConfirmed,
         DeviceFailed,
-        DeviceCredentialsReplaced,
-        DeviceCredentialsFailed,
+        CredentialsReplaced,
+        CredentialsFailed,
     )
 }
 """Every kind, in the order the documentation lists them."""
