@@ -159,6 +159,7 @@ V4: Final = """
 CREATE TABLE credentials (
     device_id   TEXT PRIMARY KEY,
     guid        TEXT NOT NULL,
+    device_type TEXT NOT NULL,
     state       TEXT NOT NULL,
     counter     INTEGER NOT NULL CHECK (counter > 0),
     current_kid BLOB NOT NULL CHECK (length(current_kid) = 8),

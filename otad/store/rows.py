@@ -165,6 +165,7 @@ class CredentialsRow:
 
     device_id: str
     guid: str
+    device_type: str
     state: str
     counter: int  # the last credentials command issued (the device's activation sequence)
     current_kid: bytes  # the key id that command named: the key otad trusted then

@@ -40,8 +40,9 @@ from protocol.wire.messages import HubAnnounced, Limits, minor_version
 
 _MAX_SQL_INT: Final = (1 << 63) - 1
 _CREDENTIALS_UPSERT: Final = (
-    "INSERT OR REPLACE INTO credentials (device_id, guid, state, counter, current_kid, attempts,"
-    " deadline, reason, new_kid, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR REPLACE INTO credentials (device_id, guid, device_type, state, counter,"
+    " current_kid, attempts, deadline, reason, new_kid, updated_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _IN_CHUNK: Final = 500  # parameters per "IN (...)" list (SQLite allows 32,766)
 
@@ -803,12 +804,12 @@ class Store(Engine):
 
         async def credentials(tx: Tx) -> list[CredentialsRow]:
             rows = await tx.fetchall(
-                "SELECT device_id, guid, state, counter, current_kid, attempts, deadline, reason,"
-                " new_kid, updated_at FROM credentials"
+                "SELECT device_id, guid, device_type, state, counter, current_kid, attempts,"
+                " deadline, reason, new_kid, updated_at FROM credentials"
             )
             return [
-                CredentialsRow(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6], r[7],
-                               None if r[8] is None else bytes(r[8]), r[9])
+                CredentialsRow(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), r[6], r[7], r[8],
+                               None if r[9] is None else bytes(r[9]), r[10])
                 for r in rows
             ]  # fmt: skip
 

@@ -10,9 +10,9 @@ import pytest
 from otad.events import (
     EVENT_TYPES,
     SCHEMA_VERSION,
-    DeviceConfirmed,
     CredentialsFailed,
     CredentialsReplaced,
+    DeviceConfirmed,
     DeviceFailed,
     DistributionResumed,
     DistributionStalled,
