@@ -20,6 +20,7 @@ subscriptions are in place before ``connect`` returns) and sending starts.
 ``otad.looplag``      measures event-loop lag continuously (shown in the status)
 ``otad.registry``     writes hub announcements / presence to the store, group-committed
 ``otad.devices``      HAN devices' reports, activations, read-backs, deadlines (:mod:`otad.devices`)
+                      and credential replacements in turn with them (:mod:`otad.credentials`)
 ``otad.store.writer`` (the store's own single writer task)
 
 Everything on the data path runs in the MQTT message handler and in ``loop.call_at`` timers, with

@@ -37,7 +37,8 @@ own rules (SPEC §7.11) and tells us.
 A device counts as upgraded only when CONFIRMED, by one of (:class:`Proof`):
 
 * ``signed_alert``: an ``ActivationAlert`` for this command's counter, the image's digest and
-  its firmware version, verified against the device's own key (``activation.device_keys``);
+  its firmware version, verified against the device key otad trusts (``activation.device_keys``,
+  or the key adopted from the device's credentials confirmation: :mod:`otad.credentials`);
 * ``ch_evidence``: for a CAD-joined bridge, which cannot sign, the CH's ``VersionReport`` (it
   saw the device reboot and report the new version) for this command's counter;
 * ``read_back``: a ``VersionReport`` answering otad's ``ReadVersion`` (or a CH's announcement of
@@ -300,7 +301,8 @@ class Devices:
         rng: random.Random | None = None,
     ) -> None:
         """``signing_key`` signs activation commands (None: ``activate`` is refused);
-        ``device_keys`` verify each device's alerts."""
+        ``device_keys`` verify each device's alerts (:class:`otad.credentials.DeviceKeys`: the
+        one key trusted per device, changed as credentials are replaced)."""
         self._store = store
         self._client = client
         self._registry = registry
