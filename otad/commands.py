@@ -15,7 +15,12 @@ The arguments are untrusted and checked here (``MALFORMED`` otherwise).
                    optional ``at`` (unix s: future-dated) -> ``{image, issued, refused}``; each
                    issued command was committed durably before it was sent (SPEC §8.10)
 ``activate.cancel`` args ``image``, ``devices`` -> ``{image, issued, refused}`` (the cancels)
-``devices``        optional args ``image``, ``guid`` -> one row per (device, image)
+``credentials.replace`` args ``devices`` (list of device ids) -> ``{issued, refused}``: each
+                   device told to replace its signing key (SPEC §8.11; otad.credentials),
+                   the command committed durably before it was sent
+``credentials.list`` -> one row per device whose credentials otad replaced or is replacing
+``devices``        optional args ``image``, ``guid`` -> one row per (device, image), with its
+                   ``credentials`` state (null: never replaced)
 ``firmware.version`` args ``device``, optional ``wait_s`` (default 10) -> the device's
                    ``VersionReport`` as its CH relayed it
 ``fleet.list``     -> list of CHs (announcement, online, first/last seen)
@@ -31,6 +36,7 @@ from typing import Any
 
 from otad.catalogue import Catalogue
 from otad.control import Command, arg_bytes_b64, arg_str, arg_str_list
+from otad.credentials import Credentials
 from otad.devices import Devices
 from otad.distribution import Distribution
 from otad.events import ImageImported
@@ -51,6 +57,7 @@ class Commands:
         registry: Registry,
         distribution: Distribution,
         devices: Devices,
+        credentials: Credentials,
         events: EventPublisher,
         snapshot: Callable[[], StatusFields],
         status_changed: Callable[[], None],
@@ -62,6 +69,7 @@ class Commands:
         self._registry = registry
         self._distribution = distribution
         self._devices = devices
+        self._credentials = credentials
         self._events = events
         self._snapshot = snapshot
         self._status_changed = status_changed
@@ -77,6 +85,8 @@ class Commands:
             "transfers": self.transfers,
             "activate": self.activate,
             "activate.cancel": self.activate_cancel,
+            "credentials.replace": self.credentials_replace,
+            "credentials.list": self.credentials_list,
             "devices": self.devices,
             "firmware.version": self.firmware_version,
             "status": self.status,
@@ -146,6 +156,17 @@ class Commands:
         if not devices:
             raise ProtocolError(Reason.MALFORMED, "give 'devices'")
         return await self._devices.cancel(image, devices)
+
+    async def credentials_replace(self, args: dict[str, Any]) -> Any:
+        """Have each device named replace its signing key (SPEC §8.11)."""
+        devices = arg_str_list(args, "devices")
+        if not devices:
+            raise ProtocolError(Reason.MALFORMED, "give 'devices'")
+        return await self._credentials.replace(devices)
+
+    async def credentials_list(self, args: dict[str, Any]) -> Any:
+        """Every device's credential replacement."""
+        return self._credentials.listing()
 
     async def devices(self, args: dict[str, Any]) -> Any:
         """Every device's state per image, or those of one image and/or one premises."""

@@ -161,6 +161,11 @@ class ActivationConfig:
     # Seconds a HAN transfer (held by the CH, or relaying) may go without a report before the
     # device ends TIMED_OUT; allow for sleepy devices (a GSME queries every 30 min or so)
     han_timeout_s: float = 7200.0
+    # Credential replacement (SPEC §8.11; otad.credentials): seconds to wait for a device's
+    # confirmation before a new command (a new counter, naming the same key) is sent, and how
+    # many commands in all before the replacement ends FAILED (TIMED_OUT)
+    credentials_timeout_s: float = 300.0
+    credentials_attempts: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,9 +380,15 @@ def _validate(config: Config) -> Config:
         )
 
     a = config.activation
-    for name in ("response_timeout_s", "read_back_backoff_s", "han_timeout_s"):
+    for name in (
+        "response_timeout_s",
+        "read_back_backoff_s",
+        "han_timeout_s",
+        "credentials_timeout_s",
+    ):
         _in_range(f"activation.{name}", getattr(a, name), 0.001, 30 * 86_400.0)
     _in_range("activation.read_back_attempts", a.read_back_attempts, 1, 100)
+    _in_range("activation.credentials_attempts", a.credentials_attempts, 1, 100)
 
     level = config.log.level.upper()
     if level not in LOG_LEVELS:

@@ -20,6 +20,7 @@ subscriptions are in place before ``connect`` returns) and sending starts.
 ``otad.looplag``      measures event-loop lag continuously (shown in the status)
 ``otad.registry``     writes hub announcements / presence to the store, group-committed
 ``otad.devices``      HAN devices' reports, activations, read-backs, deadlines (:mod:`otad.devices`)
+                      and credential replacements in turn with them (:mod:`otad.credentials`)
 ``otad.store.writer`` (the store's own single writer task)
 
 Everything on the data path runs in the MQTT message handler and in ``loop.call_at`` timers, with
@@ -62,7 +63,8 @@ from otad.catalogue import Catalogue
 from otad.commands import Commands
 from otad.config import Config
 from otad.control import Control
-from otad.devices import Devices, load_device_keys, load_signing_key
+from otad.credentials import Credentials, DeviceKeys, load_device_keys
+from otad.devices import Devices, load_signing_key
 from otad.distribution import Distribution
 from otad.keyfiles import KeyFileError, load_trust_dir
 from otad.looplag import LoopLag
@@ -140,6 +142,7 @@ class Daemon:
         self.control: Control
         self.broker_check: BrokerCheck
         self.devices: Devices
+        self.credentials: Credentials
         self.commands: Commands
 
     def request_stop(self) -> None:
@@ -232,7 +235,7 @@ class Daemon:
         resumed = await self.distribution.resume()
         a = c.activation
         signing_key = await asyncio.to_thread(load_signing_key, a.key)
-        device_keys = await asyncio.to_thread(load_device_keys, a.device_keys)
+        device_keys = DeviceKeys(await asyncio.to_thread(load_device_keys, a.device_keys))
         self.devices = Devices(
             store=self.store,
             client=self.client,
@@ -246,6 +249,21 @@ class Daemon:
             wall_clock=self._wall_clock,
         )
         await self.devices.load()
+        self.credentials = Credentials(
+            store=self.store,
+            client=self.client,
+            registry=self.registry,
+            events=self.events,
+            timers=timers,
+            config=a,
+            signing_key=signing_key,
+            device_keys=device_keys,
+            devices=self.devices,
+            wall_clock=self._wall_clock,
+        )
+        await self.credentials.load()
+        self.devices.credentials_reported = self.credentials.confirmation_reported
+        self.devices.credentials_state = self.credentials.state_of
         self.distribution.device_reports = self.devices.report_received
         self.distribution.transfer_ended = self.devices.transfer_ended
         self.devices.transfer_state = self.distribution.transfer_state
@@ -271,6 +289,7 @@ class Daemon:
             registry=self.registry,
             distribution=self.distribution,
             devices=self.devices,
+            credentials=self.credentials,
             events=self.events,
             snapshot=snapshot,
             status_changed=self.status.poke,
@@ -313,6 +332,7 @@ class Daemon:
         connect.result()
         self.distribution.start()
         await self.devices.start()
+        self.credentials.start()
         self.status.poke()
         # Everything loaded so far (modules, the fleet, resumed transfers) lives as long as the
         # process: move it out of the cyclic collector's sight, so its full passes scan only
@@ -438,6 +458,7 @@ class Daemon:
         await self.control.close()
         await self.registry.flushed()
         await self.devices.flushed()
+        self.credentials.shutdown()
         await self.events.flush()  # commits the events the final-state writes wait for
         await self.distribution.wait_final_writes()
         await self.events.close()

@@ -37,7 +37,8 @@ own rules (SPEC §7.11) and tells us.
 A device counts as upgraded only when CONFIRMED, by one of (:class:`Proof`):
 
 * ``signed_alert``: an ``ActivationAlert`` for this command's counter, the image's digest and
-  its firmware version, verified against the device's own key (``activation.device_keys``);
+  its firmware version, verified against the device key otad trusts (``activation.device_keys``,
+  or the key adopted from the device's credentials confirmation: :mod:`otad.credentials`);
 * ``ch_evidence``: for a CAD-joined bridge, which cannot sign, the CH's ``VersionReport`` (it
   saw the device reboot and report the new version) for this command's counter;
 * ``read_back``: a ``VersionReport`` answering otad's ``ReadVersion`` (or a CH's announcement of
@@ -78,12 +79,14 @@ from mqttio import MqttClient, NotConnected
 from otad.catalogue import Catalogue, Image
 from otad.config import ActivationConfig
 from otad.events import DeviceConfirmed, DeviceFailed, supplier_topic_id
-from otad.keyfiles import load_private_key, load_public_key
+from otad.keyfiles import load_private_key
 from otad.outbox import EventPublisher
 from otad.registry import Hub, Registry
 from otad.store import CommandRow, DeviceRow, Store, TransferState
 from otad.timers import TimerHost
 from protocol.device.activation import (
+    MAX_MESSAGE_BYTES,
+    MAX_SIGNED_BYTES,
     ActivationAlert,
     ActivationCancelled,
     ActivationCommand,
@@ -93,7 +96,9 @@ from protocol.device.activation import (
     Outcome,
     VersionReport,
 )
+from protocol.device.credentials import CredentialsConfirmation
 from protocol.errors import ProtocolError, Reason
+from protocol.release.cose import parse_sign1
 from protocol.release.trust import TrustStore
 from protocol.transitions import checked
 from protocol.wire import cbor, topics
@@ -270,22 +275,6 @@ class DeviceRecord:
         return replace(self)
 
 
-def load_device_keys(directory: Path | None) -> dict[str, TrustStore]:
-    """``activation.device_keys``: ``<DEVICE_ID>.pem`` (a P-256 public key) per device that
-    signs its activation alerts -> a trust store of that one key, by device id (read at start,
-    in a thread). Files whose name is not an EUI-64 are skipped with a warning."""
-    keys: dict[str, TrustStore] = {}
-    if directory is None:
-        return keys
-    for path in sorted(Path(directory).glob("*.pem")):
-        device_id = path.stem
-        if len(device_id) != 16 or any(c not in "0123456789ABCDEF" for c in device_id):
-            log.warning("device key %s: the name is not a device id (EUI-64): skipped", path)
-            continue
-        keys[device_id] = TrustStore([load_public_key(path)])
-    return keys
-
-
 @dataclass(slots=True)
 class _Readers:
     """``otactl firmware-version`` calls waiting for one device's next VersionReport."""
@@ -312,7 +301,8 @@ class Devices:
         rng: random.Random | None = None,
     ) -> None:
         """``signing_key`` signs activation commands (None: ``activate`` is refused);
-        ``device_keys`` verify each device's alerts."""
+        ``device_keys`` verify each device's alerts (:class:`otad.credentials.DeviceKeys`: the
+        one key trusted per device, changed as credentials are replaced)."""
         self._store = store
         self._client = client
         self._registry = registry
@@ -340,6 +330,10 @@ class Devices:
         """Where the WAN transfer of an image to a CH stands (the distribution's answer)."""
         self.published_commands = 0
         """Activate messages published (re-sends included)."""
+        self.credentials_reported: Callable[[str, DeviceReported], Awaitable[None]] | None = None
+        """Where a relayed credentials confirmation goes (:mod:`otad.credentials`)."""
+        self.credentials_state: Callable[[str], str | None] = lambda device_id: None
+        """A device's credential replacement state, for :meth:`listing`."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -389,6 +383,16 @@ class Devices:
     def _queue(self, job: Callable[[], Awaitable[None]]) -> None:
         self._inbox.append(job)
         self._wake.set()
+
+    def run_in_turn(self, job: Callable[[], Awaitable[None]]) -> None:
+        """Run ``job`` in turn with the device reports, under :attr:`lock` (a deadline of
+        :mod:`otad.credentials`)."""
+        self._queue(job)
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held while a report, a deadline or a control command changes device state."""
+        return self._lock
 
     # ------------------------------------------------------------------ inputs: the CH
 
@@ -450,6 +454,9 @@ class Devices:
 
     async def _device_reported(self, guid: str, message: DeviceReported) -> None:
         device_id = message.device_id
+        if _claims_confirmation(message.record) and self.credentials_reported is not None:
+            await self.credentials_reported(guid, message)  # verified there (SPEC §8.11)
+            return
         if device_id not in self._by_device:
             self._refuse(guid, message, Reason.NO_TRANSFER, f"{device_id}: no image sent to it")
             return
@@ -1061,10 +1068,24 @@ class Devices:
                 "reason": r.reason,
                 "counter": r.counter,
                 "execute_at": r.execute_at,
+                "credentials": self.credentials_state(r.device_id),
                 "updated_at": r.updated_at,
             }
             for r in sorted(self.records.values(), key=lambda r: (r.guid, r.device_id, r.image))
         ]
+
+
+def _claims_confirmation(record: bytes) -> bool:
+    """Whether a relayed record claims to be a credentials confirmation (a COSE_Sign1 whose
+    payload's ``"t"`` says so), unverified: only to route it to the check that verifies it."""
+    if record[:1] != bytes([_COSE_SIGN1_TAG]):
+        return False
+    try:
+        payload = parse_sign1(record, max_size=MAX_SIGNED_BYTES).payload
+        raw = cbor.loads(payload, max_size=MAX_MESSAGE_BYTES, max_depth=1)
+    except ProtocolError:
+        return False
+    return isinstance(raw, dict) and raw.get("t") == CredentialsConfirmation.TYPE
 
 
 def _refusal(device_id: str, reason: Reason, detail: str) -> dict[str, str]:

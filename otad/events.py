@@ -56,6 +56,8 @@ __all__ = [
     "ALERTS_PREFIX",
     "EVENT_TYPES",
     "SCHEMA_VERSION",
+    "CredentialsFailed",
+    "CredentialsReplaced",
     "DeviceConfirmed",
     "DeviceFailed",
     "DistributionResumed",
@@ -430,6 +432,50 @@ class DeviceFailed(_DeviceAlert):
         return f"device.failed:{self.device_id}:{self.image}:{self.counter}:{self.reason}"
 
 
+# --------------------------------------------------------------------------- device credentials
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _CredentialsEvent(MonitorEvent):
+    """About one device's credential replacement (SPEC §8.11; ``otactl credentials replace``).
+    On the feed, not a supplier alert: which key otad trusts for a device is the operator's."""
+
+    ABOUT_A_HUB: ClassVar[bool] = True
+
+    guid: str = doc("the premises: its CH's GUID")
+    device_id: str = doc("the device's EUI-64")
+    device_type: str = doc("the device's type: ESME, GSME, PPMID, HCALCS, B1-B4")
+    counter: int = doc("the last credentials command's counter (the device's command sequence)")
+    attempts: int = doc("credentials commands sent for this replacement, retries included")
+    old_kid: str = doc("the key id (hex, 8 bytes) of the key the commands named (trusted before)")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CredentialsReplaced(_CredentialsEvent):
+    """A device generated a new key pair and confirmed it under its old key: otad trusts only
+    the new key for its alerts from now on."""
+
+    KIND: ClassVar[str] = "credentials.replaced"
+
+    new_kid: str = doc("the key id (hex, 8 bytes) of the key otad trusts for the device now")
+
+    def key(self) -> str:
+        return f"credentials.replaced:{self.device_id}:{self.counter}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CredentialsFailed(_CredentialsEvent):
+    """A replacement ended without a confirmation otad could adopt: otad still trusts the old
+    key (``old_kid``)."""
+
+    KIND: ClassVar[str] = "credentials.failed"
+
+    reason: str = doc("why, a reason name (SPEC §4): TIMED_OUT after every attempt")
+
+    def key(self) -> str:
+        return f"credentials.failed:{self.device_id}:{self.counter}:{self.reason}"
+
+
 EVENT_TYPES: Final[dict[str, type[MonitorEvent]]] = {
     cls.KIND: cls
     for cls in (
@@ -446,6 +492,8 @@ EVENT_TYPES: Final[dict[str, type[MonitorEvent]]] = {
         DistributionResumed,
         DeviceConfirmed,
         DeviceFailed,
+        CredentialsReplaced,
+        CredentialsFailed,
     )
 }
 """Every kind, in the order the documentation lists them."""

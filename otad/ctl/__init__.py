@@ -35,6 +35,8 @@ from otad.ctl import imagetool, watch
 from otad.ctl.client import DEFAULT_TIMEOUT, CtlError, CtlTimeout, CtlUnreachable, call_once
 from otad.ctl.format import (
     format_activate,
+    format_credentials,
+    format_credentials_replace,
     format_devices,
     format_distribute,
     format_firmware_version,
@@ -298,6 +300,35 @@ def _devices(args: argparse.Namespace) -> int:
     return _print_result(args, result, format_devices)
 
 
+def _add_credentials(groups: _Subparsers) -> None:
+    credentials = groups.add_parser(
+        "credentials", help="replace the signing keys of devices that sign (SPEC §8.11)"
+    )
+    actions = credentials.add_subparsers(dest="action", required=True, metavar="ACTION")
+    replace = actions.add_parser(
+        "replace",
+        help="have devices generate a new key pair and confirm it; otad then trusts only it",
+    )
+    replace.add_argument(
+        "--device", nargs="+", required=True, metavar="ID", help="these devices (EUI-64)"
+    )
+    _add_daemon_options(replace, json_flag=True)
+    replace.set_defaults(command="credentials replace")
+    listing = actions.add_parser("list", help="every replacement: state, attempts, key ids")
+    _add_daemon_options(listing, json_flag=True)
+    listing.set_defaults(command="credentials list")
+
+
+def _credentials_replace(args: argparse.Namespace) -> int:
+    result = _daemon_call(args, "credentials.replace", {"devices": list(args.device)})
+    _print_result(args, result, format_credentials_replace)
+    return EXIT_FAILED if result.get("refused") else EXIT_OK
+
+
+def _credentials_list(args: argparse.Namespace) -> int:
+    return _print_result(args, _daemon_call(args, "credentials.list", {}), format_credentials)
+
+
 def _add_firmware_version(groups: _Subparsers) -> None:
     version = groups.add_parser(
         "firmware-version", help="read the firmware version a device runs, through its CH"
@@ -418,6 +449,7 @@ GROUPS: list[Callable[[_Subparsers], None]] = [
     _add_distribute,
     _add_activate,
     _add_devices,
+    _add_credentials,
     _add_firmware_version,
     _add_fleet,
     _add_transfers,
@@ -433,6 +465,8 @@ HANDLERS: dict[str, Handler] = {
     "distribute": _distribute,
     "activate": _activate,
     "devices": _devices,
+    "credentials replace": _credentials_replace,
+    "credentials list": _credentials_list,
     "firmware-version": _firmware_version,
     "fleet list": _fleet_list,
     "transfers": _transfers,

@@ -145,15 +145,56 @@ def format_devices(rows: list[dict[str, Any]]) -> str:
             f"{r['percent']}%",
             r["proof"] or "-",
             r["reason"] or "-",
+            r.get("credentials") or "-",
         ]
         for r in rows
     ]
-    headers = ["PREMISES", "DEVICE", "TYPE", "JOIN", "IMAGE", "STATE", "%", "PROOF", "REASON"]
+    headers = [
+        "PREMISES", "DEVICE", "TYPE", "JOIN", "IMAGE", "STATE", "%", "PROOF", "REASON",
+        "CREDENTIALS",
+    ]  # fmt: skip
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
     return f"{_table(headers, table)}\n{len(rows)} device(s): {summary}"
+
+
+def format_credentials_replace(result: dict[str, Any]) -> str:
+    """``otactl credentials replace`` summary lines."""
+    lines = [
+        f"{i['device_id']}: replace credentials sent, counter {i['counter']}"
+        for i in result.get("issued", [])
+    ]
+    lines += [
+        f"{r['device_id']}: refused {r['reason']}: {r['detail']}" for r in result.get("refused", [])
+    ]
+    issued_n, refused_n = len(result.get("issued", [])), len(result.get("refused", []))
+    lines.append(f"credentials: {issued_n} sent, {refused_n} refused")
+    return "\n".join(lines)
+
+
+def format_credentials(rows: list[dict[str, Any]]) -> str:
+    """``otactl credentials list`` as a table."""
+    table = [
+        [
+            r["guid"],
+            r["device_id"],
+            r["device_type"],
+            r["state"],
+            str(r["attempts"]),
+            str(r["counter"]),
+            r["old_kid"],
+            r["new_kid"] or "-",
+            r["reason"] or "-",
+        ]
+        for r in rows
+    ]
+    headers = [
+        "PREMISES", "DEVICE", "TYPE", "STATE", "ATTEMPTS", "COUNTER", "OLD KEY", "NEW KEY",
+        "REASON",
+    ]  # fmt: skip
+    return f"{_table(headers, table)}\n{len(rows)} device(s)"
 
 
 def format_firmware_version(result: dict[str, Any]) -> str:

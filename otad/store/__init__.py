@@ -22,6 +22,8 @@ from otad.store.engine import (
 )
 from otad.store.rows import (
     CommandRow,
+    CredentialsRow,
+    DeviceKeyRow,
     DeviceRow,
     EventRow,
     FinalState,
@@ -39,6 +41,8 @@ __all__ = [
     "LOCK_NAME",
     "CommandRow",
     "ConflictError",
+    "CredentialsRow",
+    "DeviceKeyRow",
     "DeviceRow",
     "EventRow",
     "FinalState",

@@ -151,7 +151,35 @@ CREATE INDEX activation_commands_unanswered ON activation_commands (device_id)
     WHERE answered_at IS NULL;
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (V1, V2, V3)
+#: Credential replacement (otad/credentials.py; SPEC §8.11): each device's replacement in
+#: progress or done (its last credentials command's counter, drawn from the same per-device
+#: sequence as activation_commands'), and the device keys otad adopted from confirmations, which
+#: take the place of the operator's ``<DEVICE_ID>.pem`` (kept as it was) from then on.
+V4: Final = """
+CREATE TABLE credentials (
+    device_id   TEXT PRIMARY KEY,
+    guid        TEXT NOT NULL,
+    device_type TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    counter     INTEGER NOT NULL CHECK (counter > 0),
+    current_kid BLOB NOT NULL CHECK (length(current_kid) = 8),
+    attempts    INTEGER NOT NULL CHECK (attempts > 0),
+    deadline    REAL,
+    reason      TEXT,
+    new_kid     BLOB CHECK (new_kid IS NULL OR length(new_kid) = 8),
+    updated_at  REAL NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE device_keys (
+    device_id     TEXT PRIMARY KEY,
+    spki          BLOB NOT NULL,
+    replaced_spki BLOB NOT NULL,
+    counter       INTEGER NOT NULL CHECK (counter > 0),
+    adopted_at    REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (V1, V2, V3, V4)
 """Script *i* upgrades ``user_version`` *i* to *i + 1*."""
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -159,6 +159,35 @@ class CommandRow:
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialsRow:
+    """One device's credential replacement (:mod:`otad.credentials` says what each field
+    means; ``state`` is free text checked there)."""
+
+    device_id: str
+    guid: str
+    device_type: str
+    state: str
+    counter: int  # the last credentials command issued (the device's activation sequence)
+    current_kid: bytes  # the key id that command named: the key otad trusted then
+    attempts: int  # commands issued for this replacement (retries included)
+    deadline: float | None  # unix s: when otad retries or gives up (None: final)
+    reason: str | None
+    new_kid: bytes | None  # the adopted key's id, once replaced
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceKeyRow:
+    """A device key otad adopted from a credentials confirmation (SPEC §8.11)."""
+
+    device_id: str
+    spki: bytes  # the key otad trusts for the device's alerts now (SubjectPublicKeyInfo DER)
+    replaced_spki: bytes  # the key it replaced (the one the confirmation was signed by)
+    counter: int  # the credentials command it confirmed
+    adopted_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class FinalState:
     """A transfer's end, with its last progress: one row of :meth:`Store.finish_transfers`."""
 

@@ -23,6 +23,8 @@ import aiosqlite
 from otad.store.engine import ConflictError, Engine, NotFoundError, Tx
 from otad.store.rows import (
     CommandRow,
+    CredentialsRow,
+    DeviceKeyRow,
     DeviceRow,
     EventRow,
     FinalState,
@@ -37,6 +39,11 @@ from protocol.release.manifest import Manifest
 from protocol.wire.messages import HubAnnounced, Limits, minor_version
 
 _MAX_SQL_INT: Final = (1 << 63) - 1
+_CREDENTIALS_UPSERT: Final = (
+    "INSERT OR REPLACE INTO credentials (device_id, guid, device_type, state, counter,"
+    " current_kid, attempts, deadline, reason, new_kid, updated_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _IN_CHUNK: Final = 500  # parameters per "IN (...)" list (SQLite allows 32,766)
 
 
@@ -702,13 +709,7 @@ class Store(Engine):
         published here: the caller publishes after this returns, i.e. after the fsync."""
 
         async def issue_command(tx: Tx) -> CommandRow:
-            row = await tx.fetchone(
-                "SELECT MAX(counter) FROM activation_commands WHERE device_id = ?", (device_id,)
-            )
-            highest = 0 if row is None or row[0] is None else int(row[0])
-            counter = max(highest + 1, floor)
-            if counter > _MAX_SQL_INT:
-                raise ConflictError(f"activation counter of {device_id} exhausted")
+            counter = await _next_device_counter(tx, device_id, floor)
             command = CommandRow(
                 device_id, counter, image, guid, execute_at, cancel, sign(counter), now, None
             )
@@ -751,6 +752,79 @@ class Store(Engine):
             ]  # fmt: skip
 
         return await self.read(unanswered_commands)
+
+    # ----------------------------------------------------------------------- credentials
+
+    async def issue_credentials(
+        self,
+        device_id: str,
+        *,
+        floor: int,
+        sign: Callable[[int], bytes],
+        row_after: Callable[[int], CredentialsRow],
+    ) -> tuple[int, bytes]:
+        """Take the device's next counter (the one sequence activation commands draw from too:
+        SPEC §8.11), sign the credentials command with it and store the replacement's row
+        ``row_after(counter)``, in one durable change; return (counter, signed). Published by
+        the caller after this returns, i.e. after the fsync."""
+
+        async def issue_credentials(tx: Tx) -> tuple[int, bytes]:
+            counter = await _next_device_counter(tx, device_id, floor)
+            signed = sign(counter)
+            await tx.execute(_CREDENTIALS_UPSERT, dataclasses.astuple(row_after(counter)))
+            return counter, signed
+
+        return await self.write(issue_credentials, durable=True)
+
+    async def save_credentials(self, row: CredentialsRow) -> None:
+        """Insert or replace a replacement's row, durably."""
+
+        async def save_credentials(tx: Tx) -> None:
+            await tx.execute(_CREDENTIALS_UPSERT, dataclasses.astuple(row))
+
+        await self.write(save_credentials, durable=True)
+
+    async def adopt_device_key(self, key: DeviceKeyRow, row: CredentialsRow) -> None:
+        """Trust ``key`` for its device from now on and record the replacement done: one
+        durable change (never a key adopted with its replacement still pending, or the
+        reverse)."""
+
+        async def adopt_device_key(tx: Tx) -> None:
+            await tx.execute(
+                "INSERT OR REPLACE INTO device_keys (device_id, spki, replaced_spki, counter,"
+                " adopted_at) VALUES (?, ?, ?, ?, ?)",
+                dataclasses.astuple(key),
+            )
+            await tx.execute(_CREDENTIALS_UPSERT, dataclasses.astuple(row))
+
+        await self.write(adopt_device_key, durable=True)
+
+    async def credentials(self) -> list[CredentialsRow]:
+        """Every device's replacement row."""
+
+        async def credentials(tx: Tx) -> list[CredentialsRow]:
+            rows = await tx.fetchall(
+                "SELECT device_id, guid, device_type, state, counter, current_kid, attempts,"
+                " deadline, reason, new_kid, updated_at FROM credentials"
+            )
+            return [
+                CredentialsRow(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), r[6], r[7], r[8],
+                               None if r[9] is None else bytes(r[9]), r[10])
+                for r in rows
+            ]  # fmt: skip
+
+        return await self.read(credentials)
+
+    async def device_keys(self) -> list[DeviceKeyRow]:
+        """Every device key adopted from a confirmation."""
+
+        async def device_keys(tx: Tx) -> list[DeviceKeyRow]:
+            rows = await tx.fetchall(
+                "SELECT device_id, spki, replaced_spki, counter, adopted_at FROM device_keys"
+            )
+            return [DeviceKeyRow(r[0], bytes(r[1]), bytes(r[2]), r[3], r[4]) for r in rows]
+
+        return await self.read(device_keys)
 
     # ----------------------------------------------------------------------- internals
 
@@ -908,3 +982,18 @@ def _transfer_row(row: sqlite3.Row) -> TransferRow:
         updated_at=row["updated_at"],
         finished_at=row["finished_at"],
     )
+
+
+async def _next_device_counter(tx: Tx, device_id: str, floor: int) -> int:
+    """The device's next command counter: above every activation or credentials command ever
+    issued to it (one originator counter per device, SPEC §8.11) and at least ``floor``."""
+    row = await tx.fetchone(
+        "SELECT MAX(c) FROM (SELECT MAX(counter) AS c FROM activation_commands"
+        " WHERE device_id = ? UNION ALL SELECT counter FROM credentials WHERE device_id = ?)",
+        (device_id, device_id),
+    )
+    highest = 0 if row is None or row[0] is None else int(row[0])
+    counter = max(highest + 1, floor)
+    if counter > _MAX_SQL_INT:
+        raise ConflictError(f"activation counter of {device_id} exhausted")
+    return counter

@@ -15,7 +15,8 @@
   client; :meth:`Shell.run_until` moves messages and virtual time until a condition holds;
 * :class:`HanRelay` is a CH's side of SPEC §8.10 for its HAN devices: real
   :class:`~protocol.device.device.Device` machines behind it, to which it relays ``Activate``
-  and whose answers (and ``ReadVersion`` read-backs) it reports as ``DeviceReported``;
+  (an activation or a credentials command: the device tells them apart, SPEC §8.11) and whose
+  answers (and ``ReadVersion`` read-backs) it reports as ``DeviceReported``;
   :meth:`Shell.run_until_handled` also lets otad's device task (:mod:`otad.devices`) run.
 """
 
@@ -55,7 +56,7 @@ from otad.status import StatusPublisher
 from otad.store import Store, TransferRow
 from protocol.clock import UnixTime
 from protocol.device.activation import VersionReport
-from protocol.device.device import AlertRaised, Device, DeviceOutput
+from protocol.device.device import AlertRaised, CredentialsConfirmed, Device, DeviceOutput
 from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import Manifest
 from protocol.release.trust import TrustStore, verify_manifest
@@ -347,7 +348,7 @@ class HanRelay:
         self.devices: dict[str, Device] = {}
         self.lose: Callable[[DeviceOutput], bool] = lambda output: False
         self.refused: list[tuple[str, Reason]] = []
-        """(device id, reason) of every activation command a device refused."""
+        """(device id, reason) of every command (activation or credentials) a device refused."""
         self.lost: list[DeviceOutput] = []
 
     def add(self, device: Device) -> Device:
@@ -396,7 +397,7 @@ class HanRelay:
         if device is None:
             return []
         try:
-            outputs = device.activation_received(message.command, UnixTime(wall))
+            outputs = device.command_received(message.command, UnixTime(wall))
         except ProtocolError as exc:
             self.refused.append((message.device_id, exc.reason))
             return []
@@ -423,7 +424,7 @@ class HanRelay:
             if self.lose(output):
                 self.lost.append(output)
                 continue
-            if isinstance(output, AlertRaised):
+            if isinstance(output, (AlertRaised, CredentialsConfirmed)):
                 reports.append(DeviceReported(device_id, output.signed, Evidence.DEVICE))
             elif isinstance(output, VersionReport):  # what the CH saw of a CAD bridge
                 reports.append(DeviceReported(device_id, output.encode(), Evidence.CH))

@@ -7,7 +7,12 @@ from typing import Any
 import pytest
 
 import otad.ctl as ctl
-from otad.ctl.format import format_activate, format_devices, format_firmware_version
+from otad.ctl.format import (
+    format_activate,
+    format_credentials,
+    format_devices,
+    format_firmware_version,
+)
 
 IMAGE = "ab" * 32
 DEVICE = "00DB1234567890B0"
@@ -24,6 +29,15 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
         made.append((cmd, args))
         if cmd in ("activate", "activate.cancel"):
             return {"image": args["image"], "issued": [], "refused": []}
+        if cmd == "credentials.replace":
+            ids = args["devices"]
+            return {
+                "issued": [{"device_id": ids[0], "counter": 7, "guid": "00DB1234567890AA"}],
+                "refused": [
+                    {"device_id": d, "reason": "NO_CREDENTIALS", "detail": "joined as CAD"}
+                    for d in ids[1:]
+                ],
+            }
         if cmd == "firmware.version":
             return {
                 "guid": "00DB1234567890AA",
@@ -113,3 +127,42 @@ def test_the_formats_show_every_column() -> None:
             "evidence": "ch",
         }
     )
+
+
+def test_credentials_replace_sends_the_devices_and_fails_on_a_refusal(
+    calls: list[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cad = "00DB1234567890B1"
+    assert ctl.main(["credentials", "replace", "--device", DEVICE]) == 0
+    assert "counter 7" in capsys.readouterr().out
+    assert ctl.main(["credentials", "replace", "--device", DEVICE, cad]) == ctl.EXIT_FAILED
+    assert f"{cad}: refused NO_CREDENTIALS" in capsys.readouterr().out
+    assert ctl.main(["credentials", "list"]) == 0
+    with pytest.raises(SystemExit):
+        ctl.main(["credentials", "replace"])  # --device is required
+    assert calls == [
+        ("credentials.replace", {"devices": [DEVICE]}),
+        ("credentials.replace", {"devices": [DEVICE, cad]}),
+        ("credentials.list", {}),
+    ]
+    row = {
+        "guid": "00DB1234567890AA",
+        "device_id": DEVICE,
+        "device_type": "B2",
+        "state": "replaced",
+        "attempts": 2,
+        "counter": 9,
+        "old_kid": "0123456789abcdef",
+        "new_kid": "fedcba9876543210",
+        "reason": None,
+    }
+    text = format_credentials([row])
+    assert "fedcba9876543210" in text
+    assert text.endswith("1 device(s)")
+    devices_row = {
+        "guid": "00DB1234567890AA", "device_id": DEVICE, "device_type": "B2", "join_mode": "PPMID",
+        "image": IMAGE, "state": "confirmed", "percent": 100, "proof": "signed_alert",
+        "reason": None, "credentials": "replaced",
+    }  # fmt: skip
+    assert "CREDENTIALS" in format_devices([devices_row])
+    assert "replaced" in format_devices([devices_row])

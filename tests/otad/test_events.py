@@ -10,6 +10,8 @@ import pytest
 from otad.events import (
     EVENT_TYPES,
     SCHEMA_VERSION,
+    CredentialsFailed,
+    CredentialsReplaced,
     DeviceConfirmed,
     DeviceFailed,
     DistributionResumed,
@@ -91,6 +93,14 @@ def one_of_each() -> list[MonitorEvent]:
             **device, fw_version=0x01020304, state="failed", reason="SELF_TEST_FAILED",
             rolled_back=True,
         ),
+        CredentialsReplaced(
+            time=T, guid=GUID, device_id="00DB1234567890AE", device_type="B2", counter=11,
+            attempts=2, old_kid="0123456789abcdef", new_kid="fedcba9876543210",
+        ),
+        CredentialsFailed(
+            time=T, guid=GUID, device_id="00DB1234567890AE", device_type="B2", counter=12,
+            attempts=3, old_kid="0123456789abcdef", reason="TIMED_OUT",
+        ),
     ]  # fmt: skip
 
 
@@ -159,6 +169,8 @@ def test_keys_are_the_same_facts_as_before_so_a_restart_stores_each_once() -> No
         "distribution.resumed": f"distribution.resumed:{IMAGE}:1767225600123",
         "device.confirmed": f"device.confirmed:00DB1234567890AE:{IMAGE}:9",
         "device.failed": f"device.failed:00DB1234567890AE:{IMAGE}:9:SELF_TEST_FAILED",
+        "credentials.replaced": "credentials.replaced:00DB1234567890AE:11",
+        "credentials.failed": "credentials.failed:00DB1234567890AE:12:TIMED_OUT",
     }
 
 
@@ -178,7 +190,7 @@ def test_only_progress_reports_are_superseded_and_only_within_one_attempt() -> N
 def test_events_about_one_ch_carry_its_guid_in_the_topic() -> None:
     topics = {e.KIND: e.topic("ota/v1/events") for e in one_of_each()}
     for kind, topic in topics.items():
-        if kind.startswith(("hub.", "transfer.")):
+        if kind.startswith(("hub.", "transfer.", "credentials.")):
             assert topic == f"ota/v1/events/{kind}/{GUID}"
         elif kind.startswith("device."):
             assert topic == f"ota/v1/alerts/{ACME}/{kind}/{GUID}"
