@@ -18,14 +18,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from otad_harness import otactl, otactl_json, otad_config, otad_with_fleet
 
 from loadtest.broker import MosquittoBroker
+from loadtest.premises import device_key
 from loadtest.release import make_release
 from loadtest.runner import FleetConfig
 from mqttio import MqttSettings, create_client
 from otad.events import TransferHeld, supplier_topic_id
-from protocol.device.activation import ActivationCommand, ActivationResponse, Outcome
-from protocol.errors import Reason
+from protocol.device.activation import (
+    ActivationAlert,
+    ActivationCommand,
+    ActivationResponse,
+    Outcome,
+)
+from protocol.errors import ProtocolError, Reason
 from protocol.release.manifest import DeviceType
+from protocol.release.trust import TrustStore
 from protocol.wire import topics
+from protocol.wire.devices import JoinMode
 from protocol.wire.messages import Activate, DeviceReported, Message, decode
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -447,3 +455,86 @@ async def test_a_dated_activation_fires_at_its_time_and_a_cancelled_one_never(
     assert states[cancelled]["state"] == "held_by_device"
     assert states[cancelled]["reason"] == "CANCELLED"
     assert version["fw_version"] != 0x0300
+
+
+@pytest.mark.timeout(240)
+async def test_a_ppmid_bridge_gets_new_credentials_and_its_next_alert_verifies_only_with_them(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    private, trust = activation_keys(tmp_path)
+    device_keys = tmp_path / "device-keys"
+    hubs = 30
+    fleet_config = FleetConfig(
+        host=broker.host, port=broker.port, state_dir="", count=hubs, bridge_share=1.0
+    )
+    fleet_config.write_device_keys(device_keys)
+    index, bridge = next(
+        (i, d)
+        for i in range(hubs)
+        for d in fleet_config.identity(i).han
+        if d.device_type in (DeviceType.B1, DeviceType.B2, DeviceType.B3, DeviceType.B4)
+        and d.join_mode is JoinMode.PPMID
+    )
+    guid = fleet_config.identity(index).guid
+    release = make_release(tmp_path / "release", firmware_bytes=1024,
+                           device_type=bridge.device_type, version=0x0300)  # fmt: skip
+    config = otad_config(
+        activation={"key": str(private), "device_keys": str(device_keys),
+                    "credentials_timeout_s": 30.0}
+    )  # fmt: skip
+    down: list[Message] = []
+    up: list[Message] = []
+    async with otad_with_fleet(
+        broker, tmp_path, release, hubs=hubs, config=config, bridge_share=1.0,
+        activation_trust_dir=trust, han_acceleration=HAN_ACCELERATION,
+    ):  # fmt: skip
+        spy = create_client(
+            "gmqtt", MqttSettings(client_id="spy", host=broker.host, port=broker.port)
+        )
+        spy.set_message_handler(
+            lambda t, p, r: (down if t.endswith("/down") else up).append(decode(p))
+        )
+        await spy.subscribe(topics.down(guid), 1)
+        await spy.subscribe(topics.up(guid), 1)
+        await spy.connect()
+        try:
+            replaced = otactl(broker, "credentials", "replace", "--device", bridge.device_id)
+            assert replaced.returncode == 0, replaced.stderr
+            for _ in range(100):
+                listing = otactl_json(broker, "credentials", "list")
+                if [r["state"] for r in listing] == ["replaced"]:
+                    break
+                await asyncio.sleep(0.2)
+            (record,) = otactl_json(broker, "credentials", "list")
+            assert record["state"] == "replaced", record
+            assert record["new_kid"] != record["old_kid"]
+            # a replay of the replacement command (as a rogue party could capture it): refused
+            await asyncio.sleep(0.5)  # otactl ran in this loop's thread: let the spy read
+            (command,) = [m for m in down if isinstance(m, Activate)]
+            answers = len([m for m in up if isinstance(m, DeviceReported)])
+            spy.publish(topics.down(guid), command.encode(), 1, False)
+            await asyncio.sleep(1.0)
+            assert len([m for m in up if isinstance(m, DeviceReported)]) == answers
+            # its next activation: the alert is signed by the new key, and only that verifies
+            assert otactl(broker, "image", "import", str(release.path)).returncode == 0
+            otactl(broker, "distribute", release.sha256, "--to", guid)
+            await wait_devices(broker, lambda rs: [r["state"] for r in rs if r["device_id"]
+                               == bridge.device_id] == ["held_by_device"], 60,
+                               release.sha256)  # fmt: skip
+            up.clear()
+            activated = otactl(broker, "activate", release.sha256, "--device", bridge.device_id)
+            assert activated.returncode == 0, activated.stderr
+            rows = await wait_devices(broker, lambda rs: any(r["device_id"] == bridge.device_id
+                                      and r["state"] == "confirmed" for r in rs), 60,
+                                      release.sha256)  # fmt: skip
+        finally:
+            await spy.disconnect()
+    (row,) = [r for r in rows if r["device_id"] == bridge.device_id]
+    assert row["proof"] == "signed_alert"
+    seed = (fleet_config.seed << 32) + index
+    old_key, new_key = (device_key(seed, bridge.device_id, g).public_key() for g in (0, 1))
+    alerts = [m.record for m in up if isinstance(m, DeviceReported) and m.record[:1] == b"\xd2"]
+    assert alerts
+    assert ActivationAlert.verify(alerts[-1], TrustStore([new_key])).fw_version == 0x0300
+    with pytest.raises(ProtocolError):
+        ActivationAlert.verify(alerts[-1], TrustStore([old_key]))
