@@ -168,17 +168,25 @@ def _device_id(seed: int, index: int, slot: int) -> str:
 DEFAULT_LIMITS = Limits(max_block=4096, window=8, buffer=64 * 1024)
 
 
+def premises_seed(seed: int, index: int) -> int:
+    """The seed of hub ``index``'s premises in a run seeded ``seed``: its devices' keys are
+    :func:`loadtest.premises.device_key` of it (what otad's ``activation.device_keys`` holds)."""
+    return (seed << 32) + index
+
+
 def make_identity(
     seed: int,
     index: int,
     *,
     limits: Limits = DEFAULT_LIMITS,
     segments: int = 8,
+    bridge_share: float = BRIDGE_SHARE,
 ) -> HubIdentity:
     """Deterministically generate hub ``index``'s identity and HAN inventory.
 
-    Every hub has an ESME, a GSME and a PPMID; about 5% also have 2-3 Alt HAN bridges (B1-B4),
-    each joined as a CAD or as a PPMID. The network segment is ``cell-<k>``, k < ``segments``.
+    Every hub has an ESME, a GSME and a PPMID; a ``bridge_share`` of them (default
+    :data:`BRIDGE_SHARE`, about 5%) also have 2-3 Alt HAN bridges (B1-B4), each joined as a CAD
+    or as a PPMID. The network segment is ``cell-<k>``, k < ``segments``.
     """
     rng = random.Random(f"{seed}/{index}")
     han = [
@@ -186,7 +194,7 @@ def make_identity(
         HanDevice(_device_id(seed, index, 1), DeviceType.GSME, JoinMode.NATIVE, 0x0105, 0x0001),
         HanDevice(_device_id(seed, index, 2), DeviceType.PPMID, JoinMode.NATIVE, 0x0300, 0x0002),
     ]
-    if rng.random() < BRIDGE_SHARE:
+    if rng.random() < bridge_share:
         kinds = rng.sample([DeviceType.B1, DeviceType.B2, DeviceType.B3, DeviceType.B4], 4)
         for slot, kind in enumerate(kinds[: rng.choice((2, 3))], start=3):
             han.append(
@@ -760,7 +768,7 @@ class HubGroup:
     ``limits_for`` overrides the declared limits of particular hub indices (e.g. a window of 2).
     ``activation_trust`` (otad's activation key) gives every 1.1 hub its premises' HAN
     (:mod:`loadtest.chhan`), run as ``premises`` says (seeded per hub); without it the hubs only
-    hold images.
+    hold images. ``bridge_share``: of the hubs, those with Alt HAN bridges (:func:`make_identity`).
     """
 
     def __init__(
@@ -778,6 +786,7 @@ class HubGroup:
         connect_concurrency: int = 200,
         activation_trust: TrustStore | None = None,
         premises: PremisesConfig | None = None,
+        bridge_share: float = BRIDGE_SHARE,
     ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -799,13 +808,17 @@ class HubGroup:
         overrides = dict(limits_for or {})
         for index in indices:
             identity = make_identity(
-                seed, index, limits=overrides.get(index, limits), segments=segments
+                seed,
+                index,
+                limits=overrides.get(index, limits),
+                segments=segments,
+                bridge_share=bridge_share,
             )
             self.identities[identity.guid] = identity
 
     def premises_config(self, index: int) -> PremisesConfig:
         """The premises scenario of hub ``index``: the group's, seeded for that hub."""
-        return replace(self._premises, seed=(self.seed << 32) + index)
+        return replace(self._premises, seed=premises_seed(self.seed, index))
 
     @property
     def guids(self) -> list[str]:

@@ -36,16 +36,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from loadtest.broker import raise_nofile_limit
 from loadtest.hub import (
+    BRIDGE_SHARE,
     DEFAULT_LIMITS,
     HubGroup,
     HubIdentity,
     HubOptions,
     HubStats,
     make_identity,
+    premises_seed,
 )
-from loadtest.premises import PremisesConfig
+from loadtest.premises import PremisesConfig, device_key
 from otad.keyfiles import load_trust_dir
 from protocol.release.trust import TrustStore
 from protocol.wire.messages import MINOR_VERSION, Limits
@@ -137,6 +141,7 @@ class FleetConfig:
     han_max_transfers: int = 2  # K concurrent HAN transfers per CH
     self_test_failure_share: float = 0.0  # devices (seeded) whose new image fails self-test
     activation_answer_loss: float = 0.0  # extra loss of activation answers (not read-backs)
+    bridge_share: float = BRIDGE_SHARE  # hubs whose premises have Alt HAN bridges
 
     def premises(self) -> PremisesConfig:
         """The premises scenario every hub of the fleet runs (seeded per hub by its group)."""
@@ -164,7 +169,26 @@ class FleetConfig:
             index,
             limits=self.overrides().get(index, self.limits),
             segments=self.segments,
+            bridge_share=self.bridge_share,
         )
+
+    def write_device_keys(self, directory: Path) -> int:
+        """Write ``<DEVICE_ID>.pem``, the public key of every device of the fleet that signs its
+        activation alerts (each CH and its natively or PPMID-joined HAN devices; CAD-joined
+        bridges cannot sign), into ``directory``: what otad's ``activation.device_keys`` names.
+        Returns how many were written."""
+        directory.mkdir(parents=True, exist_ok=True)
+        written = 0
+        for index in range(self.count):
+            ident = self.identity(index)
+            seed = premises_seed(self.seed, index)
+            signers = [ident.guid] + [d.device_id for d in ident.han if d.join_mode.can_sign]
+            for device_id in signers:
+                public = device_key(seed, device_id).public_key()
+                pem = public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+                (directory / f"{device_id}.pem").write_bytes(pem)
+                written += 1
+        return written
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -212,6 +236,7 @@ def _make_group(config: FleetConfig, indices: Iterable[int]) -> HubGroup:
             load_trust(config.activation_trust_dir) if config.activation_trust_dir else None
         ),
         premises=config.premises(),
+        bridge_share=config.bridge_share,
     )
 
 
@@ -431,7 +456,8 @@ class HubFleet:
     (snapshots saved, MQTT DISCONNECT) and ends every worker process. ``activation_trust_dir``
     (otad's activation public key) gives every 1.1 hub its premises' HAN
     (:mod:`loadtest.chhan`), with ``han_acceleration``, ``han_max_transfers``,
-    ``self_test_failure_share`` and ``activation_answer_loss`` as :class:`FleetConfig` says.
+    ``self_test_failure_share`` and ``activation_answer_loss`` as :class:`FleetConfig` says;
+    ``bridge_share`` of the hubs have Alt HAN bridges (:func:`loadtest.hub.make_identity`).
     """
 
     def __init__(
@@ -459,6 +485,7 @@ class HubFleet:
         han_max_transfers: int = 2,
         self_test_failure_share: float = 0.0,
         activation_answer_loss: float = 0.0,
+        bridge_share: float = BRIDGE_SHARE,
         python: str | None = None,
     ) -> None:
         if count < 0 or procs < 0:
@@ -491,6 +518,7 @@ class HubFleet:
             han_max_transfers=han_max_transfers,
             self_test_failure_share=self_test_failure_share,
             activation_answer_loss=activation_answer_loss,
+            bridge_share=bridge_share,
         )
         self.procs = min(procs, count) if count else 0
         self.python = python or sys.executable
