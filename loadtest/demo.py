@@ -243,28 +243,45 @@ def _has_bridges(identity: Any) -> bool:
     return any(d.device_type in ALT_HAN_BRIDGES for d in identity.han)
 
 
-class _Image:
-    """One image of the demo and what otad says of the devices it is for."""
+class ImageProgress:
+    """One image of the demo and what otad says (``otactl devices``) of the devices it is for.
+
+    A device's phases passed are remembered at their highest: one that later fails (a self-test
+    rolled back) still counts in the phases it got through, and, having ended, is done.
+    """
 
     def __init__(self, label: str, manifest: Any, expected: int) -> None:
         self.label = label
         self.manifest = manifest
         self.sha256: str = manifest.sha256.hex()
-        self.expected = expected
+        self.expected = expected  # devices the image is for, from the fleet's inventories
         self.rows: list[dict[str, Any]] = []
+        self.passed: dict[str, int] = {}  # device id -> phases passed, at most
         self.activated = False
 
     def update(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Take a new ``otactl devices`` listing (every image's rows)."""
         self.rows = [dict(r) for r in rows if r.get("image") == self.sha256]
+        for row in self.rows:
+            device_id = str(row.get("device_id"))
+            self.passed[device_id] = max(self.passed.get(device_id, 0), phase_of(row))
 
     def reached(self, phase: int) -> int:
-        return sum(1 for r in self.rows if phase_of(r) > phase)
+        """Devices that got through ``phase`` (an index of :data:`PHASES`)."""
+        return sum(1 for n in self.passed.values() if n > phase)
+
+    def done(self) -> int:
+        """Phases done over every device, for the progress bar: all of them once it ended."""
+        ended = {str(r.get("device_id")) for r in self.rows if r.get("state") in FINAL_STATES}
+        return sum(len(PHASES) if d in ended else n for d, n in self.passed.items())
 
     def count(self, *states: str) -> int:
+        """Devices in one of ``states`` now."""
         return sum(1 for r in self.rows if r.get("state") in states)
 
     @property
     def all_listed(self) -> bool:
+        """otad lists a row for every device the image is for."""
         return len(self.rows) >= self.expected
 
     @property
@@ -276,6 +293,7 @@ class _Image:
 
     @property
     def all_final(self) -> bool:
+        """Every device has ended (confirmed, failed, timed out)."""
         return self.all_listed and all(r.get("state") in FINAL_STATES for r in self.rows)
 
 
@@ -434,8 +452,8 @@ async def run(args: argparse.Namespace) -> int:
 
         # 7: import and distribute both ----------------------------------------------------
         images = [
-            _Image(BRIDGE_TYPE, bridge_release.manifest, len(b2s)),
-            _Image("CH", ch_release.manifest, len(wanted)),
+            ImageProgress(BRIDGE_TYPE, bridge_release.manifest, len(b2s)),
+            ImageProgress("CH", ch_release.manifest, len(wanted)),
         ]
         bridge_image, ch_image = images
         before = await fleet.totals()
@@ -454,7 +472,7 @@ async def run(args: argparse.Namespace) -> int:
         bar = ProgressBar(targeted * len(PHASES), label="devices", stalled_after=15.0)
 
         def progress() -> int:
-            return sum(i.reached(p) for i in images for p in range(len(PHASES)))
+            return sum(i.done() for i in images)
 
         def extra() -> str:
             parts = []
@@ -468,7 +486,7 @@ async def run(args: argparse.Namespace) -> int:
                 )
             return "  ".join(parts)
 
-        async def activate(image: _Image) -> None:
+        async def activate(image: ImageProgress) -> None:
             out = await run_cmd(
                 otactl("--broker", address, "activate", image.sha256, "--all-held", "--json")
             )
