@@ -654,9 +654,10 @@ class VirtualHub:
 
     def _rebooted(self, fw_version: int) -> None:
         """The CH's own firmware was activated (or rolled back): it comes back running
-        ``fw_version`` and announces it."""
+        ``fw_version`` and announces it, with the versions its HAN devices run now."""
         self.stats.reboots += 1
-        self._announcement = replace(self._announcement, fw_version=fw_version)
+        han = self.han.inventory() if self.han is not None else self._announcement.han
+        self._announcement = replace(self._announcement, fw_version=fw_version, han=han)
         self._announce_payload = self._announcement.encode()
         self._announce()
 
