@@ -504,6 +504,7 @@ async def run(args: argparse.Namespace) -> int:
                 f"sent, {len(result.get('refused', []))} refused"
             )
 
+        gave_up = False
         while True:
             await asyncio.sleep(1.0)
             if otad_proc.returncode is not None:
@@ -524,8 +525,13 @@ async def run(args: argparse.Namespace) -> int:
             if all(i.all_final for i in images):
                 break
             if time.monotonic() - started > args.timeout:
-                raise DemoError(f"not finished after {args.timeout:.0f} s")
+                gave_up = True  # the summary and the report say who did not finish
+                break
         duration = time.monotonic() - started
+        with contextlib.suppress(Exception):  # the last word, as of the alerts counted below
+            rows = await ctl.call("devices", {})
+            for image in images:
+                image.update(rows)
         bar.close(progress(), extra())
 
         # 10: summary and report -----------------------------------------------------------
@@ -544,6 +550,10 @@ async def run(args: argparse.Namespace) -> int:
             elif r["state"] in ("failed", "timed_out"):
                 reason = str(r.get("reason") or r["state"].upper())
                 failures[reason] = failures.get(reason, 0) + 1
+        unfinished: dict[str, int] = {}  # devices still in progress when the demo gave up
+        for r in rows:
+            if r["state"] not in FINAL_STATES:
+                unfinished[r["state"]] = unfinished.get(r["state"], 0) + 1
         confirmed_alerts = alerts.of_kind(DeviceConfirmed)
         failed_alerts = alerts.of_kind(DeviceFailed)
         image_bytes = sum(i.manifest.size for i in images)
@@ -553,6 +563,7 @@ async def run(args: argparse.Namespace) -> int:
             "devices_confirmed": sum(by_proof.values()),
             "confirmations_by_method": dict(sorted(by_proof.items())),
             "failures": dict(sorted(failures.items())),
+            "unfinished": dict(sorted(unfinished.items())),
             "alerts_published": len(confirmed_alerts) + len(failed_alerts),
             "alerts_by_kind": {
                 DeviceConfirmed.KIND: len(confirmed_alerts),
@@ -613,8 +624,14 @@ async def run(args: argparse.Namespace) -> int:
         expected_failures = {"SELF_TEST_FAILED"} if args.self_test_failures else set()
         if args.self_test_failures and args.answer_loss:
             expected_failures.add("ACTIVATION_FAILED")
+        if gave_up:
+            say(
+                f"not finished after {args.timeout:.0f} s: "
+                + ", ".join(f"{n} {state}" for state, n in sorted(unfinished.items()))
+            )
         ok = (
-            all(i.all_listed and len(i.rows) == i.expected for i in images)
+            not gave_up
+            and all(i.all_listed and len(i.rows) == i.expected for i in images)
             and report["devices_confirmed"] + sum(failures.values()) == targeted
             and set(failures) <= expected_failures
             and report["alerts_published"] == targeted

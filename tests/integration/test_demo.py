@@ -85,3 +85,14 @@ def test_a_share_failing_self_test_is_reported_by_reason_never_confirmed(tmp_pat
     assert report["devices_confirmed"] + failed == report["devices_targeted"]
     assert sum(report["confirmations_by_method"].values()) == report["devices_confirmed"]
     assert report["alerts_published"] == report["devices_targeted"]  # failures alerted too
+
+
+def test_a_demo_that_gives_up_still_reports_who_did_not_finish(tmp_path: Path) -> None:
+    done, report = run_demo(tmp_path / "demo", "--timeout", "1")
+    assert done.returncode == 1
+    assert "not finished after 1 s" in done.stdout
+    assert "demo: FAILED" in done.stdout
+    assert report["unfinished"]
+    unfinished = sum(report["unfinished"].values())
+    ended = report["devices_confirmed"] + sum(report["failures"].values())
+    assert ended + unfinished == report["devices_targeted"]
