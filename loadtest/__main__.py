@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conformance.add_argument("--library", choices=("gmqtt", "aiomqtt"), default="gmqtt")
 
-    demo = sub.add_parser("demo", help="Mosquitto + otad + virtual CHs: one image delivered live")
+    demo = sub.add_parser("demo", help="Mosquitto + otad + virtual premises: images confirmed")
     from loadtest import demo as demo_module
 
     demo_module.add_arguments(demo)

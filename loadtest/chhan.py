@@ -53,6 +53,7 @@ from protocol.wire.messages import (
     DeviceTransferReported,
     DeviceTransferState,
     Evidence,
+    HanDevice,
     Message,
     ReadVersion,
 )
@@ -118,6 +119,13 @@ class HanSide:
                 on_ch_reboot=self._on_ch_reboot,
             )
         return self._premises
+
+    def inventory(self) -> tuple[HanDevice, ...]:
+        """The HAN inventory with the firmware versions the devices run now, for the CH's next
+        announcement (the identity's own before the premises exists: nothing ran anything new)."""
+        if self._premises is None:
+            return self._identity.han
+        return self._premises.inventory()
 
     def _now(self) -> UnixTime:
         return UnixTime(self._wall_clock())

@@ -168,6 +168,12 @@ def _device_id(seed: int, index: int, slot: int) -> str:
 DEFAULT_LIMITS = Limits(max_block=4096, window=8, buffer=64 * 1024)
 
 
+def premises_seed(seed: int, index: int) -> int:
+    """The seed of hub ``index``'s premises in a run seeded ``seed``: its devices' keys are
+    :func:`loadtest.premises.device_key` of it (what otad's ``activation.device_keys`` holds)."""
+    return (seed << 32) + index
+
+
 def make_identity(
     seed: int,
     index: int,
@@ -178,9 +184,9 @@ def make_identity(
 ) -> HubIdentity:
     """Deterministically generate hub ``index``'s identity and HAN inventory.
 
-    Every hub has an ESME, a GSME and a PPMID; ``bridge_share`` of them (about 5% by default)
-    also have 2-3 Alt HAN bridges (B1-B4), each joined as a CAD or as a PPMID. The network
-    segment is ``cell-<k>``, k < ``segments``.
+    Every hub has an ESME, a GSME and a PPMID; a ``bridge_share`` of them (default
+    :data:`BRIDGE_SHARE`, about 5%) also have 2-3 Alt HAN bridges (B1-B4), each joined as a CAD
+    or as a PPMID. The network segment is ``cell-<k>``, k < ``segments``.
     """
     rng = random.Random(f"{seed}/{index}")
     han = [
@@ -648,9 +654,10 @@ class VirtualHub:
 
     def _rebooted(self, fw_version: int) -> None:
         """The CH's own firmware was activated (or rolled back): it comes back running
-        ``fw_version`` and announces it."""
+        ``fw_version`` and announces it, with the versions its HAN devices run now."""
         self.stats.reboots += 1
-        self._announcement = replace(self._announcement, fw_version=fw_version)
+        han = self.han.inventory() if self.han is not None else self._announcement.han
+        self._announcement = replace(self._announcement, fw_version=fw_version, han=han)
         self._announce_payload = self._announcement.encode()
         self._announce()
 
@@ -762,7 +769,7 @@ class HubGroup:
     ``limits_for`` overrides the declared limits of particular hub indices (e.g. a window of 2).
     ``activation_trust`` (otad's activation key) gives every 1.1 hub its premises' HAN
     (:mod:`loadtest.chhan`), run as ``premises`` says (seeded per hub); without it the hubs only
-    hold images.
+    hold images. ``bridge_share``: of the hubs, those with Alt HAN bridges (:func:`make_identity`).
     """
 
     def __init__(
@@ -812,7 +819,7 @@ class HubGroup:
 
     def premises_config(self, index: int) -> PremisesConfig:
         """The premises scenario of hub ``index``: the group's, seeded for that hub."""
-        return replace(self._premises, seed=(self.seed << 32) + index)
+        return replace(self._premises, seed=premises_seed(self.seed, index))
 
     @property
     def guids(self) -> list[str]:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from loadtest.broker import raise_nofile_limit
 from loadtest.hub import (
@@ -47,11 +47,11 @@ from loadtest.hub import (
     HubOptions,
     HubStats,
     make_identity,
+    premises_seed,
 )
 from loadtest.premises import PremisesConfig, device_key
 from otad.keyfiles import load_trust_dir
 from protocol.release.trust import TrustStore
-from protocol.wire.devices import JoinMode
 from protocol.wire.messages import MINOR_VERSION, Limits
 
 log = logging.getLogger("loadtest.runner")
@@ -141,7 +141,7 @@ class FleetConfig:
     han_max_transfers: int = 2  # K concurrent HAN transfers per CH
     self_test_failure_share: float = 0.0  # devices (seeded) whose new image fails self-test
     activation_answer_loss: float = 0.0  # extra loss of activation answers (not read-backs)
-    bridge_share: float = BRIDGE_SHARE  # premises with 2-3 Alt HAN bridges
+    bridge_share: float = BRIDGE_SHARE  # hubs whose premises have Alt HAN bridges
 
     def premises(self) -> PremisesConfig:
         """The premises scenario every hub of the fleet runs (seeded per hub by its group)."""
@@ -173,25 +173,20 @@ class FleetConfig:
         )
 
     def write_device_keys(self, directory: Path) -> int:
-        """Write the public key of every virtual device that signs (native, PPMID-joined:
-        SPEC §8.8) as ``<DEVICE_ID>.pem`` into ``directory``: what otad's
-        ``[activation] device_keys`` holds for this fleet. Returns how many."""
+        """Write ``<DEVICE_ID>.pem``, the public key of every device of the fleet that signs its
+        activation alerts (each CH and its natively or PPMID-joined HAN devices; CAD-joined
+        bridges cannot sign), into ``directory``: what otad's ``activation.device_keys`` names.
+        Returns how many were written."""
         directory.mkdir(parents=True, exist_ok=True)
         written = 0
         for index in range(self.count):
-            identity = self.identity(index)
-            seed = (self.seed << 32) + index  # HubGroup.premises_config's seed
-            for device in identity.han:
-                if device.join_mode is JoinMode.CAD:
-                    continue
-                pem = (
-                    device_key(seed, device.device_id)
-                    .public_key()
-                    .public_bytes(
-                        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-                    )
-                )
-                (directory / f"{device.device_id}.pem").write_bytes(pem)
+            ident = self.identity(index)
+            seed = premises_seed(self.seed, index)
+            signers = [ident.guid] + [d.device_id for d in ident.han if d.join_mode.can_sign]
+            for device_id in signers:
+                public = device_key(seed, device_id).public_key()
+                pem = public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+                (directory / f"{device_id}.pem").write_bytes(pem)
                 written += 1
         return written
 
@@ -461,7 +456,8 @@ class HubFleet:
     (snapshots saved, MQTT DISCONNECT) and ends every worker process. ``activation_trust_dir``
     (otad's activation public key) gives every 1.1 hub its premises' HAN
     (:mod:`loadtest.chhan`), with ``han_acceleration``, ``han_max_transfers``,
-    ``self_test_failure_share`` and ``activation_answer_loss`` as :class:`FleetConfig` says.
+    ``self_test_failure_share`` and ``activation_answer_loss`` as :class:`FleetConfig` says;
+    ``bridge_share`` of the hubs have Alt HAN bridges (:func:`loadtest.hub.make_identity`).
     """
 
     def __init__(

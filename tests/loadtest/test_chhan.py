@@ -110,6 +110,11 @@ async def test_an_image_for_the_esme_is_relayed_and_its_activation_confirmed_by_
         assert key is not None
         alert = ActivationAlert.verify(device[1].record, TrustStore([key]))  # signed by it
         assert (alert.device_id, alert.fw_version, alert.counter) == (esme.device_id, 0x0300, 1)
+        # the CH's next announcement carries the version the ESME runs now, the others' as before
+        assert {d.device_id: d.fw_version for d in side.inventory()} == {
+            d.device_id: 0x0300 if d.device_id == esme.device_id else d.fw_version
+            for d in identity.han
+        }
         # a replay of the same command is refused by the device: nothing goes up for it
         before = len(sent)
         side.down_received(Activate(device_id=esme.device_id, command=command.sign(OTAD_KEY)))
