@@ -124,6 +124,7 @@ HUB_FAULTS = frozenset(
 SUPPLIERS = ("SUPPLIER-A", "SUPPLIER-B", "SUPPLIER-C", "SUPPLIER-D")
 CH_HW_VERSIONS = (0x0100, 0x0101, 0x0200)
 BRIDGE_SHARE = 0.05
+HCALCS_SLOT = 7  # device-id slot of the HCALCS (0-2: ESME, GSME, PPMID; 3-5: bridges)
 
 
 # ----------------------------------------------------------------------------- identity
@@ -184,9 +185,10 @@ def make_identity(
 ) -> HubIdentity:
     """Deterministically generate hub ``index``'s identity and HAN inventory.
 
-    Every hub has an ESME, a GSME and a PPMID; a ``bridge_share`` of them (default
+    Every hub has an ESME, a GSME, a PPMID and an HCALCS; a ``bridge_share`` of them (default
     :data:`BRIDGE_SHARE`, about 5%) also have 2-3 Alt HAN bridges (B1-B4), each joined as a CAD
-    or as a PPMID. The network segment is ``cell-<k>``, k < ``segments``.
+    or as a PPMID (listed before the HCALCS). The network segment is ``cell-<k>``,
+    k < ``segments``.
     """
     rng = random.Random(f"{seed}/{index}")
     han = [
@@ -206,6 +208,11 @@ def make_identity(
                     0x0001,
                 )
             )
+    # the heating/cooling (HCALCS) device, listed last so the inventory up to here is unchanged
+    han.append(
+        HanDevice(_device_id(seed, index, HCALCS_SLOT), DeviceType.HCALCS, JoinMode.NATIVE,
+                  0x0100, 0x0001)
+    )  # fmt: skip
     return HubIdentity(
         index=index,
         guid=hub_guid(seed, index),
@@ -653,13 +660,19 @@ class VirtualHub:
         self.han.image_held(manifest, signed, data)
 
     def _rebooted(self, fw_version: int) -> None:
-        """The CH's own firmware was activated (or rolled back): it comes back running
-        ``fw_version`` and announces it, with the versions its HAN devices run now."""
+        """The CH's own firmware was activated (or rolled back): it reboots, reconnects and
+        announces ``fw_version``, with the versions its HAN devices run now."""
         self.stats.reboots += 1
         han = self.han.inventory() if self.han is not None else self._announcement.han
         self._announcement = replace(self._announcement, fw_version=fw_version, han=han)
         self._announce_payload = self._announcement.encode()
-        self._announce()
+        client = self._client
+        if client is None:
+            return
+        # A reboot: the connection drops without DISCONNECT (the broker publishes the will), the
+        # client reconnects and the CH announces its new version (_on_connection). What the CH
+        # answered before rebooting is already written to the socket.
+        self._loop.call_soon(_cut, client)
 
     def _forget(self, image: bytes) -> None:
         self._unacked.pop(image, None)

@@ -22,7 +22,7 @@ from loadtest.premises import device_key
 from loadtest.release import make_release
 from loadtest.runner import FleetConfig
 from mqttio import MqttSettings, create_client
-from otad.events import TransferHeld, supplier_topic_id
+from otad.events import HubOffline, TransferHeld, supplier_topic_id
 from protocol.device.activation import (
     ActivationAlert,
     ActivationCommand,
@@ -267,6 +267,7 @@ async def test_a_ch_image_reboots_every_ch_into_it_and_alerts_its_own_supplier_o
             )
             fleet = otactl_json(broker, "fleet", "list")
             stats = await setup.fleet.stats()
+            rebooted = {e.guid for e in setup.monitor.of_kind(HubOffline)}
             for _ in range(50):
                 if len([a for a in alerts if "/device.confirmed/" in a[0]]) >= hubs:
                     break
@@ -276,6 +277,8 @@ async def test_a_ch_image_reboots_every_ch_into_it_and_alerts_its_own_supplier_o
     assert [r["state"] for r in rows] == ["confirmed"] * hubs
     assert {r["device_id"] for r in rows} == set(suppliers)  # the CH itself is the device
     assert all(s.reboots == 1 for s in stats.values())  # each rebooted into the new image...
+    assert rebooted == set(suppliers)  # (its connection dropped: the broker published its will)
+    assert all(h["online"] for h in fleet)  # and it came back
     assert {h["guid"]: h["fw_version"] for h in fleet} == dict.fromkeys(suppliers, version)
     confirmed = [(t, a) for t, a in alerts if "/device.confirmed/" in t]
     assert {a["guid"] for _t, a in confirmed} == set(suppliers)

@@ -134,8 +134,9 @@ async def test_a_device_not_on_the_premises_and_an_image_for_none_of_its_devices
     identity = make_identity(0, 0)
     sent: list[Message] = []
     side = han_side(identity, sent)
-    manifest, signed_manifest, image = signed_release(DeviceType.HCALCS, time.time())
-    side.image_held(manifest, signed_manifest, image)  # no HCALCS here: nothing relayed
+    assert DeviceType.B3 not in {d.device_type for d in identity.han}
+    manifest, signed_manifest, image = signed_release(DeviceType.B3, time.time())
+    side.image_held(manifest, signed_manifest, image)  # no B3 here: nothing relayed
     assert side.stats.relayed == 0
     side.down_received(ReadVersion(device_id="00000000DEADBEEF", nonce=1))
     assert side.stats.not_here == 1
