@@ -16,6 +16,7 @@ sub-elements and whose activation digest is the whole-file ``sha256``, and **v2*
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -154,26 +155,6 @@ class Manifest:
 
         With a ``layout`` it is a :class:`ManifestV2` recording it and the Manufacturer Image's
         digest (``image`` must then start with a valid OTA header); without, a v1 manifest."""
-        if layout is not None:
-            v2 = ManifestV2(
-                vendor=vendor,
-                image_type=image_type,
-                device_type=device_type,
-                hw_min=hw_min,
-                hw_max=hw_max,
-                fw_version=fw_version,
-                sequence=sequence,
-                size=len(image),
-                sha256=hashlib.sha256(image).digest(),
-                block_size=block_size,
-                block_hashes=block_hashes(image, block_size),
-                created=created,
-                expires=expires,
-                layout=layout,
-                activation_sha256=manufacturer_image_digest(image),
-            )
-            v2.check_consistent()
-            return v2
         manifest = cls(
             vendor=vendor,
             image_type=image_type,
@@ -189,6 +170,11 @@ class Manifest:
             created=created,
             expires=expires,
         )
+        if layout is not None:
+            v1 = {f.name: getattr(manifest, f.name) for f in dataclasses.fields(Manifest)}
+            manifest = ManifestV2(
+                **v1, layout=layout, activation_sha256=manufacturer_image_digest(image)
+            )
         manifest.check_consistent()
         return manifest
 
