@@ -249,6 +249,9 @@ def _stats_json(stats: Mapping[str, HubStats]) -> dict[str, Any]:
 
 async def worker_main(config: FleetConfig, worker: int, first: int, last: int) -> int:
     """Body of a worker process: run hubs ``first..last-1`` and obey commands on stdin."""
+    # Virtual CHs lose their connections by design (a reboot into new firmware, a kill, a broker
+    # restart): a WARNING line per CH would bury the live view; the hubs' statistics count them.
+    logging.getLogger("mqttio").setLevel(logging.ERROR)
     raise_nofile_limit()
     loop = asyncio.get_running_loop()
     group = _make_group(config, range(first, last))
