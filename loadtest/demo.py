@@ -663,8 +663,13 @@ async def run(args: argparse.Namespace) -> int:
                 broker.stop()
         if keep or not ok:
             say(f"work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        else:  # everything but the report, whose path the summary printed
+            for entry in work.iterdir():
+                if entry != report_path:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
     if interrupted:
         return 130
     return 0 if ok else 1
