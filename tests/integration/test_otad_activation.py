@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from otad_harness import otactl, otactl_json, otad_config, otad_with_fleet
 
 from loadtest.broker import MosquittoBroker
+from loadtest.hub import BRIDGE_SHARE
 from loadtest.premises import device_key
 from loadtest.release import make_release
 from loadtest.runner import FleetConfig
 from mqttio import MqttSettings, create_client
 from otad.events import HubOffline, TransferHeld, supplier_topic_id
+from otad.keyfiles import load_private_key, write_keypair
 from protocol.device.activation import (
     ActivationAlert,
     ActivationCommand,
@@ -42,27 +45,41 @@ PREMISES = 100
 HAN_ACCELERATION = 200.0  # five minutes of HAN time in 1.5 s
 
 
-def activation_keys(workdir: Path) -> tuple[Path, Path]:
-    """otad's activation key (private PEM) and a trust directory with its public half, which
-    the virtual devices trust."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    private = workdir / "activation.pem"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    private.chmod(0o600)
+@dataclass(frozen=True)
+class Activation:
+    """otad's activation key and its config, and the fleet whose devices trust it."""
+
+    key: Path  # otad's private activation key
+    trust: Path  # a trust directory holding its public half: what the virtual devices trust
+    fleet: FleetConfig  # the fleet's identities (the HubFleet is started with the same options)
+    config: str  # otad's TOML: [activation] key, device_keys (unless none), the settings
+
+
+def activation_setup(
+    broker: MosquittoBroker,
+    workdir: Path,
+    hubs: int,
+    *,
+    bridge_share: float = BRIDGE_SHARE,
+    device_keys: bool = True,
+    **settings: float,
+) -> Activation:
+    """An activation key pair (``otad.keyfiles.write_keypair``), the devices' trust directory,
+    and otad's ``[activation]`` config with ``settings``; with ``device_keys`` the public keys of
+    every virtual device that signs (``FleetConfig.write_device_keys``)."""
+    pair = write_keypair(workdir / "activation.pem")
     trust = workdir / "activation-trust"
     trust.mkdir()
-    (trust / "otad.pub.pem").write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+    shutil.copy(pair.public_path, trust / "otad.pub.pem")
+    fleet = FleetConfig(
+        host=broker.host, port=broker.port, state_dir="", count=hubs, bridge_share=bridge_share
     )
-    return private, trust
+    activation: dict[str, object] = {"key": str(pair.private_path), **settings}
+    if device_keys:
+        keys = workdir / "device-keys"
+        assert fleet.write_device_keys(keys) > 0
+        activation["device_keys"] = str(keys)
+    return Activation(pair.private_path, trust, fleet, otad_config(activation=activation))
 
 
 async def wait_devices(
@@ -88,13 +105,8 @@ async def test_an_image_for_b2_reaches_every_b2_and_nothing_else_and_every_b2_is
     release = make_release(
         tmp_path / "release", firmware_bytes=3 * 1024, device_type=DeviceType.B2, version=0x0200
     )
-    private, trust = activation_keys(tmp_path)
-    device_keys = tmp_path / "device-keys"
-    fleet_config = FleetConfig(
-        host=broker.host, port=broker.port, state_dir="", count=PREMISES, bridge_share=1.0
-    )
-    assert fleet_config.write_device_keys(device_keys) > 0
-    config = otad_config(activation={"key": str(private), "device_keys": str(device_keys)})
+    act = activation_setup(broker, tmp_path, PREMISES, bridge_share=1.0)
+    fleet_config, config, trust = act.fleet, act.config, act.trust
     async with otad_with_fleet(
         broker,
         tmp_path,
@@ -159,20 +171,9 @@ async def test_self_test_failures_roll_back_and_lost_responses_are_confirmed_by_
     release = make_release(
         tmp_path / "release", firmware_bytes=2 * 1024, device_type=DeviceType.ESME, version=0x0300
     )
-    private, trust = activation_keys(tmp_path)
-    device_keys = tmp_path / "device-keys"
     hubs = 40
-    FleetConfig(host=broker.host, port=broker.port, state_dir="", count=hubs).write_device_keys(
-        device_keys
-    )
-    config = otad_config(
-        activation={
-            "key": str(private),
-            "device_keys": str(device_keys),
-            "response_timeout_s": 2.0,
-            "read_back_backoff_s": 1.0,
-        }
-    )
+    act = activation_setup(broker, tmp_path, hubs, response_timeout_s=2.0, read_back_backoff_s=1.0)
+    config, trust = act.config, act.trust
     async with otad_with_fleet(
         broker,
         tmp_path,
@@ -218,15 +219,13 @@ async def test_a_ch_image_reboots_every_ch_into_it_and_alerts_its_own_supplier_o
     release = make_release(
         tmp_path / "release", firmware_bytes=4 * 1024, device_type=DeviceType.CH, version=version
     )
-    private, trust = activation_keys(tmp_path)
     hubs = 20
-    fleet_config = FleetConfig(host=broker.host, port=broker.port, state_dir="", count=hubs)
+    act = activation_setup(broker, tmp_path, hubs, device_keys=False, response_timeout_s=2.0,
+                           read_back_backoff_s=1.0)  # fmt: skip
+    fleet_config, config, trust = act.fleet, act.config, act.trust
     suppliers = {fleet_config.identity(i).guid: fleet_config.identity(i).supplier
                  for i in range(hubs)}  # fmt: skip
     assert len(set(suppliers.values())) > 1
-    config = otad_config(
-        activation={"key": str(private), "response_timeout_s": 2.0, "read_back_backoff_s": 1.0}
-    )
     alerts: list[tuple[str, dict[str, Any]]] = []
     watcher = create_client(
         "gmqtt", MqttSettings(client_id="alert-watcher", host=broker.host, port=broker.port)
@@ -303,20 +302,9 @@ async def test_otad_killed_between_issuing_activations_and_their_outcomes_loses_
     release = make_release(
         tmp_path / "release", firmware_bytes=1024, device_type=DeviceType.ESME, version=0x0300
     )
-    private, trust = activation_keys(tmp_path)
-    device_keys = tmp_path / "device-keys"
     hubs = 10
-    FleetConfig(host=broker.host, port=broker.port, state_dir="", count=hubs).write_device_keys(
-        device_keys
-    )
-    config = otad_config(
-        activation={
-            "key": str(private),
-            "device_keys": str(device_keys),
-            "response_timeout_s": 3.0,
-            "read_back_backoff_s": 1.0,
-        }
-    )
+    act = activation_setup(broker, tmp_path, hubs, response_timeout_s=3.0, read_back_backoff_s=1.0)
+    config, trust = act.config, act.trust
     async with otad_with_fleet(
         broker, tmp_path, release, hubs=hubs, config=config, activation_trust_dir=trust
     ) as setup:
@@ -358,11 +346,10 @@ async def test_wrong_image_replayed_and_forged_commands_are_refused_by_the_devic
     release = make_release(
         tmp_path / "release", firmware_bytes=1024, device_type=DeviceType.ESME, version=0x0300
     )
-    private, trust = activation_keys(tmp_path)
-    otad_key = serialization.load_pem_private_key(private.read_bytes(), None)
-    assert isinstance(otad_key, ec.EllipticCurvePrivateKey)
+    act = activation_setup(broker, tmp_path, 1, device_keys=False, response_timeout_s=30.0)
+    config, trust = act.config, act.trust
+    otad_key = load_private_key(act.key)
     rogue = ec.generate_private_key(ec.SECP256R1())
-    config = otad_config(activation={"key": str(private), "response_timeout_s": 30.0})
     up: list[Message] = []
     async with otad_with_fleet(
         broker, tmp_path, release, hubs=1, config=config, activation_trust_dir=trust,
@@ -418,12 +405,8 @@ async def test_a_dated_activation_fires_at_its_time_and_a_cancelled_one_never(
     release = make_release(
         tmp_path / "release", firmware_bytes=1024, device_type=DeviceType.ESME, version=0x0300
     )
-    private, trust = activation_keys(tmp_path)
-    device_keys = tmp_path / "device-keys"
-    FleetConfig(host=broker.host, port=broker.port, state_dir="", count=2).write_device_keys(
-        device_keys
-    )
-    config = otad_config(activation={"key": str(private), "device_keys": str(device_keys)})
+    act = activation_setup(broker, tmp_path, 2)
+    config, trust = act.config, act.trust
     async with otad_with_fleet(
         broker, tmp_path, release, hubs=2, config=config, activation_trust_dir=trust
     ):
@@ -464,13 +447,9 @@ async def test_a_dated_activation_fires_at_its_time_and_a_cancelled_one_never(
 async def test_a_ppmid_bridge_gets_new_credentials_and_its_next_alert_verifies_only_with_them(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
-    private, trust = activation_keys(tmp_path)
-    device_keys = tmp_path / "device-keys"
     hubs = 30
-    fleet_config = FleetConfig(
-        host=broker.host, port=broker.port, state_dir="", count=hubs, bridge_share=1.0
-    )
-    fleet_config.write_device_keys(device_keys)
+    act = activation_setup(broker, tmp_path, hubs, bridge_share=1.0, credentials_timeout_s=30.0)
+    fleet_config, config, trust = act.fleet, act.config, act.trust
     index, bridge = next(
         (i, d)
         for i in range(hubs)
@@ -481,10 +460,6 @@ async def test_a_ppmid_bridge_gets_new_credentials_and_its_next_alert_verifies_o
     guid = fleet_config.identity(index).guid
     release = make_release(tmp_path / "release", firmware_bytes=1024,
                            device_type=bridge.device_type, version=0x0300)  # fmt: skip
-    config = otad_config(
-        activation={"key": str(private), "device_keys": str(device_keys),
-                    "credentials_timeout_s": 30.0}
-    )  # fmt: skip
     down: list[Message] = []
     up: list[Message] = []
     async with otad_with_fleet(
