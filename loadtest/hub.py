@@ -655,9 +655,23 @@ class VirtualHub:
         signed = self.receiver.signed_manifest(image)
         if self.han is None or manifest is None or signed is None:
             return
-        with open(self._store.image_path(image), "rb") as f:
-            data = f.read(manifest.size)
-        self.han.image_held(manifest, signed, data)
+        path, han = self._store.image_path(image), self.han
+        if manifest.size <= self._options.inline_hash_bytes:
+            han.image_held(manifest, signed, _read_image(path, manifest.size))
+            return
+        # a large image is read in the hashing pool, as it was checked: the loop serves the
+        # other hubs meanwhile
+        future = self._loop.run_in_executor(self._group.executor, _read_image, path, manifest.size)
+
+        def read(done: asyncio.Future[bytes]) -> None:
+            if done.cancelled() or not self.running:
+                return
+            if (error := done.exception()) is not None:
+                log.error("%s: cannot read %s to relay it: %s", self.guid, image.hex()[:16], error)
+                return
+            han.image_held(manifest, signed, done.result())
+
+        future.add_done_callback(read)
 
     def _rebooted(self, fw_version: int) -> None:
         """The CH's own firmware was activated (or rolled back): it reboots, reconnects and
@@ -755,6 +769,12 @@ def _cut(client: MqttClient) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
+def _read_image(path: Path, size: int) -> bytes:
+    """The first ``size`` bytes of a stored image (safe in a worker thread)."""
+    with open(path, "rb") as f:
+        return f.read(size)
+
+
 def _check_stored(path: Path, manifest: Manifest) -> bytes | ProtocolError:
     """Re-read the stored image: its SHA-256 (the digest of nothing when the file is gone), or,
     when that matches the manifest, the whole-image check's refusal (SPEC §6.4 15-17), if any.
@@ -766,8 +786,7 @@ def _check_stored(path: Path, manifest: Manifest) -> bytes | ProtocolError:
     if digest != manifest.sha256:
         return digest
     try:
-        with open(path, "rb") as f:
-            check_image(manifest, f.read(manifest.size))
+        check_image(manifest, _read_image(path, manifest.size))
     except ProtocolError as exc:
         return exc
     return digest
