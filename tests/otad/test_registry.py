@@ -11,6 +11,7 @@ import pytest
 from shellkit import LIMITS, guids, shell
 
 from otad.events import HubOffline, HubOnline, HubRefused
+from otad.refusals import MAX_PER_SECOND
 from otad.registry import Registry
 from protocol.errors import Reason
 from protocol.wire import cbor, topics
@@ -253,3 +254,19 @@ async def test_a_cleared_retained_message_is_ignored(tmp_path: Path) -> None:
         assert hub is not None
         assert hub.online
         assert sum(s.daemon.rejects.counts.values()) == 0
+
+
+async def test_refusals_past_the_global_rate_are_only_counted(tmp_path: Path) -> None:
+    """More refused CHs in one instant than MAX_PER_SECOND: each is journalled, the first
+    MAX_PER_SECOND are reported to monitors, the rest only counted as suppressed."""
+    async with shell(tmp_path) as s:
+        many = guids(int(MAX_PER_SECOND) + 50)
+        for guid in many:
+            bad = HubAnnounced(guid=guid, fw_version=1, hw_version=1, supplier="", segment="x")
+            s.client.deliver(topics.state(guid), bad.encode())  # virtual time does not move
+        assert s.daemon.rejects.counts["MALFORMED"] == len(many)
+        assert s.daemon.refusals.counts() == {
+            "reported": int(MAX_PER_SECOND), "told": 0, "suppressed": 50,
+        }  # fmt: skip
+        await s.settle()
+        assert len(s.events_published()) == int(MAX_PER_SECOND)
