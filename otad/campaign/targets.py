@@ -4,13 +4,14 @@ The fleet is a snapshot of plain data: the CHs' last announcements
 (:class:`~protocol.wire.messages.HubAnnounced`, each with its HAN inventory). :func:`select`
 evaluates a :class:`~otad.campaign.spec.Selection` against it and returns every target and, for
 every premises left out, the reason. :func:`assign_stages` spreads the targets over the stage
-plan: **stratified random**, never registration order. Targets are grouped into strata by
-(supplier, hardware version, firmware version, segment) -- manufacturer/model, firmware and the
-shared cell the CH declared -- and each stratum's members, shuffled with the campaign's seed, are
-placed at evenly spaced points ``(i + u) / n`` of one unit line (``u`` a random offset per
-stratum); the stages then take consecutive runs of that line. Every stage so gets a share of
-every stratum in proportion to its size (to within one target), and the CHs of one cell never
-fill one stage (hawkBit #1086).
+plan: **stratified random**, never registration order. Targets are grouped by the shared
+cell their CH declared (its segment), and each cell's members are placed at evenly spaced points
+``(i + u) / n`` of one unit line (``u`` a random offset per cell, drawn from the campaign's
+seed); within a cell the same is done by supplier, within a supplier by model (hardware
+version), within a model by firmware version, and the last groups are shuffled. The stages then
+take consecutive runs of that line: every stage gets a share of every cell in proportion to its
+size (to within about one target), and of each supplier, model and firmware within it, so the
+CHs of one cell never fill one stage (hawkBit #1086).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from otad.campaign.spec import Component, Selection, StageSpec
 from protocol.wire.devices import DeviceType
@@ -166,22 +168,37 @@ def assign_stages(
     same seed and campaign id give the same stages."""
     digest = hashlib.sha256(f"{campaign_id}:{seed}".encode()).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
-    strata: dict[tuple[str, int, int, str], list[Target]] = {}
-    for target in sorted(targets, key=lambda t: (t.stratum, t.device_id)):
-        strata.setdefault(target.stratum, []).append(target)
-    placed: list[tuple[float, float, Target]] = []
-    for key in sorted(strata):
-        members = strata[key]
-        rng.shuffle(members)
-        offset = rng.random()
-        n = len(members)
-        for i, target in enumerate(members):
-            placed.append(((i + offset) / n, rng.random(), target))
-    placed.sort(key=lambda p: (p[0], p[1]))
-    ordered = [p[2] for p in placed]
+    ordered = _spread(sorted(targets, key=lambda t: t.device_id), 0, rng)
     result: list[list[Target]] = []
     start = 0
     for size in stage_sizes(stages, len(ordered)):
         result.append(ordered[start : start + size])
         start += size
     return result
+
+
+#: The strata, outermost first: the shared cell, then supplier, model (hardware), firmware.
+_LEVELS: Final = (
+    lambda t: t.segment,
+    lambda t: t.supplier,
+    lambda t: str(t.hw_version),
+    lambda t: str(t.fw_version),
+)
+
+
+def _spread(targets: list[Target], level: int, rng: random.Random) -> list[Target]:
+    """``targets`` in an order where every group of ``_LEVELS[level]`` is spread evenly (each
+    group's members at points ``(i + u) / n`` of the line), and so on within each group."""
+    if level == len(_LEVELS):
+        rng.shuffle(targets)
+        return targets
+    groups: dict[str, list[Target]] = {}
+    for target in targets:
+        groups.setdefault(_LEVELS[level](target), []).append(target)
+    placed: list[tuple[float, float, Target]] = []
+    for key in sorted(groups):
+        members = _spread(groups[key], level + 1, rng)
+        offset, n = rng.random(), len(members)
+        placed.extend(((i + offset) / n, rng.random(), t) for i, t in enumerate(members))
+    placed.sort(key=lambda p: (p[0], p[1]))
+    return [p[2] for p in placed]
