@@ -37,7 +37,8 @@ report overtaken by a later one) changes nothing::
       FAILED / REJECTED by outcome; ACTIVATING/ACTIVATED --rolled back (category 2)--> ROLLED_BACK
 
 A CH image skips DELIVERED (the CH is the device: STARTED -> HELD); a credential replacement has
-no activation (STARTED -> CONFIRMED). Every count (:meth:`Engine.counts`) is derived from the
+no activation (STARTED or DELIVERED -> CONFIRMED; an image is confirmed only after its
+activation). Every count (:meth:`Engine.counts`) is derived from the
 targets' states; none is kept beside them.
 
 Restart. :meth:`Engine.to_data` is the whole state as JSON-able data and :meth:`Engine.from_data`
@@ -126,7 +127,7 @@ _OUTCOMES: Final = frozenset({_T.FAILED, _T.REJECTED, _T.TIMED_OUT})
 TARGET_TRANSITIONS: Final[dict[TargetState, frozenset[TargetState]]] = {
     _T.PENDING: frozenset({_T.STARTED, _T.CANCELLED}),
     _T.STARTED: frozenset({_T.DELIVERED, _T.HELD, _T.CONFIRMED, _T.CANCELLED} | _OUTCOMES),
-    _T.DELIVERED: frozenset({_T.HELD, _T.CANCELLED} | _OUTCOMES),
+    _T.DELIVERED: frozenset({_T.HELD, _T.CONFIRMED, _T.CANCELLED} | _OUTCOMES),
     _T.HELD: frozenset({_T.ACTIVATING, _T.CANCELLED, _T.FAILED}),
     _T.ACTIVATING: frozenset({_T.ACTIVATED, _T.CONFIRMED, _T.ROLLED_BACK} | _OUTCOMES),
     _T.ACTIVATED: frozenset({_T.CONFIRMED, _T.ROLLED_BACK, _T.LOST, _T.FAILED, _T.TIMED_OUT}),
@@ -630,7 +631,11 @@ class Engine:
                 record = s.targets.get(device_id)
                 if record is None or new not in REPORTABLE:
                     return
-                if new is _T.CONFIRMED and record.state is _T.STARTED and s.spec.payload.activates:
+                if (
+                    new is _T.CONFIRMED
+                    and s.spec.payload.activates
+                    and record.state not in (_T.ACTIVATING, _T.ACTIVATED)
+                ):
                     return  # an image is confirmed only after its activation
                 self._move(record, new, why)
             case HubVersionReported(guid=guid, fw_version=version):

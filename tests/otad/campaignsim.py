@@ -30,7 +30,7 @@ from otad.campaign import (
     Ticked,
 )
 from protocol.clock import UnixTime
-from protocol.wire.devices import DeviceType
+from protocol.wire.devices import DeviceType, JoinMode
 from protocol.wire.messages import HanDevice, HubAnnounced
 
 #: 2026-06-01 12:00 UTC: a Monday, BST (the window tests choose their own dates).
@@ -50,9 +50,9 @@ def hub(
     bridge: bool = False,
 ) -> HubAnnounced:
     """CH number ``i`` with an ESME (and a B2 Alt HAN bridge if ``bridge``)."""
-    han = [HanDevice(f"{0xE000_0000 + i:016X}", DeviceType.ESME, "NATIVE", fw, hw)]
+    han = [HanDevice(f"{0xE000_0000 + i:016X}", DeviceType.ESME, JoinMode.NATIVE, fw, hw)]
     if bridge:
-        han.append(HanDevice(f"{0xB000_0000 + i:016X}", DeviceType.B2, "CAD", fw, hw))
+        han.append(HanDevice(f"{0xB000_0000 + i:016X}", DeviceType.B2, JoinMode.CAD, fw, hw))
     return HubAnnounced(
         guid=f"{i:016X}",
         fw_version=fw,
@@ -87,6 +87,7 @@ def ch_spec(
     kind: PayloadKind = PayloadKind.IMAGE,
     selection: Selection | None = None,
     seed: int = 7,
+    created_at: UnixTime = T0,
 ) -> CampaignSpec:
     """A CH-firmware campaign: micro-pilot 15, pilot 20%, roll-out the rest (by default)."""
     return CampaignSpec(
@@ -101,7 +102,7 @@ def ch_spec(
         ),
         policies or Policies(),
         seed=seed,
-        created_at=T0,
+        created_at=created_at,
     )
 
 
