@@ -3,10 +3,10 @@
 One generic codec, driven by the dataclasses' own type hints, so that a field added to a spec
 or an event is serialised without a second list to keep in step: a dataclass becomes a dict of
 its fields, an enum its value, a tuple a list, a frozenset a sorted list, a dict with string
-keys a dict. :func:`from_data` reverses it for the declared type (``X | None``, ``tuple[X,
-...]``, ``frozenset[X]``, ``dict[str, X]``, enums, dataclasses and the float ``NewType``\\ s of
-:mod:`protocol.clock`). Unions of several dataclasses are not supported: the engine's records
-carry a ``kind`` enum instead.
+keys a dict. :func:`from_data` reverses it for the declared type (``X | None``,
+``tuple[X, ...]``, ``list[X]``, ``frozenset[X]``, ``dict[str, X]``, enums, dataclasses and the
+float ``NewType``\\ s of :mod:`protocol.clock`). Unions of several dataclasses are not
+supported: the engine's records carry a ``kind`` enum instead.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def _decode(tp: Any, data: Any) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_decode(args[0], v) for v in data)
         return tuple(_decode(a, v) for a, v in zip(args, data, strict=True))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        return [_decode(arg, v) for v in data]
     if origin is frozenset:
         (arg,) = typing.get_args(tp)
         return frozenset(_decode(arg, v) for v in data)
