@@ -6,9 +6,12 @@ dataclass (:data:`Input`: past-tense names, each dated with its wall-clock ``at`
 distribution, issue an activation, cancel, and the campaign-level events to publish (stage
 started, gate opened, gate decided, held, resumed, completed...). Nothing here reads a clock,
 arms a timer, touches the store or MQTT; the shell sends :class:`Ticked` every evaluation period
-(a few seconds), which is when deadlines, pacing, windows, notice and soak times are looked at.
-Every input is also evaluated against the hold thresholds at once, so a crossing holds the
-campaign at the latest on the next tick.
+(a few seconds). A report (:class:`TargetReported`, :class:`HubVersionReported`) only records
+what happened to its target, in O(1); the evaluation -- deadlines, hold thresholds, pacing, the
+window, stage settlement, notice and soak -- runs on each tick and each operator command, in
+O(targets of the started stages). So a crossing holds the campaign within one evaluation tick,
+and nothing is started or activated between the report that crossed it and the hold (starts and
+activations, too, are only decided when the engine evaluates).
 
 Time. Every duration here spans days and restarts (soak times, the 7-day notice, phase deadlines
 of hours), so it is measured on the wall clock (:data:`~protocol.clock.UnixTime`): a monotonic
@@ -543,6 +546,31 @@ class Engine:
             records = (self._s.targets[m] for m in members)
         return Counter(r.state for r in records)
 
+    def status(self) -> dict[str, Any]:
+        """What an operator is shown (JSON-able): the campaign's state and, per stage, its size,
+        when it started and settled, its gate and its targets by state (all derived)."""
+        s = self._s
+        return {
+            "campaign_id": s.spec.campaign_id,
+            "parent": s.spec.parent,
+            "state": s.state.value,
+            "stage": self.current_stage,
+            "stages": [
+                {
+                    "name": stage.name,
+                    "kind": stage.kind.value,
+                    "targets": len(stage.members),
+                    "started_at": stage.started_at,
+                    "settled_at": stage.settled_at,
+                    "gate": stage.gate,
+                    "counts": {k.value: n for k, n in sorted(self.counts(stage.name).items())},
+                }
+                for stage in s.stages
+            ],
+            "excluded": len(s.exclusions),
+            "rate_per_minute": s.rate_per_minute,
+        }
+
     def claims(self) -> set[tuple[str, str]]:
         """The (device, component) keys this campaign holds: its unsettled targets while it is
         active."""
@@ -567,7 +595,8 @@ class Engine:
         s.now = max(s.now, item.at)
         self._out = []
         self._apply(item)
-        self._evaluate()
+        if not isinstance(item, (TargetReported, HubVersionReported)):
+            self._evaluate()
         out, self._out = self._out, []
         return out
 

@@ -89,6 +89,13 @@ def test_stages_run_one_after_another_and_only_a_recorded_go_opens_the_next() ->
         ("pilot", "bob", "GO: no incidents in pilot"),
     ]
     assert all(d.at > 0 for d in run.engine.audit)
+    status = run.engine.status()
+    assert status["state"] == "completed"
+    assert [(st["name"], st["targets"], st["gate"], st["counts"]) for st in status["stages"]] == [
+        ("micro", 15, "go", {"confirmed": 15}),
+        ("pilot", 60, "go", {"confirmed": 60}),
+        ("rollout", 225, "", {"confirmed": 225}),
+    ]
 
 
 def test_automatic_go_after_the_soak_when_thresholds_hold() -> None:
@@ -115,7 +122,7 @@ def test_a_category_1_incident_in_the_pilot_holds_within_a_tick_and_a_go_resumes
     lost_at = max(d.at for d in run.kinds(K.ACTIVATE_TARGET) if d.device_id == lost)
     held = run.kinds(K.HELD)
     assert len(held) == 1
-    assert held[0].at - lost_at <= run.tick_s + run.confirm_s
+    assert 0 <= held[0].at - (lost_at + run.confirm_s) <= run.tick_s  # the next tick
     assert held[0].reason == "stage pilot: 1 category-1 incidents (limit 0)"
     starts_at_hold = len(run.kinds(K.START_TARGET))
     activations_at_hold = len(run.kinds(K.ACTIVATE_TARGET))
@@ -142,7 +149,9 @@ def test_category_2_limit_and_failure_rates_with_a_minimum_sample() -> None:
     run.feed(CampaignStarted(T0, "alice"))
     run.until(lambda: at_gate(run))  # one rollback is within the limit of 1
     assert run.kinds(K.HELD) == []
-    run.activation_faults.update(dict.fromkeys(run.engine.stage_members("pilot"), S.ROLLED_BACK))
+    run.activation_faults.update(
+        dict.fromkeys(run.engine.stage_members("pilot")[:2], S.ROLLED_BACK)
+    )
     run.feed(GateDecided(run.now, "alice", go=True, reason="ok"))
     run.until(lambda: run.engine.state is CampaignState.ON_HOLD)
     assert run.kinds(K.HELD)[0].reason == "stage pilot: 2 category-2 incidents (limit 1)"
@@ -163,7 +172,7 @@ def test_category_2_limit_and_failure_rates_with_a_minimum_sample() -> None:
 @pytest.mark.parametrize(
     ("outcome", "reason"),
     [
-        (S.REJECTED, "stage micro: 2 of 10 settled rejected (threshold 5%)"),
+        (S.REJECTED, "stage micro: 2 of 15 settled rejected (threshold 5%)"),
         (S.TIMED_OUT, "stage micro: 2 of 15 settled timed_out (threshold 10%)"),
     ],
 )
@@ -392,6 +401,8 @@ def test_pause_resume_and_abort() -> None:
     counts = run.engine.counts()
     assert counts[S.PENDING] == counts[S.STARTED] == counts[S.DELIVERED] == counts[S.HELD] == 0
     cancels = {d.device_id for d in run.kinds(K.CANCEL_TARGET)}
+    assert cancels  # transfers in flight were stopped
+    assert activated  # and some had been activated
     assert cancels.isdisjoint(activated)  # the activated are left alone
     assert {run.engine.target_state(d) for d in activated} <= {
         S.ACTIVATING,
