@@ -30,6 +30,9 @@ other)::
               resumed     v                                 (from RUNNING, a gate, notice, PAUSED)
                         PAUSED            any state but COMPLETED --aborted--> ABORTED
 
+A roll-out stage never starts less than 7 days after the notice (unless expedited): a campaign
+whose first stage is a roll-out goes from CREATED to AWAITING_NOTICE when started.
+
 States of one target (:class:`TargetState`, edges :data:`TARGET_TRANSITIONS`): they only move
 forward; a report that is not an edge from where the target stands (a duplicate, a replay, a
 report overtaken by a later one) changes nothing::
@@ -94,7 +97,7 @@ class CampaignState(enum.StrEnum):
 
 _C = CampaignState
 TRANSITIONS: Final[dict[CampaignState, frozenset[CampaignState]]] = {
-    _C.CREATED: frozenset({_C.RUNNING, _C.ABORTED}),
+    _C.CREATED: frozenset({_C.RUNNING, _C.AWAITING_NOTICE, _C.ABORTED}),
     _C.RUNNING: frozenset({_C.AWAITING_GATE, _C.COMPLETED, _C.ON_HOLD, _C.PAUSED, _C.ABORTED}),
     _C.AWAITING_GATE: frozenset({_C.RUNNING, _C.AWAITING_NOTICE, _C.ON_HOLD, _C.ABORTED}),
     _C.AWAITING_NOTICE: frozenset({_C.RUNNING, _C.ON_HOLD, _C.PAUSED, _C.ABORTED}),
@@ -325,7 +328,9 @@ class DecisionKind(enum.StrEnum):
     STAGE_STARTED = "stage_started"
     GATE_OPENED = "gate_opened"  # a stage settled: a go/no-go decision is awaited
     GATE_DECIDED = "gate_decided"
-    NOTICE_WAIT = "notice_wait"  # a GO for the roll-out waits for the notice to run out
+    NOTICE_PUBLISHED = "notice_published"
+    NOTICE_WAIT = "notice_wait"  # a roll-out stage waits for the notice to run out
+    EXPEDITE_REQUESTED = "expedite_requested"  # a first approver asked to waive the notice
     HELD = "held"
     RESUMED = "resumed"
     PAUSED = "paused"
@@ -364,6 +369,8 @@ _AUDITED: Final = frozenset(
         DecisionKind.ABORTED,
         DecisionKind.EXPEDITED,
         DecisionKind.NOTICE_WAIT,
+        DecisionKind.NOTICE_PUBLISHED,
+        DecisionKind.EXPEDITE_REQUESTED,
         DecisionKind.REFUSED,
     }
 )
@@ -407,6 +414,7 @@ class State:
     exclusions: tuple[Exclusion, ...] = ()
     state: CampaignState = CampaignState.CREATED
     stage: int = 0  # the current stage
+    waiting_stage: int = 0  # the roll-out stage AWAITING_NOTICE starts
     now: UnixTime = _EPOCH
     inputs_applied: int = 0
     notice_at: UnixTime | None = None
@@ -609,19 +617,20 @@ class Engine:
                 if s.state is not _C.CREATED:
                     self._refuse(actor, f"start: the campaign is {s.state.value}")
                     return
-                self._enter(_C.RUNNING)
-                self._start_stage(0, actor)
+                self._begin(0, actor)
             case NoticePublished(at=at, actor=actor):
                 if s.notice_at is not None:
                     self._refuse(actor, "notice already published")
                     return
                 s.notice_at = at
+                self._emit(DecisionKind.NOTICE_PUBLISHED, actor=actor, reason=self._notice_reason())
             case ExpediteRequested(actor=actor, justification=why):
                 if not why.strip():
                     self._refuse(actor, "an expedited roll-out needs a justification")
                     return
                 s.expedite_requested_by, s.expedite_justification = actor, why
                 s.expedite_approved_by = ""
+                self._emit(DecisionKind.EXPEDITE_REQUESTED, actor=actor, reason=why)
             case ExpediteApproved(actor=actor):
                 if not s.expedite_requested_by:
                     self._refuse(actor, "no expedite request to approve")
@@ -702,17 +711,23 @@ class Engine:
         if not self._settled(s.stage) or s.stage + 1 >= len(s.stages):
             self._enter(_C.RUNNING)
             return
-        if s.stages[s.stage + 1].kind is StageKind.ROLLOUT and not self._notice_over():
+        self._begin(s.stage + 1, actor)
+
+    def _begin(self, index: int, actor: str) -> None:
+        """Start stage ``index``, or wait for the notice if it is a roll-out stage."""
+        s = self._s
+        if s.stages[index].kind is StageKind.ROLLOUT and not self._notice_over():
+            s.waiting_stage = index
             self._enter(_C.AWAITING_NOTICE)
             self._emit(
                 DecisionKind.NOTICE_WAIT,
-                stage=s.stages[s.stage + 1].name,
+                stage=s.stages[index].name,
                 actor=actor,
                 reason=self._notice_reason(),
             )
             return
         self._enter(_C.RUNNING)
-        self._start_stage(s.stage + 1, actor)
+        self._start_stage(index, actor)
 
     # --- evaluation (after every input) ---
 
@@ -724,7 +739,7 @@ class Engine:
         self._thresholds()
         if s.state is _C.AWAITING_NOTICE and self._notice_over():
             self._enter(_C.RUNNING)
-            self._start_stage(s.stage + 1, ENGINE_ACTOR)
+            self._start_stage(s.waiting_stage, ENGINE_ACTOR)
         if s.state is _C.RUNNING:
             self._pace()
             self._activate()

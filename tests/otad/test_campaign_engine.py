@@ -235,6 +235,23 @@ def test_notice_seven_days_or_expedited_with_a_second_approver() -> None:
     ]
 
 
+def test_a_campaign_of_one_rollout_stage_waits_for_the_notice_too() -> None:
+    run = run_of(30, stages=(StageSpec("all", StageKind.ROLLOUT),))
+    run.feed(CampaignStarted(T0, "alice"))
+    assert run.engine.state is CampaignState.AWAITING_NOTICE
+    run.advance(DAY)
+    run.feed(NoticePublished(run.now, "dcc-ops"))
+    run.advance(NOTICE_S - 10)
+    assert run.kinds(K.START_TARGET) == []
+    run.until(lambda: run.engine.state is CampaignState.COMPLETED)
+    assert min(d.at for d in run.kinds(K.START_TARGET)) >= T0 + DAY + NOTICE_S
+    assert [d.kind for d in run.engine.audit][:3] == [
+        K.NOTICE_WAIT,
+        K.NOTICE_PUBLISHED,
+        K.STAGE_STARTED,
+    ]
+
+
 def test_activations_only_inside_the_window_distribution_any_time() -> None:
     window = ActivationWindow("* 0-3 * * *")  # 00:00-03:59 Europe/London
     # 28 March 2026 12:00 UTC: the window opens at midnight GMT, spring-forward night
