@@ -323,6 +323,7 @@ def test_phase_deadlines_end_targets_timed_out_distinct_from_failed() -> None:
     run.distribution_faults[ids[1]] = S.DELIVERED  # delivered, never held
     run.distribution_faults[ids[2]] = S.FAILED
     run.activation_faults[ids[3]] = S.ACTIVATING  # not a report: the activation unanswered
+    run.activation_faults[ids[4]] = S.ACTIVATED  # activated, never proven
     run.feed(CampaignStarted(T0, "alice"))
     run.until(lambda: run.engine.state is CampaignState.COMPLETED)
     timeouts = {d.device_id: (d.reason, d.at) for d in run.kinds(K.TARGET_TIMED_OUT)}
@@ -331,9 +332,15 @@ def test_phase_deadlines_end_targets_timed_out_distinct_from_failed() -> None:
     assert timeouts[ids[0]][1] - start[ids[0]] == pytest.approx(100.0, abs=run.tick_s)
     assert timeouts[ids[1]][0] == "han_transfer deadline passed"
     assert timeouts[ids[3]][0] == "activation deadline passed"
+    assert timeouts[ids[4]][0] == "confirmation deadline passed"
+    activated = {d.device_id: d.at for d in run.kinds(K.ACTIVATE_TARGET)}
+    assert timeouts[ids[4]][1] - activated[ids[4]] == pytest.approx(
+        run.confirm_s + 400.0, abs=run.tick_s
+    )
     assert run.engine.target_state(ids[0]) is S.TIMED_OUT
     assert run.engine.target_state(ids[2]) is S.FAILED
-    assert set(timeouts) == {ids[0], ids[1], ids[3]}
+    assert set(timeouts) == {ids[0], ids[1], ids[3], ids[4]}
+    assert run.engine.counts()[S.CONFIRMED] == 15
 
 
 def test_retry_is_a_child_campaign_of_exactly_the_failed_and_timed_out() -> None:
