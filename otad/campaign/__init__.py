@@ -18,6 +18,7 @@ One :class:`Engine` per campaign, owned by one task (one writer)::
 
     engine = Engine.create(spec, fleet=registry_announcements, active=running_engines)
     # CampaignRefusedError(reasons): a target's component belongs to another active campaign
+    store.save(engine.to_data())             # the first snapshot: inputs_applied == 0
     for item in inputs:                      # operator commands, executor reports, Ticked
         journal.append(input_to_data(item))  # durable before it is applied
         for decision in engine.handle(item):
@@ -31,7 +32,9 @@ applied again and give the very same decisions (same ``seq``), so an executor th
 
 What the shell feeds in:
 
-* :class:`Ticked` every evaluation period (a few seconds; a hold takes at most one);
+* :class:`Ticked` every evaluation period (a few seconds): reports are only recorded, and
+  deadlines, thresholds (a hold takes at most one tick), pacing, the window, gates, notice and
+  soak are evaluated on ticks and commands;
 * the operator's commands -- :class:`CampaignStarted`, :class:`NoticePublished`,
   :class:`ExpediteRequested`/:class:`ExpediteApproved` (two different actors),
   :class:`GateDecided`, :class:`CampaignPaused`/:class:`CampaignResumed`,
@@ -46,10 +49,23 @@ What the shell feeds in:
 What comes out (:class:`DecisionKind`): ``START_TARGET`` (distribute to it: the path
 ``distribute`` uses), ``ACTIVATE_TARGET`` (issue its activation), ``CANCEL_TARGET`` and
 ``TARGET_TIMED_OUT`` (stop what runs for it), and the campaign-level events to publish
-(``STAGE_STARTED``, ``GATE_OPENED``, ``GATE_DECIDED``, ``NOTICE_WAIT``, ``HELD``, ``RESUMED``,
-``PAUSED``, ``COMPLETED``, ``ABORTED``, ``EXPEDITED``). :attr:`Engine.audit` is the audit trail,
-:meth:`Engine.counts` the counts by state (per stage or overall), :func:`retry_spec` the spec
-of a child campaign of the failed and timed-out targets.
+(``STAGE_STARTED``, ``GATE_OPENED``, ``GATE_DECIDED``, ``NOTICE_PUBLISHED``, ``NOTICE_WAIT``,
+``EXPEDITE_REQUESTED``, ``EXPEDITED``, ``HELD``, ``RESUMED``, ``PAUSED``, ``COMPLETED``,
+``ABORTED``; ``REFUSED`` answers a command that could not be applied). :attr:`Engine.audit` is
+the audit trail (who decided what, when, why), :meth:`Engine.status` the operator's view,
+:meth:`Engine.counts` the counts by state (per stage or overall, derived from the targets),
+:meth:`Engine.claims` the (device, component) keys an active campaign holds, :func:`retry_spec`
+the spec of a child campaign of the failed and timed-out targets (``parent`` is its lineage).
+
+Choices the shell should know:
+
+* abort cancels every target that has not begun activating: PENDING ones silently, those whose
+  distribution runs with a ``CANCEL_TARGET`` (stop the transfer); an activation already issued,
+  and everything activated or confirmed, is left alone and its reports still count;
+* the 7-day notice applies to stages of kind ROLLOUT (a first stage included), so today's
+  ``distribute`` as a one-stage campaign is a PILOT-kind stage, or an expedited roll-out;
+* a campaign's rate counts targets (one per premises for a CH image; a HAN-device campaign of a
+  type a premises has twice counts both).
 """
 
 from otad.campaign.engine import (
