@@ -576,8 +576,20 @@ class Engine:
                 for stage in s.stages
             ],
             "excluded": len(s.exclusions),
+            "blocked": len(self.blocked()),
             "rate_per_minute": s.rate_per_minute,
         }
+
+    def blocked(self) -> frozenset[str]:
+        """PENDING targets that wait for their CH's firmware (the campaign's dependency)."""
+        dependency = self._s.spec.policies.dependency
+        if dependency is None:
+            return frozenset()
+        return frozenset(
+            d
+            for d, r in self._s.targets.items()
+            if r.state is _T.PENDING and r.ch_fw_version < dependency.ch_fw_version
+        )
 
     def claims(self) -> set[tuple[str, str]]:
         """The (device, component) keys this campaign holds: its unsettled targets while it is
@@ -860,14 +872,12 @@ class Engine:
         if s.paced_at is not None:
             s.tokens = min(burst, s.tokens + (s.now - s.paced_at) * s.rate_per_minute / 60)
         s.paced_at = s.now
-        required = None if policies.dependency is None else policies.dependency.ch_fw_version
+        blocked = self.blocked()
         for device_id in s.stages[s.stage].members:
             if s.tokens < 1:
                 break
             record = s.targets[device_id]
-            if record.state is not _T.PENDING:
-                continue
-            if required is not None and record.ch_fw_version < required:
+            if record.state is not _T.PENDING or device_id in blocked:
                 continue
             s.tokens -= 1
             self._move(record, _T.STARTED, "")

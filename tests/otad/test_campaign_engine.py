@@ -140,6 +140,29 @@ def test_a_category_1_incident_in_the_pilot_holds_within_a_tick_and_a_go_resumes
     assert len(run.kinds(K.HELD)) == 1  # the accepted incident does not hold again
 
 
+def test_a_no_go_holds_and_a_later_go_opens_the_next_stage() -> None:
+    run = run_of()
+    run.feed(CampaignStarted(T0, "alice"))
+    run.until(lambda: at_gate(run))
+    run.feed(GateDecided(run.now, "bob", go=False, reason="wait for the CSP's report"))
+    assert run.engine.state is CampaignState.ON_HOLD
+    assert run.kinds(K.HELD)[0].reason == "NO-GO by bob: wait for the CSP's report"
+    run.advance(DAY)
+    assert started(run, "pilot") == set()
+    run.feed(GateDecided(run.now, "bob", go=True, reason="report received"))
+    assert run.engine.state is CampaignState.RUNNING
+    assert run.engine.current_stage == "pilot"
+    assert started(run, "pilot")
+    audit = [(d.kind, d.actor, d.reason) for d in run.engine.audit][-5:]
+    assert audit == [
+        (K.GATE_DECIDED, "bob", "NO-GO: wait for the CSP's report"),
+        (K.HELD, "otad", "NO-GO by bob: wait for the CSP's report"),
+        (K.GATE_DECIDED, "bob", "GO: report received"),
+        (K.RESUMED, "bob", "report received"),
+        (K.STAGE_STARTED, "bob", "60 targets"),
+    ]
+
+
 def test_category_2_limit_and_failure_rates_with_a_minimum_sample() -> None:
     thresholds = Thresholds(category2_limit=1, failed_rate=0.2, min_sample=10)
     run = run_of(policies=Policies(rate=FAST, thresholds=thresholds))
@@ -378,8 +401,10 @@ def test_a_bridge_campaign_waits_for_its_ch_firmware() -> None:
     run.feed(CampaignStarted(T0, "alice"))
     run.advance(3600)
     assert run.kinds(K.START_TARGET) == []
+    assert run.engine.status()["blocked"] == 12
     run.feed(HubVersionReported(run.now, fleet[4].guid, 0x20))
     run.advance(60)
+    assert run.engine.status()["blocked"] == 11
     assert [d.guid for d in run.kinds(K.START_TARGET)] == [fleet[4].guid]
     assert run.kinds(K.START_TARGET)[0].device_id == fleet[4].han[1].device_id
 
