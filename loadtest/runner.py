@@ -39,6 +39,7 @@ from typing import Any
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from loadtest.broker import raise_nofile_limit
+from loadtest.hanlink import LinkConfig
 from loadtest.hub import (
     BRIDGE_SHARE,
     DEFAULT_LIMITS,
@@ -142,15 +143,24 @@ class FleetConfig:
     self_test_failure_share: float = 0.0  # devices (seeded) whose new image fails self-test
     activation_answer_loss: float = 0.0  # extra loss of activation answers (not read-backs)
     bridge_share: float = BRIDGE_SHARE  # hubs whose premises have Alt HAN bridges
+    han_link: tuple[int, float, float] | None = None  # (block size, frames/s, loss); None: default
+    sleepy_gsme: bool = True  # the GSME listens only when it wakes (PremisesConfig.sleepy)
 
     def premises(self) -> PremisesConfig:
         """The premises scenario every hub of the fleet runs (seeded per hub by its group)."""
+        extra: dict[str, Any] = {}
+        if self.han_link is not None:
+            block_size, frame_rate, loss = self.han_link
+            extra["link"] = LinkConfig(block_size=block_size, frame_rate=frame_rate, loss=loss)
+        if not self.sleepy_gsme:
+            extra["sleepy"] = frozenset()
         return PremisesConfig(
             seed=self.seed,
             acceleration=self.han_acceleration,
             max_transfers=self.han_max_transfers,
             self_test_failure_share=self.self_test_failure_share,
             activation_answer_loss=self.activation_answer_loss,
+            **extra,
         )
 
     @property
@@ -202,6 +212,8 @@ class FleetConfig:
         """Inverse of :meth:`to_json`."""
         raw = dict(data)
         raw["limits_for"] = tuple(tuple(x) for x in raw.get("limits_for", ()))
+        if raw.get("han_link") is not None:
+            raw["han_link"] = tuple(raw["han_link"])
         return cls(**raw)
 
 
@@ -489,6 +501,8 @@ class HubFleet:
         self_test_failure_share: float = 0.0,
         activation_answer_loss: float = 0.0,
         bridge_share: float = BRIDGE_SHARE,
+        han_link: tuple[int, float, float] | None = None,
+        sleepy_gsme: bool = True,
         python: str | None = None,
     ) -> None:
         if count < 0 or procs < 0:
@@ -522,6 +536,8 @@ class HubFleet:
             self_test_failure_share=self_test_failure_share,
             activation_answer_loss=activation_answer_loss,
             bridge_share=bridge_share,
+            han_link=han_link,
+            sleepy_gsme=sleepy_gsme,
         )
         self.procs = min(procs, count) if count else 0
         self.python = python or sys.executable
