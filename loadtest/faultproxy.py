@@ -25,6 +25,13 @@ The decision taken for each packet is sans-IO (:class:`PacketFilter`: bytes in, 
 seeded per connection), so it is tested without sockets and a seed gives the same verdicts.
 Connections are known by the MQTT client id of their CONNECT (a CH's GUID), which is how the
 load-test runner cuts or hangs particular hubs.
+
+The proxy also measures the **ack round trip at the WAN edge**: from the arrival from the broker
+of the first PUBLISH for a hub (a block, an offer) that the hub has not answered yet to the
+moment the hub's next PUBLISH (its acknowledgement) leaves for the broker, the injected latency
+both ways included. It is what otad's
+sender sees of the CH link minus the broker hop; :meth:`FaultProxy.take_round_trips` hands out
+the samples taken since it was last called.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ CONNECT, PUBLISH, PUBACK = 1, 3, 4
 #: Largest remaining length MQTT 3.1.1 can encode.
 MAX_REMAINING = 268_435_455
 READ_CHUNK = 256 * 1024
+#: Round-trip samples kept between two :meth:`FaultProxy.take_round_trips` calls, at most.
+MAX_RTT_SAMPLES = 50_000
 
 
 class MqttFramingError(ValueError):
@@ -206,6 +215,7 @@ class ProxiedConnection:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = asyncio.Event()
         self._broker_writer: asyncio.StreamWriter | None = None
+        self._unanswered_since: float | None = None  # first PUBLISH to the hub not answered
 
     @property
     def client_id(self) -> str | None:
@@ -270,6 +280,9 @@ class ProxiedConnection:
                         back.write(verdict.reply)
                     if not verdict.forward:
                         continue
+                    if not upstream and self._unanswered_since is None:
+                        if verdict.packet[0] >> 4 == PUBLISH:
+                            self._unanswered_since = now  # came from the broker: it starts
                     due = max(now + verdict.delay, last_due)
                     bandwidth = packets.policy.bandwidth
                     if bandwidth:
@@ -286,6 +299,7 @@ class ProxiedConnection:
     async def _send(
         self, queue: asyncio.Queue[tuple[float, bytes] | None], writer: asyncio.StreamWriter
     ) -> None:
+        to_hub = writer is self._hub_writer
         while True:
             item = await queue.get()
             if item is None:
@@ -296,9 +310,16 @@ class ProxiedConnection:
                 await asyncio.sleep(wait)
             if self.half_open:
                 continue
+            if not to_hub and packet[0] >> 4 == PUBLISH:
+                self._answered()  # leaves the proxy for the broker: the round trip ends
             writer.write(packet)
             if writer.transport.get_write_buffer_size() > READ_CHUNK:
                 await writer.drain()
+
+    def _answered(self) -> None:
+        if self._unanswered_since is not None:
+            self.proxy.record_round_trip(time.monotonic() - self._unanswered_since)
+            self._unanswered_since = None
 
     def cut(self) -> None:
         """Close both sides now (idempotent)."""
@@ -351,6 +372,7 @@ class FaultProxy:
         self._hung: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed_stats = FilterStats()  # totals of connections that have ended
+        self._round_trips: list[float] = []
 
     async def __aenter__(self) -> FaultProxy:
         await self.start()
@@ -431,6 +453,16 @@ class FaultProxy:
                 _add(self.closed_stats, part)
             if task is not None:
                 self._tasks.discard(task)
+
+    def record_round_trip(self, seconds: float) -> None:
+        """Keep one ack round-trip sample (at most :data:`MAX_RTT_SAMPLES` until taken)."""
+        if len(self._round_trips) < MAX_RTT_SAMPLES:
+            self._round_trips.append(seconds)
+
+    def take_round_trips(self) -> list[float]:
+        """The ack round trips (seconds) measured since the last call."""
+        out, self._round_trips = self._round_trips, []
+        return out
 
     def is_hung(self, client_id: str | None) -> bool:
         """Whether connections of ``client_id`` are to be half-open."""

@@ -208,6 +208,32 @@ async def test_latency_delays_each_packet(broker: MosquittoBroker) -> None:
 
 
 @pytest.mark.broker
+async def test_round_trips_are_measured_from_a_publish_to_the_hub_to_its_answer(
+    broker: MosquittoBroker,
+) -> None:
+    """An echoing "hub" behind the proxy, 0.1 s latency each way: every round trip >= 0.2 s."""
+    policy = FaultPolicy(latency=0.1)
+    async with (
+        FaultProxy((broker.host, broker.port), policy) as proxy,
+        client(proxy.port, "hub-echo") as hub,
+        client(broker.port, "sender") as sender,
+    ):
+        answers = Inbox()
+        sender.set_message_handler(answers)
+        await sender.subscribe("lt/up", 1)
+        hub.set_message_handler(lambda topic, payload, retain: hub.publish("lt/up", payload, 1))
+        await hub.subscribe("lt/down", 1)
+        assert proxy.take_round_trips() == []
+        for n in range(5):
+            sender.publish("lt/down", b"%d" % n, 1)
+            await answers.wait_for(n + 1)
+        samples = proxy.take_round_trips()
+        assert len(samples) == 5
+        assert all(0.2 <= s < 2.0 for s in samples)
+        assert proxy.take_round_trips() == []
+
+
+@pytest.mark.broker
 async def test_bandwidth_caps_bytes_per_second(broker: MosquittoBroker) -> None:
     async with FaultProxy((broker.host, broker.port)) as proxy, pair(broker, proxy) as (pub, inbox):
         proxy.set_policy(FaultPolicy(bandwidth=100_000))  # 100 kB/s
