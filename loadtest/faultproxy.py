@@ -280,9 +280,9 @@ class ProxiedConnection:
                         back.write(verdict.reply)
                     if not verdict.forward:
                         continue
-                    if not upstream and self._unanswered_since is None:
-                        if verdict.packet[0] >> 4 == PUBLISH:
-                            self._unanswered_since = now  # came from the broker: it starts
+                    publish = verdict.packet[0] >> 4 == PUBLISH
+                    if not upstream and publish and self._unanswered_since is None:
+                        self._unanswered_since = now  # in from the broker: a round trip starts
                     due = max(now + verdict.delay, last_due)
                     bandwidth = packets.policy.bandwidth
                     if bandwidth:
