@@ -32,6 +32,8 @@ A scenario names everything a run varies; every key is optional except ``fleet.h
     auto_gate_soak_s = 5.0
     rate_per_minute = 100000
     timeout_s = 900
+    thresholds = {category2_limit = 50, failed_rate = 0.2}   # issue 10's names
+    deadlines = {wan_delivery_s = 600, activation_s = 300}    # issue 10's phases
 
     [faults]
     wan_latency_ms = 20        # each way, through the fault proxy
@@ -68,6 +70,16 @@ SCENARIO_DIR = Path(__file__).with_name("scenarios")
 #: Stage kinds the campaign contract (issue 10) knows.
 STAGE_KINDS = ("micro_pilot", "pilot", "rollout")
 BRIDGE_TYPES = ("B1", "B2", "B3", "B4")
+#: Campaign thresholds and phase deadlines a scenario may set (issue 10's policy names).
+THRESHOLDS = (
+    "category1_limit",
+    "category2_limit",
+    "failed_rate",
+    "rejected_rate",
+    "timed_out_rate",
+    "min_sample",
+)
+DEADLINES = ("wan_delivery_s", "han_transfer_s", "activation_s", "confirmation_s")
 #: Bounds a scenario may not exceed (what one machine's run can mean, not what otad can do).
 MAX_HUBS = 100_000
 MAX_IMAGE_KIB = 2048
@@ -184,6 +196,8 @@ class Scenario:
     auto_gate_soak_s: float = 5.0
     rate_per_minute: float = 100_000.0
     timeout_s: float = 900.0
+    thresholds: Mapping[str, float] = field(default_factory=dict)
+    deadlines: Mapping[str, float] = field(default_factory=dict)
     faults: Faults = field(default_factory=Faults)
 
     def timeline(self) -> list[FaultAction]:
@@ -226,6 +240,10 @@ class Scenario:
             "max_per_minute": max(self.rate_per_minute, 1.0),
             "auto_gate_soak_s": self.auto_gate_soak_s,
         }
+        if self.thresholds:
+            policies["thresholds"] = dict(self.thresholds)
+        if self.deadlines:
+            policies["deadlines"] = dict(self.deadlines)
         return {
             "id": campaign_id,
             "payload": {"kind": "image", "image": image},
@@ -308,6 +326,8 @@ def parse_scenario(data: Mapping[str, Any], *, default_name: str = "scenario") -
         "auto_gate_soak_s": soak if soak is not None else 5.0,
         "rate_per_minute": campaign.number("rate_per_minute", 100_000.0, low=1.0, high=1e7),
         "timeout_s": campaign.number("timeout_s", 900.0, low=1.0, high=7 * 86_400.0),
+        "thresholds": _named_numbers(campaign.table("thresholds"), THRESHOLDS),
+        "deadlines": _named_numbers(campaign.table("deadlines"), DEADLINES),
     }
     campaign.done()
     scenario_fields["faults"] = _faults(faults_t, hubs)
@@ -349,6 +369,19 @@ def _stages(campaign: _Table, hubs: int) -> tuple[StagePlan, ...]:
             raise ScenarioError(where, "only the last stage may take everything left")
         out.append(StagePlan(name, kind, size, share))
     return tuple(out)
+
+
+def _named_numbers(table: _Table, names: Sequence[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name in names:
+        if name.endswith("_rate"):
+            value = table.share(name, None)
+        else:
+            value = table.number(name, None, low=0.0, high=7 * 86_400.0)
+        if value is not None:
+            out[name] = int(value) if name.endswith(("_limit", "min_sample")) else value
+    table.done()
+    return out
 
 
 def _timed(table: _Table, key: str, *, lasting: bool) -> tuple[TimedShare, ...]:

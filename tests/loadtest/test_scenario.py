@@ -83,6 +83,9 @@ def test_defaults_fill_everything_but_the_hub_count() -> None:
         (_minimal(faults={"flap_share": 0.1, "flap_every_s": 5, "flap_down_s": 5}),
          "faults.flap_down_s"),
         (_minimal(campaign={"stages": []}), "campaign.stages"),
+        (_minimal(campaign={"thresholds": {"failed_rate": 2}}), "campaign.thresholds.failed_rate"),
+        (_minimal(campaign={"thresholds": {"fail_rate": 0.1}}), "campaign.thresholds.fail_rate"),
+        (_minimal(campaign={"deadlines": {"activation_s": -1}}), "campaign.deadlines.activation_s"),
         (_minimal(campaign={"stages": [{"name": "a", "kind": "beta"}]}), "campaign.stages[0].kind"),
         (_minimal(campaign={"stages": [{"kind": "pilot"}]}), "campaign.stages[0].name"),
         (
@@ -196,3 +199,11 @@ def test_campaign_spec_follows_the_contract() -> None:
         {"name": "r", "kind": "rollout"},
     ]
     assert spec["policies"]["auto_gate_soak_s"] == 2.0
+    assert "thresholds" not in spec["policies"]
+    limited = parse_scenario(
+        _minimal(campaign={"thresholds": {"category2_limit": 5, "failed_rate": 0.5},
+                           "deadlines": {"activation_s": 120}})
+    )  # fmt: skip
+    policies = limited.campaign_spec("ab12", "lt-2")["policies"]
+    assert policies["thresholds"] == {"category2_limit": 5, "failed_rate": 0.5}
+    assert policies["deadlines"] == {"activation_s": 120.0}
