@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench scale lint setup broker clean
+.PHONY: test demo loadtest bench scale lint setup broker clean
+
+# `make loadtest SCENARIO=5k OUT=dir`: any scenario of loadtest/scenarios (or a path)
+SCENARIO ?= 1k
+OUT ?= loadtest-$(SCENARIO)
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +35,9 @@ lint: setup
 
 demo: setup
 	$(BIN)/python -m loadtest demo
+
+loadtest: setup
+	$(BIN)/python -m loadtest run $(SCENARIO) --out $(OUT)
 
 bench: setup
 	$(BIN)/python -m loadtest bench

@@ -7,6 +7,9 @@
 * ``conformance --broker HOST:PORT --guid GUID --trust DIR [--restart-command CMD] [--timeout S]``:
   check a CH connected to that broker against SPEC.md clause by clause, one line per clause and a
   verdict; exit status 0 only if no clause failed (see :mod:`loadtest.conformance`).
+* ``run SCENARIO --out DIR``: a load-test scenario end to end (``make loadtest``): Mosquitto,
+  the fault proxy, otad, the virtual premises, staged campaigns, the report; see
+  :mod:`loadtest.run` and :mod:`loadtest.scenario`.
 * ``demo``: the end-to-end demonstration (``make demo``), see :mod:`loadtest.demo`.
 * ``bench``: baseline vs otad throughput (``make bench``), see :mod:`loadtest.bench`.
 * ``scale``: otad at 1,000-10,000 CHs, default configuration (``make scale``), see
@@ -86,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=5.0, metavar="S", help="wait per answer (default 5)"
     )
     conformance.add_argument("--library", choices=("gmqtt", "aiomqtt"), default="gmqtt")
+
+    run = sub.add_parser("run", help="a load-test scenario end to end, with its report")
+    from loadtest import run as run_module
+
+    run_module.add_arguments(run)
 
     demo = sub.add_parser("demo", help="Mosquitto + otad + virtual premises: images confirmed")
     from loadtest import demo as demo_module
@@ -212,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("conformance: --timeout must be positive", file=sys.stderr)
             return 2
         return uvloop.run(run_conformance_command(args))
+    if args.command == "run":
+        from loadtest import run as run_module
+
+        return run_module.main(args)
     if args.command == "demo":
         from loadtest import demo as demo_module
 
