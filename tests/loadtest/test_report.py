@@ -1,0 +1,107 @@
+"""The load-test report: figures derived from the samples and statuses given, files written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loadtest.report import (
+    CampaignRecord,
+    RunRecord,
+    Sample,
+    build_report,
+    percentile,
+    write_report,
+)
+
+
+def _record() -> RunRecord:
+    samples = [
+        Sample(t=float(t), confirmed_by_stage={"CH/mp": min(t, 3), "CH/ro": max(0, t - 3)},
+               hub_blocks=100 * t, otad_cpu_s=0.5 * t, otad_rss_bytes=50 << 20,
+               broker_cpu_s=0.1 * t, broker_rss_bytes=5 << 20, hubs_cpu_s=0.8 * t,
+               loop_lag_p99_ms=1.0 + t, loop_lag_max_ms=2.0 + t,
+               rtt_ms=[10.0 + t, 20.0 + t], retransmissions=t, blocks_sent=100 * t)
+        for t in range(1, 11)
+    ]  # fmt: skip
+    status = {
+        "id": "c1",
+        "state": "completed",
+        "targets": 12,
+        "counts": {"confirmed": 10, "failed": 1, "timed_out": 1},
+        "failures": {"SELF_TEST_FAILED": 1, "WAN_DELIVERY_TIMEOUT": 1},
+        "stages": [
+            {"name": "mp", "targets": 3, "gate": "go", "counts": {"confirmed": 3}},
+            {"name": "ro", "targets": 9, "gate": "",
+             "counts": {"confirmed": 7, "failed": 1, "timed_out": 1}},
+        ],
+    }  # fmt: skip
+    plan = {
+        "stages": [{"name": "mp", "hubs": 3}, {"name": "ro", "hubs": 9}],
+        "estimate": {"total_s": 12.5},
+    }
+    history = [{"kind": "gate_decided", "stage": "mp", "actor": "otad:auto-gate"}]
+    return RunRecord(
+        scenario="t",
+        hubs=12,
+        samples=samples,
+        campaigns=[CampaignRecord("CH", plan, status, history)],
+        duration_s=10.0,
+        image_bytes=32768,
+        wan_block_bytes_sent=400_000,
+        wan_blocks_sent=420,
+        confirmations_by_method={"signed_alert": 10},
+        alerts_published=11,
+        otad_cpu_s=5.0,
+        otad_peak_rss_bytes=60 << 20,
+        broker_cpu_s=1.0,
+        rtt_all_ms=[float(n) for n in range(1, 101)],
+    )
+
+
+def test_figures_come_from_the_record() -> None:
+    report = build_report(_record())
+    assert report["devices_targeted"] == 12
+    assert report["devices_confirmed"] == 10
+    assert report["failures"] == {"SELF_TEST_FAILED": 1, "WAN_DELIVERY_TIMEOUT": 1}
+    assert report["estimated_duration_s"] == 12.5
+    assert report["estimate_error"] == 0.25
+    assert report["blocks_per_s"] == 42.0
+    assert report["retransmission_ratio"] == 0.01
+    assert report["loop_lag_p99_ms"] == 11.0
+    assert report["ack_rtt_ms"] == {"samples": 100, "p50": 50.0, "p90": 90.0, "p99": 99.0}
+    mp, ro = report["stages"]
+    assert (mp["name"], mp["hubs"], mp["confirmed"], mp["failed"]) == ("mp", 3, 3, 0)
+    assert (mp["gate_decision"], mp["gate_actor"]) == ("go", "otad:auto-gate")
+    assert (ro["confirmed"], ro["failed"], ro["gate_decision"]) == (7, 2, None)
+
+
+def test_what_was_not_measured_is_null_not_zero() -> None:
+    record = _record()
+    record.samples = []
+    record.rtt_all_ms = []
+    record.wan_blocks_sent = 0
+    record.campaigns[0].plan = {}
+    report = build_report(record)
+    assert report["estimated_duration_s"] is None
+    assert report["blocks_per_s"] is None
+    assert report["retransmission_ratio"] is None
+    assert report["loop_lag_p99_ms"] is None
+    assert report["ack_rtt_ms"]["p50"] is None
+
+
+def test_percentile_is_nearest_rank() -> None:
+    assert percentile([], 0.5) is None
+    assert percentile([3.0], 0.99) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
+
+
+def test_write_report_writes_json_markdown_and_every_plot(tmp_path: Path) -> None:
+    report = write_report(_record(), tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
+    markdown = (tmp_path / "report.md").read_text()
+    for name in ("confirmed", "wan_blocks", "ack_rtt", "retransmissions", "failures",
+                 "resources", "loop_lag"):  # fmt: skip
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"]({name}.png)" in markdown
+    assert "| mp | 3 | 3 | 3 | 0 | go |" in markdown
