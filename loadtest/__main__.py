@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     vectors_module.add_arguments(vectors)
 
+    proxy = sub.add_parser("_proxy", help=argparse.SUPPRESS)
+    proxy.add_argument("config")
+
     worker = sub.add_parser("_worker", help=argparse.SUPPRESS)
     worker.add_argument("config")
     worker.add_argument("number", type=int)
@@ -215,6 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         config = FleetConfig.from_json(json.loads(args.config))
         return uvloop.run(worker_main(config, args.number, args.first, args.last))
+    if args.command == "_proxy":
+        import json
+
+        from loadtest.faultproxy import serve_process
+
+        return uvloop.run(serve_process(json.loads(args.config)))
     if args.command == "conformance":
         if not args.timeout > 0:
             print("conformance: --timeout must be positive", file=sys.stderr)

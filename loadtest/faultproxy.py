@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger("loadtest.faultproxy")
 
@@ -52,7 +54,8 @@ CONNECT, PUBLISH, PUBACK = 1, 3, 4
 MAX_REMAINING = 268_435_455
 READ_CHUNK = 256 * 1024
 #: Round-trip samples kept between two :meth:`FaultProxy.take_round_trips` calls, at most.
-MAX_RTT_SAMPLES = 50_000
+#: Kept by reservoir sampling: every sample has the same chance, whatever the rate.
+MAX_RTT_SAMPLES = 5_000
 
 
 class MqttFramingError(ValueError):
@@ -373,6 +376,8 @@ class FaultProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed_stats = FilterStats()  # totals of connections that have ended
         self._round_trips: list[float] = []
+        self._rtt_seen = 0
+        self._rtt_rng = random.Random(f"{seed}/rtt")
 
     async def __aenter__(self) -> FaultProxy:
         await self.start()
@@ -447,6 +452,8 @@ class FaultProxy:
             self._tasks.add(task)
         try:
             await conn.run()
+        except asyncio.CancelledError:
+            pass  # the server's own task, cancelled at the end of the loop: nothing to report
         finally:
             self.connections.remove(conn)
             for part in (conn.up.stats, conn.down.stats):
@@ -456,12 +463,17 @@ class FaultProxy:
 
     def record_round_trip(self, seconds: float) -> None:
         """Keep one ack round-trip sample (at most :data:`MAX_RTT_SAMPLES` until taken)."""
+        self._rtt_seen += 1
         if len(self._round_trips) < MAX_RTT_SAMPLES:
             self._round_trips.append(seconds)
+        else:
+            slot = self._rtt_rng.randrange(self._rtt_seen)
+            if slot < MAX_RTT_SAMPLES:
+                self._round_trips[slot] = seconds
 
     def take_round_trips(self) -> list[float]:
         """The ack round trips (seconds) measured since the last call."""
-        out, self._round_trips = self._round_trips, []
+        out, self._round_trips, self._rtt_seen = self._round_trips, [], 0
         return out
 
     def is_hung(self, client_id: str | None) -> bool:
@@ -483,3 +495,174 @@ def _add(total: FilterStats, part: FilterStats) -> None:
     total.publishes += part.publishes
     total.dropped += part.dropped
     total.bytes += part.bytes
+
+
+# ----------------------------------------------------------------------------- own process
+
+
+async def serve_process(config: dict[str, Any]) -> int:
+    """Body of ``python -m loadtest _proxy CONFIG``: a :class:`FaultProxy` obeying JSON lines on
+    stdin (``cut``, ``hang``, ``policy``, ``totals``, ``round_trips``, ``quit``), answering on
+    stdout; its first line gives the port. Ends on ``quit`` or when stdin closes (the parent
+    went away); ignores SIGINT (the parent orchestrates the shutdown)."""
+    import signal
+    import sys
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+    proxy = FaultProxy(
+        (config["upstream_host"], int(config["upstream_port"])),
+        FaultPolicy(**config.get("policy", {})),
+        seed=int(config.get("seed", 0)),
+    )
+    await proxy.start()
+
+    def send(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+
+    send({"event": "listening", "port": proxy.port})
+    reader = asyncio.StreamReader(limit=16 * 1024 * 1024)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                return 0
+            request = json.loads(line)
+            cmd = request.get("cmd")
+            result: Any = None
+            if cmd == "cut":
+                result = proxy.cut(request.get("ids"))
+            elif cmd == "hang":
+                result = proxy.hang(request.get("ids"), hung=bool(request.get("hung", True)))
+            elif cmd == "policy":
+                proxy.set_policy(FaultPolicy(**request["policy"]))
+            elif cmd == "totals":
+                result = _fields(proxy.totals())
+            elif cmd == "round_trips":
+                result = proxy.take_round_trips()
+            elif cmd == "quit":
+                send({"id": request.get("id"), "result": None})
+                return 0
+            else:
+                send({"id": request.get("id"), "error": f"unknown command {cmd!r}"})
+                continue
+            send({"id": request.get("id"), "result": result})
+    finally:
+        await proxy.close()
+
+
+class ProxyProcess:
+    """A :class:`FaultProxy` in its own process (``python -m loadtest _proxy``), so relaying
+    thousands of hubs' packets has a core of its own rather than the runner's loop. The same
+    controls as the proxy, as coroutines; :meth:`close` ends the process (also killed if it
+    does not end by itself)."""
+
+    def __init__(
+        self, upstream: tuple[str, int], policy: FaultPolicy | None = None, *, seed: int = 0
+    ) -> None:
+        self.upstream = upstream
+        self.policy = policy or FaultPolicy()
+        self.seed = seed
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self._next = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The proxy process's pid while it runs."""
+        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+
+    async def start(self, wait_s: float = 30.0) -> None:
+        """Start the process; returns once it listens (``port`` is then set)."""
+        import sys
+
+        config = {
+            "upstream_host": self.upstream[0],
+            "upstream_port": self.upstream[1],
+            "seed": self.seed,
+            "policy": _policy_json(self.policy),
+        }
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "loadtest", "_proxy", json.dumps(config),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            limit=16 * 1024 * 1024,
+        )  # fmt: skip
+        first = await asyncio.wait_for(self._line(), wait_s)
+        self.port = int(first["port"])
+
+    async def _line(self) -> dict[str, Any]:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        raw = await self.proc.stdout.readline()
+        if not raw:
+            raise RuntimeError("the fault proxy process exited")
+        answer: dict[str, Any] = json.loads(raw)
+        return answer
+
+    async def call(self, cmd: str, wait_s: float = 30.0, **fields: Any) -> Any:
+        """One command, its result."""
+        if self.proc is None or self.proc.stdin is None or self.proc.returncode is not None:
+            raise RuntimeError("the fault proxy process is not running")
+        async with self._lock:
+            self._next += 1
+            line = json.dumps({"id": self._next, "cmd": cmd, **fields}) + "\n"
+            self.proc.stdin.write(line.encode())
+            await self.proc.stdin.drain()
+            answer = await asyncio.wait_for(self._line(), wait_s)
+        if "error" in answer:
+            raise RuntimeError(f"fault proxy: {answer['error']}")
+        return answer.get("result")
+
+    async def cut(self, client_ids: Iterable[str] | None = None) -> int:
+        """:meth:`FaultProxy.cut` in the proxy process."""
+        ids = None if client_ids is None else list(client_ids)
+        return int(await self.call("cut", ids=ids))
+
+    async def hang(self, client_ids: Iterable[str] | None = None, *, hung: bool = True) -> int:
+        """:meth:`FaultProxy.hang` in the proxy process."""
+        ids = None if client_ids is None else list(client_ids)
+        return int(await self.call("hang", ids=ids, hung=hung))
+
+    async def set_policy(self, policy: FaultPolicy) -> None:
+        """:meth:`FaultProxy.set_policy` in the proxy process."""
+        self.policy = policy
+        await self.call("policy", policy=_policy_json(policy))
+
+    async def totals(self) -> FilterStats:
+        """:meth:`FaultProxy.totals` of the proxy process."""
+        return FilterStats(**await self.call("totals"))
+
+    async def take_round_trips(self) -> list[float]:
+        """:meth:`FaultProxy.take_round_trips` of the proxy process."""
+        return [float(x) for x in await self.call("round_trips")]
+
+    async def close(self, wait_s: float = 10.0) -> None:
+        """End the process (``quit``; SIGKILL if it does not end within ``wait_s``)."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(Exception):
+                await self.call("quit", wait_s=wait_s)
+            try:
+                await asyncio.wait_for(proc.wait(), wait_s)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
+        self.proc = None
+
+
+def _policy_json(policy: FaultPolicy) -> dict[str, float]:
+    return {
+        "latency": policy.latency,
+        "jitter": policy.jitter,
+        "loss": policy.loss,
+        "bandwidth": policy.bandwidth,
+    }

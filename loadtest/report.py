@@ -39,6 +39,7 @@ class Sample:
     broker_cpu_s: float | None = None
     broker_rss_bytes: int | None = None
     hubs_cpu_s: float | None = None  # every hub worker process
+    proxy_cpu_s: float | None = None  # the fault proxy's process
     loop_lag_p99_ms: float | None = None  # from otad's retained status
     loop_lag_max_ms: float | None = None
     rtt_ms: list[float] = field(default_factory=list)  # ack round trips seen since last sample
@@ -259,6 +260,7 @@ def _plots(record: RunRecord, report: Mapping[str, Any], out: Path) -> list[tupl
         ("otad", "otad_cpu_s", "otad_rss_bytes"),
         ("mosquitto", "broker_cpu_s", "broker_rss_bytes"),
         ("virtual CHs", "hubs_cpu_s", None),
+        ("fault proxy", "proxy_cpu_s", None),
     )
     for name, cpu_field, rss_field in resources:
         cpu_points = _series(samples, cpu_field)

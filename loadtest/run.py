@@ -8,8 +8,8 @@ Steps (everything started is stopped again, also on Ctrl-C, SIGTERM or an error)
    keys of every device that signs its alerts;
 2. a private Mosquitto (persistence on, so a broker restart keeps the retained announcements;
    the open-files limit raised above the hub count, :func:`loadtest.runner.check_host_limits`);
-3. the fault proxy (:mod:`loadtest.faultproxy`) in front of it, which the hubs connect through
-   (otad and the runner's own clients connect to the broker directly);
+3. the fault proxy (:mod:`loadtest.faultproxy`, in a process of its own) in front of it, which
+   the hubs connect through (otad and the runner's own clients connect to the broker directly);
 4. otad (``python -m otad run``), then the virtual premises (:class:`loadtest.runner.HubFleet`,
    one worker process per ~2,500 CHs, each CH its own MQTT connection and HAN devices), and
    the scenario's cloned CHs;
@@ -53,7 +53,7 @@ from loadtest.demo import (
     start_otad,
     stop_otad,
 )
-from loadtest.faultproxy import FaultPolicy, FaultProxy
+from loadtest.faultproxy import FaultPolicy, ProxyProcess
 from loadtest.release import Release, make_release
 from loadtest.report import CampaignRecord, RunRecord, Sample, write_report
 from loadtest.scenario import FaultAction, Scenario, ScenarioError, load_scenario
@@ -201,7 +201,7 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
         return 2
     await asyncio.to_thread(out.mkdir, parents=True, exist_ok=True)
     broker: MosquittoBroker | None = None
-    proxy: FaultProxy | None = None
+    proxy: ProxyProcess | None = None
     fleet: HubFleet | None = None
     clones: HubFleet | None = None
     otad: _Otad | None = None
@@ -249,7 +249,7 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
             loss=f.wan_loss,
             bandwidth=f.wan_bandwidth_kib_s * 1024.0,
         )
-        proxy = FaultProxy((broker.host, broker.port), policy, seed=scenario.seed)
+        proxy = ProxyProcess((broker.host, broker.port), policy, seed=scenario.seed)
         await proxy.start()
         _say(
             f"mosquitto on {broker.address} (pid {broker.pid}); "
@@ -340,6 +340,7 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
         confirmed_alerts = alerts.of_kind(DeviceConfirmed)
         for alert in confirmed_alerts:
             by_proof[alert.proof] = by_proof.get(alert.proof, 0) + 1
+        proxy_totals = await proxy.totals()
         record = RunRecord(
             scenario=scenario.name,
             hubs=scenario.hubs,
@@ -357,9 +358,9 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
             faults_applied=faults.applied,
             faulty_hubs=faults.faulty_hubs(),
             proxy={
-                "packets": proxy.totals().packets,
-                "publishes": proxy.totals().publishes,
-                "dropped": proxy.totals().dropped,
+                "packets": proxy_totals.packets,
+                "publishes": proxy_totals.publishes,
+                "dropped": proxy_totals.dropped,
             },
             rtt_all_ms=sampler.rtt_all_ms,
             notes=outcome.notes,
@@ -576,7 +577,7 @@ class _Sampler:
         driver: _CampaignDriver,
         fleet: Any,
         broker: Any,
-        proxy: FaultProxy,
+        proxy: ProxyProcess,
         otad: _Otad,
         monitor: Any,
     ) -> None:
@@ -616,7 +617,10 @@ class _Sampler:
             if isinstance(lag, dict) and status.get("state") == "online":
                 sample.loop_lag_p99_ms = lag.get("p99_ms")
                 sample.loop_lag_max_ms = lag.get("max_ms")
-            rtts = [round(s * 1000.0, 3) for s in self.proxy.take_round_trips()]
+            sample.proxy_cpu_s = _cpu_s(self.proxy.pid)
+            rtts: list[float] = []
+            with contextlib.suppress(Exception):
+                rtts = [round(s * 1000.0, 3) for s in await self.proxy.take_round_trips()]
             sample.rtt_ms = rtts
             self.rtt_all_ms += rtts[: max(0, 200_000 - len(self.rtt_all_ms))]
             held = self.monitor.of_kind(TransferHeld)
@@ -629,7 +633,7 @@ class _FaultPlayer:
     """Plays the scenario's timeline against the proxy, the fleet, the broker and otad."""
 
     def __init__(
-        self, scenario: Scenario, fleet: Any, broker: Any, proxy: FaultProxy, otad: _Otad
+        self, scenario: Scenario, fleet: Any, broker: Any, proxy: ProxyProcess, otad: _Otad
     ) -> None:
         self.scenario = scenario
         self.fleet = fleet
@@ -670,13 +674,13 @@ class _FaultPlayer:
         guids = [self.fleet.guids[i] for i in action.hubs]
         if action.kind == "cut":
             self._hit.setdefault("cut", set()).update(action.hubs)
-            self.proxy.cut(guids)
+            await self.proxy.cut(guids)
         elif action.kind == "half_open":
             self._hit.setdefault("half_open", set()).update(action.hubs)
-            self.proxy.hang(guids)
+            await self.proxy.hang(guids)
         elif action.kind == "resume":
-            self.proxy.hang(guids, hung=False)
-            self.proxy.cut(guids)  # the hub reconnects at once rather than at its keep-alive
+            await self.proxy.hang(guids, hung=False)
+            await self.proxy.cut(guids)  # the hub reconnects at once rather than at its keep-alive
         elif action.kind == "hub_down":
             self._hit.setdefault("flapping", set()).update(action.hubs)
             await self.fleet.stop_hubs(guids, crash=True)

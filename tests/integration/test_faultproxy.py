@@ -17,6 +17,7 @@ from loadtest.faultproxy import (
     FaultProxy,
     MqttFramingError,
     PacketFilter,
+    ProxyProcess,
 )
 from mqttio import MqttClient, MqttSettings, create_client
 
@@ -153,7 +154,10 @@ async def client(port: int, client_id: str, **settings: object) -> AsyncIterator
 
 @asynccontextmanager
 async def pair(
-    broker: MosquittoBroker, proxy: FaultProxy, topic: str = "lt/t", **settings: object
+    broker: MosquittoBroker,
+    proxy: FaultProxy | ProxyProcess,
+    topic: str = "lt/t",
+    **settings: object,
 ) -> AsyncIterator[tuple[MqttClient, Inbox]]:
     """A publisher through the proxy, a subscriber straight on the broker."""
     inbox = Inbox()
@@ -290,3 +294,36 @@ async def test_a_hung_hub_that_reconnects_stays_hung(broker: MosquittoBroker) ->
         await eventually(lambda: pub.connected)
         pub.publish("lt/t", b"back", 1)
         await inbox.wait_for(1)
+
+
+@pytest.mark.broker
+async def test_the_proxy_in_its_own_process_obeys_the_same_controls(
+    broker: MosquittoBroker,
+) -> None:
+    proxy = ProxyProcess((broker.host, broker.port), FaultPolicy(loss=0.2), seed=5)
+    await proxy.start()
+    try:
+        assert proxy.pid is not None
+        async with pair(broker, proxy) as (pub, inbox):
+            for n in range(500):
+                pub.publish("lt/t", n.to_bytes(4, "big"), 0)
+            await asyncio.sleep(1.0)
+            totals = await proxy.totals()
+            assert 50 < totals.dropped < 150
+            assert len(inbox.payloads) == 500 - totals.dropped
+            await proxy.set_policy(FaultPolicy())
+            downs: list[bool] = []
+            pub.set_connection_handler(downs.append)
+            assert await proxy.cut(["hub-1"]) == 1
+            await eventually(lambda: downs[-2:] == [False, True])
+            assert await proxy.hang(["hub-1"]) == 1
+            pub.publish("lt/t", b"void", 0)
+            await asyncio.sleep(0.3)
+            assert b"void" not in inbox.payloads
+            await proxy.hang(["hub-1"], hung=False)
+            pub.publish("lt/t", b"seen", 0)
+            await eventually(lambda: b"seen" in inbox.payloads)
+            assert isinstance(await proxy.take_round_trips(), list)
+    finally:
+        await proxy.close()
+    assert proxy.pid is None

@@ -60,6 +60,45 @@ def _processes_mentioning(text: str) -> list[tuple[int, str]]:
     return found
 
 
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> command line of every live (non-zombie) process below ``root``."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                parents[int(entry.name)] = int(fields[1])
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                except OSError:
+                    continue
+                found[pid] = cmd.decode(errors="replace")[:200]
+                frontier.append(pid)
+    return found
+
+
+def _alive(pids: set[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.append(pid)
+    return out
+
+
 def _start(scenario: Path, out: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "loadtest", "run", str(scenario), "--out", str(out)],
@@ -86,10 +125,11 @@ def test_ctrl_c_leaves_no_process_behind(tmp_path: Path) -> None:
         assert time.monotonic() < deadline, "".join(lines)
     else:
         pytest.fail("the run ended before its hubs were up:\n" + "".join(lines))
-    started = _processes_mentioning(str(out))
-    kinds = " ".join(cmd for _pid, cmd in started)
+    started = _descendants(proc.pid)
+    kinds = " ".join(started.values())
     assert "mosquitto" in kinds
     assert "otad run" in kinds
+    assert "loadtest _proxy" in kinds
     assert kinds.count("_worker") == 2
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
     rest, _ = proc.communicate(timeout=90)
@@ -97,6 +137,7 @@ def test_ctrl_c_leaves_no_process_behind(tmp_path: Path) -> None:
     assert proc.returncode == 130, output
     assert "interrupted" in output
     time.sleep(0.5)
+    assert _alive(set(started)) == [], output
     assert _processes_mentioning(str(out)) == [], output
 
 
