@@ -240,6 +240,9 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
         shutil.copy(public_key_path(activation_key), activation_trust / "otad-activation.pem")
 
         # 2-3: broker and fault proxy ---------------------------------------------------
+        # Mosquitto's max_connections is unlimited by default; what binds is the open-files
+        # limit, raised and checked above for every CH and clone (check_host_limits). A cap
+        # here would only add a way to fail: a half-open hub's reconnects hold extra sockets.
         broker = MosquittoBroker(workdir=out / "mosquitto", persistence=True)
         await asyncio.to_thread(broker.start)
         f = scenario.faults
@@ -304,7 +307,7 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
             events_filter=f"{ALERTS_PREFIX}/#",
             client_id="loadtest-alerts",
         )
-        ctl = CtlClient(broker.host, broker.port, library=library, name="loadtest", timeout=30.0)
+        ctl = CtlClient(broker.host, broker.port, library=library, name="loadtest", timeout=10.0)
         await ctl.connect()
         await fleet.start()
         _say(f"{scenario.hubs} virtual CHs in {procs} process(es), up in {fleet.started_in:.1f} s")

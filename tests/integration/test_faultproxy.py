@@ -104,6 +104,22 @@ def test_filter_refuses_what_is_not_mqtt() -> None:
         packets.feed(b"\x30\xff\xff\xff\xff\x01")
 
 
+def test_round_trip_samples_stay_bounded_past_the_limit() -> None:
+    from loadtest.faultproxy import MAX_RTT_SAMPLES
+
+    proxy = FaultProxy(("127.0.0.1", 1), seed=1)
+    for n in range(3 * MAX_RTT_SAMPLES):
+        proxy.record_round_trip(float(n))
+    kept = proxy.take_round_trips()
+    assert len(kept) == MAX_RTT_SAMPLES
+    # a reservoir: the later two thirds of the samples hold about two thirds of the places
+    late = sum(1 for x in kept if x >= MAX_RTT_SAMPLES)
+    assert 0.6 < late / MAX_RTT_SAMPLES < 0.73
+    assert proxy.take_round_trips() == []
+    proxy.record_round_trip(0.5)
+    assert proxy.take_round_trips() == [0.5]
+
+
 def test_policy_bounds() -> None:
     with pytest.raises(ValueError, match="loss"):
         FaultPolicy(loss=1.0)
