@@ -133,8 +133,9 @@ def _peak_rss(pid: int | None) -> int:
 # ----------------------------------------------------------------------------- the run
 
 
-class _Otad:
-    """otad as the run sees it: the current process, and what the killed ones used."""
+class OtadProcess:
+    """otad as the run sees it: the current process, and what the killed ones used (``start``
+    makes a new process: :func:`loadtest.demo.start_otad` with the run's arguments)."""
 
     def __init__(self, start: Callable[[], Any]) -> None:
         self._start = start
@@ -204,7 +205,7 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
     proxy: ProxyProcess | None = None
     fleet: HubFleet | None = None
     clones: HubFleet | None = None
-    otad: _Otad | None = None
+    otad: OtadProcess | None = None
     monitor: EventMonitor | None = None
     alerts: EventMonitor | None = None
     ctl: CtlClient | None = None
@@ -284,7 +285,7 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
         signers = await asyncio.to_thread(fleet.config.write_device_keys, out / "device-keys")
         config = otad_config(out, activation_key, out / "device-keys")
         address = broker.address
-        otad = _Otad(
+        otad = OtadProcess(
             lambda: start_otad(
                 address,
                 out / "otad",
@@ -329,7 +330,7 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
         # 5-7: campaigns, faults, samples -----------------------------------------------
         driver = _CampaignDriver(scenario, ctl, releases)
         sampler = _Sampler(driver, fleet, broker, proxy, otad, monitor)
-        faults = _FaultPlayer(scenario, fleet, broker, proxy, otad)
+        faults = FaultPlayer(scenario, fleet, broker, proxy, otad)
         began = time.monotonic()
         outcome = await driver.run(sampler, faults, began)
         duration = time.monotonic() - began
@@ -467,7 +468,9 @@ def _summary(report: Mapping[str, Any], out: Path) -> None:
     _say(f"loadtest: {'OK' if report['ok'] else 'FAILED'}")
 
 
-async def _wait_fleet_known(ctl: Any, wanted: set[str], otad: _Otad, wait_s: float = 120.0) -> None:
+async def _wait_fleet_known(
+    ctl: Any, wanted: set[str], otad: OtadProcess, wait_s: float = 120.0
+) -> None:
     """Until otad lists every CH of the fleet online."""
     deadline = time.monotonic() + wait_s
     known: set[str] = set()
@@ -502,7 +505,7 @@ class _CampaignDriver:
         except CtlError as exc:
             raise LoadTestError(f"{cmd}: {exc.reason}: {exc.detail}") from None
 
-    async def run(self, sampler: _Sampler, faults: _FaultPlayer, began: float) -> _CampaignDriver:
+    async def run(self, sampler: _Sampler, faults: FaultPlayer, began: float) -> _CampaignDriver:
         from otad.progress import ProgressBar
 
         sampling = asyncio.create_task(sampler.run(began))
@@ -581,7 +584,7 @@ class _Sampler:
         fleet: Any,
         broker: Any,
         proxy: ProxyProcess,
-        otad: _Otad,
+        otad: OtadProcess,
         monitor: Any,
     ) -> None:
         self.driver = driver
@@ -632,11 +635,12 @@ class _Sampler:
             self.samples.append(sample)
 
 
-class _FaultPlayer:
-    """Plays the scenario's timeline against the proxy, the fleet, the broker and otad."""
+class FaultPlayer:
+    """Plays the scenario's timeline against the proxy, the fleet, the broker and otad;
+    :attr:`applied` says what it did when (a fault that could not be applied has an ``error``)."""
 
     def __init__(
-        self, scenario: Scenario, fleet: Any, broker: Any, proxy: ProxyProcess, otad: _Otad
+        self, scenario: Scenario, fleet: Any, broker: Any, proxy: ProxyProcess, otad: OtadProcess
     ) -> None:
         self.scenario = scenario
         self.fleet = fleet
