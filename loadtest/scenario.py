@@ -65,6 +65,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from otad.campaign.spec import MICRO_PILOT_SIZES
+
 #: Where the shipped scenarios live.
 SCENARIO_DIR = Path(__file__).with_name("scenarios")
 #: Stage kinds the campaign contract (issue 10) knows.
@@ -367,6 +369,9 @@ def _stages(campaign: _Table, hubs: int) -> tuple[StagePlan, ...]:
         last = n == len(raw) - 1
         if size is None and share is None and not last:
             raise ScenarioError(where, "only the last stage may take everything left")
+        if kind == "micro_pilot" and (size is None or size not in MICRO_PILOT_SIZES):
+            low, high = MICRO_PILOT_SIZES[0], MICRO_PILOT_SIZES[-1]
+            raise ScenarioError(f"{where}.size", f"a micro-pilot has {low}-{high} targets")
         out.append(StagePlan(name, kind, size, share))
     return tuple(out)
 

@@ -24,14 +24,14 @@ seed = 4
 [fleet]
 hubs = {hubs}
 procs = {procs}
-bridge_share = 0.3
+bridge_share = 1.0
 [images]
 ch_kib = 32
 bridge_kib = 8
 [han]
 acceleration = 400.0
 [campaign]
-stages = [{{name = "micro-pilot", kind = "micro_pilot", size = 3}},
+stages = [{{name = "micro-pilot", kind = "micro_pilot", size = 10}},
           {{name = "roll-out", kind = "rollout"}}]
 auto_gate_soak_s = 1.0
 timeout_s = 240

@@ -88,6 +88,15 @@ def test_defaults_fill_everything_but_the_hub_count() -> None:
         (_minimal(campaign={"deadlines": {"activation_s": -1}}), "campaign.deadlines.activation_s"),
         (_minimal(campaign={"stages": [{"name": "a", "kind": "beta"}]}), "campaign.stages[0].kind"),
         (_minimal(campaign={"stages": [{"kind": "pilot"}]}), "campaign.stages[0].name"),
+        (_minimal(campaign={"stages": [{"name": "m", "kind": "micro_pilot", "size": 21},
+                                       {"name": "r", "kind": "rollout"}]}),
+         "campaign.stages[0].size"),
+        (_minimal(campaign={"stages": [{"name": "m", "kind": "micro_pilot", "size": 9},
+                                       {"name": "r", "kind": "rollout"}]}),
+         "campaign.stages[0].size"),
+        (_minimal(campaign={"stages": [{"name": "m", "kind": "micro_pilot", "share": 0.1},
+                                       {"name": "r", "kind": "rollout"}]}),
+         "campaign.stages[0].size"),
         (
             _minimal(campaign={"stages": [
                 {"name": "a", "kind": "pilot", "size": 3, "share": 0.1}]}),
