@@ -31,6 +31,7 @@ A scenario names everything a run varies; every key is optional except ``fleet.h
               {name = "roll-out", kind = "rollout"}]
     auto_gate_soak_s = 5.0
     rate_per_minute = 100000
+    lost_after_s = 3600        # a CH offline this long after activation is LOST (category 1)
     timeout_s = 900
     thresholds = {category2_limit = 50, failed_rate = 0.2}   # issue 10's names
     deadlines = {wan_delivery_s = 600, activation_s = 300}    # issue 10's phases
@@ -197,6 +198,7 @@ class Scenario:
     stages: tuple[StagePlan, ...] = DEFAULT_STAGES
     auto_gate_soak_s: float = 5.0
     rate_per_minute: float = 100_000.0
+    lost_after_s: float | None = None  # None: otad's default
     timeout_s: float = 900.0
     thresholds: Mapping[str, float] = field(default_factory=dict)
     deadlines: Mapping[str, float] = field(default_factory=dict)
@@ -242,6 +244,8 @@ class Scenario:
             "max_per_minute": max(self.rate_per_minute, 1.0),
             "auto_gate_soak_s": self.auto_gate_soak_s,
         }
+        if self.lost_after_s is not None:
+            policies["lost_after_s"] = self.lost_after_s
         if self.thresholds:
             policies["thresholds"] = dict(self.thresholds)
         if self.deadlines:
@@ -328,6 +332,7 @@ def parse_scenario(data: Mapping[str, Any], *, default_name: str = "scenario") -
         "auto_gate_soak_s": soak if soak is not None else 5.0,
         "rate_per_minute": campaign.number("rate_per_minute", 100_000.0, low=1.0, high=1e7),
         "timeout_s": campaign.number("timeout_s", 900.0, low=1.0, high=7 * 86_400.0),
+        "lost_after_s": campaign.number("lost_after_s", None, low=1.0, high=7 * 86_400.0),
         "thresholds": _named_numbers(campaign.table("thresholds"), THRESHOLDS),
         "deadlines": _named_numbers(campaign.table("deadlines"), DEADLINES),
     }
