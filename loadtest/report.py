@@ -156,6 +156,8 @@ def build_report(record: RunRecord) -> dict[str, Any]:
                 "targets": c.status.get("targets"),
                 "counts": c.status.get("counts"),
                 "estimated_s": c.plan.get("estimate", {}).get("total_s"),
+                "estimate_assumptions": c.plan.get("estimate", {}).get("assumptions"),
+                "started_at": c.status.get("created_at"),
             }
             for c in record.campaigns
         ],

@@ -41,7 +41,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
@@ -57,6 +57,12 @@ from loadtest.faultproxy import FaultPolicy, ProxyProcess
 from loadtest.release import Release, make_release
 from loadtest.report import CampaignRecord, RunRecord, Sample, write_report
 from loadtest.scenario import FaultAction, Scenario, ScenarioError, load_scenario
+
+if TYPE_CHECKING:
+    from loadtest.broker import MosquittoBroker
+    from loadtest.runner import HubFleet
+    from otad.ctl.client import CtlClient
+    from otad.monitor import EventMonitor
 
 #: Campaign states after which nothing more happens (issue 10).
 FINAL_CAMPAIGN_STATES = frozenset({"completed", "aborted"})
@@ -444,7 +450,7 @@ def build_and_check(record: RunRecord, scenario: Scenario) -> dict[str, Any]:
         record.notes.append(
             f"{report['devices_targeted'] - accounted} targets neither confirmed nor failed"
         )
-    return report
+    return build_report(record)  # again: with the verdict and its notes
 
 
 def _summary(report: Mapping[str, Any], out: Path) -> None:
@@ -497,7 +503,11 @@ class _CampaignDriver:
     """The campaigns of the run, one after the other, through otad's control commands."""
 
     def __init__(
-        self, scenario: Scenario, ctl: Any, approver: Any, releases: list[tuple[str, Release]]
+        self,
+        scenario: Scenario,
+        ctl: CtlClient,
+        approver: CtlClient,
+        releases: list[tuple[str, Release]],
     ) -> None:
         self.scenario = scenario
         self.ctl = ctl
@@ -619,11 +629,11 @@ class _Sampler:
     def __init__(
         self,
         driver: _CampaignDriver,
-        fleet: Any,
-        broker: Any,
+        fleet: HubFleet,
+        broker: MosquittoBroker,
         proxy: ProxyProcess,
         otad: OtadProcess,
-        monitor: Any,
+        monitor: EventMonitor,
     ) -> None:
         self.driver = driver
         self.fleet = fleet
@@ -635,42 +645,51 @@ class _Sampler:
         self.rtt_all_ms: list[float] = []
 
     async def run(self, began: float) -> None:
-        from otad.events import TransferHeld
-
+        """Sample every :data:`SAMPLE_EVERY_S` until cancelled; a sample that fails is noted
+        once (the run goes on: its report then has fewer points)."""
+        failed = False
         while True:
             await asyncio.sleep(SAMPLE_EVERY_S)
-            sample = Sample(t=round(time.monotonic() - began, 3))
-            for label, status in self.driver.statuses.items():
-                for stage in status.get("stages", []):
-                    key = f"{label}/{stage.get('name')}"
-                    sample.confirmed_by_stage[key] = int(
-                        stage.get("counts", {}).get("confirmed", 0)
-                    )
-            with contextlib.suppress(Exception):
-                totals = await self.fleet.totals()
-                sample.hub_blocks, sample.hub_block_bytes = totals.blocks, totals.block_bytes
-            sample.otad_cpu_s = self.otad.cpu_s()
-            sample.otad_rss_bytes = _rss(self.otad.pid)
-            self.otad.note_peak()
-            sample.broker_cpu_s = _cpu_s(self.broker.pid)
-            sample.broker_rss_bytes = _rss(self.broker.pid)
-            hub_cpu = [_cpu_s(pid) for pid in self.fleet.worker_pids]
-            sample.hubs_cpu_s = sum(c for c in hub_cpu if c is not None) if hub_cpu else None
-            status = self.monitor.status()
-            lag = status.get("loop_lag") if isinstance(status, dict) else None
-            if isinstance(lag, dict) and status.get("state") == "online":
-                sample.loop_lag_p99_ms = lag.get("p99_ms")
-                sample.loop_lag_max_ms = lag.get("max_ms")
-            sample.proxy_cpu_s = _cpu_s(self.proxy.pid)
-            rtts: list[float] = []
-            with contextlib.suppress(Exception):
-                rtts = [round(s * 1000.0, 3) for s in await self.proxy.take_round_trips()]
-            sample.rtt_ms = rtts
-            self.rtt_all_ms += rtts[: max(0, 200_000 - len(self.rtt_all_ms))]
-            held = self.monitor.of_kind(TransferHeld)
-            sample.retransmissions = sum(e.retransmissions for e in held)
-            sample.blocks_sent = sum(e.blocks_total + e.retransmissions for e in held)
-            self.samples.append(sample)
+            try:
+                self.samples.append(await self._sample(began))
+            except Exception as exc:
+                if not failed:
+                    self.driver.notes.append(f"sampling failed (first time): {exc!r}"[:300])
+                failed = True
+
+    async def _sample(self, began: float) -> Sample:
+        from otad.events import TransferHeld
+
+        sample = Sample(t=round(time.monotonic() - began, 3))
+        for label, status in self.driver.statuses.items():
+            for stage in status.get("stages", []):
+                key = f"{label}/{stage.get('name')}"
+                sample.confirmed_by_stage[key] = int(stage.get("counts", {}).get("confirmed", 0))
+        with contextlib.suppress(Exception):
+            totals = await self.fleet.totals()
+            sample.hub_blocks, sample.hub_block_bytes = totals.blocks, totals.block_bytes
+        sample.otad_cpu_s = self.otad.cpu_s()
+        sample.otad_rss_bytes = _rss(self.otad.pid)
+        self.otad.note_peak()
+        sample.broker_cpu_s = _cpu_s(self.broker.pid)
+        sample.broker_rss_bytes = _rss(self.broker.pid)
+        hub_cpu = [_cpu_s(pid) for pid in self.fleet.worker_pids]
+        sample.hubs_cpu_s = sum(c for c in hub_cpu if c is not None) if hub_cpu else None
+        status = self.monitor.status
+        lag = status.get("loop_lag") if isinstance(status, dict) else None
+        if isinstance(lag, dict) and status.get("state") == "online":
+            sample.loop_lag_p99_ms = lag.get("p99_ms")
+            sample.loop_lag_max_ms = lag.get("max_ms")
+        sample.proxy_cpu_s = _cpu_s(self.proxy.pid)
+        rtts: list[float] = []
+        with contextlib.suppress(Exception):
+            rtts = [round(s * 1000.0, 3) for s in await self.proxy.take_round_trips()]
+        sample.rtt_ms = rtts
+        self.rtt_all_ms += rtts[: max(0, 200_000 - len(self.rtt_all_ms))]
+        held = self.monitor.of_kind(TransferHeld)
+        sample.retransmissions = sum(e.retransmissions for e in held)
+        sample.blocks_sent = sum(e.blocks_total + e.retransmissions for e in held)
+        return sample
 
 
 class FaultPlayer:
@@ -678,7 +697,12 @@ class FaultPlayer:
     :attr:`applied` says what it did when (a fault that could not be applied has an ``error``)."""
 
     def __init__(
-        self, scenario: Scenario, fleet: Any, broker: Any, proxy: ProxyProcess, otad: OtadProcess
+        self,
+        scenario: Scenario,
+        fleet: HubFleet,
+        broker: MosquittoBroker,
+        proxy: ProxyProcess,
+        otad: OtadProcess,
     ) -> None:
         self.scenario = scenario
         self.fleet = fleet
