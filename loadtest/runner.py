@@ -264,6 +264,8 @@ async def worker_main(config: FleetConfig, worker: int, first: int, last: int) -
     # Virtual CHs lose their connections by design (a reboot into new firmware, a kill, a broker
     # restart): a WARNING line per CH would bury the live view; the hubs' statistics count them.
     logging.getLogger("mqttio").setLevel(logging.ERROR)
+    # ... and gmqtt warns once per write on a socket a power cut or a fault proxy just closed
+    logging.getLogger("gmqtt").setLevel(logging.ERROR)
     raise_nofile_limit()
     loop = asyncio.get_running_loop()
     group = _make_group(config, range(first, last))
