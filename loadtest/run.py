@@ -387,6 +387,9 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
         return 0 if record.ok else 1
     except asyncio.CancelledError:
         _say("\nloadtest: interrupted; stopping everything it started")
+        main_task.uncancel()  # the cleanup below must run to its end
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut it short
+            loop.add_signal_handler(sig, _say, "loadtest: still stopping what it started")
         return 130
     except LoadTestError as exc:
         _say(f"loadtest: FAILED: {exc}")
@@ -411,8 +414,8 @@ async def _shutdown(*parts: Any) -> None:
         otad and otad.stop,
     ):
         if closer:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(closer())
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await closer()
     if isinstance(broker, MosquittoBroker):
         with contextlib.suppress(Exception):
             await asyncio.to_thread(broker.stop)
