@@ -179,7 +179,21 @@ CREATE TABLE device_keys (
 ) WITHOUT ROWID;
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (V1, V2, V3, V4)
+#: Campaigns (otad/campaigns.py): each campaign's engine snapshot (otad.campaign's JSON, the
+#: whole state: targets, stages, audit trail), rewritten after every command and every
+#: evaluation that changed it; ``state`` and the times are copies for listing without parsing.
+V5: Final = """
+CREATE TABLE campaigns (
+    id         TEXT PRIMARY KEY,
+    state      TEXT NOT NULL,
+    parent     TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    snapshot   TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (V1, V2, V3, V4, V5)
 """Script *i* upgrades ``user_version`` *i* to *i + 1*."""
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

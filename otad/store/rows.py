@@ -159,6 +159,19 @@ class CommandRow:
 
 
 @dataclass(frozen=True, slots=True)
+class CampaignRow:
+    """One campaign: its engine's snapshot (JSON text, :meth:`otad.campaign.Engine.to_data`)
+    and the fields listed without parsing it."""
+
+    id: str
+    state: str
+    parent: str | None
+    created_at: float
+    updated_at: float
+    snapshot: str
+
+
+@dataclass(frozen=True, slots=True)
 class CredentialsRow:
     """One device's credential replacement (:mod:`otad.credentials` says what each field
     means; ``state`` is free text checked there)."""

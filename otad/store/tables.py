@@ -22,6 +22,7 @@ import aiosqlite
 
 from otad.store.engine import ConflictError, Engine, NotFoundError, Tx
 from otad.store.rows import (
+    CampaignRow,
     CommandRow,
     CredentialsRow,
     DeviceKeyRow,
@@ -798,6 +799,30 @@ class Store(Engine):
             await tx.execute(_CREDENTIALS_UPSERT, dataclasses.astuple(row))
 
         await self.write(adopt_device_key, durable=True)
+
+    async def save_campaign(self, row: CampaignRow) -> None:
+        """Insert or replace a campaign's snapshot, durably."""
+
+        async def save_campaign(tx: Tx) -> None:
+            await tx.execute(
+                "INSERT OR REPLACE INTO campaigns (id, state, parent, created_at, updated_at,"
+                " snapshot) VALUES (?, ?, ?, ?, ?, ?)",
+                dataclasses.astuple(row),
+            )
+
+        await self.write(save_campaign, durable=True)
+
+    async def campaigns(self) -> list[CampaignRow]:
+        """Every campaign, oldest first."""
+
+        async def campaigns(tx: Tx) -> list[CampaignRow]:
+            rows = await tx.fetchall(
+                "SELECT id, state, parent, created_at, updated_at, snapshot FROM campaigns"
+                " ORDER BY created_at, id"
+            )
+            return [CampaignRow(*row) for row in rows]
+
+        return await self.read(campaigns)
 
     async def credentials(self) -> list[CredentialsRow]:
         """Every device's replacement row."""
