@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import hashlib
 import json
 import re
@@ -735,12 +734,17 @@ def _hints(cls: type[MonitorEvent]) -> dict[str, str]:
 _HINTS: dict[type[MonitorEvent], dict[str, str]] = {}
 
 
-@functools.cache
 def _optional(cls: type[MonitorEvent]) -> frozenset[str]:
     """The fields of ``cls`` added after its kind (they have a default)."""
-    return frozenset(
-        f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
-    )
+    names = _OPTIONAL.get(cls)
+    if names is None:
+        names = _OPTIONAL[cls] = frozenset(
+            f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+        )
+    return names
+
+
+_OPTIONAL: dict[type[MonitorEvent], frozenset[str]] = {}
 
 
 def _fits(value: object, hint: str) -> bool:
