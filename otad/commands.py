@@ -9,8 +9,18 @@ The arguments are untrusted and checked here (``MALFORMED`` otherwise).
                    (verified against the trust store; an ``image.imported`` event when new)
 ``image.list``     -> list of image summaries
 ``distribute``     args ``image`` (digest or unique hex prefix), ``to`` (list of GUIDs) or
-                   ``all_matching`` (true) -> ``{image, started, already, refused, devices}``
-                   (``devices``: HAN devices, or CHs for a CH image, now followed: otad.devices)
+                   ``all_matching`` (true) -> ``{image, started, already, refused, devices,
+                   campaign}`` (``devices``: HAN devices, or CHs for a CH image, now followed:
+                   otad.devices; ``campaign``: the one-stage campaign it is, otad.campaigns)
+``campaign.plan``  args: a campaign spec (otad.campaign.request) -> targets per stage,
+                   exclusions with reasons, WAN bytes, the estimate; nothing created
+``campaign.create`` args: a campaign spec -> its status (CREATED)
+``campaign.start|approve|hold|resume|abort|notice|expedite|expedite.approve`` args ``id``
+                   (``reason`` for approve/hold/abort, ``justification`` for expedite) ->
+                   ``{id, state, decisions}``; the actor is the requesting client
+``campaign.retry`` args ``id``, optional ``new_id`` -> the child campaign's status
+``campaign.status`` args ``id``; ``campaign.list``; ``campaign.history`` args ``id``
+``campaign.events`` optional args ``id``, ``since`` (seq), ``kinds``, ``limit`` -> events
 ``activate``       args ``image``, ``devices`` (list of device ids) or ``all_held`` (true),
                    optional ``at`` (unix s: future-dated) -> ``{image, issued, refused}``; each
                    issued command was committed durably before it was sent (SPEC §8.10)
@@ -34,8 +44,9 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from otad.campaigns import Campaigns
 from otad.catalogue import Catalogue
-from otad.control import Command, arg_bytes_b64, arg_str, arg_str_list
+from otad.control import Command, arg_bytes_b64, arg_str, arg_str_list, current_actor
 from otad.credentials import Credentials
 from otad.devices import Devices
 from otad.distribution import Distribution
@@ -58,6 +69,7 @@ class Commands:
         distribution: Distribution,
         devices: Devices,
         credentials: Credentials,
+        campaigns: Campaigns,
         events: EventPublisher,
         snapshot: Callable[[], StatusFields],
         status_changed: Callable[[], None],
@@ -70,6 +82,7 @@ class Commands:
         self._distribution = distribution
         self._devices = devices
         self._credentials = credentials
+        self._campaigns = campaigns
         self._events = events
         self._snapshot = snapshot
         self._status_changed = status_changed
@@ -90,6 +103,21 @@ class Commands:
             "devices": self.devices,
             "firmware.version": self.firmware_version,
             "status": self.status,
+            "campaign.plan": self.campaign_plan,
+            "campaign.create": self.campaign_create,
+            "campaign.start": self.campaign_start,
+            "campaign.approve": self.campaign_approve,
+            "campaign.hold": self.campaign_hold,
+            "campaign.resume": self.campaign_resume,
+            "campaign.abort": self.campaign_abort,
+            "campaign.notice": self.campaign_notice,
+            "campaign.expedite": self.campaign_expedite,
+            "campaign.expedite.approve": self.campaign_expedite_approve,
+            "campaign.retry": self.campaign_retry,
+            "campaign.status": self.campaign_status,
+            "campaign.list": self.campaign_list,
+            "campaign.history": self.campaign_history,
+            "campaign.events": self.campaign_events,
         }
 
     async def image_import(self, args: dict[str, Any]) -> Any:
@@ -130,10 +158,82 @@ class Commands:
         guids = arg_str_list(args, "to")
         if all_matching == bool(guids):
             raise ProtocolError(Reason.MALFORMED, "give either 'to' (GUIDs) or all_matching")
-        result = await self._distribution.distribute(ref, guids, all_matching=all_matching)
-        image = self._catalogue.resolve(result["image"])
-        result["devices"] = await self._devices.offered(image, result["started"], result["already"])
-        return result
+        return await self._campaigns.distribute(
+            ref, guids, all_matching=all_matching, actor=_actor()
+        )
+
+    async def campaign_plan(self, args: dict[str, Any]) -> Any:
+        """A dry run of ``campaign.create``."""
+        return await self._campaigns.plan(args)
+
+    async def campaign_create(self, args: dict[str, Any]) -> Any:
+        """Create a campaign (nothing starts until ``campaign.start``)."""
+        return await self._campaigns.create(args, _actor())
+
+    async def campaign_start(self, args: dict[str, Any]) -> Any:
+        """Start a created campaign: its first stage (or its notice wait)."""
+        return await self._campaigns.start_campaign(_campaign_id(args), _actor())
+
+    async def campaign_approve(self, args: dict[str, Any]) -> Any:
+        """A recorded GO: at a gate the next stage starts; on hold the campaign resumes."""
+        return await self._campaigns.approve(_campaign_id(args), _actor(), _reason(args))
+
+    async def campaign_hold(self, args: dict[str, Any]) -> Any:
+        """A NO-GO at a gate, or an operator's hold (a pause) while it runs."""
+        return await self._campaigns.hold(_campaign_id(args), _actor(), _reason(args))
+
+    async def campaign_resume(self, args: dict[str, Any]) -> Any:
+        """Resume a paused campaign."""
+        return await self._campaigns.resume(_campaign_id(args), _actor())
+
+    async def campaign_abort(self, args: dict[str, Any]) -> Any:
+        """Abort: what has not begun activating is cancelled; activated devices are left."""
+        return await self._campaigns.abort(_campaign_id(args), _actor(), _reason(args))
+
+    async def campaign_notice(self, args: dict[str, Any]) -> Any:
+        """Record that the roll-out notice was published to the parties now."""
+        return await self._campaigns.notice(_campaign_id(args), _actor())
+
+    async def campaign_expedite(self, args: dict[str, Any]) -> Any:
+        """Ask to waive the notice for an urgent security fix (a second approver must agree)."""
+        return await self._campaigns.expedite(
+            _campaign_id(args), _actor(), arg_str(args, "justification")
+        )
+
+    async def campaign_expedite_approve(self, args: dict[str, Any]) -> Any:
+        """The second approver of an expedite request (not its requester)."""
+        return await self._campaigns.expedite_approve(_campaign_id(args), _actor())
+
+    async def campaign_retry(self, args: dict[str, Any]) -> Any:
+        """A child campaign of the failed and timed-out targets."""
+        new_id = args.get("new_id")
+        if new_id is not None and not isinstance(new_id, str):
+            raise ProtocolError(Reason.MALFORMED, "new_id must be a string")
+        return await self._campaigns.retry(_campaign_id(args), new_id, _actor())
+
+    async def campaign_status(self, args: dict[str, Any]) -> Any:
+        """One campaign's status."""
+        return self._campaigns.status(_campaign_id(args))
+
+    async def campaign_list(self, args: dict[str, Any]) -> Any:
+        """Every campaign."""
+        return self._campaigns.listing()
+
+    async def campaign_history(self, args: dict[str, Any]) -> Any:
+        """One campaign's audit trail."""
+        return self._campaigns.history(_campaign_id(args))
+
+    async def campaign_events(self, args: dict[str, Any]) -> Any:
+        """Events from the durable outbox: after ``since``, of ``kinds``, of campaign ``id``."""
+        since = args.get("since", 0)
+        limit = args.get("limit", 100)
+        if type(since) is not int or since < 0:
+            raise ProtocolError(Reason.MALFORMED, "since must be a sequence number")
+        if type(limit) is not int or not 0 < limit <= 1000:
+            raise ProtocolError(Reason.MALFORMED, "limit must be 1..1000")
+        kinds = arg_str_list(args, "kinds") or None
+        campaign = _campaign_id(args) if "id" in args else None
+        return await self._events.replay(after=since, limit=limit, kinds=kinds, campaign=campaign)
 
     async def activate(self, args: dict[str, Any]) -> Any:
         """Sign and send an activation command to each device named (or holding the image)."""
@@ -206,6 +306,21 @@ class Commands:
     async def status(self, args: dict[str, Any]) -> Any:
         """The status snapshot, as the retained status says it, and otad's memory."""
         return {"state": "online", **self._snapshot(), "rss_kib": rss_kib()}
+
+
+def _actor() -> str:
+    return current_actor() or "otad"
+
+
+def _campaign_id(args: dict[str, Any]) -> str:
+    return arg_str(args, "id")
+
+
+def _reason(args: dict[str, Any]) -> str:
+    reason = args.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > 500:
+        raise ProtocolError(Reason.MALFORMED, "reason must be a string of at most 500 characters")
+    return reason
 
 
 def rss_kib() -> int:

@@ -169,6 +169,21 @@ class ActivationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CampaignsConfig:
+    """``[campaigns]``: the campaign engines' evaluation (:mod:`otad.campaigns`) and the
+    defaults of the pacing model behind ``otactl campaign plan`` (measured figures replace
+    them once otad has followed enough targets on this deployment)."""
+
+    tick_s: float = 2.0  # evaluation period: a threshold crossing holds within one tick
+    snapshot_s: float = 30.0  # a campaign that only recorded reports is committed this often
+    status_every_s: float = 10.0  # the retained campaign status, at least this often
+    transfer_blocks_per_s: float = 250.0  # one CH's WAN transfer (window-limited)
+    fleet_blocks_per_s: float = 4000.0  # every transfer together (broker and budget)
+    han_bytes_per_s: float = 2000.0  # a CH relaying to one HAN device
+    activation_s: float = 30.0  # an activation issued -> the device confirmed
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """``[log]``: logging to stdout / the journal."""
 
@@ -185,6 +200,7 @@ class Config:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     activation: ActivationConfig = field(default_factory=ActivationConfig)
+    campaigns: CampaignsConfig = field(default_factory=CampaignsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -46,6 +47,16 @@ _PREFIX = f"{topics.ROOT}/ctl/"
 _SUFFIX = "/req"
 
 Command = Callable[[dict[str, Any]], Awaitable[Any]]
+
+_ACTOR: contextvars.ContextVar[str] = contextvars.ContextVar("otad.control.actor")
+
+
+def current_actor() -> str:
+    """Who sent the control request being served: its client name, the topic level of
+    ``ota/v1/ctl/<client>/req`` (with the shipped broker ACL, the client's authenticated
+    username or certificate CN: no client can write another's request topic). The campaign
+    engine records it as the actor of every decision; "" outside a request."""
+    return _ACTOR.get("")
 
 
 class Control:
@@ -108,10 +119,13 @@ class Control:
         await self._serve(client, request_id, request)
 
     async def _serve(self, client: str, request_id: str, request: dict[str, Any]) -> None:
+        _ACTOR.set(client)  # this task's context: the command reads it (current_actor)
         async with self._slots:
             try:
                 response = {"ok": True, "result": await self._run(request)}
+                log.info("%s by %s: ok", str(request.get("cmd"))[:40], client)
             except ProtocolError as exc:
+                log.info("%s by %s: %s", str(request.get("cmd"))[:40], client, exc.reason.name)
                 response = _error(exc.reason, exc.detail)
             except Exception as exc:
                 log.exception("control command %r failed", request.get("cmd"))

@@ -21,6 +21,7 @@ subscriptions are in place before ``connect`` returns) and sending starts.
 ``otad.registry``     writes hub announcements / presence to the store, group-committed
 ``otad.devices``      HAN devices' reports, activations, read-backs, deadlines (:mod:`otad.devices`)
                       and credential replacements in turn with them (:mod:`otad.credentials`)
+``otad.campaigns``    the campaign engines' evaluation tick (:mod:`otad.campaigns`)
 ``otad.store.writer`` (the store's own single writer task)
 
 Everything on the data path runs in the MQTT message handler and in ``loop.call_at`` timers, with
@@ -59,6 +60,7 @@ from pathlib import Path
 
 from mqttio import MqttClient, MqttSettings, Will, create_client, wait_acknowledged
 from otad.brokercheck import BrokerCheck
+from otad.campaigns import Campaigns
 from otad.catalogue import Catalogue
 from otad.commands import Commands
 from otad.config import Config
@@ -143,6 +145,7 @@ class Daemon:
         self.broker_check: BrokerCheck
         self.devices: Devices
         self.credentials: Credentials
+        self.campaigns: Campaigns
         self.commands: Commands
 
     def request_stop(self) -> None:
@@ -267,6 +270,24 @@ class Daemon:
         self.distribution.device_reports = self.devices.report_received
         self.distribution.transfer_ended = self.devices.transfer_ended
         self.devices.transfer_state = self.distribution.transfer_state
+        self.campaigns = Campaigns(
+            store=self.store,
+            registry=self.registry,
+            catalogue=self.catalogue,
+            distribution=self.distribution,
+            devices=self.devices,
+            credentials=self.credentials,
+            events=self.events,
+            client=self.client,
+            config=c.campaigns,
+            wall_clock=self._wall_clock,
+        )
+        await self.campaigns.load()
+        self.devices.changed = self.campaigns.device_changed
+        self.credentials.changed = self.campaigns.credentials_changed
+        self.devices.campaign_of = self.campaigns.campaign_of_device
+        self.credentials.campaign_of = self.campaigns.campaign_of_device
+        self.distribution.campaign_of = self.campaigns.campaign_of_transfer
         snapshot = StatusSnapshot(
             version=self.version,
             started_at=self.started_at,
@@ -290,6 +311,7 @@ class Daemon:
             distribution=self.distribution,
             devices=self.devices,
             credentials=self.credentials,
+            campaigns=self.campaigns,
             events=self.events,
             snapshot=snapshot,
             status_changed=self.status.poke,
@@ -333,6 +355,7 @@ class Daemon:
         self.distribution.start()
         await self.devices.start()
         self.credentials.start()
+        await self.campaigns.start()
         self.status.poke()
         # Everything loaded so far (modules, the fleet, resumed transfers) lives as long as the
         # process: move it out of the cyclic collector's sight, so its full passes scan only
@@ -394,6 +417,7 @@ class Daemon:
                 group.create_task(self.loop_lag.run(), name="otad.looplag")
                 group.create_task(self.registry.run(), name="otad.registry")
                 group.create_task(self.devices.run(), name="otad.devices")
+                group.create_task(self.campaigns.run(), name="otad.campaigns")
                 group.create_task(self._wait_stop(), name="otad.shutdown")
         except* _StopRequestedError:
             pass
@@ -442,6 +466,7 @@ class Daemon:
 
     def _hub_changed(self, hub: Hub, was_online: bool, announced: bool, changed: bool) -> None:
         self.distribution.hub_changed(hub, was_online, announced, changed)
+        self.campaigns.hub_changed(hub, was_online, announced)
         if announced:
             self.devices.hub_announced(hub)
         if was_online != hub.online:

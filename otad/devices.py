@@ -334,6 +334,10 @@ class Devices:
         """Where a relayed credentials confirmation goes (:mod:`otad.credentials`)."""
         self.credentials_state: Callable[[str], str | None] = lambda device_id: None
         """A device's credential replacement state, for :meth:`listing`."""
+        self.changed: Callable[[DeviceRecord], None] = lambda record: None
+        """Told every record put in place (committed first): the campaigns follow them."""
+        self.campaign_of: Callable[[str, str], str] = lambda device_id, image: ""
+        """The campaign a (device, image hex) belongs to, for its alerts (otad.campaigns)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -626,6 +630,7 @@ class Devices:
                 device_type=new.device_type.value,
                 image=new.image.hex(),
                 counter=new.counter or 0,
+                campaign=self.campaign_of(new.device_id, new.image.hex()),
                 fw_version=fw_version,
                 proof=proof.value,
             )
@@ -645,6 +650,7 @@ class Devices:
                 device_type=rec.device_type.value,
                 image=rec.image.hex(),
                 counter=rec.counter or 0,
+                campaign=self.campaign_of(rec.device_id, rec.image.hex()),
                 fw_version=fw_version,
                 state=rec.state.value,
                 reason=rec.reason or "",
@@ -1052,6 +1058,12 @@ class Devices:
     def _put(self, rec: DeviceRecord) -> None:
         self.records[(rec.device_id, rec.image)] = rec
         self._by_device[rec.device_id][rec.image] = rec
+        self.changed(rec)
+
+    @property
+    def can_activate(self) -> bool:
+        """Whether otad holds an activation signing key (``[activation] key``)."""
+        return self._signing_key is not None
 
     def listing(self) -> list[dict[str, Any]]:
         """One row per (device, image), by premises and device (``otactl devices``)."""

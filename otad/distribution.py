@@ -480,6 +480,8 @@ class Distribution:
         self._finishing: dict[tuple[str, bytes], Transfer] = {}  # ended, not yet recorded
         self._finals_wake = asyncio.Event()
         self._stopping = False
+        self.campaign_of: Callable[[str, str], str] = lambda guid, image: ""
+        """The campaign a (CH, image hex) transfer belongs to, for its events (otad.campaigns)."""
         self._fresh = False
         self._stall_log_at = float("-inf")
         self._stalls_unlogged: list[Transfer] = []
@@ -548,6 +550,21 @@ class Distribution:
         self._fresh = True  # the adapter's first "connected" report needs no re-sync
         self.scheduler.resume(now)
         self._start_all(now)
+
+    def cancel(self, image: bytes, guids: Iterable[str], reason: Reason) -> int:
+        """Stop the active transfers of ``image`` to ``guids`` (a campaign aborted, or a phase
+        deadline passed): each CH is sent a Cancel with ``reason`` and the transfer ends
+        failed with it. Returns how many were active."""
+        now = self._clock()
+        stopped = 0
+        for guid in guids:
+            t = self.transfers.get((guid, image))
+            if t is None or t.state is not TransferState.ACTIVE:
+                continue
+            t.sender.cancel(now, reason)
+            self._after(t, now)
+            stopped += 1
+        return stopped
 
     def halt(self) -> None:
         """Stop sending: no more publishes, timers cancelled, the latest progress handed to the
@@ -855,6 +872,7 @@ class Distribution:
                 guid=t.guid,
                 image=t.image.hex,
                 attempt=t.attempt,
+                campaign=self.campaign_of(t.guid, t.image.hex),
                 blocks_acked=acked,
                 blocks_total=total,
                 bytes_sent=t.bytes_sent,
@@ -878,6 +896,7 @@ class Distribution:
                 guid=t.guid,
                 image=t.image.hex,
                 attempt=t.attempt,
+                campaign=self.campaign_of(t.guid, t.image.hex),
                 sha256=held.hex(),
                 matches=held == t.image.sha256,
                 blocks_total=t.sender.blocks_total,
@@ -931,6 +950,7 @@ class Distribution:
                     guid=t.guid,
                     image=t.image.hex,
                     attempt=t.attempt,
+                    campaign=self.campaign_of(t.guid, t.image.hex),
                     reason=reason or "",
                     code=code,
                     detail=detail[:200],
@@ -1059,6 +1079,7 @@ class Distribution:
                     guid=t.guid,
                     image=t.image.hex,
                     attempt=t.attempt,
+                    campaign=self.campaign_of(t.guid, t.image.hex),
                     idle_s=round(idle, 1),
                     phase=t.sender.state.value,
                     scheduler=t.slot.state.value,
@@ -1280,6 +1301,7 @@ class Distribution:
                 guid=guid,
                 image=image.hex,
                 attempt=attempt,
+                campaign=self.campaign_of(guid, image.hex),
                 blocks_total=image.manifest.block_count,
             )
         )

@@ -25,7 +25,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,6 +177,19 @@ class EventPublisher:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    async def replay(
+        self,
+        *,
+        after: int = 0,
+        limit: int = 100,
+        kinds: Sequence[str] | None = None,
+        campaign: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Committed events after ``after`` as they are published (body, ``seq`` and ``key``),
+        only those of ``kinds`` and ``campaign`` if given (``otactl campaign events``)."""
+        rows = await self._store.events(after=after, limit=limit, kinds=kinds, campaign=campaign)
+        return [{**row.payload, "seq": row.seq, "key": row.key} for row in rows]
 
     async def flush(self) -> None:
         """Commit and publish everything queued now (shutdown; :meth:`run` is not running)."""

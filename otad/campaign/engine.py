@@ -637,6 +637,24 @@ class Engine:
             if r.state is _T.PENDING and r.ch_fw_version < dependency.ch_fw_version
         )
 
+    @property
+    def target_count(self) -> int:
+        """How many targets the campaign has."""
+        return len(self._s.targets)
+
+    def target(self, device_id: str) -> Target:
+        """One target (KeyError if it is none of this campaign's)."""
+        return self._s.targets[device_id].target
+
+    def target_devices(self) -> list[tuple[str, str]]:
+        """Every target as (device id, premises GUID)."""
+        return [(d, r.target.guid) for d, r in self._s.targets.items()]
+
+    @property
+    def unsettled_states(self) -> frozenset[TargetState]:
+        """The states of a target its stage still waits for."""
+        return frozenset(TargetState) - self.settled_states
+
     def claims(self) -> set[tuple[str, str]]:
         """The (device, component) keys this campaign holds: its unsettled targets while it is
         active."""

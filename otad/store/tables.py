@@ -571,13 +571,29 @@ class Store(Engine):
 
         return await self.write(append_events, durable=True)
 
-    async def events(self, *, after: int = 0, limit: int = 1000) -> list[EventRow]:
-        """Events with ``seq > after`` in order, published or not (replay, ``otactl tail``)."""
+    async def events(
+        self,
+        *,
+        after: int = 0,
+        limit: int = 1000,
+        kinds: Sequence[str] | None = None,
+        campaign: str | None = None,
+    ) -> list[EventRow]:
+        """Events with ``seq > after`` in order, published or not (replay, ``otactl tail``);
+        only those of ``kinds`` and of ``campaign`` (its ``campaign`` field) if given."""
+        where = ["seq > ?"]
+        params: list[Any] = [after]
+        if kinds:
+            where.append(f"kind IN ({','.join('?' * len(kinds))})")
+            params.extend(kinds)
+        if campaign is not None:
+            where.append("json_extract(payload, '$.campaign') = ?")
+            params.append(campaign)
+        params.append(limit)
+        sql = f"SELECT * FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"  # noqa: S608
 
         async def events(tx: Tx) -> list[EventRow]:
-            rows = await tx.fetchall(
-                "SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
-            )
+            rows = await tx.fetchall(sql, params)
             return [self._event_row(r) for r in rows]
 
         return await self.read(events)
