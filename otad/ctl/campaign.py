@@ -803,21 +803,22 @@ async def _replay(
     call: Caller, args: argparse.Namespace, since: int | None, limit: int
 ) -> list[dict[str, Any]]:
     """Up to ``limit`` events from ``since``, page by page (a page is at most
-    :data:`EVENTS_PAGE_MAX`); de-duplicated by ``seq`` whether otad counts ``since`` in or not."""
+    :data:`EVENTS_PAGE_MAX`); de-duplicated by ``seq``, so it is right whether otad counts
+    ``since`` in or not (a next page starts at the last ``seq`` seen and asks for one more)."""
     events: list[dict[str, Any]] = []
     seen: set[Any] = set()
+    overlap = 0
     while len(events) < limit:
-        page = await call("campaign.events", _events_args(args, since, limit - len(events)))
-        fresh = [e for e in page or [] if isinstance(e, dict) and e.get("seq") not in seen]
-        if not fresh:
-            break
-        for event in fresh:
-            seen.add(event.get("seq"))
+        want = min(EVENTS_PAGE_MAX, limit - len(events) + overlap)
+        page = await call("campaign.events", _events_args(args, since, want))
+        page = [e for e in page or [] if isinstance(e, dict)]
+        fresh = [e for e in page if e.get("seq") not in seen]
+        seen.update(e.get("seq") for e in fresh)
         events += fresh[: limit - len(events)]
-        seqs = [e["seq"] for e in fresh if isinstance(e.get("seq"), int)]
-        if len(page) < min(limit, EVENTS_PAGE_MAX) or not seqs:
+        seqs = [e["seq"] for e in page if isinstance(e.get("seq"), int)]
+        if not fresh or len(page) < want or not seqs:
             break
-        since = max(seqs)
+        since, overlap = max(seqs), 1
     return events
 
 
