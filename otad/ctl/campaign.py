@@ -11,7 +11,8 @@ result JSON as the campaign control API specifies them), printed for people or, 
   identity; ``--reason`` says why);
 * ``status`` / ``list`` / ``history`` / ``events`` show it; ``events --follow`` tails the live
   events (after replaying from ``--since``), and ``watch`` is the live view
-  (:mod:`otad.ctl.campaignview`); both follow topics, never poll.
+  (:mod:`otad.ctl.campaignview`); both follow topics, never poll. With ``--json`` they print
+  one JSON object a line (each event; each newer status).
 
 Exit status (:func:`outcome_of`, the one place that decides it): 0 success; 1 failed (an error
 answer, a timeout, otad or the broker unreachable; ``watch``: the campaign was aborted); 2 usage
@@ -859,10 +860,26 @@ async def _watch(io: _Io, args: argparse.Namespace) -> Outcome:
             status = await call("campaign.status", {"id": cid})
             history = await call("campaign.history", {"id": cid})
         view = campaignview.CampaignView(cid, status, history[-campaignview.LOG_LINES :])
-        final = await campaignview.watch_campaign(view, messages, io.out)
-    if args.json:
-        io.out.write(json.dumps(final, indent=2, sort_keys=True) + "\n")
+        if args.json:
+            final = await _watch_json(io, view, messages)
+        else:
+            final = await campaignview.watch_campaign(view, messages, io.out)
     return outcome_of("watch", final)
+
+
+async def _watch_json(
+    io: _Io, view: campaignview.CampaignView, messages: asyncio.Queue[Message]
+) -> dict[str, Any]:
+    """``watch --json``: each newer status as one JSON line, until the campaign ends."""
+    shown: dict[str, Any] | None = None
+    while True:
+        if view.status is not shown:
+            shown = view.status
+            io.out.write(json.dumps(shown, sort_keys=True) + "\n")
+            io.out.flush()
+        if view.finished:
+            return view.status
+        view.received(await messages.get())
 
 
 async def _dispatch(io: _Io, args: argparse.Namespace) -> Outcome:

@@ -640,6 +640,21 @@ def test_watch_exit_status_follows_how_the_campaign_ended() -> None:
     assert code == 0
 
 
+def test_watch_json_prints_each_newer_status_as_a_line() -> None:
+    older = status(updated_at=T0 - 1)
+    newer = status(state="awaiting_gate", updated_at=T0 + 1)
+    done = status(state="completed", updated_at=T0 + 2, counts={"confirmed": 1})
+    otad = _watching(status())
+    otad.feed = _Ctrl_C()
+    for body in (older, newer, done):
+        otad.feed.put_nowait(Message(status_topic("fw-2026-12-ch"), body, False))
+    code, out, _ = run(otad, "watch", "fw-2026-12-ch", "--json")
+    assert code == 0
+    assert [json.loads(line)["state"] for line in out.splitlines()] == [
+        "running", "awaiting_gate", "completed",
+    ]  # fmt: skip
+
+
 def test_watch_ends_with_0_on_ctrl_c() -> None:
     code, out, _ = _watch(_watching(status()))
     assert code == 0
