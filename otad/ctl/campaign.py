@@ -506,7 +506,7 @@ def format_plan(plan: dict[str, Any], *, verbose: bool = False, asked: Sequence[
             lines.append(f"  {n:>7}  {reason}")
             if verbose:
                 lines += [
-                    f"           {e.get('guid')} {e.get('device_id')}"
+                    f"           {_excluded_one(e)}"
                     for e in exclusions
                     if str(e.get("reason")) == reason
                 ]
@@ -517,6 +517,11 @@ def format_plan(plan: dict[str, Any], *, verbose: bool = False, asked: Sequence[
         lines.append(f"{len(left_out)} of the {len(asked)} GUID(s) named are left out:")
         lines += [f"  {guid}: {reason}" for guid, reason in left_out.items()]
     return "\n".join(lines)
+
+
+def _excluded_one(exclusion: dict[str, Any]) -> str:
+    guid, device = exclusion.get("guid"), exclusion.get("device_id")
+    return str(guid) if device in (None, guid) else f"{guid} device {device}"
 
 
 def format_decisions(result: dict[str, Any]) -> str:

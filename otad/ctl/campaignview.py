@@ -232,8 +232,9 @@ def render_status(
     shown += [f"{k} {n}" for k, n in sorted(counts.items()) if k not in COUNT_KEYS and n]
     lines.append(
         f"targets {status.get('targets', 0)} (excluded {status.get('excluded', 0)},"
-        f" blocked by dependency {status.get('blocked', 0)}): {', '.join(shown) or 'none'}"
+        f" blocked by dependency {status.get('blocked', 0)})"
     )
+    lines.append(f"  {', '.join(shown) or 'none'}")
     rate = status.get("confirmed_per_minute")
     pacing = status.get("rate_per_minute")
     rate_text = f"rate {float(rate):.1f} confirmed/min" if isinstance(rate, (int, float)) else ""

@@ -4,8 +4,9 @@
   every JSON object that arrives on an :class:`asyncio.Queue` as a :class:`Message`, retained
   ones included: the views follow otad's retained status topics and its events, they never poll.
 * :class:`Screen` draws a frame of lines: on a TTY the previous frame is overwritten in place
-  (ANSI cursor-up and erase), otherwise the frame is appended as plain lines (logs, CI), at most
-  every ``plain_interval`` seconds unless the caller forces it.
+  (ANSI cursor-up and erase; lines cut to the terminal's width), otherwise the frame is
+  appended as plain lines (logs, CI), at most every ``plain_interval`` seconds unless the
+  caller forces it.
 
 Used by ``otactl watch`` (:mod:`otad.ctl.watch`), ``otactl campaign watch``
 (:mod:`otad.ctl.campaignview`) and ``otactl campaign events --follow``.
@@ -18,6 +19,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -96,8 +98,10 @@ class Screen:
         ``force``)."""
         frame = list(lines)
         if self.tty:
+            # a wrapped line would take two rows and the next redraw would start one row short
+            columns = max(20, shutil.get_terminal_size((120, 24)).columns - 1)
             out = [f"\x1b[{self._drawn}F"] if self._drawn else []
-            out += [line + "\x1b[K\n" for line in frame]
+            out += [line[:columns] + "\x1b[K\n" for line in frame]
             if len(frame) < self._drawn:
                 out.append("\x1b[J")  # erase what the longer last frame left below
             self.stream.write("".join(out))

@@ -471,8 +471,14 @@ def test_plan_shows_stages_exclusions_by_reason_wan_bytes_and_the_estimate() -> 
     )
     assert GUIDS[4] not in text
     verbose = format_plan(plan(), verbose=True)
-    assert f"           {GUIDS[4]} {GUIDS[4]}" in verbose.splitlines()
+    assert f"           {GUIDS[4]}" in verbose.splitlines()
     assert "00DB1234567800AA" in verbose
+
+
+def test_plan_verbose_names_the_device_when_it_is_not_the_ch() -> None:
+    answer = {**plan(), "exclusions": [{"guid": GUIDS[0], "device_id": "00DB0000000000E1",
+                                        "reason": "no ESME on the HAN"}]}  # fmt: skip
+    assert f"           {GUIDS[0]} device 00DB0000000000E1" in format_plan(answer, verbose=True)
 
 
 def test_plan_with_nothing_excluded() -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import shutil
 
+import pytest
 from campaignjson import T0, counts, event, history, status
 
 from otad.ctl.campaignview import (
@@ -40,20 +43,20 @@ def test_the_view_of_a_running_pilot() -> None:
     assert lines[2].startswith("> pilot        [" + "#" * 15 + "x-")
     assert lines[2].endswith(" 49.8%  2490/5000 confirmed, 10 failed")
     assert lines[3].endswith("0/0 confirmed  not started")
-    assert lines[4] == (
-        "targets 5015 (excluded 12, blocked by dependency 0): pending 2000, started 400,"
-        " held 80, activating 20, confirmed 2505, failed 6, timed_out 4"
+    assert lines[4] == "targets 5015 (excluded 12, blocked by dependency 0)"
+    assert lines[5] == (
+        "  pending 2000, started 400, held 80, activating 20, confirmed 2505, failed 6, timed_out 4"
     )
-    assert lines[5] == ("rate 48.5 confirmed/min (pacing 60 started/min)  ETA 1h02m (stage pilot)")
-    assert lines[6] == "failures: BAD_SIGNATURE 6, HAN_TIMEOUT 4"
-    assert lines[7] == "RUNNING"
-    assert len(lines) == 8
+    assert lines[6] == "rate 48.5 confirmed/min (pacing 60 started/min)  ETA 1h02m (stage pilot)"
+    assert lines[7] == "failures: BAD_SIGNATURE 6, HAN_TIMEOUT 4"
+    assert lines[8] == "RUNNING"
+    assert len(lines) == 9
 
 
 def test_stalled_when_otad_says_so_or_when_nothing_moved_for_a_minute() -> None:
     quiet = status(last_change_at=T0 - 130.0)
     assert stalled_for(quiet, T0) == 130.0
-    assert "STALLED for 2m10s" in render_status(quiet, now=T0)[5]
+    assert "STALLED for 2m10s" in render_status(quiet, now=T0)[6]
     # just under a minute is not a stall; just over is
     assert stalled_for(status(last_change_at=T0 - 59.0), T0) is None
     assert stalled_for(status(last_change_at=T0 - 61.0), T0) == 61.0
@@ -164,6 +167,15 @@ def test_a_tty_screen_redraws_in_place_and_erases_what_a_longer_frame_left() -> 
     screen.draw(["a", "b", "c"])
     screen.draw(["d", "e"])
     assert out.getvalue() == "a\x1b[K\nb\x1b[K\nc\x1b[K\n\x1b[3Fd\x1b[K\ne\x1b[K\n\x1b[J"
+
+
+def test_a_tty_screen_cuts_lines_to_the_terminal_so_redraws_stay_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda fallback: os.terminal_size((40, 24)))
+    out = _Tty()
+    Screen(out).draw(["x" * 100])
+    assert out.getvalue() == "x" * 39 + "\x1b[K\n"
 
 
 def test_a_plain_screen_appends_changed_frames_at_most_every_interval() -> None:
