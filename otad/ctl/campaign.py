@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import json
 import re
@@ -41,6 +42,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
+from otad.campaign.spec import MICRO_PILOT_SIZES, Deadlines, PayloadKind, StageKind, Thresholds
 from otad.control import MAX_REQUEST_BYTES
 from otad.ctl import campaignview
 from otad.ctl.client import CtlClient, CtlError, CtlTimeout, CtlUnreachable
@@ -58,13 +60,19 @@ EVENTS_PAGE_MAX: Final = 1000
 EVENTS_DEFAULT_LIMIT: Final = 100
 #: The largest spec file read (a GUID list of a few hundred thousand premises fits).
 MAX_SPEC_BYTES: Final = MAX_REQUEST_BYTES
-PAYLOAD_KINDS: Final = ("image", "distribute_then_activate", "credentials")
-STAGE_KINDS: Final = ("micro_pilot", "pilot", "rollout")
-DEADLINE_PHASES: Final = ("wan_delivery", "han_transfer", "activation", "confirmation")
-THRESHOLD_LIMITS: Final = ("category1_limit", "category2_limit", "min_sample")
-THRESHOLD_RATES: Final = ("failed_rate", "rejected_rate", "timed_out_rate")
+# The names below are the campaign engine's (otad.campaign.spec), so otactl refuses a typo at once.
+PAYLOAD_KINDS: Final = tuple(k.value for k in PayloadKind)
+STAGE_KINDS: Final = tuple(k.value for k in StageKind)
+DEADLINE_PHASES: Final = tuple(f.name.removesuffix("_s") for f in dataclasses.fields(Deadlines))
+THRESHOLD_RATES: Final = tuple(
+    f.name for f in dataclasses.fields(Thresholds) if f.name.endswith("_rate")
+)
+THRESHOLD_LIMITS: Final = tuple(
+    f.name for f in dataclasses.fields(Thresholds) if f.name not in THRESHOLD_RATES
+)
 SPEC_KEYS: Final = {
     "": {"id", "payload", "select", "stages", "policies", "seed"},
+    "stages": {"name", "kind", "size", "share"},
     "payload": {"kind", "image"},
     "select": {
         "device_type", "hw_min", "hw_max", "fw_versions", "suppliers", "segments", "guids",
@@ -221,6 +229,9 @@ def parse_stage(text: str) -> dict[str, Any]:
             if size == 0:
                 raise argparse.ArgumentTypeError(f"stage {text!r}: a size is at least 1")
             stage["size"] = size
+    if stage["kind"] == StageKind.MICRO_PILOT and stage.get("size") not in MICRO_PILOT_SIZES:
+        low, high = MICRO_PILOT_SIZES[0], MICRO_PILOT_SIZES[-1]
+        raise argparse.ArgumentTypeError(f"stage {text!r}: a micro-pilot has {low}-{high} CHs")
     return stage
 
 
@@ -341,7 +352,12 @@ def _check_keys(node: dict[str, Any], where: str, path: str) -> None:
         raise CampaignUsageError(f"{path}: unknown key {unknown[0]!r} in {place} (known: {known})")
     for key, value in node.items():
         child = f"{where}.{key}" if where else key
-        if child in SPEC_KEYS:
+        if child == "stages":
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise CampaignUsageError(f"{path}: stages is a list of tables (objects)")
+            for stage in value:
+                _check_keys(stage, child, path)
+        elif child in SPEC_KEYS:
             if not isinstance(value, dict):
                 raise CampaignUsageError(f"{path}: {child} is a table (an object)")
             _check_keys(value, child, path)

@@ -206,6 +206,9 @@ def test_a_json_spec_file(tmp_path: Path) -> None:
         ('{"payload": {"kind": "image", "image": "9f"}, "policies": {"thresholds": {"x": 1}}}',
          "c.json", "unknown key 'x' in [policies.thresholds]"),
         ("[payload\n", "c.toml", "not a valid spec file"),
+        ('[[stages]]\nname = "p"\nkind = "pilot"\ncount = 5\n', "c.toml",
+         "unknown key 'count' in [stages]"),
+        ('{"stages": {"name": "p"}}', "c.json", "stages is a list of tables"),
         ("[1, 2]", "c.json", "a spec is an object"),
         ('{"select": 3, "payload": {"kind": "credentials"}}', "c.json", "select is a table"),
     ],
@@ -296,7 +299,9 @@ def test_a_guids_file_over_the_size_limit_is_refused_unread(
     [
         ["--stage", "pilot"], ["--stage", "pilot:canary:5"], ["--stage", "pilot:pilot:0"],
         ["--stage", "pilot:pilot:101%"], ["--stage", "pilot:pilot:0%"], ["--stage", "a/b:pilot"],
-        ["--stage", "pilot:pilot:-3"], ["--ramp", "2"], ["--ramp", "0:10"],
+        ["--stage", "pilot:pilot:-3"], ["--stage", "mp:micro_pilot"],
+        ["--stage", "mp:micro_pilot:9"], ["--stage", "mp:micro_pilot:21"],
+        ["--stage", "mp:micro_pilot:10%"], ["--ramp", "2"], ["--ramp", "0:10"],
         ["--deadline", "install=3h"], ["--deadline", "activation"], ["--deadline", "han=3x"],
         ["--threshold", "failed_rate=120%"], ["--threshold", "failure=0.1"],
         ["--threshold", "min_sample=-1"], ["--rate", "0"], ["--rate", "inf"],
@@ -318,6 +323,11 @@ def test_durations_shares_and_rates_in_operator_units() -> None:
     assert campaign.parse_stage("pilot:pilot:12.5%") == {"name": "pilot", "kind": "pilot",
                                                          "share": 0.125}  # fmt: skip
     assert campaign.parse_stage("mp:micro-pilot:0x10")["size"] == 16
+    assert campaign.parse_stage("mp:micro_pilot:10")["size"] == 10
+    assert campaign.parse_stage("mp:micro_pilot:20")["size"] == 20
+    assert campaign.THRESHOLD_LIMITS == ("category1_limit", "category2_limit", "min_sample")
+    assert campaign.DEADLINE_PHASES == ("wan_delivery", "han_transfer", "activation",
+                                        "confirmation")  # fmt: skip
     assert campaign.parse_threshold("timed_out_rate=0.1") == ("timed_out_rate", 0.1)
     assert campaign.parse_deadline("han-transfer_s=24h") == ("han_transfer_s", 86400.0)
     assert campaign.parse_ramp("2:50") == {"ramp_factor": 2.0, "ramp_every": 50}
