@@ -853,7 +853,7 @@ async def _events(io: _Io, args: argparse.Namespace) -> Outcome:
     if not args.follow:
         async with io.links.session(args) as call:
             events = await _replay(call, args, args.since, args.limit)
-        _emit(io, args, events, lambda rows: "\n".join(format_event(e) for e in rows))
+        _emit(io, args, events, lambda rows: "\n".join(map(format_event, rows)) or "no events")
         return Outcome.OK
     async with io.links.subscribe(args, event_filters(args.kind)) as messages:
         last_seq = -1

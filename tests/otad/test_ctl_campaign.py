@@ -555,6 +555,11 @@ def test_events_replay_pages_past_the_1000_limit_and_drops_repeats(inclusive: bo
         ]
 
 
+def test_events_replay_of_nothing_says_so() -> None:
+    assert run(Otad({"campaign.events": []}), "events", "--since", "99")[:2] == (0, "no events\n")
+    assert run(Otad({"campaign.events": []}), "events", "--json")[:2] == (0, "[]\n")
+
+
 def test_events_replay_of_fewer_than_asked_is_one_request() -> None:
     otad = Otad({"campaign.events": lambda args: [event(s) for s in range(3)]})
     code, out, _ = run(otad, "events", "--limit", "50", "--json")
