@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import mqttio
-from otad.ctl import imagetool, watch
+from otad.ctl import campaign, imagetool, watch
 from otad.ctl.client import DEFAULT_TIMEOUT, CtlError, CtlTimeout, CtlUnreachable, call_once
 from otad.ctl.format import (
     format_activate,
@@ -455,6 +455,7 @@ GROUPS: list[Callable[[_Subparsers], None]] = [
     _add_transfers,
     _add_status,
     _add_watch,
+    campaign.add_parser,
 ]
 
 HANDLERS: dict[str, Handler] = {
@@ -472,6 +473,7 @@ HANDLERS: dict[str, Handler] = {
     "transfers": _transfers,
     "status": _status,
     "watch": _watch,
+    "campaign": campaign.run,
 }
 
 
