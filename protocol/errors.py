@@ -64,9 +64,9 @@ class Reason(IntEnum):
     # 100-: fleet / daemon
     UNKNOWN_HUB = 100
     UNKNOWN_IMAGE = 101
-    UNKNOWN_CAMPAIGN = 102  # control plane: no campaign of that id
-    CAMPAIGN_CONFLICT = 103  # a target's component belongs to another active campaign
-    CAMPAIGN_REFUSED = 104  # the command does not apply to the campaign as it stands
+    UNKNOWN_CAMPAIGN = 103  # control plane: no campaign of that id
+    CAMPAIGN_CONFLICT = 104  # a target's component belongs to another active campaign
+    CAMPAIGN_REFUSED = 105  # the command does not apply to the campaign as it stands
     INTERNAL = 127
 
 

@@ -80,7 +80,7 @@ SPEC_KEYS: Final = {
     },
     "policies": {
         "window", "timezone", "rate_per_minute", "ramp_factor", "ramp_every", "max_per_minute",
-        "deadlines", "thresholds", "auto_gate_soak_s", "requires_ch_fw",
+        "deadlines", "thresholds", "auto_gate_soak_s", "lost_after_s", "requires_ch_fw",
     },
     "policies.deadlines": {f"{p}_s" for p in DEADLINE_PHASES},
     "policies.thresholds": set(THRESHOLD_LIMITS + THRESHOLD_RATES),
@@ -411,6 +411,7 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
         ("timezone", args.timezone),
         ("rate_per_minute", args.rate),
         ("auto_gate_soak_s", args.auto_gate),
+        ("lost_after_s", args.lost_after),
         ("requires_ch_fw", args.requires_ch_fw),
     ):
         if value is not None:
@@ -683,6 +684,11 @@ def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
     spec.add_argument(
         "--auto-gate", type=parse_seconds, metavar="SOAK_S",
         help="GO automatically after this soak when the thresholds hold (e.g. 30m)",
+    )  # fmt: skip
+    spec.add_argument(
+        "--lost-after", type=parse_seconds, metavar="SECONDS",
+        help="an activated device whose CH stays offline this long is a category-1 incident"
+             " (default 1h)",
     )  # fmt: skip
     spec.add_argument(
         "--requires-ch-fw", type=_int, metavar="VERSION",

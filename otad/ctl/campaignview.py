@@ -48,8 +48,8 @@ CAMPAIGN_EVENT_PREFIX: Final = "campaign."
 
 
 def status_topic(campaign_id: str) -> str:
-    """The retained status topic of one campaign."""
-    return f"{topics.ROOT}/campaigns/{topics.check_level(campaign_id)}/status"
+    """The retained status topic of one campaign (SPEC §3: protocol.wire.topics)."""
+    return topics.campaign_status(campaign_id)
 
 
 def failed_count(counts: dict[str, Any]) -> int:
