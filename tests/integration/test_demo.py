@@ -74,6 +74,19 @@ def test_the_demo_confirms_every_device_and_reports_it(tmp_path: Path) -> None:
     one_copy_each = HUBS * sizes["CH"] + len(b2s) * sizes["B2"]
     assert one_copy_each <= report["wan_block_bytes_sent"] <= one_copy_each * 1.05
     assert 0 < report["duration_s"] < 180
+    # each image through a staged campaign with automatic gates
+    stages = report["stages"]
+    ch = [row for row in stages if row["campaign"] == "demo-ch"]
+    assert [row["name"] for row in ch] == ["micro-pilot", "pilot", "roll-out"]
+    assert [row["hubs"] for row in ch] == [10, 6, 24]
+    assert [row["gate_decision"] for row in ch] == ["go", "go", "none"]
+    assert sum(row["confirmed"] for row in ch) == HUBS
+    b2_rows = [row for row in stages if row["campaign"] == "demo-b2"]
+    assert sum(row["targets"] for row in b2_rows) == len(b2s)
+    assert sum(row["confirmed"] for row in b2_rows) == len(b2s)
+    assert all(row["failed"] == 0 for row in stages)
+    assert [c["state"] for c in report["campaigns"]] == ["completed", "completed"]
+    assert report["estimated_duration_s"] > 0
 
 
 def test_a_share_failing_self_test_is_reported_by_reason_never_confirmed(tmp_path: Path) -> None:

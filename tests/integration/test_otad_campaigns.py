@@ -13,6 +13,8 @@ status, the monitoring feed. Each run prints the plan's estimate against the mea
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -263,3 +265,54 @@ def _not_pending(status: dict[str, Any]) -> dict[str, int]:
         s["name"]: sum(n for state, n in s["counts"].items() if state != "pending")
         for s in status["stages"]
     }
+
+
+@pytest.mark.timeout(480)
+async def test_kill_9_three_times_mid_campaign_loses_and_repeats_nothing(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """otad is SIGKILLed three times while a staged campaign with automatic gates runs (the
+    notice waived before it starts), and restarted each time: the campaign completes with every
+    CH confirmed, each CH got one activation command, and each stage start, gate decision and
+    the completion happened once."""
+    hubs = 60
+    release = await setup_release(tmp_path)
+    act = activation_setup(broker, tmp_path, hubs, device_keys=False, response_timeout_s=3.0,
+                           read_back_backoff_s=1.0)  # fmt: skip
+    async with otad_with_fleet(
+        broker, tmp_path, release, hubs=hubs, config=act.config, activation_trust_dir=act.trust
+    ) as setup:
+        otad = setup.otad
+        assert otactl(broker, "image", "import", str(release.path)).returncode == 0
+        flags = ["--id", "k1", "--image", release.sha256, "--rate", "120", "--auto-gate", "2s",
+                 "--stage", "micro-pilot:micro_pilot:10", "--stage", "pilot:pilot:20",
+                 "--stage", "roll-out:rollout"]  # fmt: skip
+        otactl_json(broker, "campaign", "create", *flags)
+        asked = otactl(broker, "campaign", "expedite", "k1", "--justification", "urgent fix")
+        assert asked.returncode == 0, asked.stderr
+        assert otactl(broker, "campaign", "expedite", "k1", "--approve").returncode == 0
+        assert otactl(broker, "campaign", "start", "k1").returncode == 0
+        for pause in (3.0, 5.0, 4.0):  # into the micro-pilot, the pilot, the roll-out
+            await asyncio.sleep(pause)
+            otad.kill()
+            otad.start()
+            await setup.monitor.wait_online(otad)
+        done = await wait_status(broker, "k1", state_is("completed"), 240)
+        history = otactl_json(broker, "campaign", "history", "k1")
+    otad.stop_quietly()
+    assert done["counts"] == {"confirmed": hubs}
+    with contextlib.closing(otad.db()) as db:
+        commands = db.execute(
+            "SELECT device_id, COUNT(*) FROM activation_commands WHERE cancel = 0"
+            " GROUP BY device_id"
+        ).fetchall()
+    assert len(commands) == hubs
+    assert {n for _device, n in commands} == {1}  # no CH was sent a second activation
+    steps = collections.Counter((h["kind"], h["stage"]) for h in history)
+    assert steps[("stage_started", "micro-pilot")] == 1
+    assert steps[("stage_started", "pilot")] == 1
+    assert steps[("stage_started", "roll-out")] == 1
+    assert steps[("gate_decided", "micro-pilot")] == 1
+    assert steps[("gate_decided", "pilot")] == 1
+    assert steps[("completed", "roll-out")] == 1
+    assert steps[("expedited", "")] == 1
