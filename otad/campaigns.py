@@ -21,10 +21,13 @@ retained status per campaign (``ota/v1/campaigns/<id>/status``). ``distribute`` 
 one-stage, unpaced, distribution-only campaign (:meth:`distribute`).
 
 Durability (what survives kill -9). The engine's snapshot is committed (durably) after every
-command, before it is answered, and after every evaluation that decided anything, after its
-decisions were carried out; a tick that only recorded reports is committed at most every
-``snapshot_s``. The executors are *level-triggered*, so whatever a crash loses between a
-decision and the snapshot is made good at the next start (:meth:`start`): every target's state
+command, before it is answered, and after every evaluation that took a campaign-level step (a
+stage started, a gate opened or decided, a hold, the end), after its decisions were carried out.
+Target-level decisions (starts, activations) and reports are committed with the next snapshot,
+at most ``snapshot_s`` later: at 10,000 targets a snapshot costs about 0.1 s of the loop, and
+none of them needs one, because the executors are *level-triggered*: whatever a crash loses
+between a decision and the snapshot is made good at the next start (:meth:`start`): every
+target's state
 is re-derived from the durable device and transfer records (reports only move a target
 forward, so a replayed one changes nothing), a target the engine started but whose transfer does
 not exist is started again, one it activated whose device has no command yet is activated
@@ -286,10 +289,15 @@ class Campaigns:
         async with self._lock:
             now = UnixTime(self._wall())
             for live in list(self._live.values()):
+                steps = len(live.engine.audit)
                 decisions = live.engine.handle(Ticked(now))
                 await self._carry_out(live, decisions)
-                if decisions or (live.reported and now - live.saved_at >= self._config.snapshot_s):
-                    await self._save(live)
+                if len(live.engine.audit) != steps:
+                    await self._save(live)  # a stage, gate, hold or end: durable at once
+                elif (
+                    decisions or live.reported
+                ) and now - live.saved_at >= self._config.snapshot_s:
+                    await self._save(live)  # starts, activations, reports: re-derivable
                 self._publish_status(live, now, force=bool(decisions))
 
     def shutdown(self) -> None:
