@@ -317,6 +317,8 @@ class Devices:
         self.records: dict[tuple[str, bytes], DeviceRecord] = {}
         """What is committed, by (device id, image)."""
         self._by_device: dict[str, dict[bytes, DeviceRecord]] = collections.defaultdict(dict)
+        self.state_counts: dict[DeviceState, int] = dict.fromkeys(DeviceState, 0)
+        """Committed records by state (kept by :meth:`_put`: nothing walks the records)."""
         self._lock = asyncio.Lock()
         self._inbox: collections.deque[Callable[[], Awaitable[None]]] = collections.deque()
         self._wake = asyncio.Event()
@@ -1050,7 +1052,12 @@ class Devices:
         self._arm(new)
 
     def _put(self, rec: DeviceRecord) -> None:
-        self.records[(rec.device_id, rec.image)] = rec
+        key = (rec.device_id, rec.image)
+        old = self.records.get(key)
+        if old is not None:
+            self.state_counts[old.state] -= 1
+        self.state_counts[rec.state] += 1
+        self.records[key] = rec
         self._by_device[rec.device_id][rec.image] = rec
 
     def listing(self) -> list[dict[str, Any]]:
