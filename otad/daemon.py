@@ -23,6 +23,9 @@ subscriptions are in place before ``connect`` returns) and sending starts.
                       and credential replacements in turn with them (:mod:`otad.credentials`)
 ``otad.store.writer`` (the store's own single writer task)
 
+Beside the loop, ``prometheus_client``'s HTTP server thread answers ``/metrics``
+(:mod:`otad.metrics`; it gets its figures handed over by the loop), from start-up to the end.
+
 Everything on the data path runs in the MQTT message handler and in ``loop.call_at`` timers, with
 no task per message (:mod:`otad.distribution`). The message handlers here only route by topic.
 
@@ -68,6 +71,7 @@ from otad.devices import Devices, load_signing_key
 from otad.distribution import Distribution
 from otad.keyfiles import KeyFileError, load_trust_dir
 from otad.looplag import LoopLag
+from otad.metrics import BuildInfo, MetricsServer, Sources, serve
 from otad.outbox import EventPublisher
 from otad.refusals import HubRefusals
 from otad.registry import Hub, Registry
@@ -144,6 +148,7 @@ class Daemon:
         self.devices: Devices
         self.credentials: Credentials
         self.commands: Commands
+        self.metrics: MetricsServer | None = None
 
     def request_stop(self) -> None:
         """Begin a clean shutdown (signal handler)."""
@@ -181,6 +186,7 @@ class Daemon:
             except KeyFileError as exc:
                 log.error("cannot load the activation keys: %s", exc)
                 return EXIT_START_FAILED
+            self.metrics = await serve(c.metrics, self._metrics_sources(), self._build_info())
             if not await self.connect():
                 log.info("stopped before the broker could be reached")
                 return 0
@@ -188,6 +194,8 @@ class Daemon:
             await self.shutdown()
             return status
         finally:
+            if self.metrics is not None:
+                await self.metrics.stop()
             try:
                 await self.store.close()
             except StoreError as exc:
@@ -316,6 +324,21 @@ class Daemon:
             c.broker.port,
             c.broker.library,
         )
+
+    def _metrics_sources(self) -> Sources:
+        return Sources(
+            registry=self.registry,
+            distribution=self.distribution,
+            devices=self.devices,
+            events=self.events,
+            control=self.control,
+            rejects=self.rejects,
+            refusals=self.refusals,
+            loop_lag=self.loop_lag,
+        )
+
+    def _build_info(self) -> BuildInfo:
+        return BuildInfo(version=self.version, mqtt_library=self.config.broker.library)
 
     async def connect(self) -> bool:
         """Connect both sessions (retrying) and start sending; False if a stop came first."""
