@@ -190,9 +190,6 @@ class Store(Engine):
         Importing the same digest with the same signed manifest again returns the existing row;
         with a different one raises :class:`ConflictError`.
         """
-        for name in ("created", "expires"):
-            if not 0 <= getattr(manifest, name) <= _MAX_SQL_INT:
-                raise ValueError(f"manifest {name} {getattr(manifest, name)} out of range")
         row = ImageRow(
             sha256=bytes(manifest.sha256),
             vendor=manifest.vendor,
@@ -205,8 +202,8 @@ class Store(Engine):
             size=manifest.size,
             block_size=manifest.block_size,
             block_count=manifest.block_count,
-            created=manifest.created,
-            expires=manifest.expires,
+            created=min(manifest.created, _MAX_SQL_INT),
+            expires=min(manifest.expires, _MAX_SQL_INT),
             signed_manifest=bytes(signed_manifest),
             path=str(path),
             imported_at=now,
