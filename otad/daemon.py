@@ -302,6 +302,7 @@ class Daemon:
             snapshot=snapshot,
             status_changed=self.status.poke,
             rejects=self.rejects,
+            wall_clock=self._wall_clock,
         )
         self.control_client = self._mqtt_client(
             c.broker.library, await self._mqtt_settings(control=True)

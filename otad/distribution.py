@@ -1357,6 +1357,27 @@ class Distribution:
             out[key] = t.to_json()
         return [out[k] for k in sorted(out)]
 
+    def busy_on(self, guid: str) -> str | None:
+        """Why CH ``guid`` cannot be forgotten now (``fleet.forget``): a transfer active, or
+        ended with its final state not yet recorded; None if neither."""
+        active = self._active.get(guid)
+        if active:
+            return f"transfer of {next(iter(active.values())).image.hex[:16]} is active"
+        for key_guid, image in self._finishing:
+            if key_guid == guid:
+                return f"transfer of {image.hex()[:16]} ended, its final state not yet recorded"
+        return None
+
+    def forget_hub(self, guid: str) -> None:
+        """Drop CH ``guid``'s ended transfers from the counts (their store rows were deleted
+        with the hub: :meth:`otad.store.Store.forget_hub`)."""
+        for key in [k for k in self._ended if k[0] == guid]:
+            state = self._ended.pop(key)
+            self._counts[state] -= 1
+            tally = self._tallies.get(key[1])
+            if tally is not None:
+                tally.bump(state, -1)
+
     def counts(self) -> dict[str, int]:
         """Transfers by state (those that ended before this run included); kept incrementally,
         zero counts included."""

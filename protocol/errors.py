@@ -64,6 +64,7 @@ class Reason(IntEnum):
     # 100-: fleet / daemon
     UNKNOWN_HUB = 100
     UNKNOWN_IMAGE = 101
+    HUB_BUSY = 102  # a CH with a transfer or a device activation in progress (fleet.forget)
     INTERNAL = 127
 
 
