@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from otad_harness import assert_clean_log, otactl, otad_config, otad_with_fleet
+from otad_harness import assert_clean_log, free_port, otactl, otad_config, otad_with_fleet
 
 from loadtest.broker import MosquittoBroker
 from loadtest.release import make_release
@@ -29,12 +28,6 @@ from otad.events import TransferHeld
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Prometheus:
