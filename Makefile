@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench scale lint setup broker clean
+.PHONY: test demo bench scale lint setup broker prometheus clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,7 +16,13 @@ broker:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto)
 
-setup: broker $(STAMP)
+# Prometheus: the metrics test scrapes a running otad with a real server (its own config, port
+# and storage; the package's own service is not used).
+prometheus:
+	@test -x /usr/bin/prometheus || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
+
+setup: broker prometheus $(STAMP)
 
 test: setup
 	$(BIN)/ruff check protocol otad mqttio loadtest tests

@@ -124,10 +124,13 @@ def _verify_release(data: bytes, trust: TrustStore, now: UnixTime) -> tuple[Mani
     return manifest, signed
 
 
-def _store_image_file(path: Path, data: bytes) -> None:
-    """Write an accepted image durably (worker thread), creating the images directory."""
+def _store_image_file(path: Path, data: bytes) -> bool:
+    """Write an accepted image durably (worker thread), creating the images directory; return
+    whether a file was there already."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    existed = path.exists()
     write_atomic(path, data, mode=0o600)
+    return existed
 
 
 def _read_checked(path: Path, sha256: bytes, size: int) -> bytes:
@@ -214,11 +217,17 @@ class Catalogue:
                     )
                 return known, False
             path = self._dir / manifest.sha256.hex()
-            await asyncio.to_thread(_store_image_file, path, signed.image)
+            existed = await asyncio.to_thread(_store_image_file, path, signed.image)
             try:
                 row = await self._store.add_image(manifest, signed.signed_manifest, path, now)
-            except ConflictError as exc:
-                raise ProtocolError(Reason.REPLAYED, str(exc)) from None
+            except BaseException as exc:
+                # a failed import leaves nothing behind; a file that was there already may be
+                # another row's (the same digest imported with another manifest): it stays
+                if not existed:
+                    await asyncio.shield(asyncio.to_thread(path.unlink, missing_ok=True))
+                if isinstance(exc, ConflictError):
+                    raise ProtocolError(Reason.REPLAYED, str(exc)) from None
+                raise
             image = self._add(manifest, signed.signed_manifest, path, row.imported_at)
         log.info(
             "imported image %s (%s fw 0x%08x, %d bytes, %d blocks)",

@@ -34,6 +34,13 @@ The arguments are untrusted and checked here (``MALFORMED`` otherwise).
 ``firmware.version`` args ``device``, optional ``wait_s`` (default 10) -> the device's
                    ``VersionReport`` as its CH relayed it
 ``fleet.list``     -> list of CHs (announcement, online, first/last seen)
+``fleet.forget``   args ``guids`` (list of GUIDs) -> ``{forgotten: [{guid, online, transfers,
+                   devices}], refused: [{guid, error, detail}]}``: each CH removed from the
+                   registry and the store with its ended transfers and device records, a
+                   ``hub.forgotten`` event each (otad.registry); refused ``UNKNOWN_HUB``, or
+                   ``HUB_BUSY`` while a transfer, a HAN relay, an activation or a credential
+                   replacement of it is in progress. A CH that announces itself live again is
+                   known again
 ``transfers``      optional args ``image``, ``guid`` -> list of per-CH transfer rows
 ``status``         -> the status snapshot, ``state: "online"``, and otad's resident memory
 """
@@ -41,6 +48,7 @@ The arguments are untrusted and checked here (``MALFORMED`` otherwise).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +64,7 @@ from otad.registry import Registry
 from otad.rejects import RejectLog
 from otad.status import StatusFields
 from protocol.errors import ProtocolError, Reason
+from protocol.wire import topics
 
 
 class Commands:
@@ -74,9 +83,10 @@ class Commands:
         snapshot: Callable[[], StatusFields],
         status_changed: Callable[[], None],
         rejects: RejectLog,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """``snapshot()`` gives the status fields; ``status_changed()`` asks for the retained
-        status to be published again soon."""
+        status to be published again soon; ``wall_clock`` (unix s) dates what commands record."""
         self._catalogue = catalogue
         self._registry = registry
         self._distribution = distribution
@@ -87,6 +97,7 @@ class Commands:
         self._snapshot = snapshot
         self._status_changed = status_changed
         self._rejects = rejects
+        self._wall_clock = wall_clock
 
     def table(self) -> dict[str, Command]:
         """Command name -> ``async fn(args) -> result`` (see the module docstring)."""
@@ -95,6 +106,7 @@ class Commands:
             "image.list": self.image_list,
             "distribute": self.distribute,
             "fleet.list": self.fleet_list,
+            "fleet.forget": self.fleet_forget,
             "transfers": self.transfers,
             "activate": self.activate,
             "activate.cancel": self.activate_cancel,
@@ -291,6 +303,38 @@ class Commands:
         """Every known CH, by GUID."""
         hubs = self._registry.hubs
         return [hubs[g].to_json() for g in sorted(hubs)]
+
+    async def fleet_forget(self, args: dict[str, Any]) -> Any:
+        """Remove each CH named from the fleet, unless something of it is in progress."""
+        guids = arg_str_list(args, "guids")
+        if not guids:
+            raise ProtocolError(Reason.MALFORMED, "give 'guids'")
+        forgotten: list[dict[str, Any]] = []
+        refused: list[dict[str, str]] = []
+        for guid in dict.fromkeys(guids):
+            try:
+                topics.check_guid(guid)
+                hub, transfers, devices = await self._registry.forget(
+                    guid, self._wall_clock(), busy=self._busy_on
+                )
+            except ProtocolError as exc:
+                refused.append({"guid": guid, "error": exc.reason.name, "detail": exc.detail})
+                continue
+            self._distribution.forget_hub(guid)
+            self._devices.forget_hub(guid)
+            forgotten.append(
+                {"guid": guid, "online": hub.online, "transfers": transfers, "devices": devices}
+            )
+        if forgotten:
+            self._status_changed()
+        return {"forgotten": forgotten, "refused": refused}
+
+    def _busy_on(self, guid: str) -> str | None:
+        return (
+            self._distribution.busy_on(guid)
+            or self._devices.busy_on(guid)
+            or self._credentials.busy_on(guid)
+        )
 
     async def transfers(self, args: dict[str, Any]) -> Any:
         """Every transfer, or those of one image (``image``) and/or one CH (``guid``)."""

@@ -36,6 +36,7 @@ __all__ = [
     "ConfigError",
     "EventsConfig",
     "LogConfig",
+    "MetricsConfig",
     "StoreConfig",
     "TransferConfig",
     "TrustConfig",
@@ -184,6 +185,19 @@ class CampaignsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: the Prometheus endpoint ``http://host:port/metrics``
+    (:mod:`otad.metrics`)."""
+
+    enabled: bool = True
+    # Loopback: the figures are for the host's own Prometheus (or an agent scraping for it); to
+    # publish them further, set an address here and firewall it (the endpoint has no auth).
+    host: str = "127.0.0.1"
+    # In the exporters' range (9100-9999) and clear of node_exporter (9100) and Prometheus (9090)
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """``[log]``: logging to stdout / the journal."""
 
@@ -201,6 +215,7 @@ class Config:
     events: EventsConfig = field(default_factory=EventsConfig)
     activation: ActivationConfig = field(default_factory=ActivationConfig)
     campaigns: CampaignsConfig = field(default_factory=CampaignsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -405,6 +420,11 @@ def _validate(config: Config) -> Config:
         _in_range(f"activation.{name}", getattr(a, name), 0.001, 30 * 86_400.0)
     _in_range("activation.read_back_attempts", a.read_back_attempts, 1, 100)
     _in_range("activation.credentials_attempts", a.credentials_attempts, 1, 100)
+
+    m = config.metrics
+    if not m.host or any(c in m.host for c in " /\0[]"):
+        raise ConfigError("metrics.host", f"must be a host name or address, got {m.host!r}")
+    _in_range("metrics.port", m.port, 1, 65535)
 
     level = config.log.level.upper()
     if level not in LOG_LEVELS:

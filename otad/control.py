@@ -78,6 +78,9 @@ class Control:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
         self.served = 0
+        self.outcomes: dict[tuple[str, str], int] = {(name, "ok"): 0 for name in commands}
+        """Requests answered, by (command, outcome): ``ok`` or the error's reason name; a
+        command name otad does not know counts as ``unknown`` (bounded label values)."""
 
     def request_received(self, topic: str, payload: bytes) -> None:
         """MQTT handler part for ``ota/v1/ctl/+/req``: validate, then run the command as a
@@ -123,15 +126,21 @@ class Control:
         async with self._slots:
             try:
                 response = {"ok": True, "result": await self._run(request)}
+                outcome = "ok"
                 log.info("%s by %s: ok", str(request.get("cmd"))[:40], client)
             except ProtocolError as exc:
                 log.info("%s by %s: %s", str(request.get("cmd"))[:40], client, exc.reason.name)
                 response = _error(exc.reason, exc.detail)
+                outcome = exc.reason.name
             except Exception as exc:
                 log.exception("control command %r failed", request.get("cmd"))
                 response = _error(Reason.INTERNAL, f"{type(exc).__name__}: {exc}")
+                outcome = Reason.INTERNAL.name
         response.update({"v": SCHEMA_VERSION, "id": request_id})
         self.served += 1
+        cmd = request.get("cmd")
+        key = (cmd if isinstance(cmd, str) and cmd in self._commands else "unknown", outcome)
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
         try:
             self._client.publish(topics.ctl_response(client), dumps(response), 1, False)
         except NotConnected:

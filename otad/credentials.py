@@ -337,6 +337,14 @@ class Credentials:
             r.to_json() for r in sorted(self.records.values(), key=lambda r: (r.guid, r.device_id))
         ]
 
+    def busy_on(self, guid: str) -> str | None:
+        """A credential replacement awaiting its confirmation on premises ``guid`` (it blocks
+        ``fleet.forget``), or None."""
+        for rec in self.records.values():
+            if rec.guid == guid and rec.state is CredentialsState.PENDING:
+                return f"device {rec.device_id} is replacing its credentials"
+        return None
+
     def state_of(self, device_id: str) -> str | None:
         """The device's replacement state (``otactl devices``' credentials column), or None."""
         rec = self.records.get(device_id)

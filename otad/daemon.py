@@ -24,6 +24,9 @@ subscriptions are in place before ``connect`` returns) and sending starts.
 ``otad.campaigns``    the campaign engines' evaluation tick (:mod:`otad.campaigns`)
 ``otad.store.writer`` (the store's own single writer task)
 
+Beside the loop, ``prometheus_client``'s HTTP server thread answers ``/metrics``
+(:mod:`otad.metrics`; it gets its figures handed over by the loop), from start-up to the end.
+
 Everything on the data path runs in the MQTT message handler and in ``loop.call_at`` timers, with
 no task per message (:mod:`otad.distribution`). The message handlers here only route by topic.
 
@@ -70,6 +73,7 @@ from otad.devices import Devices, load_signing_key
 from otad.distribution import Distribution
 from otad.keyfiles import KeyFileError, load_trust_dir
 from otad.looplag import LoopLag
+from otad.metrics import BuildInfo, MetricsServer, Sources, serve
 from otad.outbox import EventPublisher
 from otad.refusals import HubRefusals
 from otad.registry import Hub, Registry
@@ -147,6 +151,7 @@ class Daemon:
         self.credentials: Credentials
         self.campaigns: Campaigns
         self.commands: Commands
+        self.metrics: MetricsServer | None = None
 
     def request_stop(self) -> None:
         """Begin a clean shutdown (signal handler)."""
@@ -184,6 +189,7 @@ class Daemon:
             except KeyFileError as exc:
                 log.error("cannot load the activation keys: %s", exc)
                 return EXIT_START_FAILED
+            self.metrics = await serve(c.metrics, self._metrics_sources(), self._build_info())
             if not await self.connect():
                 log.info("stopped before the broker could be reached")
                 return 0
@@ -191,6 +197,8 @@ class Daemon:
             await self.shutdown()
             return status
         finally:
+            if self.metrics is not None:
+                await self.metrics.stop()
             try:
                 await self.store.close()
             except StoreError as exc:
@@ -316,6 +324,7 @@ class Daemon:
             snapshot=snapshot,
             status_changed=self.status.poke,
             rejects=self.rejects,
+            wall_clock=self._wall_clock,
         )
         self.control_client = self._mqtt_client(
             c.broker.library, await self._mqtt_settings(control=True)
@@ -338,6 +347,22 @@ class Daemon:
             c.broker.port,
             c.broker.library,
         )
+
+    def _metrics_sources(self) -> Sources:
+        return Sources(
+            registry=self.registry,
+            distribution=self.distribution,
+            devices=self.devices,
+            events=self.events,
+            control=self.control,
+            rejects=self.rejects,
+            refusals=self.refusals,
+            loop_lag=self.loop_lag,
+            campaigns=self.campaigns.counts_by_state,
+        )
+
+    def _build_info(self) -> BuildInfo:
+        return BuildInfo(version=self.version, mqtt_library=self.config.broker.library)
 
     async def connect(self) -> bool:
         """Connect both sessions (retrying) and start sending; False if a stop came first."""

@@ -178,6 +178,11 @@ TRANSITIONS: Final[dict[DeviceState, frozenset[DeviceState]]] = {
 IN_PROGRESS: Final = frozenset(
     {_S.HELD_BY_CH, _S.HAN_TRANSFER, _S.ACTIVATION_PENDING, _S.ACTIVATED}
 )
+#: States in which a device's premises is never forgotten (an image on its way, an activation's
+#: outcome awaited); one of :data:`IN_PROGRESS` with a deadline armed is not forgotten either.
+_FORGET_BLOCKED: Final = frozenset(
+    {_S.OFFERED, _S.HAN_TRANSFER, _S.ACTIVATION_PENDING, _S.ACTIVATED}
+)
 #: States after which a proof is still accepted (a late alert after TIMED_OUT confirms).
 _AWAITING_PROOF: Final = frozenset({_S.ACTIVATION_PENDING, _S.ACTIVATED, _S.TIMED_OUT})
 
@@ -317,6 +322,8 @@ class Devices:
         self.records: dict[tuple[str, bytes], DeviceRecord] = {}
         """What is committed, by (device id, image)."""
         self._by_device: dict[str, dict[bytes, DeviceRecord]] = collections.defaultdict(dict)
+        self.state_counts: dict[DeviceState, int] = dict.fromkeys(DeviceState, 0)
+        """Committed records by state (kept by :meth:`_put`: nothing walks the records)."""
         self._lock = asyncio.Lock()
         self._inbox: collections.deque[Callable[[], Awaitable[None]]] = collections.deque()
         self._wake = asyncio.Event()
@@ -1055,8 +1062,37 @@ class Devices:
         self._put(new)
         self._arm(new)
 
+    def busy_on(self, guid: str) -> str | None:
+        """Why the premises ``guid`` cannot be forgotten now (``fleet.forget``): a device of it
+        with an image on its way or an activation whose outcome is awaited; None if none."""
+        for rec in self.records.values():
+            if rec.guid == guid and (
+                rec.state in _FORGET_BLOCKED or (rec.state in IN_PROGRESS and rec.deadline)
+            ):
+                return f"device {rec.device_id} is {rec.state.value} (image {rec.image.hex()[:16]})"
+        return None
+
+    def forget_hub(self, guid: str) -> int:
+        """Drop the premises' device records from memory (its store rows were deleted with the
+        hub: :meth:`otad.store.Store.forget_hub`); return how many."""
+        gone = [key for key, rec in self.records.items() if rec.guid == guid]
+        for key in gone:
+            rec = self.records.pop(key)
+            self.state_counts[rec.state] -= 1
+            by_image = self._by_device.get(rec.device_id)
+            if by_image is not None:
+                by_image.pop(rec.image, None)
+                if not by_image:
+                    del self._by_device[rec.device_id]
+        return len(gone)
+
     def _put(self, rec: DeviceRecord) -> None:
-        self.records[(rec.device_id, rec.image)] = rec
+        key = (rec.device_id, rec.image)
+        old = self.records.get(key)
+        if old is not None:
+            self.state_counts[old.state] -= 1
+        self.state_counts[rec.state] += 1
+        self.records[key] = rec
         self._by_device[rec.device_id][rec.image] = rec
         self.changed(rec)
 

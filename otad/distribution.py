@@ -61,6 +61,7 @@ from mqttio import MqttClient, NotConnected
 from otad import events as monitoring
 from otad.catalogue import BlockSource, Catalogue, Image
 from otad.config import TransferConfig
+from otad.histogram import Histogram
 from otad.outbox import EventPublisher
 from otad.registry import Hub, Registry
 from otad.rejects import RejectLog
@@ -131,6 +132,23 @@ _UP_GUID_END = _UP_GUID_START + 16
 _SENDING: Final = frozenset({SlotState.RUNNING, SlotState.QUEUED, SlotState.THROTTLED})
 _SCHEDULED: Final = _SENDING | {SlotState.PENDING}
 _POLL_NONCES = itertools.count(1)
+
+
+#: Upper bounds (seconds) of the Prometheus histograms' buckets (:mod:`otad.metrics`): a
+#: transfer's duration (minutes to a day over a CH's WAN link) and an acknowledgement's round
+#: trip (a cellular or mesh WAN: tens of milliseconds to about a minute).
+DURATION_BUCKETS: Final = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+                           7200.0, 21600.0, 86400.0)  # fmt: skip
+ROUND_TRIP_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(slots=True)
+class SentTotals:
+    """Everything published for every transfer since this process started (Prometheus
+    counters): added once per :meth:`Transfer.send_now` call, not once per block."""
+
+    bytes_sent: int = 0  # block payload bytes, repeats included
+    retransmissions: int = 0  # blocks published again within a sender's life
 
 
 @dataclass(slots=True)
@@ -209,6 +227,7 @@ class Transfer:
         "qos_blocks",
         "reasked",
         "reason",
+        "rtt_seen",
         "sender",
         "slot",
         "source",
@@ -217,6 +236,7 @@ class Transfer:
         "state",
         "tally",
         "timer",
+        "totals",
     )
 
     def __init__(
@@ -233,9 +253,11 @@ class Transfer:
         earlier: EarlierSenderTotals,
         known: bool,
         tally: ImageTally,
+        totals: SentTotals,
         now: float,
     ) -> None:
-        """Wrap ``sender``; the caller attaches :attr:`slot` and :attr:`timer`."""
+        """Wrap ``sender``; the caller attaches :attr:`slot` and :attr:`timer`; ``totals``
+        (shared by every transfer) adds up what all of them sent."""
         self.guid = guid
         self.image = image
         self.source = source
@@ -260,6 +282,8 @@ class Transfer:
         self.heard_at = float("-inf")  # monotonic time of the last report from the CH
         self.reasked = False  # asked again because the CH re-announced while an ask was out
         self.stalled = False
+        self.totals = totals
+        self.rtt_seen = 0  # the current sender's round-trip samples already observed
         # attached by Distribution._add
         self.slot: Any = None
         self.timer: TimerSlot
@@ -270,9 +294,13 @@ class Transfer:
         """Publish every unbudgeted action that is due (Offer, Poll, Cancel, probe) and at most
         ``budget`` new blocks; return (blocks published, blocks still sendable)."""
         sender = self.sender
+        bytes_before, repeats_before = sender.bytes_sent, sender.retransmissions
         actions = sender.next_actions(Monotonic(now), budget)
         blocks = 0
         if actions:
+            totals = self.totals
+            totals.bytes_sent += sender.bytes_sent - bytes_before
+            totals.retransmissions += sender.retransmissions - repeats_before
             publish, down, source, qos = self.publish, self.down, self.source, self.qos_blocks
             try:
                 for action in actions:
@@ -486,6 +514,17 @@ class Distribution:
         self._stall_log_at = float("-inf")
         self._stalls_unlogged: list[Transfer] = []
         self.up_messages = 0
+        self.sent = SentTotals()
+        """Bytes and repeats published for every transfer since start (blocks:
+        ``scheduler.blocks_published``)."""
+        self.durations: dict[TransferState, Histogram] = {
+            state: Histogram(DURATION_BUCKETS)
+            for state in TransferState
+            if state is not TransferState.ACTIVE
+        }
+        """Wall-clock seconds from a transfer's start to its end, by how it ended."""
+        self.round_trips = Histogram(ROUND_TRIP_BUCKETS)
+        """Acknowledgement round trips the senders measured (blocks sent once, Karn)."""
         self.stalls = 0
         """``transfer.stalled`` episodes seen by this process."""
 
@@ -672,6 +711,7 @@ class Distribution:
         hub = self._registry.get(t.guid)
         limits = hub.announcement.limits if hub is not None else old.limits
         t.sender = self._new_sender(t.image, limits, now, old.acked_bitmap(), known=t.known)
+        t.rtt_seen = 0
         if hub is not None:
             self.scheduler.set_segment(t.slot, hub.segment)
         if t.sender.state is SenderState.FAILED:  # the new limits cannot carry the image
@@ -727,6 +767,10 @@ class Distribution:
             self._registry.refused(guid, "up", msg.TYPE, exc)
             return
         t.heard_at = now
+        sender = t.sender
+        if sender.rtt_samples != t.rtt_seen:
+            t.rtt_seen = sender.rtt_samples
+            self.round_trips.observe(sender.last_rtt)
         self._after(t, now)
 
     def _up_slow(self, topic: str, guid: str, payload: bytes) -> None:
@@ -919,6 +963,7 @@ class Distribution:
         now = self._clock()
         t.state = state
         t.finished_at = self._wall_clock()
+        self.durations[state].observe(max(0.0, t.finished_at - t.started_at))
         t.timer.cancel()
         self.scheduler.stop(t.slot, now)
         active = self._active.get(t.guid)
@@ -1200,6 +1245,7 @@ class Distribution:
             earlier=EarlierSenderTotals(row.blocks_sent, row.bytes_sent, 0),
             known=known,
             tally=tally,
+            totals=self.sent,
             now=now,
         )
         t.slot = self.scheduler.attach(t, hub.segment)
@@ -1332,6 +1378,27 @@ class Distribution:
         for key, t in self.transfers.items():
             out[key] = t.to_json()
         return [out[k] for k in sorted(out)]
+
+    def busy_on(self, guid: str) -> str | None:
+        """Why CH ``guid`` cannot be forgotten now (``fleet.forget``): a transfer active, or
+        ended with its final state not yet recorded; None if neither."""
+        active = self._active.get(guid)
+        if active:
+            return f"transfer of {next(iter(active.values())).image.hex[:16]} is active"
+        for key_guid, image in self._finishing:
+            if key_guid == guid:
+                return f"transfer of {image.hex()[:16]} ended, its final state not yet recorded"
+        return None
+
+    def forget_hub(self, guid: str) -> None:
+        """Drop CH ``guid``'s ended transfers from the counts (their store rows were deleted
+        with the hub: :meth:`otad.store.Store.forget_hub`)."""
+        for key in [k for k in self._ended if k[0] == guid]:
+            state = self._ended.pop(key)
+            self._counts[state] -= 1
+            tally = self._tallies.get(key[1])
+            if tally is not None:
+                tally.bump(state, -1)
 
     def counts(self) -> dict[str, int]:
         """Transfers by state (those that ended before this run included); kept incrementally,

@@ -76,6 +76,7 @@ __all__ = [
     "DistributionResumed",
     "DistributionStalled",
     "EventDecodeError",
+    "HubForgotten",
     "HubOffline",
     "HubOnline",
     "HubRefused",
@@ -238,6 +239,24 @@ class HubOffline(MonitorEvent):
 
     def key(self) -> str:
         return f"hub.offline:{self.guid}:{self._ms()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HubForgotten(MonitorEvent):
+    """An operator removed a CH from the fleet (``otactl fleet forget``): its announcement, HAN
+    inventory, ended transfers and device records are gone from otad. A retained copy of its
+    announcement no longer brings it back; a live announcement does."""
+
+    KIND: ClassVar[str] = "hub.forgotten"
+    ABOUT_A_HUB: ClassVar[bool] = True
+
+    guid: str = doc("the CH's GUID")
+    online: bool = doc("whether it was online when it was forgotten")
+    transfers: int = doc("its ended transfers removed")
+    devices: int = doc("its device records removed (HAN devices, or the CH as its own device)")
+
+    def key(self) -> str:
+        return f"hub.forgotten:{self.guid}:{self._ms()}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -614,6 +633,7 @@ EVENT_TYPES: Final[dict[str, type[MonitorEvent]]] = {
         ImageImported,
         HubOnline,
         HubOffline,
+        HubForgotten,
         HubRefused,
         TransferStarted,
         TransferProgress,

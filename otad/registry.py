@@ -23,6 +23,12 @@ the store behind the message handler's back: queued in memory and written, group
 (:meth:`Registry.run`). Whoever needs a hub's row in the store (a transfer row refers to it)
 waits for :meth:`Registry.flushed`. At start the registry is loaded from the store
 (:meth:`Registry.load`).
+
+A CH that was never real (anyone could announce one before the broker had ACLs) is removed by
+:meth:`Registry.forget` (``otactl fleet forget``): its row, HAN devices, ended transfers and
+device records go, a ``hub.forgotten`` event says so, and the GUID is remembered as forgotten, so
+the broker's retained copy of its announcement, replayed at every (re)connection, does not bring
+it back. A live announcement does: a real CH that connects again is a member of the fleet again.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from otad.events import HubOffline, HubOnline
+from otad.events import HubForgotten, HubOffline, HubOnline
 from otad.outbox import EventPublisher
 from otad.refusals import HubRefusals
 from otad.rejects import RejectLog
@@ -162,6 +168,9 @@ class Registry:
         )
         self._writing: asyncio.Future[None] | None = None  # the batch being written now
         self._wake = asyncio.Event()
+        self.forgotten: set[str] = set()
+        """GUIDs forgotten and not heard live since (their retained announcements are ignored)."""
+        self._returned: set[str] = set()  # forgotten CHs heard live: their upsert un-forgets
 
     # ------------------------------------------------------------------ persistence
 
@@ -195,6 +204,7 @@ class Registry:
                 row.guid, announcement, row.online, row.first_seen, row.last_seen
             )
         self.online = sum(1 for h in self.hubs.values() if h.online)
+        self.forgotten = await self._store.forgotten_hubs()
 
     async def run(self) -> None:
         """Task: write the hub changes to the store as they come, until cancelled."""
@@ -217,8 +227,9 @@ class Registry:
         self._unwritten.clear()
         writing = self._writing = asyncio.get_running_loop().create_future()
         try:
+            returned, self._returned = self._returned, set()
             jobs = [
-                self._store.upsert_hub(a, now, online=online)
+                self._store.upsert_hub(a, now, online=online, returned=guid in returned)
                 if a is not None
                 else self._store.set_hub_online(guid, online, now)
                 for a, guid, online, now in batch
@@ -290,6 +301,13 @@ class Registry:
 
     def _announced(self, message: HubAnnounced, retain: bool, now: float) -> Hub | None:
         hub = self.hubs.get(message.guid)
+        if hub is None and message.guid in self.forgotten:
+            if retain:
+                log.debug("retained announcement of forgotten %s ignored", message.guid)
+                return None
+            self.forgotten.discard(message.guid)
+            self._returned.add(message.guid)
+            log.info("forgotten CH %s announced itself again: known again", message.guid)
         if hub is None:
             hub = Hub(message.guid, message, True, now, now)
             self.hubs[message.guid] = hub
@@ -321,6 +339,47 @@ class Registry:
             )
         self._on_change(hub, was_online, True, True)
         return hub
+
+    async def forget(
+        self, guid: str, now: float, *, busy: Callable[[str], str | None]
+    ) -> tuple[Hub, int, int]:
+        """Remove CH ``guid`` from the fleet and the store, emit ``hub.forgotten``; return the
+        hub as it was and the (transfer rows, device records) deleted with it. ``busy(guid)``,
+        asked with nothing awaited before the removal (so no transfer can start in between),
+        says why it cannot be forgotten now. Raises ``ProtocolError`` (``UNKNOWN_HUB``,
+        ``HUB_BUSY``); a store failure puts the hub back and propagates."""
+        await self.flushed()  # an announcement written after the delete would bring it back
+        hub = self.hubs.get(guid)
+        if hub is None:
+            raise ProtocolError(Reason.UNKNOWN_HUB, "never announced, or forgotten already")
+        why = busy(guid)
+        if why is not None:
+            raise ProtocolError(Reason.HUB_BUSY, why)
+        del self.hubs[guid]
+        if hub.online:
+            self.online -= 1
+        self.forgotten.add(guid)
+        try:
+            transfers, devices = await self._store.forget_hub(guid, now)
+        except BaseException:
+            self.forgotten.discard(guid)
+            if guid not in self.hubs:  # nothing announced it meanwhile
+                self.hubs[guid] = hub
+                self.online += hub.online
+            raise
+        self._events.emit(
+            HubForgotten(
+                time=now, guid=guid, online=hub.online, transfers=transfers, devices=devices
+            )
+        )
+        log.warning(
+            "CH %s forgotten (%s; %d transfer(s), %d device record(s) removed)",
+            guid,
+            "online" if hub.online else "offline",
+            transfers,
+            devices,
+        )
+        return hub, transfers, devices
 
     def _went_offline(self, guid: str, now: float) -> Hub | None:
         hub = self.hubs.get(guid)

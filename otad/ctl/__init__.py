@@ -41,6 +41,7 @@ from otad.ctl.format import (
     format_distribute,
     format_firmware_version,
     format_fleet,
+    format_forget,
     format_import,
     format_status,
     format_transfers,
@@ -350,6 +351,14 @@ def _add_fleet(groups: _Subparsers) -> None:
     listing = actions.add_parser("list", help="every CH, its declared limits and HAN devices")
     _add_daemon_options(listing, json_flag=True)
     listing.set_defaults(command="fleet list")
+    forget = actions.add_parser(
+        "forget",
+        help="remove CHs that were never real (refused while anything of theirs is in progress);"
+        " one that announces itself again comes back",
+    )
+    forget.add_argument("guids", nargs="+", metavar="GUID", help="the CHs to forget")
+    _add_daemon_options(forget, json_flag=True)
+    forget.set_defaults(command="fleet forget")
 
 
 def _add_transfers(groups: _Subparsers) -> None:
@@ -435,6 +444,12 @@ def _fleet_list(args: argparse.Namespace) -> int:
     return _print_result(args, result, format_fleet)
 
 
+def _fleet_forget(args: argparse.Namespace) -> int:
+    result = _daemon_call(args, "fleet.forget", {"guids": list(args.guids)})
+    _print_result(args, result, format_forget)
+    return EXIT_FAILED if result.get("refused") else EXIT_OK
+
+
 def _transfers(args: argparse.Namespace) -> int:
     call_args = {} if args.image is None else {"image": args.image}
     result = _daemon_call(args, "transfers", call_args)
@@ -470,6 +485,7 @@ HANDLERS: dict[str, Handler] = {
     "credentials list": _credentials_list,
     "firmware-version": _firmware_version,
     "fleet list": _fleet_list,
+    "fleet forget": _fleet_forget,
     "transfers": _transfers,
     "status": _status,
     "watch": _watch,

@@ -78,6 +78,17 @@ def format_import(result: dict[str, Any]) -> str:
     )
 
 
+def format_forget(result: dict[str, Any]) -> str:
+    """``otactl fleet forget`` summary (one line per CH, then the count)."""
+    lines = [
+        f"{f['guid']}: forgotten ({f['transfers']} transfer(s), {f['devices']} device record(s))"
+        for f in result["forgotten"]
+    ]
+    lines += [f"{r['guid']}: refused {r['error']}: {r['detail']}" for r in result["refused"]]
+    lines.append(f"{len(result['forgotten'])} forgotten, {len(result['refused'])} refused")
+    return "\n".join(lines)
+
+
 def format_distribute(result: dict[str, Any]) -> str:
     """``otactl distribute`` summary (one line, then one line per refused target)."""
     lines = [

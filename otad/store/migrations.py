@@ -12,6 +12,8 @@ Conventions:
 * times are unix seconds as REAL; digests (image ids) are 32-byte BLOBs;
 * u64 values that can exceed SQLite's signed 64-bit INTEGER (the manifest ``sequence``) are
   zero-padded 20-digit TEXT, which sorts in numeric order and stays readable in ``sqlite3``;
+  the manifest's ``created`` and ``expires`` (u64 unix seconds, informational copies of the
+  signed manifest) saturate at 2**63 - 1 instead;
 * transfer ``state`` is free TEXT, checked by :class:`otad.store.TransferState` in Python, so a
   new state never needs a table rebuild.
 """

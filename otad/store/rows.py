@@ -94,6 +94,8 @@ class ImageRow:
     size: int
     block_size: int
     block_count: int
+    # unix seconds, saturated at 2**63 - 1 (SQLite's INTEGER; a manifest's are u64): a copy for
+    # reading the database by hand, exact below year 292 billion; the signed manifest is the truth
     created: int
     expires: int
     signed_manifest: bytes

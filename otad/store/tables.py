@@ -40,6 +40,8 @@ from protocol.release.manifest import Manifest
 from protocol.wire.messages import HubAnnounced, Limits, minor_version
 
 _MAX_SQL_INT: Final = (1 << 63) - 1
+_FORGOTTEN: Final = "forgotten_hub:"  # meta key prefix: + GUID -> when (unix s) it was forgotten
+_FORGOTTEN_END: Final = "forgotten_hub;"  # ";" follows ":": every such key sorts below it
 _CREDENTIALS_UPSERT: Final = (
     "INSERT OR REPLACE INTO credentials (device_id, guid, device_type, state, counter,"
     " current_kid, attempts, deadline, reason, new_kid, updated_at)"
@@ -88,8 +90,11 @@ class Store(Engine):
 
     # ----------------------------------------------------------------------- hubs
 
-    async def upsert_hub(self, hub: HubAnnounced, now: float, *, online: bool = True) -> None:
-        """Record a CH's announcement: its row and, replacing the old list, its HAN devices."""
+    async def upsert_hub(
+        self, hub: HubAnnounced, now: float, *, online: bool = True, returned: bool = False
+    ) -> None:
+        """Record a CH's announcement: its row and, replacing the old list, its HAN devices;
+        ``returned``: a forgotten CH announced itself live again (it is no longer forgotten)."""
         values = (
             hub.guid,
             hub.fw_version,
@@ -123,6 +128,8 @@ class Store(Engine):
                 values,
             )
             await tx.execute("DELETE FROM han_devices WHERE guid = ?", (hub.guid,))
+            if returned:
+                await tx.execute("DELETE FROM meta WHERE key = ?", (_FORGOTTEN + hub.guid,))
             if devices:
                 await tx.executemany(
                     "INSERT INTO han_devices (guid, device_id, device_type, join_mode,"
@@ -143,6 +150,38 @@ class Store(Engine):
             return changed > 0
 
         return await self.write(set_hub_online, durable=False)
+
+    async def forget_hub(self, guid: str, now: float) -> tuple[int, int]:
+        """Remove a CH (durable): its row, HAN devices, transfer rows and device records, and
+        remember it forgotten (a retained copy of its announcement no longer brings it back);
+        return (transfer rows, device records) removed. The caller has checked that nothing of
+        it is in progress. What must never go back is kept: activation and credentials command
+        counters, credential replacements and adopted device keys stay with their devices."""
+
+        async def forget_hub(tx: Tx) -> tuple[int, int]:
+            transfers = await tx.execute("DELETE FROM transfers WHERE guid = ?", (guid,))
+            devices = await tx.execute("DELETE FROM devices WHERE guid = ?", (guid,))
+            await tx.execute("DELETE FROM hubs WHERE guid = ?", (guid,))  # HAN devices cascade
+            await tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (_FORGOTTEN + guid, repr(now)),
+            )
+            return transfers, devices
+
+        return await self.write(forget_hub, durable=True)
+
+    async def forgotten_hubs(self) -> set[str]:
+        """The GUIDs of the CHs forgotten and not heard live since."""
+
+        async def forgotten_hubs(tx: Tx) -> set[str]:
+            rows = await tx.fetchall(
+                "SELECT key FROM meta WHERE key >= ? AND key < ?",
+                (_FORGOTTEN, _FORGOTTEN_END),
+            )
+            return {str(r[0])[len(_FORGOTTEN) :] for r in rows}
+
+        return await self.read(forgotten_hubs)
 
     async def hub(self, guid: str) -> HubRow | None:
         """One CH, or None."""
@@ -191,9 +230,6 @@ class Store(Engine):
         Importing the same digest with the same signed manifest again returns the existing row;
         with a different one raises :class:`ConflictError`.
         """
-        for name in ("created", "expires"):
-            if not 0 <= getattr(manifest, name) <= _MAX_SQL_INT:
-                raise ValueError(f"manifest {name} {getattr(manifest, name)} out of range")
         row = ImageRow(
             sha256=bytes(manifest.sha256),
             vendor=manifest.vendor,
@@ -206,8 +242,8 @@ class Store(Engine):
             size=manifest.size,
             block_size=manifest.block_size,
             block_count=manifest.block_count,
-            created=manifest.created,
-            expires=manifest.expires,
+            created=min(manifest.created, _MAX_SQL_INT),
+            expires=min(manifest.expires, _MAX_SQL_INT),
             signed_manifest=bytes(signed_manifest),
             path=str(path),
             imported_at=now,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -60,6 +61,13 @@ def otactl_json(broker: MosquittoBroker, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class Otad:
     """One ``otad run`` subprocess (restartable on the same state directory)."""
 
@@ -79,6 +87,10 @@ class Otad:
         self.library = library
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "otad.toml"
+        if (
+            "[metrics]" not in config
+        ):  # every otad of the tests serves /metrics on a port of its own
+            config += f"\n[metrics]\nport = {free_port()}\n"
         self.config_path.write_text(config)
         self.log_path = workdir / "otad.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -17,6 +17,7 @@ from otad.events import (
     DistributionResumed,
     DistributionStalled,
     EventDecodeError,
+    HubForgotten,
     HubOffline,
     HubOnline,
     HubRefused,
@@ -63,6 +64,7 @@ def one_of_each() -> list[MonitorEvent]:
             hw_version=0x0100,
         ),
         HubOffline(time=T, guid=GUID),
+        HubForgotten(time=T, guid=GUID, online=False, transfers=2, devices=3),
         HubRefused(
             time=T,
             guid=GUID,
@@ -165,6 +167,7 @@ def test_keys_are_the_same_facts_as_before_so_a_restart_stores_each_once() -> No
         "image.imported": f"image.imported:{IMAGE}",
         "hub.online": f"hub.online:{GUID}:1767225600123",
         "hub.offline": f"hub.offline:{GUID}:1767225600123",
+        "hub.forgotten": f"hub.forgotten:{GUID}:1767225600123",
         "hub.refused": f"hub.refused:{GUID}:MALFORMED:1767225600123",
         "transfer.started": f"transfer.started:{GUID}:{IMAGE}:2",
         "transfer.progress": f"transfer.progress:{GUID}:{IMAGE}:2:1",
