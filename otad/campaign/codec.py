@@ -43,12 +43,19 @@ def to_data(value: Any) -> Any:
     return value
 
 
-@functools.cache
 def _field_names(cls: type) -> tuple[str, ...] | None:
-    """The init fields of a dataclass type (None: not one)."""
-    if not dataclasses.is_dataclass(cls):
-        return None
-    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+    """The init fields of a dataclass type (None: not one), cached per type."""
+    try:
+        return _FIELDS[cls]
+    except KeyError:
+        names = None
+        if dataclasses.is_dataclass(cls):
+            names = tuple(f.name for f in dataclasses.fields(cls) if f.init)
+        _FIELDS[cls] = names
+        return names
+
+
+_FIELDS: dict[type, tuple[str, ...] | None] = {}
 
 
 @functools.cache
