@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -358,6 +359,10 @@ class GmqttClient(MqttClient):
         self._link = link
         try:
             context = s.ssl_context()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self._link = None
+            raise MqttConnectError(f"TLS set-up: {exc}", tls=True) from None
+        try:
             await asyncio.wait_for(
                 link.connect(
                     s.host,
@@ -372,6 +377,11 @@ class GmqttClient(MqttClient):
         except gmqtt.MQTTConnectError as exc:
             await self._close(clean=False)
             raise MqttConnectError(f"refused: {exc}", getattr(exc, "_code", None)) from None
+        except ssl.SSLError as exc:
+            await self._close(clean=False)
+            raise MqttConnectError(
+                f"{s.host}:{s.port}: TLS handshake failed: {exc}", tls=True
+            ) from None
         except (OSError, TimeoutError) as exc:
             await self._close(clean=False)
             raise MqttConnectError(f"{s.host}:{s.port} unreachable: {exc!r}") from None
