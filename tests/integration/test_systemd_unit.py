@@ -1,0 +1,141 @@
+"""The shipped unit, systemd/otad.service, as systemd itself reads it.
+
+``systemd-analyze verify`` checks that every ExecStart=/ExecStartPre= binary exists, and the
+shipped file names /usr/local/bin/otad (where the README installs it), which a test machine
+does not have. So the test verifies a copy of the shipped file in which *only* that path is
+replaced, by the otad console script of the environment running the tests (a real, executable
+otad); every other line is the shipped file's, byte for byte, which the test asserts too. The
+copy keeps the name otad.service, so unit-name checks see the real name.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = REPO / "systemd" / "otad.service"
+EXAMPLE = REPO / "systemd" / "otad.example.toml"
+INSTALLED_OTAD = "/usr/local/bin/otad"
+MAX_EXPOSURE = 2.0
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+pytestmark = pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed (package systemd)"
+)
+
+
+def otad_script() -> Path:
+    """The otad console script of the running environment."""
+    script = Path(sys.executable).parent / "otad"
+    assert script.is_file(), f"no otad console script at {script} (pip install -e .)"
+    return script
+
+
+def unit_copy(tmp_path: Path) -> Path:
+    """systemd/otad.service with only the otad binary's path substituted (module docstring)."""
+    text = UNIT.read_text()
+    assert INSTALLED_OTAD in text
+    copy_text = text.replace(INSTALLED_OTAD, str(otad_script()))
+    original_lines = text.splitlines()
+    copied_lines = copy_text.splitlines()
+    assert len(original_lines) == len(copied_lines)
+    changed = [(a, b) for a, b in zip(original_lines, copied_lines, strict=True) if a != b]
+    assert changed and all(a.replace(INSTALLED_OTAD, str(otad_script())) == b for a, b in changed)
+    unit_dir = tmp_path / "units"
+    unit_dir.mkdir()
+    copy = unit_dir / "otad.service"
+    copy.write_text(copy_text)
+    return copy
+
+
+def settings() -> dict[str, list[str]]:
+    """Every ``Key=value`` of the shipped unit (a key may repeat)."""
+    out: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if line.strip() and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
+    assert SYSTEMD_ANALYZE is not None
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(unit_copy(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    # verify also warns about other units it loads (e.g. mosquitto.service of the host): only
+    # lines about otad.service count
+    complaints = [line for line in result.stderr.splitlines() if "otad.service" in line]
+    assert complaints == [], result.stderr
+
+
+def test_security_exposure_at_most_2(tmp_path: Path) -> None:
+    assert SYSTEMD_ANALYZE is not None
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=yes", str(unit_copy(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    match = re.search(r"Overall exposure level for otad\.service: (\d+\.\d+)", output)
+    assert match, output
+    exposure = float(match.group(1))
+    assert exposure <= MAX_EXPOSURE, output
+
+
+def test_security_gate_catches_a_weakened_unit(tmp_path: Path) -> None:
+    """The score parsed above moves: the same unit without its sandboxing scores above 2."""
+    assert SYSTEMD_ANALYZE is not None
+    copy = unit_copy(tmp_path)
+    kept = ("[", "Type=", "ExecStart=", "Description=")
+    lines = [line for line in copy.read_text().splitlines() if line.startswith(kept)]
+    copy.write_text("\n".join(lines) + "\n")
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=yes", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for otad\.service: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) > MAX_EXPOSURE
+
+
+def test_unit_settings_the_service_relies_on() -> None:
+    s = settings()
+    assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
+    assert s["Restart"] == ["on-failure"]
+    from otad.cli import EXIT_CONFIG
+    from otad.daemon import EXIT_START_FAILED
+
+    assert s["RestartPreventExitStatus"] == [str(EXIT_CONFIG)] == [str(EXIT_START_FAILED)]
+    assert s["DynamicUser"] == ["yes"] and s["StateDirectory"] == ["otad"]
+    assert s["StateDirectoryMode"] == ["0700"]
+    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert s["ExecStartPre"] == [f"{INSTALLED_OTAD} check-config /etc/otad/otad.toml"]
+    assert s["ExecStart"] == [f"{INSTALLED_OTAD} run --config /etc/otad/otad.toml"]
+    assert s["MemoryDenyWriteExecute"] == ["yes"]
+    watchdog = s["WatchdogSec"][0]
+    assert watchdog.endswith("s") and int(watchdog[:-1]) >= 10
+
+
+def test_credentials_match_the_example_config() -> None:
+    """Every credential path the example config names is one the unit loads, and back."""
+    loaded = {v.partition(":")[0] for v in settings()["LoadCredential"]}
+    named = set(re.findall(r"/run/credentials/otad\.service/([\w.-]+)", EXAMPLE.read_text()))
+    assert named == loaded
+    assert "$STATE_DIRECTORY" in EXAMPLE.read_text()
