@@ -46,7 +46,8 @@ def unit_copy(tmp_path: Path) -> Path:
     copied_lines = copy_text.splitlines()
     assert len(original_lines) == len(copied_lines)
     changed = [(a, b) for a, b in zip(original_lines, copied_lines, strict=True) if a != b]
-    assert changed and all(a.replace(INSTALLED_OTAD, str(otad_script())) == b for a, b in changed)
+    assert changed
+    assert all(a.replace(INSTALLED_OTAD, str(otad_script())) == b for a, b in changed)
     unit_dir = tmp_path / "units"
     unit_dir.mkdir()
     copy = unit_dir / "otad.service"
@@ -117,20 +118,23 @@ def test_security_gate_catches_a_weakened_unit(tmp_path: Path) -> None:
 
 def test_unit_settings_the_service_relies_on() -> None:
     s = settings()
-    assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
+    assert s["Type"] == ["notify"]
+    assert s["NotifyAccess"] == ["main"]
     assert s["Restart"] == ["on-failure"]
     from otad.cli import EXIT_CONFIG
     from otad.daemon import EXIT_START_FAILED
 
     assert s["RestartPreventExitStatus"] == [str(EXIT_CONFIG)] == [str(EXIT_START_FAILED)]
-    assert s["DynamicUser"] == ["yes"] and s["StateDirectory"] == ["otad"]
+    assert s["DynamicUser"] == ["yes"]
+    assert s["StateDirectory"] == ["otad"]
     assert s["StateDirectoryMode"] == ["0700"]
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert s["ExecStartPre"] == [f"{INSTALLED_OTAD} check-config /etc/otad/otad.toml"]
     assert s["ExecStart"] == [f"{INSTALLED_OTAD} run --config /etc/otad/otad.toml"]
     assert s["MemoryDenyWriteExecute"] == ["yes"]
     watchdog = s["WatchdogSec"][0]
-    assert watchdog.endswith("s") and int(watchdog[:-1]) >= 10
+    assert watchdog.endswith("s")
+    assert int(watchdog[:-1]) >= 10
 
 
 def test_credentials_match_the_example_config() -> None:
