@@ -60,6 +60,13 @@ def otactl_json(broker: MosquittoBroker, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
+def _environment() -> dict[str, str]:
+    """The test's environment without what would make otad believe it runs under systemd
+    (journal-style log lines, notifications), unless a test sets it."""
+    hidden = ("JOURNAL_STREAM", "INVOCATION_ID", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    return {k: v for k, v in os.environ.items() if k not in hidden}
+
+
 class Otad:
     """One ``otad run`` subprocess (restartable on the same state directory)."""
 
@@ -71,7 +78,13 @@ class Otad:
         *,
         library: str = "gmqtt",
         config: str = "",
+        env: dict[str, str] | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
+        """``env``: added to the daemon's environment; ``wrapper``: argv run before
+        ``python -m otad ...`` (a launcher that execs its arguments)."""
+        self.env = env or {}
+        self.wrapper = wrapper
         self.broker = broker
         self.workdir = workdir
         self.state_dir = workdir / "state"
@@ -93,6 +106,7 @@ class Otad:
         log.flush()
         self.proc = subprocess.Popen(
             [
+                *self.wrapper,
                 sys.executable,
                 "-m",
                 "otad",
@@ -110,6 +124,7 @@ class Otad:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**_environment(), **self.env},
         )
         log.close()
 
