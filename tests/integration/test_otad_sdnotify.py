@@ -72,8 +72,8 @@ class Listener:
         found = self.having(key)
         return found[0][0] if found else None
 
-    async def wait_for(self, key: str, timeout: float = 30.0) -> float:
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, key: str, wait_s: float = 30.0) -> float:
+        deadline = time.monotonic() + wait_s
         while (at := self.first(key)) is None:
             assert time.monotonic() < deadline, f"no {key} in {self.messages}"
             await asyncio.sleep(0.05)
