@@ -68,6 +68,15 @@ if _gmqtt_logger.level == logging.NOTSET:
     _gmqtt_logger.setLevel(logging.WARNING)
 
 
+def _not_gmqtts_reconnect_verdict(record: logging.LogRecord) -> bool:
+    """gmqtt logs "... permanent, not reconnecting" at ERROR after a refusal; reconnecting is not
+    gmqtt's decision here (:class:`mqttio.interface.MqttClient` logs the refusal, named)."""
+    return "not reconnecting" not in str(record.msg)
+
+
+logging.getLogger("gmqtt.mqtt.handler").addFilter(_not_gmqtts_reconnect_verdict)
+
+
 class _Store(PersistentStorage):  # type: ignore[misc]
     """gmqtt's store of outbound QoS>0 packets awaiting their PUBACK, which tells the adapter
     each time one is released (so :meth:`GmqttClient.drain` can wake up)."""
