@@ -226,7 +226,9 @@ class Daemon:
                 len(trust.revoked),
             )
             for line in no_longer:
-                log.warning("reload: image %s no longer verifies; served until otad restarts", line)
+                log.warning(
+                    "reload: no longer verifies: image %s; served until otad restarts", line
+                )
         finally:
             if self._ready and not self._stopping:
                 self.notifier.ready(self._status_line())
