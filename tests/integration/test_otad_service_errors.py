@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import os
 import subprocess
 import sys
@@ -21,11 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from otad_harness import Otad, otad_config
+from tlskit import tls_listener_config, write_ca
 
 from loadtest.broker import MosquittoBroker
 from loadtest.release import make_release
@@ -55,66 +50,10 @@ def password_broker(tmp_path: Path) -> MosquittoBroker:
     )
 
 
-def write_ca(directory: Path, name: str) -> tuple[Path, ec.EllipticCurvePrivateKey, x509.Name]:
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    path = directory / f"{name}.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path, key, subject
-
-
 def tls_broker(tmp_path: Path) -> tuple[MosquittoBroker, Path]:
     """A Mosquitto whose only listener is TLS with a certificate for 127.0.0.1; its CA file."""
-    directory = tmp_path / "pki"
-    ca_path, ca_key, ca_name = write_ca(directory, "broker-ca")
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    (directory / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "server.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    broker = MosquittoBroker(
-        workdir=tmp_path / "mosquitto",
-        extra_config="\n".join(
-            (
-                f"cafile {ca_path}",
-                f"certfile {directory / 'server.pem'}",
-                f"keyfile {directory / 'server.key'}",
-            )
-        ),
-    )
-    return broker, ca_path
+    lines, ca = tls_listener_config(tmp_path / "pki")
+    return MosquittoBroker(workdir=tmp_path / "mosquitto", extra_config=lines), ca.cert
 
 
 async def wait_for_log(otad: Otad, text: str, wait_s: float = 20.0) -> str:
@@ -182,7 +121,7 @@ async def test_tls_failure_is_named(tmp_path: Path, mqtt_library: str) -> None:
     broker, broker_ca = tls_broker(tmp_path)
     broker.start()
     try:
-        other_ca, _, _ = write_ca(tmp_path / "other", "another-ca")
+        other_ca = write_ca(tmp_path / "other", "another-ca").cert
         wrong = create_client(
             mqtt_library,
             MqttSettings(client_id="otad-tls-test", port=broker.port, tls_ca=str(other_ca)),
@@ -206,7 +145,7 @@ async def test_tls_failure_is_named(tmp_path: Path, mqtt_library: str) -> None:
 async def test_otad_against_a_broker_of_another_ca_logs_a_tls_error(tmp_path: Path) -> None:
     broker, _ = tls_broker(tmp_path)
     broker.start()
-    other_ca, _, _ = write_ca(tmp_path / "other", "another-ca")
+    other_ca = write_ca(tmp_path / "other", "another-ca").cert
     release = make_release(tmp_path / "release", firmware_bytes=4096)
     config = otad_config(broker={"tls_ca": str(other_ca)})
     otad = Otad(broker, tmp_path / "otad", release.trust_dir, config=config)
@@ -278,7 +217,7 @@ def test_an_unreadable_password_file_and_a_mismatched_tls_key(tmp_path: Path) ->
     secret = tmp_path / "password"
     secret.write_text("x")
     secret.chmod(0)
-    ca, _, _ = write_ca(tmp_path / "ca", "ca")
+    ca = write_ca(tmp_path / "ca", "ca").cert
     wrong_key = tmp_path / "wrong.key"
     write_keypair(wrong_key)
     config = tmp_path / "otad.toml"
