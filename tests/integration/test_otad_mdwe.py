@@ -116,8 +116,10 @@ async def test_a_whole_distribution_with_activation_over_tls_under_mdwe(
             await monitor.wait_for(lambda: len(monitor.of_kind(TransferHeld)) == HUBS, 60)
             await wait_devices(
                 broker,
-                lambda rs: len(rs) == HUBS
-                and all(r["state"] in ("held_by_ch", "held_by_device") for r in rs),
+                lambda rs: (
+                    len(rs) == HUBS
+                    and all(r["state"] in ("held_by_ch", "held_by_device") for r in rs)
+                ),
                 30,
                 release.sha256,
             )
