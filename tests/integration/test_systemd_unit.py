@@ -17,6 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from tlskit import write_ca
+
+from otad.keyfiles import write_keypair
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "otad.service"
@@ -25,7 +29,7 @@ INSTALLED_OTAD = "/usr/local/bin/otad"
 MAX_EXPOSURE = 2.0
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
-pytestmark = pytest.mark.skipif(
+needs_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed (package systemd)"
 )
 
@@ -65,6 +69,7 @@ def settings() -> dict[str, list[str]]:
     return out
 
 
+@needs_analyze
 def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
     assert SYSTEMD_ANALYZE is not None
     result = subprocess.run(
@@ -81,6 +86,7 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
     assert complaints == [], result.stderr
 
 
+@needs_analyze
 def test_security_exposure_at_most_2(tmp_path: Path) -> None:
     assert SYSTEMD_ANALYZE is not None
     result = subprocess.run(
@@ -97,6 +103,7 @@ def test_security_exposure_at_most_2(tmp_path: Path) -> None:
     assert exposure <= MAX_EXPOSURE, output
 
 
+@needs_analyze
 def test_security_gate_catches_a_weakened_unit(tmp_path: Path) -> None:
     """The score parsed above moves: the same unit without its sandboxing scores above 2."""
     assert SYSTEMD_ANALYZE is not None
@@ -143,3 +150,57 @@ def test_credentials_match_the_example_config() -> None:
     named = set(re.findall(r"/run/credentials/otad\.service/([\w.-]+)", EXAMPLE.read_text()))
     assert named == loaded
     assert "$STATE_DIRECTORY" in EXAMPLE.read_text()
+
+
+README = REPO / "README.md"
+
+
+def readme_install_toml() -> str:
+    """The otad.toml the README's "otad as a systemd service" section writes."""
+    text = README.read_text()
+    section = text[text.index("### otad as a systemd service") :]
+    match = re.search(r"cat > /etc/otad/otad\.toml <<'TOML'\n(.*?)\nTOML\n", section, re.DOTALL)
+    assert match, "the README's install section writes /etc/otad/otad.toml"
+    return match.group(1) + "\n"
+
+
+def test_the_readme_install_config_passes_check_config(tmp_path: Path) -> None:
+    """The README's otad.toml, with only /etc/otad and the unit's credentials directory moved
+    under tmp_path, and the files the README puts there made: check-config accepts it, and
+    every credential it names is one the unit loads."""
+    toml = readme_install_toml()
+    loaded = {v.partition(":")[0] for v in settings()["LoadCredential"]}
+    assert set(re.findall(r"/run/credentials/otad\.service/([\w.-]+)", toml)) == loaded
+    etc, creds = tmp_path / "etc-otad", tmp_path / "credentials"
+    (etc / "trust").mkdir(parents=True)
+    creds.mkdir()
+    release_key = write_keypair(tmp_path / "release.pem")
+    (etc / "trust" / "release.pub.pem").write_bytes(release_key.public_path.read_bytes())
+    write_keypair(creds / "activation.pem")
+    (creds / "broker-password").write_text("secret\n")
+    ca = write_ca(tmp_path / "pki", "broker-ca")
+    (etc / "broker-ca.pem").write_bytes(ca.cert.read_bytes())
+    client = write_ca(tmp_path / "pki", "otad")  # any certificate with its key will do here
+    (etc / "otad.crt").write_bytes(client.cert.read_bytes())
+    (creds / "otad.key").write_bytes(
+        client.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    config = tmp_path / "otad.toml"
+    config.write_text(
+        toml.replace("/run/credentials/otad.service", str(creds)).replace("/etc/otad", str(etc))
+    )
+    result = subprocess.run(
+        [str(otad_script()), "check-config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"STATE_DIRECTORY": str(tmp_path / "state"), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "broker: localhost:8883 with gmqtt, TLS" in result.stdout
+    assert f"state: {tmp_path / 'state'}" in result.stdout
