@@ -26,6 +26,10 @@ Semantics shared by both adapters (the contract the daemon relies on):
 * The message handler runs synchronously on the event loop for every message; an exception in it
   is logged (rate-limited) and never breaks the receive loop.
 * TCP_NODELAY is set on every connection (without it a request/ack round trip costs ~88 ms).
+* A failed attempt is logged with its reason: at ERROR when someone must change a
+  configuration (a CONNACK refusal, named: ``bad user name or password``, ``not authorised``;
+  or a TLS failure: set-up or handshake), at WARNING otherwise (unreachable, lost).
+  :attr:`MqttClient.last_connect_error` keeps the latest, for a status line.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ subscriptions are in place before ``connect`` returns) and sending starts.
 ``otad.progress``     hands acknowledgement bookkeeping to the store's batch
 ``otad.finals``       commits ended transfers' final states, in batches, after their events
 ``otad.stalls``       flags transfers and distributions that stopped making progress
-``otad.looplag``      measures event-loop lag continuously (shown in the status)
+``otad.looplag``      measures event-loop lag continuously (shown in the status); like
+                      ``otad.watchdog`` it runs from the moment the store is open
 ``otad.registry``     writes hub announcements / presence to the store, group-committed
 ``otad.devices``      HAN devices' reports, activations, read-backs, deadlines (:mod:`otad.devices`)
                       and credential replacements in turn with them (:mod:`otad.credentials`)
@@ -424,7 +425,7 @@ class Daemon:
         await self.control_client.subscribe(topics.CTL_REQUEST_WILDCARD, 1)
         log.info(
             "otad %s: %d image(s), %d hub(s) known, %d transfer(s) to resume; connecting to %s:%d"
-            " with %s",
+            " with %s as %s",
             self.version,
             len(self.catalogue.images),
             len(self.registry.hubs),
@@ -432,6 +433,7 @@ class Daemon:
             c.broker.host,
             c.broker.port,
             c.broker.library,
+            c.client_id,
         )
 
     async def connect(self) -> bool:
