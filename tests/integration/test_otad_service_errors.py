@@ -177,6 +177,7 @@ MISSING_FILE_CASES = [
     ("broker", "password_file", "broker.password_file"),
     ("broker", "tls_ca", "broker.tls_ca"),
     ("broker", "tls_cert", "broker.tls_cert"),
+    ("broker", "tls_key", "broker.tls_key"),
     ("activation", "key", "activation.key"),
     ("activation", "device_keys", "activation.device_keys"),
     ("trust", "revoked_file", "trust.revoked_file"),
@@ -196,6 +197,8 @@ def test_a_missing_file_is_one_line_and_exit_2(
     }
     if key == "tls_cert":
         sections["broker"] = {"tls_key": str(tmp_path / "also-missing.key")}
+    if key == "tls_key":
+        sections["broker"] = {"tls_cert": str(write_ca(tmp_path / "ca", "client").cert)}
     if key == "password_file":
         sections["broker"] = {"username": "otad"}
     sections.setdefault(section, {})[key] = str(tmp_path / "missing")
