@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from typing import Any
 
 import aiomqtt
@@ -207,6 +208,10 @@ class AiomqttClient(MqttClient):
         will = None
         if s.will is not None:
             will = aiomqtt.Will(s.will.topic, s.will.payload, s.will.qos, s.will.retain)
+        try:
+            tls_context = s.ssl_context()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise MqttConnectError(f"TLS set-up: {exc}", tls=True) from None
         aclient = aiomqtt.Client(
             s.host,
             s.port,
@@ -219,7 +224,7 @@ class AiomqttClient(MqttClient):
             keepalive=s.keepalive,
             timeout=s.connect_timeout,
             max_inflight_messages=HARD_INFLIGHT_LIMIT,
-            tls_context=s.ssl_context(),
+            tls_context=tls_context,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         aclient.pending_calls_threshold = HARD_INFLIGHT_LIMIT
@@ -237,6 +242,10 @@ class AiomqttClient(MqttClient):
             raise MqttConnectError(f"refused: {exc}", code) from None
         except aiomqtt.MqttError as exc:
             await self._close(clean=False)
+            if isinstance(exc.__context__, ssl.SSLError):  # aiomqtt raises "from None"
+                raise MqttConnectError(
+                    f"{s.host}:{s.port}: TLS handshake failed: {exc}", tls=True
+                ) from None
             raise MqttConnectError(f"{s.host}:{s.port} unreachable: {exc}") from None
         except BaseException:
             await self._close(clean=False)

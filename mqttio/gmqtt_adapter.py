@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -65,6 +66,15 @@ log = logging.getLogger("mqttio.gmqtt")
 _gmqtt_logger = logging.getLogger("gmqtt")
 if _gmqtt_logger.level == logging.NOTSET:
     _gmqtt_logger.setLevel(logging.WARNING)
+
+
+def _not_gmqtts_reconnect_verdict(record: logging.LogRecord) -> bool:
+    """gmqtt logs "... permanent, not reconnecting" at ERROR after a refusal; reconnecting is not
+    gmqtt's decision here (:class:`mqttio.interface.MqttClient` logs the refusal, named)."""
+    return "not reconnecting" not in str(record.msg)
+
+
+logging.getLogger("gmqtt.mqtt.handler").addFilter(_not_gmqtts_reconnect_verdict)
 
 
 class _Store(PersistentStorage):  # type: ignore[misc]
@@ -358,6 +368,10 @@ class GmqttClient(MqttClient):
         self._link = link
         try:
             context = s.ssl_context()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self._link = None
+            raise MqttConnectError(f"TLS set-up: {exc}", tls=True) from None
+        try:
             await asyncio.wait_for(
                 link.connect(
                     s.host,
@@ -372,6 +386,11 @@ class GmqttClient(MqttClient):
         except gmqtt.MQTTConnectError as exc:
             await self._close(clean=False)
             raise MqttConnectError(f"refused: {exc}", getattr(exc, "_code", None)) from None
+        except ssl.SSLError as exc:
+            await self._close(clean=False)
+            raise MqttConnectError(
+                f"{s.host}:{s.port}: TLS handshake failed: {exc}", tls=True
+            ) from None
         except (OSError, TimeoutError) as exc:
             await self._close(clean=False)
             raise MqttConnectError(f"{s.host}:{s.port} unreachable: {exc!r}") from None

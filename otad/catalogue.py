@@ -186,6 +186,25 @@ class Catalogue:
                 continue
             self._add(manifest, row.signed_manifest, Path(row.path), row.imported_at)
 
+    @property
+    def trust(self) -> TrustStore:
+        """The trust store imports are verified against."""
+        return self._trust
+
+    def replace_trust(self, trust: TrustStore) -> list[str]:
+        """Verify every later import against ``trust`` (a SIGHUP reload); return one line per
+        imported image that no longer verifies under it. Such an image stays served until
+        otad restarts (transfers in progress are not cut off); a restart leaves it out, as
+        :meth:`load` does."""
+        self._trust = trust
+        lost = []
+        for image in self.images.values():
+            try:
+                trust.verify(image.signed_manifest, max_size=MAX_SIGNED_MANIFEST_BYTES)
+            except ProtocolError as exc:
+                lost.append(f"{image.sha256.hex()} ({exc})")
+        return lost
+
     def _add(self, manifest: Manifest, signed: bytes, path: Path, imported_at: float) -> Image:
         image = Image(
             sha256=manifest.sha256,

@@ -16,9 +16,11 @@ The files named here are not opened by this module: whoever uses them reports a 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import re
+import socket
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -41,6 +43,7 @@ __all__ = [
     "TransferConfig",
     "TrustConfig",
     "cli_overrides",
+    "default_client_id",
     "load_config",
 ]
 
@@ -68,7 +71,9 @@ class BrokerConfig:
 
     host: str = "localhost"
     port: int = 1883
-    client_id: str = "otad"
+    # "" (the default): otad-<hostname>-<8 hex digits of the state directory's path>
+    # (:func:`default_client_id`), so two otads on one broker never share a session by default
+    client_id: str = ""
     username: str | None = None
     password_file: Path | None = None  # file holding the password (e.g. a systemd credential)
     tls_ca: Path | None = None  # CA bundle; setting it turns TLS on
@@ -81,6 +86,16 @@ class BrokerConfig:
     def tls(self) -> bool:
         """Whether to connect with TLS."""
         return self.tls_ca is not None or self.tls_cert is not None
+
+
+def default_client_id(state_dir: Path, hostname: str | None = None) -> str:
+    """``otad-<hostname>-<hash>``: unique per host and state directory (the hash is the first
+    8 hex digits of SHA-256 of the state directory's absolute path), within the client-id
+    alphabet (other characters of the host name become ``_``)."""
+    host = socket.gethostname() if hostname is None else hostname
+    host = re.sub(r"[^A-Za-z0-9_.:-]", "_", host)[:64] or "host"
+    digest = hashlib.sha256(str(Path(state_dir).absolute()).encode()).hexdigest()[:8]
+    return f"otad-{host}-{digest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +232,12 @@ class Config:
     campaigns: CampaignsConfig = field(default_factory=CampaignsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def client_id(self) -> str:
+        """The data session's MQTT client id: ``broker.client_id``, or when that is unset
+        :func:`default_client_id` of the state directory."""
+        return self.broker.client_id or default_client_id(self.store.state_dir)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -361,7 +382,7 @@ def _validate(config: Config) -> Config:
     if not b.host or any(c in b.host for c in " /\0"):
         raise ConfigError("broker.host", f"must be a host name or address, got {b.host!r}")
     _in_range("broker.port", b.port, 1, 65535)
-    if not _CLIENT_ID.fullmatch(b.client_id):
+    if b.client_id and not _CLIENT_ID.fullmatch(b.client_id):
         raise ConfigError(
             "broker.client_id",
             f"must be 1-124 of A-Z a-z 0-9 _ . : - (no / + # or NUL), got {b.client_id!r}",

@@ -17,12 +17,24 @@ subscriptions are in place before ``connect`` returns) and sending starts.
 ``otad.progress``     hands acknowledgement bookkeeping to the store's batch
 ``otad.finals``       commits ended transfers' final states, in batches, after their events
 ``otad.stalls``       flags transfers and distributions that stopped making progress
-``otad.looplag``      measures event-loop lag continuously (shown in the status)
+``otad.looplag``      measures event-loop lag continuously (shown in the status); like
+                      ``otad.watchdog`` it runs from the moment the store is open
 ``otad.registry``     writes hub announcements / presence to the store, group-committed
 ``otad.devices``      HAN devices' reports, activations, read-backs, deadlines (:mod:`otad.devices`)
                       and credential replacements in turn with them (:mod:`otad.credentials`)
 ``otad.campaigns``    the campaign engines' evaluation tick (:mod:`otad.campaigns`)
 ``otad.store.writer`` (the store's own single writer task)
+``otad.watchdog``     systemd's ``WATCHDOG=1`` pings, only while the loop and the store's writer
+                      are healthy, and ``STATUS=`` lines (:mod:`otad.watchdog`); from the moment
+                      the store is open, so it runs while otad waits for the broker too
+
+**systemd** (:mod:`otad.sdnotify`): ``READY=1`` once the store is open, migrations are done and
+both MQTT sessions are connected and subscribed; ``STOPPING=1`` when the shutdown begins;
+SIGHUP reloads the trust store and the revocation list (``RELOADING=1`` ... ``READY=1``;
+transfers carry on: only later imports see the new keys). If the data session keeps being
+taken over (:data:`TAKEOVER_LIMIT` short sessions lost within :data:`TAKEOVER_WINDOW_S`: another
+client uses the same client id, typically a second otad), otad stops with an ERROR and exit
+status 1 instead of fighting over the session.
 
 Beside the loop, ``prometheus_client``'s HTTP server thread answers ``/metrics``
 (:mod:`otad.metrics`; it gets its figures handed over by the loop), from start-up to the end.
@@ -56,6 +68,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -78,9 +91,11 @@ from otad.outbox import EventPublisher
 from otad.refusals import HubRefusals
 from otad.registry import Hub, Registry
 from otad.rejects import RejectLog
+from otad.sdnotify import Notifier, watchdog_interval
 from otad.status import StatusPublisher, StatusSnapshot, lost_status
 from otad.store import Store, StoreError
 from otad.timers import TimerHost
+from otad.watchdog import Watchdog
 from protocol.errors import Reason
 from protocol.release.trust import TrustStore
 from protocol.wire import topics
@@ -89,6 +104,17 @@ log = logging.getLogger("otad")
 
 #: Exit status of a start-up failure (trust store or store unusable).
 EXIT_START_FAILED = 2
+#: Exit status when the data session was taken over again and again (another client, most
+#: likely a second otad, uses the same client id).
+EXIT_SESSION_TAKEN_OVER = 1
+#: Sessions lost within TAKEOVER_WINDOW_S seconds, each within TAKEOVER_WINDOW_S of its connect,
+#: that make otad stop as taken over. A network that drops a fresh session 5 times in 30 s is
+#: not one otad can serve either; systemd's restart (with its own pacing) then takes over.
+TAKEOVER_LIMIT = 5
+TAKEOVER_WINDOW_S = 30.0
+#: Environment variable (tests, debugging): seconds to block the event loop with a synchronous
+#: sleep on each SIGUSR2, so the watchdog's behaviour with a really blocked loop can be seen.
+DEBUG_BLOCK_ENV = "OTAD_DEBUG_BLOCK_ON_SIGUSR2"
 #: Bytes of received packets handled per event-loop turn (MqttSettings.read_chunk). gmqtt reads
 #: 64 KiB at a time and handles every packet in it before anything else runs: about 660
 #: acknowledgements, 100-180 ms of otad's work at 3,000 CHs, during which no timer, control
@@ -123,10 +149,12 @@ class Daemon:
         mqtt_client: Callable[[str, MqttSettings], MqttClient] = create_client,
         timers: TimerHost | None = None,
         wall_clock: Callable[[], float] = time.time,
+        notifier: Notifier | None = None,
     ) -> None:
         """Prepare; nothing happens until :meth:`run`. ``mqtt_client(library, settings)`` makes
         each MQTT session's client; ``timers`` is the monotonic clock and its timers (None: the
-        running event loop); ``wall_clock`` is unix time."""
+        running event loop); ``wall_clock`` is unix time; ``notifier`` tells systemd (None:
+        ``$NOTIFY_SOCKET``'s)."""
         self.config = config
         self._mqtt_client = mqtt_client
         self._timers = timers
@@ -134,6 +162,11 @@ class Daemon:
         self.started_at = wall_clock()
         self.version = version()
         self._stop = asyncio.Event()
+        self.notifier = notifier if notifier is not None else Notifier()
+        self._ready = False
+        self._stopping = False
+        self._exit_status = 0
+        self._reload_task: asyncio.Task[None] | None = None
         self.rejects = RejectLog(logging.getLogger("otad.input"))
         self.loop_lag = LoopLag()
         # set up by startup()
@@ -157,13 +190,81 @@ class Daemon:
         """Begin a clean shutdown (signal handler)."""
         if not self._stop.is_set():
             log.info("shutdown requested")
+            self._notify_stopping()
         self._stop.set()
+
+    def _notify_stopping(self) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self.notifier.stopping("stopping: flushing state")
+
+    def request_reload(self) -> None:
+        """Reload the trust store and the revocation list (SIGHUP), in the background."""
+        if self._reload_task is not None and not self._reload_task.done():
+            log.info("reload requested while one runs: ignored")
+            return
+        if not hasattr(self, "catalogue"):
+            log.info("reload requested during start-up: the trust store being loaded is used")
+            return
+        self._reload_task = asyncio.get_running_loop().create_task(
+            self.reload_trust(), name="otad.reload"
+        )
+
+    async def reload_trust(self) -> None:
+        """Read the trust directory and the revocation list again and verify later imports
+        against them; on any error keep the current trust store (logged)."""
+        c = self.config.trust
+        self.notifier.reloading(time.monotonic_ns() // 1000)
+        try:
+            try:
+                trust = await asyncio.to_thread(load_trust_dir, c.dir, c.revoked_file)
+            except KeyFileError as exc:
+                log.error("reload: trust store kept as it was: %s", exc)
+                return
+            old = self.catalogue.trust
+            no_longer = self.catalogue.replace_trust(trust)
+            added = sorted(k.hex() for k in trust.kids - old.kids)
+            removed = sorted(k.hex() for k in old.kids - trust.kids)
+            log.info(
+                "reload: trust store %s: %d key(s) trusted (added: %s; no longer trusted: %s);"
+                " %d key id(s) revoked",
+                c.dir,
+                len(trust.kids),
+                ", ".join(added) or "none",
+                ", ".join(removed) or "none",
+                len(trust.revoked),
+            )
+            for line in no_longer:
+                log.warning(
+                    "reload: no longer verifies: image %s; served until otad restarts", line
+                )
+        finally:
+            if self._ready and not self._stopping:
+                self.notifier.ready(self._status_line())
+
+    def _status_line(self) -> str:
+        """The one-line summary systemd shows (``STATUS=``)."""
+        b = self.config.broker
+        if self._stopping:
+            return "stopping"
+        if not self._ready:
+            client = getattr(self, "client", None)
+            problem = None if client is None else client.last_connect_error
+            where = f"{b.host}:{b.port}"
+            return f"connecting to the broker {where}" + (f": {problem}" if problem else "")
+        counts = self.distribution.counts()
+        return (
+            f"{self.registry.online} of {len(self.registry.hubs)} hubs online,"
+            f" {counts.get('active', 0)} transfers active, {len(self.catalogue.images)} images"
+        )
 
     async def run(self) -> int:
         """Start up, run until SIGTERM/SIGINT, shut down; return the exit status."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        _install_debug_block()
         c = self.config
         try:
             trust = await asyncio.to_thread(load_trust_dir, c.trust.dir, c.trust.revoked_file)
@@ -183,6 +284,17 @@ class Daemon:
         except StoreError as exc:
             log.error("cannot open the store: %s", exc)
             return EXIT_START_FAILED
+        self.watchdog = Watchdog(
+            self.notifier,
+            timeout=watchdog_interval(),
+            loop_lag=self.loop_lag,
+            store=self.store,
+            status_line=self._status_line,
+        )
+        supervision = [
+            loop.create_task(self.loop_lag.run(), name="otad.looplag"),
+            loop.create_task(self.watchdog.run(), name="otad.watchdog"),
+        ]
         try:
             try:
                 await self.startup(trust)
@@ -193,10 +305,16 @@ class Daemon:
             if not await self.connect():
                 log.info("stopped before the broker could be reached")
                 return 0
+            self._ready = True
+            self.notifier.ready(self._status_line())
             status = await self.main_loop()
+            self._notify_stopping()
             await self.shutdown()
-            return status
+            return status or self._exit_status
         finally:
+            for task in supervision:
+                task.cancel()
+            await asyncio.gather(*supervision, return_exceptions=True)
             if self.metrics is not None:
                 await self.metrics.stop()
             try:
@@ -338,7 +456,7 @@ class Daemon:
         await self.control_client.subscribe(topics.CTL_REQUEST_WILDCARD, 1)
         log.info(
             "otad %s: %d image(s), %d hub(s) known, %d transfer(s) to resume; connecting to %s:%d"
-            " with %s",
+            " with %s as %s",
             self.version,
             len(self.catalogue.images),
             len(self.registry.hubs),
@@ -346,6 +464,7 @@ class Daemon:
             c.broker.host,
             c.broker.port,
             c.broker.library,
+            c.client_id,
         )
 
     def _metrics_sources(self) -> Sources:
@@ -393,6 +512,21 @@ class Daemon:
         await self.client.connect()
         await self.control_client.connect()
 
+    def _check_takeover(self) -> None:
+        """After a loss of the data session: stop if it keeps being taken over."""
+        lost = self.client.short_session_losses(TAKEOVER_WINDOW_S, shorter_than=TAKEOVER_WINDOW_S)
+        if lost >= TAKEOVER_LIMIT and not self._stop.is_set():
+            log.error(
+                "MQTT session %r lost %d times within %.0f s, each soon after connecting: another"
+                " client (a second otad?) uses this client id and the broker keeps handing the"
+                " session over; stopping",
+                self.client.settings.client_id,
+                lost,
+                TAKEOVER_WINDOW_S,
+            )
+            self._exit_status = EXIT_SESSION_TAKEN_OVER
+            self.request_stop()
+
     async def _mqtt_settings(self, *, control: bool = False) -> MqttSettings:
         """The data session's settings, or (``control``) the control session's: same broker
         and credentials, client id ``<client_id>.ctl``, no will."""
@@ -403,7 +537,7 @@ class Daemon:
             password = text.strip()
         will = Will(topics.OTAD_STATUS, lost_status(self.version, self.started_at), 1, True)
         return MqttSettings(
-            client_id=f"{b.client_id}.ctl" if control else b.client_id,
+            client_id=f"{self.config.client_id}.ctl" if control else self.config.client_id,
             host=b.host,
             port=b.port,
             username=b.username,
@@ -439,7 +573,6 @@ class Daemon:
                 )
                 group.create_task(self.distribution.run_final_writer(), name="otad.finals")
                 group.create_task(self.distribution.run_stall_watch(), name="otad.stalls")
-                group.create_task(self.loop_lag.run(), name="otad.looplag")
                 group.create_task(self.registry.run(), name="otad.registry")
                 group.create_task(self.devices.run(), name="otad.devices")
                 group.create_task(self.campaigns.run(), name="otad.campaigns")
@@ -480,6 +613,7 @@ class Daemon:
             log.info("MQTT session up")
         else:
             log.warning("MQTT session lost; reconnecting")
+            self._check_takeover()
         self.distribution.connection_changed(up)
         self.events.connection_changed(up)
         if up:
@@ -519,6 +653,26 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.control_client.disconnect()
         log.info("stopped")
+
+
+def _install_debug_block() -> None:
+    """With ``$OTAD_DEBUG_BLOCK_ON_SIGUSR2`` = seconds, each SIGUSR2 blocks the event loop for
+    that long: a Python-level handler (not the loop's) sleeping synchronously, so the loop
+    really cannot run (unlike a SIGSTOP, which stops the whole process and systemd with it)."""
+    seconds = os.environ.get(DEBUG_BLOCK_ENV, "")
+    try:
+        block = float(seconds)
+    except ValueError:
+        return
+    if not 0 < block <= 3600:
+        return
+    log.warning("%s=%s: SIGUSR2 blocks the event loop for %.1f s", DEBUG_BLOCK_ENV, seconds, block)
+
+    def blocked(signum: int, frame: object) -> None:
+        log.warning("SIGUSR2: blocking the event loop for %.1f s", block)
+        time.sleep(block)
+
+    signal.signal(signal.SIGUSR2, blocked)
 
 
 async def run(config: Config) -> int:

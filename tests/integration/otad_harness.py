@@ -68,6 +68,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _environment() -> dict[str, str]:
+    """The test's environment without what would make otad believe it runs under systemd
+    (journal-style log lines, notifications), unless a test sets it."""
+    hidden = ("JOURNAL_STREAM", "INVOCATION_ID", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    return {k: v for k, v in os.environ.items() if k not in hidden}
+
+
 class Otad:
     """One ``otad run`` subprocess (restartable on the same state directory)."""
 
@@ -79,7 +86,13 @@ class Otad:
         *,
         library: str = "gmqtt",
         config: str = "",
+        env: dict[str, str] | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
+        """``env``: added to the daemon's environment; ``wrapper``: argv run before
+        ``python -m otad ...`` (a launcher that execs its arguments)."""
+        self.env = env or {}
+        self.wrapper = wrapper
         self.broker = broker
         self.workdir = workdir
         self.state_dir = workdir / "state"
@@ -105,6 +118,7 @@ class Otad:
         log.flush()
         self.proc = subprocess.Popen(
             [
+                *self.wrapper,
                 sys.executable,
                 "-m",
                 "otad",
@@ -122,6 +136,7 @@ class Otad:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**_environment(), **self.env},
         )
         log.close()
 
