@@ -61,8 +61,10 @@ async def watch(
     once: bool = False,
     wait_s: float = 10.0,
     stream: TextIO | None = None,
+    settings: MqttSettings | None = None,
 ) -> int:
-    """Run the watch (see the module docstring); return the exit status."""
+    """Run the watch (see the module docstring); return the exit status. ``settings``: how to
+    connect (credentials, TLS), instead of plainly to ``host:port``."""
     out = stream if stream is not None else sys.stdout
     statuses: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -74,7 +76,8 @@ async def watch(
 
     client = create_client(
         "gmqtt",
-        MqttSettings(
+        settings
+        or MqttSettings(
             client_id=f"otactl-watch-{os.getpid()}-{secrets.token_hex(3)}",
             host=host,
             port=port,
