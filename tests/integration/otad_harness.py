@@ -71,8 +71,12 @@ class Otad:
         *,
         library: str = "gmqtt",
         config: str = "",
+        address: str | None = None,
     ) -> None:
+        """``address``: the ``--broker`` otad is given (default ``broker.address``; a shipped
+        broker's TLS listener is ``127.0.0.1:<broker.tls_port>``)."""
         self.broker = broker
+        self.address = address or broker.address
         self.workdir = workdir
         self.state_dir = workdir / "state"
         self.trust_dir = trust_dir
@@ -100,7 +104,7 @@ class Otad:
                 "--config",
                 str(self.config_path),
                 "--broker",
-                self.broker.address,
+                self.address,
                 "--state-dir",
                 str(self.state_dir),
                 "--trust",
