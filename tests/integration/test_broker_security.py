@@ -145,7 +145,10 @@ class Inbox:
 
 
 def tls_settings(broker: MosquittoBroker, certs: Pki, identity: str, **how: Any) -> MqttSettings:
+    cert_dir = how.pop("cert_dir", None)
     cert, key = certs.files(identity, rogue=how.pop("rogue", False))
+    if cert_dir is not None:
+        cert, key = str(cert_dir / f"{identity}.crt"), str(cert_dir / f"{identity}.key")
     return MqttSettings(
         client_id=f"{identity}-{secrets.token_hex(3)}",
         host="127.0.0.1",
@@ -536,7 +539,7 @@ async def test_the_whole_path_over_tls_and_forgeries_have_no_effect(
                 tls_ca=certs.broker_ca,
                 tls_cert_dir=tmp_path / "hub-certs",
             ) as fleet,
-            connected(tls_settings(secure, certs, forger)) as ch,
+            connected(tls_settings(secure, certs, forger, cert_dir=tmp_path / "hub-certs")) as ch,
             connected(tls_settings(secure, certs, "grafana")) as grafana,
             connected(tls_settings(secure, certs, supplier(SUPPLIER_X))) as sx,
         ):
