@@ -127,7 +127,7 @@ def test_the_acl_confines_chs_to_their_own_direction_and_lets_only_otad_write_do
     }
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="make test installs systemd")
 def test_the_hardening_drop_in_is_a_valid_unit_file(tmp_path: Path) -> None:
     unit = tmp_path / "mosquitto.service"
     unit.write_text(
