@@ -20,9 +20,9 @@ and put its handler in :data:`HANDLERS`; one that talks to otad calls :func:`_da
 adds :func:`_add_daemon_options`. A command without an action (``otactl distribute ...``) is a
 group parser that sets ``command`` itself.
 
-Exit status: 0 success (one summary line on stdout), 1 otad is offline (its retained status says
-so; one line on stderr, at once), 2 failure or refusal (one line on stderr, never a traceback),
-130 interrupted.
+Exit status: 0 success (one summary line on stdout), 2 failure or refusal (one line on stderr,
+never a traceback; also at once, without waiting for the timeout, when otad's retained status
+says it is offline: the code ``otactl watch`` gives offline too), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ from protocol.release.zigbee_ota import OtaLayout
 
 DEFAULT_BROKER = "127.0.0.1:1883"
 EXIT_OK = 0
-EXIT_OFFLINE = 1
 EXIT_FAILED = 2
+EXIT_OFFLINE = EXIT_FAILED  # as otactl watch; scripts tell it apart by the message
 EXIT_INTERRUPTED = 130
 
 Handler = Callable[[argparse.Namespace], int]
@@ -83,7 +83,7 @@ class CtlFailure(Exception):  # noqa: N818 - what otactl reports, not an error o
 
 
 class OtadOffline(Exception):  # noqa: N818 - what otactl reports, not an error of its own
-    """otad's retained status says offline: one line on stderr, exit status 1."""
+    """otad's retained status says offline: one line on stderr, :data:`EXIT_OFFLINE`."""
 
 
 def parse_broker(text: str) -> tuple[str, int | None]:

@@ -193,7 +193,8 @@ class CtlClient:
             if status.get("state") == "offline":
                 since = status.get("time_iso")
                 raise CtlOffline(
-                    "otad is offline (its retained status on this broker says so"
+                    "otad did not answer: it is offline (its retained status on this broker"
+                    " says so"
                     + (f", as of {since}" if isinstance(since, str) else "")
                     + "): start it, or check --broker"
                 )
