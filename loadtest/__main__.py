@@ -1,9 +1,11 @@
 """``python -m loadtest``: virtual Communications Hubs, the demo and the benchmark.
 
 * ``hubs --count N --broker HOST:PORT --state-dir DIR [--procs P] [--seed S] [--window W]
-  [--library gmqtt] [--trust DIR]``: run N virtual CHs until SIGINT/SIGTERM, then disconnect them
-  cleanly and print a one-line summary. Started again on the same state directory, the hubs
-  resume their transfers. ``--trust`` defaults to ``DIR/trust``.
+  [--library gmqtt] [--trust DIR] [--tls-ca FILE --tls-cert-dir DIR]``: run N virtual CHs until
+  SIGINT/SIGTERM, then disconnect them cleanly and print a one-line summary. Started again on the
+  same state directory, the hubs resume their transfers. ``--trust`` defaults to ``DIR/trust``.
+  With ``--tls-cert-dir`` every hub connects over TLS with its own certificate
+  (``GUID.crt``/``GUID.key``, ``otactl pki issue --role ch``).
 * ``conformance --broker HOST:PORT --guid GUID --trust DIR [--restart-command CMD] [--timeout S]``:
   check a CH connected to that broker against SPEC.md clause by clause, one line per clause and a
   verdict; exit status 0 only if no clause failed (see :mod:`loadtest.conformance`).

@@ -15,7 +15,10 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import secrets
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +36,7 @@ from loadtest.broker import MosquittoBroker, ShippedConfig
 from loadtest.release import make_release
 from loadtest.runner import HubFleet
 from mqttio import MqttClient, MqttConnectError, MqttSettings, MqttSubscribeError, create_client
+from otad.brokercheck import largest_packet_bytes
 from otad.ctl import pki
 from otad.ctl.pki import Role
 from otad.events import HubOnline, TransferFailed, TransferHeld, supplier_topic_id
@@ -149,18 +153,18 @@ def tls_settings(broker: MosquittoBroker, certs: Pki, identity: str, **how: Any)
     cert, key = certs.files(identity, rogue=how.pop("rogue", False))
     if cert_dir is not None:
         cert, key = str(cert_dir / f"{identity}.crt"), str(cert_dir / f"{identity}.key")
-    return MqttSettings(
-        client_id=f"{identity}-{secrets.token_hex(3)}",
-        host="127.0.0.1",
-        port=broker.tls_port,
-        tls_ca=str(certs.broker_ca),
-        tls_cert=cert,
-        tls_key=key,
-        connect_timeout=5.0,
-        reconnect_min=0.05,
-        reconnect_max=0.5,
-        **how,
-    )
+    options: dict[str, Any] = {
+        "client_id": f"{identity}-{secrets.token_hex(3)}",
+        "host": "127.0.0.1",
+        "port": broker.tls_port,
+        "tls_ca": str(certs.broker_ca),
+        "tls_cert": cert,
+        "tls_key": key,
+        "connect_timeout": 5.0,
+        "reconnect_min": 0.05,
+        "reconnect_max": 0.5,
+    }
+    return MqttSettings(**(options | how))
 
 
 @asynccontextmanager
@@ -622,3 +626,94 @@ async def wait_devices(
             return rows
         await asyncio.sleep(0.5)
     raise AssertionError(f"devices not {state or 'final'}: {sorted(r['state'] for r in rows)}")
+
+
+# --------------------------------------------------------------------------- limits and the CLI
+
+
+async def test_the_packet_limit_passes_the_largest_offer_and_stops_one_byte_more(
+    secure: MosquittoBroker, certs: Pki
+) -> None:
+    """otad's largest packet reaches the CH; a control request one byte over the broker's
+    max_packet_size never reaches otad (Mosquitto drops its sender instead). Mosquitto 2.0
+    counts a packet as its remaining length plus one (the length bytes are not counted)."""
+    limit = int(
+        next(
+            line.split()[1]
+            for line in secure.config_path.read_text().splitlines()
+            if line.startswith("max_packet_size ")
+        )
+    )
+    down = topics.down(CH_A)
+    largest = largest_packet_bytes()
+    # packet = 1 + length bytes (4 here) + 2 + topic + 2 (packet id) + payload
+    fitting_payload = largest - (1 + 4 + 2 + len(down) + 2)
+    request = topics.ctl_request("alice")
+    over_payload = limit - (2 + len(request) + 2)  # remaining length + 1 = limit + 1
+    at_ch, at_otad = Inbox(), Inbox()
+    async with (
+        connected(
+            tls_settings(secure, certs, "otad"), topics.CTL_REQUEST_WILDCARD, inbox=at_otad
+        ) as otad,
+        connected(tls_settings(secure, certs, CH_A), down, inbox=at_ch),
+        connected(tls_settings(secure, certs, "alice", reconnect_min=5, reconnect_max=5)) as alice,
+    ):
+        otad.publish(down, b"o" * fitting_payload, 1, False)
+        await at_ch.wait_for(down)
+        assert len(at_ch.messages[0][1]) == fitting_payload
+        dropped = asyncio.Event()
+        alice.set_connection_handler(lambda up: None if up else dropped.set())
+        alice.publish(request, b"x" * over_payload, 1, False)
+        await asyncio.wait_for(dropped.wait(), WAIT)
+        await asyncio.sleep(0.3)
+        assert at_otad.messages == []
+    assert "disconnected" in secure.log_text()
+
+
+def test_loadtest_broker_secure_runs_the_shipped_config_and_prints_its_ports(
+    certs: Pki, tmp_path: Path
+) -> None:
+    pki_dir = tmp_path / "pki"
+    shutil.copytree(certs.root, pki_dir)
+    for issued in ("localhost.crt", "localhost.key"):
+        (pki_dir / issued).unlink()  # the command issues the broker's certificate itself
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loadtest", "broker", "--secure", "--pki", str(pki_dir),
+         "--workdir", str(tmp_path / "broker")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        found = re.search(r"TLS with client certificates on port (\d+).* 127\.0\.0\.1:(\d+)", line)
+        assert found, line + (process.stderr.read() if process.poll() is not None else "")
+        tls_port, local_port = int(found.group(1)), int(found.group(2))
+        assert (tmp_path / "broker" / "mosquitto.conf").read_text().count(
+            f"listener {tls_port}\n"
+        ) == 1
+        cert, key = certs.files(CH_A)
+        settings = MqttSettings(
+            client_id="cli-check", host="127.0.0.1", port=tls_port,
+            tls_ca=str(pki_dir / "services-ca.crt"), tls_cert=cert, tls_key=key,
+            connect_timeout=5.0,
+        )  # fmt: skip
+
+        async def connect_and_leave() -> None:
+            client = create_client("gmqtt", settings)
+            await client.connect(fail_fast=True)
+            await client.disconnect()
+            anonymous = create_client(
+                "gmqtt", MqttSettings(client_id="anon", port=local_port, connect_timeout=2.0)
+            )
+            with pytest.raises(MqttConnectError):
+                await anonymous.connect(fail_fast=True)
+
+        asyncio.run(connect_and_leave())
+        process.send_signal(signal.SIGINT)
+        assert process.wait(20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
