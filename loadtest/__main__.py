@@ -272,9 +272,12 @@ def secure_broker_files(pki_dir: Path, password_file: str | None) -> ShippedConf
     from loadtest.broker import ShippedConfig
     from otad.ctl import pki
 
-    bundle = pki_dir / "ca-bundle.pem"
-    if not bundle.is_file():
-        raise ValueError(f"{bundle} not found: make the CAs with `otactl pki init --out {pki_dir}`")
+    bundle, crl = pki_dir / "ca-bundle.pem", pki_dir / "crl.pem"
+    for needed in (bundle, crl):
+        if not needed.is_file():
+            raise ValueError(
+                f"{needed} not found: make the CAs with `otactl pki init --out {pki_dir}`"
+            )
     cert, key = pki_dir / "localhost.crt", pki_dir / "localhost.key"
     if not cert.exists():
         try:
@@ -285,6 +288,7 @@ def secure_broker_files(pki_dir: Path, password_file: str | None) -> ShippedConf
         cafile=bundle,
         certfile=cert,
         keyfile=key,
+        crlfile=crl,
         password_file=None if password_file is None else Path(password_file),
     )
 

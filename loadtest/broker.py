@@ -70,7 +70,7 @@ class ShippedConfig:
 
     What :meth:`render` substitutes, and nothing else: the two listeners' ports (the TLS one and
     the loopback one; their addresses stay), the paths of ``cafile``, ``certfile``, ``keyfile``,
-    ``password_file``, ``acl_file``, ``persistence_location`` and ``pid_file``, and
+    ``crlfile``, ``password_file``, ``acl_file``, ``persistence_location`` and ``pid_file``, and
     ``log_dest syslog`` becomes a log file in the directory. One line is appended: ``user``,
     the current user (as root Mosquitto would switch to "mosquitto", which cannot read the
     test's files). The ACL is the shipped one with ``acl_extra`` appended (the operator and
@@ -81,6 +81,7 @@ class ShippedConfig:
     cafile: Path
     certfile: Path
     keyfile: Path
+    crlfile: Path
     password_file: Path | None = None
     acl_extra: str = ""
     source: Path = SHIPPED_CONFIG
@@ -99,6 +100,7 @@ class ShippedConfig:
             "cafile": self.cafile,
             "certfile": self.certfile,
             "keyfile": self.keyfile,
+            "crlfile": self.crlfile,
             "password_file": password_file,
             "acl_file": acl,
             "pid_file": workdir / "mosquitto.pid",

@@ -225,11 +225,25 @@ def _add_pki(groups: _Subparsers) -> None:
         "--san", action="append", default=[], metavar="HOST", help="broker: another name or IP"
     )
     issue.set_defaults(command="pki issue")
+    revoke = actions.add_parser(
+        "revoke", help="revoke a certificate: rewrites the CRL the broker reads (crl.pem)"
+    )
+    revoke.add_argument("--ca", required=True, metavar="DIR", help="a directory of `pki init`")
+    revoke.add_argument("cert", metavar="CERT.crt", help="the certificate to revoke")
+    revoke.set_defaults(command="pki revoke")
 
 
 def _pki_init(args: argparse.Namespace) -> int:
     written = pki.init_pki(Path(args.out), days=args.days)
     return _say(f"wrote {', '.join(str(path) for path in written)}")
+
+
+def _pki_revoke(args: argparse.Namespace) -> int:
+    identity, serial, crl = pki.revoke(Path(args.ca), Path(args.cert))
+    return _say(
+        f"revoked {identity!r} (serial {serial:x}); install {crl} as the broker's crlfile"
+        " (/etc/mosquitto/otad/crl.pem) and reload mosquitto"
+    )
 
 
 def _pki_issue(args: argparse.Namespace) -> int:
@@ -627,6 +641,7 @@ HANDLERS: dict[str, Handler] = {
     "keys new": _keys_new,
     "pki init": _pki_init,
     "pki issue": _pki_issue,
+    "pki revoke": _pki_revoke,
     "image sign": _image_sign,
     "image verify": _image_verify,
     "image import": _image_import,

@@ -22,6 +22,12 @@ name that could reach a topic it should not:
 
 The role is recorded in the certificate (``OU``) and decides which CA signs it. Keys are P-256;
 private keys are written 0600, never overwritten.
+
+Revocation: :func:`revoke` adds a certificate to its CA's CRL (``<ca>-ca.crl.pem``) and rewrites
+``crl.pem``, both CAs' CRLs, which the broker reads (``crlfile``; OpenSSL then wants a CRL of
+every CA in the bundle, so :func:`init_pki` writes empty ones). A CRL is valid until its CA
+expires: it is read by this broker only, which gets a new one at every revocation, and an
+expired CRL would make OpenSSL refuse every client at once.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from enum import Enum
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -58,6 +65,7 @@ __all__ = [
     "check_identity",
     "init_pki",
     "issue",
+    "revoke",
 ]
 
 DEFAULT_DAYS = 397  # a client or broker certificate (the CA/Browser Forum's ceiling for servers)
@@ -275,7 +283,84 @@ def init_pki(out: Path, *, days: int = DEFAULT_CA_DAYS) -> list[Path]:
     bundle_path = out / "ca-bundle.pem"
     _write_new(bundle_path, bundle, 0o644)
     written.append(bundle_path)
+    for ca in CaName:
+        cert, key = _load_ca(out, ca)
+        crl_path = _crl_path(out, ca)
+        _write_new(crl_path, _sign_crl(cert, key, []), 0o644)
+        written.append(crl_path)
+    written.append(_write_combined_crl(out))
     return written
+
+
+# --------------------------------------------------------------------------- revocation
+
+
+def _crl_path(directory: Path, ca: CaName) -> Path:
+    return directory / f"{ca.value}-ca.crl.pem"
+
+
+def _sign_crl(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    revoked: list[x509.RevokedCertificate],
+) -> bytes:
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - datetime.timedelta(minutes=5))
+        .next_update(ca_cert.not_valid_after_utc)
+    )
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(entry)
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def _write_combined_crl(directory: Path) -> Path:
+    combined = b"".join(_crl_path(directory, ca).read_bytes() for ca in CaName)
+    path = directory / "crl.pem"
+    temporary = directory / ".crl.pem.tmp"
+    temporary.write_bytes(combined)
+    temporary.chmod(0o644)
+    os.replace(temporary, path)
+    return path
+
+
+def revoke(ca_dir: Path, cert_path: Path) -> tuple[str, int, Path]:
+    """Revoke the certificate in ``cert_path`` (issued from ``ca_dir``): add it to its CA's CRL
+    and rewrite ``crl.pem``. Returns (its CN, its serial, the ``crl.pem`` to install). Revoking
+    it again changes nothing."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"cannot read the certificate {cert_path}: {exc}") from None
+    for ca in CaName:
+        ca_cert, ca_key = _load_ca(ca_dir, ca)
+        if cert.issuer != ca_cert.subject:
+            continue
+        try:
+            cert.verify_directly_issued_by(ca_cert)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        try:
+            crl = x509.load_pem_x509_crl(_crl_path(ca_dir, ca).read_bytes())
+        except (OSError, ValueError) as exc:
+            raise PkiError(f"cannot read the {ca.value} CA's CRL in {ca_dir}: {exc}") from None
+        revoked = list(crl)
+        if all(entry.serial_number != cert.serial_number for entry in revoked):
+            revoked.append(
+                x509.RevokedCertificateBuilder()
+                .serial_number(cert.serial_number)
+                .revocation_date(_now())
+                .build()
+            )
+        crl_path = _crl_path(ca_dir, ca)
+        temporary = crl_path.with_suffix(".tmp")
+        temporary.write_bytes(_sign_crl(ca_cert, ca_key, revoked))
+        os.replace(temporary, crl_path)
+        identity = certificate_identity(cert_path)[0]
+        return identity, cert.serial_number, _write_combined_crl(ca_dir)
+    raise PkiError(f"{cert_path} was not issued by either CA in {ca_dir}")
 
 
 def _load_ca(directory: Path, ca: CaName) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -4,6 +4,7 @@ should not (otad/ctl/pki.py)."""
 from __future__ import annotations
 
 import datetime
+import re
 import ssl
 import stat
 from pathlib import Path
@@ -35,8 +36,11 @@ def test_init_makes_two_cas_and_a_bundle_and_never_overwrites(tmp_path: Path) ->
     written = pki.init_pki(tmp_path)
     assert sorted(p.name for p in written) == [
         "ca-bundle.pem",
+        "crl.pem",
+        "devices-ca.crl.pem",
         "devices-ca.crt",
         "devices-ca.key",
+        "services-ca.crl.pem",
         "services-ca.crt",
         "services-ca.key",
     ]
@@ -181,3 +185,51 @@ def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "Traceback" not in err
     assert ctl.main([*args, "--role", "ch", "--name", GUID, "--ca", str(tmp_path / "none")]) == 2
     assert "otactl pki init" in capsys.readouterr().err
+    alice = str(tmp_path / "c" / "alice.crt")
+    assert ctl.main(["pki", "revoke", "--ca", str(tmp_path / "ca"), alice]) == 0
+    assert "revoked 'alice'" in capsys.readouterr().out
+    assert ctl.main(["pki", "revoke", "--ca", str(tmp_path / "ca"), str(tmp_path / "no.crt")]) == 2
+    assert "cannot read the certificate" in capsys.readouterr().err
+
+
+def crls(directory: Path) -> dict[str, x509.CertificateRevocationList]:
+    """The CRLs in crl.pem by issuer CN."""
+    text = (directory / "crl.pem").read_text()
+    blocks = re.findall(r"-----BEGIN X509 CRL-----.*?-----END X509 CRL-----\n", text, re.S)
+    found = [x509.load_pem_x509_crl(block.encode()) for block in blocks]
+    return {str(c.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value): c for c in found}
+
+
+def test_revoking_puts_the_serial_in_its_cas_crl_and_crl_pem_holds_both(tmp_path: Path) -> None:
+    pki.init_pki(tmp_path)
+    empty = crls(tmp_path)
+    assert sorted(empty) == ["otad devices CA", "otad services CA"]
+    assert all(len(list(c)) == 0 for c in empty.values())
+    for name, crl in empty.items():  # valid as long as the CA: it never expires under the broker
+        ca = load(tmp_path / f"{name.split()[1]}-ca.crt")
+        assert crl.next_update_utc == ca.not_valid_after_utc
+        assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    hub = pki.issue(tmp_path, Role.CH, GUID, tmp_path / "out")
+    other = pki.issue(tmp_path, Role.CH, "00DB1234567890AB", tmp_path / "out")
+    identity, serial, path = pki.revoke(tmp_path, hub.cert)
+    assert (identity, serial, path) == (GUID, load(hub.cert).serial_number, tmp_path / "crl.pem")
+    pki.revoke(tmp_path, hub.cert)  # again: no second entry
+    now = crls(tmp_path)
+    assert [e.serial_number for e in now["otad devices CA"]] == [serial]
+    assert list(now["otad services CA"]) == []
+    assert (
+        now["otad devices CA"].get_revoked_certificate_by_serial_number(
+            load(other.cert).serial_number
+        )
+        is None
+    )
+
+
+def test_a_certificate_of_another_ca_cannot_be_revoked_here(tmp_path: Path) -> None:
+    pki.init_pki(tmp_path / "ours")
+    pki.init_pki(tmp_path / "theirs")
+    foreign = pki.issue(tmp_path / "theirs", Role.CH, GUID, tmp_path / "out")
+    with pytest.raises(PkiError, match="not issued by either CA"):
+        pki.revoke(tmp_path / "ours", foreign.cert)
+    with pytest.raises(PkiError, match="cannot read the certificate"):
+        pki.revoke(tmp_path / "ours", tmp_path / "missing.crt")

@@ -50,7 +50,7 @@ def test_plaintext_only_on_loopback_tls_with_certificates_and_no_anonymous() -> 
     ]
     assert ("require_certificate", "true") in tls_block
     assert ("use_identity_as_username", "true") in tls_block
-    assert {k for k, _ in tls_block} >= {"cafile", "certfile", "keyfile"}
+    assert {k for k, _ in tls_block} >= {"cafile", "certfile", "keyfile", "crlfile"}
     assert ("allow_anonymous", "false") in pairs
     assert ("allow_anonymous", "true") not in pairs
     assert ("per_listener_settings", "false") in pairs
@@ -58,7 +58,10 @@ def test_plaintext_only_on_loopback_tls_with_certificates_and_no_anonymous() -> 
 
 def test_the_rendered_config_differs_only_in_ports_and_paths(tmp_path: Path) -> None:
     shipped = ShippedConfig(
-        cafile=tmp_path / "ca.pem", certfile=tmp_path / "b.crt", keyfile=tmp_path / "b.key"
+        cafile=tmp_path / "ca.pem",
+        certfile=tmp_path / "b.crt",
+        keyfile=tmp_path / "b.key",
+        crlfile=tmp_path / "crl.pem",
     )
     text = shipped.render(tmp_path, tls_port=18883, local_port=11883, log_path=tmp_path / "log")
     original, rendered = settings(SHIPPED_CONFIG.read_text()), settings(text)
@@ -70,6 +73,7 @@ def test_the_rendered_config_differs_only_in_ports_and_paths(tmp_path: Path) -> 
         "cafile",
         "certfile",
         "keyfile",
+        "crlfile",
         "listener",
         "password_file",
         "acl_file",
@@ -88,7 +92,11 @@ def test_a_shipped_config_it_cannot_substitute_is_refused(tmp_path: Path) -> Non
     source = tmp_path / "otad.conf"
     source.write_text(SHIPPED_CONFIG.read_text().replace("listener 8883", "listener 8884"))
     shipped = ShippedConfig(
-        cafile=tmp_path / "ca", certfile=tmp_path / "c", keyfile=tmp_path / "k", source=source
+        cafile=tmp_path / "ca",
+        certfile=tmp_path / "c",
+        keyfile=tmp_path / "k",
+        crlfile=tmp_path / "r",
+        source=source,
     )
     with pytest.raises(BrokerError, match="unexpected listener line 'listener 8884'"):
         shipped.render(tmp_path, tls_port=1, local_port=2, log_path=tmp_path / "log")
@@ -101,7 +109,9 @@ def test_a_shipped_broker_listens_on_loopback_only_for_plaintext() -> None:
     with pytest.raises(BrokerError, match=r"127\.0\.0\.1 only"):
         MosquittoBroker(
             host="0.0.0.0",  # noqa: S104 - what is refused
-            shipped=ShippedConfig(cafile=Path("a"), certfile=Path("b"), keyfile=Path("c")),
+            shipped=ShippedConfig(
+                cafile=Path("a"), certfile=Path("b"), keyfile=Path("c"), crlfile=Path("d")
+            ),
         )
 
 
