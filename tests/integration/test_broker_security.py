@@ -557,6 +557,9 @@ async def test_the_whole_path_over_tls_and_forgeries_have_no_effect(
             connected(tls_settings(secure, certs, supplier(SUPPLIER_X))) as sx,
         ):
             await monitor.wait_for(lambda: len(monitor.of_kind(HubOnline)) == PREMISES, 60)
+            # otad's own probe of the broker (SPEC §1.1) finds the shipped config sound
+            await wait_until(lambda: "broker check: every requirement" in otad.log(), 20, "probe")
+            assert monitor.status.get("broker_warnings") == []
             imported = otactl_tls(secure, certs, "image", "import", str(release.path))
             assert imported.returncode == 0, imported.stderr
 
@@ -613,6 +616,7 @@ async def test_the_whole_path_over_tls_and_forgeries_have_no_effect(
         otad.stop_quietly()
         await monitor.close()
     assert_clean_log(otad)
+    assert "WARNING" not in otad.log()
     assert monitor.undecodable == 0
 
 
