@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 broker:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto)
+	@command -v systemd-analyze >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd)
 
 # Prometheus: the metrics test scrapes a running otad with a real server (its own config, port
 # and storage; the package's own service is not used).

@@ -142,6 +142,8 @@ class FleetConfig:
     self_test_failure_share: float = 0.0  # devices (seeded) whose new image fails self-test
     activation_answer_loss: float = 0.0  # extra loss of activation answers (not read-backs)
     bridge_share: float = BRIDGE_SHARE  # hubs whose premises have Alt HAN bridges
+    tls_ca: str | None = None  # TLS: CA of the broker's certificate (HubOptions.tls_ca)
+    tls_cert_dir: str | None = None  # <GUID>.crt and <GUID>.key per hub (HubOptions)
 
     def premises(self) -> PremisesConfig:
         """The premises scenario every hub of the fleet runs (seeded per hub by its group)."""
@@ -220,6 +222,8 @@ def _make_group(config: FleetConfig, indices: Iterable[int]) -> HubGroup:
         ack_delay=config.ack_delay,
         announce_on_poll=config.announce_on_poll,
         protocol_minor=config.protocol_minor,
+        tls_ca=config.tls_ca,
+        tls_cert_dir=config.tls_cert_dir,
     )
     trust_dir = config.trust_dir or str(Path(config.state_dir) / "trust")
     return HubGroup(
@@ -461,6 +465,8 @@ class HubFleet:
     (:mod:`loadtest.chhan`), with ``han_acceleration``, ``han_max_transfers``,
     ``self_test_failure_share`` and ``activation_answer_loss`` as :class:`FleetConfig` says;
     ``bridge_share`` of the hubs have Alt HAN bridges (:func:`loadtest.hub.make_identity`).
+    ``tls_ca`` and ``tls_cert_dir`` connect every hub over TLS with its own client certificate
+    (:class:`loadtest.hub.HubOptions`).
     """
 
     def __init__(
@@ -490,6 +496,8 @@ class HubFleet:
         activation_answer_loss: float = 0.0,
         bridge_share: float = BRIDGE_SHARE,
         python: str | None = None,
+        tls_ca: Path | str | None = None,
+        tls_cert_dir: Path | str | None = None,
     ) -> None:
         if count < 0 or procs < 0:
             raise ValueError("count and procs must not be negative")
@@ -522,6 +530,8 @@ class HubFleet:
             self_test_failure_share=self_test_failure_share,
             activation_answer_loss=activation_answer_loss,
             bridge_share=bridge_share,
+            tls_ca=None if tls_ca is None else str(tls_ca),
+            tls_cert_dir=None if tls_cert_dir is None else str(tls_cert_dir),
         )
         self.procs = min(procs, count) if count else 0
         self.python = python or sys.executable

@@ -45,7 +45,8 @@ from typing import Any, Final, TextIO
 from otad.campaign.spec import MICRO_PILOT_SIZES, Deadlines, PayloadKind, StageKind, Thresholds
 from otad.control import MAX_REQUEST_BYTES
 from otad.ctl import campaignview
-from otad.ctl.client import CtlClient, CtlError, CtlTimeout, CtlUnreachable
+from otad.ctl.client import CtlClient, CtlError, CtlOffline, CtlTimeout, CtlUnreachable
+from otad.ctl.connection import Connection
 from otad.ctl.format import format_table as table
 from otad.ctl.live import Message, WatchError, feed
 from otad.events import iso_time
@@ -133,9 +134,11 @@ class Links:
 
 @contextlib.asynccontextmanager
 async def _control_session(args: argparse.Namespace) -> AsyncIterator[Caller]:
-    host, port = args.broker
+    connection = _connection(args)
     try:
-        async with CtlClient(host, port, timeout=args.timeout) as ctl:
+        async with CtlClient.connected_as(
+            connection, timeout=args.timeout, require_online=True
+        ) as ctl:
 
             async def call(cmd: str, call_args: dict[str, Any]) -> Any:
                 try:
@@ -146,6 +149,8 @@ async def _control_session(args: argparse.Namespace) -> AsyncIterator[Caller]:
                     raise CampaignCallFailed("TIMEOUT", str(exc)) from None
 
             yield call
+    except CtlOffline as exc:
+        raise CampaignCallFailed("OFFLINE", str(exc)) from None
     except CtlUnreachable as exc:
         raise CampaignCallFailed("UNREACHABLE", str(exc)) from None
 
@@ -153,8 +158,22 @@ async def _control_session(args: argparse.Namespace) -> AsyncIterator[Caller]:
 def _live_feed(
     args: argparse.Namespace, filters: Sequence[str]
 ) -> AbstractAsyncContextManager[asyncio.Queue[Message]]:
-    host, port = args.broker
-    return feed(host, port, filters, wait_s=args.timeout, name="otactl-campaign")
+    connection = _connection(args)
+    return feed(
+        connection.host,
+        connection.port,
+        filters,
+        wait_s=args.timeout,
+        name="otactl-campaign",
+        settings=connection.settings(purpose="campaign", connect_timeout=args.timeout),
+    )
+
+
+def _connection(args: argparse.Namespace) -> Connection:
+    """How otactl reaches the broker: its flags, ``OTACTL_*`` and its config file."""
+    from otad.ctl import connection_of  # the command line's own resolution (no import cycle)
+
+    return connection_of(args)
 
 
 MQTT_LINKS: Final = Links(session=_control_session, subscribe=_live_feed)

@@ -43,10 +43,17 @@ class Message:
 
 @contextlib.asynccontextmanager
 async def feed(
-    host: str, port: int, filters: Sequence[str], *, wait_s: float, name: str = "otactl-live"
+    host: str,
+    port: int,
+    filters: Sequence[str],
+    *,
+    wait_s: float,
+    name: str = "otactl-live",
+    settings: MqttSettings | None = None,
 ) -> AsyncIterator[asyncio.Queue[Message]]:
     """Subscribe to ``filters`` and yield the queue their JSON objects arrive on (anything else
-    is dropped); :class:`WatchError` if the broker cannot be reached within ``wait_s``."""
+    is dropped); :class:`WatchError` if the broker cannot be reached within ``wait_s``.
+    ``settings``: how to connect (credentials, TLS), instead of plainly to ``host:port``."""
     messages: asyncio.Queue[Message] = asyncio.Queue()
 
     def on_message(topic: str, payload: bytes, retain: bool) -> None:
@@ -57,7 +64,8 @@ async def feed(
 
     client = create_client(
         "gmqtt",
-        MqttSettings(
+        settings
+        or MqttSettings(
             client_id=f"{name}-{os.getpid()}-{secrets.token_hex(3)}",
             host=host,
             port=port,

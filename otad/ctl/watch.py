@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from mqttio import MqttSettings
 from otad.ctl.live import Message, Screen, WatchError, feed
 from otad.progress import ProgressBar
 from protocol.wire import topics
@@ -54,10 +55,14 @@ async def watch(
     once: bool = False,
     wait_s: float = 10.0,
     stream: TextIO | None = None,
+    settings: MqttSettings | None = None,
 ) -> int:
-    """Run the watch (see the module docstring); return the exit status."""
+    """Run the watch (see the module docstring); return the exit status. ``settings``: how to
+    connect (credentials, TLS), instead of plainly to ``host:port``."""
     out = stream if stream is not None else sys.stdout
-    async with feed(host, port, [topics.OTAD_STATUS], wait_s=wait_s, name="otactl-watch") as queue:
+    async with feed(
+        host, port, [topics.OTAD_STATUS], wait_s=wait_s, name="otactl-watch", settings=settings
+    ) as queue:
         return await _follow(queue, image, once, wait_s, out)
 
 

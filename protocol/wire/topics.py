@@ -60,6 +60,7 @@ def campaign_status(campaign_id: str) -> str:
     """The retained status topic of one campaign (its id is checked as a topic level)."""
     return f"{ROOT}/campaigns/{check_level(campaign_id)}/status"
 
+
 EVENTS_WILDCARD = f"{ROOT}/events/#"
 
 

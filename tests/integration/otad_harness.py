@@ -87,13 +87,17 @@ class Otad:
         library: str = "gmqtt",
         config: str = "",
         env: dict[str, str] | None = None,
+        address: str | None = None,
         wrapper: tuple[str, ...] = (),
     ) -> None:
         """``env``: added to the daemon's environment; ``wrapper``: argv run before
-        ``python -m otad ...`` (a launcher that execs its arguments)."""
+        ``python -m otad ...`` (a launcher that execs its arguments); ``address``: the
+        ``--broker`` otad is given (default ``broker.address``; a shipped broker's TLS listener
+        is ``127.0.0.1:<broker.tls_port>``)."""
         self.env = env or {}
         self.wrapper = wrapper
         self.broker = broker
+        self.address = address or broker.address
         self.workdir = workdir
         self.state_dir = workdir / "state"
         self.trust_dir = trust_dir
@@ -126,7 +130,7 @@ class Otad:
                 "--config",
                 str(self.config_path),
                 "--broker",
-                self.broker.address,
+                self.address,
                 "--state-dir",
                 str(self.state_dir),
                 "--trust",
