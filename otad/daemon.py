@@ -28,7 +28,8 @@ no task per message (:mod:`otad.distribution`). The message handlers here only r
 
 **shutdown** (:meth:`Daemon.shutdown`): stop sending, commit the final states and the progress
 batch, publish the queued events and the retained ``offline`` status, disconnect cleanly, close
-the store, exit 0. If the process dies instead, the broker publishes otad's last will: an
+the store, exit 0 (:data:`EXIT_STORE_FAILED` if the store could not make everything durable:
+systemd restarts otad and the new run records it). If the process dies instead, the broker publishes otad's last will: an
 ``offline`` status too.
 
 Two MQTT sessions. The data session (client id ``broker.client_id``) carries the CHs' reports,
@@ -83,6 +84,11 @@ log = logging.getLogger("otad")
 
 #: Exit status of a start-up failure (trust store or store unusable).
 EXIT_START_FAILED = 2
+#: Exit status when the store could not make everything durable by the end of a run (ended
+#: transfers unrecorded, the last progress batch lost): not 0, so systemd restarts otad, and the
+#: restarted daemon asks the CHs again and records what they hold (the database never says more
+#: than what was durable).
+EXIT_STORE_FAILED = 3
 #: Bytes of received packets handled per event-loop turn (MqttSettings.read_chunk). gmqtt reads
 #: 64 KiB at a time and handles every packet in it before anything else runs: about 660
 #: acknowledgements, 100-180 ms of otad's work at 3,000 CHs, during which no timer, control
@@ -176,22 +182,28 @@ class Daemon:
             log.error("cannot open the store: %s", exc)
             return EXIT_START_FAILED
         try:
-            try:
-                await self.startup(trust)
-            except KeyFileError as exc:
-                log.error("cannot load the activation keys: %s", exc)
-                return EXIT_START_FAILED
-            if not await self.connect():
-                log.info("stopped before the broker could be reached")
-                return 0
-            status = await self.main_loop()
-            await self.shutdown()
-            return status
+            status = await self._run_opened(trust)
         finally:
             try:
                 await self.store.close()
             except StoreError as exc:
                 log.error("closing the store: %s", exc)
+                status = EXIT_STORE_FAILED
+        return status
+
+    async def _run_opened(self, trust: TrustStore) -> int:
+        try:
+            await self.startup(trust)
+        except KeyFileError as exc:
+            log.error("cannot load the activation keys: %s", exc)
+            return EXIT_START_FAILED
+        if not await self.connect():
+            log.info("stopped before the broker could be reached")
+            return 0
+        status = await self.main_loop()
+        if not await self.shutdown() and status == 0:
+            status = EXIT_STORE_FAILED
+        return status
 
     # ------------------------------------------------------------------ start-up
 
@@ -279,6 +291,7 @@ class Daemon:
             rejects=self.rejects,
             refusals=self.refusals,
             broker_check=self.broker_check,
+            store=self.store,
             clock=timers.time,
         )
         self.status = StatusPublisher(
@@ -449,9 +462,10 @@ class Daemon:
 
     # ------------------------------------------------------------------ shutdown
 
-    async def shutdown(self) -> None:
+    async def shutdown(self) -> bool:
         """Clean stop: nothing more is sent, every decision and the latest progress is
-        committed, queued events go out, the retained status says offline."""
+        committed, queued events go out, the retained status says offline. False if the store
+        refused some ended transfers' final states (they stay active in the database)."""
         log.info("stopping: flushing state")
         self.distribution.halt()
         await self.broker_check.close()
@@ -460,7 +474,12 @@ class Daemon:
         await self.devices.flushed()
         self.credentials.shutdown()
         await self.events.flush()  # commits the events the final-state writes wait for
-        await self.distribution.wait_final_writes()
+        recorded = await self.distribution.wait_final_writes()
+        if not recorded:
+            log.error(
+                "stopping with ended transfers not recorded (the store refuses them): the next"
+                " start asks those CHs again and records what they hold"
+            )
         await self.events.close()
         self.status.publish_offline()
         await wait_acknowledged(self.client, 2.0)
@@ -469,6 +488,7 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.control_client.disconnect()
         log.info("stopped")
+        return recorded
 
 
 async def run(config: Config) -> int:

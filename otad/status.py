@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from otad.refusals import HubRefusals
     from otad.registry import Registry
     from otad.rejects import RejectLog
+    from otad.store import Store
 
 
 class HubCounts(TypedDict):
@@ -74,6 +75,7 @@ class StatusFields(TypedDict):
     rejected: dict[str, int]
     refusals: RefusalCounts
     broker_warnings: list[str]
+    degraded: list[str]
 
 
 class Status(StatusFields):
@@ -109,7 +111,8 @@ FIELD_DOCS: dict[str, str] = {
     "library": "the MQTT client library (gmqtt or aiomqtt)",
     "hubs": "CHs known (ever announced) and online now",
     "images": "images in the catalogue",
-    "transfers": "transfers by state, all states, those ended before this run included",
+    "transfers": "transfers by state, all states, those ended before this run included, as"
+    " recorded (an ended transfer whose final state is not yet durable is counted active)",
     "stalled": "transfers flagged stalled now",
     "distributions": "per image with transfers active, stalled or ended in the last 5 minutes",
     "scheduler": "the scheduler's limits in force, queues and counters",
@@ -127,6 +130,9 @@ FIELD_DOCS: dict[str, str] = {
     "and suppressed by the rate limit, since start",
     "broker_warnings": "the broker requirements (SPEC §1.1) otad's probe saw broken at its last"
     " connection, one line each naming the requirement; empty when none (otad.brokercheck)",
+    "degraded": "why otad is degraded now, one line each (the store failing to commit on a full"
+    " disk or an I/O error, ended transfers not yet recorded); empty when healthy. Nothing is"
+    " reported ahead of what is durable: unrecorded ends are shown active",
     "reason": "why the will was published (connection lost)",
 }
 """What each top-level key of the status says (``docs/EVENTS.md`` and the schema)."""
@@ -149,6 +155,7 @@ class StatusSnapshot:
         rejects: RejectLog,
         refusals: HubRefusals,
         broker_check: BrokerCheck,
+        store: Store,
         clock: Callable[[], float],
     ) -> None:
         """``clock`` is the distribution's monotonic clock (idle times, waits)."""
@@ -163,6 +170,7 @@ class StatusSnapshot:
         self._rejects = rejects
         self._refusals = refusals
         self._broker_check = broker_check
+        self._store = store
         self._clock = clock
 
     def __call__(self) -> StatusFields:
@@ -179,7 +187,7 @@ class StatusSnapshot:
             "library": self._library,
             "hubs": {"known": len(self._registry.hubs), "online": self._registry.online},
             "images": len(self._catalogue.images),
-            "transfers": distribution.counts(),
+            "transfers": distribution.counts(recorded=True),
             "stalled": distribution.stalled_count,
             "distributions": distribution.distributions(now),
             "scheduler": scheduler.snapshot(now),
@@ -195,6 +203,7 @@ class StatusSnapshot:
             "rejected": dict(self._rejects.counts),
             "refusals": self._refusals.counts(),
             "broker_warnings": list(self._broker_check.warnings),
+            "degraded": self._store.degraded + distribution.degraded,
         }
 
 
