@@ -29,8 +29,8 @@ no task per message (:mod:`otad.distribution`). The message handlers here only r
 **shutdown** (:meth:`Daemon.shutdown`): stop sending, commit the final states and the progress
 batch, publish the queued events and the retained ``offline`` status, disconnect cleanly, close
 the store, exit 0 (:data:`EXIT_STORE_FAILED` if the store could not make everything durable:
-systemd restarts otad and the new run records it). If the process dies instead, the broker publishes otad's last will: an
-``offline`` status too.
+systemd restarts otad and the new run records it). If the process dies instead, the broker
+publishes otad's last will: an ``offline`` status too.
 
 Two MQTT sessions. The data session (client id ``broker.client_id``) carries the CHs' reports,
 the blocks, the events and the retained status (its last will marks the status offline). The
