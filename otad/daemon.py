@@ -230,6 +230,9 @@ class Daemon:
             on_change=self._hub_changed,
             rejects=self.rejects,
             refusals=self.refusals,
+            on_flapping=self._hub_flapping,
+            monotonic=timers.time,
+            wall_clock=self._wall_clock,
         )
         await self.registry.load()
         self.distribution = Distribution(
@@ -459,6 +462,10 @@ class Daemon:
             self.devices.hub_announced(hub)
         if was_online != hub.online:
             self.status.poke()
+
+    def _hub_flapping(self, hub: Hub) -> None:
+        self.distribution.hub_flapping(hub)
+        self.status.poke()
 
     # ------------------------------------------------------------------ shutdown
 

@@ -503,6 +503,9 @@ class Distribution:
         self._stall_log_at = float("-inf")
         self._stalls_unlogged: list[Transfer] = []
         self.up_messages = 0
+        self._flapping: set[str] = set()  # CHs flapping now (hub_flapping)
+        self.flapping_dropped = 0
+        """Reports from flapping CHs dropped (their transfers are suspended)."""
         self.stalls = 0
         """``transfer.stalled`` episodes seen by this process."""
 
@@ -621,7 +624,7 @@ class Distribution:
         for t in self.transfers.values():
             if t.state is TransferState.ACTIVE:
                 hub = self._registry.get(t.guid)
-                if hub is not None and hub.online:
+                if hub is not None and hub.online and not hub.flapping:
                     yield t
 
     def _start_all(self, now: Monotonic) -> None:
@@ -652,7 +655,7 @@ class Distribution:
             return
         now = self._clock()
         for t in list(active.values()):
-            if not announced:
+            if not announced or hub.guid in self._flapping:
                 self._suspend(t, now)
                 continue
             if was_online and not changed:
@@ -667,6 +670,24 @@ class Distribution:
             if not was_online:
                 t.progress_at = now  # time offline is not a stall
             self._resync(t, now)
+        self._arm_scheduler()
+
+    def hub_flapping(self, hub: Hub) -> None:
+        """Registry callback: ``hub`` started flapping (``hub.flapping``), or is steady again.
+
+        A flapping CH may be two devices with one GUID (a clone): their acknowledgements would
+        interleave in one sender, each acknowledging blocks the other never got, and a
+        ``ImageHeld`` would not say which of them holds the image. So its transfers are
+        suspended and its reports on ``up`` are dropped (counted in :attr:`flapping_dropped`)
+        until it is steady; then the registry reports it (re)arrived if it is online, and a
+        fresh sender asks it what it holds (:meth:`hub_changed`)."""
+        if not hub.flapping:
+            self._flapping.discard(hub.guid)
+            return
+        self._flapping.add(hub.guid)
+        now = self._clock()
+        for t in self._active.get(hub.guid, {}).values():
+            self._suspend(t, now)
         self._arm_scheduler()
 
     def _suspend(self, t: Transfer, now: Monotonic) -> None:
@@ -692,7 +713,7 @@ class Distribution:
         if t.sender.state is SenderState.FAILED:  # the new limits cannot carry the image
             self._after(t, now)
             return
-        if start and not self._stopping and hub is not None and hub.online:
+        if start and not self._stopping and hub is not None and hub.online and not hub.flapping:
             self.scheduler.start(t.slot, now)
 
     def _new_sender(
@@ -722,6 +743,9 @@ class Distribution:
         active = self._active.get(guid)
         if active is None:
             self._up_slow(topic, guid, payload)
+            return
+        if self._flapping and guid in self._flapping:
+            self.flapping_dropped += 1  # a clone's report: see hub_flapping
             return
         msg = self._decode_up(guid, payload)
         if msg is None:
@@ -1300,7 +1324,7 @@ class Distribution:
             self._started_event(hub.guid, image, row.attempts)
             if t.sender.state is SenderState.FAILED:  # limits it cannot work with
                 self._after(t, now)
-            elif hub.online and not self._stopping:
+            elif hub.online and not hub.flapping and not self._stopping:
                 self.scheduler.start(t.slot, now)
         self._arm_scheduler()
         log.info(

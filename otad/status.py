@@ -43,10 +43,11 @@ if TYPE_CHECKING:
 
 
 class HubCounts(TypedDict):
-    """CHs otad knows, and how many of them are online."""
+    """CHs otad knows, how many of them are online, and how many flap (otad.flapping)."""
 
     known: int
     online: int
+    flapping: int
 
 
 class StatusFields(TypedDict):
@@ -185,7 +186,11 @@ class StatusSnapshot:
             "started_at": self._started_at,
             "started_at_iso": iso_time(self._started_at),
             "library": self._library,
-            "hubs": {"known": len(self._registry.hubs), "online": self._registry.online},
+            "hubs": {
+                "known": len(self._registry.hubs),
+                "online": self._registry.online,
+                "flapping": self._registry.flapping,
+            },
             "images": len(self._catalogue.images),
             "transfers": distribution.counts(recorded=True),
             "stalled": distribution.stalled_count,
