@@ -458,6 +458,11 @@ class MqttClient(abc.ABC):
             self._notify(False)
             await self._close(clean=False)
             await self._establish(fail_fast=False)
+            if self._closing:
+                # disconnect() cancelled us while a library call swallowed the cancellation
+                # (gmqtt's connect does, seen in a take-over loop): waiting for the new link to
+                # be lost would hang disconnect() for ever
+                return
             self.reconnects += 1
             log.info("%s: reconnected", self.settings.client_id)
             self._notify(True)
