@@ -59,11 +59,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mqttio import MqttClient, MqttSettings, Will, create_client, wait_acknowledged
-from otad.brokercheck import BrokerCheck
+from otad.brokercheck import BrokerCheck, largest_packet_bytes
 from otad.catalogue import Catalogue
 from otad.commands import Commands
 from otad.config import Config
-from otad.control import Control
+from otad.control import MAX_REQUEST_BYTES, Control
 from otad.credentials import Credentials, DeviceKeys, load_device_keys
 from otad.devices import Devices, load_signing_key
 from otad.distribution import Distribution
@@ -94,6 +94,12 @@ EXIT_STORE_FAILED = 3
 #: acknowledgements, 100-180 ms of otad's work at 3,000 CHs, during which no timer, control
 #: request or status ran. 8 KiB (about 80, ~12 ms) bounds that for one extra loop turn a chunk.
 READ_CHUNK = 8 * 1024
+#: Largest packet otad takes from the broker on its control session: the largest request
+#: (:data:`otad.control.MAX_REQUEST_BYTES`, an image import) and its PUBLISH header. On the data
+#: session it is SPEC §1.1's packet size (:func:`otad.brokercheck.largest_packet_bytes`): a
+#: compliant broker passes nothing larger, and nothing larger is a CH message. A larger packet is
+#: skipped unread, with a WARNING (:mod:`mqttio.inbound`), whatever the broker lets through.
+CONTROL_MAX_PACKET = MAX_REQUEST_BYTES + 1024
 _CH_PREFIX = f"{topics.ROOT}/ch/"
 _CTL_PREFIX = f"{topics.ROOT}/ctl/"
 _UP_TOPIC_LEN = len(topics.up("0" * 16))
@@ -384,6 +390,7 @@ class Daemon:
             will=None if control else will,
             max_inflight=1000 if control else 10_000,
             read_chunk=READ_CHUNK,
+            max_packet=CONTROL_MAX_PACKET if control else largest_packet_bytes(),
         )
 
     # ------------------------------------------------------------------ run
