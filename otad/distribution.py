@@ -65,6 +65,7 @@ from otad.events import iso_time
 from otad.outbox import EventPublisher
 from otad.registry import Hub, Registry
 from otad.rejects import RejectLog
+from otad.retrying import RetriedWrite
 from otad.scheduler import Scheduler, SlotState, budget_charge, handshake_charge
 from otad.store import FinalState, Store, StoreError, TransferRow, TransferState
 from otad.targeting import matches, refusal
@@ -498,6 +499,7 @@ class Distribution:
         self._finishing: dict[tuple[str, bytes], Transfer] = {}  # ended, not yet recorded
         self._finals_wake = asyncio.Event()
         self._finals_failing_since: float | None = None  # wall clock of the first failed write
+        self._finals_log = RetriedWrite(log, "recording ended transfers' final states")
         self._stopping = False
         self._fresh = False
         self._stall_log_at = float("-inf")
@@ -1035,12 +1037,11 @@ class Distribution:
         except StoreError as exc:
             if self._finals_failing_since is None:
                 self._finals_failing_since = self._wall_clock()
-            log.error("cannot record the end of %d transfer(s) (will retry): %s", len(batch), exc)
+            self._finals_log.failed(exc)
             return False
         del self._finals[: len(batch)]
-        if self._finals_failing_since is not None:
-            log.warning("final transfer states recorded again after a failing store")
-            self._finals_failing_since = None
+        self._finals_log.succeeded()
+        self._finals_failing_since = None
         now = self._clock()
         for t, _ in batch:
             self._unrecorded[t.state] -= 1

@@ -68,6 +68,7 @@ from typing import Any, Final, Literal, Self, TypeVar, cast
 
 import aiosqlite
 
+from otad.retrying import RetriedWrite
 from otad.store.migrations import MIGRATIONS, SCHEMA_VERSION
 
 log = logging.getLogger("otad.store")
@@ -210,6 +211,7 @@ class Engine:
         self._failed: str | None = None
         self._inflight: list[_Job] = []
         self._flush_failing = False
+        self._flush_log = RetriedWrite(log, "batch flush")
         self._storage_failures: dict[str, str] = {}  # "writes"/"flushes" -> the last error
         self._close_error: StoreError | None = None
         self._counts = dict.fromkeys(
@@ -406,7 +408,9 @@ class Engine:
                     try:
                         await self._flush()
                     except StoreError as exc:
-                        log.error("batch flush failed, retrying: %s", exc)
+                        self._flush_log.failed(exc)
+                    else:
+                        self._flush_log.succeeded()
                 if self._jobs:
                     await self._run_next()
                     continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 from shellkit import Shell, eventually, guids, shell
 from test_store import GUIDS, note, with_transfers
 
+from otad.retrying import RetriedWrite
 from otad.store import Store, StoreError, TransferState, Tx
 
 FLEET = 100  # the probe's figure: 99 of 100 final states were lost
@@ -173,3 +175,27 @@ async def test_the_store_says_which_writes_fail_on_storage_and_clears_when_they_
         row = await store.transfer(GUIDS[5], image)
         assert row is not None
         assert row.blocks_acked == 7
+
+
+def test_a_write_retried_every_second_logs_once_a_minute_and_once_when_it_succeeds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    retried = RetriedWrite(logging.getLogger("otad.test"), "recording", clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="otad.test"):
+        for _ in range(150):  # two and a half minutes of a full disk, one try a second
+            retried.failed(StoreError("database or disk is full"))
+            assert retried.failing
+            now[0] += 1.0
+        retried.succeeded()
+        retried.succeeded()  # nothing more to say
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines == [
+        ("ERROR", "recording failed (will retry): database or disk is full"),
+        ("ERROR", "recording still failing, 61 tries over 60 s (will retry): database or disk"
+                  " is full"),
+        ("ERROR", "recording still failing, 121 tries over 120 s (will retry): database or disk"
+                  " is full"),
+        ("WARNING", "recording succeeded again after 150 failed tries over 150 s"),
+    ]  # fmt: skip
+    assert not retried.failing
