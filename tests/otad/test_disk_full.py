@@ -1,11 +1,5 @@
-"""A full disk mid-run: final states are never reported ahead of what is durable.
-
-The disk is filled for real, in SQLite's own terms: ``PRAGMA max_page_count`` pins the database
-at the pages it has and every free byte of them is then taken, so the next change that needs a
-page fails with ``SQLITE_FULL`` (``database or disk is full``), exactly as on a full file system.
-"Space returns" raises the limit again. (A tmpfs mount would need privileges a CI machine may not
-give; this needs none and fails the same statements.)
-"""
+"""A full disk mid-run: final states are never reported ahead of what is durable (the disk is
+filled for real, through SQLite's own limit: ``diskfill``)."""
 
 from __future__ import annotations
 
@@ -18,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from diskfill import fill_the_disk, free_the_disk
 from shellkit import Shell, eventually, guids, shell
 from test_store import GUIDS, note, with_transfers
 
@@ -25,36 +20,6 @@ from otad.retrying import RetriedWrite
 from otad.store import Store, StoreError, TransferState, Tx
 
 FLEET = 100  # the probe's figure: 99 of 100 final states were lost
-SQLITE_MAX_PAGES = 1_073_741_823  # SQLite's default max_page_count
-
-
-async def fill_the_disk(store: Store) -> int:
-    """Pin the database at its current size, then take every free byte; return the filler rows."""
-
-    async def pin(tx: Tx) -> None:
-        row = await tx.fetchone("PRAGMA page_count")
-        assert row is not None
-        await tx.fetchall(f"PRAGMA max_page_count={int(row[0])}")
-
-    await store.read(pin)
-    filler = 0
-    for size in (3000, 300, 30, 1):
-        while True:
-            try:
-                await store.meta_set(f"filler.{filler}", "x" * size)
-            except StoreError as exc:
-                refused = str(exc)
-                break
-            filler += 1
-        assert "database or disk is full" in refused
-    return filler
-
-
-async def free_the_disk(store: Store) -> None:
-    async def unpin(tx: Tx) -> None:
-        await tx.fetchall(f"PRAGMA max_page_count={SQLITE_MAX_PAGES}")
-
-    await store.read(unpin)
 
 
 def status_of(s: Shell) -> dict[str, Any]:
