@@ -479,7 +479,8 @@ class Daemon:
     async def shutdown(self) -> bool:
         """Clean stop: nothing more is sent, every decision and the latest progress is
         committed, queued events go out, the retained status says offline. False if the store
-        refused some ended transfers' final states (they stay active in the database)."""
+        refused some ended transfers' final states (they stay active in the database) or some
+        events (lost)."""
         log.info("stopping: flushing state")
         self.distribution.halt()
         await self.broker_check.close()
@@ -495,6 +496,13 @@ class Daemon:
                 " start asks those CHs again and records what they hold"
             )
         await self.events.close()
+        if self.events.backlog:
+            log.error(
+                "stopping with %d event(s) not committed to the outbox (the store refuses"
+                " them): they are lost",
+                self.events.backlog,
+            )
+            recorded = False
         self.status.publish_offline()
         await wait_acknowledged(self.client, 2.0)
         with contextlib.suppress(Exception):
