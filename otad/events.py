@@ -238,7 +238,7 @@ class HubFlapping(MonitorEvent):
     ABOUT_A_HUB: ClassVar[bool] = True
 
     guid: str = doc("the CH's GUID")
-    changes: int = doc("presence changes (online, offline, reconnect) seen within window_s")
+    changes: int = doc("presence changes (online, offline) seen within window_s")
     window_s: float = doc("seconds from the first of those changes to the last")
 
     def key(self) -> str:

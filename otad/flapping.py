@@ -7,10 +7,10 @@ loser's last will, each reconnect a new announcement, hundreds a minute (the pro
 looks the same. Reported per change, that is one durable event per flap and no word of why.
 
 :class:`FlapDetector` is the sans-IO judge of it: the registry feeds it every presence change
-of a CH (online after an announcement, offline after a last will, and a live re-announcement
-while online: a reconnect whose will was not seen, i.e. a take-over) with the monotonic time,
-and calls :meth:`FlapDetector.tick` now and then; it answers with what to report. Time is passed
-in and nothing here does I/O, so the tests run it on virtual time.
+of a CH (online after an announcement, offline after a last will; a take-over makes both) with
+the monotonic time, and calls :meth:`FlapDetector.tick` now and then; it answers with what to
+report. A live re-announcement of an online CH is not a change (a CH may announce whenever it
+is polled). Time is passed in and nothing here does I/O, so the tests run it on virtual time.
 
 State machine, per CH (the transitions are :data:`TRANSITIONS`)::
 
@@ -44,7 +44,7 @@ class FlapState(enum.Enum):
 class FlapInput(enum.Enum):
     """What the detector is told."""
 
-    CHANGE = "change"  # a presence change of the CH (online, offline, a reconnect)
+    CHANGE = "change"  # a presence change of the CH (online, offline)
     BURST = "burst"  # a change that makes THRESHOLD within WINDOW_S (derived from CHANGE)
     QUIET = "quiet"  # a tick finds QUIET_S without a change (derived from the tick)
 
