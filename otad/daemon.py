@@ -157,6 +157,14 @@ class Daemon:
         self.credentials: Credentials
         self.commands: Commands
 
+    @property
+    def degraded(self) -> list[str]:
+        """Why otad is degraded now, one line each, empty when healthy (the status's
+        ``degraded``; what READY/WATCHDOG should reflect): the store's writes failing on
+        storage (:attr:`otad.store.Store.degraded`) and ended transfers not yet recorded
+        (:attr:`otad.distribution.Distribution.degraded`)."""
+        return self.store.degraded + self.distribution.degraded
+
     def request_stop(self) -> None:
         """Begin a clean shutdown (signal handler)."""
         if not self._stop.is_set():
@@ -300,7 +308,7 @@ class Daemon:
             rejects=self.rejects,
             refusals=self.refusals,
             broker_check=self.broker_check,
-            store=self.store,
+            degraded=lambda: self.degraded,
             clock=timers.time,
         )
         self.status = StatusPublisher(

@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from otad.refusals import HubRefusals
     from otad.registry import Registry
     from otad.rejects import RejectLog
-    from otad.store import Store
 
 
 class HubCounts(TypedDict):
@@ -156,10 +155,11 @@ class StatusSnapshot:
         rejects: RejectLog,
         refusals: HubRefusals,
         broker_check: BrokerCheck,
-        store: Store,
+        degraded: Callable[[], list[str]],
         clock: Callable[[], float],
     ) -> None:
-        """``clock`` is the distribution's monotonic clock (idle times, waits)."""
+        """``clock`` is the distribution's monotonic clock (idle times, waits); ``degraded()``
+        says why otad is degraded now (:attr:`otad.daemon.Daemon.degraded`)."""
         self._version = version
         self._started_at = round(started_at, 3)
         self._library = library
@@ -171,7 +171,7 @@ class StatusSnapshot:
         self._rejects = rejects
         self._refusals = refusals
         self._broker_check = broker_check
-        self._store = store
+        self._degraded = degraded
         self._clock = clock
 
     def __call__(self) -> StatusFields:
@@ -208,7 +208,7 @@ class StatusSnapshot:
             "rejected": dict(self._rejects.counts),
             "refusals": self._refusals.counts(),
             "broker_warnings": list(self._broker_check.warnings),
-            "degraded": self._store.degraded + distribution.degraded,
+            "degraded": self._degraded(),
         }
 
 

@@ -64,6 +64,7 @@ async def test_final_states_on_a_full_disk_are_shown_active_retried_and_all_reco
         assert store_line.endswith("database or disk is full")
         assert finals_line.startswith(f"{FLEET} ended transfer(s) not yet recorded")
         assert s.store.degraded == [store_line]
+        assert s.daemon.degraded == status["degraded"]
 
         # The final writer keeps trying; once space returns every state is recorded.
         writer = asyncio.create_task(s.distribution.run_final_writer())
