@@ -25,13 +25,15 @@ import contextlib
 import logging
 import socket
 import ssl
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import aiomqtt
 import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError as AiomqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
+from mqttio.inbound import DroppedPacket
 from mqttio.interface import (
     HARD_INFLIGHT_LIMIT,
     InflightLimitError,
@@ -94,6 +96,81 @@ def _direct_socket_callbacks(
     client.on_socket_register_write = register_write
     client.on_socket_unregister_write = unregister_write
     client.on_socket_close = socket_close
+
+
+#: Bytes of a dropped packet skipped per call from paho's read (then the loop runs again).
+_SKIP_PER_TURN = 16 * 64 * 1024
+#: Bytes of a dropped PUBLISH's body kept for its topic and packet id (2 + 65,535 + 2 at most).
+_PUBLISH_PREFIX = 2 + 65_535 + 2
+
+
+def _fresh_in_packet() -> dict[str, Any]:
+    """paho's state of the packet being read, as it resets it after each (client.py)."""
+    return {
+        "command": 0,
+        "have_remaining": 0,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": 0,
+        "packet": bytearray(b""),
+        "to_process": 0,
+        "pos": 0,
+    }
+
+
+def _bound_packets(
+    client: paho.Client, max_packet: int, on_dropped: Callable[[DroppedPacket], None]
+) -> None:
+    """Skip packets above ``max_packet`` before paho reads their body (:mod:`mqttio.inbound`).
+
+    paho reads a packet's fixed header one byte at a time, then asks ``_sock_recv`` for the
+    body: at that first ask the size is known and nothing of the body read. A body too large is
+    then read here and thrown away, a bounded amount per call (``BlockingIOError`` tells paho
+    to come back on the next readable event), its first bytes kept for a PUBLISH's topic and
+    packet id; at its end paho's packet state is reset and ``on_dropped`` told."""
+    recv = client._sock_recv
+    skipping: dict[str, Any] = {}
+
+    def guarded_recv(bufsize: int) -> bytes:
+        packet = client._in_packet
+        if not packet["have_remaining"] or packet["to_process"] <= 0:
+            return recv(bufsize)
+        size = 1 + len(packet["remaining_count"]) + packet["remaining_length"]
+        if size <= max_packet:
+            return recv(bufsize)
+        if skipping.get("packet") is not packet:
+            skipping.clear()
+            skipping.update(packet=packet, prefix=bytearray(), size=size)
+        prefix: bytearray = skipping["prefix"]
+        budget = _SKIP_PER_TURN
+        while packet["to_process"] > 0 and budget > 0:
+            data = recv(min(packet["to_process"], 64 * 1024))  # BlockingIOError: come back
+            if not data:
+                return data  # the connection closed: paho reports the loss
+            if len(prefix) < _PUBLISH_PREFIX:
+                prefix += data[: _PUBLISH_PREFIX - len(prefix)]
+            packet["to_process"] -= len(data)
+            budget -= len(data)
+        if packet["to_process"] <= 0:
+            client._in_packet = cast(Any, _fresh_in_packet())
+            skipping.clear()
+            on_dropped(_dropped_packet(packet["command"], size, prefix))
+        raise BlockingIOError
+
+    client._sock_recv = guarded_recv  # type: ignore[method-assign]
+
+
+def _dropped_packet(command: int, size: int, prefix: bytes | bytearray) -> DroppedPacket:
+    packet_type, qos = command >> 4, (command >> 1) & 0x03
+    topic: str | None = None
+    packet_id: int | None = None
+    if packet_type == 3 and len(prefix) >= 2:
+        name_len = int.from_bytes(prefix[:2], "big")
+        if len(prefix) >= 2 + name_len:
+            topic = bytes(prefix[2 : 2 + name_len]).decode("utf-8", "replace")
+            if qos and len(prefix) >= 4 + name_len:
+                packet_id = int.from_bytes(prefix[2 + name_len : 4 + name_len], "big")
+    return DroppedPacket(packet_type, size, qos if packet_type == 3 else 0, topic, packet_id)
 
 
 class AiomqttClient(MqttClient):
@@ -201,6 +278,14 @@ class AiomqttClient(MqttClient):
                 self._connected = False
                 self._fail_waiters()
 
+    def _dropped(self, packet: DroppedPacket) -> None:
+        """A packet above ``max_packet`` was skipped: count and log it, and acknowledge a
+        QoS 1 PUBLISH so the broker frees its in-flight slot."""
+        self._packet_dropped(packet)
+        client = self._paho
+        if packet.qos == 1 and packet.packet_id is not None and client is not None:
+            client._send_puback(packet.packet_id)
+
     # ------------------------------------------------------------------ link primitives
 
     async def _open(self) -> None:
@@ -252,6 +337,8 @@ class AiomqttClient(MqttClient):
             raise
         self._established = True
         _direct_socket_callbacks(aclient, client, asyncio.get_running_loop())
+        if s.max_packet is not None:
+            _bound_packets(client, s.max_packet, self._dropped)
         self._lost = asyncio.Event()
         self._watcher = asyncio.get_running_loop().create_task(
             self._watch(aclient, self._lost), name=f"mqtt-watch-{s.client_id}"

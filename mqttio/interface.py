@@ -45,6 +45,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from mqttio.inbound import DroppedPacket
+
 __all__ = [
     "CONNACK_REASONS",
     "HARD_INFLIGHT_LIMIT",
@@ -183,6 +185,11 @@ class MqttSettings:
     """Bytes of received packets handled per event-loop turn (None: the library's own reads).
     A daemon that must stay responsive sets it; a bulk client (a virtual CH process holding
     thousands of connections) leaves it alone: smaller reads there only add loop turns."""
+    max_packet: int | None = None
+    """Largest packet taken from the broker, bytes, fixed header included (None: no bound of
+    ours). A larger one is skipped as it streams in, never reassembled: one WARNING (at most
+    every 10 s, with the count), counted in :attr:`MqttClient.dropped_packets`, and a QoS 1
+    PUBLISH is acknowledged so the broker frees its slot (:mod:`mqttio.inbound`)."""
 
     def __post_init__(self) -> None:
         if not self.client_id or any(c in self.client_id for c in "+#/\0"):
@@ -193,6 +200,8 @@ class MqttSettings:
             raise ValueError("need 0 < reconnect_min <= reconnect_max")
         if self.read_chunk is not None and self.read_chunk < 1024:
             raise ValueError("read_chunk must be at least 1024 bytes")
+        if self.max_packet is not None and self.max_packet < 1024:
+            raise ValueError("max_packet must be at least 1024 bytes")
         if not 0 <= self.keepalive <= 65535:
             raise ValueError("keepalive must be in 0..65535")
         if self.will is not None:
@@ -291,6 +300,9 @@ class MqttClient(abc.ABC):
         """Why the latest connection attempt failed (None once one succeeded)."""
         self._up_since: float | None = None
         self._short_losses: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+        self.dropped_packets = 0
+        """Packets from the broker above ``settings.max_packet``, skipped unread."""
+        self._dropped_logged_at = -1e9
 
     # ------------------------------------------------------------------ public API
 
@@ -423,6 +435,26 @@ class MqttClient(abc.ABC):
                 self._handler_errors,
             )
 
+    def _packet_dropped(self, packet: DroppedPacket) -> None:
+        """Count (and at most every 10 s log) a packet skipped for its size."""
+        self.dropped_packets += 1
+        now = time.monotonic()
+        if now - self._dropped_logged_at < 10.0:
+            return
+        self._dropped_logged_at = now
+        what = "PUBLISH" if packet.packet_type == 3 else f"packet of type {packet.packet_type}"
+        on = "" if packet.topic is None else f" on {packet.topic[:120]!r}"
+        log.warning(
+            "%s: dropped a %s of %d bytes%s from the broker unread: above this client's"
+            " max_packet of %d bytes (%d dropped so far; set the broker's max_packet_size)",
+            self.settings.client_id,
+            what,
+            packet.size,
+            on,
+            self.settings.max_packet or 0,
+            self.dropped_packets,
+        )
+
     def _notify(self, up: bool) -> None:
         try:
             self._connection_handler(up)
@@ -509,6 +541,11 @@ class MqttClient(abc.ABC):
             self._notify(False)
             await self._close(clean=False)
             await self._establish(fail_fast=False)
+            if self._closing:
+                # disconnect() cancelled us while a library call swallowed the cancellation
+                # (gmqtt's connect does, seen in a take-over loop): waiting for the new link to
+                # be lost would hang disconnect() for ever
+                return
             self.reconnects += 1
             log.info("%s: reconnected", self.settings.client_id)
             self._notify(True)

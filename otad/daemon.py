@@ -44,8 +44,9 @@ no task per message (:mod:`otad.distribution`). The message handlers here only r
 
 **shutdown** (:meth:`Daemon.shutdown`): stop sending, commit the final states and the progress
 batch, publish the queued events and the retained ``offline`` status, disconnect cleanly, close
-the store, exit 0. If the process dies instead, the broker publishes otad's last will: an
-``offline`` status too.
+the store, exit 0 (:data:`EXIT_STORE_FAILED` if the store could not make everything durable:
+systemd restarts otad and the new run records it). If the process dies instead, the broker
+publishes otad's last will: an ``offline`` status too.
 
 Two MQTT sessions. The data session (client id ``broker.client_id``) carries the CHs' reports,
 the blocks, the events and the retained status (its last will marks the status offline). The
@@ -75,12 +76,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mqttio import MqttClient, MqttSettings, Will, create_client, wait_acknowledged
-from otad.brokercheck import BrokerCheck
+from otad.brokercheck import BrokerCheck, largest_packet_bytes
 from otad.campaigns import Campaigns
 from otad.catalogue import Catalogue
 from otad.commands import Commands
 from otad.config import Config
-from otad.control import Control
+from otad.control import MAX_REQUEST_BYTES, Control
 from otad.credentials import Credentials, DeviceKeys, load_device_keys
 from otad.devices import Devices, load_signing_key
 from otad.distribution import Distribution
@@ -115,11 +116,22 @@ TAKEOVER_WINDOW_S = 30.0
 #: Environment variable (tests, debugging): seconds to block the event loop with a synchronous
 #: sleep on each SIGUSR2, so the watchdog's behaviour with a really blocked loop can be seen.
 DEBUG_BLOCK_ENV = "OTAD_DEBUG_BLOCK_ON_SIGUSR2"
+#: Exit status when the store could not make everything durable by the end of a run (ended
+#: transfers unrecorded, the last progress batch lost): not 0, so systemd restarts otad, and the
+#: restarted daemon asks the CHs again and records what they hold (the database never says more
+#: than what was durable).
+EXIT_STORE_FAILED = 3
 #: Bytes of received packets handled per event-loop turn (MqttSettings.read_chunk). gmqtt reads
 #: 64 KiB at a time and handles every packet in it before anything else runs: about 660
 #: acknowledgements, 100-180 ms of otad's work at 3,000 CHs, during which no timer, control
 #: request or status ran. 8 KiB (about 80, ~12 ms) bounds that for one extra loop turn a chunk.
 READ_CHUNK = 8 * 1024
+#: Largest packet otad takes from the broker on its control session: the largest request
+#: (:data:`otad.control.MAX_REQUEST_BYTES`, an image import) and its PUBLISH header. On the data
+#: session it is SPEC §1.1's packet size (:func:`otad.brokercheck.largest_packet_bytes`): a
+#: compliant broker passes nothing larger, and nothing larger is a CH message. A larger packet is
+#: skipped unread, with a WARNING (:mod:`mqttio.inbound`), whatever the broker lets through.
+CONTROL_MAX_PACKET = MAX_REQUEST_BYTES + 1024
 _CH_PREFIX = f"{topics.ROOT}/ch/"
 _CTL_PREFIX = f"{topics.ROOT}/ctl/"
 _UP_TOPIC_LEN = len(topics.up("0" * 16))
@@ -185,6 +197,14 @@ class Daemon:
         self.campaigns: Campaigns
         self.commands: Commands
         self.metrics: MetricsServer | None = None
+
+    @property
+    def degraded(self) -> list[str]:
+        """Why otad is degraded now, one line each, empty when healthy (the status's
+        ``degraded``; what READY/WATCHDOG should reflect): the store's writes failing on
+        storage (:attr:`otad.store.Store.degraded`) and ended transfers not yet recorded
+        (:attr:`otad.distribution.Distribution.degraded`)."""
+        return self.store.degraded + self.distribution.degraded
 
     def request_stop(self) -> None:
         """Begin a clean shutdown (signal handler)."""
@@ -253,10 +273,12 @@ class Daemon:
             where = f"{b.host}:{b.port}"
             return f"connecting to the broker {where}" + (f": {problem}" if problem else "")
         counts = self.distribution.counts()
-        return (
+        line = (
             f"{self.registry.online} of {len(self.registry.hubs)} hubs online,"
             f" {counts.get('active', 0)} transfers active, {len(self.catalogue.images)} images"
         )
+        degraded = self.degraded
+        return f"{line}; DEGRADED: {'; '.join(degraded)}" if degraded else line
 
     async def run(self) -> int:
         """Start up, run until SIGTERM/SIGINT, shut down; return the exit status."""
@@ -296,21 +318,7 @@ class Daemon:
             loop.create_task(self.watchdog.run(), name="otad.watchdog"),
         ]
         try:
-            try:
-                await self.startup(trust)
-            except KeyFileError as exc:
-                log.error("cannot load the activation keys: %s", exc)
-                return EXIT_START_FAILED
-            self.metrics = await serve(c.metrics, self._metrics_sources(), self._build_info())
-            if not await self.connect():
-                log.info("stopped before the broker could be reached")
-                return 0
-            self._ready = True
-            self.notifier.ready(self._status_line())
-            status = await self.main_loop()
-            self._notify_stopping()
-            await self.shutdown()
-            return status or self._exit_status
+            status = await self._run_opened(trust)
         finally:
             for task in supervision:
                 task.cancel()
@@ -321,6 +329,26 @@ class Daemon:
                 await self.store.close()
             except StoreError as exc:
                 log.error("closing the store: %s", exc)
+                status = EXIT_STORE_FAILED
+        return status
+
+    async def _run_opened(self, trust: TrustStore) -> int:
+        try:
+            await self.startup(trust)
+        except KeyFileError as exc:
+            log.error("cannot load the activation keys: %s", exc)
+            return EXIT_START_FAILED
+        self.metrics = await serve(self.config.metrics, self._metrics_sources(), self._build_info())
+        if not await self.connect():
+            log.info("stopped before the broker could be reached")
+            return 0
+        self._ready = True
+        self.notifier.ready(self._status_line())
+        status = await self.main_loop()
+        self._notify_stopping()
+        if not await self.shutdown() and status == 0:
+            status = EXIT_STORE_FAILED
+        return status or self._exit_status
 
     # ------------------------------------------------------------------ start-up
 
@@ -347,6 +375,9 @@ class Daemon:
             on_change=self._hub_changed,
             rejects=self.rejects,
             refusals=self.refusals,
+            on_flapping=self._hub_flapping,
+            monotonic=timers.time,
+            wall_clock=self._wall_clock,
         )
         await self.registry.load()
         self.distribution = Distribution(
@@ -426,6 +457,7 @@ class Daemon:
             rejects=self.rejects,
             refusals=self.refusals,
             broker_check=self.broker_check,
+            degraded=lambda: self.degraded,
             clock=timers.time,
         )
         self.status = StatusPublisher(
@@ -550,6 +582,7 @@ class Daemon:
             will=None if control else will,
             max_inflight=1000 if control else 10_000,
             read_chunk=READ_CHUNK,
+            max_packet=CONTROL_MAX_PACKET if control else largest_packet_bytes(),
         )
 
     # ------------------------------------------------------------------ run
@@ -631,11 +664,17 @@ class Daemon:
         if was_online != hub.online:
             self.status.poke()
 
+    def _hub_flapping(self, hub: Hub) -> None:
+        self.distribution.hub_flapping(hub)
+        self.status.poke()
+
     # ------------------------------------------------------------------ shutdown
 
-    async def shutdown(self) -> None:
+    async def shutdown(self) -> bool:
         """Clean stop: nothing more is sent, every decision and the latest progress is
-        committed, queued events go out, the retained status says offline."""
+        committed, queued events go out, the retained status says offline. False if the store
+        refused some ended transfers' final states (they stay active in the database) or some
+        events (lost)."""
         log.info("stopping: flushing state")
         self.distribution.halt()
         await self.broker_check.close()
@@ -644,8 +683,20 @@ class Daemon:
         await self.devices.flushed()
         self.credentials.shutdown()
         await self.events.flush()  # commits the events the final-state writes wait for
-        await self.distribution.wait_final_writes()
+        recorded = await self.distribution.wait_final_writes()
+        if not recorded:
+            log.error(
+                "stopping with ended transfers not recorded (the store refuses them): the next"
+                " start asks those CHs again and records what they hold"
+            )
         await self.events.close()
+        if self.events.backlog:
+            log.error(
+                "stopping with %d event(s) not committed to the outbox (the store refuses"
+                " them): they are lost",
+                self.events.backlog,
+            )
+            recorded = False
         self.status.publish_offline()
         await wait_acknowledged(self.client, 2.0)
         with contextlib.suppress(Exception):
@@ -653,6 +704,7 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.control_client.disconnect()
         log.info("stopped")
+        return recorded
 
 
 def _install_debug_block() -> None:

@@ -82,7 +82,7 @@ from otad.events import DeviceConfirmed, DeviceFailed, supplier_topic_id
 from otad.keyfiles import load_private_key
 from otad.outbox import EventPublisher
 from otad.registry import Hub, Registry
-from otad.store import CommandRow, DeviceRow, Store, TransferState
+from otad.store import CommandRow, DeviceRow, Store, StoreError, TransferState
 from otad.timers import TimerHost
 from protocol.device.activation import (
     MAX_MESSAGE_BYTES,
@@ -388,6 +388,10 @@ class Devices:
             try:
                 async with self._lock:
                     await job()
+            except StoreError as exc:
+                # Nothing changed (a record is put in place only after its commit): the device
+                # stays in its recorded state, and its deadline's read-back asks it again.
+                log.error("device report not recorded, the store refused it: %s", exc)
             except Exception:
                 log.exception("device report handling failed")
 

@@ -76,10 +76,12 @@ __all__ = [
     "DistributionResumed",
     "DistributionStalled",
     "EventDecodeError",
+    "HubFlapping",
     "HubForgotten",
     "HubOffline",
     "HubOnline",
     "HubRefused",
+    "HubSteady",
     "ImageImported",
     "MonitorEvent",
     "TransferFailed",
@@ -257,6 +259,43 @@ class HubForgotten(MonitorEvent):
 
     def key(self) -> str:
         return f"hub.forgotten:{self.guid}:{self._ms()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HubFlapping(MonitorEvent):
+    """A CH's presence changes too often to mean anything (:mod:`otad.flapping`): a cloned hub
+    (two connections with one GUID taking the session over from each other) or a reconnect
+    loop. Once per episode: until ``hub.steady``, its ``hub.online`` / ``hub.offline`` events
+    are held back and its transfers are suspended (two clones' acknowledgements would
+    interleave)."""
+
+    KIND: ClassVar[str] = "hub.flapping"
+    ABOUT_A_HUB: ClassVar[bool] = True
+
+    guid: str = doc("the CH's GUID")
+    changes: int = doc("presence changes (online, offline) seen within window_s")
+    window_s: float = doc("seconds from the first of those changes to the last")
+
+    def key(self) -> str:
+        return f"hub.flapping:{self.guid}:{self._ms()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HubSteady(MonitorEvent):
+    """A flapping CH has had no presence change for ``quiet_s``: its episode is over, its
+    presence is reported again and its transfers re-synchronise."""
+
+    KIND: ClassVar[str] = "hub.steady"
+    ABOUT_A_HUB: ClassVar[bool] = True
+
+    guid: str = doc("the CH's GUID")
+    online: bool = doc("whether it is online now (hub.online / hub.offline were held back)")
+    changes: int = doc("presence changes held back during the episode")
+    flapped_s: float = doc("seconds from the episode's start to its last change")
+    quiet_s: float = doc("seconds since its last change")
+
+    def key(self) -> str:
+        return f"hub.steady:{self.guid}:{self._ms()}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -634,6 +673,8 @@ EVENT_TYPES: Final[dict[str, type[MonitorEvent]]] = {
         HubOnline,
         HubOffline,
         HubForgotten,
+        HubFlapping,
+        HubSteady,
         HubRefused,
         TransferStarted,
         TransferProgress,

@@ -32,6 +32,7 @@ from typing import Any
 from mqttio import MqttClient, NotConnected, wait_acknowledged
 from otad.events import MonitorEvent, payload_topic
 from otad.jsonwire import dumps
+from otad.retrying import RetriedWrite
 from otad.store import NewEvent, Store, StoreError, Tx
 
 log = logging.getLogger("otad.events")
@@ -104,6 +105,7 @@ class EventPublisher:
         self.superseded = 0
         """Supersedable events dropped before their commit because a newer one came."""
         self._replaceable: dict[str, _Pending] = {}
+        self._commit_log = RetriedWrite(log, "committing events to the outbox")
 
     # ------------------------------------------------------------------ producers
 
@@ -253,9 +255,10 @@ class EventPublisher:
         try:
             await self._commit_queue()
         except StoreError as exc:
-            log.error("cannot commit events to the outbox (will retry): %s", exc)
+            self._commit_log.failed(exc)
             await asyncio.sleep(1.0)
             return
+        self._commit_log.succeeded()
         self._publish_unsent()
         self._confirm()
 
