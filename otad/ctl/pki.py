@@ -178,9 +178,14 @@ def acl_stanza(role: Role, identity: str) -> str:
             f"topic write ota/v1/ctl/{identity}/req\n"
             f"topic read ota/v1/ctl/{identity}/resp\n"
             "topic read ota/v1/otad/status\n"
+            "topic read ota/v1/campaigns/+/status\n"
+            "topic read ota/v1/events/#\n"
         )
     if role is Role.MONITOR:
-        return f"user {identity}\ntopic read ota/v1/events/#\ntopic read ota/v1/otad/status\n"
+        return (
+            f"user {identity}\ntopic read ota/v1/events/#\ntopic read ota/v1/otad/status\n"
+            "topic read ota/v1/campaigns/+/status\n"
+        )
     if role is Role.OTAD and identity != "otad":
         raise PkiError(
             f"the shipped ACL grants otad's topics to the user 'otad', not {identity!r}:"

@@ -161,7 +161,8 @@ kill "$(cat {tmp_path}/mosquitto.pid)"
     acl = (tmp_path / "etc-mosquitto" / "otad" / "acl").read_text()
     assert acl.endswith(
         "user alice\ntopic write ota/v1/ctl/alice/req\ntopic read ota/v1/ctl/alice/resp\n"
-        "topic read ota/v1/otad/status\nuser grafana\ntopic read ota/v1/events/#\n"
-        "topic read ota/v1/otad/status\n"
+        "topic read ota/v1/otad/status\ntopic read ota/v1/campaigns/+/status\n"
+        "topic read ota/v1/events/#\nuser grafana\ntopic read ota/v1/events/#\n"
+        "topic read ota/v1/otad/status\ntopic read ota/v1/campaigns/+/status\n"
     )
     assert not Path("/etc/mosquitto/otad").exists()  # the namespace kept the host untouched

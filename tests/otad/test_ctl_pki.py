@@ -160,11 +160,14 @@ def test_acl_stanzas_grant_operators_and_monitors_their_topics_only() -> None:
         "topic write ota/v1/ctl/alice/req",
         "topic read ota/v1/ctl/alice/resp",
         "topic read ota/v1/otad/status",
+        "topic read ota/v1/campaigns/+/status",
+        "topic read ota/v1/events/#",
     ]
     assert pki.acl_stanza(Role.MONITOR, "grafana").splitlines() == [
         "user grafana",
         "topic read ota/v1/events/#",
         "topic read ota/v1/otad/status",
+        "topic read ota/v1/campaigns/+/status",
     ]
     assert pki.acl_stanza(Role.CH, GUID) == pki.acl_stanza(Role.SUPPLIER, "x-0123abcd") == ""
     with pytest.raises(PkiError, match="name otad's certificate 'otad'"):

@@ -132,6 +132,7 @@ def test_the_acl_confines_chs_to_their_own_direction_and_lets_only_otad_write_do
         "ota/v1/events/#",
         "ota/v1/alerts/#",
         "ota/v1/otad/status",
+        "ota/v1/campaigns/#",
         "ota/v1/otad/probe/#",
         "ota/v1/ctl/+/resp",
     }
