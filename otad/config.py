@@ -159,6 +159,9 @@ class EventsConfig:
     # Days a published event stays in the outbox (so a late monitor can be replayed, and a key
     # re-derived within it is still recognised); 0 keeps every event for ever.
     retention_days: int = 30
+    # The retained status is published at least this often (its time moves): another otad
+    # starting on the same broker waits 1.5 of these for a sign of life before serving.
+    status_heartbeat_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +427,8 @@ def _validate(config: Config) -> Config:
     e = config.events
     if not e.progress_interval_s > 0:
         raise ConfigError("events.progress_interval_s", f"must be > 0, got {e.progress_interval_s}")
+    if not e.status_heartbeat_s > 0:
+        raise ConfigError("events.status_heartbeat_s", f"must be > 0, got {e.status_heartbeat_s}")
     _in_range("events.retention_days", e.retention_days, 0, 36_500)
     if not all(_TOPIC_LEVEL.fullmatch(level) for level in e.topic_prefix.split("/")):
         raise ConfigError(

@@ -68,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import signal
@@ -108,6 +109,11 @@ EXIT_START_FAILED = 2
 #: Exit status when the data session was taken over again and again (another client, most
 #: likely a second otad, uses the same client id).
 EXIT_SESSION_TAKEN_OVER = 1
+#: Exit status when another otad is online on this broker (its retained status says so): a
+#: deployment error, like a configuration error, that a restart would not cure.
+EXIT_ANOTHER_OTAD = 2
+#: Seconds after connecting for the broker's retained copy of otad's status to arrive.
+OTHER_OTAD_GRACE_S = 0.3
 #: Sessions lost within TAKEOVER_WINDOW_S seconds, each within TAKEOVER_WINDOW_S of its connect,
 #: that make otad stop as taken over. A network that drops a fresh session 5 times in 30 s is
 #: not one otad can serve either; systemd's restart (with its own pacing) then takes over.
@@ -162,11 +168,13 @@ class Daemon:
         timers: TimerHost | None = None,
         wall_clock: Callable[[], float] = time.time,
         notifier: Notifier | None = None,
+        peer_grace_s: float = OTHER_OTAD_GRACE_S,
     ) -> None:
         """Prepare; nothing happens until :meth:`run`. ``mqtt_client(library, settings)`` makes
         each MQTT session's client; ``timers`` is the monotonic clock and its timers (None: the
         running event loop); ``wall_clock`` is unix time; ``notifier`` tells systemd (None:
-        ``$NOTIFY_SOCKET``'s)."""
+        ``$NOTIFY_SOCKET``'s); ``peer_grace_s``: how long after connecting the broker's copy of
+        otad's status is awaited (another otad's: :meth:`connect`)."""
         self.config = config
         self._mqtt_client = mqtt_client
         self._timers = timers
@@ -178,6 +186,10 @@ class Daemon:
         self._ready = False
         self._stopping = False
         self._exit_status = 0
+        self._peer_grace_s = peer_grace_s
+        self._other_online: dict[str, object] | None = None  # another otad's retained status
+        self._another_otad = False  # one proved alive: this one stops
+        self._peer_cleared = asyncio.Event()  # the other otad's status said offline
         self._reload_task: asyncio.Task[None] | None = None
         self.rejects = RejectLog(logging.getLogger("otad.input"))
         self.loop_lag = LoopLag()
@@ -340,8 +352,13 @@ class Daemon:
             return EXIT_START_FAILED
         self.metrics = await serve(self.config.metrics, self._metrics_sources(), self._build_info())
         if not await self.connect():
+            if self._another_otad:  # leave without a will: the other otad's status stands
+                for client in (self.client, self.control_client):
+                    with contextlib.suppress(Exception):
+                        await client.disconnect()
+                return self._exit_status
             log.info("stopped before the broker could be reached")
-            return 0
+            return self._exit_status
         self._ready = True
         self.notifier.ready(self._status_line())
         status = await self.main_loop()
@@ -461,7 +478,11 @@ class Daemon:
             clock=timers.time,
         )
         self.status = StatusPublisher(
-            self.client, topics.OTAD_STATUS, snapshot, clock=self._wall_clock
+            self.client,
+            topics.OTAD_STATUS,
+            snapshot,
+            heartbeat_s=c.events.status_heartbeat_s,
+            clock=self._wall_clock,
         )
         self.commands = commands = Commands(
             catalogue=self.catalogue,
@@ -486,6 +507,8 @@ class Daemon:
         for topic in (topics.STATE_WILDCARD, topics.UP_WILDCARD):
             await self.client.subscribe(topic, 1)  # remembered: sent with every connect
         await self.control_client.subscribe(topics.CTL_REQUEST_WILDCARD, 1)
+        # another otad's retained "online" (a second deployment with its own client id)
+        await self.control_client.subscribe(topics.OTAD_STATUS, 1)
         log.info(
             "otad %s: %d image(s), %d hub(s) known, %d transfer(s) to resume; connecting to %s:%d"
             " with %s as %s",
@@ -528,6 +551,8 @@ class Daemon:
                 await connect
             return False
         connect.result()
+        if not await self._no_other_otad():
+            return False
         self.distribution.start()
         await self.devices.start()
         self.credentials.start()
@@ -543,6 +568,85 @@ class Daemon:
     async def _connect_both(self) -> None:
         await self.client.connect()
         await self.control_client.connect()
+
+    async def _no_other_otad(self) -> bool:
+        """After connecting, before sending anything: if the broker holds another otad's status
+        saying online, wait until it shows it is alive (its heartbeat: this one is refused) or
+        for up to 1.5 heartbeats (it is a dead one's copy). False if this one must stop."""
+        await asyncio.sleep(self._peer_grace_s)  # the retained status arrives after SUBACK
+        other = self._other_online
+        if other is None or self._stop.is_set():
+            return not self._stop.is_set()
+        wait_s = 1.5 * self.config.events.status_heartbeat_s
+        log.warning(
+            "the broker holds another otad's status saying online (pid %s, started %s): waiting"
+            " up to %.0f s for it to show it is alive before serving",
+            other.get("pid"),
+            other.get("started_at_iso"),
+            wait_s,
+        )
+        waits = [
+            asyncio.ensure_future(self._stop.wait()),
+            asyncio.ensure_future(self._peer_cleared.wait()),
+        ]
+        await asyncio.wait(waits, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in waits:
+            waiting.cancel()
+        if self._stop.is_set():
+            return False
+        if self._other_online is not None:
+            log.info(
+                "no sign of life from that otad in %.0f s: its status was a stale copy", wait_s
+            )
+        return True
+
+    def _status_seen(self, payload: bytes, retain: bool) -> None:
+        """otad's status topic as the broker has it. Another otad serving the same broker
+        (another pid or start time saying online) would answer the same CHs and fight over
+        every transfer. A retained copy may be a dead one's (a broker that kept it across a
+        crash), so only a live publication (``retain`` false: it published just now) proves it:
+        then the one that started later stops, the other says it is here again."""
+        try:
+            status = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            return
+        if not isinstance(status, dict):
+            return
+        pid, started = status.get("pid"), status.get("started_at")
+        if pid == os.getpid() and started == self.started_at:
+            return  # our own
+        if status.get("state") != "online":
+            self._other_online = None
+            self._peer_cleared.set()
+            if self._ready and not self._stop.is_set():
+                self.status.poke()  # another's offline (its will) over ours: ours again
+            return
+        if retain:
+            self._other_online = status  # a hint: connect() waits for proof either way
+            return
+        newer = isinstance(started, (int, float)) and (started, pid) > (
+            self.started_at,
+            os.getpid(),
+        )
+        if newer and self._ready:
+            log.warning(
+                "a second otad (pid %s, started %s) says it is online on this broker; it"
+                " started later and will stop", pid, status.get("started_at_iso"),
+            )  # fmt: skip
+            self.status.poke()
+            return
+        if self._stop.is_set():
+            return
+        log.error(
+            "another otad is online on this broker (pid %s, version %s, started %s): two would"
+            " serve the same CHs; stopping (stop the other, or give each its own broker)",
+            pid,
+            status.get("version"),
+            status.get("started_at_iso"),
+        )
+        self._exit_status = EXIT_ANOTHER_OTAD
+        self._another_otad = True
+        self.request_stop()
 
     def _check_takeover(self) -> None:
         """After a loss of the data session: stop if it keeps being taken over."""
@@ -638,6 +742,8 @@ class Daemon:
     def _on_control_message(self, topic: str, payload: bytes, retain: bool) -> None:
         if topic.startswith(_CTL_PREFIX) and topic.endswith("/req"):
             self.control.request_received(topic, payload)
+        elif topic == topics.OTAD_STATUS:
+            self._status_seen(payload, retain)
         else:
             self.rejects.reject(f"message on {topic[:80]!r}", Reason.BAD_IDENTIFIER, "topic")
 

@@ -227,8 +227,16 @@ def lost_status(version: str, started_at: float) -> bytes:
     return dumps(will)
 
 
+#: The retained status is published at least this often while otad runs (its ``time`` moves;
+#: ``[events] status_heartbeat_s``):
+#: a live otad can be told from a retained copy of a dead one's (another otad starting on the
+#: same broker waits for it, :meth:`otad.daemon.Daemon.connect`).
+HEARTBEAT_S = 30.0
+
+
 class StatusPublisher:
-    """The retained status snapshot: published when it changes, at most every ``interval``."""
+    """The retained status snapshot: published when it changes, at most every ``interval``,
+    and at least every :data:`HEARTBEAT_S`."""
 
     def __init__(
         self,
@@ -237,6 +245,7 @@ class StatusPublisher:
         snapshot: Callable[[], StatusFields],
         *,
         interval: float = 2.0,
+        heartbeat_s: float = HEARTBEAT_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``snapshot()`` returns the current fields; ``clock`` (unix seconds) dates them."""
@@ -246,6 +255,8 @@ class StatusPublisher:
         self._interval = interval
         self._clock = clock
         self._last: StatusFields | None = None
+        self._published_at = -1e18
+        self._heartbeat_s = heartbeat_s
         self._wake = asyncio.Event()
 
     def poke(self) -> None:
@@ -272,13 +283,15 @@ class StatusPublisher:
         """Publish the online snapshot whenever it changed, until cancelled."""
         while True:
             current = self._snapshot()
-            if current != self._last and self._client.connected:
+            stale = self._clock() - self._published_at >= self._heartbeat_s
+            if (current != self._last or stale) and self._client.connected:
                 try:
                     self._client.publish(self._topic, self._body("online", current), 1, True)
                 except NotConnected:
                     pass
                 else:
                     self._last = current
+                    self._published_at = self._clock()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):
