@@ -613,8 +613,10 @@ class Daemon:
         if not isinstance(status, dict):
             return
         pid, started = status.get("pid"), status.get("started_at")
-        if pid == os.getpid() and started == self.started_at:
-            return  # our own
+        if not isinstance(started, (int, float)):
+            return
+        if pid == os.getpid() and abs(started - self.started_at) < 0.01:
+            return  # our own (the status has the start time to the millisecond)
         if status.get("state") != "online":
             self._other_online = None
             self._peer_cleared.set()
@@ -624,10 +626,7 @@ class Daemon:
         if retain:
             self._other_online = status  # a hint: connect() waits for proof either way
             return
-        newer = isinstance(started, (int, float)) and (started, pid) > (
-            self.started_at,
-            os.getpid(),
-        )
+        newer = (started, pid) > (self.started_at, os.getpid())
         if newer and self._ready:
             log.warning(
                 "a second otad (pid %s, started %s) says it is online on this broker; it"

@@ -47,6 +47,8 @@ async def test_a_second_otad_is_refused_and_the_first_keeps_serving(
     assert status == 2
     assert took < 10  # the first's heartbeat (2 s) proves it alive
     assert "another otad is online on this broker" in second.log()
+    assert "another otad" not in first.log()  # its own status is never taken for another's
+    assert first.log().count("a second otad") <= 2  # the newcomer's one status, at most twice
     assert current["state"] == "online"
     assert current["pid"] == first.pid
 
