@@ -135,6 +135,8 @@ STATUS_VERSION: Final = 1
 STALLED_AFTER_S: Final = 60.0
 #: The window over which ``confirmed_per_minute`` is measured.
 RATE_WINDOW_S: Final = 300.0
+#: Targets measured before the pacing model uses a measured figure instead of the configured.
+MIN_SAMPLES: Final = 5
 _ARTIFACT_CREDENTIALS: Final = "credentials"
 #: Reasons of a refusal by the CH or device of what was offered (REJECTED, not FAILED).
 _REJECTIONS: Final = frozenset(
@@ -253,8 +255,9 @@ class Campaigns:
         self._lock = asyncio.Lock()
         self._started_at: dict[tuple[str, str], float] = {}  # (campaign, device) -> start time
         self._samples: dict[str, collections.deque[float]] = {
-            name: collections.deque(maxlen=1000) for name in ("wan", "han", "activation")
-        }
+            name: collections.deque(maxlen=1000)
+            for name in ("transfer_blocks_per_s", "han_bytes_per_s", "activation_s")
+        }  # measured on this deployment: the pacing model's figures
         self.commands = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -319,7 +322,7 @@ class Campaigns:
         if mapped is None:
             return
         state, reason = mapped
-        self._sample(campaign, record.device_id, state)
+        self._sample(live, record, state)
         self._report(live, TargetReported(UnixTime(self._wall()), record.device_id, state, reason))
 
     def credentials_changed(self, rec: Replacement) -> None:
@@ -360,16 +363,26 @@ class Campaigns:
         live.reported = True
         live.status_dirty = True
 
-    def _sample(self, campaign: str, device_id: str, state: TargetState) -> None:
-        started = self._started_at.get((campaign, device_id))
-        if started is None:
+    def _sample(self, live: _Live, record: DeviceRecord, state: TargetState) -> None:
+        """What the pacing model learns from one target's step: its WAN transfer's rate
+        (started -> its CH holds the image), its HAN relay's (CH -> device) and its activation's
+        time (issued -> confirmed)."""
+        key = (live.engine.campaign_id, record.device_id)
+        stamp = self._started_at.get(key)
+        image = live.image
+        if stamp is None or image is None:
             return
-        took = self._wall() - started
-        if state in (TargetState.DELIVERED, TargetState.HELD):
-            self._samples["wan" if state is TargetState.DELIVERED else "han"].append(took)
+        now = self._wall()
+        took = max(now - stamp, 1e-3)
+        wan_done = state is TargetState.DELIVERED or (state is TargetState.HELD and record.is_ch)
+        if wan_done:
+            self._samples["transfer_blocks_per_s"].append(image.manifest.block_count / took)
+            self._started_at[key] = now  # the HAN relay's clock
+        elif state is TargetState.HELD:
+            self._samples["han_bytes_per_s"].append(image.manifest.size / took)
         elif state is TargetState.CONFIRMED:
-            self._samples["activation"].append(took)
-            self._started_at.pop((campaign, device_id), None)
+            self._samples["activation_s"].append(took)
+            self._started_at.pop(key, None)
 
     # ------------------------------------------------------------------ commands
 
@@ -628,23 +641,21 @@ class Campaigns:
         config = self._config
         measured: list[str] = []
 
-        def median(name: str, default: float) -> float:
+        def median(name: str) -> float:
             samples = self._samples[name]
-            if len(samples) < 5:
+            default: float = getattr(config, name)
+            if len(samples) < MIN_SAMPLES:
                 return default
-            measured.append(f"{name} median of {len(samples)}")
+            measured.append(f"{name} (median of {len(samples)} targets)")
             return statistics.median(samples)
 
-        wan = median("wan", 0.0)
-        activation = median("activation", config.activation_s)
-        transfer_rate = config.transfer_blocks_per_s
         return PacingModel(
-            transfer_rate,
+            median("transfer_blocks_per_s"),
             config.fleet_blocks_per_s,
-            config.han_bytes_per_s,
-            activation,
+            median("han_bytes_per_s"),
+            median("activation_s"),
             config.tick_s,
-            tuple(measured) if wan or activation != config.activation_s else (),
+            tuple(measured),
         )
 
     def _plan_of(self, engine: Engine, image: Image | None) -> dict[str, Any]:

@@ -160,6 +160,8 @@ async def test_micro_pilot_go_pilot_go_rollout_confirms_all_300(
         fleet = otactl_json(broker, "fleet", "list")
         assert {h["fw_version"] for h in fleet} == {VERSION}
         history = otactl_json(broker, "campaign", "history", "c300")
+        # the same plan again: the pacing model now has this deployment's measured figures
+        replan = otactl_json(broker, "campaign", "plan", *campaign_flags("c300b", release.sha256))
         kinds_wanted = [k for k in EVENT_TYPES if k.startswith("campaign.")]
         events = otactl_json(
             broker, "campaign", "events", "--campaign", "c300", "--limit", "1000",
@@ -167,6 +169,8 @@ async def test_micro_pilot_go_pilot_go_rollout_confirms_all_300(
         )  # fmt: skip
         held = setup.monitor.of_kind(TransferHeld)
     report_estimate("300 CHs, 3 stages", plan, began, ended)
+    report_estimate("300 CHs, 3 stages, planned again after it", replan, began, ended)
+    assert any("median of" in line for line in replan["estimate"]["assumptions"])
     kinds = [h["kind"] for h in history]
     assert kinds.count("stage_started") == 3
     assert kinds.count("gate_decided") == 2
