@@ -77,7 +77,7 @@ print("CHECK PASSED")
 
 def broker_section_script(pki_dir: Path) -> str:
     section = README[README.index("### The broker") :]
-    section = section[: section.index("\n## ")]
+    section = section[: min(section.index("\n## "), section.index("\n### ", 1))]
     blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
     assert len(blocks) == 2, "the broker section's two sh blocks"
     script = "\n".join(blocks)

@@ -346,7 +346,12 @@ async def test_an_operator_writes_only_its_own_requests_and_reads_only_its_own_r
         otad.publish(topics.ctl_response("alice"), b"alice's answer", 1, False)
         await at_alice.wait_for(topics.ctl_response("alice"))
         await asyncio.sleep(0.3)
-        assert at_alice.messages == [(topics.ctl_response("alice"), b"alice's answer")]
+        # its own response and the monitoring feed (otactl campaign watch follows it), nothing
+        # of another operator's and no downlink
+        assert at_alice.messages == [
+            (topics.event("hub.online"), b"{}"),
+            (topics.ctl_response("alice"), b"alice's answer"),
+        ]
 
 
 async def test_the_local_listener_takes_password_users_under_the_same_acl(
