@@ -78,7 +78,7 @@ def test_the_demo_confirms_every_device_and_reports_it(tmp_path: Path) -> None:
     stages = report["stages"]
     ch = [row for row in stages if row["campaign"] == "demo-ch"]
     assert [row["name"] for row in ch] == ["micro-pilot", "pilot", "roll-out"]
-    assert [row["hubs"] for row in ch] == [10, 6, 24]
+    assert [row["hubs"] for row in ch] == [10, 8, 22]  # 10, 20% of 40, the rest
     assert [row["gate_decision"] for row in ch] == ["go", "go", "none"]
     assert sum(row["confirmed"] for row in ch) == HUBS
     b2_rows = [row for row in stages if row["campaign"] == "demo-b2"]
