@@ -18,9 +18,9 @@ Ctrl-C or an error):
 7. ``otactl image import`` for both images, then one staged campaign each (``otactl campaign
    plan``, ``create``, ``expedite`` by two approvers -- the demo cannot wait the 7-day notice --
    and ``start``): micro-pilot, pilot, roll-out, with an automatic GO after a short soak. The
-   CH image's campaign distributes and activates (the CH reboots into it); the bridge image's
-   waits, premises by premises, until its CH runs the new CH firmware (SECMP0007), then its CH
-   relays it over the HAN to its B2s and they are activated. A hold (a threshold crossed) stops
+   bridge image's campaign goes first (each CH relays it over its HAN to its B2s, which are
+   activated), then the CH image's (distributed and activated: the CH reboots into it, so it
+   must not cut its own relay short). A hold (a threshold crossed) stops
    the demo as failed, unless the scenario asked for failures (``--self-test-failures``): then
    the demo, as the operator, records a GO naming them;
 8. the WAN carries one copy per CH and image;
@@ -471,16 +471,16 @@ async def run(args: argparse.Namespace) -> int:
         for release in (bridge_release, ch_release):
             line = await run_cmd(otactl("--broker", address, "image", "import", str(release.path)))
             say(line.strip().splitlines()[-1] if line.strip() else "image imported")
+        # the bridges first, then the CHs (a CH image's activation reboots the CH: it must not
+        # cut its own HAN relay of the bridge image short)
         campaigns = [
-            DemoCampaign("demo-ch", ch_release.sha256, len(wanted), ()),
-            DemoCampaign(
-                "demo-b2", bridge_release.sha256, len(b2s),
-                ("--requires-ch-fw", str(CH_IMAGE_VERSION)),
-            ),
-        ]  # fmt: skip
+            DemoCampaign("demo-b2", bridge_release.sha256, len(b2s)),
+            DemoCampaign("demo-ch", ch_release.sha256, len(wanted)),
+        ]
         for campaign in campaigns:
             if campaign.targets:
                 await campaign.launch(address, say)
+                break
 
         # 8-9: live view, activations ------------------------------------------------------
         ctl = CtlClient(host, port, library=args.library, name="demo-view", timeout=30.0)
@@ -514,8 +514,12 @@ async def run(args: argparse.Namespace) -> int:
                 for image in images:
                     image.update(rows)
             bar.update(progress(), extra(), stalled=tally.stalled)
-            for campaign in campaigns:
+            for index, campaign in enumerate(campaigns):
                 if not campaign.targets:
+                    continue
+                if not campaign.plan:  # not launched: after every campaign before it
+                    if all(c.finished for c in campaigns[:index]):
+                        await campaign.launch(address, say)
                     continue
                 with contextlib.suppress(Exception):
                     campaign.status = await ctl.call("campaign.status", {"id": campaign.id})
@@ -561,6 +565,9 @@ async def run(args: argparse.Namespace) -> int:
         for r in rows:
             if r["state"] not in FINAL_STATES:
                 unfinished[r["state"]] = unfinished.get(r["state"], 0) + 1
+        not_started = sum(max(0, i.expected - len(i.rows)) for i in images)
+        if not_started:  # targets a campaign had not started (or not yet been launched for)
+            unfinished["not_started"] = not_started
         confirmed_alerts = alerts.of_kind(DeviceConfirmed)
         failed_alerts = alerts.of_kind(DeviceFailed)
         image_bytes = sum(i.manifest.size for i in images)
@@ -709,7 +716,9 @@ class DemoCampaign:
 
     SOAK_S = 3.0
 
-    def __init__(self, campaign_id: str, image: str, targets: int, extra: Sequence[str]) -> None:
+    def __init__(
+        self, campaign_id: str, image: str, targets: int, extra: Sequence[str] = ()
+    ) -> None:
         self.id = campaign_id
         self.image = image
         self.targets = targets
