@@ -137,6 +137,8 @@ STALLED_AFTER_S: Final = 60.0
 RATE_WINDOW_S: Final = 300.0
 #: Targets measured before the pacing model uses a measured figure instead of the configured.
 MIN_SAMPLES: Final = 5
+#: How often the executors' effects are checked against the durable records (:meth:`_repair`).
+REPAIR_S: Final = 30.0
 _ARTIFACT_CREDENTIALS: Final = "credentials"
 #: Reasons of a refusal by the CH or device of what was offered (REJECTED, not FAILED).
 _REJECTIONS: Final = frozenset(
@@ -279,13 +281,22 @@ class Campaigns:
                 await self._reconcile(live)
 
     async def run(self) -> None:
-        """The evaluation tick, for ever (task ``otad.campaigns``)."""
+        """The evaluation tick, for ever (task ``otad.campaigns``); every ``REPAIR_S`` the
+        executors' effects are checked against the durable records (:meth:`_repair`). A tick
+        that fails is logged and the next one goes on: what it decided and did not carry out
+        is found by the repair."""
+        repaired_at = self._wall()
         while True:
             await asyncio.sleep(self._config.tick_s)
             try:
                 await self.tick()
-            except StoreError as exc:
-                log.error("campaign evaluation not recorded: %s; retried next tick", exc)
+                if self._wall() - repaired_at >= REPAIR_S:
+                    repaired_at = self._wall()
+                    async with self._lock:
+                        for live in list(self._live.values()):
+                            await self._repair(live, "(a decision not carried out)")
+            except (StoreError, ProtocolError) as exc:
+                log.error("campaign evaluation not carried out: %s; retried", exc)
 
     async def tick(self) -> None:
         """Evaluate every active campaign now; commit and publish what changed."""
@@ -962,6 +973,15 @@ class Campaigns:
     async def _reconcile(self, live: _Live) -> None:
         """After a restart: every target's durable state re-derived; a start or an activation
         the crash lost carried out again (see the module docstring)."""
+        await self._repair(live, "after a restart")
+        await self._save(live)
+        self._publish_status(live, self._wall(), force=True)
+
+    async def _repair(self, live: _Live, when: str) -> None:
+        """Level-triggered executors: every target re-derived from the durable records; one the
+        engine started whose transfer does not exist is started, one it activated whose device
+        was never issued a command is activated (a decision a crash or a failed store write
+        lost). A device that was issued one is never sent a second."""
         engine = live.engine
         restart: list[Decision] = []
         reactivate: list[str] = []
@@ -980,27 +1000,18 @@ class Campaigns:
             elif (
                 state is TargetState.ACTIVATING
                 and record is not None
-                and record.state
-                in (
-                    DeviceState.HELD_BY_DEVICE,
-                    DeviceState.HELD_BY_CH,
-                )
+                and record.counter is None
+                and record.state in (DeviceState.HELD_BY_DEVICE, DeviceState.HELD_BY_CH)
             ):
                 reactivate.append(device_id)
         if restart:
-            log.info(
-                "campaign %s: %d starts again after a restart", engine.campaign_id, len(restart)
-            )
+            log.info("campaign %s: %d started again %s", engine.campaign_id, len(restart), when)
             await self._start(live, restart, distributed=False)
         if reactivate:
             log.info(
-                "campaign %s: %d activations again after a restart",
-                engine.campaign_id,
-                len(reactivate),
+                "campaign %s: %d activated again %s", engine.campaign_id, len(reactivate), when
             )
             await self._activate(live, reactivate)
-        await self._save(live)
-        self._publish_status(live, self._wall(), force=True)
 
     # ------------------------------------------------------------------ events and status
 
