@@ -540,19 +540,36 @@ class Campaigns:
                     already_claimed.append(guid)
                 else:
                     blocked.append(_conflict(guid, owner[0]))
-            if all_matching:
-                result = await self._distribution.distribute(image.hex, (), all_matching=True)
-            elif free:
-                result = await self._distribution.distribute(image.hex, free)
-            else:
-                result = {"image": image.hex, "started": [], "already": [], "refused": []}
+            campaign_id = self._generated_id(prefix="d")
+            # the transfers' first events (transfer.started) are emitted as they start: name
+            # the campaign on them from the first, and give back what it did not start
+            candidates = list(self._registry.hubs) if all_matching else free
+            before = {g: self._hub_routes.get((g, image.hex)) for g in candidates}
+            for guid in candidates:
+                self._hub_routes[(guid, image.hex)] = campaign_id
+            result: dict[str, Any] = {"image": image.hex, "started": [], "already": [],
+                                      "refused": []}  # fmt: skip
+            try:
+                if all_matching:
+                    result = await self._distribution.distribute(image.hex, (), all_matching=True)
+                elif free:
+                    result = await self._distribution.distribute(image.hex, free)
+            finally:
+                began = set(result["started"])
+                for guid, route in before.items():
+                    if guid in began:
+                        continue
+                    if route is None:
+                        self._hub_routes.pop((guid, image.hex), None)
+                    else:
+                        self._hub_routes[(guid, image.hex)] = route
             result["already"] = list(dict.fromkeys([*result["already"], *already_claimed]))
             result["refused"] = [*result["refused"], *blocked]
             started: list[str] = result["started"]
             result["devices"] = await self._devices.offered(image, started, result["already"])
             if started:
                 spec = CampaignSpec(
-                    self._generated_id(prefix="d"),
+                    campaign_id,
                     Payload(PayloadKind.DISTRIBUTE, image.hex, image.manifest.fw_version),
                     Selection(
                         image.manifest.device_type,
