@@ -211,7 +211,7 @@ async def test_a_ch_lost_after_activation_in_the_pilot_holds_until_a_recorded_go
         procs=2,
     ) as setup:  # fmt: skip
         assert otactl(broker, "image", "import", str(release.path)).returncode == 0
-        flags = campaign_flags("c1", release.sha256, "--lost-after", "3s", "--rate", "120")
+        flags = campaign_flags("c1", release.sha256, "--lost-after", "3s")
         plan = otactl_json(broker, "campaign", "plan", *flags)
         pilot = [m["guid"] for m in plan["members"] if m["stage"] == "pilot"]
         otactl_json(broker, "campaign", "create", *flags)
