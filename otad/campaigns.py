@@ -198,6 +198,33 @@ def target_state_of(record: DeviceRecord) -> tuple[TargetState, str] | None:
     return None  # OFFERED, HAN_TRANSFER, ACTIVATION_PENDING
 
 
+def target_states_of(record: DeviceRecord) -> list[tuple[TargetState, str]]:
+    """Every target state a committed device record implies, in order: a HAN device past its
+    CH's delivery was DELIVERED, one holding (or past holding) the image was HELD, one issued a
+    command was ACTIVATING, then where it is (:func:`target_state_of`). Fed one after the other,
+    they bring a target that missed steps (a snapshot older than the records, after a crash) to
+    where the records are; the steps it already took change nothing."""
+    state = record.state
+    chain: list[tuple[TargetState, str]] = []
+    past_delivery = state in (
+        DeviceState.HAN_TRANSFER,
+        DeviceState.HELD_BY_DEVICE,
+        DeviceState.ACTIVATION_PENDING,
+        DeviceState.ACTIVATED,
+        DeviceState.CONFIRMED,
+    ) or (state in (DeviceState.FAILED, DeviceState.TIMED_OUT) and record.counter is not None)
+    if past_delivery and not record.is_ch:
+        chain.append((TargetState.DELIVERED, ""))
+    if past_delivery and state is not DeviceState.HAN_TRANSFER:
+        chain.append((TargetState.HELD, ""))
+    if record.counter is not None:
+        chain.append((TargetState.ACTIVATING, ""))
+    final = target_state_of(record)
+    if final is not None:
+        chain.append(final)
+    return chain
+
+
 def _replacement_state_of(rec: Replacement) -> tuple[TargetState, str] | None:
     if rec.state is CredentialsState.REPLACED:
         return TargetState.CONFIRMED, "credentials replaced"
@@ -329,12 +356,17 @@ class Campaigns:
         live = self._live.get(campaign)
         if live is None:
             return
-        mapped = target_state_of(record)
-        if mapped is None:
-            return
-        state, reason = mapped
-        self._sample(live, record, state)
-        self._report(live, TargetReported(UnixTime(self._wall()), record.device_id, state, reason))
+        now = UnixTime(self._wall())
+        engine = live.engine
+        for state, reason in target_states_of(record):
+            if state is TargetState.ACTIVATING:
+                continue  # live, the engine decided it (only a re-derivation reports it)
+            before = engine.target_state(record.device_id)
+            if before is state:
+                continue
+            self._report(live, TargetReported(now, record.device_id, state, reason))
+            if engine.target_state(record.device_id) is not before:
+                self._sample(live, record, state)
 
     def credentials_changed(self, rec: Replacement) -> None:
         """:attr:`otad.credentials.Credentials.changed`: a committed replacement."""
@@ -962,30 +994,18 @@ class Campaigns:
     def _resync(self, live: _Live, device_id: str) -> None:
         """Feed the engine the target's durable state (a report it may already have had)."""
         engine = live.engine
+        chain: list[tuple[TargetState, str]] = []
         if engine.spec.payload.kind is PayloadKind.CREDENTIALS:
             rec = self._credentials.records.get(device_id)
             mapped = None if rec is None else _replacement_state_of(rec)
+            chain = [] if mapped is None else [mapped]
         else:
             image = live.image
             record = None if image is None else self._devices.records.get((device_id, image.sha256))
-            mapped = None if record is None else target_state_of(record)
-            if (
-                record is not None
-                and record.state
-                in (
-                    DeviceState.HAN_TRANSFER,
-                    DeviceState.HELD_BY_DEVICE,
-                    DeviceState.ACTIVATION_PENDING,
-                    DeviceState.ACTIVATED,
-                    DeviceState.CONFIRMED,
-                )
-                and not record.is_ch
-            ):
-                # a HAN device past its CH's delivery: the CH held it first
-                self._report(live, TargetReported(self._now(), device_id, TargetState.DELIVERED))
-        if mapped is not None:
-            state, reason = mapped
-            self._report(live, TargetReported(self._now(), device_id, state, reason))
+            chain = [] if record is None else target_states_of(record)
+        now = self._now()
+        for state, reason in chain:
+            self._report(live, TargetReported(now, device_id, state, reason))
 
     async def _reconcile(self, live: _Live) -> None:
         """After a restart: every target's durable state re-derived; a start or an activation

@@ -151,11 +151,14 @@ SETTLED: Final = frozenset(
     | set(TARGET_TRANSITIONS)
     - {_T.PENDING, _T.STARTED, _T.DELIVERED, _T.HELD, _T.ACTIVATING, _T.ACTIVATED}
 )
-#: The states a device report may move a target to (the others are the engine's own).
+#: The states a device report may move a target to (the others are the engine's own, but
+#: ACTIVATING: the shell re-deriving a target after a restart reports an activation it finds
+#: issued in the durable records).
 REPORTABLE: Final = frozenset(
     {
         _T.DELIVERED,
         _T.HELD,
+        _T.ACTIVATING,
         _T.ACTIVATED,
         _T.CONFIRMED,
         _T.FAILED,
@@ -746,6 +749,8 @@ class Engine:
                 record = s.targets.get(device_id)
                 if record is None or new not in REPORTABLE:
                     return
+                if new is _T.ACTIVATING and not s.spec.payload.activates:
+                    return  # an operator's own activation of a distributed image
                 if (
                     new is _T.CONFIRMED
                     and s.spec.payload.activates

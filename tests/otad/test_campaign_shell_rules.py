@@ -97,3 +97,30 @@ def test_presence_of_a_premises_outside_the_campaign_changes_nothing() -> None:
     before["inputs_applied"] = after["inputs_applied"]
     before["now"] = after["now"]
     assert before == after
+
+
+def test_a_target_behind_its_records_is_brought_forward_by_the_chain_they_imply() -> None:
+    """After a crash the snapshot may say STARTED while the device was activated and confirmed:
+    the shell reports HELD, ACTIVATING (a command was issued) and CONFIRMED, in order."""
+    stages = (StageSpec("pilot", StageKind.PILOT),)
+    engine = Engine.create(ch_spec(stages=stages, policies=Policies(rate=Rate(0))), make_fleet(12))
+    engine.handle(CampaignStarted(T0, "ops"))
+    device = sorted(engine.stage_members("pilot"))[0]
+    at = UnixTime(T0 + 5)
+    engine.handle(TargetReported(at, device, S.CONFIRMED, "read_back"))
+    assert engine.target_state(device) is S.STARTED  # no confirmation without an activation
+    for state in (S.HELD, S.ACTIVATING, S.CONFIRMED, S.HELD, S.ACTIVATING):
+        engine.handle(TargetReported(at, device, state))
+    assert engine.target_state(device) is S.CONFIRMED  # forward only: the repeats change nothing
+
+
+def test_an_activation_reported_to_a_distribution_only_campaign_changes_nothing() -> None:
+    engine = Engine.create(
+        ch_spec(kind=PayloadKind.DISTRIBUTE, stages=ONE_STAGE, policies=Policies(rate=Rate(0))),
+        make_fleet(10),
+    )
+    engine.handle(CampaignStarted(T0, "ops"))
+    device = sorted(engine.stage_members("distribute"))[0]
+    engine.handle(TargetReported(T0, device, S.HELD))
+    engine.handle(TargetReported(T0, device, S.ACTIVATING))  # an operator's own activate
+    assert engine.target_state(device) is S.HELD
