@@ -69,7 +69,10 @@ def _direct_socket_callbacks(
     connection gets the same number, and it is never read again: paho stays "connected" until
     keepalive gives up (RuntimeError "UVPoll closed" in the log; otad silent for 30-60 s).
     After CONNACK every paho callback runs on the loop thread, so do it directly, and drop the
-    writer before the socket closes.
+    writer before the socket closes. Should uvloop still refuse the registration (a closed
+    handle of the number, "unable to perform operation on <UVPoll closed=True>"), it is dropped
+    and made again, and if that fails too the connection counts as lost (the supervisor
+    reconnects at once) instead of the error reaching whoever published.
     """
     on_close = client.on_socket_close
 
@@ -81,7 +84,16 @@ def _direct_socket_callbacks(
                 if not aclient._disconnected.done():
                     aclient._disconnected.set_exception(exc)
 
-        loop.add_writer(sock.fileno(), writable)
+        fileno = sock.fileno()
+        try:
+            loop.add_writer(fileno, writable)
+        except RuntimeError:  # uvloop's closed poll handle of an earlier socket of this number
+            try:
+                loop.remove_writer(fileno)
+                loop.add_writer(fileno, writable)
+            except RuntimeError as exc:  # the socket cannot be written: the connection is lost
+                if not aclient._disconnected.done():
+                    aclient._disconnected.set_exception(exc)
 
     def unregister_write(c: paho.Client, userdata: Any, sock: Any) -> None:
         loop.remove_writer(sock.fileno())

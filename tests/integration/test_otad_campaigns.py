@@ -17,7 +17,7 @@ import collections
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ STAGES = ("micro-pilot:micro_pilot:15", "pilot:pilot:85", "roll-out:rollout")
 
 
 def campaign_flags(campaign_id: str, image: str, *extra: str) -> list[str]:
-    flags = ["--id", campaign_id, "--image", image, "--rate", "600", "--seed", "3"]
+    flags = ["--id", campaign_id, "--image", image, "--rate", "3000", "--seed", "3"]
     for stage in STAGES:
         flags += ["--stage", stage]
     return [*flags, *extra]
@@ -80,10 +80,23 @@ async def expedite_and_go(broker: MosquittoBroker, campaign_id: str) -> None:
     assert go.returncode == 0, go.stderr
 
 
-async def setup_release(tmp_path: Path) -> Any:
-    return make_release(
+@contextlib.asynccontextmanager
+async def campaign_fleet(
+    broker: MosquittoBroker, tmp_path: Path, hubs: int, **fleet_options: Any
+) -> AsyncIterator[Setup]:
+    """otad with an activation key, ``hubs`` virtual CHs that reboot into a new 4 KiB CH image
+    (read back fast), the image imported."""
+    release = make_release(
         tmp_path / "release", firmware_bytes=4 * 1024, device_type=DeviceType.CH, version=VERSION
     )
+    act = activation_setup(broker, tmp_path, hubs, device_keys=False, response_timeout_s=3.0,
+                           read_back_backoff_s=1.0)  # fmt: skip
+    async with otad_with_fleet(
+        broker, tmp_path, release, hubs=hubs, config=act.config, activation_trust_dir=act.trust,
+        **fleet_options,
+    ) as setup:  # fmt: skip
+        assert otactl(broker, "image", "import", str(release.path)).returncode == 0
+        yield setup
 
 
 class StatusFeed:
@@ -120,14 +133,8 @@ def report_estimate(label: str, plan: dict[str, Any], began: float, ended: float
 async def test_micro_pilot_go_pilot_go_rollout_confirms_all_300(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
-    release = await setup_release(tmp_path)
-    act = activation_setup(broker, tmp_path, HUBS, device_keys=False, response_timeout_s=3.0,
-                           read_back_backoff_s=1.0)  # fmt: skip
-    async with otad_with_fleet(
-        broker, tmp_path, release, hubs=HUBS, config=act.config, activation_trust_dir=act.trust,
-        procs=2,
-    ) as setup:  # fmt: skip
-        assert otactl(broker, "image", "import", str(release.path)).returncode == 0
+    async with campaign_fleet(broker, tmp_path, HUBS, procs=2) as setup:
+        release = setup.release
         flags = campaign_flags("c300", release.sha256)
         plan = otactl_json(broker, "campaign", "plan", *flags)
         assert [(s["name"], s["targets"]) for s in plan["stages"]] == [
@@ -203,14 +210,8 @@ async def test_micro_pilot_go_pilot_go_rollout_confirms_all_300(
 async def test_a_ch_lost_after_activation_in_the_pilot_holds_until_a_recorded_go(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
-    release = await setup_release(tmp_path)
-    act = activation_setup(broker, tmp_path, HUBS, device_keys=False, response_timeout_s=3.0,
-                           read_back_backoff_s=1.0)  # fmt: skip
-    async with otad_with_fleet(
-        broker, tmp_path, release, hubs=HUBS, config=act.config, activation_trust_dir=act.trust,
-        procs=2,
-    ) as setup:  # fmt: skip
-        assert otactl(broker, "image", "import", str(release.path)).returncode == 0
+    async with campaign_fleet(broker, tmp_path, HUBS, procs=2) as setup:
+        release = setup.release
         flags = campaign_flags("c1", release.sha256, "--lost-after", "3s")
         plan = otactl_json(broker, "campaign", "plan", *flags)
         pilot = [m["guid"] for m in plan["members"] if m["stage"] == "pilot"]
@@ -285,15 +286,9 @@ async def test_kill_9_three_times_mid_campaign_loses_and_repeats_nothing(
     CH confirmed, each CH got one activation command, and each stage start, gate decision and
     the completion happened once."""
     hubs = 60
-    release = await setup_release(tmp_path)
-    act = activation_setup(broker, tmp_path, hubs, device_keys=False, response_timeout_s=3.0,
-                           read_back_backoff_s=1.0)  # fmt: skip
-    async with otad_with_fleet(
-        broker, tmp_path, release, hubs=hubs, config=act.config, activation_trust_dir=act.trust
-    ) as setup:
-        otad = setup.otad
-        assert otactl(broker, "image", "import", str(release.path)).returncode == 0
-        flags = ["--id", "k1", "--image", release.sha256, "--rate", "120", "--auto-gate", "2s",
+    async with campaign_fleet(broker, tmp_path, hubs) as setup:
+        otad, release = setup.otad, setup.release
+        flags = ["--id", "k1", "--image", release.sha256, "--rate", "600", "--auto-gate", "2s",
                  "--stage", "micro-pilot:micro_pilot:10", "--stage", "pilot:pilot:20",
                  "--stage", "roll-out:rollout"]  # fmt: skip
         otactl_json(broker, "campaign", "create", *flags)
@@ -301,7 +296,7 @@ async def test_kill_9_three_times_mid_campaign_loses_and_repeats_nothing(
         assert asked.returncode == 0, asked.stderr
         assert otactl(broker, "campaign", "expedite", "k1", "--approve").returncode == 0
         assert otactl(broker, "campaign", "start", "k1").returncode == 0
-        for pause in (3.0, 5.0, 4.0):  # into the micro-pilot, the pilot, the roll-out
+        for pause in (2.0, 4.0, 3.0):  # into the micro-pilot, the pilot, the roll-out
             await asyncio.sleep(pause)
             otad.kill()
             otad.start()
