@@ -551,9 +551,7 @@ class Daemon:
                 await connect
             return False
         connect.result()
-        if not await self._no_other_otad():
-            return False
-        self.distribution.start()
+        self.distribution.start()  # no await since the data session connected: nothing ran
         await self.devices.start()
         self.credentials.start()
         await self.campaigns.start()
@@ -566,13 +564,17 @@ class Daemon:
         return True
 
     async def _connect_both(self) -> None:
-        await self.client.connect()
+        # the control session first: another otad's status is read before the data session
+        # (whose CHs' messages, will and connection report belong to a serving otad) connects
         await self.control_client.connect()
+        if await self._no_other_otad():
+            await self.client.connect()
 
     async def _no_other_otad(self) -> bool:
-        """After connecting, before sending anything: if the broker holds another otad's status
-        saying online, wait until it shows it is alive (its heartbeat: this one is refused) or
-        for up to 1.5 heartbeats (it is a dead one's copy). False if this one must stop."""
+        """With the control session connected, before the data session: if the broker holds
+        another otad's status saying online, wait until it shows it is alive (its heartbeat:
+        this one is refused, and stops) or for up to 1.5 heartbeats (it is a dead one's copy).
+        False if this one must stop."""
         await asyncio.sleep(self._peer_grace_s)  # the retained status arrives after SUBACK
         other = self._other_online
         if other is None or self._stop.is_set():
