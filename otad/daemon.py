@@ -280,8 +280,11 @@ class Daemon:
         if self._stopping:
             return "stopping"
         if not self._ready:
-            client = getattr(self, "client", None)
-            problem = None if client is None else client.last_connect_error
+            problem = None
+            for name in ("client", "control_client"):  # the control session connects first
+                session = getattr(self, name, None)
+                if session is not None and session.last_connect_error is not None:
+                    problem = session.last_connect_error
             where = f"{b.host}:{b.port}"
             return f"connecting to the broker {where}" + (f": {problem}" if problem else "")
         counts = self.distribution.counts()
