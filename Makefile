@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo loadtest bench scale lint setup broker clean
+.PHONY: test demo loadtest bench scale lint setup broker prometheus clean
 
 # `make loadtest SCENARIO=5k OUT=dir`: any scenario of loadtest/scenarios (or a path)
 SCENARIO ?= 1k
@@ -19,8 +19,16 @@ $(STAMP): pyproject.toml
 broker:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto)
+	@command -v systemd-analyze >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd)
 
-setup: broker $(STAMP)
+# Prometheus: the metrics test scrapes a running otad with a real server (its own config, port
+# and storage; the package's own service is not used).
+prometheus:
+	@test -x /usr/bin/prometheus || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
+
+setup: broker prometheus $(STAMP)
 
 test: setup
 	$(BIN)/ruff check protocol otad mqttio loadtest tests

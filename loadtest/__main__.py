@@ -1,9 +1,11 @@
 """``python -m loadtest``: virtual Communications Hubs, the demo and the benchmark.
 
 * ``hubs --count N --broker HOST:PORT --state-dir DIR [--procs P] [--seed S] [--window W]
-  [--library gmqtt] [--trust DIR]``: run N virtual CHs until SIGINT/SIGTERM, then disconnect them
-  cleanly and print a one-line summary. Started again on the same state directory, the hubs
-  resume their transfers. ``--trust`` defaults to ``DIR/trust``.
+  [--library gmqtt] [--trust DIR] [--tls-ca FILE --tls-cert-dir DIR]``: run N virtual CHs until
+  SIGINT/SIGTERM, then disconnect them cleanly and print a one-line summary. Started again on the
+  same state directory, the hubs resume their transfers. ``--trust`` defaults to ``DIR/trust``.
+  With ``--tls-cert-dir`` every hub connects over TLS with its own certificate
+  (``GUID.crt``/``GUID.key``, ``otactl pki issue --role ch``).
 * ``conformance --broker HOST:PORT --guid GUID --trust DIR [--restart-command CMD] [--timeout S]``:
   check a CH connected to that broker against SPEC.md clause by clause, one line per clause and a
   verdict; exit status 0 only if no clause failed (see :mod:`loadtest.conformance`).
@@ -14,6 +16,11 @@
 * ``bench``: baseline vs otad throughput (``make bench``), see :mod:`loadtest.bench`.
 * ``scale``: otad at 1,000-10,000 CHs, default configuration (``make scale``), see
   :mod:`loadtest.scale`.
+* ``broker [--secure --pki DIR] [--port P] [--local-port P] [--workdir DIR]``: run a private
+  Mosquitto until SIGINT/SIGTERM and print its ports. ``--secure`` runs the shipped production
+  config (``systemd/mosquitto/otad.conf`` and its ACL, only ports and file paths substituted:
+  :class:`loadtest.broker.ShippedConfig`) with the CAs of ``otactl pki init --out DIR``; the
+  broker's certificate (``DIR/localhost.crt``, for localhost and 127.0.0.1) is issued if absent.
 * ``vectors [--out DIR]``: regenerate the protocol test vectors (default
   ``protocol/vectors/``), see :mod:`loadtest.vectors`.
 """
@@ -25,12 +32,18 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvloop
 
 from loadtest.hub import DEFAULT_LIMITS
 from mqttio import parse_broker
+
+if TYPE_CHECKING:
+    from loadtest.broker import ShippedConfig
 
 
 def _broker(text: str) -> tuple[str, int]:
@@ -38,6 +51,12 @@ def _broker(text: str) -> tuple[str, int]:
         return parse_broker(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"not a port (1..65535): {text!r}")
+    return int(text)
 
 
 def _positive(text: str) -> int:
@@ -68,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     hubs.add_argument("--segments", type=_positive, default=8, help="network segments cell-<k>")
     hubs.add_argument("--library", choices=("gmqtt", "aiomqtt"), default="gmqtt")
     hubs.add_argument("--trust", metavar="DIR", help="trusted public keys (default DIR/trust)")
+    hubs.add_argument("--tls-ca", metavar="FILE", help="TLS: CA of the broker's certificate")
+    hubs.add_argument(
+        "--tls-cert-dir",
+        metavar="DIR",
+        help="TLS client certificates, GUID.crt and GUID.key per hub (otactl pki issue --role ch)",
+    )
+
+    broker = sub.add_parser("broker", help="run a private Mosquitto (the shipped config: --secure)")
+    broker.add_argument(
+        "--secure", action="store_true", help="the production config, TLS and ACL (needs --pki)"
+    )
+    broker.add_argument("--pki", metavar="DIR", help="a directory of `otactl pki init`")
+    broker.add_argument("--port", type=_port, help="TLS listener port (default: a free one)")
+    broker.add_argument("--local-port", type=_port, help="loopback listener port (default: free)")
+    broker.add_argument(
+        "--password-file", metavar="FILE", help="--secure: the loopback listener's users"
+    )
+    broker.add_argument("--workdir", metavar="DIR", help="config, log, persistence (default: temp)")
 
     conformance = sub.add_parser(
         "conformance", help="check a CH against SPEC.md clause by clause (a vendor's kit)"
@@ -154,6 +191,8 @@ async def run_hubs(args: argparse.Namespace) -> int:
         window=args.window,
         buffer=args.buffer,
         segments=args.segments,
+        tls_ca=args.tls_ca,
+        tls_cert_dir=args.tls_cert_dir,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -174,6 +213,95 @@ async def run_hubs(args: argparse.Namespace) -> int:
         await fleet.close()
     print(f"hubs: stopped. {FleetSummary.of(stats).line()}", flush=True)
     return 0
+
+
+def run_broker(args: argparse.Namespace) -> int:
+    """The ``broker`` command: start Mosquitto, print its ports, run until SIGINT/SIGTERM."""
+    from loadtest.broker import BrokerError, MosquittoBroker
+
+    if args.secure != (args.pki is not None):
+        print("broker: --secure and --pki DIR go together", file=sys.stderr)
+        return 2
+    if not args.secure and (args.local_port or args.password_file):
+        print("broker: --local-port and --password-file are for --secure", file=sys.stderr)
+        return 2
+    shipped = None
+    if args.secure:
+        try:
+            shipped = secure_broker_files(Path(args.pki), args.password_file)
+        except ValueError as exc:
+            print(f"broker: {exc}", file=sys.stderr)
+            return 2
+    try:
+        broker = MosquittoBroker(
+            workdir=args.workdir,
+            shipped=shipped,
+            port=args.local_port if shipped is not None else args.port,
+            tls_port=args.port if shipped is not None else None,
+        ).start()
+    except BrokerError as exc:
+        print(f"broker: {exc}", file=sys.stderr)
+        return 2
+    stopped = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopped
+        stopped = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    if shipped is not None:
+        print(
+            f"broker: mosquitto (shipped config {shipped.source}) pid {broker.pid}:"
+            f" TLS with client certificates on port {broker.tls_port} (all interfaces),"
+            f" username and password on 127.0.0.1:{broker.port}; files in {broker.workdir};"
+            " Ctrl-C to stop",
+            flush=True,
+        )
+    else:
+        print(
+            f"broker: mosquitto (test config, anonymous) pid {broker.pid} on {broker.address};"
+            f" files in {broker.workdir}; Ctrl-C to stop",
+            flush=True,
+        )
+    try:
+        while not stopped and broker.running:
+            time.sleep(0.2)
+    finally:
+        crashed = not broker.running
+        broker.cleanup()
+    if crashed and not stopped:
+        print("broker: mosquitto exited on its own", file=sys.stderr)
+        return 1
+    return 0
+
+
+def secure_broker_files(pki_dir: Path, password_file: str | None) -> ShippedConfig:
+    """The shipped config's files from a ``pki init`` directory, issuing the broker's own
+    certificate (``localhost``, also valid for 127.0.0.1) there if it has none yet;
+    ``ValueError`` with one line when the directory cannot serve."""
+    from loadtest.broker import ShippedConfig
+    from otad.ctl import pki
+
+    bundle, crl = pki_dir / "ca-bundle.pem", pki_dir / "crl.pem"
+    for needed in (bundle, crl):
+        if not needed.is_file():
+            raise ValueError(
+                f"{needed} not found: make the CAs with `otactl pki init --out {pki_dir}`"
+            )
+    cert, key = pki_dir / "localhost.crt", pki_dir / "localhost.key"
+    if not cert.exists():
+        try:
+            pki.issue(pki_dir, pki.Role.BROKER, "localhost", pki_dir, sans=["127.0.0.1", "::1"])
+        except pki.PkiError as exc:
+            raise ValueError(str(exc)) from None
+    return ShippedConfig(
+        cafile=bundle,
+        certfile=cert,
+        keyfile=key,
+        crlfile=crl,
+        password_file=None if password_file is None else Path(password_file),
+    )
 
 
 async def run_conformance_command(args: argparse.Namespace) -> int:
@@ -211,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "hubs":
         return uvloop.run(run_hubs(args))
+    if args.command == "broker":
+        return run_broker(args)
     if args.command == "_worker":
         import json
 

@@ -7,6 +7,11 @@ thread that started it (``PR_SET_PDEATHSIG``), so a crashed test run leaves no b
 
     with MosquittoBroker(workdir=tmp / "broker") as broker:   # all arguments keyword-only
         print(broker.host, broker.port, broker.address)
+
+With ``shipped=ShippedConfig(...)`` it runs the production config instead,
+``systemd/mosquitto/otad.conf`` with its ACL, only the ports and file paths substituted (see
+:class:`ShippedConfig`), so the file that is deployed is the file that is tested; ``port`` is
+then its loopback listener's and ``tls_port`` its TLS listener's.
 """
 
 from __future__ import annotations
@@ -25,13 +30,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 __all__ = [
     "MAX_PACKET_BYTES",
+    "SHIPPED_ACL",
+    "SHIPPED_CONFIG",
     "BrokerError",
     "MosquittoBroker",
+    "ShippedConfig",
     "find_mosquitto",
     "free_port",
     "raise_nofile_limit",
@@ -44,8 +53,94 @@ _FALLBACK_BINARY = "/usr/sbin/mosquitto"
 MAX_PACKET_BYTES = 2_101_248
 
 
+#: The production broker config and its ACL (README, "The broker").
+SHIPPED_CONFIG = Path(__file__).resolve().parents[1] / "systemd" / "mosquitto" / "otad.conf"
+SHIPPED_ACL = SHIPPED_CONFIG.with_name("acl")
+_SHIPPED_TLS_LISTENER = "8883"
+_SHIPPED_LOCAL_LISTENER = "1883 127.0.0.1"
+
+
 class BrokerError(RuntimeError):
     """The broker binary is missing, or the broker would not start."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShippedConfig:
+    """The shipped broker config, made runnable in a directory of its own.
+
+    What :meth:`render` substitutes, and nothing else: the two listeners' ports (the TLS one and
+    the loopback one; their addresses stay), the paths of ``cafile``, ``certfile``, ``keyfile``,
+    ``crlfile``, ``password_file``, ``acl_file``, ``persistence_location`` and ``pid_file``, and
+    ``log_dest syslog`` becomes a log file in the directory. One line is appended: ``user``,
+    the current user (as root Mosquitto would switch to "mosquitto", which cannot read the
+    test's files). The ACL is the shipped one with ``acl_extra`` appended (the operator and
+    monitor stanzas ``otactl pki issue`` prints); ``password_file`` None: an empty one (no local
+    user can log in).
+    """
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    crlfile: Path
+    password_file: Path | None = None
+    acl_extra: str = ""
+    source: Path = SHIPPED_CONFIG
+    acl_source: Path = SHIPPED_ACL
+
+    def render(self, workdir: Path, *, tls_port: int, local_port: int, log_path: Path) -> str:
+        """The config text for ``workdir`` (writing the ACL, and an empty password file if
+        none is given, into it)."""
+        acl = workdir / "acl"
+        acl.write_text(self.acl_source.read_text() + self.acl_extra)
+        password_file = self.password_file
+        if password_file is None:
+            password_file = workdir / "passwd"
+            password_file.write_text("")
+        paths = {
+            "cafile": self.cafile,
+            "certfile": self.certfile,
+            "keyfile": self.keyfile,
+            "crlfile": self.crlfile,
+            "password_file": password_file,
+            "acl_file": acl,
+            "pid_file": workdir / "mosquitto.pid",
+        }
+        substituted: list[str] = []
+        lines = []
+        for line in self.source.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in paths:
+                line = f"{key} {paths[key]}"
+            elif key == "persistence_location":
+                line = f"{key} {workdir}/"
+            elif key == "log_dest" and value == "syslog":
+                line = f"log_dest file {log_path}"
+            elif key == "listener" and value == _SHIPPED_TLS_LISTENER:
+                line = f"listener {tls_port}"
+            elif key == "listener" and value == _SHIPPED_LOCAL_LISTENER:
+                line = f"listener {local_port} 127.0.0.1"
+            elif key == "listener":
+                raise BrokerError(f"{self.source}: unexpected listener line {line!r}")
+            else:
+                lines.append(line)
+                continue
+            substituted.append(f"{key} {value}" if key in ("listener", "log_dest") else key)
+            lines.append(line)
+        expected = [
+            *paths,
+            "persistence_location",
+            "log_dest syslog",
+            f"listener {_SHIPPED_TLS_LISTENER}",
+            f"listener {_SHIPPED_LOCAL_LISTENER}",
+        ]
+        for item in expected:
+            if substituted.count(item) != 1:
+                raise BrokerError(
+                    f"{self.source}: expected one {item!r} line to substitute, found"
+                    f" {substituted.count(item)}"
+                )
+        lines.append(f"user {pwd.getpwuid(os.getuid()).pw_name}")
+        return "\n".join(lines) + "\n"
 
 
 def find_mosquitto() -> str:
@@ -120,6 +215,11 @@ class MosquittoBroker:
         extra_config: appended to the generated config verbatim.
         workdir: directory for config, log and persistence; a temporary one (removed by
             :meth:`cleanup` / the context manager) when None.
+        shipped: run the production config (:class:`ShippedConfig`) instead of a generated one;
+            every option above but ``port``, ``workdir`` and ``binary`` is then ignored, and
+            ``host`` must stay 127.0.0.1 (the shipped loopback listener's).
+        tls_port: the shipped config's TLS listener port (None: a free one, kept across
+            :meth:`restart`).
     """
 
     def __init__(
@@ -137,6 +237,8 @@ class MosquittoBroker:
         extra_config: str = "",
         workdir: str | os.PathLike[str] | None = None,
         binary: str | None = None,
+        shipped: ShippedConfig | None = None,
+        tls_port: int | None = None,
     ) -> None:
         self.host = host
         self._fixed_port = port
@@ -157,6 +259,10 @@ class MosquittoBroker:
         self.log_path = self.workdir / "mosquitto.log"
         self.stderr_path = self.workdir / "mosquitto.stderr"
         self._process: subprocess.Popen[bytes] | None = None
+        self.shipped = shipped
+        self.tls_port = tls_port if tls_port is not None else 0
+        if shipped is not None and host != "127.0.0.1":
+            raise BrokerError("the shipped config's plaintext listener is on 127.0.0.1 only")
 
     # ------------------------------------------------------------------ properties
 
@@ -186,7 +292,11 @@ class MosquittoBroker:
     # ------------------------------------------------------------------ life cycle
 
     def config_text(self) -> str:
-        """The generated mosquitto.conf."""
+        """The generated mosquitto.conf (or the shipped one, substituted)."""
+        if self.shipped is not None:
+            return self.shipped.render(
+                self.workdir, tls_port=self.tls_port, local_port=self.port, log_path=self.log_path
+            )
         lines = [
             f"listener {self.port} {self.host}",
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
@@ -220,6 +330,8 @@ class MosquittoBroker:
         for attempt in range(attempts):
             if not self.port:
                 self.port = free_port(self.host)
+            if self.shipped is not None and not self.tls_port:
+                self.tls_port = free_port("0.0.0.0")  # noqa: S104 - as the shipped listener
             try:
                 self._spawn_and_wait(timeout)
                 return self
@@ -227,6 +339,8 @@ class MosquittoBroker:
                 if attempt == attempts - 1 or "in use" not in self.log_text().lower():
                     raise
                 self.port = 0  # lost a race for the port: pick another
+                if self.shipped is not None:
+                    self.tls_port = 0
         raise AssertionError("unreachable")
 
     def _spawn_and_wait(self, timeout: float) -> None:

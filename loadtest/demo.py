@@ -15,16 +15,22 @@ Ctrl-C or an error):
 5. N virtual CHs (default 300) with their premises' HAN, a share of them with Alt HAN bridges
    (:class:`loadtest.runner.HubFleet`, HAN time accelerated so hours of it run in seconds);
 6. wait until otad lists them all (``otactl fleet list --json``);
-7. ``otactl image import`` and ``otactl distribute IMAGE --all-matching`` for both images: the
-   WAN carries one copy per CH, the CH relays the bridge image over its HAN to its B2s;
-8. ``otactl activate IMAGE --all-held`` for the bridge image once every B2 holds it, then for
-   the CH image once the bridges are done (a CH image's activation reboots the CH);
+7. ``otactl image import`` for both images, then one staged campaign each (``otactl campaign
+   plan``, ``create``, ``expedite`` by two approvers -- the demo cannot wait the 7-day notice --
+   and ``start``): micro-pilot, pilot, roll-out, with an automatic GO after a short soak. The
+   bridge image's campaign goes first (each CH relays it over its HAN to its B2s, which are
+   activated), then the CH image's (distributed and activated: the CH reboots into it, so it
+   must not cut its own relay short). A hold (a threshold crossed) stops
+   the demo as failed, unless the scenario asked for failures (``--self-test-failures``): then
+   the demo, as the operator, records a GO naming them;
+8. the WAN carries one copy per CH and image;
 9. a live view fed by ``otactl devices`` (otad's state of every device) and its alerts: per
    phase how many devices got there (WAN held, HAN relayed, activated, confirmed), failures,
    STALLED when nothing moves;
 10. a summary, and ``report.json`` in the work directory (its path printed): devices targeted
     and confirmed, confirmations by proof, failures by reason, alerts published, WAN block bytes
-    sent, image bytes, duration.
+    sent, image bytes, duration, and ``stages``: per campaign stage its name, hubs, confirmed,
+    failed and gate decision (``estimated_duration_s``: the longer campaign's plan).
 
 Exit status 0 only when every targeted device is confirmed, or failed for the one reason the
 scenario asked for (a seeded share failing its self-test, ``--self-test-failures``; with
@@ -262,7 +268,6 @@ class ImageProgress:
         self.expected = expected  # devices the image is for, from the fleet's inventories
         self.rows: list[dict[str, Any]] = []
         self.passed: dict[str, int] = {}  # device id -> phases passed, at most
-        self.activated = False
 
     def update(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Take a new ``otactl devices`` listing (every image's rows)."""
@@ -456,20 +461,26 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.5)
         say(f"otad lists all {len(wanted)} CHs")
 
-        # 7: import and distribute both ----------------------------------------------------
+        # 7: import both, one staged campaign each ------------------------------------------
         images = [
             ImageProgress(BRIDGE_TYPE, bridge_release.manifest, len(b2s)),
             ImageProgress("CH", ch_release.manifest, len(wanted)),
         ]
-        bridge_image, ch_image = images
         before = await fleet.totals()
         started = time.monotonic()
         for release in (bridge_release, ch_release):
             line = await run_cmd(otactl("--broker", address, "image", "import", str(release.path)))
             say(line.strip().splitlines()[-1] if line.strip() else "image imported")
-            await run_cmd(
-                otactl("--broker", address, "distribute", release.sha256, "--all-matching")
-            )
+        # the bridges first, then the CHs (a CH image's activation reboots the CH: it must not
+        # cut its own HAN relay of the bridge image short)
+        campaigns = [
+            DemoCampaign("demo-b2", bridge_release.sha256, len(b2s)),
+            DemoCampaign("demo-ch", ch_release.sha256, len(wanted)),
+        ]
+        for campaign in campaigns:
+            if campaign.targets:
+                await campaign.launch(address, say)
+                break
 
         # 8-9: live view, activations ------------------------------------------------------
         ctl = CtlClient(host, port, library=args.library, name="demo-view", timeout=30.0)
@@ -492,18 +503,7 @@ async def run(args: argparse.Namespace) -> int:
                 )
             return "  ".join(parts)
 
-        async def activate(image: ImageProgress) -> None:
-            out = await run_cmd(
-                otactl("--broker", address, "activate", image.sha256, "--all-held", "--json")
-            )
-            result = json.loads(out)
-            image.activated = True
-            bar.update(progress(), extra(), force=True)
-            say(
-                f"\nactivate {image.label}: {len(result.get('issued', []))} commands signed and "
-                f"sent, {len(result.get('refused', []))} refused"
-            )
-
+        failures_expected = bool(args.self_test_failures or args.answer_loss)
         gave_up = False
         while True:
             await asyncio.sleep(1.0)
@@ -514,15 +514,26 @@ async def run(args: argparse.Namespace) -> int:
                 for image in images:
                     image.update(rows)
             bar.update(progress(), extra(), stalled=tally.stalled)
-            if not bridge_image.activated and bridge_image.all_held:
-                await activate(bridge_image)
-            if (
-                not ch_image.activated
-                and ch_image.all_held
-                and (bridge_image.all_final or not bridge_image.expected)
-            ):
-                await activate(ch_image)
-            if all(i.all_final for i in images):
+            for index, campaign in enumerate(campaigns):
+                if not campaign.targets:
+                    continue
+                if not campaign.plan:  # not launched: after every campaign before it
+                    if all(c.finished for c in campaigns[:index]):
+                        await campaign.launch(address, say)
+                    continue
+                with contextlib.suppress(Exception):
+                    campaign.status = await ctl.call("campaign.status", {"id": campaign.id})
+                for step in campaign.new_steps():
+                    bar.update(progress(), extra(), force=True)
+                    say(f"\n{campaign.id}: {step}")
+                if campaign.state == "on_hold":
+                    if not failures_expected:
+                        raise DemoError(f"{campaign.id} held: {campaign.status['hold_reason']}")
+                    await run_cmd(otactl(
+                        "--broker", address, "campaign", "approve", campaign.id, "--reason",
+                        "the demo's seeded self-test failures are expected",
+                    ))  # fmt: skip
+            if all(i.all_final for i in images) and all(c.finished for c in campaigns):
                 break
             if time.monotonic() - started > args.timeout:
                 gave_up = True  # the summary and the report say who did not finish
@@ -554,11 +565,19 @@ async def run(args: argparse.Namespace) -> int:
         for r in rows:
             if r["state"] not in FINAL_STATES:
                 unfinished[r["state"]] = unfinished.get(r["state"], 0) + 1
+        not_started = sum(max(0, i.expected - len(i.rows)) for i in images)
+        if not_started:  # targets a campaign had not started (or not yet been launched for)
+            unfinished["not_started"] = not_started
         confirmed_alerts = alerts.of_kind(DeviceConfirmed)
         failed_alerts = alerts.of_kind(DeviceFailed)
         image_bytes = sum(i.manifest.size for i in images)
         wan_copies = len(tally.held)
         report: dict[str, Any] = {
+            "stages": [row for c in campaigns for row in c.stage_rows()],
+            "campaigns": [c.summary() for c in campaigns],
+            "estimated_duration_s": max(
+                (c.plan["estimate"]["total_s"] for c in campaigns if c.plan), default=0.0
+            ),
             "devices_targeted": targeted,
             "devices_confirmed": sum(by_proof.values()),
             "confirmations_by_method": dict(sorted(by_proof.items())),
@@ -616,7 +635,14 @@ async def run(args: argparse.Namespace) -> int:
             f"WAN bytes sent       : {format_bytes(sent_bytes)} in {wan_copies} image copies "
             f"({sent_bytes / ideal if ideal else 0:.3f} x one copy per CH and image)"
         )
-        say(f"duration             : {format_duration(duration)} ({duration:.1f} s)")
+        for row in report["stages"]:
+            label = f"{row['campaign']} {row['name']}"
+            say(
+                f"{label:<21}: {row['hubs']} hubs, {row['confirmed']} confirmed,"
+                f" {row['failed']} failed, gate {row['gate_decision']}"
+            )
+        say(f"duration             : {format_duration(duration)} ({duration:.1f} s)"
+            f", the plans estimated {report['estimated_duration_s']:.0f} s")  # fmt: skip
         say(f"events               : {len(monitor.events)} seen, {monitor.duplicates} duplicates")
         say(f"report               : {report_path}")
         # A rolled-back device whose answer was lost is found by the read-back still on its old
@@ -636,6 +662,7 @@ async def run(args: argparse.Namespace) -> int:
             and set(failures) <= expected_failures
             and report["alerts_published"] == targeted
             and not tally.failed
+            and all(c.finished for c in campaigns)
         )
         say(f"demo: {'OK' if ok else 'FAILED'} (total {time.monotonic() - began:.0f} s)")
     except asyncio.CancelledError:
@@ -673,6 +700,109 @@ async def run(args: argparse.Namespace) -> int:
     if interrupted:
         return 130
     return 0 if ok else 1
+
+
+def demo_stages(targets: int) -> tuple[str, ...]:
+    """The stage plan for ``targets``: micro-pilot (10-20), pilot, roll-out; a fleet too small
+    for a micro-pilot and more has a pilot and a roll-out."""
+    if targets >= 40:
+        return ("micro-pilot:micro_pilot:15" if targets >= 75 else "micro-pilot:micro_pilot:10",
+                "pilot:pilot:20%", "roll-out:rollout")  # fmt: skip
+    return ("pilot:pilot:50%", "roll-out:rollout")
+
+
+class DemoCampaign:
+    """One staged campaign of the demo, driven through ``otactl campaign``."""
+
+    SOAK_S = 3.0
+
+    def __init__(
+        self, campaign_id: str, image: str, targets: int, extra: Sequence[str] = ()
+    ) -> None:
+        self.id = campaign_id
+        self.image = image
+        self.targets = targets
+        self.extra = tuple(extra)
+        self.plan: dict[str, Any] = {}
+        self.status: dict[str, Any] = {}
+        self._seen_steps = 0
+        self._steps: list[str] = []
+
+    def flags(self) -> list[str]:
+        flags = ["--id", self.id, "--image", self.image, "--rate", "600",
+                 "--auto-gate", f"{self.SOAK_S:g}s", *self.extra]  # fmt: skip
+        for stage in demo_stages(self.targets):
+            flags += ["--stage", stage]
+        return flags
+
+    async def launch(self, address: str, say: Any) -> None:
+        """Plan, create, waive the notice (two approvers), start."""
+        base = ("--broker", address, "campaign")
+        self.plan = json.loads(await run_cmd(otactl(*base, "plan", *self.flags(), "--json")))
+        await run_cmd(otactl(*base, "create", *self.flags()))
+        await run_cmd(otactl(*base, "expedite", self.id, "--justification",
+                             "demo: no 7-day notice period"))  # fmt: skip
+        await run_cmd(otactl(*base, "expedite", self.id, "--approve"))
+        await run_cmd(otactl(*base, "start", self.id))
+        stages = ", ".join(f"{s['name']} {s['targets']}" for s in self.plan["stages"])
+        say(
+            f"campaign {self.id}: {stages}; estimated"
+            f" {format_duration(self.plan['estimate']['total_s'])}"
+        )
+
+    @property
+    def state(self) -> str:
+        return str(self.status.get("state", ""))
+
+    @property
+    def finished(self) -> bool:
+        return not self.targets or self.state in ("completed", "aborted")
+
+    def new_steps(self) -> list[str]:
+        """Stage starts and gate decisions not told yet (from the status)."""
+        steps = []
+        for stage in self.status.get("stages", []):
+            if stage.get("started_at"):
+                steps.append(f"stage {stage['name']} started ({stage['targets']} targets)")
+            if stage.get("gate"):
+                steps.append(f"gate after {stage['name']}: {stage['gate'].upper()}")
+        fresh = [s for s in steps if s not in self._steps]
+        self._steps.extend(fresh)
+        return fresh
+
+    def stage_rows(self) -> list[dict[str, Any]]:
+        """``report.json``'s ``stages`` entries of this campaign."""
+        hubs = {s["name"]: s["hubs"] for s in self.plan.get("stages", [])}
+        rows = []
+        stages = self.status.get("stages", [])
+        for index, stage in enumerate(stages):
+            counts = stage.get("counts", {})
+            last = index == len(stages) - 1
+            rows.append(
+                {
+                    "campaign": self.id,
+                    "name": stage["name"],
+                    "hubs": hubs.get(stage["name"], 0),
+                    "targets": stage["targets"],
+                    "confirmed": counts.get("confirmed", 0),
+                    "failed": sum(n for state, n in counts.items() if state in FAILED_STATES),
+                    "gate_decision": stage.get("gate") or ("none" if last else "pending"),
+                }
+            )
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        """``report.json``'s ``campaigns`` entry."""
+        return {
+            "id": self.id,
+            "state": self.state,
+            "targets": self.targets,
+            "estimated_duration_s": self.plan.get("estimate", {}).get("total_s"),
+        }
+
+
+#: Campaign target states that count as failed in the report.
+FAILED_STATES = frozenset({"failed", "rejected", "timed_out", "rolled_back", "lost", "cancelled"})
 
 
 async def _otad_sent(address: str, *, fallback: tuple[Any, Any]) -> tuple[int, int]:

@@ -283,6 +283,17 @@ class HubOptions:
     announce_on_poll: bool = False
     faults: frozenset[str] = frozenset()  # of HUB_FAULTS: a deliberately broken CH (tests only)
     protocol_minor: int = MINOR_VERSION  # 0: a CH of protocol 1.0 exactly as SPEC 1.0 said
+    # TLS with a client certificate per hub (the shipped broker, systemd/mosquitto/otad.conf):
+    # the CA of the broker's certificate, and a directory of <GUID>.crt / <GUID>.key (what
+    # `otactl pki issue --role ch --name GUID --out DIR` writes). None: plain MQTT.
+    tls_ca: str | None = None
+    tls_cert_dir: str | None = None
+
+    def tls_files(self, guid: str) -> tuple[str | None, str | None]:
+        """(certificate, key) of the hub ``guid``, or (None, None) without ``tls_cert_dir``."""
+        if self.tls_cert_dir is None:
+            return None, None
+        return f"{self.tls_cert_dir}/{guid}.crt", f"{self.tls_cert_dir}/{guid}.key"
 
     def __post_init__(self) -> None:
         unknown = set(self.faults) - HUB_FAULTS
@@ -423,11 +434,15 @@ class VirtualHub:
         """Connect, subscribe and announce (returns once the first connection is up)."""
         if self.running:
             return
+        tls_cert, tls_key = self._options.tls_files(self.guid)
         settings = MqttSettings(
             host=self._options.host,
             port=self._options.port,
             client_id=self.guid,
             username=self.guid,  # what the broker's ACL pattern expands %u to (SPEC §1.2)
+            tls_ca=self._options.tls_ca,
+            tls_cert=tls_cert,  # with a certificate, its CN (the GUID) is the username
+            tls_key=tls_key,
             will=Will(
                 topic=self._state_topic,
                 payload=self._offline_payload,

@@ -145,6 +145,8 @@ class FleetConfig:
     bridge_share: float = BRIDGE_SHARE  # hubs whose premises have Alt HAN bridges
     han_link: tuple[int, float, float] | None = None  # (block size, frames/s, loss); None: default
     sleepy_gsme: bool = True  # the GSME listens only when it wakes (PremisesConfig.sleepy)
+    tls_ca: str | None = None  # TLS: CA of the broker's certificate (HubOptions.tls_ca)
+    tls_cert_dir: str | None = None  # <GUID>.crt and <GUID>.key per hub (HubOptions)
 
     def premises(self) -> PremisesConfig:
         """The premises scenario every hub of the fleet runs (seeded per hub by its group)."""
@@ -232,6 +234,8 @@ def _make_group(config: FleetConfig, indices: Iterable[int]) -> HubGroup:
         ack_delay=config.ack_delay,
         announce_on_poll=config.announce_on_poll,
         protocol_minor=config.protocol_minor,
+        tls_ca=config.tls_ca,
+        tls_cert_dir=config.tls_cert_dir,
     )
     trust_dir = config.trust_dir or str(Path(config.state_dir) / "trust")
     return HubGroup(
@@ -475,6 +479,8 @@ class HubFleet:
     (:mod:`loadtest.chhan`), with ``han_acceleration``, ``han_max_transfers``,
     ``self_test_failure_share`` and ``activation_answer_loss`` as :class:`FleetConfig` says;
     ``bridge_share`` of the hubs have Alt HAN bridges (:func:`loadtest.hub.make_identity`).
+    ``tls_ca`` and ``tls_cert_dir`` connect every hub over TLS with its own client certificate
+    (:class:`loadtest.hub.HubOptions`).
     """
 
     def __init__(
@@ -506,6 +512,8 @@ class HubFleet:
         han_link: tuple[int, float, float] | None = None,
         sleepy_gsme: bool = True,
         python: str | None = None,
+        tls_ca: Path | str | None = None,
+        tls_cert_dir: Path | str | None = None,
     ) -> None:
         if count < 0 or procs < 0:
             raise ValueError("count and procs must not be negative")
@@ -540,6 +548,8 @@ class HubFleet:
             bridge_share=bridge_share,
             han_link=han_link,
             sleepy_gsme=sleepy_gsme,
+            tls_ca=None if tls_ca is None else str(tls_ca),
+            tls_cert_dir=None if tls_cert_dir is None else str(tls_cert_dir),
         )
         self.procs = min(procs, count) if count else 0
         self.python = python or sys.executable

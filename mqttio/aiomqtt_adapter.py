@@ -24,13 +24,16 @@ import asyncio
 import contextlib
 import logging
 import socket
-from typing import Any
+import ssl
+from collections.abc import Callable
+from typing import Any, cast
 
 import aiomqtt
 import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError as AiomqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
+from mqttio.inbound import DroppedPacket
 from mqttio.interface import (
     HARD_INFLIGHT_LIMIT,
     InflightLimitError,
@@ -66,7 +69,10 @@ def _direct_socket_callbacks(
     connection gets the same number, and it is never read again: paho stays "connected" until
     keepalive gives up (RuntimeError "UVPoll closed" in the log; otad silent for 30-60 s).
     After CONNACK every paho callback runs on the loop thread, so do it directly, and drop the
-    writer before the socket closes.
+    writer before the socket closes. Should uvloop still refuse the registration (a closed
+    handle of the number, "unable to perform operation on <UVPoll closed=True>"), it is dropped
+    and made again, and if that fails too the connection counts as lost (the supervisor
+    reconnects at once) instead of the error reaching whoever published.
     """
     on_close = client.on_socket_close
 
@@ -78,7 +84,16 @@ def _direct_socket_callbacks(
                 if not aclient._disconnected.done():
                     aclient._disconnected.set_exception(exc)
 
-        loop.add_writer(sock.fileno(), writable)
+        fileno = sock.fileno()
+        try:
+            loop.add_writer(fileno, writable)
+        except RuntimeError:  # uvloop's closed poll handle of an earlier socket of this number
+            try:
+                loop.remove_writer(fileno)
+                loop.add_writer(fileno, writable)
+            except RuntimeError as exc:  # the socket cannot be written: the connection is lost
+                if not aclient._disconnected.done():
+                    aclient._disconnected.set_exception(exc)
 
     def unregister_write(c: paho.Client, userdata: Any, sock: Any) -> None:
         loop.remove_writer(sock.fileno())
@@ -93,6 +108,81 @@ def _direct_socket_callbacks(
     client.on_socket_register_write = register_write
     client.on_socket_unregister_write = unregister_write
     client.on_socket_close = socket_close
+
+
+#: Bytes of a dropped packet skipped per call from paho's read (then the loop runs again).
+_SKIP_PER_TURN = 16 * 64 * 1024
+#: Bytes of a dropped PUBLISH's body kept for its topic and packet id (2 + 65,535 + 2 at most).
+_PUBLISH_PREFIX = 2 + 65_535 + 2
+
+
+def _fresh_in_packet() -> dict[str, Any]:
+    """paho's state of the packet being read, as it resets it after each (client.py)."""
+    return {
+        "command": 0,
+        "have_remaining": 0,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": 0,
+        "packet": bytearray(b""),
+        "to_process": 0,
+        "pos": 0,
+    }
+
+
+def _bound_packets(
+    client: paho.Client, max_packet: int, on_dropped: Callable[[DroppedPacket], None]
+) -> None:
+    """Skip packets above ``max_packet`` before paho reads their body (:mod:`mqttio.inbound`).
+
+    paho reads a packet's fixed header one byte at a time, then asks ``_sock_recv`` for the
+    body: at that first ask the size is known and nothing of the body read. A body too large is
+    then read here and thrown away, a bounded amount per call (``BlockingIOError`` tells paho
+    to come back on the next readable event), its first bytes kept for a PUBLISH's topic and
+    packet id; at its end paho's packet state is reset and ``on_dropped`` told."""
+    recv = client._sock_recv
+    skipping: dict[str, Any] = {}
+
+    def guarded_recv(bufsize: int) -> bytes:
+        packet = client._in_packet
+        if not packet["have_remaining"] or packet["to_process"] <= 0:
+            return recv(bufsize)
+        size = 1 + len(packet["remaining_count"]) + packet["remaining_length"]
+        if size <= max_packet:
+            return recv(bufsize)
+        if skipping.get("packet") is not packet:
+            skipping.clear()
+            skipping.update(packet=packet, prefix=bytearray(), size=size)
+        prefix: bytearray = skipping["prefix"]
+        budget = _SKIP_PER_TURN
+        while packet["to_process"] > 0 and budget > 0:
+            data = recv(min(packet["to_process"], 64 * 1024))  # BlockingIOError: come back
+            if not data:
+                return data  # the connection closed: paho reports the loss
+            if len(prefix) < _PUBLISH_PREFIX:
+                prefix += data[: _PUBLISH_PREFIX - len(prefix)]
+            packet["to_process"] -= len(data)
+            budget -= len(data)
+        if packet["to_process"] <= 0:
+            client._in_packet = cast(Any, _fresh_in_packet())
+            skipping.clear()
+            on_dropped(_dropped_packet(packet["command"], size, prefix))
+        raise BlockingIOError
+
+    client._sock_recv = guarded_recv  # type: ignore[method-assign]
+
+
+def _dropped_packet(command: int, size: int, prefix: bytes | bytearray) -> DroppedPacket:
+    packet_type, qos = command >> 4, (command >> 1) & 0x03
+    topic: str | None = None
+    packet_id: int | None = None
+    if packet_type == 3 and len(prefix) >= 2:
+        name_len = int.from_bytes(prefix[:2], "big")
+        if len(prefix) >= 2 + name_len:
+            topic = bytes(prefix[2 : 2 + name_len]).decode("utf-8", "replace")
+            if qos and len(prefix) >= 4 + name_len:
+                packet_id = int.from_bytes(prefix[2 + name_len : 4 + name_len], "big")
+    return DroppedPacket(packet_type, size, qos if packet_type == 3 else 0, topic, packet_id)
 
 
 class AiomqttClient(MqttClient):
@@ -200,6 +290,14 @@ class AiomqttClient(MqttClient):
                 self._connected = False
                 self._fail_waiters()
 
+    def _dropped(self, packet: DroppedPacket) -> None:
+        """A packet above ``max_packet`` was skipped: count and log it, and acknowledge a
+        QoS 1 PUBLISH so the broker frees its in-flight slot."""
+        self._packet_dropped(packet)
+        client = self._paho
+        if packet.qos == 1 and packet.packet_id is not None and client is not None:
+            client._send_puback(packet.packet_id)
+
     # ------------------------------------------------------------------ link primitives
 
     async def _open(self) -> None:
@@ -207,6 +305,10 @@ class AiomqttClient(MqttClient):
         will = None
         if s.will is not None:
             will = aiomqtt.Will(s.will.topic, s.will.payload, s.will.qos, s.will.retain)
+        try:
+            tls_context = s.ssl_context()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise MqttConnectError(f"TLS set-up: {exc}", tls=True) from None
         aclient = aiomqtt.Client(
             s.host,
             s.port,
@@ -219,7 +321,7 @@ class AiomqttClient(MqttClient):
             keepalive=s.keepalive,
             timeout=s.connect_timeout,
             max_inflight_messages=HARD_INFLIGHT_LIMIT,
-            tls_context=s.ssl_context(),
+            tls_context=tls_context,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         aclient.pending_calls_threshold = HARD_INFLIGHT_LIMIT
@@ -237,12 +339,18 @@ class AiomqttClient(MqttClient):
             raise MqttConnectError(f"refused: {exc}", code) from None
         except aiomqtt.MqttError as exc:
             await self._close(clean=False)
+            if isinstance(exc.__context__, ssl.SSLError):  # aiomqtt raises "from None"
+                raise MqttConnectError(
+                    f"{s.host}:{s.port}: TLS handshake failed: {exc}", tls=True
+                ) from None
             raise MqttConnectError(f"{s.host}:{s.port} unreachable: {exc}") from None
         except BaseException:
             await self._close(clean=False)
             raise
         self._established = True
         _direct_socket_callbacks(aclient, client, asyncio.get_running_loop())
+        if s.max_packet is not None:
+            _bound_packets(client, s.max_packet, self._dropped)
         self._lost = asyncio.Event()
         self._watcher = asyncio.get_running_loop().create_task(
             self._watch(aclient, self._lost), name=f"mqtt-watch-{s.client_id}"

@@ -14,7 +14,11 @@ high-water mark (the protocol is paused above it, as asyncio does for any stream
 Bounded reads: gmqtt's read loop takes 64 KiB from the socket and handles every packet in it in
 one go; with ``MqttSettings.read_chunk`` set, :func:`_bound_read_turns` makes it take that many
 bytes at a time and yield to the event loop between chunks, so event-loop lag stays bounded
-however fast messages arrive (otad sets it; the virtual CHs do not).
+however fast messages arrive (otad sets it; the virtual CHs do not). With
+``MqttSettings.max_packet`` set, every read goes through :class:`mqttio.inbound.InboundFilter`:
+a packet above the limit is skipped unread, and a large one is handed to gmqtt in one piece
+(gmqtt's own reassembly is quadratic: an 80 MiB PUBLISH read 8 KiB at a time had not arrived
+after 120 s).
 
 Write coalescing: gmqtt writes every packet with its own ``transport.write``, i.e. one
 ``send()`` system call per PUBLISH and per PUBACK (about 40% of a bulk sender's CPU).
@@ -32,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -39,6 +44,7 @@ import gmqtt
 from gmqtt.mqtt.constants import MQTTv311
 from gmqtt.storage import PersistentStorage
 
+from mqttio.inbound import DroppedPacket, InboundFilter
 from mqttio.interface import (
     HARD_INFLIGHT_LIMIT,
     InflightLimitError,
@@ -65,6 +71,15 @@ log = logging.getLogger("mqttio.gmqtt")
 _gmqtt_logger = logging.getLogger("gmqtt")
 if _gmqtt_logger.level == logging.NOTSET:
     _gmqtt_logger.setLevel(logging.WARNING)
+
+
+def _not_gmqtts_reconnect_verdict(record: logging.LogRecord) -> bool:
+    """gmqtt logs "... permanent, not reconnecting" at ERROR after a refusal; reconnecting is not
+    gmqtt's decision here (:class:`mqttio.interface.MqttClient` logs the refusal, named)."""
+    return "not reconnecting" not in str(record.msg)
+
+
+logging.getLogger("gmqtt.mqtt.handler").addFilter(_not_gmqtts_reconnect_verdict)
 
 
 class _Store(PersistentStorage):  # type: ignore[misc]
@@ -181,19 +196,44 @@ def _coalesce_writes(link: _Link) -> _CoalescingTransport:
     return proxy
 
 
-def _bound_read_turns(link: _Link, chunk: int) -> None:
-    """Make gmqtt's read loop take at most ``chunk`` bytes per read and yield to the event loop
-    after each (``_read_loop`` calls ``protocol.read(65536)`` and parses all of it; a read that
-    finds the data already buffered does not suspend by itself)."""
+#: What gmqtt's read loop asks for at a time (``_read_loop``: ``protocol.read(65536)``).
+GMQTT_READ = 64 * 1024
+
+
+def _bound_read_turns(
+    link: _Link,
+    chunk: int | None,
+    gate: InboundFilter | None,
+    on_dropped: Callable[[DroppedPacket], None],
+) -> None:
+    """Put our reads between gmqtt's read loop and the socket.
+
+    ``chunk``: take at most that many bytes per read and yield to the event loop after each
+    (``_read_loop`` parses all it reads in one go; a read that finds the data already buffered
+    does not suspend by itself). ``gate``: every read goes through the
+    :class:`~mqttio.inbound.InboundFilter` first, so a packet above its limit never reaches
+    gmqtt (``on_dropped`` is told), and a large one reaches it in one piece: gmqtt appends each
+    read to its buffer and re-slices it after each parse, quadratic in a packet's size."""
     protocol = _protocol_of(link)
     if protocol is None or getattr(protocol, "_otad_bounded", False):
         return
     read = protocol.read
+    size = chunk or GMQTT_READ
 
     async def bounded_read(n: int = -1) -> bytes:
-        data: bytes = await read(chunk if n < 0 or n > chunk else n)
-        await asyncio.sleep(0)
-        return data
+        while True:
+            data: bytes = await read(size if n < 0 or n > size else n)
+            if gate is not None:
+                data = gate.feed(data)
+                if gate.dropped:
+                    for packet in gate.dropped:
+                        on_dropped(packet)
+                    gate.dropped.clear()
+            if chunk is not None:
+                await asyncio.sleep(0)
+            if data:
+                return data
+            await asyncio.sleep(0)  # all of it gathered or skipped: read on, in a later turn
 
     protocol.read = bounded_read
     protocol._otad_bounded = True
@@ -322,6 +362,14 @@ class GmqttClient(MqttClient):
                 if not waiter.done():
                     waiter.set_result(None)
 
+    def _dropped(self, packet: DroppedPacket) -> None:
+        """A packet above ``max_packet`` was skipped: count and log it, and acknowledge a
+        QoS 1 PUBLISH (PUBACK, MQTT 3.1.1 §3.4) so the broker frees its in-flight slot."""
+        self._packet_dropped(packet)
+        writer = self._writer
+        if packet.qos == 1 and packet.packet_id is not None and writer is not None:
+            writer.write(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))
+
     def _on_lost(self, link: _Link) -> None:
         if link is not self._link:
             return
@@ -358,6 +406,10 @@ class GmqttClient(MqttClient):
         self._link = link
         try:
             context = s.ssl_context()
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self._link = None
+            raise MqttConnectError(f"TLS set-up: {exc}", tls=True) from None
+        try:
             await asyncio.wait_for(
                 link.connect(
                     s.host,
@@ -372,6 +424,11 @@ class GmqttClient(MqttClient):
         except gmqtt.MQTTConnectError as exc:
             await self._close(clean=False)
             raise MqttConnectError(f"refused: {exc}", getattr(exc, "_code", None)) from None
+        except ssl.SSLError as exc:
+            await self._close(clean=False)
+            raise MqttConnectError(
+                f"{s.host}:{s.port}: TLS handshake failed: {exc}", tls=True
+            ) from None
         except (OSError, TimeoutError) as exc:
             await self._close(clean=False)
             raise MqttConnectError(f"{s.host}:{s.port} unreachable: {exc!r}") from None
@@ -389,8 +446,12 @@ class GmqttClient(MqttClient):
         with contextlib.suppress(AttributeError, ValueError):
             transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self._writer = _coalesce_writes(link)
-        if s.read_chunk is not None:
-            _bound_read_turns(link, s.read_chunk)
+        if s.read_chunk is not None or s.max_packet is not None:
+            gate = None
+            if s.max_packet is not None:
+                whole_above = s.read_chunk or GMQTT_READ
+                gate = InboundFilter(max_packet=s.max_packet, whole_above=whole_above)
+            _bound_read_turns(link, s.read_chunk, gate, self._dropped)
         self._transport = transport
 
     async def _subscribe_many(self, items: list[tuple[str, int]]) -> list[int]:

@@ -26,12 +26,17 @@ Semantics shared by both adapters (the contract the daemon relies on):
 * The message handler runs synchronously on the event loop for every message; an exception in it
   is logged (rate-limited) and never breaks the receive loop.
 * TCP_NODELAY is set on every connection (without it a request/ack round trip costs ~88 ms).
+* A failed attempt is logged with its reason: at ERROR when someone must change a
+  configuration (a CONNACK refusal, named: ``bad user name or password``, ``not authorised``;
+  or a TLS failure: set-up or handshake), at WARNING otherwise (unreachable, lost).
+  :attr:`MqttClient.last_connect_error` keeps the latest, for a status line.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -40,7 +45,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from mqttio.inbound import DroppedPacket
+
 __all__ = [
+    "CONNACK_REASONS",
     "HARD_INFLIGHT_LIMIT",
     "LIBRARIES",
     "ConnectionHandler",
@@ -86,17 +94,41 @@ class MqttError(Exception):
     """Base class of every error this package raises."""
 
 
-class MqttConnectError(MqttError):
-    """The broker refused the connection, or could not be reached (``return_code`` is None)."""
+#: What each MQTT 3.1.1 CONNACK refusal code means (section 3.2.2.3).
+CONNACK_REASONS = {
+    1: "unacceptable protocol version",
+    2: "client identifier rejected",
+    3: "server unavailable",
+    4: "bad user name or password",
+    5: "not authorised",
+}
 
-    def __init__(self, message: str, return_code: int | None = None) -> None:
+
+class MqttConnectError(MqttError):
+    """The broker refused the connection (``return_code``: its CONNACK code), the TLS
+    handshake or TLS set-up failed (``tls``), or the broker could not be reached (neither)."""
+
+    def __init__(self, message: str, return_code: int | None = None, *, tls: bool = False) -> None:
+        reason = CONNACK_REASONS.get(return_code) if return_code is not None else None
+        if reason is not None and reason not in message:
+            message = f"{message} ({reason})"
         super().__init__(message)
         self.return_code = return_code
+        self.tls = tls
 
     @property
     def permanent(self) -> bool:
-        """True when retrying cannot help (bad credentials, not authorised, ...)."""
-        return self.return_code in PERMANENT_CONNACK_CODES
+        """True when retrying cannot help until someone changes a configuration: bad
+        credentials, not authorised, a certificate the other side does not accept."""
+        return self.return_code in PERMANENT_CONNACK_CODES or self.tls
+
+    @property
+    def reason(self) -> str:
+        """The refusal's name (``bad user name or password``), ``TLS failure`` or
+        ``unreachable``."""
+        if self.return_code is not None:
+            return CONNACK_REASONS.get(self.return_code, f"CONNACK code {self.return_code}")
+        return "TLS failure" if self.tls else "unreachable"
 
 
 class NotConnected(MqttError):  # noqa: N818 (the name the daemon code uses)
@@ -153,6 +185,11 @@ class MqttSettings:
     """Bytes of received packets handled per event-loop turn (None: the library's own reads).
     A daemon that must stay responsive sets it; a bulk client (a virtual CH process holding
     thousands of connections) leaves it alone: smaller reads there only add loop turns."""
+    max_packet: int | None = None
+    """Largest packet taken from the broker, bytes, fixed header included (None: no bound of
+    ours). A larger one is skipped as it streams in, never reassembled: one WARNING (at most
+    every 10 s, with the count), counted in :attr:`MqttClient.dropped_packets`, and a QoS 1
+    PUBLISH is acknowledged so the broker frees its slot (:mod:`mqttio.inbound`)."""
 
     def __post_init__(self) -> None:
         if not self.client_id or any(c in self.client_id for c in "+#/\0"):
@@ -163,6 +200,8 @@ class MqttSettings:
             raise ValueError("need 0 < reconnect_min <= reconnect_max")
         if self.read_chunk is not None and self.read_chunk < 1024:
             raise ValueError("read_chunk must be at least 1024 bytes")
+        if self.max_packet is not None and self.max_packet < 1024:
+            raise ValueError("max_packet must be at least 1024 bytes")
         if not 0 <= self.keepalive <= 65535:
             raise ValueError("keepalive must be in 0..65535")
         if self.will is not None:
@@ -257,6 +296,13 @@ class MqttClient(abc.ABC):
         self._handler_error_logged_at = -1e9
         self.reconnects = 0
         """How many times the connection was re-established after a loss."""
+        self.last_connect_error: MqttConnectError | None = None
+        """Why the latest connection attempt failed (None once one succeeded)."""
+        self._up_since: float | None = None
+        self._short_losses: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+        self.dropped_packets = 0
+        """Packets from the broker above ``settings.max_packet``, skipped unread."""
+        self._dropped_logged_at = -1e9
 
     # ------------------------------------------------------------------ public API
 
@@ -346,6 +392,13 @@ class MqttClient(abc.ABC):
                 await supervisor
         await self._close(clean=True)  # the adapter sends DISCONNECT only on a live link
 
+    def short_session_losses(self, within: float, *, shorter_than: float) -> int:
+        """Losses in the last ``within`` seconds of sessions that had lasted less than
+        ``shorter_than`` seconds: the signature of a client-id take-over (the broker closes
+        the older of two connections with one client id, and each reconnect takes it back)."""
+        cutoff = time.monotonic() - within
+        return sum(1 for at, lasted in self._short_losses if at >= cutoff and lasted < shorter_than)
+
     # ------------------------------------------------------------------ adapter hooks
 
     @abc.abstractmethod
@@ -382,6 +435,26 @@ class MqttClient(abc.ABC):
                 self._handler_errors,
             )
 
+    def _packet_dropped(self, packet: DroppedPacket) -> None:
+        """Count (and at most every 10 s log) a packet skipped for its size."""
+        self.dropped_packets += 1
+        now = time.monotonic()
+        if now - self._dropped_logged_at < 10.0:
+            return
+        self._dropped_logged_at = now
+        what = "PUBLISH" if packet.packet_type == 3 else f"packet of type {packet.packet_type}"
+        on = "" if packet.topic is None else f" on {packet.topic[:120]!r}"
+        log.warning(
+            "%s: dropped a %s of %d bytes%s from the broker unread: above this client's"
+            " max_packet of %d bytes (%d dropped so far; set the broker's max_packet_size)",
+            self.settings.client_id,
+            what,
+            packet.size,
+            on,
+            self.settings.max_packet or 0,
+            self.dropped_packets,
+        )
+
     def _notify(self, up: bool) -> None:
         try:
             self._connection_handler(up)
@@ -401,32 +474,38 @@ class MqttClient(abc.ABC):
                 raise
             except Exception as exc:
                 await self._close(clean=False)
+                error = (
+                    exc
+                    if isinstance(exc, MqttConnectError)
+                    else MqttConnectError(f"{type(exc).__name__}: {exc}")
+                )
+                self.last_connect_error = error
                 if fail_fast:
-                    if isinstance(exc, MqttConnectError):
+                    if error is exc:
                         raise
-                    raise MqttConnectError(f"{type(exc).__name__}: {exc}") from exc
+                    raise error from exc
                 delay = next(delays)
                 failures += 1
                 expected = isinstance(exc, (MqttConnectError, NotConnected))
-                permanent = isinstance(exc, MqttConnectError) and exc.permanent
-                if permanent or not expected:
-                    level = logging.ERROR
-                elif failures % 10 == 1:  # first failure of an outage, then every tenth
-                    level = logging.WARNING
-                else:
-                    level = logging.INFO
+                # A refusal or a TLS failure needs someone to change a configuration: ERROR,
+                # naming it, every time. Otherwise (unreachable, lost) a WARNING.
+                level = logging.ERROR if error.permanent or not expected else logging.WARNING
                 log.log(
                     level,
-                    "%s: cannot connect to %s:%d (%s); retrying in %.2f s",
+                    "%s: cannot connect to %s:%d: %s%s; retrying in %.2f s (attempt %d)",
                     self.settings.client_id,
                     self.settings.host,
                     self.settings.port,
+                    f"{error.reason}: " if error.permanent else "",
                     exc if expected else repr(exc),
                     delay,
+                    failures,
                 )
                 await asyncio.sleep(delay)
                 continue
             self._connected = True
+            self.last_connect_error = None
+            self._up_since = time.monotonic()
             return
 
     async def _restore_subscriptions(self) -> None:
@@ -454,10 +533,19 @@ class MqttClient(abc.ABC):
             if self._closing:
                 return
             self._connected = False
+            now = time.monotonic()
+            if self._up_since is not None:
+                self._short_losses.append((now, now - self._up_since))
+                self._up_since = None
             log.warning("%s: connection to the broker lost", self.settings.client_id)
             self._notify(False)
             await self._close(clean=False)
             await self._establish(fail_fast=False)
+            if self._closing:
+                # disconnect() cancelled us while a library call swallowed the cancellation
+                # (gmqtt's connect does, seen in a take-over loop): waiting for the new link to
+                # be lost would hang disconnect() for ever
+                return
             self.reconnects += 1
             log.info("%s: reconnected", self.settings.client_id)
             self._notify(True)

@@ -124,10 +124,13 @@ def _verify_release(data: bytes, trust: TrustStore, now: UnixTime) -> tuple[Mani
     return manifest, signed
 
 
-def _store_image_file(path: Path, data: bytes) -> None:
-    """Write an accepted image durably (worker thread), creating the images directory."""
+def _store_image_file(path: Path, data: bytes) -> bool:
+    """Write an accepted image durably (worker thread), creating the images directory; return
+    whether a file was there already."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    existed = path.exists()
     write_atomic(path, data, mode=0o600)
+    return existed
 
 
 def _read_checked(path: Path, sha256: bytes, size: int) -> bytes:
@@ -183,6 +186,25 @@ class Catalogue:
                 continue
             self._add(manifest, row.signed_manifest, Path(row.path), row.imported_at)
 
+    @property
+    def trust(self) -> TrustStore:
+        """The trust store imports are verified against."""
+        return self._trust
+
+    def replace_trust(self, trust: TrustStore) -> list[str]:
+        """Verify every later import against ``trust`` (a SIGHUP reload); return one line per
+        imported image that no longer verifies under it. Such an image stays served until
+        otad restarts (transfers in progress are not cut off); a restart leaves it out, as
+        :meth:`load` does."""
+        self._trust = trust
+        lost = []
+        for image in self.images.values():
+            try:
+                trust.verify(image.signed_manifest, max_size=MAX_SIGNED_MANIFEST_BYTES)
+            except ProtocolError as exc:
+                lost.append(f"{image.sha256.hex()} ({exc})")
+        return lost
+
     def _add(self, manifest: Manifest, signed: bytes, path: Path, imported_at: float) -> Image:
         image = Image(
             sha256=manifest.sha256,
@@ -214,11 +236,17 @@ class Catalogue:
                     )
                 return known, False
             path = self._dir / manifest.sha256.hex()
-            await asyncio.to_thread(_store_image_file, path, signed.image)
+            existed = await asyncio.to_thread(_store_image_file, path, signed.image)
             try:
                 row = await self._store.add_image(manifest, signed.signed_manifest, path, now)
-            except ConflictError as exc:
-                raise ProtocolError(Reason.REPLAYED, str(exc)) from None
+            except BaseException as exc:
+                # a failed import leaves nothing behind; a file that was there already may be
+                # another row's (the same digest imported with another manifest): it stays
+                if not existed:
+                    await asyncio.shield(asyncio.to_thread(path.unlink, missing_ok=True))
+                if isinstance(exc, ConflictError):
+                    raise ProtocolError(Reason.REPLAYED, str(exc)) from None
+                raise
             image = self._add(manifest, signed.signed_manifest, path, row.imported_at)
         log.info(
             "imported image %s (%s fw 0x%08x, %d bytes, %d blocks)",

@@ -9,8 +9,18 @@ The arguments are untrusted and checked here (``MALFORMED`` otherwise).
                    (verified against the trust store; an ``image.imported`` event when new)
 ``image.list``     -> list of image summaries
 ``distribute``     args ``image`` (digest or unique hex prefix), ``to`` (list of GUIDs) or
-                   ``all_matching`` (true) -> ``{image, started, already, refused, devices}``
-                   (``devices``: HAN devices, or CHs for a CH image, now followed: otad.devices)
+                   ``all_matching`` (true) -> ``{image, started, already, refused, devices,
+                   campaign}`` (``devices``: HAN devices, or CHs for a CH image, now followed:
+                   otad.devices; ``campaign``: the one-stage campaign it is, otad.campaigns)
+``campaign.plan``  args: a campaign spec (otad.campaign.request) -> targets per stage,
+                   exclusions with reasons, WAN bytes, the estimate; nothing created
+``campaign.create`` args: a campaign spec -> its status (CREATED)
+``campaign.start|approve|hold|resume|abort|notice|expedite|expedite.approve`` args ``id``
+                   (``reason`` for approve/hold/abort, ``justification`` for expedite) ->
+                   ``{id, state, decisions}``; the actor is the requesting client
+``campaign.retry`` args ``id``, optional ``new_id`` -> the child campaign's status
+``campaign.status`` args ``id``; ``campaign.list``; ``campaign.history`` args ``id``
+``campaign.events`` optional args ``id``, ``since`` (seq), ``kinds``, ``limit`` -> events
 ``activate``       args ``image``, ``devices`` (list of device ids) or ``all_held`` (true),
                    optional ``at`` (unix s: future-dated) -> ``{image, issued, refused}``; each
                    issued command was committed durably before it was sent (SPEC §8.10)
@@ -24,6 +34,13 @@ The arguments are untrusted and checked here (``MALFORMED`` otherwise).
 ``firmware.version`` args ``device``, optional ``wait_s`` (default 10) -> the device's
                    ``VersionReport`` as its CH relayed it
 ``fleet.list``     -> list of CHs (announcement, online, first/last seen)
+``fleet.forget``   args ``guids`` (list of GUIDs) -> ``{forgotten: [{guid, online, transfers,
+                   devices}], refused: [{guid, error, detail}]}``: each CH removed from the
+                   registry and the store with its ended transfers and device records, a
+                   ``hub.forgotten`` event each (otad.registry); refused ``UNKNOWN_HUB``, or
+                   ``HUB_BUSY`` while a transfer, a HAN relay, an activation or a credential
+                   replacement of it is in progress. A CH that announces itself live again is
+                   known again
 ``transfers``      optional args ``image``, ``guid`` -> list of per-CH transfer rows
 ``status``         -> the status snapshot, ``state: "online"``, and otad's resident memory
 """
@@ -31,11 +48,13 @@ The arguments are untrusted and checked here (``MALFORMED`` otherwise).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
+from otad.campaigns import Campaigns
 from otad.catalogue import Catalogue
-from otad.control import Command, arg_bytes_b64, arg_str, arg_str_list
+from otad.control import Command, arg_bytes_b64, arg_str, arg_str_list, current_actor
 from otad.credentials import Credentials
 from otad.devices import Devices
 from otad.distribution import Distribution
@@ -45,6 +64,7 @@ from otad.registry import Registry
 from otad.rejects import RejectLog
 from otad.status import StatusFields
 from protocol.errors import ProtocolError, Reason
+from protocol.wire import topics
 
 
 class Commands:
@@ -58,22 +78,26 @@ class Commands:
         distribution: Distribution,
         devices: Devices,
         credentials: Credentials,
+        campaigns: Campaigns,
         events: EventPublisher,
         snapshot: Callable[[], StatusFields],
         status_changed: Callable[[], None],
         rejects: RejectLog,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """``snapshot()`` gives the status fields; ``status_changed()`` asks for the retained
-        status to be published again soon."""
+        status to be published again soon; ``wall_clock`` (unix s) dates what commands record."""
         self._catalogue = catalogue
         self._registry = registry
         self._distribution = distribution
         self._devices = devices
         self._credentials = credentials
+        self._campaigns = campaigns
         self._events = events
         self._snapshot = snapshot
         self._status_changed = status_changed
         self._rejects = rejects
+        self._wall_clock = wall_clock
 
     def table(self) -> dict[str, Command]:
         """Command name -> ``async fn(args) -> result`` (see the module docstring)."""
@@ -82,6 +106,7 @@ class Commands:
             "image.list": self.image_list,
             "distribute": self.distribute,
             "fleet.list": self.fleet_list,
+            "fleet.forget": self.fleet_forget,
             "transfers": self.transfers,
             "activate": self.activate,
             "activate.cancel": self.activate_cancel,
@@ -90,6 +115,21 @@ class Commands:
             "devices": self.devices,
             "firmware.version": self.firmware_version,
             "status": self.status,
+            "campaign.plan": self.campaign_plan,
+            "campaign.create": self.campaign_create,
+            "campaign.start": self.campaign_start,
+            "campaign.approve": self.campaign_approve,
+            "campaign.hold": self.campaign_hold,
+            "campaign.resume": self.campaign_resume,
+            "campaign.abort": self.campaign_abort,
+            "campaign.notice": self.campaign_notice,
+            "campaign.expedite": self.campaign_expedite,
+            "campaign.expedite.approve": self.campaign_expedite_approve,
+            "campaign.retry": self.campaign_retry,
+            "campaign.status": self.campaign_status,
+            "campaign.list": self.campaign_list,
+            "campaign.history": self.campaign_history,
+            "campaign.events": self.campaign_events,
         }
 
     async def image_import(self, args: dict[str, Any]) -> Any:
@@ -130,10 +170,82 @@ class Commands:
         guids = arg_str_list(args, "to")
         if all_matching == bool(guids):
             raise ProtocolError(Reason.MALFORMED, "give either 'to' (GUIDs) or all_matching")
-        result = await self._distribution.distribute(ref, guids, all_matching=all_matching)
-        image = self._catalogue.resolve(result["image"])
-        result["devices"] = await self._devices.offered(image, result["started"], result["already"])
-        return result
+        return await self._campaigns.distribute(
+            ref, guids, all_matching=all_matching, actor=_actor()
+        )
+
+    async def campaign_plan(self, args: dict[str, Any]) -> Any:
+        """A dry run of ``campaign.create``."""
+        return await self._campaigns.plan(args)
+
+    async def campaign_create(self, args: dict[str, Any]) -> Any:
+        """Create a campaign (nothing starts until ``campaign.start``)."""
+        return await self._campaigns.create(args, _actor())
+
+    async def campaign_start(self, args: dict[str, Any]) -> Any:
+        """Start a created campaign: its first stage (or its notice wait)."""
+        return await self._campaigns.start_campaign(_campaign_id(args), _actor())
+
+    async def campaign_approve(self, args: dict[str, Any]) -> Any:
+        """A recorded GO: at a gate the next stage starts; on hold the campaign resumes."""
+        return await self._campaigns.approve(_campaign_id(args), _actor(), _reason(args))
+
+    async def campaign_hold(self, args: dict[str, Any]) -> Any:
+        """A NO-GO at a gate, or an operator's hold (a pause) while it runs."""
+        return await self._campaigns.hold(_campaign_id(args), _actor(), _reason(args))
+
+    async def campaign_resume(self, args: dict[str, Any]) -> Any:
+        """Resume a paused campaign."""
+        return await self._campaigns.resume(_campaign_id(args), _actor())
+
+    async def campaign_abort(self, args: dict[str, Any]) -> Any:
+        """Abort: what has not begun activating is cancelled; activated devices are left."""
+        return await self._campaigns.abort(_campaign_id(args), _actor(), _reason(args))
+
+    async def campaign_notice(self, args: dict[str, Any]) -> Any:
+        """Record that the roll-out notice was published to the parties now."""
+        return await self._campaigns.notice(_campaign_id(args), _actor())
+
+    async def campaign_expedite(self, args: dict[str, Any]) -> Any:
+        """Ask to waive the notice for an urgent security fix (a second approver must agree)."""
+        return await self._campaigns.expedite(
+            _campaign_id(args), _actor(), arg_str(args, "justification")
+        )
+
+    async def campaign_expedite_approve(self, args: dict[str, Any]) -> Any:
+        """The second approver of an expedite request (not its requester)."""
+        return await self._campaigns.expedite_approve(_campaign_id(args), _actor())
+
+    async def campaign_retry(self, args: dict[str, Any]) -> Any:
+        """A child campaign of the failed and timed-out targets."""
+        new_id = args.get("new_id")
+        if new_id is not None and not isinstance(new_id, str):
+            raise ProtocolError(Reason.MALFORMED, "new_id must be a string")
+        return await self._campaigns.retry(_campaign_id(args), new_id, _actor())
+
+    async def campaign_status(self, args: dict[str, Any]) -> Any:
+        """One campaign's status."""
+        return self._campaigns.status(_campaign_id(args))
+
+    async def campaign_list(self, args: dict[str, Any]) -> Any:
+        """Every campaign."""
+        return self._campaigns.listing()
+
+    async def campaign_history(self, args: dict[str, Any]) -> Any:
+        """One campaign's audit trail."""
+        return self._campaigns.history(_campaign_id(args))
+
+    async def campaign_events(self, args: dict[str, Any]) -> Any:
+        """Events from the durable outbox: after ``since``, of ``kinds``, of campaign ``id``."""
+        since = args.get("since", 0)
+        limit = args.get("limit", 100)
+        if type(since) is not int or since < 0:
+            raise ProtocolError(Reason.MALFORMED, "since must be a sequence number")
+        if type(limit) is not int or not 0 < limit <= 1000:
+            raise ProtocolError(Reason.MALFORMED, "limit must be 1..1000")
+        kinds = arg_str_list(args, "kinds") or None
+        campaign = _campaign_id(args) if "id" in args else None
+        return await self._events.replay(after=since, limit=limit, kinds=kinds, campaign=campaign)
 
     async def activate(self, args: dict[str, Any]) -> Any:
         """Sign and send an activation command to each device named (or holding the image)."""
@@ -192,6 +304,38 @@ class Commands:
         hubs = self._registry.hubs
         return [hubs[g].to_json() for g in sorted(hubs)]
 
+    async def fleet_forget(self, args: dict[str, Any]) -> Any:
+        """Remove each CH named from the fleet, unless something of it is in progress."""
+        guids = arg_str_list(args, "guids")
+        if not guids:
+            raise ProtocolError(Reason.MALFORMED, "give 'guids'")
+        forgotten: list[dict[str, Any]] = []
+        refused: list[dict[str, str]] = []
+        for guid in dict.fromkeys(guids):
+            try:
+                topics.check_guid(guid)
+                hub, transfers, devices = await self._registry.forget(
+                    guid, self._wall_clock(), busy=self._busy_on
+                )
+            except ProtocolError as exc:
+                refused.append({"guid": guid, "error": exc.reason.name, "detail": exc.detail})
+                continue
+            self._distribution.forget_hub(guid)
+            self._devices.forget_hub(guid)
+            forgotten.append(
+                {"guid": guid, "online": hub.online, "transfers": transfers, "devices": devices}
+            )
+        if forgotten:
+            self._status_changed()
+        return {"forgotten": forgotten, "refused": refused}
+
+    def _busy_on(self, guid: str) -> str | None:
+        return (
+            self._distribution.busy_on(guid)
+            or self._devices.busy_on(guid)
+            or self._credentials.busy_on(guid)
+        )
+
     async def transfers(self, args: dict[str, Any]) -> Any:
         """Every transfer, or those of one image (``image``) and/or one CH (``guid``)."""
         rows = await self._distribution.listing()
@@ -206,6 +350,21 @@ class Commands:
     async def status(self, args: dict[str, Any]) -> Any:
         """The status snapshot, as the retained status says it, and otad's memory."""
         return {"state": "online", **self._snapshot(), "rss_kib": rss_kib()}
+
+
+def _actor() -> str:
+    return current_actor() or "otad"
+
+
+def _campaign_id(args: dict[str, Any]) -> str:
+    return arg_str(args, "id")
+
+
+def _reason(args: dict[str, Any]) -> str:
+    reason = args.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > 500:
+        raise ProtocolError(Reason.MALFORMED, "reason must be a string of at most 500 characters")
+    return reason
 
 
 def rss_kib() -> int:

@@ -16,9 +16,11 @@ The files named here are not opened by this module: whoever uses them reports a 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import re
+import socket
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -36,10 +38,12 @@ __all__ = [
     "ConfigError",
     "EventsConfig",
     "LogConfig",
+    "MetricsConfig",
     "StoreConfig",
     "TransferConfig",
     "TrustConfig",
     "cli_overrides",
+    "default_client_id",
     "load_config",
 ]
 
@@ -67,7 +71,9 @@ class BrokerConfig:
 
     host: str = "localhost"
     port: int = 1883
-    client_id: str = "otad"
+    # "" (the default): otad-<hostname>-<8 hex digits of the state directory's path>
+    # (:func:`default_client_id`), so two otads on one broker never share a session by default
+    client_id: str = ""
     username: str | None = None
     password_file: Path | None = None  # file holding the password (e.g. a systemd credential)
     tls_ca: Path | None = None  # CA bundle; setting it turns TLS on
@@ -80,6 +86,16 @@ class BrokerConfig:
     def tls(self) -> bool:
         """Whether to connect with TLS."""
         return self.tls_ca is not None or self.tls_cert is not None
+
+
+def default_client_id(state_dir: Path, hostname: str | None = None) -> str:
+    """``otad-<hostname>-<hash>``: unique per host and state directory (the hash is the first
+    8 hex digits of SHA-256 of the state directory's absolute path), within the client-id
+    alphabet (other characters of the host name become ``_``)."""
+    host = socket.gethostname() if hostname is None else hostname
+    host = re.sub(r"[^A-Za-z0-9_.:-]", "_", host)[:64] or "host"
+    digest = hashlib.sha256(str(Path(state_dir).absolute()).encode()).hexdigest()[:8]
+    return f"otad-{host}-{digest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +159,9 @@ class EventsConfig:
     # Days a published event stays in the outbox (so a late monitor can be replayed, and a key
     # re-derived within it is still recognised); 0 keeps every event for ever.
     retention_days: int = 30
+    # The retained status is published at least this often (its time moves): another otad
+    # starting on the same broker waits 1.5 of these for a sign of life before serving.
+    status_heartbeat_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +188,34 @@ class ActivationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CampaignsConfig:
+    """``[campaigns]``: the campaign engines' evaluation (:mod:`otad.campaigns`) and the
+    defaults of the pacing model behind ``otactl campaign plan`` (measured figures replace
+    them once otad has followed enough targets on this deployment)."""
+
+    tick_s: float = 2.0  # evaluation period: a threshold crossing holds within one tick
+    snapshot_s: float = 30.0  # a campaign that only recorded reports is committed this often
+    status_every_s: float = 10.0  # the retained campaign status, at least this often
+    transfer_blocks_per_s: float = 250.0  # one CH's WAN transfer (window-limited)
+    fleet_blocks_per_s: float = 4000.0  # every transfer together (broker and budget)
+    han_bytes_per_s: float = 2000.0  # a CH relaying to one HAN device
+    activation_s: float = 30.0  # an activation issued -> the device confirmed
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: the Prometheus endpoint ``http://host:port/metrics``
+    (:mod:`otad.metrics`)."""
+
+    enabled: bool = True
+    # Loopback: the figures are for the host's own Prometheus (or an agent scraping for it); to
+    # publish them further, set an address here and firewall it (the endpoint has no auth).
+    host: str = "127.0.0.1"
+    # In the exporters' range (9100-9999) and clear of node_exporter (9100) and Prometheus (9090)
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     """``[log]``: logging to stdout / the journal."""
 
@@ -185,7 +232,15 @@ class Config:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     activation: ActivationConfig = field(default_factory=ActivationConfig)
+    campaigns: CampaignsConfig = field(default_factory=CampaignsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def client_id(self) -> str:
+        """The data session's MQTT client id: ``broker.client_id``, or when that is unset
+        :func:`default_client_id` of the state directory."""
+        return self.broker.client_id or default_client_id(self.store.state_dir)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -330,7 +385,7 @@ def _validate(config: Config) -> Config:
     if not b.host or any(c in b.host for c in " /\0"):
         raise ConfigError("broker.host", f"must be a host name or address, got {b.host!r}")
     _in_range("broker.port", b.port, 1, 65535)
-    if not _CLIENT_ID.fullmatch(b.client_id):
+    if b.client_id and not _CLIENT_ID.fullmatch(b.client_id):
         raise ConfigError(
             "broker.client_id",
             f"must be 1-124 of A-Z a-z 0-9 _ . : - (no / + # or NUL), got {b.client_id!r}",
@@ -372,6 +427,8 @@ def _validate(config: Config) -> Config:
     e = config.events
     if not e.progress_interval_s > 0:
         raise ConfigError("events.progress_interval_s", f"must be > 0, got {e.progress_interval_s}")
+    if not e.status_heartbeat_s > 0:
+        raise ConfigError("events.status_heartbeat_s", f"must be > 0, got {e.status_heartbeat_s}")
     _in_range("events.retention_days", e.retention_days, 0, 36_500)
     if not all(_TOPIC_LEVEL.fullmatch(level) for level in e.topic_prefix.split("/")):
         raise ConfigError(
@@ -389,6 +446,11 @@ def _validate(config: Config) -> Config:
         _in_range(f"activation.{name}", getattr(a, name), 0.001, 30 * 86_400.0)
     _in_range("activation.read_back_attempts", a.read_back_attempts, 1, 100)
     _in_range("activation.credentials_attempts", a.credentials_attempts, 1, 100)
+
+    m = config.metrics
+    if not m.host or any(c in m.host for c in " /\0[]"):
+        raise ConfigError("metrics.host", f"must be a host name or address, got {m.host!r}")
+    _in_range("metrics.port", m.port, 1, 65535)
 
     level = config.log.level.upper()
     if level not in LOG_LEVELS:

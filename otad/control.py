@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -47,6 +48,16 @@ _SUFFIX = "/req"
 
 Command = Callable[[dict[str, Any]], Awaitable[Any]]
 
+_ACTOR: contextvars.ContextVar[str] = contextvars.ContextVar("otad.control.actor")
+
+
+def current_actor() -> str:
+    """Who sent the control request being served: its client name, the topic level of
+    ``ota/v1/ctl/<client>/req`` (with the shipped broker ACL, the client's authenticated
+    username or certificate CN: no client can write another's request topic). The campaign
+    engine records it as the actor of every decision; "" outside a request."""
+    return _ACTOR.get("")
+
 
 class Control:
     """Serves control requests with the daemon's command functions
@@ -67,6 +78,9 @@ class Control:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
         self.served = 0
+        self.outcomes: dict[tuple[str, str], int] = {(name, "ok"): 0 for name in commands}
+        """Requests answered, by (command, outcome): ``ok`` or the error's reason name; a
+        command name otad does not know counts as ``unknown`` (bounded label values)."""
 
     def request_received(self, topic: str, payload: bytes) -> None:
         """MQTT handler part for ``ota/v1/ctl/+/req``: validate, then run the command as a
@@ -108,16 +122,25 @@ class Control:
         await self._serve(client, request_id, request)
 
     async def _serve(self, client: str, request_id: str, request: dict[str, Any]) -> None:
+        _ACTOR.set(client)  # this task's context: the command reads it (current_actor)
         async with self._slots:
             try:
                 response = {"ok": True, "result": await self._run(request)}
+                outcome = "ok"
+                log.info("%s by %s: ok", str(request.get("cmd"))[:40], client)
             except ProtocolError as exc:
+                log.info("%s by %s: %s", str(request.get("cmd"))[:40], client, exc.reason.name)
                 response = _error(exc.reason, exc.detail)
+                outcome = exc.reason.name
             except Exception as exc:
                 log.exception("control command %r failed", request.get("cmd"))
                 response = _error(Reason.INTERNAL, f"{type(exc).__name__}: {exc}")
+                outcome = Reason.INTERNAL.name
         response.update({"v": SCHEMA_VERSION, "id": request_id})
         self.served += 1
+        cmd = request.get("cmd")
+        key = (cmd if isinstance(cmd, str) and cmd in self._commands else "unknown", outcome)
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
         try:
             self._client.publish(topics.ctl_response(client), dumps(response), 1, False)
         except NotConnected:

@@ -264,6 +264,10 @@ class Credentials:
         self._wall = wall_clock
         self.records: dict[str, Replacement] = {}
         """What is committed, by device id."""
+        self.changed: Callable[[Replacement], None] = lambda replacement: None
+        """Told every replacement put in place (committed first): the campaigns follow them."""
+        self.campaign_of: Callable[[str, str], str] = lambda device_id, artifact: ""
+        """The campaign a device's replacement belongs to, for its events (otad.campaigns)."""
         self._timers_by_device: dict[str, Any] = {}
         self._started = False
         self.published_commands = 0
@@ -332,6 +336,14 @@ class Credentials:
         return [
             r.to_json() for r in sorted(self.records.values(), key=lambda r: (r.guid, r.device_id))
         ]
+
+    def busy_on(self, guid: str) -> str | None:
+        """A credential replacement awaiting its confirmation on premises ``guid`` (it blocks
+        ``fleet.forget``), or None."""
+        for rec in self.records.values():
+            if rec.guid == guid and rec.state is CredentialsState.PENDING:
+                return f"device {rec.device_id} is replacing its credentials"
+        return None
 
     def state_of(self, device_id: str) -> str | None:
         """The device's replacement state (``otactl devices``' credentials column), or None."""
@@ -426,6 +438,7 @@ class Credentials:
                 counter=done.counter,
                 attempts=done.attempts,
                 old_kid=done.current_kid.hex(),
+                campaign=self.campaign_of(device_id, "credentials"),
                 new_kid=key_id(new_key).hex(),
             )
         )
@@ -439,6 +452,7 @@ class Credentials:
     def _put(self, rec: Replacement) -> None:
         self.records[rec.device_id] = rec
         self._arm(rec)
+        self.changed(rec)
 
     def _arm(self, rec: Replacement) -> None:
         handle = self._timers_by_device.pop(rec.device_id, None)
@@ -478,6 +492,7 @@ class Credentials:
                 counter=failed.counter,
                 attempts=failed.attempts,
                 old_kid=failed.current_kid.hex(),
+                campaign=self.campaign_of(device_id, "credentials"),
                 reason=failed.reason,
             )
         )

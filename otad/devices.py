@@ -82,7 +82,7 @@ from otad.events import DeviceConfirmed, DeviceFailed, supplier_topic_id
 from otad.keyfiles import load_private_key
 from otad.outbox import EventPublisher
 from otad.registry import Hub, Registry
-from otad.store import CommandRow, DeviceRow, Store, TransferState
+from otad.store import CommandRow, DeviceRow, Store, StoreError, TransferState
 from otad.timers import TimerHost
 from protocol.device.activation import (
     MAX_MESSAGE_BYTES,
@@ -177,6 +177,11 @@ TRANSITIONS: Final[dict[DeviceState, frozenset[DeviceState]]] = {
 #: States in which otad waits for something with a deadline.
 IN_PROGRESS: Final = frozenset(
     {_S.HELD_BY_CH, _S.HAN_TRANSFER, _S.ACTIVATION_PENDING, _S.ACTIVATED}
+)
+#: States in which a device's premises is never forgotten (an image on its way, an activation's
+#: outcome awaited); one of :data:`IN_PROGRESS` with a deadline armed is not forgotten either.
+_FORGET_BLOCKED: Final = frozenset(
+    {_S.OFFERED, _S.HAN_TRANSFER, _S.ACTIVATION_PENDING, _S.ACTIVATED}
 )
 #: States after which a proof is still accepted (a late alert after TIMED_OUT confirms).
 _AWAITING_PROOF: Final = frozenset({_S.ACTIVATION_PENDING, _S.ACTIVATED, _S.TIMED_OUT})
@@ -317,6 +322,8 @@ class Devices:
         self.records: dict[tuple[str, bytes], DeviceRecord] = {}
         """What is committed, by (device id, image)."""
         self._by_device: dict[str, dict[bytes, DeviceRecord]] = collections.defaultdict(dict)
+        self.state_counts: dict[DeviceState, int] = dict.fromkeys(DeviceState, 0)
+        """Committed records by state (kept by :meth:`_put`: nothing walks the records)."""
         self._lock = asyncio.Lock()
         self._inbox: collections.deque[Callable[[], Awaitable[None]]] = collections.deque()
         self._wake = asyncio.Event()
@@ -334,6 +341,10 @@ class Devices:
         """Where a relayed credentials confirmation goes (:mod:`otad.credentials`)."""
         self.credentials_state: Callable[[str], str | None] = lambda device_id: None
         """A device's credential replacement state, for :meth:`listing`."""
+        self.changed: Callable[[DeviceRecord], None] = lambda record: None
+        """Told every record put in place (committed first): the campaigns follow them."""
+        self.campaign_of: Callable[[str, str], str] = lambda device_id, image: ""
+        """The campaign a (device, image hex) belongs to, for its alerts (otad.campaigns)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -377,6 +388,10 @@ class Devices:
             try:
                 async with self._lock:
                     await job()
+            except StoreError as exc:
+                # Nothing changed (a record is put in place only after its commit): the device
+                # stays in its recorded state, and its deadline's read-back asks it again.
+                log.error("device report not recorded, the store refused it: %s", exc)
             except Exception:
                 log.exception("device report handling failed")
 
@@ -626,6 +641,7 @@ class Devices:
                 device_type=new.device_type.value,
                 image=new.image.hex(),
                 counter=new.counter or 0,
+                campaign=self.campaign_of(new.device_id, new.image.hex()),
                 fw_version=fw_version,
                 proof=proof.value,
             )
@@ -645,6 +661,7 @@ class Devices:
                 device_type=rec.device_type.value,
                 image=rec.image.hex(),
                 counter=rec.counter or 0,
+                campaign=self.campaign_of(rec.device_id, rec.image.hex()),
                 fw_version=fw_version,
                 state=rec.state.value,
                 reason=rec.reason or "",
@@ -1049,9 +1066,44 @@ class Devices:
         self._put(new)
         self._arm(new)
 
+    def busy_on(self, guid: str) -> str | None:
+        """Why the premises ``guid`` cannot be forgotten now (``fleet.forget``): a device of it
+        with an image on its way or an activation whose outcome is awaited; None if none."""
+        for rec in self.records.values():
+            if rec.guid == guid and (
+                rec.state in _FORGET_BLOCKED or (rec.state in IN_PROGRESS and rec.deadline)
+            ):
+                return f"device {rec.device_id} is {rec.state.value} (image {rec.image.hex()[:16]})"
+        return None
+
+    def forget_hub(self, guid: str) -> int:
+        """Drop the premises' device records from memory (its store rows were deleted with the
+        hub: :meth:`otad.store.Store.forget_hub`); return how many."""
+        gone = [key for key, rec in self.records.items() if rec.guid == guid]
+        for key in gone:
+            rec = self.records.pop(key)
+            self.state_counts[rec.state] -= 1
+            by_image = self._by_device.get(rec.device_id)
+            if by_image is not None:
+                by_image.pop(rec.image, None)
+                if not by_image:
+                    del self._by_device[rec.device_id]
+        return len(gone)
+
     def _put(self, rec: DeviceRecord) -> None:
-        self.records[(rec.device_id, rec.image)] = rec
+        key = (rec.device_id, rec.image)
+        old = self.records.get(key)
+        if old is not None:
+            self.state_counts[old.state] -= 1
+        self.state_counts[rec.state] += 1
+        self.records[key] = rec
         self._by_device[rec.device_id][rec.image] = rec
+        self.changed(rec)
+
+    @property
+    def can_activate(self) -> bool:
+        """Whether otad holds an activation signing key (``[activation] key``)."""
+        return self._signing_key is not None
 
     def listing(self) -> list[dict[str, Any]]:
         """One row per (device, image), by premises and device (``otactl devices``)."""

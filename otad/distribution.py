@@ -61,9 +61,12 @@ from mqttio import MqttClient, NotConnected
 from otad import events as monitoring
 from otad.catalogue import BlockSource, Catalogue, Image
 from otad.config import TransferConfig
+from otad.events import iso_time
+from otad.histogram import Histogram
 from otad.outbox import EventPublisher
 from otad.registry import Hub, Registry
 from otad.rejects import RejectLog
+from otad.retrying import RetriedWrite
 from otad.scheduler import Scheduler, SlotState, budget_charge, handshake_charge
 from otad.store import FinalState, Store, StoreError, TransferRow, TransferState
 from otad.targeting import matches, refusal
@@ -133,6 +136,23 @@ _SCHEDULED: Final = _SENDING | {SlotState.PENDING}
 _POLL_NONCES = itertools.count(1)
 
 
+#: Upper bounds (seconds) of the Prometheus histograms' buckets (:mod:`otad.metrics`): a
+#: transfer's duration (minutes to a day over a CH's WAN link) and an acknowledgement's round
+#: trip (a cellular or mesh WAN: tens of milliseconds to about a minute).
+DURATION_BUCKETS: Final = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+                           7200.0, 21600.0, 86400.0)  # fmt: skip
+ROUND_TRIP_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(slots=True)
+class SentTotals:
+    """Everything published for every transfer since this process started (Prometheus
+    counters): added once per :meth:`Transfer.send_now` call, not once per block."""
+
+    bytes_sent: int = 0  # block payload bytes, repeats included
+    retransmissions: int = 0  # blocks published again within a sender's life
+
+
 @dataclass(slots=True)
 class EarlierSenderTotals:
     """What a transfer's earlier senders sent: each otad restart and each re-synchronisation
@@ -146,7 +166,8 @@ class EarlierSenderTotals:
 class DistributionStatus(TypedDict):
     """One image's distribution in the status snapshot (:meth:`ImageTally.to_json`)."""
 
-    transfers: dict[str, int]  # by TransferState value, every state
+    transfers: dict[str, int]  # by TransferState value, every state, as recorded
+    recording: int  # ended, final state not yet durable (counted active in ``transfers``)
     blocks_per_transfer: int
     blocks_acked: int  # over the active transfers
     blocks_total: int  # over the active transfers
@@ -168,12 +189,22 @@ class ImageTally:
     progress_at: float = 0.0  # monotonic time any transfer of it last progressed
     stalled_transfers: int = 0
     stalled_since: float | None = None  # the distribution as a whole is stalled since
+    recording: dict[str, int] = field(default_factory=dict)  # of states: ended, not recorded
 
     def to_json(self, now: float) -> DistributionStatus:
-        """The status snapshot's entry for this image (every state counted, zeros included)."""
+        """The status snapshot's entry for this image (every state counted, zeros included, as
+        the database has them: ended transfers not yet recorded are counted active and in
+        ``recording``)."""
         active = self.states.get(TransferState.ACTIVE.value, 0)
+        recording = sum(self.recording.values())
+        transfers = {
+            s.value: self.states.get(s.value, 0) - self.recording.get(s.value, 0)
+            for s in TransferState
+        }
+        transfers[TransferState.ACTIVE.value] += recording
         return {
-            "transfers": {s.value: self.states.get(s.value, 0) for s in TransferState},
+            "transfers": transfers,
+            "recording": recording,
             "blocks_per_transfer": self.blocks_per_transfer,
             "blocks_acked": self.blocks_acked,
             "blocks_total": self.blocks_total,
@@ -209,6 +240,7 @@ class Transfer:
         "qos_blocks",
         "reasked",
         "reason",
+        "rtt_seen",
         "sender",
         "slot",
         "source",
@@ -217,6 +249,7 @@ class Transfer:
         "state",
         "tally",
         "timer",
+        "totals",
     )
 
     def __init__(
@@ -233,9 +266,11 @@ class Transfer:
         earlier: EarlierSenderTotals,
         known: bool,
         tally: ImageTally,
+        totals: SentTotals,
         now: float,
     ) -> None:
-        """Wrap ``sender``; the caller attaches :attr:`slot` and :attr:`timer`."""
+        """Wrap ``sender``; the caller attaches :attr:`slot` and :attr:`timer`; ``totals``
+        (shared by every transfer) adds up what all of them sent."""
         self.guid = guid
         self.image = image
         self.source = source
@@ -260,6 +295,8 @@ class Transfer:
         self.heard_at = float("-inf")  # monotonic time of the last report from the CH
         self.reasked = False  # asked again because the CH re-announced while an ask was out
         self.stalled = False
+        self.totals = totals
+        self.rtt_seen = 0  # the current sender's round-trip samples already observed
         # attached by Distribution._add
         self.slot: Any = None
         self.timer: TimerSlot
@@ -270,9 +307,13 @@ class Transfer:
         """Publish every unbudgeted action that is due (Offer, Poll, Cancel, probe) and at most
         ``budget`` new blocks; return (blocks published, blocks still sendable)."""
         sender = self.sender
+        bytes_before, repeats_before = sender.bytes_sent, sender.retransmissions
         actions = sender.next_actions(Monotonic(now), budget)
         blocks = 0
         if actions:
+            totals = self.totals
+            totals.bytes_sent += sender.bytes_sent - bytes_before
+            totals.retransmissions += sender.retransmissions - repeats_before
             publish, down, source, qos = self.publish, self.down, self.source, self.qos_blocks
             try:
                 for action in actions:
@@ -344,14 +385,18 @@ class Transfer:
             bytes_sent=self.bytes_sent,
         )
 
-    def to_json(self) -> dict[str, Any]:
-        """JSON-ready row (``transfers``) with the live figures (:func:`listing_row`)."""
+    def to_json(self, *, recorded: bool = True) -> dict[str, Any]:
+        """JSON-ready row (``transfers``) with the live figures (:func:`listing_row`).
+
+        A transfer that ended but whose final state is not yet durable (``recorded`` False) is
+        shown as the database has it, active, in phase ``recording`` (its ``reason`` is set
+        when it failed): nothing is reported ahead of what a restart would find."""
         sender = self.sender
         return listing_row(
             guid=self.guid,
             image=self.image.sha256,
-            state=self.state,
-            phase=sender.state.value,
+            state=self.state if recorded else TransferState.ACTIVE,
+            phase=sender.state.value if recorded else "recording",
             blocks_acked=sender.blocks_acked,
             blocks_total=sender.blocks_total,
             blocks_sent=self.blocks_sent,
@@ -361,7 +406,7 @@ class Transfer:
             reason=self.reason,
             attempt=self.attempt,
             started_at=self.started_at,
-            finished_at=self.finished_at,
+            finished_at=self.finished_at if recorded else None,
             in_flight=sender.in_flight,
             stalled=self.stalled,
             debug={
@@ -474,16 +519,36 @@ class Distribution:
         self._image_users: dict[bytes, int] = {}
         self._tallies: dict[bytes, ImageTally] = {}
         self._counts: dict[TransferState, int] = dict.fromkeys(TransferState, 0)
+        #: of which ended, not yet recorded (still active in the database)
+        self._unrecorded: dict[TransferState, int] = dict.fromkeys(TransferState, 0)
         self._dirty: list[Transfer] = []
         self._ended: dict[tuple[str, bytes], TransferState] = {}  # ended and recorded
         self._finals: list[tuple[Transfer, asyncio.Future[int]]] = []
         self._finishing: dict[tuple[str, bytes], Transfer] = {}  # ended, not yet recorded
         self._finals_wake = asyncio.Event()
+        self._finals_failing_since: float | None = None  # wall clock of the first failed write
+        self._finals_log = RetriedWrite(log, "recording ended transfers' final states")
         self._stopping = False
+        self.campaign_of: Callable[[str, str], str] = lambda guid, image: ""
+        """The campaign a (CH, image hex) transfer belongs to, for its events (otad.campaigns)."""
         self._fresh = False
         self._stall_log_at = float("-inf")
         self._stalls_unlogged: list[Transfer] = []
         self.up_messages = 0
+        self.sent = SentTotals()
+        """Bytes and repeats published for every transfer since start (blocks:
+        ``scheduler.blocks_published``)."""
+        self.durations: dict[TransferState, Histogram] = {
+            state: Histogram(DURATION_BUCKETS)
+            for state in TransferState
+            if state is not TransferState.ACTIVE
+        }
+        """Wall-clock seconds from a transfer's start to its end, by how it ended."""
+        self.round_trips = Histogram(ROUND_TRIP_BUCKETS)
+        """Acknowledgement round trips the senders measured (blocks sent once, Karn)."""
+        self._flapping: set[str] = set()  # CHs flapping now (hub_flapping)
+        self.flapping_dropped = 0
+        """Reports from flapping CHs dropped (their transfers are suspended)."""
         self.stalls = 0
         """``transfer.stalled`` episodes seen by this process."""
 
@@ -549,6 +614,21 @@ class Distribution:
         self.scheduler.resume(now)
         self._start_all(now)
 
+    def cancel(self, image: bytes, guids: Iterable[str], reason: Reason) -> int:
+        """Stop the active transfers of ``image`` to ``guids`` (a campaign aborted, or a phase
+        deadline passed): each CH is sent a Cancel with ``reason`` and the transfer ends
+        failed with it. Returns how many were active."""
+        now = self._clock()
+        stopped = 0
+        for guid in guids:
+            t = self.transfers.get((guid, image))
+            if t is None or t.state is not TransferState.ACTIVE:
+                continue
+            t.sender.cancel(now, reason)
+            self._after(t, now)
+            stopped += 1
+        return stopped
+
     def halt(self) -> None:
         """Stop sending: no more publishes, timers cancelled, the latest progress handed to the
         store's batch. (Final-state writes still queued go on: :meth:`wait_final_writes`.)"""
@@ -559,12 +639,25 @@ class Distribution:
             t.timer.cancel()
         self.flush_progress()
 
-    async def wait_final_writes(self) -> None:
+    async def wait_final_writes(self) -> bool:
         """Commit every final state still queued (each after its event's commit, so the event
-        publisher must still be committing)."""
+        publisher must still be committing); False if the store refused them (they stay
+        active in the database: the next run asks the CHs again and records them)."""
         while self._finals:
             if not await self._write_finals():
-                return
+                return False
+        return True
+
+    @property
+    def degraded(self) -> list[str]:
+        """Why the distribution is degraded now: final states that ended and could not be
+        recorded yet (the writer retries every :data:`FINAL_RETRY_S`); empty otherwise."""
+        if self._finals_failing_since is None or not self._finals:
+            return []
+        return [
+            f"{len(self._finals)} ended transfer(s) not yet recorded (store failing since"
+            f" {iso_time(self._finals_failing_since)}); shown active until they are"
+        ]
 
     def connection_changed(self, up: bool) -> None:
         """The MQTT session went down (pause) or came back (re-synchronise every active
@@ -589,7 +682,7 @@ class Distribution:
         for t in self.transfers.values():
             if t.state is TransferState.ACTIVE:
                 hub = self._registry.get(t.guid)
-                if hub is not None and hub.online:
+                if hub is not None and hub.online and not hub.flapping:
                     yield t
 
     def _start_all(self, now: Monotonic) -> None:
@@ -620,7 +713,7 @@ class Distribution:
             return
         now = self._clock()
         for t in list(active.values()):
-            if not announced:
+            if not announced or hub.guid in self._flapping:
                 self._suspend(t, now)
                 continue
             if was_online and not changed:
@@ -635,6 +728,24 @@ class Distribution:
             if not was_online:
                 t.progress_at = now  # time offline is not a stall
             self._resync(t, now)
+        self._arm_scheduler()
+
+    def hub_flapping(self, hub: Hub) -> None:
+        """Registry callback: ``hub`` started flapping (``hub.flapping``), or is steady again.
+
+        A flapping CH may be two devices with one GUID (a clone): their acknowledgements would
+        interleave in one sender, each acknowledging blocks the other never got, and a
+        ``ImageHeld`` would not say which of them holds the image. So its transfers are
+        suspended and its reports on ``up`` are dropped (counted in :attr:`flapping_dropped`)
+        until it is steady; then the registry reports it (re)arrived if it is online, and a
+        fresh sender asks it what it holds (:meth:`hub_changed`)."""
+        if not hub.flapping:
+            self._flapping.discard(hub.guid)
+            return
+        self._flapping.add(hub.guid)
+        now = self._clock()
+        for t in self._active.get(hub.guid, {}).values():
+            self._suspend(t, now)
         self._arm_scheduler()
 
     def _suspend(self, t: Transfer, now: Monotonic) -> None:
@@ -655,12 +766,13 @@ class Distribution:
         hub = self._registry.get(t.guid)
         limits = hub.announcement.limits if hub is not None else old.limits
         t.sender = self._new_sender(t.image, limits, now, old.acked_bitmap(), known=t.known)
+        t.rtt_seen = 0
         if hub is not None:
             self.scheduler.set_segment(t.slot, hub.segment)
         if t.sender.state is SenderState.FAILED:  # the new limits cannot carry the image
             self._after(t, now)
             return
-        if start and not self._stopping and hub is not None and hub.online:
+        if start and not self._stopping and hub is not None and hub.online and not hub.flapping:
             self.scheduler.start(t.slot, now)
 
     def _new_sender(
@@ -691,6 +803,9 @@ class Distribution:
         if active is None:
             self._up_slow(topic, guid, payload)
             return
+        if self._flapping and guid in self._flapping:
+            self.flapping_dropped += 1  # a clone's report: see hub_flapping
+            return
         msg = self._decode_up(guid, payload)
         if msg is None:
             return
@@ -710,6 +825,10 @@ class Distribution:
             self._registry.refused(guid, "up", msg.TYPE, exc)
             return
         t.heard_at = now
+        sender = t.sender
+        if sender.rtt_samples != t.rtt_seen:
+            t.rtt_seen = sender.rtt_samples
+            self.round_trips.observe(sender.last_rtt)
         self._after(t, now)
 
     def _up_slow(self, topic: str, guid: str, payload: bytes) -> None:
@@ -855,6 +974,7 @@ class Distribution:
                 guid=t.guid,
                 image=t.image.hex,
                 attempt=t.attempt,
+                campaign=self.campaign_of(t.guid, t.image.hex),
                 blocks_acked=acked,
                 blocks_total=total,
                 bytes_sent=t.bytes_sent,
@@ -878,6 +998,7 @@ class Distribution:
                 guid=t.guid,
                 image=t.image.hex,
                 attempt=t.attempt,
+                campaign=self.campaign_of(t.guid, t.image.hex),
                 sha256=held.hex(),
                 matches=held == t.image.sha256,
                 blocks_total=t.sender.blocks_total,
@@ -900,6 +1021,7 @@ class Distribution:
         now = self._clock()
         t.state = state
         t.finished_at = self._wall_clock()
+        self.durations[state].observe(max(0.0, t.finished_at - t.started_at))
         t.timer.cancel()
         self.scheduler.stop(t.slot, now)
         active = self._active.get(t.guid)
@@ -910,9 +1032,11 @@ class Distribution:
         self._release_image(t.image.sha256)
         self._counts[TransferState.ACTIVE] -= 1
         self._counts[state] += 1
+        self._unrecorded[state] += 1
         tally = t.tally
         tally.bump(TransferState.ACTIVE, -1)
         tally.bump(state, 1)
+        tally.recording[state.value] = tally.recording.get(state.value, 0) + 1
         tally.blocks_acked -= t.acked_seen
         tally.blocks_total -= t.sender.blocks_total
         tally.progress_at = now
@@ -931,6 +1055,7 @@ class Distribution:
                     guid=t.guid,
                     image=t.image.hex,
                     attempt=t.attempt,
+                    campaign=self.campaign_of(t.guid, t.image.hex),
                     reason=reason or "",
                     code=code,
                     detail=detail[:200],
@@ -975,11 +1100,17 @@ class Distribution:
         try:
             await self._store.finish_transfers([t.final_state() for t, _ in batch])
         except StoreError as exc:
-            log.error("cannot record the end of %d transfer(s) (will retry): %s", len(batch), exc)
+            if self._finals_failing_since is None:
+                self._finals_failing_since = self._wall_clock()
+            self._finals_log.failed(exc)
             return False
         del self._finals[: len(batch)]
+        self._finals_log.succeeded()
+        self._finals_failing_since = None
         now = self._clock()
         for t, _ in batch:
+            self._unrecorded[t.state] -= 1
+            t.tally.recording[t.state.value] -= 1
             # Recorded: forget the sender (its bitmaps), keep only the state; listings read the
             # stored row from now on. Memory stays proportional to the transfers in progress.
             key = (t.guid, t.image.sha256)
@@ -1059,6 +1190,7 @@ class Distribution:
                     guid=t.guid,
                     image=t.image.hex,
                     attempt=t.attempt,
+                    campaign=self.campaign_of(t.guid, t.image.hex),
                     idle_s=round(idle, 1),
                     phase=t.sender.state.value,
                     scheduler=t.slot.state.value,
@@ -1179,6 +1311,7 @@ class Distribution:
             earlier=EarlierSenderTotals(row.blocks_sent, row.bytes_sent, 0),
             known=known,
             tally=tally,
+            totals=self.sent,
             now=now,
         )
         t.slot = self.scheduler.attach(t, hub.segment)
@@ -1259,7 +1392,7 @@ class Distribution:
             self._started_event(hub.guid, image, row.attempts)
             if t.sender.state is SenderState.FAILED:  # limits it cannot work with
                 self._after(t, now)
-            elif hub.online and not self._stopping:
+            elif hub.online and not hub.flapping and not self._stopping:
                 self.scheduler.start(t.slot, now)
         self._arm_scheduler()
         log.info(
@@ -1280,6 +1413,7 @@ class Distribution:
                 guid=guid,
                 image=image.hex,
                 attempt=attempt,
+                campaign=self.campaign_of(guid, image.hex),
                 blocks_total=image.manifest.block_count,
             )
         )
@@ -1308,13 +1442,39 @@ class Distribution:
                 finished_at=row.finished_at,
             )
         for key, t in self.transfers.items():
-            out[key] = t.to_json()
+            out[key] = t.to_json(recorded=key not in self._finishing)
         return [out[k] for k in sorted(out)]
 
-    def counts(self) -> dict[str, int]:
+    def busy_on(self, guid: str) -> str | None:
+        """Why CH ``guid`` cannot be forgotten now (``fleet.forget``): a transfer active, or
+        ended with its final state not yet recorded; None if neither."""
+        active = self._active.get(guid)
+        if active:
+            return f"transfer of {next(iter(active.values())).image.hex[:16]} is active"
+        for key_guid, image in self._finishing:
+            if key_guid == guid:
+                return f"transfer of {image.hex()[:16]} ended, its final state not yet recorded"
+        return None
+
+    def forget_hub(self, guid: str) -> None:
+        """Drop CH ``guid``'s ended transfers from the counts (their store rows were deleted
+        with the hub: :meth:`otad.store.Store.forget_hub`)."""
+        for key in [k for k in self._ended if k[0] == guid]:
+            state = self._ended.pop(key)
+            self._counts[state] -= 1
+            tally = self._tallies.get(key[1])
+            if tally is not None:
+                tally.bump(state, -1)
+
+    def counts(self, *, recorded: bool = False) -> dict[str, int]:
         """Transfers by state (those that ended before this run included); kept incrementally,
-        zero counts included."""
-        return {state.value: n for state, n in self._counts.items()}
+        zero counts included. ``recorded``: as the database has them (what the status shows),
+        an ended transfer whose final state is not yet durable still counted active."""
+        if not recorded:
+            return {state.value: n for state, n in self._counts.items()}
+        out = {state.value: n - self._unrecorded[state] for state, n in self._counts.items()}
+        out[TransferState.ACTIVE.value] += sum(self._unrecorded.values())
+        return out
 
     def distributions(self, now: float) -> dict[str, DistributionStatus]:
         """Per image with transfers active, stalled, or ended in the last

@@ -56,6 +56,19 @@ __all__ = [
     "ALERTS_PREFIX",
     "EVENT_TYPES",
     "SCHEMA_VERSION",
+    "CampaignAborted",
+    "CampaignCompleted",
+    "CampaignCreated",
+    "CampaignExpediteRequested",
+    "CampaignExpedited",
+    "CampaignGateDecided",
+    "CampaignGateOpened",
+    "CampaignHeld",
+    "CampaignNoticePublished",
+    "CampaignNoticeWait",
+    "CampaignPaused",
+    "CampaignResumed",
+    "CampaignStageStarted",
     "CredentialsFailed",
     "CredentialsReplaced",
     "DeviceConfirmed",
@@ -63,9 +76,12 @@ __all__ = [
     "DistributionResumed",
     "DistributionStalled",
     "EventDecodeError",
+    "HubFlapping",
+    "HubForgotten",
     "HubOffline",
     "HubOnline",
     "HubRefused",
+    "HubSteady",
     "ImageImported",
     "MonitorEvent",
     "TransferFailed",
@@ -93,13 +109,16 @@ class EventDecodeError(ValueError):
     """A payload that is not an event of a known kind of this schema version."""
 
 
-def doc(text: str, *, hex_digits: int | None = None) -> Any:
+def doc(text: str, *, hex_digits: int | None = None, default: object = dataclasses.MISSING) -> Any:
     """A field's description (the schema's and ``docs/EVENTS.md``'s); ``hex_digits``: the JSON
-    also carries it as ``<name>_hex``, ``0x`` and that many digits."""
+    also carries it as ``<name>_hex``, ``0x`` and that many digits. A field with a ``default``
+    was added after its kind: a payload without it (an older otad's) decodes to the default."""
     metadata: dict[str, object] = {"doc": text}
     if hex_digits is not None:
         metadata["hex"] = hex_digits
-    return field(metadata=metadata)
+    if default is dataclasses.MISSING:
+        return field(metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def iso_time(unix: float) -> str:
@@ -225,6 +244,61 @@ class HubOffline(MonitorEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HubForgotten(MonitorEvent):
+    """An operator removed a CH from the fleet (``otactl fleet forget``): its announcement, HAN
+    inventory, ended transfers and device records are gone from otad. A retained copy of its
+    announcement no longer brings it back; a live announcement does."""
+
+    KIND: ClassVar[str] = "hub.forgotten"
+    ABOUT_A_HUB: ClassVar[bool] = True
+
+    guid: str = doc("the CH's GUID")
+    online: bool = doc("whether it was online when it was forgotten")
+    transfers: int = doc("its ended transfers removed")
+    devices: int = doc("its device records removed (HAN devices, or the CH as its own device)")
+
+    def key(self) -> str:
+        return f"hub.forgotten:{self.guid}:{self._ms()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HubFlapping(MonitorEvent):
+    """A CH's presence changes too often to mean anything (:mod:`otad.flapping`): a cloned hub
+    (two connections with one GUID taking the session over from each other) or a reconnect
+    loop. Once per episode: until ``hub.steady``, its ``hub.online`` / ``hub.offline`` events
+    are held back and its transfers are suspended (two clones' acknowledgements would
+    interleave)."""
+
+    KIND: ClassVar[str] = "hub.flapping"
+    ABOUT_A_HUB: ClassVar[bool] = True
+
+    guid: str = doc("the CH's GUID")
+    changes: int = doc("presence changes (online, offline) seen within window_s")
+    window_s: float = doc("seconds from the first of those changes to the last")
+
+    def key(self) -> str:
+        return f"hub.flapping:{self.guid}:{self._ms()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HubSteady(MonitorEvent):
+    """A flapping CH has had no presence change for ``quiet_s``: its episode is over, its
+    presence is reported again and its transfers re-synchronise."""
+
+    KIND: ClassVar[str] = "hub.steady"
+    ABOUT_A_HUB: ClassVar[bool] = True
+
+    guid: str = doc("the CH's GUID")
+    online: bool = doc("whether it is online now (hub.online / hub.offline were held back)")
+    changes: int = doc("presence changes held back during the episode")
+    flapped_s: float = doc("seconds from the episode's start to its last change")
+    quiet_s: float = doc("seconds since its last change")
+
+    def key(self) -> str:
+        return f"hub.steady:{self.guid}:{self._ms()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HubRefused(MonitorEvent):
     """otad refused a message from a CH (SPEC §5.1): it changed nothing. At most one per CH and
     reason a minute (what the limit suppresses is counted in the status's ``refusals``)."""
@@ -255,6 +329,7 @@ class _TransferEvent(MonitorEvent):
     guid: str = doc("the CH's GUID")
     image: str = doc("the image's SHA-256, hex")
     attempt: int = doc("which attempt of this transfer (1 the first time)")
+    campaign: str = doc("the campaign it belongs to ('' if none)", default="")
 
     def _transfer(self) -> str:
         return f"{self.guid}:{self.image}:{self.attempt}"
@@ -401,6 +476,7 @@ class _DeviceAlert(MonitorEvent):
     device_type: str = doc("the device's type: CH, ESME, GSME, PPMID, HCALCS, B1-B4")
     image: str = doc("the image's SHA-256, hex")
     counter: int = doc("the activation command's counter (0: none was issued)")
+    campaign: str = doc("the campaign it belongs to ('' if none)", default="")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -448,6 +524,7 @@ class _CredentialsEvent(MonitorEvent):
     counter: int = doc("the last credentials command's counter (the device's command sequence)")
     attempts: int = doc("credentials commands sent for this replacement, retries included")
     old_kid: str = doc("the key id (hex, 8 bytes) of the key the commands named (trusted before)")
+    campaign: str = doc("the campaign it belongs to ('' if none)", default="")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -476,12 +553,128 @@ class CredentialsFailed(_CredentialsEvent):
         return f"credentials.failed:{self.device_id}:{self.counter}:{self.reason}"
 
 
+# --------------------------------------------------------------------------- campaigns
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _CampaignEvent(MonitorEvent):
+    """A step of a campaign (otad/campaign: its engine's decisions), with who took it and why;
+    the same steps are the campaign's audit trail (``otactl campaign history``)."""
+
+    campaign: str = doc("the campaign's id")
+    stage: str = doc("the stage it is about ('' if none)")
+    actor: str = doc("who decided: the control client's authenticated identity, or otad")
+    reason: str = doc("why, for people")
+    ordinal: int = doc(
+        "how many steps of this kind (and stage) the campaign has taken, this one included"
+    )
+
+    def key(self) -> str:
+        return f"{self.KIND}:{self.campaign}:{self.stage}:{self.ordinal}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CampaignCreated(_CampaignEvent):
+    """A campaign was created: its targets chosen and spread over its stages (nothing started);
+    ``reason`` gives the payload, the targets per stage and the exclusions."""
+
+    KIND: ClassVar[str] = "campaign.created"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CampaignStageStarted(_CampaignEvent):
+    """A stage began: its targets are started at the campaign's rate."""
+
+    KIND: ClassVar[str] = "campaign.stage.started"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CampaignGateOpened(_CampaignEvent):
+    """A stage settled: a go/no-go decision is awaited (or an automatic GO after the soak)."""
+
+    KIND: ClassVar[str] = "campaign.gate.opened"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CampaignGateDecided(_CampaignEvent):
+    """A go/no-go decision was recorded (``reason`` starts ``GO:`` or ``NO-GO:``)."""
+
+    KIND: ClassVar[str] = "campaign.gate.decided"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CampaignHeld(_CampaignEvent):
+    """The campaign is ON HOLD (an incident or failure threshold crossed, or a NO-GO): nothing
+    more is started or activated until a recorded GO."""
+
+    KIND: ClassVar[str] = "campaign.held"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CampaignResumed(_CampaignEvent):
+    """A held or paused campaign runs again."""
+
+    KIND: ClassVar[str] = "campaign.resumed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CampaignPaused(_CampaignEvent):
+    """An operator paused the campaign (``otactl campaign hold`` while it runs)."""
+
+    KIND: ClassVar[str] = "campaign.paused"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CampaignNoticePublished(_CampaignEvent):
+    """The roll-out notice was published: the roll-out stage may start 7 days later."""
+
+    KIND: ClassVar[str] = "campaign.notice.published"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CampaignNoticeWait(_CampaignEvent):
+    """A roll-out stage waits for its notice period (``reason`` says until when)."""
+
+    KIND: ClassVar[str] = "campaign.notice.wait"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CampaignExpediteRequested(_CampaignEvent):
+    """An operator asked to waive the notice for an urgent security fix (with why)."""
+
+    KIND: ClassVar[str] = "campaign.expedite.requested"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CampaignExpedited(_CampaignEvent):
+    """A second approver agreed: the notice is waived."""
+
+    KIND: ClassVar[str] = "campaign.expedited"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CampaignCompleted(_CampaignEvent):
+    """Every stage settled."""
+
+    KIND: ClassVar[str] = "campaign.completed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CampaignAborted(_CampaignEvent):
+    """An operator aborted the campaign: what had not begun activating was cancelled."""
+
+    KIND: ClassVar[str] = "campaign.aborted"
+
+
 EVENT_TYPES: Final[dict[str, type[MonitorEvent]]] = {
     cls.KIND: cls
     for cls in (
         ImageImported,
         HubOnline,
         HubOffline,
+        HubForgotten,
+        HubFlapping,
+        HubSteady,
         HubRefused,
         TransferStarted,
         TransferProgress,
@@ -494,6 +687,19 @@ EVENT_TYPES: Final[dict[str, type[MonitorEvent]]] = {
         DeviceFailed,
         CredentialsReplaced,
         CredentialsFailed,
+        CampaignCreated,
+        CampaignStageStarted,
+        CampaignGateOpened,
+        CampaignGateDecided,
+        CampaignHeld,
+        CampaignResumed,
+        CampaignPaused,
+        CampaignNoticePublished,
+        CampaignNoticeWait,
+        CampaignExpediteRequested,
+        CampaignExpedited,
+        CampaignCompleted,
+        CampaignAborted,
     )
 }
 """Every kind, in the order the documentation lists them."""
@@ -564,6 +770,8 @@ def decode_event(payload: bytes | str | Mapping[str, Any]) -> MonitorEvent:
             values[name] = seq
             continue
         if name not in data:
+            if name in _optional(cls):
+                continue  # added later: its default
             raise EventDecodeError(f"{kind}: no {name!r}")
         value = data[name]
         if not _fits(value, hint):
@@ -585,6 +793,19 @@ def _hints(cls: type[MonitorEvent]) -> dict[str, str]:
 
 
 _HINTS: dict[type[MonitorEvent], dict[str, str]] = {}
+
+
+def _optional(cls: type[MonitorEvent]) -> frozenset[str]:
+    """The fields of ``cls`` added after its kind (they have a default)."""
+    names = _OPTIONAL.get(cls)
+    if names is None:
+        names = _OPTIONAL[cls] = frozenset(
+            f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+        )
+    return names
+
+
+_OPTIONAL: dict[type[MonitorEvent], frozenset[str]] = {}
 
 
 def _fits(value: object, hint: str) -> bool:

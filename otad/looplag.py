@@ -13,9 +13,13 @@ import asyncio
 import collections
 from typing import Final, TypedDict
 
+from otad.histogram import Histogram
+
 #: Seconds between samples, and seconds of samples kept.
 DEFAULT_INTERVAL: Final = 0.1
 DEFAULT_WINDOW: Final = 60.0
+#: Upper bounds (seconds) of the lag histogram's buckets (:mod:`otad.metrics`).
+LAG_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class LoopLagStatus(TypedDict):
@@ -41,12 +45,15 @@ class LoopLag:
         """Largest lag ever seen by this process, seconds."""
         self.last_sample_at: float | None = None
         """Loop time of the newest sample (a watchdog can tell the monitor itself is alive)."""
+        self.histogram = Histogram(LAG_BUCKETS)
+        """Every sample since start (the Prometheus histogram ``otad_event_loop_lag_seconds``)."""
 
     def record(self, lag: float, now: float) -> None:
         """Add one sample (``lag`` seconds late at loop time ``now``)."""
         lag = max(0.0, lag)
         self._samples.append(lag)
         self.last_sample_at = now
+        self.histogram.observe(lag)
         if lag > self.worst:
             self.worst = lag
 

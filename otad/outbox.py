@@ -25,13 +25,14 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mqttio import MqttClient, NotConnected, wait_acknowledged
 from otad.events import MonitorEvent, payload_topic
 from otad.jsonwire import dumps
+from otad.retrying import RetriedWrite
 from otad.store import NewEvent, Store, StoreError, Tx
 
 log = logging.getLogger("otad.events")
@@ -104,6 +105,7 @@ class EventPublisher:
         self.superseded = 0
         """Supersedable events dropped before their commit because a newer one came."""
         self._replaceable: dict[str, _Pending] = {}
+        self._commit_log = RetriedWrite(log, "committing events to the outbox")
 
     # ------------------------------------------------------------------ producers
 
@@ -178,6 +180,19 @@ class EventPublisher:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
 
+    async def replay(
+        self,
+        *,
+        after: int = 0,
+        limit: int = 100,
+        kinds: Sequence[str] | None = None,
+        campaign: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Committed events after ``after`` as they are published (body, ``seq`` and ``key``),
+        only those of ``kinds`` and ``campaign`` if given (``otactl campaign events``)."""
+        rows = await self._store.events(after=after, limit=limit, kinds=kinds, campaign=campaign)
+        return [{**row.payload, "seq": row.seq, "key": row.key} for row in rows]
+
     async def flush(self) -> None:
         """Commit and publish everything queued now (shutdown; :meth:`run` is not running)."""
         with contextlib.suppress(StoreError, NotConnected):
@@ -240,9 +255,10 @@ class EventPublisher:
         try:
             await self._commit_queue()
         except StoreError as exc:
-            log.error("cannot commit events to the outbox (will retry): %s", exc)
+            self._commit_log.failed(exc)
             await asyncio.sleep(1.0)
             return
+        self._commit_log.succeeded()
         self._publish_unsent()
         self._confirm()
 

@@ -23,17 +23,38 @@ the store behind the message handler's back: queued in memory and written, group
 (:meth:`Registry.run`). Whoever needs a hub's row in the store (a transfer row refers to it)
 waits for :meth:`Registry.flushed`. At start the registry is loaded from the store
 (:meth:`Registry.load`).
+
+A CH that was never real (anyone could announce one before the broker had ACLs) is removed by
+:meth:`Registry.forget` (``otactl fleet forget``): its row, HAN devices, ended transfers and
+device records go, a ``hub.forgotten`` event says so, and the GUID is remembered as forgotten, so
+the broker's retained copy of its announcement, replayed at every (re)connection, does not bring
+it back. A live announcement does: a real CH that connects again is a member of the fleet again.
+
+Flapping (:mod:`otad.flapping`). Every presence change (online after an announcement, offline
+after a last will) goes through a :class:`~otad.flapping.FlapDetector` first. A CH whose
+presence changes too often (a cloned hub: two connections with one GUID taking the MQTT session
+over from each other; a reconnect loop) is reported once, with a ``hub.flapping`` event and a
+WARNING (at most one WARNING per :data:`FLAP_WARNING_EVERY_S` for the whole fleet, the others
+counted into the next), and from then until it is steady: no ``hub.online`` / ``hub.offline``
+event, no store write and no ``on_change`` per flap, its transfers suspended
+(``on_flapping``). When it has been quiet for the detector's ``quiet_s`` (checked once a second
+by :meth:`Registry.run`), ``hub.steady`` says how many changes were held back and whether it is
+online, its presence is written, and an online CH is reported to ``on_change`` as (re)arrived.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
-from otad.events import HubOffline, HubOnline
+from otad.events import HubFlapping, HubForgotten, HubOffline, HubOnline, HubSteady
+from otad.flapping import FlapAction, FlapDetector, FlapEnded, FlapStarted
 from otad.outbox import EventPublisher
 from otad.refusals import HubRefusals
 from otad.rejects import RejectLog
@@ -58,6 +79,11 @@ log = logging.getLogger("otad.registry")
 
 #: Largest payload accepted on a state topic (the announcement cap).
 MAX_STATE_BYTES = HubAnnounced.MAX_BYTES
+#: At most one flapping WARNING this often, fleet-wide (the CHs that started flapping in between
+#: are counted in the next one; each has its ``hub.flapping`` event).
+FLAP_WARNING_EVERY_S: Final = 10.0
+#: How often :meth:`Registry.run` asks the detector which episodes ended.
+FLAP_CHECK_S: Final = 1.0
 
 
 @dataclass(slots=True)
@@ -69,6 +95,9 @@ class Hub:
     online: bool
     first_seen: float
     last_seen: float
+    flapping: bool = False
+    """Its presence flaps (:mod:`otad.flapping`): its transfers stay suspended until it is
+    steady."""
 
     @property
     def segment(self) -> str:
@@ -144,10 +173,23 @@ class Registry:
         on_change: ChangeHandler,
         rejects: RejectLog | None = None,
         refusals: HubRefusals | None = None,
+        on_flapping: Callable[[Hub], None] | None = None,
+        flaps: FlapDetector | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        """``on_change`` is told about every accepted change, after its event is emitted;
-        ``refusals`` tells a CH's refused messages (only journalled in ``rejects`` without)."""
+        """``on_change`` is told about every accepted change, after its event is emitted (not
+        while the CH flaps); ``refusals`` tells a CH's refused messages (only journalled in
+        ``rejects`` without); ``on_flapping`` is told when a CH starts flapping and when it is
+        steady again (``hub.flapping`` says which). ``flaps`` judges presence changes on the
+        ``monotonic`` clock (seconds); ``wall_clock`` dates the events of episodes that end."""
         self._store = store
+        self._on_flapping = on_flapping
+        self.flaps = flaps or FlapDetector()
+        self._monotonic = monotonic
+        self._wall_clock = wall_clock
+        self._flap_warned_at = float("-inf")
+        self._flap_unwarned = 0
         self._events = events
         self._on_change = on_change
         self.rejects = rejects or RejectLog(log)
@@ -162,6 +204,9 @@ class Registry:
         )
         self._writing: asyncio.Future[None] | None = None  # the batch being written now
         self._wake = asyncio.Event()
+        self.forgotten: set[str] = set()
+        """GUIDs forgotten and not heard live since (their retained announcements are ignored)."""
+        self._returned: set[str] = set()  # forgotten CHs heard live: their upsert un-forgets
 
     # ------------------------------------------------------------------ persistence
 
@@ -195,12 +240,19 @@ class Registry:
                 row.guid, announcement, row.online, row.first_seen, row.last_seen
             )
         self.online = sum(1 for h in self.hubs.values() if h.online)
+        self.forgotten = await self._store.forgotten_hubs()
 
     async def run(self) -> None:
-        """Task: write the hub changes to the store as they come, until cancelled."""
+        """Task: write the hub changes to the store as they come, and end flapping episodes
+        (every :data:`FLAP_CHECK_S` while the detector remembers any change), until
+        cancelled."""
         while True:
-            await self._wake.wait()
+            timeout = FLAP_CHECK_S if self.flaps.tracked else None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
+            self.check_flapping(self._monotonic())
             await self.flushed()
 
     async def flushed(self) -> None:
@@ -217,8 +269,9 @@ class Registry:
         self._unwritten.clear()
         writing = self._writing = asyncio.get_running_loop().create_future()
         try:
+            returned, self._returned = self._returned, set()
             jobs = [
-                self._store.upsert_hub(a, now, online=online)
+                self._store.upsert_hub(a, now, online=online, returned=guid in returned)
                 if a is not None
                 else self._store.set_hub_online(guid, online, now)
                 for a, guid, online, now in batch
@@ -290,6 +343,13 @@ class Registry:
 
     def _announced(self, message: HubAnnounced, retain: bool, now: float) -> Hub | None:
         hub = self.hubs.get(message.guid)
+        if hub is None and message.guid in self.forgotten:
+            if retain:
+                log.debug("retained announcement of forgotten %s ignored", message.guid)
+                return None
+            self.forgotten.discard(message.guid)
+            self._returned.add(message.guid)
+            log.info("forgotten CH %s announced itself again: known again", message.guid)
         if hub is None:
             hub = Hub(message.guid, message, True, now, now)
             self.hubs[message.guid] = hub
@@ -301,26 +361,75 @@ class Registry:
                 return None  # a retained copy we already know (e.g. after our reconnect)
             hub.last_seen = now
             if unchanged:  # live re-announcement: the CH (re)connected or answered a Poll
-                self._on_change(hub, True, True, False)
+                if not hub.flapping:
+                    self._on_change(hub, True, True, False)
                 return hub
             hub.announcement = message
             hub.online = True
         if not was_online:
             self.online += 1
+            if not self._presence_reported(hub, now):
+                return hub
+        elif hub.flapping:
+            return hub  # a changed announcement: written when it is steady
         self._write_behind(message, message.guid, True, now)
         if not was_online:
-            self._events.emit(
-                HubOnline(
-                    time=now,
-                    guid=hub.guid,
-                    segment=message.segment,
-                    supplier=message.supplier,
-                    fw_version=message.fw_version,
-                    hw_version=message.hw_version,
-                )
-            )
+            self._events.emit(self._online_event(hub, now))
         self._on_change(hub, was_online, True, True)
         return hub
+
+    async def forget(
+        self, guid: str, now: float, *, busy: Callable[[str], str | None]
+    ) -> tuple[Hub, int, int]:
+        """Remove CH ``guid`` from the fleet and the store, emit ``hub.forgotten``; return the
+        hub as it was and the (transfer rows, device records) deleted with it. ``busy(guid)``,
+        asked with nothing awaited before the removal (so no transfer can start in between),
+        says why it cannot be forgotten now. Raises ``ProtocolError`` (``UNKNOWN_HUB``,
+        ``HUB_BUSY``); a store failure puts the hub back and propagates."""
+        await self.flushed()  # an announcement written after the delete would bring it back
+        hub = self.hubs.get(guid)
+        if hub is None:
+            raise ProtocolError(Reason.UNKNOWN_HUB, "never announced, or forgotten already")
+        why = busy(guid)
+        if why is not None:
+            raise ProtocolError(Reason.HUB_BUSY, why)
+        del self.hubs[guid]
+        if hub.online:
+            self.online -= 1
+        self.forgotten.add(guid)
+        try:
+            transfers, devices = await self._store.forget_hub(guid, now)
+        except BaseException:
+            self.forgotten.discard(guid)
+            if guid not in self.hubs:  # nothing announced it meanwhile
+                self.hubs[guid] = hub
+                self.online += hub.online
+            raise
+        self._events.emit(
+            HubForgotten(
+                time=now, guid=guid, online=hub.online, transfers=transfers, devices=devices
+            )
+        )
+        log.warning(
+            "CH %s forgotten (%s; %d transfer(s), %d device record(s) removed)",
+            guid,
+            "online" if hub.online else "offline",
+            transfers,
+            devices,
+        )
+        return hub, transfers, devices
+
+    @staticmethod
+    def _online_event(hub: Hub, now: float) -> HubOnline:
+        a = hub.announcement
+        return HubOnline(
+            time=now,
+            guid=hub.guid,
+            segment=a.segment,
+            supplier=a.supplier,
+            fw_version=a.fw_version,
+            hw_version=a.hw_version,
+        )
 
     def _went_offline(self, guid: str, now: float) -> Hub | None:
         hub = self.hubs.get(guid)
@@ -332,7 +441,84 @@ class Registry:
         hub.online = False
         self.online -= 1
         hub.last_seen = now
+        if not self._presence_reported(hub, now):
+            return hub
         self._write_behind(None, guid, False, now)
         self._events.emit(HubOffline(time=now, guid=guid))
         self._on_change(hub, True, False, True)
         return hub
+
+    # ------------------------------------------------------------------ flapping
+
+    def _presence_reported(self, hub: Hub, now: float) -> bool:
+        """Judge a presence change of ``hub`` (already applied in memory): True if it is
+        reported as usual, False if the CH flaps (the change is held back)."""
+        action, started = self.flaps.changed(hub.guid, self._monotonic())
+        if action is FlapAction.REPORT_CHANGE:
+            return True
+        if started is not None:
+            self._flapping_started(hub, started, now)
+        return False
+
+    def _flapping_started(self, hub: Hub, started: FlapStarted, now: float) -> None:
+        hub.flapping = True
+        self._events.emit(
+            HubFlapping(time=now, guid=hub.guid, changes=started.changes, window_s=started.window_s)
+        )
+        mono = self._monotonic()
+        if mono - self._flap_warned_at < FLAP_WARNING_EVERY_S:
+            self._flap_unwarned += 1
+        else:
+            others = self._flap_unwarned
+            self._flap_warned_at, self._flap_unwarned = mono, 0
+            log.warning(
+                "CH %s is flapping: %d presence changes in %.1f s (a cloned hub, two"
+                " connections with one GUID, or a reconnect loop); its transfers are suspended"
+                " and its online/offline events held back until it is steady%s",
+                hub.guid,
+                started.changes,
+                started.window_s,
+                f"; {others} other CH(s) started flapping since the last warning" if others else "",
+            )
+        if self._on_flapping is not None:
+            self._on_flapping(hub)
+
+    def check_flapping(self, monotonic_now: float) -> int:
+        """End the flapping episodes that are over (quiet long enough); return how many."""
+        ended = self.flaps.tick(monotonic_now)
+        for episode in ended:
+            hub = self.hubs.get(episode.guid)
+            if hub is not None:
+                self._flapping_ended(hub, episode)
+        return len(ended)
+
+    def _flapping_ended(self, hub: Hub, episode: FlapEnded) -> None:
+        hub.flapping = False
+        now = self._wall_clock()
+        self._write_behind(hub.announcement if hub.online else None, hub.guid, hub.online, now)
+        self._events.emit(
+            HubSteady(
+                time=now,
+                guid=hub.guid,
+                online=hub.online,
+                changes=episode.changes,
+                flapped_s=episode.flapped_s,
+                quiet_s=episode.quiet_s,
+            )
+        )
+        log.info(
+            "CH %s is steady again (%s) after %d presence changes over %.1f s",
+            hub.guid,
+            "online" if hub.online else "offline",
+            episode.changes,
+            episode.flapped_s,
+        )
+        if self._on_flapping is not None:
+            self._on_flapping(hub)
+        if hub.online:
+            self._on_change(hub, False, True, True)  # as if it just arrived: re-synchronise
+
+    @property
+    def flapping(self) -> int:
+        """How many CHs flap now."""
+        return self.flaps.flapping_count

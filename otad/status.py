@@ -42,10 +42,11 @@ if TYPE_CHECKING:
 
 
 class HubCounts(TypedDict):
-    """CHs otad knows, and how many of them are online."""
+    """CHs otad knows, how many of them are online, and how many flap (otad.flapping)."""
 
     known: int
     online: int
+    flapping: int
 
 
 class StatusFields(TypedDict):
@@ -74,6 +75,7 @@ class StatusFields(TypedDict):
     rejected: dict[str, int]
     refusals: RefusalCounts
     broker_warnings: list[str]
+    degraded: list[str]
 
 
 class Status(StatusFields):
@@ -109,7 +111,8 @@ FIELD_DOCS: dict[str, str] = {
     "library": "the MQTT client library (gmqtt or aiomqtt)",
     "hubs": "CHs known (ever announced) and online now",
     "images": "images in the catalogue",
-    "transfers": "transfers by state, all states, those ended before this run included",
+    "transfers": "transfers by state, all states, those ended before this run included, as"
+    " recorded (an ended transfer whose final state is not yet durable is counted active)",
     "stalled": "transfers flagged stalled now",
     "distributions": "per image with transfers active, stalled or ended in the last 5 minutes",
     "scheduler": "the scheduler's limits in force, queues and counters",
@@ -127,6 +130,9 @@ FIELD_DOCS: dict[str, str] = {
     "and suppressed by the rate limit, since start",
     "broker_warnings": "the broker requirements (SPEC §1.1) otad's probe saw broken at its last"
     " connection, one line each naming the requirement; empty when none (otad.brokercheck)",
+    "degraded": "why otad is degraded now, one line each (the store failing to commit on a full"
+    " disk or an I/O error, ended transfers not yet recorded); empty when healthy. Nothing is"
+    " reported ahead of what is durable: unrecorded ends are shown active",
     "reason": "why the will was published (connection lost)",
 }
 """What each top-level key of the status says (``docs/EVENTS.md`` and the schema)."""
@@ -149,9 +155,11 @@ class StatusSnapshot:
         rejects: RejectLog,
         refusals: HubRefusals,
         broker_check: BrokerCheck,
+        degraded: Callable[[], list[str]],
         clock: Callable[[], float],
     ) -> None:
-        """``clock`` is the distribution's monotonic clock (idle times, waits)."""
+        """``clock`` is the distribution's monotonic clock (idle times, waits); ``degraded()``
+        says why otad is degraded now (:attr:`otad.daemon.Daemon.degraded`)."""
         self._version = version
         self._started_at = round(started_at, 3)
         self._library = library
@@ -163,6 +171,7 @@ class StatusSnapshot:
         self._rejects = rejects
         self._refusals = refusals
         self._broker_check = broker_check
+        self._degraded = degraded
         self._clock = clock
 
     def __call__(self) -> StatusFields:
@@ -177,9 +186,13 @@ class StatusSnapshot:
             "started_at": self._started_at,
             "started_at_iso": iso_time(self._started_at),
             "library": self._library,
-            "hubs": {"known": len(self._registry.hubs), "online": self._registry.online},
+            "hubs": {
+                "known": len(self._registry.hubs),
+                "online": self._registry.online,
+                "flapping": self._registry.flapping,
+            },
             "images": len(self._catalogue.images),
-            "transfers": distribution.counts(),
+            "transfers": distribution.counts(recorded=True),
             "stalled": distribution.stalled_count,
             "distributions": distribution.distributions(now),
             "scheduler": scheduler.snapshot(now),
@@ -195,6 +208,7 @@ class StatusSnapshot:
             "rejected": dict(self._rejects.counts),
             "refusals": self._refusals.counts(),
             "broker_warnings": list(self._broker_check.warnings),
+            "degraded": self._degraded(),
         }
 
 
@@ -213,8 +227,16 @@ def lost_status(version: str, started_at: float) -> bytes:
     return dumps(will)
 
 
+#: The retained status is published at least this often while otad runs (its ``time`` moves;
+#: ``[events] status_heartbeat_s``):
+#: a live otad can be told from a retained copy of a dead one's (another otad starting on the
+#: same broker waits for it, :meth:`otad.daemon.Daemon.connect`).
+HEARTBEAT_S = 30.0
+
+
 class StatusPublisher:
-    """The retained status snapshot: published when it changes, at most every ``interval``."""
+    """The retained status snapshot: published when it changes, at most every ``interval``,
+    and at least every :data:`HEARTBEAT_S`."""
 
     def __init__(
         self,
@@ -223,6 +245,7 @@ class StatusPublisher:
         snapshot: Callable[[], StatusFields],
         *,
         interval: float = 2.0,
+        heartbeat_s: float = HEARTBEAT_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """``snapshot()`` returns the current fields; ``clock`` (unix seconds) dates them."""
@@ -232,6 +255,8 @@ class StatusPublisher:
         self._interval = interval
         self._clock = clock
         self._last: StatusFields | None = None
+        self._published_at = -1e18
+        self._heartbeat_s = heartbeat_s
         self._wake = asyncio.Event()
 
     def poke(self) -> None:
@@ -258,13 +283,15 @@ class StatusPublisher:
         """Publish the online snapshot whenever it changed, until cancelled."""
         while True:
             current = self._snapshot()
-            if current != self._last and self._client.connected:
+            stale = self._clock() - self._published_at >= self._heartbeat_s
+            if (current != self._last or stale) and self._client.connected:
                 try:
                     self._client.publish(self._topic, self._body("online", current), 1, True)
                 except NotConnected:
                     pass
                 else:
                     self._last = current
+                    self._published_at = self._clock()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):

@@ -64,6 +64,10 @@ class Reason(IntEnum):
     # 100-: fleet / daemon
     UNKNOWN_HUB = 100
     UNKNOWN_IMAGE = 101
+    HUB_BUSY = 102  # a CH with a transfer or a device activation in progress (fleet.forget)
+    UNKNOWN_CAMPAIGN = 103  # control plane: no campaign of that id
+    CAMPAIGN_CONFLICT = 104  # a target's component belongs to another active campaign
+    CAMPAIGN_REFUSED = 105  # the command does not apply to the campaign as it stands
     INTERNAL = 127
 
 

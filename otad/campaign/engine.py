@@ -151,18 +151,26 @@ SETTLED: Final = frozenset(
     | set(TARGET_TRANSITIONS)
     - {_T.PENDING, _T.STARTED, _T.DELIVERED, _T.HELD, _T.ACTIVATING, _T.ACTIVATED}
 )
-#: The states a device report may move a target to (the others are the engine's own).
+#: The states a device report may move a target to (the others are the engine's own, but
+#: ACTIVATING: the shell re-deriving a target after a restart reports an activation it finds
+#: issued in the durable records).
 REPORTABLE: Final = frozenset(
     {
         _T.DELIVERED,
         _T.HELD,
+        _T.ACTIVATING,
         _T.ACTIVATED,
         _T.CONFIRMED,
         _T.FAILED,
         _T.REJECTED,
+        _T.TIMED_OUT,
         _T.ROLLED_BACK,
         _T.LOST,
     }
+)
+#: The states of a failed target (failures by reason are counted over them).
+FAILURES: Final = frozenset(
+    {_T.FAILED, _T.REJECTED, _T.TIMED_OUT, _T.ROLLED_BACK, _T.LOST, _T.CANCELLED}
 )
 #: Which deadline of :class:`~otad.campaign.spec.Deadlines` runs in which state.
 _PHASE_DEADLINE: Final = {
@@ -265,6 +273,16 @@ class HubVersionReported:
 
 
 @dataclass(frozen=True, slots=True)
+class HubPresenceReported:
+    """A CH went offline or came back (an activated target whose CH stays offline for
+    ``lost_after_s`` is LOST: a category-1 incident)."""
+
+    at: UnixTime
+    guid: str
+    online: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Ticked:
     """The evaluation tick: time passed (deadlines, pacing, windows, notice, soak)."""
 
@@ -282,6 +300,7 @@ Input = (
     | CampaignAborted
     | TargetReported
     | HubVersionReported
+    | HubPresenceReported
     | Ticked
 )
 _INPUTS: Final[dict[str, type[Any]]] = {
@@ -297,6 +316,7 @@ _INPUTS: Final[dict[str, type[Any]]] = {
         CampaignAborted,
         TargetReported,
         HubVersionReported,
+        HubPresenceReported,
         Ticked,
     )
 }
@@ -390,6 +410,7 @@ class TargetRecord:
     deadline: UnixTime | None = None
     reason: str = ""
     updated_at: UnixTime = _EPOCH
+    offline_since: UnixTime | None = None  # its CH's, while offline
 
 
 @dataclass(slots=True)
@@ -429,6 +450,7 @@ class State:
     #: Incident and outcome counts a GO accepted, per stage and kind: only more hold again.
     accepted: dict[str, int] = field(default_factory=dict)
     audit: list[Decision] = field(default_factory=list)
+    last_change_at: UnixTime = _EPOCH  # a target last changed state
 
 
 class CampaignRefusedError(Exception):
@@ -446,6 +468,9 @@ class Engine:
         self._s = state
         self._out: list[Decision] = []
         self._seq = 0
+        self._by_guid: dict[str, list[TargetRecord]] = {}
+        for record in state.targets.values():
+            self._by_guid.setdefault(record.target.guid, []).append(record)
 
     # --- construction and persistence ---
 
@@ -575,10 +600,34 @@ class Engine:
                 }
                 for stage in s.stages
             ],
+            "counts": {k.value: n for k, n in sorted(self.counts().items())},
+            "failures": dict(
+                sorted(
+                    Counter(
+                        r.reason or r.state.value for r in s.targets.values() if r.state in FAILURES
+                    ).items()
+                )
+            ),
+            "targets": len(s.targets),
             "excluded": len(s.exclusions),
             "blocked": len(self.blocked()),
             "rate_per_minute": s.rate_per_minute,
+            "last_change_at": s.last_change_at,
+            "notice_at": s.notice_at,
+            "rollout_not_before": None if s.notice_at is None else s.notice_at + NOTICE_S,
+            "expedited": bool(s.expedite_approved_by),
+            "hold_reason": self.hold_reason,
         }
+
+    @property
+    def hold_reason(self) -> str:
+        """Why the campaign is ON_HOLD (the hold's recorded reason), else ""."""
+        if self._s.state is not _C.ON_HOLD:
+            return ""
+        for decision in reversed(self._s.audit):
+            if decision.kind is DecisionKind.HELD:
+                return decision.reason
+        return ""
 
     def blocked(self) -> frozenset[str]:
         """PENDING targets that wait for their CH's firmware (the campaign's dependency)."""
@@ -591,13 +640,32 @@ class Engine:
             if r.state is _T.PENDING and r.ch_fw_version < dependency.ch_fw_version
         )
 
+    @property
+    def target_count(self) -> int:
+        """How many targets the campaign has."""
+        return len(self._s.targets)
+
+    def target(self, device_id: str) -> Target:
+        """One target (KeyError if it is none of this campaign's)."""
+        return self._s.targets[device_id].target
+
+    def target_devices(self) -> list[tuple[str, str]]:
+        """Every target as (device id, premises GUID)."""
+        return [(d, r.target.guid) for d, r in self._s.targets.items()]
+
+    @property
+    def unsettled_states(self) -> frozenset[TargetState]:
+        """The states of a target its stage still waits for."""
+        return frozenset(TargetState) - self.settled_states
+
     def claims(self) -> set[tuple[str, str]]:
         """The (device, component) keys this campaign holds: its unsettled targets while it is
         active."""
         if self._s.state not in ACTIVE:
             return set()
         component = self._s.spec.payload.component
-        return {r.target.key(component) for r in self._s.targets.values() if r.state not in SETTLED}
+        done = self.settled_states
+        return {r.target.key(component) for r in self._s.targets.values() if r.state not in done}
 
     def retry_targets(self) -> frozenset[str]:
         """The targets a retry campaign takes: those FAILED or TIMED_OUT."""
@@ -615,7 +683,7 @@ class Engine:
         s.now = max(s.now, item.at)
         self._out = []
         self._apply(item)
-        if not isinstance(item, (TargetReported, HubVersionReported)):
+        if not isinstance(item, (TargetReported, HubVersionReported, HubPresenceReported)):
             self._evaluate()
         out, self._out = self._out, []
         return out
@@ -681,6 +749,8 @@ class Engine:
                 record = s.targets.get(device_id)
                 if record is None or new not in REPORTABLE:
                     return
+                if new is _T.ACTIVATING and not s.spec.payload.activates:
+                    return  # an operator's own activation of a distributed image
                 if (
                     new is _T.CONFIRMED
                     and s.spec.payload.activates
@@ -689,9 +759,11 @@ class Engine:
                     return  # an image is confirmed only after its activation
                 self._move(record, new, why)
             case HubVersionReported(guid=guid, fw_version=version):
-                for record in s.targets.values():
-                    if record.target.guid == guid:
-                        record.ch_fw_version = version
+                for record in self._at(guid):
+                    record.ch_fw_version = version
+            case HubPresenceReported(at=at, guid=guid, online=online):
+                for record in self._at(guid):
+                    record.offline_since = None if online else (record.offline_since or at)
             case Ticked():
                 pass
 
@@ -772,7 +844,17 @@ class Engine:
             self._auto_gate()
 
     def _deadlines(self) -> None:
+        lost_after = self._s.spec.policies.lost_after_s
         for record in self._s.targets.values():
+            if (
+                record.offline_since is not None
+                and record.state in (_T.ACTIVATED, _T.CONFIRMED)
+                and self._s.now >= later(record.offline_since, lost_after)
+            ):
+                self._move(
+                    record, _T.LOST, f"its CH offline for {lost_after:.0f} s after activation"
+                )
+                continue
             if record.deadline is not None and self._s.now >= record.deadline:
                 phase = _PHASE_DEADLINE[record.state].removesuffix("_s")
                 self._move(record, _T.TIMED_OUT, f"{phase} deadline passed")
@@ -802,7 +884,8 @@ class Engine:
         limits: Thresholds = s.spec.policies.thresholds
         stage = s.stages[index]
         counts = Counter(s.targets[m].state for m in stage.members)
-        settled = sum(n for state, n in counts.items() if state in SETTLED)
+        done = self.settled_states
+        settled = sum(n for state, n in counts.items() if state in done)
         checks: list[tuple[str, int, bool, str]] = [
             (
                 "category1",
@@ -869,7 +952,9 @@ class Engine:
             s.ramps += 1
             s.rate_per_minute = min(rate.max_per_minute, s.rate_per_minute * rate.ramp_factor)
         burst = max(1.0, s.rate_per_minute / 6)  # ten seconds' worth
-        if s.paced_at is not None:
+        if s.rate_per_minute <= 0:  # no pacing
+            s.tokens = burst = float(len(s.stages[s.stage].members))
+        elif s.paced_at is not None:
             s.tokens = min(burst, s.tokens + (s.now - s.paced_at) * s.rate_per_minute / 60)
         s.paced_at = s.now
         blocked = self.blocked()
@@ -966,6 +1051,7 @@ class Engine:
             return
         record.state = new
         record.updated_at = self._s.now
+        self._s.last_change_at = self._s.now
         if reason:
             record.reason = reason
         name = _PHASE_DEADLINE.get(new)
@@ -977,9 +1063,18 @@ class Engine:
         elif name is not None:
             record.deadline = None
 
+    @property
+    def settled_states(self) -> frozenset[TargetState]:
+        """The states a target of this campaign rests in: :data:`SETTLED`, and HELD for a
+        distribution-only campaign (holding the image is all it asks)."""
+        if self._s.spec.payload.kind is PayloadKind.DISTRIBUTE:
+            return SETTLED | {_T.HELD}
+        return SETTLED
+
     def _settled(self, index: int) -> bool:
         s = self._s
-        return all(s.targets[m].state in SETTLED for m in s.stages[index].members)
+        done = self.settled_states
+        return all(s.targets[m].state in done for m in s.stages[index].members)
 
     def _notice_over(self) -> bool:
         s = self._s
@@ -992,6 +1087,14 @@ class Engine:
         if s.notice_at is None:
             return "the roll-out waits for its notice to be published"
         return f"the roll-out starts 7 days after the notice, at {s.notice_at + NOTICE_S:.0f}"
+
+    def _at(self, guid: str) -> list[TargetRecord]:
+        """The targets on premises ``guid``."""
+        return self._by_guid.get(guid, [])
+
+    def targets_at(self, guid: str) -> list[str]:
+        """The device ids of this campaign's targets on premises ``guid``."""
+        return [r.target.device_id for r in self._at(guid)]
 
     def _stage_name(self, record: TargetRecord) -> str:
         return self._s.stages[record.stage].name
@@ -1025,6 +1128,7 @@ def retry_spec(parent: Engine, campaign_id: str, at: UnixTime) -> CampaignSpec:
 
 __all__ = [
     "ACTIVE",
+    "FAILURES",
     "SETTLED",
     "TARGET_TRANSITIONS",
     "TRANSITIONS",
@@ -1040,6 +1144,7 @@ __all__ = [
     "ExpediteApproved",
     "ExpediteRequested",
     "GateDecided",
+    "HubPresenceReported",
     "HubVersionReported",
     "Input",
     "NoticePublished",

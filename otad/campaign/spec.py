@@ -25,6 +25,7 @@ class PayloadKind(enum.StrEnum):
     """What a campaign puts on its targets."""
 
     IMAGE = "image"  # one signed image: distributed, then activated as each target holds it
+    DISTRIBUTE = "distribute"  # distributed only: a target that holds the image is done
     DISTRIBUTE_THEN_ACTIVATE = "distribute_then_activate"  # a stage is distributed whole first
     CREDENTIALS = "credentials"  # a credential replacement: one phase, no activation
 
@@ -55,7 +56,7 @@ class Payload:
     @property
     def activates(self) -> bool:
         """Whether targets are activated after they hold the payload."""
-        return self.kind is not PayloadKind.CREDENTIALS
+        return self.kind in (PayloadKind.IMAGE, PayloadKind.DISTRIBUTE_THEN_ACTIVATE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +117,9 @@ class Deadlines:
 
 @dataclass(frozen=True, slots=True)
 class Rate:
-    """CHs (targets) started per minute; after every ``ramp_every`` confirmations the rate is
-    multiplied by ``ramp_factor``, up to ``max_per_minute`` (no ramp: factor 1)."""
+    """CHs (targets) started per minute (0: no pacing, every target of a stage at once); after
+    every ``ramp_every`` confirmations the rate is multiplied by ``ramp_factor``, up to
+    ``max_per_minute`` (no ramp: factor 1)."""
 
     per_minute: float = 60.0
     ramp_factor: float = 1.0
@@ -142,6 +144,8 @@ class Policies:
     deadlines: Deadlines = field(default_factory=Deadlines)
     thresholds: Thresholds = field(default_factory=Thresholds)
     auto_gate_soak_s: float | None = None  # automatic GO after this soak, if thresholds hold
+    #: An activated or confirmed target whose CH stays offline this long is LOST (category 1).
+    lost_after_s: float = 3600.0
     dependency: Dependency | None = None
 
 

@@ -4,7 +4,13 @@ The package: this module is the command line (the argparse tree and one handler 
 :mod:`otad.ctl.client` talks to the running otad over MQTT request/response (the control plane,
 :mod:`otad.control`); :mod:`otad.ctl.format` turns its answers into tables and summary lines;
 :mod:`otad.ctl.watch` follows the retained status (``otactl watch``); :mod:`otad.ctl.imagetool`
-makes keys and signs and verifies releases, offline.
+makes keys and signs and verifies releases, offline; :mod:`otad.ctl.pki` makes the broker's
+certificates (``otactl pki``), offline; :mod:`otad.ctl.connection` is how otactl reaches and
+authenticates to the broker (flags, ``OTACTL_*`` variables, a TOML config file).
+
+The connection options (``--broker``, ``--username``, ``--password-file``, ``--tls-ca``,
+``--tls-cert``, ``--tls-key``, ``--client-name``, ``--config``) are accepted before or after the
+command (``otactl --broker H status`` and ``otactl status --broker H``).
 
 Commands are ``GROUP ACTION`` pairs. :func:`build_parser` builds the argparse tree (one
 ``_add_<group>`` function per group, listed in :data:`GROUPS`), each leaf parser sets
@@ -15,7 +21,8 @@ adds :func:`_add_daemon_options`. A command without an action (``otactl distribu
 group parser that sets ``command`` itself.
 
 Exit status: 0 success (one summary line on stdout), 2 failure or refusal (one line on stderr,
-never a traceback), 130 interrupted.
+never a traceback; also at once, without waiting for the timeout, when otad's retained status
+says it is offline: the code ``otactl watch`` gives offline too), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -25,14 +32,25 @@ import asyncio
 import base64
 import datetime
 import json
+import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import mqttio
-from otad.ctl import imagetool, watch
-from otad.ctl.client import DEFAULT_TIMEOUT, CtlError, CtlTimeout, CtlUnreachable, call_once
+from otad.ctl import campaign, imagetool, pki, watch
+from otad.ctl.client import (
+    DEFAULT_TIMEOUT,
+    CtlError,
+    CtlOffline,
+    CtlTimeout,
+    CtlUnreachable,
+    call_once,
+)
+from otad.ctl.connection import Connection, ConnectionConfigError, resolve
 from otad.ctl.format import (
     format_activate,
     format_credentials,
@@ -41,6 +59,7 @@ from otad.ctl.format import (
     format_distribute,
     format_firmware_version,
     format_fleet,
+    format_forget,
     format_import,
     format_status,
     format_transfers,
@@ -53,6 +72,7 @@ from protocol.release.zigbee_ota import OtaLayout
 DEFAULT_BROKER = "127.0.0.1:1883"
 EXIT_OK = 0
 EXIT_FAILED = 2
+EXIT_OFFLINE = EXIT_FAILED  # as otactl watch; scripts tell it apart by the message
 EXIT_INTERRUPTED = 130
 
 Handler = Callable[[argparse.Namespace], int]
@@ -63,13 +83,85 @@ class CtlFailure(Exception):  # noqa: N818 - what otactl reports, not an error o
     """What ``otactl`` reports on stderr (one line) before exiting with status 2."""
 
 
-def parse_broker(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6addr]:PORT`` for IPv6) -> ``(host, port)``; argparse type
-    (:func:`mqttio.parse_broker`)."""
+class OtadOffline(Exception):  # noqa: N818 - what otactl reports, not an error of its own
+    """otad's retained status says offline: one line on stderr, :data:`EXIT_OFFLINE`."""
+
+
+def parse_broker(text: str) -> tuple[str, int | None]:
+    """``HOST[:PORT]`` (``[v6addr][:PORT]`` for IPv6) -> ``(host, port or None)``; argparse
+    type (:func:`mqttio.split_host_port`). A missing port is 8883 with TLS, else 1883."""
     try:
-        return mqttio.parse_broker(text)
+        return mqttio.split_host_port(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The connection flags; on a command's parser (``top`` False) they default to nothing, so
+    the same flag given before the command is not overwritten."""
+    default: Any = None if top else argparse.SUPPRESS
+    group = parser.add_argument_group("connection (also OTACTL_* variables and --config)")
+    group.add_argument(
+        "--broker",
+        type=parse_broker,
+        default=default,
+        metavar="HOST[:PORT]",
+        help=f"MQTT broker of the daemon commands (default {DEFAULT_BROKER}; port 8883 with TLS)",
+    )
+    group.add_argument("--username", default=default, metavar="USER")
+    group.add_argument(
+        "--password-file", default=default, metavar="FILE", help="file holding the password"
+    )
+    group.add_argument(
+        "--tls-ca", default=default, metavar="FILE", help="CA of the broker's certificate"
+    )
+    group.add_argument("--tls-cert", default=default, metavar="FILE", help="client certificate")
+    group.add_argument("--tls-key", default=default, metavar="FILE", help="its private key")
+    group.add_argument(
+        "--client-name",
+        default=default,
+        metavar="NAME",
+        help="the ctl topic level (default: the username, else the certificate's CN)",
+    )
+    group.add_argument(
+        "--config",
+        default=default,
+        metavar="FILE",
+        help="TOML file of these settings (default ~/.config/otactl.toml, /etc/otad/otactl.toml)",
+    )
+
+
+def connection_of(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Connection:
+    """The connection the parsed ``args``, the environment and the config file give (flags >
+    ``OTACTL_*`` > file > defaults); :class:`CtlFailure` when it cannot be used."""
+    broker = getattr(args, "broker", None)
+    flags = {
+        "broker": None if broker is None else _join_host_port(*broker),
+        "username": getattr(args, "username", None),
+        "password_file": getattr(args, "password_file", None),
+        "tls_ca": getattr(args, "tls_ca", None),
+        "tls_cert": getattr(args, "tls_cert", None),
+        "tls_key": getattr(args, "tls_key", None),
+        "client_name": getattr(args, "client_name", None),
+    }
+    try:
+        return resolve(
+            flags, os.environ if env is None else env, config=getattr(args, "config", None)
+        )
+    except ConnectionConfigError as exc:
+        raise CtlFailure(str(exc)) from None
+
+
+def _join_host_port(host: str, port: int | None) -> str:
+    bracketed = f"[{host}]" if ":" in host else host
+    return bracketed if port is None else f"{bracketed}:{port}"
+
+
+def _version() -> str:
+    try:
+        return metadata.version("otad")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _int(text: str) -> int:
@@ -101,6 +193,75 @@ def _add_keys(groups: _Subparsers) -> None:
 
 def _keys_new(args: argparse.Namespace) -> int:
     return _say(imagetool.keys_new(args.out))
+
+
+# --------------------------------------------------------------------------- pki
+
+
+def _add_pki(groups: _Subparsers) -> None:
+    group = groups.add_parser("pki", help="certificates of the broker's clients (offline)")
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    init = actions.add_parser("init", help="make the devices CA and the services CA")
+    init.add_argument("--out", required=True, metavar="DIR", help="directory for the CAs")
+    init.add_argument("--days", type=_int, default=pki.DEFAULT_CA_DAYS, help="CA validity")
+    init.set_defaults(command="pki init")
+    issue = actions.add_parser(
+        "issue",
+        help="issue a certificate (ch: devices CA; otad, operator, supplier, monitor, broker:"
+        " services CA)",
+    )
+    issue.add_argument("--ca", required=True, metavar="DIR", help="a directory of `pki init`")
+    issue.add_argument("--role", required=True, choices=[role.value for role in pki.Role])
+    issue.add_argument(
+        "--name",
+        required=True,
+        help="the identity: a CH's GUID, a supplier's label (as its CHs announce it), the"
+        " broker's host name, or the user name of otad, an operator or a monitor",
+    )
+    issue.add_argument("--out", required=True, metavar="DIR", help="writes NAME.crt, NAME.key")
+    issue.add_argument(
+        "--days", type=_int, default=pki.DEFAULT_DAYS, help=f"validity (default {pki.DEFAULT_DAYS})"
+    )
+    issue.add_argument(
+        "--san", action="append", default=[], metavar="HOST", help="broker: another name or IP"
+    )
+    issue.set_defaults(command="pki issue")
+    revoke = actions.add_parser(
+        "revoke", help="revoke a certificate: rewrites the CRL the broker reads (crl.pem)"
+    )
+    revoke.add_argument("--ca", required=True, metavar="DIR", help="a directory of `pki init`")
+    revoke.add_argument("cert", metavar="CERT.crt", help="the certificate to revoke")
+    revoke.set_defaults(command="pki revoke")
+
+
+def _pki_init(args: argparse.Namespace) -> int:
+    written = pki.init_pki(Path(args.out), days=args.days)
+    return _say(f"wrote {', '.join(str(path) for path in written)}")
+
+
+def _pki_revoke(args: argparse.Namespace) -> int:
+    identity, serial, crl = pki.revoke(Path(args.ca), Path(args.cert))
+    return _say(
+        f"revoked {identity!r} (serial {serial:x}); install {crl} as the broker's crlfile"
+        " (/etc/mosquitto/otad/crl.pem) and reload mosquitto"
+    )
+
+
+def _pki_issue(args: argparse.Namespace) -> int:
+    role = pki.Role(args.role)
+    issued = pki.issue(
+        Path(args.ca), role, args.name, Path(args.out), days=args.days, sans=args.san
+    )
+    print(
+        f"issued {role.value} certificate {issued.cert} (key {issued.key}) for"
+        f" {issued.identity!r}, signed by the {role.ca.value} CA, valid until"
+        f" {issued.not_after:%Y-%m-%dT%H:%M:%SZ}"
+    )
+    stanza = pki.acl_stanza(role, issued.identity)
+    if stanza:
+        print("append to the broker's ACL file, then reload mosquitto:")
+        print(stanza, end="")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- image
@@ -199,6 +360,7 @@ def _image_verify(args: argparse.Namespace) -> int:
 
 
 def _add_daemon_options(parser: argparse.ArgumentParser, *, json_flag: bool) -> None:
+    _add_connection_options(parser, top=False)
     parser.add_argument(
         "--timeout",
         type=float,
@@ -350,6 +512,14 @@ def _add_fleet(groups: _Subparsers) -> None:
     listing = actions.add_parser("list", help="every CH, its declared limits and HAN devices")
     _add_daemon_options(listing, json_flag=True)
     listing.set_defaults(command="fleet list")
+    forget = actions.add_parser(
+        "forget",
+        help="remove CHs that were never real (refused while anything of theirs is in progress);"
+        " one that announces itself again comes back",
+    )
+    forget.add_argument("guids", nargs="+", metavar="GUID", help="the CHs to forget")
+    _add_daemon_options(forget, json_flag=True)
+    forget.set_defaults(command="fleet forget")
 
 
 def _add_transfers(groups: _Subparsers) -> None:
@@ -383,10 +553,17 @@ def _add_watch(groups: _Subparsers) -> None:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    host, port = args.broker
+    connection = connection_of(args)
     try:
         return asyncio.run(
-            watch.watch(host, port, image=args.image, once=args.once, wait_s=args.timeout)
+            watch.watch(
+                connection.host,
+                connection.port,
+                image=args.image,
+                once=args.once,
+                wait_s=args.timeout,
+                settings=connection.settings(purpose="watch", connect_timeout=args.timeout),
+            )
         )
     except watch.WatchError as exc:
         raise CtlFailure(str(exc)) from None
@@ -395,9 +572,20 @@ def _watch(args: argparse.Namespace) -> int:
 def _daemon_call(args: argparse.Namespace, cmd: str, call_args: dict[str, Any]) -> Any:
     """Make one call to otad; raise :class:`CtlFailure` with a one-line message for every way
     it can fail."""
-    host, port = args.broker
+    connection = connection_of(args)
     try:
-        return asyncio.run(call_once(host, port, cmd, call_args, wait_s=args.timeout))
+        return asyncio.run(
+            call_once(
+                connection.host,
+                connection.port,
+                cmd,
+                call_args,
+                wait_s=args.timeout,
+                connection=connection,
+            )
+        )
+    except CtlOffline as exc:
+        raise OtadOffline(str(exc)) from None
     except CtlError as exc:
         raise CtlFailure(f"otad refused {cmd}: {exc.reason}: {exc.detail}") from None
     except (CtlTimeout, CtlUnreachable) as exc:
@@ -435,6 +623,12 @@ def _fleet_list(args: argparse.Namespace) -> int:
     return _print_result(args, result, format_fleet)
 
 
+def _fleet_forget(args: argparse.Namespace) -> int:
+    result = _daemon_call(args, "fleet.forget", {"guids": list(args.guids)})
+    _print_result(args, result, format_forget)
+    return EXIT_FAILED if result.get("refused") else EXIT_OK
+
+
 def _transfers(args: argparse.Namespace) -> int:
     call_args = {} if args.image is None else {"image": args.image}
     result = _daemon_call(args, "transfers", call_args)
@@ -445,6 +639,7 @@ def _transfers(args: argparse.Namespace) -> int:
 
 GROUPS: list[Callable[[_Subparsers], None]] = [
     _add_keys,
+    _add_pki,
     _add_image,
     _add_distribute,
     _add_activate,
@@ -455,10 +650,14 @@ GROUPS: list[Callable[[_Subparsers], None]] = [
     _add_transfers,
     _add_status,
     _add_watch,
+    campaign.add_parser,
 ]
 
 HANDLERS: dict[str, Handler] = {
     "keys new": _keys_new,
+    "pki init": _pki_init,
+    "pki issue": _pki_issue,
+    "pki revoke": _pki_revoke,
     "image sign": _image_sign,
     "image verify": _image_verify,
     "image import": _image_import,
@@ -469,22 +668,19 @@ HANDLERS: dict[str, Handler] = {
     "credentials list": _credentials_list,
     "firmware-version": _firmware_version,
     "fleet list": _fleet_list,
+    "fleet forget": _fleet_forget,
     "transfers": _transfers,
     "status": _status,
     "watch": _watch,
+    "campaign": campaign.run,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of every command in :data:`GROUPS`."""
     parser = argparse.ArgumentParser(prog="otactl", description="Operate otad and its releases.")
-    parser.add_argument(
-        "--broker",
-        type=parse_broker,
-        default=parse_broker(DEFAULT_BROKER),
-        metavar="HOST:PORT",
-        help=f"MQTT broker of the daemon commands (default {DEFAULT_BROKER})",
-    )
+    parser.add_argument("--version", action="version", version=f"otactl (otad) {_version()}")
+    _add_connection_options(parser, top=True)
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
     for add in GROUPS:
         add(groups)
@@ -497,7 +693,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = HANDLERS[args.command]
     try:
         return handler(args)
-    except (imagetool.ToolError, CtlFailure) as exc:
+    except OtadOffline as exc:
+        print(f"otactl: {exc}", file=sys.stderr)
+        return EXIT_OFFLINE
+    except (imagetool.ToolError, CtlFailure, pki.PkiError) as exc:
         print(f"otactl: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("otactl: interrupted", file=sys.stderr)

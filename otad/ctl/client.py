@@ -8,6 +8,11 @@ How ``otactl`` shows the answers is :mod:`otad.ctl.format`.
 :meth:`CtlClient.call` raises :class:`CtlError` with the daemon's typed reason when it refuses,
 and :class:`CtlTimeout` when no answer comes in time (otad not running, or not connected to this
 broker). A broker that cannot be reached raises :class:`CtlUnreachable`.
+
+With ``require_online`` (what ``otactl`` asks for) the client also reads otad's retained status
+(``ota/v1/otad/status``) and raises :class:`CtlOffline` at once, instead of waiting out the
+timeout, when it says otad is offline. How to authenticate is
+:class:`otad.ctl.connection.Connection` (``CtlClient.connected_as``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 from mqttio import MqttClient, MqttConnectError, MqttSettings, create_client
 from otad.control import SCHEMA_VERSION
+from otad.ctl.connection import Connection
 from protocol.wire import topics
 
 DEFAULT_TIMEOUT = 10.0
@@ -46,6 +52,15 @@ class CtlUnreachable(Exception):  # noqa: N818
     """The broker could not be reached."""
 
 
+class CtlOffline(Exception):  # noqa: N818
+    """otad's retained status says it is offline: no request would be answered."""
+
+
+STATUS_WAIT_S = 0.5
+"""How long :meth:`CtlClient.call` waits for the retained status after connecting (it arrives
+right behind the SUBACK; only a broker on which otad never ran has none)."""
+
+
 class CtlClient:
     """A short-lived control connection (its own client name and response topic)."""
 
@@ -57,14 +72,20 @@ class CtlClient:
         timeout: float = DEFAULT_TIMEOUT,
         library: str = "gmqtt",
         name: str | None = None,
+        settings: MqttSettings | None = None,
+        require_online: bool = False,
     ) -> None:
-        """``timeout`` bounds the connection and each :meth:`call`."""
+        """``timeout`` bounds the connection and each :meth:`call`. ``settings`` replaces the
+        plain connection to ``host:port`` (credentials, TLS; :meth:`connected_as` builds them);
+        ``require_online``: see the module docstring."""
         self.name = name or f"otactl-{os.getpid()}-{secrets.token_hex(4)}"
         topics.check_level(self.name)
         self.timeout = timeout
+        self.require_online = require_online
         self._client: MqttClient = create_client(
             library,
-            MqttSettings(
+            settings
+            or MqttSettings(
                 client_id=self.name,
                 host=host,
                 port=port,
@@ -74,7 +95,22 @@ class CtlClient:
             ),
         )
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._status: asyncio.Future[dict[str, Any]] | None = None
         self._client.set_message_handler(self._on_message)
+
+    @classmethod
+    def connected_as(
+        cls, connection: Connection, *, timeout: float = DEFAULT_TIMEOUT, require_online: bool
+    ) -> CtlClient:
+        """A client connecting as ``connection`` says (its name, credentials and TLS)."""
+        return cls(
+            connection.host,
+            connection.port,
+            timeout=timeout,
+            name=connection.name,
+            settings=connection.settings(purpose="ctl", connect_timeout=timeout),
+            require_online=require_online,
+        )
 
     async def __aenter__(self) -> CtlClient:
         await self.connect()
@@ -91,6 +127,9 @@ class CtlClient:
     async def connect(self) -> None:
         """Connect and subscribe to the response topic; :class:`CtlUnreachable` on failure."""
         await self._client.subscribe(topics.ctl_response(self.name), 1)
+        if self.require_online:
+            self._status = asyncio.get_running_loop().create_future()
+            await self._client.subscribe(topics.OTAD_STATUS, 1)
         try:
             await asyncio.wait_for(self._client.connect(fail_fast=True), self.timeout)
         except (MqttConnectError, TimeoutError, OSError) as exc:
@@ -108,13 +147,19 @@ class CtlClient:
             return
         if not isinstance(response, dict):
             return
+        if topic == topics.OTAD_STATUS:
+            if self._status is not None and not self._status.done():
+                self._status.set_result(response)
+            return
         waiter = self._waiters.get(str(response.get("id")))
         if waiter is not None and not waiter.done():
             waiter.set_result(response)
 
     async def call(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         """Send one request and return its ``result``; raises :class:`CtlError` or
-        :class:`CtlTimeout`."""
+        :class:`CtlTimeout` (:class:`CtlOffline` with ``require_online``)."""
+        if self._status is not None:
+            await self._check_online()
         request_id = secrets.token_hex(8)
         waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiters[request_id] = waiter
@@ -141,10 +186,35 @@ class CtlClient:
             response.get("code") if isinstance(response.get("code"), int) else None,
         )
 
+    async def _check_online(self) -> None:
+        assert self._status is not None
+        with contextlib.suppress(TimeoutError):
+            status = await asyncio.wait_for(asyncio.shield(self._status), STATUS_WAIT_S)
+            if status.get("state") == "offline":
+                since = status.get("time_iso")
+                raise CtlOffline(
+                    "otad did not answer: it is offline (its retained status on this broker"
+                    " says so"
+                    + (f", as of {since}" if isinstance(since, str) else "")
+                    + "): start it, or check --broker"
+                )
+
 
 async def call_once(
-    host: str, port: int, cmd: str, args: dict[str, Any] | None = None, *, wait_s: float
+    host: str,
+    port: int,
+    cmd: str,
+    args: dict[str, Any] | None = None,
+    *,
+    wait_s: float,
+    connection: Connection | None = None,
 ) -> Any:
-    """Connect, make one call (waiting up to ``wait_s`` for each step), disconnect."""
-    async with CtlClient(host, port, timeout=wait_s) as ctl:
+    """Connect (plainly to ``host:port``, or as ``connection`` says, then requiring otad
+    online), make one call (waiting up to ``wait_s`` for each step), disconnect."""
+    ctl = (
+        CtlClient(host, port, timeout=wait_s)
+        if connection is None
+        else CtlClient.connected_as(connection, timeout=wait_s, require_online=True)
+    )
+    async with ctl:
         return await ctl.call(cmd, args)

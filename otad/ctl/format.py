@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell, headers first (no trailing spaces)."""
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
@@ -37,7 +38,7 @@ def format_fleet(hubs: list[dict[str, Any]]) -> str:
     ]
     headers = ["GUID", "STATE", "FIRMWARE", "HW", "SUPPLIER", "SEGMENT", "WIN/BLOCK", "HAN"]
     online = sum(1 for h in hubs if h["online"])
-    return f"{_table(headers, rows)}\n{len(hubs)} hub(s), {online} online"
+    return f"{format_table(headers, rows)}\n{len(hubs)} hub(s), {online} online"
 
 
 def format_transfers(rows: list[dict[str, Any]]) -> str:
@@ -64,7 +65,7 @@ def format_transfers(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
-    return f"{_table(headers, table)}\n{len(rows)} transfer(s): {summary}"
+    return f"{format_table(headers, table)}\n{len(rows)} transfer(s): {summary}"
 
 
 def format_import(result: dict[str, Any]) -> str:
@@ -75,6 +76,17 @@ def format_import(result: dict[str, Any]) -> str:
         f" hw 0x{result['hw_min']:04x}-0x{result['hw_max']:04x}, {result['size']} bytes,"
         f" {result['blocks']}x{result['block_size']}"
     )
+
+
+def format_forget(result: dict[str, Any]) -> str:
+    """``otactl fleet forget`` summary (one line per CH, then the count)."""
+    lines = [
+        f"{f['guid']}: forgotten ({f['transfers']} transfer(s), {f['devices']} device record(s))"
+        for f in result["forgotten"]
+    ]
+    lines += [f"{r['guid']}: refused {r['error']}: {r['detail']}" for r in result["refused"]]
+    lines.append(f"{len(result['forgotten'])} forgotten, {len(result['refused'])} refused")
+    return "\n".join(lines)
 
 
 def format_distribute(result: dict[str, Any]) -> str:
@@ -157,7 +169,7 @@ def format_devices(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
-    return f"{_table(headers, table)}\n{len(rows)} device(s): {summary}"
+    return f"{format_table(headers, table)}\n{len(rows)} device(s): {summary}"
 
 
 def format_credentials_replace(result: dict[str, Any]) -> str:
@@ -194,7 +206,7 @@ def format_credentials(rows: list[dict[str, Any]]) -> str:
         "PREMISES", "DEVICE", "TYPE", "STATE", "ATTEMPTS", "COUNTER", "OLD KEY", "NEW KEY",
         "REASON",
     ]  # fmt: skip
-    return f"{_table(headers, table)}\n{len(rows)} device(s)"
+    return f"{format_table(headers, table)}\n{len(rows)} device(s)"
 
 
 def format_firmware_version(result: dict[str, Any]) -> str:

@@ -165,7 +165,7 @@ def verify_image(
 def summary(label: str, manifest: Manifest, ota: OtaFile, image: SignedImage) -> str:
     """One line describing a verified release."""
     kid = parse_sign1(image.signed_manifest, max_size=MAX_SIGNED_MANIFEST_BYTES).kid
-    expires = datetime.datetime.fromtimestamp(manifest.expires, datetime.UTC)
+    expires = _utc(manifest.expires)
     return (
         f"{label}: {manifest.device_type.value} vendor {manifest.vendor:#06x} "
         f"image-type {manifest.image_type:#06x} version {manifest.fw_version:#010x} "
@@ -174,9 +174,17 @@ def summary(label: str, manifest: Manifest, ota: OtaFile, image: SignedImage) ->
         f"layout {manifest.body_layout.value} "
         f"sha256 {manifest.sha256.hex()[:16]} activation {manifest.activation_digest.hex()[:16]} "
         f"kid {kid.hex()} "
-        f"expires {expires.strftime('%Y-%m-%dT%H:%M:%SZ')}"
-        + (f" '{ota.header.text}'" if ota.header.text else "")
+        f"expires {expires}" + (f" '{ota.header.text}'" if ota.header.text else "")
     )
+
+
+def _utc(unix: int) -> str:
+    """``unix`` seconds as ISO 8601 UTC, or ``unix N`` past year 9999 (a u64 goes further)."""
+    try:
+        moment = datetime.datetime.fromtimestamp(unix, datetime.UTC)
+    except (OverflowError, ValueError, OSError):
+        return f"unix {unix}"
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _load_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey:

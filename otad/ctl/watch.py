@@ -14,15 +14,12 @@ failed; 1 if some failed or were refused; 2 when otad is offline or never answer
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import os
-import secrets
 import sys
 import time
 from typing import Any, TextIO
 
-from mqttio import MqttConnectError, MqttSettings, create_client
+from mqttio import MqttSettings
+from otad.ctl.live import Message, Screen, WatchError, feed
 from otad.progress import ProgressBar
 from protocol.wire import topics
 
@@ -30,10 +27,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_UNREACHABLE = 2
 _ENDED_BADLY = ("failed", "rejected", "timed_out", "cancelled")
-
-
-class WatchError(Exception):
-    """``otactl watch`` cannot go on; the message says why, in one line."""
+__all__ = ["WatchError", "distribution_line", "watch"]
 
 
 def distribution_line(image: str, entry: dict[str, Any]) -> tuple[int, int, str]:
@@ -61,41 +55,19 @@ async def watch(
     once: bool = False,
     wait_s: float = 10.0,
     stream: TextIO | None = None,
+    settings: MqttSettings | None = None,
 ) -> int:
-    """Run the watch (see the module docstring); return the exit status."""
+    """Run the watch (see the module docstring); return the exit status. ``settings``: how to
+    connect (credentials, TLS), instead of plainly to ``host:port``."""
     out = stream if stream is not None else sys.stdout
-    statuses: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-
-    def on_message(topic: str, payload: bytes, retain: bool) -> None:
-        with contextlib.suppress(ValueError):
-            data = json.loads(payload)
-            if isinstance(data, dict):
-                statuses.put_nowait(data)
-
-    client = create_client(
-        "gmqtt",
-        MqttSettings(
-            client_id=f"otactl-watch-{os.getpid()}-{secrets.token_hex(3)}",
-            host=host,
-            port=port,
-            connect_timeout=wait_s,
-        ),
-    )
-    client.set_message_handler(on_message)
-    await client.subscribe(topics.OTAD_STATUS, 1)
-    try:
-        await asyncio.wait_for(client.connect(fail_fast=True), wait_s)
-    except (MqttConnectError, TimeoutError, OSError) as exc:
-        raise WatchError(f"cannot reach the MQTT broker: {exc or 'timed out'}") from None
-    try:
-        return await _follow(statuses, image, once, wait_s, out)
-    finally:
-        with contextlib.suppress(Exception):
-            await client.disconnect()
+    async with feed(
+        host, port, [topics.OTAD_STATUS], wait_s=wait_s, name="otactl-watch", settings=settings
+    ) as queue:
+        return await _follow(queue, image, once, wait_s, out)
 
 
 async def _follow(
-    statuses: asyncio.Queue[dict[str, Any]],
+    messages: asyncio.Queue[Message],
     image: str | None,
     once: bool,
     wait_s: float,
@@ -103,15 +75,15 @@ async def _follow(
 ) -> int:
     bars: dict[str, ProgressBar] = {}
     seen: dict[str, dict[str, Any]] = {}
-    tty = out.isatty()
-    drawn = 0
+    screen = Screen(out)
     while True:
         try:
-            status = await asyncio.wait_for(statuses.get(), wait_s if not seen else 3 * wait_s)
+            message = await asyncio.wait_for(messages.get(), wait_s if not seen else 3 * wait_s)
         except TimeoutError:
             raise WatchError(
                 "no status from otad (is it running and connected to this broker?)"
             ) from None
+        status = message.body
         if status.get("state") != "online":
             raise WatchError("otad is offline (its retained status says so)")
         current: dict[str, dict[str, Any]] = {
@@ -133,18 +105,13 @@ async def _follow(
             done, total, extra = distribution_line(sha, live)
             bar = bars.get(sha)
             if bar is None:
-                bar = bars[sha] = ProgressBar(total, label=sha[:12], stream=out, tty=tty)
+                bar = bars[sha] = ProgressBar(total, label=sha[:12], stream=out, tty=screen.tty)
             bar.total = total
             stalled = bool(live.get("stalled"))
             lines.append(bar.render(done, extra, time.monotonic(), stalled=stalled))
             states = live.get("transfers", {})
             finished = finished and not states.get("active")
             failed = failed or any(states.get(s) for s in _ENDED_BADLY)
-        if tty and drawn:
-            out.write(f"\x1b[{drawn}F")
-        for line in lines:
-            out.write(line + ("\x1b[K\n" if tty else "\n"))
-        out.flush()
-        drawn = len(lines)
+        screen.draw(lines, force=True)
         if once or finished:
             return EXIT_FAILED if failed else EXIT_OK

@@ -21,6 +21,7 @@ from otad.store.engine import (
     Tx,
 )
 from otad.store.rows import (
+    CampaignRow,
     CommandRow,
     CredentialsRow,
     DeviceKeyRow,
@@ -39,6 +40,7 @@ from otad.store.tables import Store
 __all__ = [
     "DB_NAME",
     "LOCK_NAME",
+    "CampaignRow",
     "CommandRow",
     "ConflictError",
     "CredentialsRow",

@@ -68,6 +68,7 @@ from typing import Any, Final, Literal, Self, TypeVar, cast
 
 import aiosqlite
 
+from otad.retrying import RetriedWrite
 from otad.store.migrations import MIGRATIONS, SCHEMA_VERSION
 
 log = logging.getLogger("otad.store")
@@ -210,6 +211,8 @@ class Engine:
         self._failed: str | None = None
         self._inflight: list[_Job] = []
         self._flush_failing = False
+        self._flush_log = RetriedWrite(log, "batch flush")
+        self._storage_failures: dict[str, str] = {}  # "writes"/"flushes" -> the last error
         self._close_error: StoreError | None = None
         self._counts = dict.fromkeys(
             ("commits", "durable_commits", "writes", "flushes", "rows_flushed", "updates"), 0
@@ -305,6 +308,26 @@ class Engine:
         )
 
     @property
+    def degraded(self) -> list[str]:
+        """Why the store is degraded now, one line per kind of write that is failing on a
+        storage error (a full disk, an I/O error, a read-only or damaged file); empty when the
+        last write of each kind committed. Cleared by the next successful commit of that kind
+        (the callers retry: :mod:`otad.distribution`, :mod:`otad.outbox`, the batch itself)."""
+        return [f"store {kind} failing: {error}" for kind, error in self._storage_failures.items()]
+
+    def _storage_result(self, kind: str, exc: BaseException | None) -> None:
+        """Note whether a write of ``kind`` committed (``exc`` None) or failed on storage."""
+        if exc is None:
+            if self._storage_failures.pop(kind, None) is not None:
+                log.warning("store %s commit again: no longer degraded", kind)
+            return
+        if not _is_storage_error(exc):
+            return
+        if kind not in self._storage_failures:
+            log.error("store %s failing on storage, degraded until they commit: %s", kind, exc)
+        self._storage_failures[kind] = str(exc)
+
+    @property
     def stats(self) -> StoreStats:
         """A snapshot of the writer's counters."""
         return StoreStats(pending=self._batch_rows(), **self._counts)
@@ -385,7 +408,9 @@ class Engine:
                     try:
                         await self._flush()
                     except StoreError as exc:
-                        log.error("batch flush failed, retrying: %s", exc)
+                        self._flush_log.failed(exc)
+                    else:
+                        self._flush_log.succeeded()
                 if self._jobs:
                     await self._run_next()
                     continue
@@ -470,6 +495,7 @@ class Engine:
             await db.execute("BEGIN IMMEDIATE")
         except (sqlite3.Error, ValueError) as exc:
             await self._after_failed_begin(durable)
+            self._storage_result("writes", exc)
             for job in group:
                 _set_exception(job.future, _wrap(exc, job.name))
             return
@@ -485,6 +511,7 @@ class Engine:
                         await db.execute("RELEASE job")
                 except Exception as exc:
                     _set_exception(job.future, _wrap(exc, job.name))
+                    self._storage_result("writes", exc)
                     if not savepoints or not db.in_transaction:
                         # The whole transaction is gone (a single job, or SQLite rolled it back
                         # itself on FULL/IOERR/NOMEM): the other jobs of the group lost their
@@ -502,6 +529,7 @@ class Engine:
             await db.execute("COMMIT")
         except (sqlite3.Error, ValueError) as exc:
             error = StoreError(f"commit failed: {exc}")
+            self._storage_result("writes", exc)
             self._abort_group(done, [j for j in group if not j.future.done()], error)
             await self._rollback_quietly()
             return
@@ -509,6 +537,7 @@ class Engine:
             if durable:
                 with contextlib.suppress(sqlite3.Error, ValueError):
                     await db.execute("PRAGMA synchronous=NORMAL")
+        self._storage_result("writes", None)
         self._counts["commits"] += 1
         self._counts["durable_commits"] += int(durable)
         self._counts["writes"] += len(done)
@@ -559,8 +588,10 @@ class Engine:
             self._deadline = self._loop.time() + retry
             self._counts["flush_errors"] += 1
             self._flush_failing = True
+            self._storage_result("flushes", exc)
             raise StoreError(f"batch flush: {exc}") from exc
         self._flush_failing = False
+        self._storage_result("flushes", None)
         self._counts["commits"] += 1
         self._counts["flushes"] += 1
         self._counts["rows_flushed"] += rows
@@ -668,6 +699,19 @@ async def _migrate(db: aiosqlite.Connection, path: Path) -> None:
 async def _scalar(db: aiosqlite.Connection, sql: str) -> Any:
     rows = list(await db.execute_fetchall(sql))
     return rows[0][0] if rows else None
+
+
+#: SQLite result codes (primary, the low byte) that say the storage failed, not the change:
+#: the same change will commit once the storage is back. SQLITE_IOERR, SQLITE_CORRUPT,
+#: SQLITE_CANTOPEN, SQLITE_FULL, SQLITE_NOTADB, SQLITE_READONLY.
+_STORAGE_CODES: Final = frozenset({10, 11, 14, 13, 26, 8})
+
+
+def _is_storage_error(exc: BaseException | None) -> bool:
+    while exc is not None and not isinstance(exc, sqlite3.Error):
+        exc = exc.__cause__
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in _STORAGE_CODES
 
 
 def _wrap(exc: BaseException, name: str) -> BaseException:

@@ -12,6 +12,8 @@ Conventions:
 * times are unix seconds as REAL; digests (image ids) are 32-byte BLOBs;
 * u64 values that can exceed SQLite's signed 64-bit INTEGER (the manifest ``sequence``) are
   zero-padded 20-digit TEXT, which sorts in numeric order and stays readable in ``sqlite3``;
+  the manifest's ``created`` and ``expires`` (u64 unix seconds, informational copies of the
+  signed manifest) saturate at 2**63 - 1 instead;
 * transfer ``state`` is free TEXT, checked by :class:`otad.store.TransferState` in Python, so a
   new state never needs a table rebuild.
 """
@@ -179,7 +181,21 @@ CREATE TABLE device_keys (
 ) WITHOUT ROWID;
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (V1, V2, V3, V4)
+#: Campaigns (otad/campaigns.py): each campaign's engine snapshot (otad.campaign's JSON, the
+#: whole state: targets, stages, audit trail), rewritten after every command and every
+#: evaluation that changed it; ``state`` and the times are copies for listing without parsing.
+V5: Final = """
+CREATE TABLE campaigns (
+    id         TEXT PRIMARY KEY,
+    state      TEXT NOT NULL,
+    parent     TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    snapshot   TEXT NOT NULL
+) WITHOUT ROWID;
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (V1, V2, V3, V4, V5)
 """Script *i* upgrades ``user_version`` *i* to *i + 1*."""
 
 SCHEMA_VERSION: Final = len(MIGRATIONS)

@@ -94,6 +94,8 @@ class ImageRow:
     size: int
     block_size: int
     block_count: int
+    # unix seconds, saturated at 2**63 - 1 (SQLite's INTEGER; a manifest's are u64): a copy for
+    # reading the database by hand, exact below year 292 billion; the signed manifest is the truth
     created: int
     expires: int
     signed_manifest: bytes
@@ -156,6 +158,19 @@ class CommandRow:
     signed: bytes  # the COSE_Sign1 published in an ``Activate``
     issued_at: float
     answered_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignRow:
+    """One campaign: its engine's snapshot (JSON text, :meth:`otad.campaign.Engine.to_data`)
+    and the fields listed without parsing it."""
+
+    id: str
+    state: str
+    parent: str | None
+    created_at: float
+    updated_at: float
+    snapshot: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ import aiosqlite
 
 from otad.store.engine import ConflictError, Engine, NotFoundError, Tx
 from otad.store.rows import (
+    CampaignRow,
     CommandRow,
     CredentialsRow,
     DeviceKeyRow,
@@ -39,6 +40,8 @@ from protocol.release.manifest import Manifest
 from protocol.wire.messages import HubAnnounced, Limits, minor_version
 
 _MAX_SQL_INT: Final = (1 << 63) - 1
+_FORGOTTEN: Final = "forgotten_hub:"  # meta key prefix: + GUID -> when (unix s) it was forgotten
+_FORGOTTEN_END: Final = "forgotten_hub;"  # ";" follows ":": every such key sorts below it
 _CREDENTIALS_UPSERT: Final = (
     "INSERT OR REPLACE INTO credentials (device_id, guid, device_type, state, counter,"
     " current_kid, attempts, deadline, reason, new_kid, updated_at)"
@@ -87,8 +90,11 @@ class Store(Engine):
 
     # ----------------------------------------------------------------------- hubs
 
-    async def upsert_hub(self, hub: HubAnnounced, now: float, *, online: bool = True) -> None:
-        """Record a CH's announcement: its row and, replacing the old list, its HAN devices."""
+    async def upsert_hub(
+        self, hub: HubAnnounced, now: float, *, online: bool = True, returned: bool = False
+    ) -> None:
+        """Record a CH's announcement: its row and, replacing the old list, its HAN devices;
+        ``returned``: a forgotten CH announced itself live again (it is no longer forgotten)."""
         values = (
             hub.guid,
             hub.fw_version,
@@ -122,6 +128,8 @@ class Store(Engine):
                 values,
             )
             await tx.execute("DELETE FROM han_devices WHERE guid = ?", (hub.guid,))
+            if returned:
+                await tx.execute("DELETE FROM meta WHERE key = ?", (_FORGOTTEN + hub.guid,))
             if devices:
                 await tx.executemany(
                     "INSERT INTO han_devices (guid, device_id, device_type, join_mode,"
@@ -142,6 +150,38 @@ class Store(Engine):
             return changed > 0
 
         return await self.write(set_hub_online, durable=False)
+
+    async def forget_hub(self, guid: str, now: float) -> tuple[int, int]:
+        """Remove a CH (durable): its row, HAN devices, transfer rows and device records, and
+        remember it forgotten (a retained copy of its announcement no longer brings it back);
+        return (transfer rows, device records) removed. The caller has checked that nothing of
+        it is in progress. What must never go back is kept: activation and credentials command
+        counters, credential replacements and adopted device keys stay with their devices."""
+
+        async def forget_hub(tx: Tx) -> tuple[int, int]:
+            transfers = await tx.execute("DELETE FROM transfers WHERE guid = ?", (guid,))
+            devices = await tx.execute("DELETE FROM devices WHERE guid = ?", (guid,))
+            await tx.execute("DELETE FROM hubs WHERE guid = ?", (guid,))  # HAN devices cascade
+            await tx.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (_FORGOTTEN + guid, repr(now)),
+            )
+            return transfers, devices
+
+        return await self.write(forget_hub, durable=True)
+
+    async def forgotten_hubs(self) -> set[str]:
+        """The GUIDs of the CHs forgotten and not heard live since."""
+
+        async def forgotten_hubs(tx: Tx) -> set[str]:
+            rows = await tx.fetchall(
+                "SELECT key FROM meta WHERE key >= ? AND key < ?",
+                (_FORGOTTEN, _FORGOTTEN_END),
+            )
+            return {str(r[0])[len(_FORGOTTEN) :] for r in rows}
+
+        return await self.read(forgotten_hubs)
 
     async def hub(self, guid: str) -> HubRow | None:
         """One CH, or None."""
@@ -190,9 +230,6 @@ class Store(Engine):
         Importing the same digest with the same signed manifest again returns the existing row;
         with a different one raises :class:`ConflictError`.
         """
-        for name in ("created", "expires"):
-            if not 0 <= getattr(manifest, name) <= _MAX_SQL_INT:
-                raise ValueError(f"manifest {name} {getattr(manifest, name)} out of range")
         row = ImageRow(
             sha256=bytes(manifest.sha256),
             vendor=manifest.vendor,
@@ -205,8 +242,8 @@ class Store(Engine):
             size=manifest.size,
             block_size=manifest.block_size,
             block_count=manifest.block_count,
-            created=manifest.created,
-            expires=manifest.expires,
+            created=min(manifest.created, _MAX_SQL_INT),
+            expires=min(manifest.expires, _MAX_SQL_INT),
             signed_manifest=bytes(signed_manifest),
             path=str(path),
             imported_at=now,
@@ -570,13 +607,29 @@ class Store(Engine):
 
         return await self.write(append_events, durable=True)
 
-    async def events(self, *, after: int = 0, limit: int = 1000) -> list[EventRow]:
-        """Events with ``seq > after`` in order, published or not (replay, ``otactl tail``)."""
+    async def events(
+        self,
+        *,
+        after: int = 0,
+        limit: int = 1000,
+        kinds: Sequence[str] | None = None,
+        campaign: str | None = None,
+    ) -> list[EventRow]:
+        """Events with ``seq > after`` in order, published or not (replay, ``otactl tail``);
+        only those of ``kinds`` and of ``campaign`` (its ``campaign`` field) if given."""
+        where = ["seq > ?"]
+        params: list[Any] = [after]
+        if kinds:
+            where.append(f"kind IN ({','.join('?' * len(kinds))})")
+            params.extend(kinds)
+        if campaign is not None:
+            where.append("json_extract(payload, '$.campaign') = ?")
+            params.append(campaign)
+        params.append(limit)
+        sql = f"SELECT * FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"  # noqa: S608
 
         async def events(tx: Tx) -> list[EventRow]:
-            rows = await tx.fetchall(
-                "SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
-            )
+            rows = await tx.fetchall(sql, params)
             return [self._event_row(r) for r in rows]
 
         return await self.read(events)
@@ -798,6 +851,30 @@ class Store(Engine):
             await tx.execute(_CREDENTIALS_UPSERT, dataclasses.astuple(row))
 
         await self.write(adopt_device_key, durable=True)
+
+    async def save_campaign(self, row: CampaignRow) -> None:
+        """Insert or replace a campaign's snapshot, durably."""
+
+        async def save_campaign(tx: Tx) -> None:
+            await tx.execute(
+                "INSERT OR REPLACE INTO campaigns (id, state, parent, created_at, updated_at,"
+                " snapshot) VALUES (?, ?, ?, ?, ?, ?)",
+                dataclasses.astuple(row),
+            )
+
+        await self.write(save_campaign, durable=True)
+
+    async def campaigns(self) -> list[CampaignRow]:
+        """Every campaign, oldest first."""
+
+        async def campaigns(tx: Tx) -> list[CampaignRow]:
+            rows = await tx.fetchall(
+                "SELECT id, state, parent, created_at, updated_at, snapshot FROM campaigns"
+                " ORDER BY created_at, id"
+            )
+            return [CampaignRow(*row) for row in rows]
+
+        return await self.read(campaigns)
 
     async def credentials(self) -> list[CredentialsRow]:
         """Every device's replacement row."""

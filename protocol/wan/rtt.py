@@ -24,7 +24,17 @@ from __future__ import annotations
 class RttEstimator:
     """Smoothed RTT, RTT variance, minimum RTT and the current retransmission timeout."""
 
-    __slots__ = ("granularity", "max_rto", "min_rto", "min_rtt", "rto", "rttvar", "srtt")
+    __slots__ = (
+        "granularity",
+        "last_sample",
+        "max_rto",
+        "min_rto",
+        "min_rtt",
+        "rto",
+        "rttvar",
+        "samples",
+        "srtt",
+    )
 
     ALPHA = 1 / 8
     BETA = 1 / 4
@@ -47,10 +57,14 @@ class RttEstimator:
         self.srtt: float | None = None
         self.rttvar = 0.0
         self.min_rtt: float | None = None
+        self.samples = 0  # measurements folded in
+        self.last_sample = 0.0  # the newest of them, seconds
 
     def on_sample(self, rtt: float) -> None:
         """Fold in one round-trip measurement (seconds) and recompute ``rto``."""
         rtt = max(rtt, 0.0)
+        self.samples += 1
+        self.last_sample = rtt
         if self.srtt is None:
             self.srtt = rtt
             self.rttvar = rtt / 2

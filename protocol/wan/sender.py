@@ -426,6 +426,16 @@ class Sender:
         return self._rtt.srtt
 
     @property
+    def rtt_samples(self) -> int:
+        """Round-trip measurements taken (Karn: blocks sent once, and the Offer's answer)."""
+        return self._rtt.samples
+
+    @property
+    def last_rtt(self) -> float:
+        """The newest round-trip measurement, seconds (0 before the first)."""
+        return self._rtt.last_sample
+
+    @property
     def awaiting_answer(self) -> bool:
         """An ask (Offer or Poll) is out and the CH has not answered it yet."""
         return self._state is SenderState.OFFERING and self._offer_sent_at is not None

@@ -53,6 +53,14 @@ def state(guid: str) -> str:
 UP_WILDCARD = f"{ROOT}/ch/+/up"
 STATE_WILDCARD = f"{ROOT}/ch/+/state"
 OTAD_STATUS = f"{ROOT}/otad/status"
+CAMPAIGN_STATUS_WILDCARD = f"{ROOT}/campaigns/+/status"
+
+
+def campaign_status(campaign_id: str) -> str:
+    """The retained status topic of one campaign (its id is checked as a topic level)."""
+    return f"{ROOT}/campaigns/{check_level(campaign_id)}/status"
+
+
 EVENTS_WILDCARD = f"{ROOT}/events/#"
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -60,6 +61,20 @@ def otactl_json(broker: MosquittoBroker, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _environment() -> dict[str, str]:
+    """The test's environment without what would make otad believe it runs under systemd
+    (journal-style log lines, notifications), unless a test sets it."""
+    hidden = ("JOURNAL_STREAM", "INVOCATION_ID", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    return {k: v for k, v in os.environ.items() if k not in hidden}
+
+
 class Otad:
     """One ``otad run`` subprocess (restartable on the same state directory)."""
 
@@ -71,14 +86,28 @@ class Otad:
         *,
         library: str = "gmqtt",
         config: str = "",
+        env: dict[str, str] | None = None,
+        address: str | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
+        """``env``: added to the daemon's environment; ``wrapper``: argv run before
+        ``python -m otad ...`` (a launcher that execs its arguments); ``address``: the
+        ``--broker`` otad is given (default ``broker.address``; a shipped broker's TLS listener
+        is ``127.0.0.1:<broker.tls_port>``)."""
+        self.env = env or {}
+        self.wrapper = wrapper
         self.broker = broker
+        self.address = address or broker.address
         self.workdir = workdir
         self.state_dir = workdir / "state"
         self.trust_dir = trust_dir
         self.library = library
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "otad.toml"
+        if (
+            "[metrics]" not in config
+        ):  # every otad of the tests serves /metrics on a port of its own
+            config += f"\n[metrics]\nport = {free_port()}\n"
         self.config_path.write_text(config)
         self.log_path = workdir / "otad.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -93,6 +122,7 @@ class Otad:
         log.flush()
         self.proc = subprocess.Popen(
             [
+                *self.wrapper,
                 sys.executable,
                 "-m",
                 "otad",
@@ -100,7 +130,7 @@ class Otad:
                 "--config",
                 str(self.config_path),
                 "--broker",
-                self.broker.address,
+                self.address,
                 "--state-dir",
                 str(self.state_dir),
                 "--trust",
@@ -110,6 +140,7 @@ class Otad:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**_environment(), **self.env},
         )
         log.close()
 

@@ -40,6 +40,7 @@ from mqttio.interface import validate_topic_name
 from otad.catalogue import Catalogue
 from otad.config import (
     ActivationConfig,
+    BrokerConfig,
     Config,
     EventsConfig,
     StoreConfig,
@@ -639,6 +640,7 @@ async def shell(
                                block_size=block_size)  # fmt: skip
     trust = load_trust_dir(release.trust_dir)
     config = Config(
+        broker=BrokerConfig(client_id="otad"),  # the sessions below are looked up by id
         store=StoreConfig(state_dir=tmp_path / "state", flush_interval_ms=10),
         trust=TrustConfig(dir=release.trust_dir),
         transfer=transfer or TransferConfig(),

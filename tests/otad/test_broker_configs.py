@@ -2,7 +2,7 @@
 
 The table (setting, required value, scope) is parsed from SPEC.md, so a requirement added there is
 checked here at once. ``every broker`` rows apply to the test brokers' generated config
-(``loadtest/broker.py``) and to the production example (``systemd/mosquitto.example.conf``);
+(``loadtest/broker.py``) and to the production example (``systemd/mosquitto/otad.conf``);
 ``production`` rows to the example only.
 """
 
@@ -18,7 +18,7 @@ from otad.brokercheck import largest_packet_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = (ROOT / "protocol" / "SPEC.md").read_text()
-EXAMPLE = ROOT / "systemd" / "mosquitto.example.conf"
+EXAMPLE = ROOT / "systemd" / "mosquitto" / "otad.conf"
 
 
 def requirement_rows() -> list[tuple[str, str, str]]:
@@ -91,7 +91,7 @@ def test_the_production_example_meets_every_requirement() -> None:
         ("max_packet_size 2101248", "max_packet_size 2098215"),
         ("max_queued_bytes 0", "max_queued_bytes 1048576"),
         ("allow_anonymous false", "allow_anonymous true"),
-        ("acl_file /etc/mosquitto/otad.acl", "# acl_file /etc/mosquitto/otad.acl"),
+        ("acl_file /etc/mosquitto/otad/acl", "# acl_file /etc/mosquitto/otad/acl"),
         ("max_keepalive 300", "max_keepalive 60"),
         ("retain_available true", "retain_available false"),
         ("max_inflight_messages 1000", "max_inflight_messages 20"),

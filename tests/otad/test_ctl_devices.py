@@ -24,7 +24,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, Any]]]:
     made: list[tuple[str, dict[str, Any]]] = []
 
     async def call_once(
-        host: str, port: int, cmd: str, args: dict[str, Any], *, wait_s: float
+        host: str, port: int, cmd: str, args: dict[str, Any], *, wait_s: float, **how: Any
     ) -> Any:
         made.append((cmd, args))
         if cmd in ("activate", "activate.cancel"):

@@ -17,9 +17,12 @@ from otad.events import (
     DistributionResumed,
     DistributionStalled,
     EventDecodeError,
+    HubFlapping,
+    HubForgotten,
     HubOffline,
     HubOnline,
     HubRefused,
+    HubSteady,
     ImageImported,
     MonitorEvent,
     TransferFailed,
@@ -63,6 +66,9 @@ def one_of_each() -> list[MonitorEvent]:
             hw_version=0x0100,
         ),
         HubOffline(time=T, guid=GUID),
+        HubForgotten(time=T, guid=GUID, online=False, transfers=2, devices=3),
+        HubFlapping(time=T, guid=GUID, changes=8, window_s=2.5),
+        HubSteady(time=T, guid=GUID, online=True, changes=893, flapped_s=30.2, quiet_s=120.0),
         HubRefused(
             time=T,
             guid=GUID,
@@ -100,6 +106,12 @@ def one_of_each() -> list[MonitorEvent]:
         CredentialsFailed(
             time=T, guid=GUID, device_id="00DB1234567890AE", device_type="B2", counter=12,
             attempts=3, old_kid="0123456789abcdef", reason="TIMED_OUT",
+        ),
+        *(
+            cls(time=T, campaign="fw-2026-12", stage="pilot", actor="alice", reason="why",
+                ordinal=1)
+            for cls in EVENT_TYPES.values()
+            if cls.KIND.startswith("campaign.")
         ),
     ]  # fmt: skip
 
@@ -154,11 +166,14 @@ def test_the_json_carries_the_envelope_iso_times_and_hex_versions() -> None:
 
 
 def test_keys_are_the_same_facts_as_before_so_a_restart_stores_each_once() -> None:
-    keys = {e.KIND: e.key() for e in one_of_each()}
+    keys = {e.KIND: e.key() for e in one_of_each() if not e.KIND.startswith("campaign.")}
     assert keys == {
         "image.imported": f"image.imported:{IMAGE}",
         "hub.online": f"hub.online:{GUID}:1767225600123",
         "hub.offline": f"hub.offline:{GUID}:1767225600123",
+        "hub.forgotten": f"hub.forgotten:{GUID}:1767225600123",
+        "hub.flapping": f"hub.flapping:{GUID}:1767225600123",
+        "hub.steady": f"hub.steady:{GUID}:1767225600123",
         "hub.refused": f"hub.refused:{GUID}:MALFORMED:1767225600123",
         "transfer.started": f"transfer.started:{GUID}:{IMAGE}:2",
         "transfer.progress": f"transfer.progress:{GUID}:{IMAGE}:2:1",
@@ -172,6 +187,20 @@ def test_keys_are_the_same_facts_as_before_so_a_restart_stores_each_once() -> No
         "credentials.replaced": "credentials.replaced:00DB1234567890AE:11",
         "credentials.failed": "credentials.failed:00DB1234567890AE:12:TIMED_OUT",
     }
+    campaign_keys = {e.key() for e in one_of_each() if e.KIND.startswith("campaign.")}
+    assert "campaign.held:fw-2026-12:pilot:1" in campaign_keys
+    assert len(campaign_keys) == sum(k.startswith("campaign.") for k in EVENT_TYPES)
+
+
+def test_a_field_added_later_decodes_to_its_default_from_an_older_payload() -> None:
+    event = next(e for e in one_of_each() if e.KIND == "transfer.held")
+    older = json.loads(published(event, 7))
+    del older["campaign"]
+    assert decode_event(older) == event  # campaign "" in the example
+    missing = json.loads(published(event, 7))
+    del missing["guid"]
+    with pytest.raises(EventDecodeError, match="no 'guid'"):
+        decode_event(missing)
 
 
 def test_only_progress_reports_are_superseded_and_only_within_one_attempt() -> None:

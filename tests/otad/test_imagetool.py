@@ -364,9 +364,15 @@ def test_broker_option(capsys: pytest.CaptureFixture[str]) -> None:
     parser = build_parser()
     args = parser.parse_args(["--broker", "mqtt.example:8883", "keys", "new", "--out", "k"])
     assert args.broker == ("mqtt.example", 8883)
-    assert parser.parse_args(["keys", "new", "--out", "k"]).broker == ("127.0.0.1", 1883)
+    # Not given: resolved at run time from OTACTL_BROKER, the config file, else 127.0.0.1
+    # (tests/otad/test_ctl_connection.py); a HOST without a port is accepted (issue 11).
+    assert parser.parse_args(["keys", "new", "--out", "k"]).broker is None
+    assert parser.parse_args(["--broker", "nohost", "keys", "new", "--out", "k"]).broker == (
+        "nohost",
+        None,
+    )
     with pytest.raises(SystemExit) as info:
-        parser.parse_args(["--broker", "nohost", "keys", "new", "--out", "k"])
+        parser.parse_args(["--broker", "::1:1883", "keys", "new", "--out", "k"])
     assert info.value.code == 2
     capsys.readouterr()
 

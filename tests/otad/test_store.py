@@ -204,7 +204,7 @@ async def test_failed_migration_changes_nothing(
 ) -> None:
     async with await Store.open(state_dir):
         pass
-    broken = (*MIGRATIONS, "CREATE TABLE campaigns (id TEXT);\nTHIS IS NOT SQL;")
+    broken = (*MIGRATIONS, "CREATE TABLE not_yet_a_table (id TEXT);\nTHIS IS NOT SQL;")
     monkeypatch.setattr(store_module, "MIGRATIONS", broken)
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", len(broken))
     failing = rf"migrating schema {len(MIGRATIONS)} -> {len(MIGRATIONS) + 1} failed"
@@ -213,7 +213,7 @@ async def test_failed_migration_changes_nothing(
     with contextlib.closing(raw(state_dir)) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         names = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
-        assert "campaigns" not in names
+        assert "not_yet_a_table" not in names
 
 
 async def test_second_store_on_same_directory_is_refused(store: Store, state_dir: Path) -> None:
