@@ -158,6 +158,14 @@ class HanSide:
                         message.device_id, exc)  # fmt: skip
         self._after()
 
+    def resumed(self) -> None:
+        """The CH runs again after a stop or a power cut: its HAN carries on from where it was
+        (the devices kept their state; what fell due meanwhile happens now). Without this a
+        HAN transfer cut by a flap waited for ever at its last block."""
+        if self._premises is not None:
+            self._premises.handle_timer(self._now())
+        self._after()
+
     def close(self) -> None:
         """Stop the timer (the CH stops or restarts)."""
         if self._timer is not None:

@@ -469,6 +469,8 @@ class VirtualHub:
             raise
         self.stats.connects += 1
         self._announce()
+        if self.han is not None:
+            self.han.resumed()
         later, self._after_restore = self._after_restore, []
         self._apply(later, structural=bool(later))
 

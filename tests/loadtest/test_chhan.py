@@ -142,3 +142,28 @@ async def test_a_device_not_on_the_premises_and_an_image_for_none_of_its_devices
     assert side.stats.not_here == 1
     assert sent == []
     side.close()
+
+
+async def test_a_relay_cut_by_a_power_cut_carries_on_when_the_ch_runs_again() -> None:
+    identity = make_identity(0, 0)
+    (esme,) = [d for d in identity.han if d.device_type is DeviceType.ESME]
+    sent: list[Message] = []
+    side = HanSide(
+        identity,
+        trust=TRUST,
+        activation_trust=TrustStore([OTAD_KEY.public_key()]),
+        send=sent.append,
+        loop=asyncio.get_running_loop(),
+        config=PremisesConfig(acceleration=4.0, link=PremisesConfig().link),  # ~0.2 s a relay
+    )
+    manifest, signed_manifest, image = signed_release(DeviceType.ESME, time.time())
+    try:
+        side.image_held(manifest, signed_manifest, image)
+        side.close()  # the CH lost power as the relay began: its HAN timer is gone
+        await asyncio.sleep(1.0)
+        assert not any(r.state is DeviceTransferState.HELD for r in reports(sent, esme.device_id))
+        side.resumed()
+        await until(sent, lambda: any(r.state is DeviceTransferState.HELD
+                                      for r in reports(sent, esme.device_id)))  # fmt: skip
+    finally:
+        side.close()
