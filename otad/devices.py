@@ -174,6 +174,12 @@ TRANSITIONS: Final[dict[DeviceState, frozenset[DeviceState]]] = {
     _S.FAILED: frozenset({_S.OFFERED}),
     _S.TIMED_OUT: frozenset({_S.OFFERED, _S.CONFIRMED, _S.FAILED}),
 }
+#: States a HAN transfer report may move a record out of. Once a command was issued the image's
+#: transfer is over: a late or repeated report (a CH's own HELD after its WAN ImageHeld) is
+#: stale. ACTIVATION_PENDING -> HELD_BY_* is the cancel's edge, never a report's.
+TRANSFER_REPORTABLE: Final = frozenset(
+    {_S.OFFERED, _S.HELD_BY_CH, _S.HAN_TRANSFER, _S.HELD_BY_DEVICE}
+)
 #: States in which otad waits for something with a deadline.
 IN_PROGRESS: Final = frozenset(
     {_S.HELD_BY_CH, _S.HAN_TRANSFER, _S.ACTIVATION_PENDING, _S.ACTIVATED}
@@ -457,7 +463,7 @@ class Devices:
             target = _S.FAILED
             reason = Reason(message.reason) if message.reason in Reason._value2member_map_ else None
             new.reason = (reason or _HAN_FAILURE[state]).name
-        if target not in TRANSITIONS[rec.state]:
+        if rec.state not in TRANSFER_REPORTABLE or target not in TRANSITIONS[rec.state]:
             log.debug("%s: %s report in %s: stale, ignored", rec.device_id, state, rec.state)
             return
         new.enter(target)

@@ -453,6 +453,32 @@ async def test_a_future_dated_activation_fires_and_a_cancelled_one_never(tmp_pat
         assert p.state(cancelled) is DeviceState.HELD_BY_DEVICE
 
 
+async def test_a_late_held_report_does_not_take_back_an_issued_activation(
+    tmp_path: Path,
+) -> None:
+    # A CH reports its own image held twice (its WAN ImageHeld, then its HAN side's report);
+    # the second came after the campaign had issued the activation and put the record back in
+    # HELD_BY_DEVICE without a deadline: the CH's answer was then ignored, and it stayed
+    # "activating" for ever (a 1,000-CH load test). A transfer report after the command is stale.
+    async with premises(tmp_path, (JoinMode.PPMID,)) as p:
+        (device,) = p.devices
+        await p.relay()
+        at = int(WALL0 + p.sh.clock.now) + 600
+        await p.activate(device, at=at)
+        await p.until(lambda: p.record(device).execute_at == at)
+        size = len(p.ota)
+        for state, held in (
+            (DeviceTransferState.HELD, size),
+            (DeviceTransferState.TRANSFERRING, 1),
+        ):
+            p.sh.send_up(GUID, DeviceTransferReported(p.image.sha256, device, state, held, size, 0))
+        p.sh.run_for(1.0)
+        await p.sh.daemon.devices.flushed()
+        assert p.state(device) is DeviceState.ACTIVATION_PENDING
+        assert p.record(device).deadline is not None
+        await p.until(lambda: p.state(device) is DeviceState.CONFIRMED, max_s=1200)
+
+
 async def test_a_device_that_never_answers_times_out_at_its_deadline(tmp_path: Path) -> None:
     async with premises(tmp_path, (JoinMode.PPMID,)) as p:
         (device,) = p.devices
