@@ -339,6 +339,7 @@ class VirtualHub:
         self.muted = False  # connected but ignoring everything: a hung CH
         self.receiver = self._load_receiver()
         self.han: HanSide | None = None
+        self._relayed: set[bytes] = set()  # images handed to the HAN side (it relays them)
         """Its premises' HAN (SPEC §8.10): only for a 1.1 CH of a group given otad's activation
         key; otherwise the CH only holds images, as before."""
         if group.activation_trust is not None and options.protocol_minor >= 1:
@@ -471,6 +472,9 @@ class VirtualHub:
         self._announce()
         if self.han is not None:
             self.han.resumed()
+            for image in self.receiver.images():  # held, but the power cut beat the relay
+                if self.receiver.phase(image) is TransferPhase.HELD and image not in self._relayed:
+                    self._relay(image)
         later, self._after_restore = self._after_restore, []
         self._apply(later, structural=bool(later))
 
@@ -654,10 +658,9 @@ class VirtualHub:
                 name = str(message.reason)
             _bump(self.stats.rejected, name)
         elif isinstance(message, ImageHeld):
-            first = message.image.hex() not in self.stats.held
             self.stats.held[message.image.hex()] = message.sha256.hex()
             self._forget(message.image)
-            if first and self.han is not None:
+            if message.image not in self._relayed and self.han is not None:
                 self._relay(message.image)
         # A SACK is cumulative and idempotent: a lost one is covered by the next, or by the
         # sender's probe on timeout, so acks go at QoS 0; reports that end a transfer at QoS 1.
@@ -674,6 +677,7 @@ class VirtualHub:
             return
         path, han = self._store.image_path(image), self.han
         if manifest.size <= self._options.inline_hash_bytes:
+            self._relayed.add(image)
             han.image_held(manifest, signed, _read_image(path, manifest.size))
             return
         # a large image is read in the hashing pool, as it was checked: the loop serves the
@@ -682,10 +686,13 @@ class VirtualHub:
 
         def read(done: asyncio.Future[bytes]) -> None:
             if done.cancelled() or not self.running:
-                return
+                return  # stopped meanwhile: relayed when it runs again (start)
             if (error := done.exception()) is not None:
                 log.error("%s: cannot read %s to relay it: %s", self.guid, image.hex()[:16], error)
                 return
+            if image in self._relayed:
+                return
+            self._relayed.add(image)
             han.image_held(manifest, signed, done.result())
 
         future.add_done_callback(read)
