@@ -137,6 +137,8 @@ STALLED_AFTER_S: Final = 60.0
 RATE_WINDOW_S: Final = 300.0
 #: Targets measured before the pacing model uses a measured figure instead of the configured.
 MIN_SAMPLES: Final = 5
+#: A transfer of fewer blocks says how long the handshake takes, not a rate: not a sample.
+MIN_RATE_BLOCKS: Final = 64
 #: How often the executors' effects are checked against the durable records (:meth:`_repair`).
 REPAIR_S: Final = 30.0
 _ARTIFACT_CREDENTIALS: Final = "credentials"
@@ -285,8 +287,9 @@ class Campaigns:
         self._started_at: dict[tuple[str, str], float] = {}  # (campaign, device) -> start time
         self._samples: dict[str, collections.deque[float]] = {
             name: collections.deque(maxlen=1000)
-            for name in ("transfer_blocks_per_s", "han_bytes_per_s", "activation_s")
-        }  # measured on this deployment: the pacing model's figures
+            for name in ("transfer_blocks_per_s", "han_bytes_per_s", "activation_s:ch",
+                         "activation_s:han")
+        }  # measured on this deployment: the pacing model's figures  # fmt: skip
         self.commands = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -419,12 +422,13 @@ class Campaigns:
         took = max(now - stamp, 1e-3)
         wan_done = state is TargetState.DELIVERED or (state is TargetState.HELD and record.is_ch)
         if wan_done:
-            self._samples["transfer_blocks_per_s"].append(image.manifest.block_count / took)
+            if image.manifest.block_count >= MIN_RATE_BLOCKS:
+                self._samples["transfer_blocks_per_s"].append(image.manifest.block_count / took)
             self._started_at[key] = now  # the HAN relay's clock
         elif state is TargetState.HELD:
             self._samples["han_bytes_per_s"].append(image.manifest.size / took)
         elif state is TargetState.CONFIRMED:
-            self._samples["activation_s"].append(took)
+            self._samples["activation_s:ch" if record.is_ch else "activation_s:han"].append(took)
             self._started_at.pop(key, None)
 
     # ------------------------------------------------------------------ commands
@@ -696,13 +700,15 @@ class Campaigns:
             counts[live.engine.state.value] += 1
         return {state.value: counts.get(state.value, 0) for state in CampaignState}
 
-    def pacing_model(self) -> PacingModel:
-        """The fleet's speeds: measured medians where there are samples, else configured."""
+    def pacing_model(self, *, for_ch: bool = True) -> PacingModel:
+        """The fleet's speeds: measured medians where there are samples, else configured.
+        ``for_ch``: the payload is a CH's own image (its activation is a CH reboot), else a HAN
+        device's (an activation over the HAN): each is measured on its own kind."""
         config = self._config
         measured: list[str] = []
 
-        def median(name: str) -> float:
-            samples = self._samples[name]
+        def median(name: str, sampled: str | None = None) -> float:
+            samples = self._samples[sampled or name]
             default: float = getattr(config, name)
             if len(samples) < MIN_SAMPLES:
                 return default
@@ -713,7 +719,7 @@ class Campaigns:
             median("transfer_blocks_per_s"),
             config.fleet_blocks_per_s,
             median("han_bytes_per_s"),
-            median("activation_s"),
+            median("activation_s", "activation_s:ch" if for_ch else "activation_s:han"),
             config.tick_s,
             tuple(measured),
         )
@@ -763,7 +769,7 @@ class Campaigns:
                 engine.spec,
                 [row["targets"] for row in stage_rows],
                 size,
-                self.pacing_model(),
+                self.pacing_model(for_ch=size is None or size.for_ch),
                 now=self._wall(),
             ),
         }

@@ -90,3 +90,16 @@ async def test_a_second_image_for_chs_in_an_active_campaign_is_refused_with_the_
         )  # fmt: skip
         assert not planned["ok"]
         assert planned["error"] == Reason.CAMPAIGN_CONFLICT.name
+
+
+async def test_the_pacing_model_measures_ch_and_han_activations_apart(tmp_path: Path) -> None:
+    # A bridge campaign's activations (over the HAN) say nothing of a CH's (a reboot): a CH
+    # image's plan after a bridge campaign keeps the configured figure until CHs are measured.
+    async with shell(tmp_path) as s:
+        campaigns = s.daemon.campaigns
+        configured = campaigns.pacing_model(for_ch=True).activation_s
+        for took in (0.5, 0.6, 0.7, 0.8, 0.9):
+            campaigns._samples["activation_s:han"].append(took)
+        assert campaigns.pacing_model(for_ch=False).activation_s == 0.7
+        assert campaigns.pacing_model(for_ch=True).activation_s == configured
+        assert campaigns.pacing_model(for_ch=True).measured == ()
