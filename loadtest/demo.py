@@ -233,9 +233,20 @@ def phase_of(row: Mapping[str, Any]) -> int:
     return rank
 
 
-def otad_config(work: Path, activation_key: Path, device_keys: Path) -> Path:
-    """otad's configuration for the demo: activation on, with deadlines for accelerated HAN."""
+def otad_config(
+    work: Path,
+    activation_key: Path,
+    device_keys: Path,
+    *,
+    pacing: Mapping[str, float] | None = None,
+) -> Path:
+    """otad's configuration for the demo and load tests: activation on, with deadlines for
+    accelerated HAN; ``/metrics`` on a free port (a system otad may hold the default one);
+    ``pacing``: the ``[campaigns]`` figures its plans estimate with (:mod:`otad.config`)."""
+    from loadtest.broker import free_port
+
     path = work / "otad.toml"
+    campaigns = "".join(f"{name} = {float(value)!r}\n" for name, value in (pacing or {}).items())
     path.write_text(
         "[activation]\n"
         f"key = {json.dumps(str(activation_key))}\n"
@@ -244,6 +255,8 @@ def otad_config(work: Path, activation_key: Path, device_keys: Path) -> Path:
         "read_back_backoff_s = 2.0\n"
         "read_back_attempts = 5\n"
         "han_timeout_s = 300.0\n"
+        "\n[metrics]\n"
+        f"port = {free_port()}\n" + (f"\n[campaigns]\n{campaigns}" if campaigns else "")
     )
     return path
 

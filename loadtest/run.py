@@ -290,7 +290,9 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
             **fleet_options,
         )
         signers = await asyncio.to_thread(fleet.config.write_device_keys, out / "device-keys")
-        config = otad_config(out, activation_key, out / "device-keys")
+        config = otad_config(
+            out, activation_key, out / "device-keys", pacing=scenario.otad_pacing()
+        )
         address = broker.address
         otad = OtadProcess(
             lambda: start_otad(

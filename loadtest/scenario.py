@@ -36,6 +36,12 @@ A scenario names everything a run varies; every key is optional except ``fleet.h
     thresholds = {category2_limit = 50, failed_rate = 0.2}   # issue 10's names
     deadlines = {wan_delivery_s = 600, activation_s = 300}    # issue 10's phases
 
+    [pacing]                   # otad's plan estimate: this deployment's speeds ([campaigns])
+    fleet_blocks_per_s = 7000  # every WAN transfer together, as measured on this machine kind
+    transfer_blocks_per_s = 250
+    activation_s = 3.0         # activation -> confirmed (a virtual CH reboots in about 2 s)
+    han_bytes_per_s = 60000    # default: derived from [han] (Scenario.han_bytes_per_s)
+
     [faults]
     wan_latency_ms = 20        # each way, through the fault proxy
     wan_jitter_ms = 5
@@ -83,6 +89,8 @@ THRESHOLDS = (
     "min_sample",
 )
 DEADLINES = ("wan_delivery_s", "han_transfer_s", "activation_s", "confirmation_s")
+#: The pacing figures of otad's plan estimate (``[campaigns]`` of otad's configuration).
+PACING = ("transfer_blocks_per_s", "fleet_blocks_per_s", "han_bytes_per_s", "activation_s")
 #: Bounds a scenario may not exceed (what one machine's run can mean, not what otad can do).
 MAX_HUBS = 100_000
 MAX_IMAGE_KIB = 2048
@@ -202,7 +210,27 @@ class Scenario:
     timeout_s: float = 900.0
     thresholds: Mapping[str, float] = field(default_factory=dict)
     deadlines: Mapping[str, float] = field(default_factory=dict)
+    pacing: Mapping[str, float] = field(default_factory=dict)
     faults: Faults = field(default_factory=Faults)
+
+    @property
+    def han_bytes_per_s(self) -> float:
+        """What one HAN relay moves per shell second on this scenario's link: a ZigBee OTA
+        client asks for one block at a time, each a request and a response frame (airtime and
+        latency each way), never faster than the server's minimum block period; HAN time runs
+        ``han_acceleration`` times as fast."""
+        from loadtest.hanlink import LinkConfig
+        from loadtest.premises import PremisesConfig
+
+        round_trip = 2.0 * (1.0 / self.han_frame_rate + LinkConfig().latency)
+        per_block = max(round_trip, PremisesConfig().minimum_block_period_ms / 1000.0)
+        return self.han_block_size / per_block * self.han_acceleration
+
+    def otad_pacing(self) -> dict[str, float]:
+        """otad's ``[campaigns]`` pacing for this run: the scenario's ``[pacing]`` figures (the
+        deployment's measured speeds, as an operator sets them), the HAN rate derived from the
+        link where it gives none (:attr:`han_bytes_per_s`); otad's defaults for the rest."""
+        return {"han_bytes_per_s": round(self.han_bytes_per_s, 1), **self.pacing}
 
     def timeline(self) -> list[FaultAction]:
         """The fault actions of the run, in time order; a pure function of the scenario (its
@@ -295,6 +323,7 @@ def parse_scenario(data: Mapping[str, Any], *, default_name: str = "scenario") -
     han = top.table("han")
     campaign = top.table("campaign")
     faults_t = top.table("faults")
+    top_pacing = top.table("pacing")
     top.done()
 
     hubs = fleet.integer("hubs", None, low=1, high=MAX_HUBS)
@@ -337,6 +366,13 @@ def parse_scenario(data: Mapping[str, Any], *, default_name: str = "scenario") -
         "deadlines": _named_numbers(campaign.table("deadlines"), DEADLINES),
     }
     campaign.done()
+    pacing = top_pacing
+    scenario_fields["pacing"] = {
+        name: value
+        for name in PACING
+        if (value := pacing.number(name, None, low=0.001, high=1e9)) is not None
+    }
+    pacing.done()
     scenario_fields["faults"] = _faults(faults_t, hubs)
     faults_t.done()
     return Scenario(**scenario_fields)
