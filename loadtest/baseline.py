@@ -25,7 +25,6 @@ import contextlib
 import json
 import multiprocessing
 import multiprocessing.synchronize
-import os
 import queue
 import sys
 import time
@@ -36,6 +35,7 @@ from typing import Any
 import uvloop
 
 from loadtest.broker import MosquittoBroker, raise_nofile_limit
+from loadtest.procstat import cpu_seconds
 from mqttio import HARD_INFLIGHT_LIMIT, LIBRARIES, MqttSettings, create_client, parse_broker
 from protocol.wire import topics
 
@@ -48,13 +48,6 @@ _SEQ_BYTES = 4
 def guid(index: int) -> str:
     """GUID of virtual hub ``index`` (16 upper-case hex digits)."""
     return f"{_GUID_BASE + index:016X}"
-
-
-def _cpu_of_pid(pid: int) -> float:
-    """utime+stime of a process in seconds, from /proc (Linux)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- hubs
@@ -195,7 +188,7 @@ async def _publisher(
     await client.subscribe(topics.UP_WILDCARD, ack_qos)
     await client.connect(fail_fast=True)
     try:
-        broker_cpu0 = _cpu_of_pid(broker_pid) if broker_pid else None
+        broker_cpu0 = cpu_seconds(broker_pid) if broker_pid else None
         cpu0, t0 = time.process_time(), time.perf_counter()
         first = min(window, blocks_per_hub)
         for i in range(hubs):
@@ -214,7 +207,7 @@ async def _publisher(
         t1, cpu1 = time.perf_counter(), time.process_time()
         broker_cpu = None
         if broker_pid and broker_cpu0 is not None:
-            broker_cpu = _cpu_of_pid(broker_pid) - broker_cpu0
+            broker_cpu = cpu_seconds(broker_pid) - broker_cpu0
     finally:
         await client.disconnect()
 

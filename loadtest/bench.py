@@ -52,6 +52,7 @@ from loadtest.demo import (
     stop_otad,
     wait_json,
 )
+from loadtest.procstat import cpu_seconds, rss_bytes
 from loadtest.release import make_release
 from otad.events import MonitorEvent, TransferFailed, TransferHeld, TransferStarted
 from otad.monitor import EventMonitor
@@ -60,8 +61,6 @@ from protocol.release.manifest import Manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,20 +130,6 @@ def _block_qos() -> int:
     from otad.config import TransferConfig
 
     return int(TransferConfig().qos_blocks)
-
-
-# ----------------------------------------------------------------------------- /proc
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process, bytes."""
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
 
 # ----------------------------------------------------------------------------- one otad run

@@ -54,6 +54,7 @@ from loadtest.demo import (
     stop_otad,
 )
 from loadtest.faultproxy import FaultPolicy, ProxyProcess
+from loadtest.procstat import cpu_or_none, peak_rss_bytes, rss_or_none
 from loadtest.release import Release, make_release
 from loadtest.report import CampaignRecord, RunRecord, Sample, write_report
 from loadtest.scenario import FaultAction, Scenario, ScenarioError, load_scenario
@@ -102,40 +103,6 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-# ----------------------------------------------------------------------------- /proc
-
-
-def _cpu_s(pid: int | None) -> float | None:
-    from loadtest.bench import cpu_seconds
-
-    if pid is None:
-        return None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        return cpu_seconds(pid)
-    return None
-
-
-def _rss(pid: int | None) -> int | None:
-    from loadtest.bench import rss_bytes
-
-    if pid is None:
-        return None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        return rss_bytes(pid)
-    return None
-
-
-def _peak_rss(pid: int | None) -> int:
-    """VmHWM (peak resident set) of a process from /proc/<pid>/status, bytes; 0 if unknown."""
-    if pid is None:
-        return 0
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -158,25 +125,25 @@ class OtadProcess:
         return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
 
     def note_peak(self) -> None:
-        self.peak_rss = max(self.peak_rss, _peak_rss(self.pid))
+        self.peak_rss = max(self.peak_rss, peak_rss_bytes(self.pid))
 
     async def kill_and_restart(self) -> None:
         """SIGKILL (after reading its CPU and peak memory), then a new otad at once."""
         if self.proc is not None and self.proc.returncode is None:
             self.note_peak()
-            self.dead_cpu_s += _cpu_s(self.proc.pid) or 0.0
+            self.dead_cpu_s += cpu_or_none(self.proc.pid) or 0.0
             self.proc.kill()
             await self.proc.wait()
         self.kills += 1
         await self.start()
 
     def cpu_s(self) -> float:
-        return self.dead_cpu_s + (_cpu_s(self.pid) or 0.0)
+        return self.dead_cpu_s + (cpu_or_none(self.pid) or 0.0)
 
     async def stop(self) -> None:
         if self.proc is not None:
             self.note_peak()
-            cpu = _cpu_s(self.pid)
+            cpu = cpu_or_none(self.pid)
             await stop_otad(self.proc, 15)
             if cpu is not None:
                 self.dead_cpu_s += cpu
@@ -372,7 +339,7 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
             alerts_published=len(confirmed_alerts) + len(alerts.of_kind(DeviceFailed)),
             otad_cpu_s=otad.cpu_s(),
             otad_peak_rss_bytes=otad.peak_rss,
-            broker_cpu_s=_cpu_s(broker.pid),
+            broker_cpu_s=cpu_or_none(broker.pid),
             faults_applied=faults.applied,
             faulty_hubs=faults.faulty_hubs(),
             proxy={
@@ -674,18 +641,18 @@ class _Sampler:
             totals = await self.fleet.totals()
             sample.hub_blocks, sample.hub_block_bytes = totals.blocks, totals.block_bytes
         sample.otad_cpu_s = self.otad.cpu_s()
-        sample.otad_rss_bytes = _rss(self.otad.pid)
+        sample.otad_rss_bytes = rss_or_none(self.otad.pid)
         self.otad.note_peak()
-        sample.broker_cpu_s = _cpu_s(self.broker.pid)
-        sample.broker_rss_bytes = _rss(self.broker.pid)
-        hub_cpu = [_cpu_s(pid) for pid in self.fleet.worker_pids]
+        sample.broker_cpu_s = cpu_or_none(self.broker.pid)
+        sample.broker_rss_bytes = rss_or_none(self.broker.pid)
+        hub_cpu = [cpu_or_none(pid) for pid in self.fleet.worker_pids]
         sample.hubs_cpu_s = sum(c for c in hub_cpu if c is not None) if hub_cpu else None
         status = self.monitor.status
         lag = status.get("loop_lag") if isinstance(status, dict) else None
         if isinstance(lag, dict) and status.get("state") == "online":
             sample.loop_lag_p99_ms = lag.get("p99_ms")
             sample.loop_lag_max_ms = lag.get("max_ms")
-        sample.proxy_cpu_s = _cpu_s(self.proxy.pid)
+        sample.proxy_cpu_s = cpu_or_none(self.proxy.pid)
         rtts: list[float] = []
         with contextlib.suppress(Exception):
             rtts = [round(s * 1000.0, 3) for s in await self.proxy.take_round_trips()]

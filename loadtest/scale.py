@@ -41,9 +41,10 @@ from typing import Any
 
 import uvloop
 
-from loadtest.bench import BENCHMARKS, cpu_seconds, rss_bytes, versions
+from loadtest.bench import BENCHMARKS, versions
 from loadtest.broker import MosquittoBroker
 from loadtest.demo import DemoError, otactl, run_cmd, start_otad, stop_otad
+from loadtest.procstat import cpu_seconds, peak_rss_bytes, rss_bytes
 from loadtest.release import make_release
 from loadtest.runner import HostLimitError, HubFleet, check_host_limits, default_procs
 from mqttio import MqttSettings, create_client
@@ -262,7 +263,7 @@ async def fleet_run(
                 result = await distribute(run, ctl, fleet, watcher, proc, kib, sha, blocks, limit_s)
                 run.distributions.append(result)
                 print(f"scale: {run.hubs} CHs, {kib} KiB: {summary(result, run.hubs)}", flush=True)
-        run.rss_peak = max(run.rss_peak, _peak_rss(proc.pid))
+        run.rss_peak = max(run.rss_peak, peak_rss_bytes(proc.pid))
     finally:
         with contextlib.suppress(Exception):
             await monitor.disconnect()
@@ -345,15 +346,6 @@ async def _until(condition: Any, wait_s: float, proc: asyncio.subprocess.Process
         if time.monotonic() > deadline:
             raise TimeoutError(f"not done after {wait_s:.0f} s")
         await asyncio.sleep(0.2)
-
-
-def _peak_rss(pid: int) -> int:
-    """VmHWM of a process (its peak resident set), bytes; 0 if unknown."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _q(values: list[float], q: float) -> float:
