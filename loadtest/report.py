@@ -92,16 +92,24 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def _stage_rows(record: RunRecord) -> list[dict[str, Any]]:
+    """Per stage: its plan, outcome and gate, and its time as estimated and as measured (from
+    its start to the next stage's, the soak included, or, for the last, to its settling)."""
     rows = []
     for campaign in record.campaigns:
         planned = {s.get("name"): s for s in campaign.plan.get("stages", [])}
+        estimated = {s.get("name"): s for s in campaign.plan.get("estimate", {}).get("stages", [])}
+        stages = list(campaign.status.get("stages", []))
+        ends = [nxt.get("started_at") for nxt in stages[1:]] + [
+            stages[-1].get("settled_at") if stages else None
+        ]
         deciders = {  # who made each stage's gate decision (the audit trail)
             str(e.get("stage")): str(e.get("actor"))
             for e in campaign.history
             if e.get("kind") == "gate_decided"
         }
-        for stage in campaign.status.get("stages", []):
+        for stage, end in zip(stages, ends, strict=True):
             counts = stage.get("counts", {})
+            began = stage.get("started_at")
             rows.append(
                 {
                     "campaign": campaign.label,
@@ -112,11 +120,42 @@ def _stage_rows(record: RunRecord) -> list[dict[str, Any]]:
                     "failed": sum(int(counts.get(s, 0)) for s in FAILED_STATES),
                     "gate_decision": stage.get("gate") or None,
                     "gate_actor": deciders.get(str(stage.get("name"))),
-                    "started_at": stage.get("started_at"),
+                    "started_at": began,
                     "settled_at": stage.get("settled_at"),
+                    "estimated_s": estimated.get(stage.get("name"), {}).get("total_s"),
+                    "measured_s": (
+                        round(float(end) - float(began), 1)
+                        if isinstance(began, int | float) and isinstance(end, int | float)
+                        else None
+                    ),
                 }
             )
     return rows
+
+
+def implied_fleet_rate(campaign: CampaignRecord, rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """The all-together WAN rate (blocks/s) that would have made the plan exact for the
+    campaign's largest stage (the one whose WAN time the fleet's shared rate sets): the figure
+    to give otad's ``[campaigns] fleet_blocks_per_s`` (a scenario's ``[pacing]``) for the next
+    plan on this machine. ``None`` where nothing was measured or planned."""
+    estimate = campaign.plan.get("estimate", {})
+    fleet = estimate.get("model", {}).get("fleet_blocks_per_s")
+    per_stage = {s.get("name"): s for s in estimate.get("stages", [])}
+    best: tuple[int, float] | None = None
+    for row in rows:
+        est = per_stage.get(row.get("name"))
+        measured = row.get("measured_s")
+        if row.get("campaign") != campaign.label or est is None or measured is None or not fleet:
+            continue
+        rest = sum(float(est.get(k, 0.0)) for k in ("han_s", "activate_s", "soak_s"))
+        wan_s = float(measured) - rest - float(estimate["model"].get("tick_s", 0.0))
+        distribute = float(est.get("distribute_s", 0.0))
+        if wan_s <= 0 or distribute <= 0:
+            continue
+        targets = int(row.get("targets") or 0)
+        if best is None or targets > best[0]:
+            best = (targets, float(fleet) * distribute / wan_s)
+    return None if best is None else round(best[1], 1)
 
 
 def build_report(record: RunRecord) -> dict[str, Any]:
@@ -138,6 +177,7 @@ def build_report(record: RunRecord) -> dict[str, Any]:
         else None
     )
     rtts = record.rtt_all_ms
+    stage_rows = _stage_rows(record)
     return {
         "scenario": record.scenario,
         "ok": record.ok,
@@ -147,7 +187,7 @@ def build_report(record: RunRecord) -> dict[str, Any]:
         "confirmations_by_method": dict(sorted(record.confirmations_by_method.items())),
         "failures": dict(sorted(failures.items())),
         "alerts_published": record.alerts_published,
-        "stages": _stage_rows(record),
+        "stages": stage_rows,
         "campaigns": [
             {
                 "label": c.label,
@@ -157,6 +197,8 @@ def build_report(record: RunRecord) -> dict[str, Any]:
                 "counts": c.status.get("counts"),
                 "estimated_s": c.plan.get("estimate", {}).get("total_s"),
                 "estimate_assumptions": c.plan.get("estimate", {}).get("assumptions"),
+                "estimate_model": c.plan.get("estimate", {}).get("model"),
+                "implied_fleet_blocks_per_s": implied_fleet_rate(c, stage_rows),
                 "started_at": c.status.get("created_at"),
             }
             for c in record.campaigns
@@ -360,13 +402,25 @@ def _markdown(report: Mapping[str, Any], plots: Sequence[tuple[str, str]]) -> st
         "",
         "## Stages",
         "",
-        "| campaign | stage | hubs | targets | confirmed | failed | gate |",
+        "| campaign | stage | hubs | targets | confirmed | failed | gate | estimated s |"
+        " measured s |",
     ]
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for s in report["stages"]:
         lines.append(
             f"| {s['campaign']} | {s['name']} | {_fmt(s['hubs'])} | {_fmt(s['targets'])} | "
-            f"{_fmt(s['confirmed'])} | {_fmt(s['failed'])} | {_fmt(s['gate_decision'])} |"
+            f"{_fmt(s['confirmed'])} | {_fmt(s['failed'])} | {_fmt(s['gate_decision'])} | "
+            f"{_fmt(s.get('estimated_s'))} | {_fmt(s.get('measured_s'))} |"
+        )
+    lines += ["", "## The plans' pacing", ""]
+    for c in report["campaigns"]:
+        model = c.get("estimate_model") or {}
+        lines.append(
+            f"* {c['label']}: planned with one CH's transfer at "
+            f"{_fmt(model.get('transfer_blocks_per_s'))} blocks/s, all together at "
+            f"{_fmt(model.get('fleet_blocks_per_s'))} blocks/s, activation to confirmation "
+            f"{_fmt(model.get('activation_s'))} s; the all-together rate that would have made "
+            f"its largest stage's estimate exact: {_fmt(c.get('implied_fleet_blocks_per_s'))}"
         )
     lines += ["", "## Confirmations and failures", ""]
     by_method = report["confirmations_by_method"]

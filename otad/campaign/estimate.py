@@ -110,4 +110,13 @@ def estimate(
         assumptions.append(f"activation window {policies.window.cron}: waits for it not counted")
     if any(s.kind is StageKind.ROLLOUT for s in spec.stages) and notice_at is None:
         assumptions.append("the roll-out waits 7 days from the notice (not published yet)")
-    return {"total_s": round(clock, 1), "stages": stages, "assumptions": assumptions}
+    figures = {
+        "transfer_blocks_per_s": round(model.transfer_blocks_per_s, 3),
+        "fleet_blocks_per_s": round(model.fleet_blocks_per_s, 3),
+        "han_bytes_per_s": round(model.han_bytes_per_s, 3),
+        "activation_s": round(model.activation_s, 3),
+        "tick_s": model.tick_s,
+        "measured": list(model.measured),
+    }
+    return {"total_s": round(clock, 1), "stages": stages, "assumptions": assumptions,
+            "model": figures}  # fmt: skip

@@ -105,3 +105,33 @@ def test_write_report_writes_json_markdown_and_every_plot(tmp_path: Path) -> Non
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
         assert f"]({name}.png)" in markdown
     assert "| mp | 3 | 3 | 3 | 0 | go |" in markdown
+
+
+def test_each_stage_measured_against_its_estimate_and_the_fleet_rate_it_implies() -> None:
+    record = _record()
+    campaign = record.campaigns[0]
+    stages = [dict(s) for s in campaign.status["stages"]]
+    stages[0] |= {"started_at": 100.0, "settled_at": 104.0}
+    stages[1] |= {"started_at": 110.0, "settled_at": 160.0}
+    campaign.status = {**campaign.status, "stages": stages}
+    campaign.plan = {
+        **campaign.plan,
+        "estimate": {
+            "total_s": 60.0,
+            "model": {"fleet_blocks_per_s": 1000.0, "tick_s": 2.0},
+            "stages": [
+                {"name": "mp", "distribute_s": 1.0, "han_s": 0.0, "activate_s": 3.0,
+                 "soak_s": 5.0, "total_s": 11.0},
+                {"name": "ro", "distribute_s": 30.0, "han_s": 0.0, "activate_s": 3.0,
+                 "soak_s": 0.0, "total_s": 35.0},
+            ],
+        },
+    }  # fmt: skip
+    report = build_report(record)
+    mp, ro = report["stages"]
+    assert (mp["estimated_s"], mp["measured_s"]) == (11.0, 10.0)  # to the next stage's start
+    assert (ro["estimated_s"], ro["measured_s"]) == (35.0, 50.0)  # to its settling
+    # the roll-out's WAN took 50 - 3 - 2 = 45 s where 30 were planned at 1,000 blocks/s
+    (c,) = report["campaigns"]
+    assert c["implied_fleet_blocks_per_s"] == round(1000.0 * 30.0 / 45.0, 1)
+    assert c["estimate_model"]["fleet_blocks_per_s"] == 1000.0
