@@ -151,6 +151,8 @@ class OtadRun:
     kib_per_session: float
     held: int
     hash_ok: int
+    loop_lag_p99_ms: float | None  # worst p99 otad's status reported during the distribution
+    loop_lag_max_ms: float | None
 
 
 async def otad_run(
@@ -186,7 +188,7 @@ async def otad_run(
         host,
         port,
         library=args.library,
-        status=False,
+        status=True,  # otad's retained status: its event-loop lag while it distributes
         client_id=f"bench-monitor-{rep}",
         on_event=on_event,
     )
@@ -226,6 +228,7 @@ async def otad_run(
         hub_cpu0 = sum(cpu_seconds(pid) for pid in fleet.worker_pids)
         broker_cpu0 = cpu_seconds(broker.pid) if broker.pid else 0.0
         t0 = time.monotonic()
+        statuses_before = len(monitor.statuses)
         await run_cmd(otactl("--broker", address, "distribute", image_id, "--all-matching"))
         rss_peak = rss_bytes(proc.pid)
         total_blocks = len(wanted) * blocks_per_image
@@ -256,6 +259,8 @@ async def otad_run(
         blocks_sent = sum(held[g].blocks_total + held[g].retransmissions for g in wanted)
         hash_ok = sum(1 for s in after_stats.values() if s.held.get(image_id) == image_id)
         cpu = cpu1 - cpu0
+        during = monitor.statuses[statuses_before:]
+        lags = [s.get("loop_lag", {}) for s in during if isinstance(s.get("loop_lag"), dict)]
         return OtadRun(
             blocks_per_s=len(wanted) * blocks_per_image / seconds,
             seconds=seconds,
@@ -269,6 +274,8 @@ async def otad_run(
             kib_per_session=max(0, rss_peak - rss_idle) / 1024 / len(wanted),
             held=len(set(held) & wanted),
             hash_ok=hash_ok,
+            loop_lag_p99_ms=max((float(x.get("p99_ms", 0)) for x in lags), default=None),
+            loop_lag_max_ms=max((float(x.get("max_ms", 0)) for x in lags), default=None),
         )
     finally:
         with contextlib.suppress(Exception):
@@ -366,6 +373,11 @@ def report(
     us = statistics.median(r.us_per_block for r in runs)
     kib = statistics.median(r.kib_per_session for r in runs)
     ratio = otad_rate / baseline_rate if base_rates else float("nan")
+    publisher_us = base_cpu("pub_cpu_us_per_block")
+    baseline_hub_us = base_cpu("hub_cpu_us_per_block")
+    hub_us = statistics.median(r.hub_us_per_block for r in runs)
+    lag_p99 = _median_of(r.loop_lag_p99_ms for r in runs)
+    lag_max = _median_of(r.loop_lag_max_ms for r in runs)
     table = [
         "| measure | median | runs |",
         "|---|---|---|",
@@ -380,8 +392,10 @@ def report(
         f"{base_cpu('pub_cpu_us_per_block'):.1f} / {base_cpu('hub_cpu_us_per_block'):.1f} / "
         f"{base_cpu('broker_cpu_us_per_block'):.1f} | |",
         "| CPU us per block, otad run: otad / virtual CHs / broker | "
-        f"{us:.1f} / {statistics.median(r.hub_us_per_block for r in runs):.1f} / "
+        f"{us:.1f} / {hub_us:.1f} / "
         f"{statistics.median(r.broker_us_per_block for r in runs):.1f} | |",
+        f"| otad event-loop lag during the distribution, p99 / max (ms) | {lag_p99:.0f} / "
+        f"{lag_max:.0f} | |",
         f"| otad KiB per active CH transfer | {kib:.1f} | "
         + ", ".join(f"{r.kib_per_session:.1f}" for r in runs) + " |",
         f"| otad RSS idle / peak (MiB) | {statistics.median(r.rss_idle for r in runs) / 2**20:.1f}"
@@ -391,14 +405,50 @@ def report(
     ]  # fmt: skip
     last = (
         f"bench: baseline_blocks_per_s={baseline_rate:.0f} otad_blocks_per_s={otad_rate:.0f} "
-        f"ratio={ratio:.2f} us_per_block={us:.1f} kib_per_session={kib:.1f}"
+        f"ratio={ratio:.2f} us_per_block={us:.1f} kib_per_session={kib:.1f} "
+        f"publisher_us_per_block={publisher_us:.1f} hub_us_per_block={hub_us:.1f} "
+        f"baseline_hub_us_per_block={baseline_hub_us:.1f}"
     )
+    table += ["", *targets(us, publisher_us, hub_us, ratio, kib)]
     print()
     print("\n".join(table))
     if not args.no_record:
         record(args, command, table, last)
         print(f"(appended to {BENCHMARKS})")
     print(last, flush=True)
+
+
+#: issue 12's targets, as this benchmark measures them
+TARGET_OTAD_OVER_PUBLISHER = 1.5  # otad's CPU per block over the raw publisher's, at most
+TARGET_HUB_US = 15.0  # a virtual CH's CPU per block, at most (verifying and writing each block)
+TARGET_RATIO = 0.8  # otad's blocks/s over the raw baseline's, at least
+TARGET_KIB = 16.0  # otad's memory per active transfer, at most
+
+
+def targets(us: float, publisher_us: float, hub_us: float, ratio: float, kib: float) -> list[str]:
+    """One line per target: the figure, the target and whether it is met."""
+
+    def line(name: str, figure: str, target: str, met: bool) -> str:
+        return f"- {name}: {figure} (target {target}): {'met' if met else 'MISSED'}"
+
+    over = us / publisher_us if publisher_us > 0 else float("nan")
+    return [
+        "Targets:",
+        "",
+        line("otad CPU per block over the raw publisher's", f"{over:.2f}x",
+             f"<= {TARGET_OTAD_OVER_PUBLISHER}x", over <= TARGET_OTAD_OVER_PUBLISHER),
+        line("virtual CH CPU per block", f"{hub_us:.1f} us", f"<= {TARGET_HUB_US:.0f} us",
+             hub_us <= TARGET_HUB_US),
+        line("whole-system ratio otad/baseline blocks/s", f"{ratio:.2f}", f">= {TARGET_RATIO}",
+             ratio >= TARGET_RATIO),
+        line("otad memory per active transfer", f"{kib:.1f} KiB", f"<= {TARGET_KIB:.0f} KiB",
+             kib <= TARGET_KIB),
+    ]  # fmt: skip
+
+
+def _median_of(values: Any) -> float:
+    known = [float(v) for v in values if v is not None]
+    return statistics.median(known) if known else float("nan")
 
 
 def record(args: argparse.Namespace, command: str, table: list[str], last: str) -> None:

@@ -26,7 +26,9 @@ def test_a_process_gone_reads_as_none_or_raises() -> None:
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True, check=True)  # fmt: skip
     gone = int(child.stdout)
-    assert cpu_or_none(gone) is None and rss_or_none(gone) is None
-    assert peak_rss_bytes(gone) == 0 and peak_rss_bytes(None) == 0
+    assert cpu_or_none(gone) is None
+    assert rss_or_none(gone) is None
+    assert peak_rss_bytes(gone) == 0
+    assert peak_rss_bytes(None) == 0
     with pytest.raises(OSError):
         cpu_seconds(gone)
