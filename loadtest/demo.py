@@ -325,7 +325,7 @@ async def run(args: argparse.Namespace) -> int:
     from loadtest.broker import MosquittoBroker
     from loadtest.runner import HostLimitError, HubFleet, check_host_limits, default_procs
     from otad.ctl import imagetool
-    from otad.ctl.client import CtlClient
+    from otad.ctl.client import CtlClient, call_all
     from otad.events import ALERTS_PREFIX, DeviceConfirmed, DeviceFailed
     from otad.keyfiles import public_key_path
     from protocol.release.manifest import DeviceType
@@ -523,7 +523,7 @@ async def run(args: argparse.Namespace) -> int:
             if otad_proc.returncode is not None:
                 raise DemoError(f"otad exited with status {otad_proc.returncode}; see otad.log")
             with contextlib.suppress(Exception):
-                rows = await ctl.call("devices", {})
+                rows = await call_all(ctl, "devices")
                 for image in images:
                     image.update(rows)
             bar.update(progress(), extra(), stalled=tally.stalled)
@@ -553,7 +553,7 @@ async def run(args: argparse.Namespace) -> int:
                 break
         duration = time.monotonic() - started
         with contextlib.suppress(Exception):  # the last word, as of the alerts counted below
-            rows = await ctl.call("devices", {})
+            rows = await call_all(ctl, "devices")
             for image in images:
                 image.update(rows)
         bar.close(progress(), extra())

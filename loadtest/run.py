@@ -457,13 +457,15 @@ async def _wait_fleet_known(
     ctl: Any, wanted: set[str], otad: OtadProcess, wait_s: float = 120.0
 ) -> None:
     """Until otad lists every CH of the fleet online."""
+    from otad.ctl.client import call_all
+
     deadline = time.monotonic() + wait_s
     known: set[str] = set()
     while True:
         if otad.proc is not None and otad.proc.returncode is not None:
             raise LoadTestError(f"otad exited with status {otad.proc.returncode}; see otad.log")
         with contextlib.suppress(Exception):
-            known = _guids_in(await ctl.call("fleet.list", {}))
+            known = _guids_in(await call_all(ctl, "fleet.list"))
         if wanted <= known:
             return
         if time.monotonic() > deadline:

@@ -43,6 +43,12 @@ The arguments are untrusted and checked here (``MALFORMED`` otherwise).
                    known again
 ``transfers``      optional args ``image``, ``guid`` -> list of per-CH transfer rows
 ``status``         -> the status snapshot, ``state: "online"``, and otad's resident memory
+
+The listings (``fleet.list``, ``devices``, ``transfers``, ``credentials.list``) also take
+``offset`` and ``limit`` (at most :data:`otad.control.MAX_PAGE_ROWS`): one page, in the
+listing's order. A fleet's whole listing can outgrow a control response
+(:data:`otad.control.MAX_RESPONSE_BYTES`; otad answers ``TOO_LARGE`` then): otactl asks for
+pages (:func:`otad.ctl.client.call_all`).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from typing import Any
 
 from otad.campaigns import Campaigns
 from otad.catalogue import Catalogue
-from otad.control import Command, arg_bytes_b64, arg_str, arg_str_list, current_actor
+from otad.control import Command, arg_bytes_b64, arg_str, arg_str_list, current_actor, page
 from otad.credentials import Credentials
 from otad.devices import Devices
 from otad.distribution import Distribution
@@ -277,8 +283,8 @@ class Commands:
         return await self._credentials.replace(devices)
 
     async def credentials_list(self, args: dict[str, Any]) -> Any:
-        """Every device's credential replacement."""
-        return self._credentials.listing()
+        """Every device's credential replacement (a page of them: :func:`otad.control.page`)."""
+        return page(self._credentials.listing(), args)
 
     async def devices(self, args: dict[str, Any]) -> Any:
         """Every device's state per image, or those of one image and/or one premises."""
@@ -289,7 +295,7 @@ class Commands:
         if "guid" in args:
             guid = arg_str(args, "guid")
             rows = [r for r in rows if r["guid"] == guid]
-        return rows
+        return page(rows, args)
 
     async def firmware_version(self, args: dict[str, Any]) -> Any:
         """Read a device's running firmware version through its CH."""
@@ -300,9 +306,9 @@ class Commands:
         return await self._devices.read_version(device, float(wait_s))
 
     async def fleet_list(self, args: dict[str, Any]) -> Any:
-        """Every known CH, by GUID."""
+        """Every known CH, by GUID (a page of them: :func:`otad.control.page`)."""
         hubs = self._registry.hubs
-        return [hubs[g].to_json() for g in sorted(hubs)]
+        return [hubs[g].to_json() for g in page(sorted(hubs), args)]
 
     async def fleet_forget(self, args: dict[str, Any]) -> Any:
         """Remove each CH named from the fleet, unless something of it is in progress."""
@@ -345,7 +351,7 @@ class Commands:
         if "guid" in args:
             guid = arg_str(args, "guid")
             rows = [r for r in rows if r["guid"] == guid]
-        return rows
+        return page(rows, args)
 
     async def status(self, args: dict[str, Any]) -> Any:
         """The status snapshot, as the retained status says it, and otad's memory."""

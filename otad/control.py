@@ -42,6 +42,13 @@ SCHEMA_VERSION = 1
 """The control plane's ``v``, of requests and responses (otactl's client sends this one)."""
 MAX_REQUEST_BYTES = (MAX_OTAIMG_BYTES * 4) // 3 + 64 * 1024
 MAX_CONCURRENT = 8
+#: Largest response payload otad publishes. The broker passes packets up to SPEC §1.1's size
+#: (2,098,216 bytes) and disconnects a client that sends a larger one -- otad's control session,
+#: again at every retry. A larger answer is replaced by a ``TOO_LARGE`` error naming its size;
+#: the listing commands take ``offset`` and ``limit`` (:func:`page`) so that none need be.
+MAX_RESPONSE_BYTES = 2_000_000
+#: Most rows one page of a listing may ask for.
+MAX_PAGE_ROWS = 10_000
 INLINE_PARSE_BYTES = 256 * 1024  # larger requests are parsed in a worker thread
 _PREFIX = f"{topics.ROOT}/ctl/"
 _SUFFIX = "/req"
@@ -137,12 +144,23 @@ class Control:
                 response = _error(Reason.INTERNAL, f"{type(exc).__name__}: {exc}")
                 outcome = Reason.INTERNAL.name
         response.update({"v": SCHEMA_VERSION, "id": request_id})
+        payload = dumps(response)
+        if len(payload) > MAX_RESPONSE_BYTES:
+            name = str(request.get("cmd"))[:40]
+            log.warning("%s by %s: answer of %d bytes not sent: too large", name, client,
+                        len(payload))  # fmt: skip
+            outcome = Reason.TOO_LARGE.name
+            response = _error(Reason.TOO_LARGE, f"the answer to {name} is {len(payload):,} bytes,"
+                              f" above the {MAX_RESPONSE_BYTES:,} a control response may be: ask"
+                              " for it in pages (offset, limit)")  # fmt: skip
+            response.update({"v": SCHEMA_VERSION, "id": request_id})
+            payload = dumps(response)
         self.served += 1
         cmd = request.get("cmd")
         key = (cmd if isinstance(cmd, str) and cmd in self._commands else "unknown", outcome)
         self.outcomes[key] = self.outcomes.get(key, 0) + 1
         try:
-            self._client.publish(topics.ctl_response(client), dumps(response), 1, False)
+            self._client.publish(topics.ctl_response(client), payload, 1, False)
         except NotConnected:
             log.warning("cannot answer control request %s of %s: not connected", request_id, client)
 
@@ -169,6 +187,31 @@ class Control:
 
 def _error(reason: Reason, detail: str) -> dict[str, Any]:
     return {"ok": False, "error": reason.name, "code": int(reason), "detail": detail[:500]}
+
+
+def page(rows: list[Any], args: dict[str, Any]) -> list[Any]:
+    """One page of a listing (rows in its stable order): ``offset`` rows skipped (default 0),
+    at most ``limit`` returned (default all, at most :data:`MAX_PAGE_ROWS`). A row added or
+    removed between two requests shifts the rows after it by one: a client pages until a page
+    comes back short (``CtlClient.call_all``)."""
+    offset = _arg_count(args, "offset") or 0
+    limit = _arg_count(args, "limit")
+    if limit is None:
+        return rows[offset:]
+    if limit < 1:
+        raise ProtocolError(Reason.MALFORMED, "argument 'limit' must be at least 1")
+    if limit > MAX_PAGE_ROWS:
+        raise ProtocolError(Reason.TOO_LARGE, f"argument 'limit' is above {MAX_PAGE_ROWS}")
+    return rows[offset : offset + limit]
+
+
+def _arg_count(args: dict[str, Any], name: str) -> int | None:
+    value = args.get(name)
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise ProtocolError(Reason.MALFORMED, f"argument {name!r} must be a whole number >= 0")
+    return value
 
 
 def arg_str(args: dict[str, Any], name: str) -> str:

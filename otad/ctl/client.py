@@ -31,6 +31,9 @@ from otad.ctl.connection import Connection
 from protocol.wire import topics
 
 DEFAULT_TIMEOUT = 10.0
+#: The commands whose answer is a paged listing (:func:`otad.control.page`): :func:`call_once`
+#: gathers every page of them.
+LISTINGS = frozenset({"fleet.list", "devices", "transfers", "credentials.list"})
 
 
 class CtlError(Exception):
@@ -200,6 +203,26 @@ class CtlClient:
                 )
 
 
+PAGE_ROWS = 2000
+"""Rows :meth:`CtlClient.call_all` asks for at a time (a fleet row is about 0.5 KiB: a page
+stays far below the control response's limit, :data:`otad.control.MAX_RESPONSE_BYTES`)."""
+
+
+async def call_all(
+    ctl: CtlClient, cmd: str, args: dict[str, Any] | None = None, *, page_rows: int = PAGE_ROWS
+) -> list[Any]:
+    """Every row of a listing command (``fleet.list``, ``devices``, ``transfers``,
+    ``credentials.list``), asked for a page at a time until one comes back short."""
+    rows: list[Any] = []
+    while True:
+        got = await ctl.call(cmd, {**(args or {}), "offset": len(rows), "limit": page_rows})
+        if not isinstance(got, list):
+            raise CtlError("MALFORMED", f"{cmd} answered {type(got).__name__}, not a list")
+        rows += got
+        if len(got) < page_rows:
+            return rows
+
+
 async def call_once(
     host: str,
     port: int,
@@ -217,4 +240,6 @@ async def call_once(
         else CtlClient.connected_as(connection, timeout=wait_s, require_online=True)
     )
     async with ctl:
+        if cmd in LISTINGS:
+            return await call_all(ctl, cmd, args)
         return await ctl.call(cmd, args)
