@@ -531,7 +531,7 @@ class _CampaignDriver:
                 spec = self.scenario.campaign_spec(
                     release.sha256, f"lt-{self.scenario.name}-{label.lower()}-{self.scenario.seed}"
                 )
-                plan = await self._call("campaign.plan", spec)
+                plan = await self._call("campaign.plan", {**spec, "detail": "summary"})
                 if not plan.get("targets"):
                     self.notes.append(f"{label} campaign: no targets, skipped")
                     continue

@@ -14,6 +14,7 @@ The arguments are untrusted and checked here (``MALFORMED`` otherwise).
                    otad.devices; ``campaign``: the one-stage campaign it is, otad.campaigns)
 ``campaign.plan``  args: a campaign spec (otad.campaign.request) -> targets per stage,
                    exclusions with reasons, WAN bytes, the estimate; nothing created
+                   (``detail: "summary"`` beside the spec: counts for the per-target lists)
 ``campaign.create`` args: a campaign spec -> its status (CREATED)
 ``campaign.start|approve|hold|resume|abort|notice|expedite|expedite.approve`` args ``id``
                    (``reason`` for approve/hold/abort, ``justification`` for expedite) ->
@@ -181,8 +182,20 @@ class Commands:
         )
 
     async def campaign_plan(self, args: dict[str, Any]) -> Any:
-        """A dry run of ``campaign.create``."""
-        return await self._campaigns.plan(args)
+        """A dry run of ``campaign.create``; ``"detail": "summary"`` (beside the spec) leaves out
+        the per-target lists (``members``, ``exclusions``) for their counts: a national fleet's
+        plan in full outgrows a control response."""
+        detail = args.get("detail", "full")
+        if detail not in ("full", "summary"):
+            raise ProtocolError(Reason.MALFORMED, "detail must be 'full' or 'summary'")
+        plan = await self._campaigns.plan({k: v for k, v in args.items() if k != "detail"})
+        if detail == "summary":
+            excluded: dict[str, int] = {}
+            for exclusion in plan.pop("exclusions"):
+                excluded[exclusion["reason"]] = excluded.get(exclusion["reason"], 0) + 1
+            plan["members_count"] = len(plan.pop("members"))
+            plan["exclusions_by_reason"] = dict(sorted(excluded.items()))
+        return plan
 
     async def campaign_create(self, args: dict[str, Any]) -> Any:
         """Create a campaign (nothing starts until ``campaign.start``)."""

@@ -152,7 +152,8 @@ class Control:
             outcome = Reason.TOO_LARGE.name
             response = _error(Reason.TOO_LARGE, f"the answer to {name} is {len(payload):,} bytes,"
                               f" above the {MAX_RESPONSE_BYTES:,} a control response may be: ask"
-                              " for it in pages (offset, limit)")  # fmt: skip
+                              " for less (a listing in pages: offset, limit; a campaign plan:"
+                              " detail summary)")  # fmt: skip
             response.update({"v": SCHEMA_VERSION, "id": request_id})
             payload = dumps(response)
         self.served += 1

@@ -535,7 +535,12 @@ def format_plan(plan: dict[str, Any], *, verbose: bool = False, asked: Sequence[
     lines.append(f"estimate: {format_duration(estimate.get('total_s'))} in all")
     lines += [f"  assuming {a}" for a in estimate.get("assumptions") or []]
     exclusions = plan.get("exclusions") or []
-    if exclusions:
+    summary = plan.get("exclusions_by_reason")
+    if isinstance(summary, dict) and summary:
+        lines.append(f"excluded: {sum(int(n) for n in summary.values())}")
+        for reason, n in sorted(summary.items(), key=lambda kv: (-int(kv[1]), kv[0])):
+            lines.append(f"  {int(n):>7}  {reason}")
+    elif exclusions:
         lines.append(f"excluded: {len(exclusions)}")
         by_reason = Counter(str(e.get("reason")) for e in exclusions)
         for reason, n in sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -736,6 +741,9 @@ def add_parser(groups: _Subparsers) -> None:
     plan = leaf("plan", "dry run: targets per stage, exclusions, WAN bytes, duration estimate")
     _add_spec_flags(plan)
     plan.add_argument("--verbose", "-v", action="store_true", help="list every exclusion")
+    plan.add_argument("--summary", action="store_true",
+                      help="counts instead of every target and exclusion (a national fleet's "
+                      "plan in full is too large for one control answer)")  # fmt: skip
     _add_spec_flags(leaf("create", "create a campaign (nothing starts until `start`)"))
     _add_id(leaf("start", "start the first stage"))
     approve = leaf("approve", "a recorded GO: at a gate the next stage starts; on hold, resumes")
@@ -817,6 +825,8 @@ def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """The control request (command, args) an action sends (``events``: its first page;
     ``watch``: none, it follows topics)."""
     action = args.action
+    if action == "plan" and args.summary:
+        return "campaign.plan", {**build_spec(args), "detail": "summary"}
     if action in ("plan", "create"):
         return f"campaign.{action}", build_spec(args)
     if action in _MOVES:

@@ -128,3 +128,24 @@ async def test_a_fleet_listing_above_the_response_limit_is_refused_and_served_in
                             ({"limit": MAX_PAGE_ROWS + 1}, "TOO_LARGE")):  # fmt: skip
             refused = await request(s, "fleet.list", bad)
             assert (refused["ok"], refused["error"]) == (False, reason), bad
+
+
+async def test_a_summary_plan_has_counts_for_its_per_target_lists(tmp_path: Path) -> None:
+    async with shell(tmp_path) as s:
+        fleet = guids(3)
+        for guid in fleet:
+            s.add_ch(guid)
+            s.announce(guid)
+        await s.registry.flushed()
+        spec = {"payload": {"kind": "distribute", "image": s.image.hex()},
+                "stages": [{"name": "all", "kind": "rollout"}]}  # fmt: skip
+        full = await request(s, "campaign.plan", spec)
+        summary = await request(s, "campaign.plan", {**spec, "detail": "summary"})
+        assert full["ok"], full
+        assert summary["ok"], summary
+        assert "members" not in summary["result"]
+        assert "exclusions" not in summary["result"]
+        assert summary["result"]["members_count"] == len(full["result"]["members"]) == 3
+        assert summary["result"]["estimate"] == full["result"]["estimate"]
+        bad = await request(s, "campaign.plan", {**spec, "detail": "everything"})
+        assert (bad["ok"], bad["error"]) == (False, "MALFORMED")

@@ -697,3 +697,18 @@ def test_the_otactl_console_entry_knows_campaign(capsys: pytest.CaptureFixture[s
     assert exited.value.code == 0
     assert "watch" in capsys.readouterr().out
     assert ctl.HANDLERS["campaign"] is campaign.run
+
+
+def test_a_summary_plan_asks_for_counts_and_shows_exclusions_by_reason() -> None:
+    assert sent("plan", "--image", "9f86", "--summary", answer=plan()) == (
+        "campaign.plan",
+        {"payload": {"kind": "image", "image": "9f86"}, "detail": "summary"},
+    )
+    answer = {k: v for k, v in plan().items() if k not in ("members", "exclusions")}
+    answer |= {"members_count": 4, "exclusions_by_reason": {"supplier S3 not selected": 2,
+                                                            "hardware outside": 1}}  # fmt: skip
+    lines = format_plan(answer).splitlines()
+    assert "excluded: 3" in lines
+    assert lines.index("        2  supplier S3 not selected") < lines.index(
+        "        1  hardware outside"
+    )
