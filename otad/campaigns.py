@@ -336,6 +336,7 @@ class Campaigns:
                 steps = len(live.engine.audit)
                 decisions = live.engine.handle(Ticked(now))
                 await self._carry_out(live, decisions)
+                self._sample_confirmed(live, now)
                 if len(live.engine.audit) != steps:
                     await self._save(live)  # a stage, gate, hold or end: durable at once
                 elif (
@@ -1091,19 +1092,35 @@ class Campaigns:
             )
         )
 
+    @staticmethod
+    def _confirmed_count(engine: Engine) -> int:
+        """Targets done: confirmed (or, of a distribution-only campaign, held)."""
+        counts = engine.counts()
+        done = TargetState.HELD if engine.spec.payload.kind is PayloadKind.DISTRIBUTE else None
+        return counts.get(TargetState.CONFIRMED, 0) + (counts.get(done, 0) if done else 0)
+
+    def _sample_confirmed(self, live: _Live, now: float) -> None:
+        """On each tick (never on a status request: how often someone asks must not change
+        the figure), the count behind ``confirmed_per_minute``."""
+        samples = live.confirmed
+        if samples is None:
+            return
+        samples.append((now, self._confirmed_count(live.engine)))
+        while samples and now - samples[0][0] > RATE_WINDOW_S:
+            samples.popleft()
+
     def _status_of(self, live: _Live, now: float) -> dict[str, Any]:
         engine = live.engine
         status = engine.status()
-        done = TargetState.HELD if engine.spec.payload.kind is PayloadKind.DISTRIBUTE else None
-        confirmed = status["counts"].get(TargetState.CONFIRMED.value, 0) + (
-            status["counts"].get(done.value, 0) if done else 0
-        )
         samples = live.confirmed
         rate = 0.0
-        if samples is not None:
-            samples.append((now, confirmed))
-            while samples and now - samples[0][0] > RATE_WINDOW_S:
-                samples.popleft()
+        if samples:
+            done = (
+                TargetState.HELD.value if engine.spec.payload.kind is PayloadKind.DISTRIBUTE else ""
+            )
+            confirmed = status["counts"].get(TargetState.CONFIRMED.value, 0) + (
+                status["counts"].get(done, 0) if done else 0
+            )
             first_at, first = samples[0]
             if now - first_at >= 10:
                 rate = (confirmed - first) * 60.0 / (now - first_at)
