@@ -6,15 +6,17 @@ stream into whole control packets, and every fault acts on whole packets:
 
 * **latency** (plus uniform **jitter**): each packet is forwarded ``latency`` after it arrived,
   in order (a later packet never overtakes an earlier one, as on one TCP connection);
-* **loss**: a non-retained PUBLISH of QoS 0 or 1 is dropped with probability ``loss``. Losing TCP
+* **loss**: a non-retained QoS 0 PUBLISH is dropped with probability ``loss``. Losing TCP
   segments is not possible at this level (and on a real link TCP recovers them: what an
-  application protocol over MQTT must survive is a *message* that never arrives, as when a
-  broker or a bridge drops it). Which packets may go: only application messages -- CONNECT,
-  SUBSCRIBE, PINGREQ, acknowledgements and retained state messages (a CH's announcement and
-  will) are never dropped, so the MQTT sessions themselves stay sound. A dropped QoS 1 PUBLISH
-  is acknowledged to its sender by the proxy with a PUBACK of its packet id (the message was
-  accepted and then lost), so no MQTT in-flight slot leaks; only otad's and the CH's own
-  protocol (acks, SACKs, retransmission) can recover it;
+  application protocol over MQTT must survive is a *message* that never arrives). QoS 0 is
+  at-most-once: a broker under load may drop it, and it dies with a cut connection -- the blocks
+  and SACKs, which otad's transfer protocol repairs. A QoS 1 PUBLISH survives a lossy link (TCP
+  resends it; the MQTT session carries it over a reconnect); losing one takes a broker that
+  acknowledged it and then lost it, the separate **acked_loss**: such a PUBLISH is acknowledged
+  to its sender by the proxy with a PUBACK of its packet id, so no MQTT in-flight slot leaks.
+  Which packets may go: only application messages -- CONNECT, SUBSCRIBE, PINGREQ,
+  acknowledgements and retained state messages (a CH's announcement and will) are never
+  dropped, so the MQTT sessions themselves stay sound;
 * **bandwidth** (slow): each direction of each connection is paced to ``bandwidth`` bytes/s;
 * **cut**: both sockets are closed at once (the CH sees its connection drop and reconnects);
 * **half-open**: the proxy stops forwarding in both directions and keeps both sockets open
@@ -64,17 +66,19 @@ class MqttFramingError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class FaultPolicy:
-    """What the proxy does to traffic; ``loss`` in [0, 1), times in seconds, bandwidth in bytes
-    per second per direction and connection (0: unlimited)."""
+    """What the proxy does to traffic; ``loss`` (of QoS 0 messages) and ``acked_loss`` (of QoS
+    1 ones, acknowledged by the proxy) in [0, 1), times in seconds, bandwidth in bytes per second
+    per direction and connection (0: unlimited)."""
 
     latency: float = 0.0
     jitter: float = 0.0
     loss: float = 0.0
     bandwidth: float = 0.0
+    acked_loss: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.loss < 1.0:
-            raise ValueError("loss must be in [0, 1)")
+        if not (0.0 <= self.loss < 1.0 and 0.0 <= self.acked_loss < 1.0):
+            raise ValueError("loss and acked_loss must be in [0, 1)")
         if self.latency < 0 or self.jitter < 0 or self.bandwidth < 0:
             raise ValueError("latency, jitter and bandwidth must not be negative")
 
@@ -158,7 +162,8 @@ class PacketFilter:
             return Verdict(packet, True, delay)
         self.stats.publishes += 1
         qos, retain = (flags >> 1) & 0x03, bool(flags & 0x01)
-        if retain or qos > 1 or not self.policy.loss or self.rng.random() >= self.policy.loss:
+        loss = self.policy.loss if qos == 0 else self.policy.acked_loss if qos == 1 else 0.0
+        if retain or not loss or self.rng.random() >= loss:
             return Verdict(packet, True, delay)
         self.stats.dropped += 1
         reply = b""
@@ -665,4 +670,5 @@ def _policy_json(policy: FaultPolicy) -> dict[str, float]:
         "jitter": policy.jitter,
         "loss": policy.loss,
         "bandwidth": policy.bandwidth,
+        "acked_loss": policy.acked_loss,
     }

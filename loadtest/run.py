@@ -225,6 +225,7 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
             latency=f.wan_latency_ms / 1000.0,
             jitter=f.wan_jitter_ms / 1000.0,
             loss=f.wan_loss,
+            acked_loss=f.wan_acked_loss,
             bandwidth=f.wan_bandwidth_kib_s * 1024.0,
         )
         proxy = ProxyProcess((broker.host, broker.port), policy, seed=scenario.seed)

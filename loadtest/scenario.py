@@ -45,7 +45,8 @@ A scenario names everything a run varies; every key is optional except ``fleet.h
     [faults]
     wan_latency_ms = 20        # each way, through the fault proxy
     wan_jitter_ms = 5
-    wan_loss = 0.01            # share of non-retained QoS 0/1 PUBLISH packets dropped
+    wan_loss = 0.01            # share of non-retained QoS 0 PUBLISH packets dropped (blocks, SACKs)
+    wan_acked_loss = 0.0       # share of QoS 1 ones the broker acknowledged and then lost
     wan_bandwidth_kib_s = 0    # per connection and direction (0: unlimited)
     wan_cuts = [{at_s = 40, share = 0.1}]            # connections cut (both sides closed)
     half_open = [{at_s = 50, share = 0.02, for_s = 20}]  # forwarding stops, sockets stay open
@@ -148,6 +149,7 @@ class Faults:
     wan_latency_ms: float = 0.0
     wan_jitter_ms: float = 0.0
     wan_loss: float = 0.0
+    wan_acked_loss: float = 0.0
     wan_bandwidth_kib_s: float = 0.0
     wan_cuts: tuple[TimedShare, ...] = ()
     half_open: tuple[TimedShare, ...] = ()
@@ -167,6 +169,7 @@ class Faults:
             self.wan_latency_ms
             or self.wan_jitter_ms
             or self.wan_loss
+            or self.wan_acked_loss
             or self.wan_bandwidth_kib_s
             or self.wan_cuts
             or self.half_open
@@ -457,6 +460,7 @@ def _faults(table: _Table, hubs: int) -> Faults:
         wan_latency_ms=table.number("wan_latency_ms", 0.0, low=0.0, high=60_000.0) or 0.0,
         wan_jitter_ms=table.number("wan_jitter_ms", 0.0, low=0.0, high=60_000.0) or 0.0,
         wan_loss=table.share("wan_loss", 0.0, below_one=True) or 0.0,
+        wan_acked_loss=table.share("wan_acked_loss", 0.0, below_one=True) or 0.0,
         wan_bandwidth_kib_s=table.number("wan_bandwidth_kib_s", 0.0, low=0.0, high=1e6) or 0.0,
         wan_cuts=_timed(table, "wan_cuts", lasting=False),
         half_open=_timed(table, "half_open", lasting=True),

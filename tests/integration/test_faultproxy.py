@@ -69,7 +69,7 @@ def test_filter_frames_packets_split_anywhere_and_learns_the_client_id() -> None
 
 
 def test_filter_drops_only_non_retained_qos0_qos1_publishes_and_acks_qos1() -> None:
-    policy = FaultPolicy(loss=0.999_999)
+    policy = FaultPolicy(loss=0.999_999, acked_loss=0.999_999)
     packets = PacketFilter(policy, random.Random(2), upstream=True)
     q1 = _publish("d", b"1", qos=1, pid=0x1234)
     q0 = _publish("d", b"0", qos=0)
@@ -85,6 +85,16 @@ def test_filter_drops_only_non_retained_qos0_qos1_publishes_and_acks_qos1() -> N
     assert verdicts[1].reply == b""
     assert packets.stats.dropped == 2
     assert packets.stats.publishes == 3
+
+
+def test_link_loss_takes_qos0_messages_only_and_acked_loss_qos1_ones() -> None:
+    # a lossy link loses at-most-once messages; a QoS 1 one survives it (TCP, the session):
+    # only a broker that acknowledged and then lost it loses it (acked_loss)
+    q0, q1 = _publish("d", b"0", qos=0), _publish("d", b"1", qos=1, pid=9)
+    link = PacketFilter(FaultPolicy(loss=0.999_999), random.Random(2), upstream=True)
+    assert [v.forward for v in link.feed(q0 + q1)] == [False, True]
+    broker = PacketFilter(FaultPolicy(acked_loss=0.999_999), random.Random(2), upstream=True)
+    assert [v.forward for v in broker.feed(q0 + q1)] == [True, False]
 
 
 def test_filter_loss_is_seeded_and_near_its_rate() -> None:
@@ -198,7 +208,7 @@ async def test_clean_relay_delivers_everything_in_order(broker: MosquittoBroker)
 
 @pytest.mark.broker
 async def test_loss_drops_about_its_share_and_the_session_survives(broker: MosquittoBroker) -> None:
-    policy = FaultPolicy(loss=0.2)
+    policy = FaultPolicy(acked_loss=0.2)
     async with (
         FaultProxy((broker.host, broker.port), policy, seed=3) as proxy,
         pair(broker, proxy) as (pub, inbox),
