@@ -79,6 +79,9 @@ class RunRecord:
     proxy: dict[str, int] = field(default_factory=dict)  # packets seen / dropped
     rtt_all_ms: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # every failed or timed-out target: guid, device_id, device_type, state, reason, and the
+    # faults the scenario put on its CH ("faults": [] -- none: unexplained unless device-level)
+    failed_devices: list[dict[str, Any]] = field(default_factory=list)
     ok: bool = False
 
 
@@ -158,6 +161,17 @@ def implied_fleet_rate(campaign: CampaignRecord, rows: Sequence[Mapping[str, Any
     return None if best is None else round(best[1], 1)
 
 
+def _failures_by_fault(failed: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """Failed targets by the fault on their CH ("none": on a CH with no fault), then reason."""
+    out: dict[str, dict[str, int]] = {}
+    for f in failed:
+        cause = "+".join(f.get("faults") or []) or "none"
+        reasons = out.setdefault(cause, {})
+        reason = str(f.get("reason") or f.get("state"))
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return {cause: dict(sorted(r.items())) for cause, r in sorted(out.items())}
+
+
 def build_report(record: RunRecord) -> dict[str, Any]:
     """The content of ``report.json`` (every key issue 12 asks for, plus context)."""
     failures: dict[str, int] = {}
@@ -231,6 +245,8 @@ def build_report(record: RunRecord) -> dict[str, Any]:
         "loop_lag_p99_ms": max(lags) if lags else None,
         "faults_applied": record.faults_applied,
         "faulty_hubs": record.faulty_hubs,
+        "failures_by_fault": _failures_by_fault(record.failed_devices),
+        "failed_devices": record.failed_devices[:1000],
         "proxy": record.proxy,
         "notes": record.notes,
     }

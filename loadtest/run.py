@@ -155,7 +155,7 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
     from loadtest.broker import MosquittoBroker
     from loadtest.runner import HostLimitError, HubFleet, check_host_limits, default_procs
     from otad.ctl import imagetool
-    from otad.ctl.client import CtlClient
+    from otad.ctl.client import CtlClient, call_all
     from otad.events import ALERTS_PREFIX
     from otad.keyfiles import public_key_path
     from otad.monitor import EventMonitor
@@ -327,6 +327,14 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
         for alert in confirmed_alerts:
             by_proof[alert.proof] = by_proof.get(alert.proof, 0) + 1
         proxy_totals = await proxy.totals()
+        images = {r.sha256 for _l, r in releases}
+        failed_devices = [
+            {"guid": row["guid"], "device_id": row["device_id"],
+             "device_type": row["device_type"], "state": row["state"],
+             "reason": row.get("reason"), "faults": faults.faults_of(str(row["guid"]))}
+            for row in await call_all(ctl, "devices")
+            if row.get("image") in images and row.get("state") in ("failed", "timed_out")
+        ]  # fmt: skip
         record = RunRecord(
             scenario=scenario.name,
             hubs=scenario.hubs,
@@ -350,6 +358,7 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
             },
             rtt_all_ms=sampler.rtt_all_ms,
             notes=outcome.notes,
+            failed_devices=failed_devices,
         )
         report = build_and_check(record, scenario)
         await asyncio.to_thread(write_report, record, out)
@@ -408,12 +417,23 @@ def build_and_check(record: RunRecord, scenario: Scenario) -> dict[str, Any]:
         or faults.half_open
         or scenario.han_loss
     )
+    # a failure must come from a fault: one the scenario put on the device's CH, or a
+    # device-level one it injects anywhere (self-tests, lost answers, HAN loss)
+    device_level = bool(faults.self_test_failures or faults.activation_answer_loss
+                        or scenario.han_loss)  # fmt: skip
+    unexplained = [f for f in record.failed_devices if not f["faults"] and not device_level]
     record.ok = (
         bool(record.campaigns)
         and completed
         and accounted == report["devices_targeted"]
         and (may_fail or not report["failures"])
+        and not unexplained
     )
+    if unexplained:
+        record.notes.append(
+            f"{len(unexplained)} devices failed on CHs the scenario put no fault on: "
+            + ", ".join(f"{f['device_id']} {f['reason']}" for f in unexplained[:10])
+        )
     if not completed:
         record.notes.append(
             "campaigns not completed: "
@@ -686,6 +706,17 @@ class FaultPlayer:
         self.otad = otad
         self.applied: list[dict[str, Any]] = []
         self._hit: dict[str, set[int]] = {}
+
+    def faults_of(self, guid: str) -> list[str]:
+        """The faults the scenario put on CH ``guid`` (``cloned``: another CH announced its
+        GUID)."""
+        index = self.fleet.index_of(guid)
+        if index is None:
+            return []
+        causes = [cause for cause, hubs in sorted(self._hit.items()) if index in hubs]
+        if index < self.scenario.faults.cloned_hubs:
+            causes.append("cloned")
+        return causes
 
     def faulty_hubs(self) -> dict[str, int]:
         """Cause -> how many hubs it hit (clones: the CHs whose GUID is cloned)."""

@@ -675,6 +675,10 @@ class HubFleet:
         """PIDs of the live worker processes."""
         return [w.proc.pid for w in self._workers if w.proc is not None and w.alive]
 
+    def index_of(self, guid: str) -> int | None:
+        """Index of hub ``guid`` in the fleet (its seed position), or None if not one of it."""
+        return self._index.get(guid)
+
     def worker_of(self, guid: str) -> int:
         """Number of the worker process that runs hub ``guid``."""
         index = self._index[guid]

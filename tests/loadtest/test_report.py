@@ -135,3 +135,30 @@ def test_each_stage_measured_against_its_estimate_and_the_fleet_rate_it_implies(
     (c,) = report["campaigns"]
     assert c["implied_fleet_blocks_per_s"] == round(1000.0 * 30.0 / 45.0, 1)
     assert c["estimate_model"]["fleet_blocks_per_s"] == 1000.0
+
+
+def test_a_failure_on_a_ch_with_no_fault_fails_the_run() -> None:
+    from loadtest.run import build_and_check
+    from loadtest.scenario import parse_scenario
+
+    flapping = parse_scenario({"fleet": {"hubs": 12}, "faults": {"flap_share": 0.5}})
+    record = _record()
+    record.campaigns[0].status = dict(record.campaigns[0].status)
+    on_flapper = {"guid": "A", "device_id": "A", "device_type": "CH", "state": "failed",
+                  "reason": "WAN_DELIVERY_TIMEOUT", "faults": ["flapping"]}  # fmt: skip
+    on_healthy = {**on_flapper, "guid": "B", "device_id": "B", "reason": "NO_IMAGE_HELD",
+                  "faults": []}  # fmt: skip
+    record.failed_devices = [on_flapper]
+    record.campaigns[0].status["counts"] = {"confirmed": 11, "failed": 1}
+    record.campaigns[0].status["failures"] = {"WAN_DELIVERY_TIMEOUT": 1}
+    assert build_and_check(record, flapping)["ok"] is True
+    record.failed_devices = [on_flapper, on_healthy]
+    record.campaigns[0].status["counts"] = {"confirmed": 10, "failed": 2}
+    record.campaigns[0].status["failures"] = {"NO_IMAGE_HELD": 1, "WAN_DELIVERY_TIMEOUT": 1}
+    record.notes = []
+    report = build_and_check(record, flapping)
+    assert report["ok"] is False
+    assert report["failures_by_fault"] == {
+        "flapping": {"WAN_DELIVERY_TIMEOUT": 1}, "none": {"NO_IMAGE_HELD": 1},
+    }  # fmt: skip
+    assert any("on CHs the scenario put no fault on: B NO_IMAGE_HELD" in n for n in report["notes"])
