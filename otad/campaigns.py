@@ -1131,6 +1131,11 @@ class Campaigns:
             unsettled = sum(counts.get(s.value, 0) for s in engine.unsettled_states)
             eta = round(unsettled * 60.0 / rate, 1)
         idle = now - status["last_change_at"] if status["last_change_at"] else 0.0
+        # its WAN transfers count as movement: thousands of them share the fleet's rate and end
+        # together, minutes in which no target changes state and nothing is stuck
+        wan = None if live.image is None else self._distribution.progress_of(live.image.sha256)
+        if wan is not None:
+            idle = min(idle, wan[2])
         stalled = (
             round(idle, 1)
             if engine.state is CampaignState.RUNNING and idle >= STALLED_AFTER_S
@@ -1147,6 +1152,7 @@ class Campaigns:
             "confirmed_per_minute": round(rate, 2),
             "eta_s": eta,
             "stalled_s": stalled,
+            "wan": None if wan is None else {"blocks_acked": wan[0], "blocks_total": wan[1]},
             "published_at": now,
         }
 

@@ -1466,6 +1466,14 @@ class Distribution:
             if tally is not None:
                 tally.bump(state, -1)
 
+    def progress_of(self, sha256: bytes) -> tuple[int, int, float] | None:
+        """One image's live WAN progress: blocks acknowledged and blocks in all over its active
+        transfers, and seconds since any of them last progressed; None if none is active."""
+        tally = self._tallies.get(sha256)
+        if tally is None or not tally.states.get(TransferState.ACTIVE.value, 0):
+            return None
+        return tally.blocks_acked, tally.blocks_total, self._clock() - tally.progress_at
+
     def counts(self, *, recorded: bool = False) -> dict[str, int]:
         """Transfers by state (those that ended before this run included); kept incrementally,
         zero counts included. ``recorded``: as the database has them (what the status shows),

@@ -77,6 +77,10 @@ def stalled_for(status: dict[str, Any], now: float) -> float | None:
     last = status.get("last_change_at")
     idle = now - float(last) if isinstance(last, (int, float)) else None
     reported = status.get("stalled_s")
+    published = status.get("published_at")
+    if reported is None and status.get("wan") and isinstance(published, (int, float)):
+        # otad saw its WAN transfers move when it published this: idle only since then
+        idle = now - float(published)
     if isinstance(reported, (int, float)):
         updated = status.get("updated_at")
         since = now - float(updated) if isinstance(updated, (int, float)) else 0.0
@@ -248,6 +252,11 @@ def render_status(
     else:
         when = ""
     lines.append("  ".join(t for t in (rate_text.strip(), when) if t) or "rate -")
+    wan = status.get("wan")
+    if isinstance(wan, dict) and wan.get("blocks_total"):
+        acked, total = int(wan.get("blocks_acked", 0)), int(wan["blocks_total"])
+        lines.append(f"WAN: {acked:,} of {total:,} blocks of the active transfers acknowledged"
+                     f" ({acked / total:.0%})")  # fmt: skip
     failures = status.get("failures") or {}
     if failures:
         ranked = sorted(failures.items(), key=lambda kv: (-int(kv[1]), kv[0]))

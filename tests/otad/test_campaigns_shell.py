@@ -40,6 +40,12 @@ async def test_distribute_is_a_one_stage_campaign_named_on_its_transfer_events(
         assert started["ok"], started
         campaign = started["result"]["campaign"]
         assert started["result"]["started"] == fleet
+        # while its transfers run, the status says how far the WAN is (and that it moves)
+        moving = await request(s, "campaign.status", {"id": campaign})
+        blocks = s.distribution.progress_of(bytes.fromhex(s.image.hex()))
+        assert blocks is not None
+        assert moving["result"]["wan"]["blocks_total"] == blocks[1] > 0
+        assert moving["result"]["stalled_s"] is None
         s.run_until(lambda: all(s.distribution.transfer_state(g, s.image) is not None
                                 and s.distribution.transfer_state(g, s.image).value == "held"
                                 for g in fleet))  # fmt: skip
@@ -54,6 +60,7 @@ async def test_distribute_is_a_one_stage_campaign_named_on_its_transfer_events(
         assert status["result"]["state"] == "completed"
         assert status["result"]["counts"] == {"held": 3}
         assert status["result"]["payload"]["kind"] == "distribute"
+        assert status["result"]["wan"] is None  # no transfer active
         retained = [p for p in s.client.published if p.topic == topics.campaign_status(campaign)]
         assert retained
         assert retained[-1].retain

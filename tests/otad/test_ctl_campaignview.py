@@ -226,3 +226,16 @@ async def test_watch_redraws_on_its_own_when_nothing_arrives() -> None:
 
     await watch_campaign(view, messages, out, tick_s=0.01, clock=clock)
     assert "STALLED for 1m30s" in out.getvalue()
+
+
+def test_wan_transfers_moving_are_not_a_stall_until_otad_goes_quiet() -> None:
+    # thousands of transfers share the fleet's rate and end together: minutes with no target
+    # changing state, while otad says its WAN moves (stalled_s null, wan present)
+    moving = status(last_change_at=T0 - 300.0, published_at=T0 - 2.0, stalled_s=None,
+                    wan={"blocks_acked": 450_000, "blocks_total": 1_150_000})  # fmt: skip
+    assert stalled_for(moving, T0) is None
+    lines = render_status(moving, now=T0)
+    assert "WAN: 450,000 of 1,150,000 blocks of the active transfers acknowledged (39%)" in lines
+    assert not any("STALLED" in line for line in lines)
+    # the same status a long time later: otad said nothing since, so it is stalled since then
+    assert stalled_for(moving, T0 + 120) == 122.0
