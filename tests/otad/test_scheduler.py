@@ -55,7 +55,9 @@ class Scripted:
         return True
 
     def spurious_repairs(self) -> int:
-        return 0
+        return self.spurious
+
+    spurious = 0  # repairs acknowledged sooner than a round trip (scripted)
 
     def ack(self, n: int) -> None:
         self.flight -= n
@@ -104,6 +106,36 @@ def test_an_acknowledgement_is_counted_even_when_every_transfer_waits() -> None:
                 scheduler.changed(t.slot, round_)
         assert scheduler.inflight == sum(t.flight for t in transfers) <= 16
     assert all(t.sent >= 8 * 6 for t in transfers)  # everyone kept getting turns
+
+
+def test_the_budget_is_cut_by_a_share_of_spurious_repairs_not_by_one() -> None:
+    # thousands of transfers: one late block somewhere every second is jitter, not a queue
+    scheduler = running(Scheduler(global_inflight=4096))
+    transfers = [Scripted(scheduler, f"t{i}", window=8) for i in range(500)]
+    for t in transfers:
+        scheduler.start(t.slot, 0.0)
+    now = 0.0
+    for second in range(1, 11):  # 10 s: every transfer acked 10 times a second, 1 spurious
+        for _ in range(10):
+            now += 0.1
+            for t in transfers:
+                t.ack(t.flight)
+                scheduler.changed(t.slot, now)
+        transfers[second].spurious += 1
+        scheduler.changed(transfers[second].slot, now)
+    assert scheduler.budget_cuts == 0
+    assert scheduler.budget == 4096
+    # a queue: repairs of one block in fifty turn out spurious -- the budget comes down
+    for _ in range(3):
+        now += 1.1
+        for t in transfers:
+            t.ack(t.flight)
+            scheduler.changed(t.slot, now)
+        for t in transfers[:100]:
+            t.spurious += 1
+            scheduler.changed(t.slot, now)
+    assert scheduler.budget_cuts >= 2
+    assert scheduler.budget < 4096 * 0.75
 
 
 def test_a_stopped_transfer_gives_its_budget_back() -> None:
