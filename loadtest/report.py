@@ -468,3 +468,60 @@ def write_report(record: RunRecord, out: Path) -> dict[str, Any]:
     plots = _plots(record, report, out)
     (out / "report.md").write_text(_markdown(report, plots))
     return report
+
+
+def benchmark_section(report: Mapping[str, Any], command: str, when: str,
+                      versions: Mapping[str, str]) -> str:  # fmt: skip
+    """A dated ``BENCHMARKS.md`` section of one load test (``python -m loadtest run --record``):
+    the command, the versions and the figures of its report."""
+    lag = report.get("loop_lag_p99_ms")
+    rtt = report.get("ack_rtt_ms") or {}
+    rows = [
+        ("verdict", "OK" if report.get("ok") else "FAILED"),
+        ("premises (CHs)", f"{report.get('hubs'):,}"),
+        ("devices targeted / confirmed",
+         f"{report.get('devices_targeted'):,} / {report.get('devices_confirmed'):,}"),
+        ("confirmations by proof", ", ".join(
+            f"{n:,} {m}" for m, n in (report.get("confirmations_by_method") or {}).items())),
+        ("failures by reason", ", ".join(
+            f"{n} {r}" for r, n in (report.get("failures") or {}).items()) or "none"),
+        ("failures by the fault on their CH", json.dumps(report.get("failures_by_fault") or {})),
+        ("faulty hubs", json.dumps(report.get("faulty_hubs") or {})),
+        ("duration / plan's estimate (s)",
+         f"{_fmt(report.get('duration_s'))} / {_fmt(report.get('estimated_duration_s'))}"
+         f" ({_fmt(report.get('estimate_error'))})"),
+        ("WAN blocks sent / blocks/s", f"{_fmt(report.get('wan_blocks_sent'))} / "
+         f"{_fmt(report.get('blocks_per_s'))}"),
+        ("retransmission ratio", _fmt(report.get("retransmission_ratio"))),
+        ("ack round trip p50 / p90 / p99 (ms)",
+         f"{_fmt(rtt.get('p50'))} / {_fmt(rtt.get('p90'))} / {_fmt(rtt.get('p99'))}"),
+        ("otad CPU (s) / peak RSS (MiB)", f"{_fmt(report.get('otad_cpu_s'))} / "
+         f"{(report.get('otad_peak_rss_bytes') or 0) / 2**20:.0f}"),
+        ("broker CPU (s)", _fmt(report.get("broker_cpu_s"))),
+        ("otad event-loop lag p99, worst sample (ms)", _fmt(lag)),
+    ]  # fmt: skip
+    stages = [
+        f"| {st['campaign']} {st['name']} | {_fmt(st.get('targets'))} | {_fmt(st['confirmed'])} "
+        f"| {_fmt(st['failed'])} | {st.get('gate_decision') or '-'} | {_fmt(st.get('estimated_s'))}"
+        f" | {_fmt(st.get('measured_s'))} |"
+        for st in report.get("stages") or []
+    ]
+    lines = [
+        f"## Load test {report.get('scenario')}: {when}",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()),
+        "",
+        "| measure | value |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in rows),
+        "",
+        "| stage | targets | confirmed | failed | gate | estimated s | measured s |",
+        "|---|---|---|---|---|---|---|",
+        *stages,
+        "",
+    ]
+    notes = report.get("notes") or []
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    return "\n".join(lines) + "\n"

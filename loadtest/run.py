@@ -83,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="work and report directory")
     parser.add_argument("--library", choices=("gmqtt", "aiomqtt"), default="gmqtt")
+    parser.add_argument("--record", action="store_true",
+                        help="append the run's figures to BENCHMARKS.md")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
@@ -92,11 +94,30 @@ def main(args: argparse.Namespace) -> int:
     except ScenarioError as exc:
         print(f"loadtest: {exc}", file=sys.stderr)
         return 2
+    out = Path(args.out).resolve()
     try:
-        return uvloop.run(run(scenario, Path(args.out).resolve(), library=args.library))
+        status = uvloop.run(run(scenario, out, library=args.library))
     except KeyboardInterrupt:
         print("\nloadtest: interrupted", file=sys.stderr)
         return 130
+    if args.record and (out / "report.json").exists() and status in (0, 1):
+        record_benchmark(out / "report.json", " ".join(["python -m loadtest", *sys.argv[1:]]))
+    return status
+
+
+def record_benchmark(report_file: Path, command: str) -> None:
+    """Append the load test's section to ``BENCHMARKS.md`` (:func:`benchmark_section`)."""
+    import datetime
+    import json
+
+    from loadtest.bench import BENCHMARKS, versions
+    from loadtest.report import benchmark_section
+
+    report = json.loads(report_file.read_text())
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    with BENCHMARKS.open("a") as f:
+        f.write("\n" + benchmark_section(report, command, when, versions()))
+    _say(f"(figures appended to {BENCHMARKS})")
 
 
 def _say(line: str) -> None:

@@ -162,3 +162,17 @@ def test_a_failure_on_a_ch_with_no_fault_fails_the_run() -> None:
         "flapping": {"WAN_DELIVERY_TIMEOUT": 1}, "none": {"NO_IMAGE_HELD": 1},
     }  # fmt: skip
     assert any("on CHs the scenario put no fault on: B NO_IMAGE_HELD" in n for n in report["notes"])
+
+
+def test_a_benchmark_section_holds_the_command_versions_and_figures() -> None:
+    from loadtest.report import benchmark_section
+
+    report = build_report(_record())
+    text = benchmark_section(report, "python -m loadtest run t --record", "2026-12-01 19:20 UTC",
+                             {"python": "3.11.7"})  # fmt: skip
+    assert text.startswith("## Load test t: 2026-12-01 19:20 UTC\n")
+    assert "Command: `python -m loadtest run t --record`" in text
+    assert "Versions: python 3.11.7" in text
+    assert "| devices targeted / confirmed | 12 / 10 |" in text
+    assert "| CH mp | 3 | 3 | 0 | go |" in text
+    assert "| CH ro | 9 | 7 | 2 | - |" in text
