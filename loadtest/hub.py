@@ -340,6 +340,9 @@ class VirtualHub:
         self.receiver = self._load_receiver()
         self.han: HanSide | None = None
         self._relayed: set[bytes] = set()  # images handed to the HAN side (it relays them)
+        self._reading = 0  # held images being read for the HAN side
+        self._held_back: list[Activate | ReadVersion] = []  # commands waiting for those reads
+        self._life = 0  # one more each start: what the last power cut interrupted knows its own
         """Its premises' HAN (SPEC §8.10): only for a 1.1 CH of a group given otad's activation
         key; otherwise the CH only holds images, as before."""
         if group.activation_trust is not None and options.protocol_minor >= 1:
@@ -470,6 +473,8 @@ class VirtualHub:
             raise
         self.stats.connects += 1
         self._announce()
+        self._life += 1
+        self._reading, self._held_back = 0, []  # what a power cut interrupted is gone
         if self.han is not None:
             self.han.resumed()
             for image in self.receiver.images():  # held, but the power cut beat the relay
@@ -581,7 +586,10 @@ class VirtualHub:
                 _bump(stats.undecodable, Reason.UNKNOWN_TYPE.name)
             else:
                 assert isinstance(message, (Activate, ReadVersion))
-                self.han.down_received(message)
+                if self._reading:  # the CH holds the image it reported: its HAN side must too
+                    self._held_back.append(message)
+                else:
+                    self.han.down_received(message)
             return
         now = Monotonic(self._loop.time())
         if type(message) is Offer:
@@ -683,17 +691,25 @@ class VirtualHub:
         # a large image is read in the hashing pool, as it was checked: the loop serves the
         # other hubs meanwhile
         future = self._loop.run_in_executor(self._group.executor, _read_image, path, manifest.size)
+        self._reading += 1
+        life = self._life
+        # A command for the CH or a device (an activation) can arrive before the read is done,
+        # behind other hubs' hashing: it waits for it (the CH reported the image held, so to
+        # the command it holds it) instead of finding nothing held -- NO_IMAGE_HELD under load.
 
         def read(done: asyncio.Future[bytes]) -> None:
-            if done.cancelled() or not self.running:
+            if done.cancelled() or not self.running or life != self._life:
                 return  # stopped meanwhile: relayed when it runs again (start)
+            self._reading -= 1
             if (error := done.exception()) is not None:
                 log.error("%s: cannot read %s to relay it: %s", self.guid, image.hex()[:16], error)
-                return
-            if image in self._relayed:
-                return
-            self._relayed.add(image)
-            han.image_held(manifest, signed, done.result())
+            elif image not in self._relayed:
+                self._relayed.add(image)
+                han.image_held(manifest, signed, done.result())
+            if not self._reading:
+                waiting, self._held_back = self._held_back, []
+                for message in waiting:
+                    han.down_received(message)
 
         future.add_done_callback(read)
 
