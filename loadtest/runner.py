@@ -263,6 +263,22 @@ def _stats_json(stats: Mapping[str, HubStats]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- worker side
 
 
+def _quiet_about_gmqtt_read_loops(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The worker's loop exception handler: gmqtt leaves the read-loop task of a closed
+    connection pending, unreferenced, and asyncio reports each as "Task was destroyed but it is
+    pending" when it is collected -- thousands of lines when a worker stops its hubs, nothing
+    wrong. Everything else goes to the default handler."""
+    task = context.get("task")
+    coro = getattr(task, "get_coro", lambda: None)()
+    if (
+        isinstance(task, asyncio.Task)
+        and getattr(coro, "__qualname__", "") == "MQTTProtocol._read_loop"
+        and str(context.get("message", "")).startswith("Task was destroyed")
+    ):
+        return
+    loop.default_exception_handler(context)
+
+
 async def worker_main(config: FleetConfig, worker: int, first: int, last: int) -> int:
     """Body of a worker process: run hubs ``first..last-1`` and obey commands on stdin."""
     # Virtual CHs lose their connections by design (a reboot into new firmware, a kill, a broker
@@ -272,6 +288,7 @@ async def worker_main(config: FleetConfig, worker: int, first: int, last: int) -
     logging.getLogger("gmqtt").setLevel(logging.ERROR)
     raise_nofile_limit()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_about_gmqtt_read_loops)
     group = _make_group(config, range(first, last))
     stats_path = Path(config.state_dir) / "stats" / f"worker-{worker}.json"
 
