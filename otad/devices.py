@@ -635,40 +635,30 @@ class Devices:
         new.updated_at = self._wall()
         await self._store.answer_command(rec.device_id, rec.counter, new.updated_at)
         await self._commit(new)
-        hub = self._registry.get(new.guid)
-        supplier = "" if hub is None else hub.announcement.supplier
-        self._events.emit(
-            DeviceConfirmed(
-                time=new.updated_at,
-                guid=new.guid,
-                supplier=supplier,
-                supplier_topic=supplier_topic_id(supplier) if supplier else "unknown",
-                device_id=new.device_id,
-                device_type=new.device_type.value,
-                image=new.image.hex(),
-                counter=new.counter or 0,
-                campaign=self.campaign_of(new.device_id, new.image.hex()),
-                fw_version=fw_version,
-                proof=proof.value,
-            )
-        )
+        self._events.emit(DeviceConfirmed(**self._alert_fields(new, fw_version), proof=proof.value))
         log.info("%s (%s) confirmed by %s", new.device_id, new.device_type, proof)
 
-    def _alert_failed(self, rec: DeviceRecord, *, rolled_back: bool, fw_version: int = 0) -> None:
+    def _alert_fields(self, rec: DeviceRecord, fw_version: int) -> dict[str, Any]:
+        """What a device alert (confirmed or failed) says of its device, CH and supplier."""
         hub = self._registry.get(rec.guid)
         supplier = "" if hub is None else hub.announcement.supplier
+        return {
+            "time": rec.updated_at,
+            "guid": rec.guid,
+            "supplier": supplier,
+            "supplier_topic": supplier_topic_id(supplier) if supplier else "unknown",
+            "device_id": rec.device_id,
+            "device_type": rec.device_type.value,
+            "image": rec.image.hex(),
+            "counter": rec.counter or 0,
+            "campaign": self.campaign_of(rec.device_id, rec.image.hex()),
+            "fw_version": fw_version,
+        }
+
+    def _alert_failed(self, rec: DeviceRecord, *, rolled_back: bool, fw_version: int = 0) -> None:
         self._events.emit(
             DeviceFailed(
-                time=rec.updated_at,
-                guid=rec.guid,
-                supplier=supplier,
-                supplier_topic=supplier_topic_id(supplier) if supplier else "unknown",
-                device_id=rec.device_id,
-                device_type=rec.device_type.value,
-                image=rec.image.hex(),
-                counter=rec.counter or 0,
-                campaign=self.campaign_of(rec.device_id, rec.image.hex()),
-                fw_version=fw_version,
+                **self._alert_fields(rec, fw_version),
                 state=rec.state.value,
                 reason=rec.reason or "",
                 rolled_back=rolled_back,
