@@ -253,16 +253,28 @@ def _protocol_of(link: _Link) -> Any:
 
 def _publish_qos0(topic: str, payload: bytes, retain: bool) -> bytes:
     """An MQTT 3.1.1 PUBLISH packet at QoS 0 (section 3.3): fixed header, topic, payload."""
+    return _publish_qos0_head(topic, len(payload), retain) + payload
+
+
+def _publish_qos0_head(topic: str, payload_length: int, retain: bool) -> bytes:
+    """What precedes the payload in a QoS 0 PUBLISH: the fixed header and the topic name. (On
+    the hot path the payload, a block, is then written as it is, not copied into a packet.)"""
     name = topic.encode()
-    remaining = 2 + len(name) + len(payload)
-    header = bytearray((0x31 if retain else 0x30,))
-    while True:  # remaining length: 7 bits per byte, least significant first
-        byte, remaining = remaining & 0x7F, remaining >> 7
-        header.append(byte | 0x80 if remaining else byte)
-        if not remaining:
-            break
-    header += len(name).to_bytes(2, "big")
-    return b"".join((header, name, payload))
+    remaining = 2 + len(name) + payload_length
+    first = 0x31 if retain else 0x30
+    if remaining < 0x80:  # remaining length: 7 bits per byte, least significant first
+        header = bytes((first, remaining))
+    elif remaining < 0x4000:  # a block's packet: two bytes
+        header = bytes((first, remaining & 0x7F | 0x80, remaining >> 7))
+    else:
+        encoded = bytearray((first,))
+        while True:
+            byte, remaining = remaining & 0x7F, remaining >> 7
+            encoded.append(byte | 0x80 if remaining else byte)
+            if not remaining:
+                break
+        header = bytes(encoded)
+    return b"".join((header, len(name).to_bytes(2, "big"), name))
 
 
 class GmqttClient(MqttClient):
@@ -294,7 +306,8 @@ class GmqttClient(MqttClient):
         if qos == 0:
             # QoS 0 needs no packet id, store or retry, so frame the MQTT 3.1.1 PUBLISH here
             # (gmqtt's general path builds it through several layers: ~3x the CPU per block).
-            writer.write(_publish_qos0(topic, payload, retain))
+            writer.write(_publish_qos0_head(topic, len(payload), retain))
+            writer.write(payload)
             return
         link.publish(topic, payload, qos=qos, retain=retain)
 

@@ -307,6 +307,8 @@ class Transfer:
         """Publish every unbudgeted action that is due (Offer, Poll, Cancel, probe) and at most
         ``budget`` new blocks; return (blocks published, blocks still sendable)."""
         sender = self.sender
+        if not budget and not sender.unbudgeted_due:
+            return 0, sender.sendable()  # the common case when the budget binds: a turn taken
         bytes_before, repeats_before = sender.bytes_sent, sender.retransmissions
         actions = sender.next_actions(Monotonic(now), budget)
         blocks = 0

@@ -480,6 +480,12 @@ class Sender:
             raise ValueError("window must be >= 1")
         self._window_cap = min(window, self.limits.window)
 
+    @property
+    def unbudgeted_due(self) -> bool:
+        """Something that needs no budget may be due (a Cancel, an ask, a probe). When False,
+        :meth:`next_actions` with a budget of 0 has nothing to send."""
+        return self._cancel_reason is not None or self._offer_due or self._probe_due
+
     def sendable(self) -> int:
         """About how many blocks :meth:`next_actions` would send with an unlimited budget (for a
         scheduler sharing a global budget; :meth:`next_actions` is authoritative)."""
