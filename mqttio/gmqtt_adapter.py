@@ -71,6 +71,10 @@ WRITE_BUFFER_HIGH = 1 << 20
 #: Packets gathered before they are written at once (or at the end of the loop iteration).
 COALESCE_BYTES = 64 * 1024
 
+#: Framed headers one :meth:`GmqttClient.qos0_publisher` keeps, by payload length (a transfer's
+#: blocks come in a few lengths: the CBOR of the index grows at 24, 256, 65536; the last block).
+QOS0_HEADS = 8
+
 
 log = logging.getLogger("mqttio.gmqtt")
 
@@ -391,6 +395,28 @@ class GmqttClient(MqttClient):
         """QoS 1 messages sent and not yet acknowledged by the broker."""
         link = self._link
         return 0 if link is None else link.store.count
+
+    def qos0_publisher(self, topic: str) -> Callable[[bytes], None]:
+        """See :meth:`MqttClient.qos0_publisher`: the packet's header and topic are framed once
+        per payload length (a transfer's blocks come in a few lengths) and written before the
+        payload itself."""
+        validate_topic_name(topic)
+        heads: dict[int, bytes] = {}
+
+        def publish_to_topic(payload: bytes) -> None:
+            writer = self._writer
+            if not self._connected or writer is None or writer.is_closing():
+                raise NotConnected(f"{self.settings.client_id}: not connected")
+            length = len(payload)
+            head = heads.get(length)
+            if head is None:
+                if len(heads) >= QOS0_HEADS:
+                    heads.clear()
+                head = heads[length] = _publish_qos0_head(topic, length, False)
+            writer.write(head)
+            writer.write(payload)
+
+        return publish_to_topic
 
     async def drain(self) -> None:
         """See :meth:`MqttClient.drain`."""
