@@ -365,6 +365,19 @@ class MqttClient(abc.ABC):
         that is not a valid topic name.
         """
 
+    def qos0_publisher(self, topic: str) -> Callable[[bytes], None]:
+        """A function that publishes its argument to ``topic`` at QoS 0, not retained, as
+        :meth:`publish` would (:class:`NotConnected` while disconnected), for a caller that
+        sends many messages to one topic: the topic is checked once, here (``ValueError``), and
+        an adapter may frame the messages faster than :meth:`publish` can."""
+        validate_topic_name(topic)
+        publish = self.publish
+
+        def publish_to_topic(payload: bytes) -> None:
+            publish(topic, payload, 0, False)
+
+        return publish_to_topic
+
     @abc.abstractmethod
     async def drain(self) -> None:
         """Wait while the client holds more than ``max_inflight`` outstanding messages (QoS 1

@@ -237,6 +237,7 @@ class Transfer:
         "last_progress_blocks",
         "progress_at",
         "publish",
+        "publish_block",
         "qos_blocks",
         "reasked",
         "reason",
@@ -260,6 +261,7 @@ class Transfer:
         sender: Sender,
         *,
         publish: Callable[[str, bytes, int, bool], None],
+        publish_qos0: Callable[[str], Callable[[bytes], None]] | None = None,
         qos_blocks: int,
         attempt: int,
         started_at: float,
@@ -270,7 +272,9 @@ class Transfer:
         now: float,
     ) -> None:
         """Wrap ``sender``; the caller attaches :attr:`slot` and :attr:`timer`; ``totals``
-        (shared by every transfer) adds up what all of them sent."""
+        (shared by every transfer) adds up what all of them sent. ``publish_qos0`` makes a
+        publisher bound to a topic (:meth:`mqttio.MqttClient.qos0_publisher`) for the blocks
+        at QoS 0."""
         self.guid = guid
         self.image = image
         self.source = source
@@ -278,6 +282,12 @@ class Transfer:
         self.publish = publish
         self.qos_blocks = qos_blocks
         self.down = topics.down(guid)
+        # blocks (QoS 0 by default) through the client's publisher bound to this CH's topic
+        self.publish_block: Callable[[bytes], None] = (
+            publish_qos0(self.down)
+            if publish_qos0 is not None and not qos_blocks
+            else functools.partial(_publish_to, publish, self.down, qos_blocks)
+        )
         self.state = TransferState.ACTIVE
         self.held_sha256: bytes | None = None
         self.reason: str | None = None
@@ -307,6 +317,8 @@ class Transfer:
         """Publish every unbudgeted action that is due (Offer, Poll, Cancel, probe) and at most
         ``budget`` new blocks; return (blocks published, blocks still sendable)."""
         sender = self.sender
+        if not budget and not sender.unbudgeted_due:
+            return 0, sender.sendable()  # the common case when the budget binds: a turn taken
         bytes_before, repeats_before = sender.bytes_sent, sender.retransmissions
         actions = sender.next_actions(Monotonic(now), budget)
         blocks = 0
@@ -314,13 +326,14 @@ class Transfer:
             totals = self.totals
             totals.bytes_sent += sender.bytes_sent - bytes_before
             totals.retransmissions += sender.retransmissions - repeats_before
-            publish, down, source, qos = self.publish, self.down, self.source, self.qos_blocks
+            publish, down, source = self.publish, self.down, self.source
+            publish_block = self.publish_block
             try:
                 for action in actions:
                     kind = type(action)
                     if kind is SendBlock:
                         assert isinstance(action, SendBlock)
-                        publish(down, source.get(action.index, action.ack_now), qos, False)
+                        publish_block(source.get(action.index, action.ack_now))
                         blocks += 1
                     elif kind is SendOffer:
                         publish(down, self.image.offer, Offer.QOS, False)
@@ -416,6 +429,12 @@ class Transfer:
                 "rto": round(sender.rto, 4),
             },
         )
+
+
+def _publish_to(
+    publish: Callable[[str, bytes, int, bool], None], topic: str, qos: int, payload: bytes
+) -> None:
+    publish(topic, payload, qos, False)
 
 
 def listing_row(
@@ -1305,6 +1324,7 @@ class Distribution:
             source,
             sender,
             publish=self._client.publish,
+            publish_qos0=self._client.qos0_publisher,
             qos_blocks=self._config.qos_blocks,
             attempt=row.attempts,
             started_at=row.started_at,

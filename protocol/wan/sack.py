@@ -157,10 +157,13 @@ class Bitmap:
             value &= (1 << SACK_SPAN) - 1
         return base, value.to_bytes((value.bit_length() + 7) // 8, "little")
 
-    def merge_sack(self, base: int, bitmap: bytes) -> list[int]:
-        """Add every index a validated SACK names; return the ones that were new, ascending."""
+    def merge_sack(self, base: int, bitmap: bytes, start: int = 0) -> list[int]:
+        """Add every index a validated SACK names; return the ones that were new, ascending.
+
+        ``start``: every index below it is known to be in the set already (a sender's lowest
+        unacknowledged block), so the search for new ones begins there."""
         newly: list[int] = []
-        i = self.first_missing()
+        i = self.first_missing(start)
         end = min(base, self._size)
         while i < end:
             if self.add(i):

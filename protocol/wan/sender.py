@@ -81,7 +81,7 @@ and leaves its state unchanged. Late messages after COMPLETE or FAILED are ignor
 from __future__ import annotations
 
 from bisect import bisect_right, insort
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
@@ -137,7 +137,11 @@ class SendOffer:
     image: bytes
 
 
-@dataclass(frozen=True, slots=True)
+# SendBlock (one per block sent) and ProgressMade (one per acknowledgement) are the per-block
+# and per-ack allocations of a transfer: plain slotted dataclasses, because a frozen one's
+# __init__ sets each field through object.__setattr__ (3x the cost). Each is a fresh value handed
+# to the shell; nothing keeps or hashes them.
+@dataclass(slots=True)
 class SendBlock:
     """Publish ``Block(image, index, data, ack_now)``; the shell reads ``data`` from its store."""
 
@@ -187,7 +191,7 @@ class TransferFailed:
     detail: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see SendBlock
 class ProgressMade:
     """The CH acknowledged new blocks (or reported its state): ``acked`` of ``total`` held.
 
@@ -238,6 +242,7 @@ class Sender:
         "_answered",
         "_ask_poll",
         "_block_count",
+        "_block_size",
         "_cancel_reason",
         "_credit",
         "_delivered",
@@ -248,6 +253,7 @@ class Sender:
         "_flight_bytes",
         "_image",
         "_initial_rto",
+        "_last_block_length",
         "_lowest_unacked",
         "_max_ack_delay",
         "_max_timeouts",
@@ -321,6 +327,10 @@ class Sender:
         self.limits = limits
         self._image = manifest.sha256
         self._block_count = manifest.block_count
+        # every block is block_size long but the last (Manifest.block_length, per block sent
+        # and acknowledged, is a method call and a range check each time)
+        self._block_size = manifest.block_size
+        self._last_block_length = manifest.block_length(self._block_count - 1)
         # otad's own cap on blocks in flight (its per-CH window), never above the CH's window
         self._window_cap = limits.window if window is None else min(window, limits.window)
         self._credit = self._window_cap
@@ -470,13 +480,19 @@ class Sender:
             raise ValueError("window must be >= 1")
         self._window_cap = min(window, self.limits.window)
 
+    @property
+    def unbudgeted_due(self) -> bool:
+        """Something that needs no budget may be due (a Cancel, an ask, a probe). When False,
+        :meth:`next_actions` with a budget of 0 has nothing to send."""
+        return self._cancel_reason is not None or self._offer_due or self._probe_due
+
     def sendable(self) -> int:
         """About how many blocks :meth:`next_actions` would send with an unlimited budget (for a
         scheduler sharing a global budget; :meth:`next_actions` is authoritative)."""
         if self._state is not SenderState.STREAMING:  # a VERIFYING probe is a Poll, no block
             return 0
         room = min(self._window_cap, self._credit) - len(self._flight)
-        room = min(room, (self.limits.buffer - self._flight_bytes) // self.manifest.block_size)
+        room = min(room, (self.limits.buffer - self._flight_bytes) // self._block_size)
         unsent = self._block_count - self._acked.count - len(self._flight)
         return len(self._repair) + int(self._probe_due) + max(0, min(room, unsent))
 
@@ -605,7 +621,7 @@ class Sender:
         if sent and self._next_new_block() is None:
             last = out[-1]
             assert isinstance(last, SendBlock)
-            out[-1] = replace(last, ack_now=True)
+            last.ack_now = True
             self._flight[last.index].ack_now = True
         return out
 
@@ -620,12 +636,16 @@ class Sender:
         self._next_new = i
         if i >= n or i > self._lowest_unacked + SACK_SPAN:
             return None
-        if self._flight_bytes + self.manifest.block_length(i) > self.limits.buffer:
+        if self._flight_bytes + self._block_length(i) > self.limits.buffer:
             return None
         return i
 
+    def _block_length(self, index: int) -> int:
+        """Byte length of block ``index`` (an index of this image)."""
+        return self._last_block_length if index == self._block_count - 1 else self._block_size
+
     def _send(self, index: int, now: Monotonic, *, ack_now: bool = False) -> SendBlock:
-        length = self.manifest.block_length(index)
+        length = self._block_length(index)
         again = not self._sent.add(index)
         seq = self._seq
         self._seq += 1
@@ -685,7 +705,7 @@ class Sender:
             if msg.base < self._block_count and self._probed:
                 self._adopt_receiver_state(msg, now)  # the CH lost blocks it had acknowledged
         else:
-            newly = self._acked.merge_sack(msg.base, msg.bitmap)
+            newly = self._acked.merge_sack(msg.base, msg.bitmap, self._lowest_unacked)
             if newly:
                 self._lowest_unacked = self._acked.first_missing(self._lowest_unacked)
                 self._account_delivered(newly, now)
@@ -716,7 +736,7 @@ class Sender:
             flight = self._flight.pop(index, None)
             if flight is None:
                 continue
-            self._flight_bytes -= self.manifest.block_length(index)
+            self._flight_bytes -= self._block_length(index)
             self._repair.discard(index)
             if not flight.retransmitted:
                 seq, sent_at = flight.seq, flight.sent_at

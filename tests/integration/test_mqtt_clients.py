@@ -145,6 +145,36 @@ async def test_publish_subscribe_qos0_and_qos1(mqtt_library: str, broker: Mosqui
         assert pub.inflight == 0
 
 
+async def test_a_publisher_bound_to_a_topic_sends_every_length_in_order(
+    mqtt_library: str, broker: MosquittoBroker
+) -> None:
+    """qos0_publisher: payloads of more lengths than the gmqtt adapter keeps framed headers for
+    (QOS0_HEADS), across the 127 and 16,383-byte boundaries of the remaining length, arrive
+    intact and in order; a bad topic is refused at once; disconnected, it raises NotConnected."""
+    inbox = Inbox()
+    lengths = [0, 1, 50, 94, 95, 96, 200, 1024, 1100, 16350, 16351, 16352, 70_000, 1, 1024, 0]
+    async with (
+        connected(mqtt_library, broker, "sub", handler=inbox, subscribe=("b/#",)) as sub,
+        connected(mqtt_library, broker, "pub") as pub,
+    ):
+        assert sub.connected
+        with pytest.raises(ValueError):
+            pub.qos0_publisher("b/+")
+        send = pub.qos0_publisher("b/00112233AABBCCDD/down")
+        payloads = [bytes((i + n) % 251 for n in range(length)) for i, length in enumerate(lengths)]
+        for payload in payloads:
+            send(payload)
+        got = await inbox.wait_for(len(payloads))
+        assert got == [("b/00112233AABBCCDD/down", p, False) for p in payloads]
+        lost = asyncio.Event()
+        pub.set_connection_handler(lambda up: None if up else lost.set())
+        broker.kill()
+        await asyncio.wait_for(lost.wait(), WAIT)
+        with pytest.raises(NotConnected):
+            send(b"nowhere")
+        broker.start()
+
+
 async def test_retained_message_reaches_a_late_subscriber(
     mqtt_library: str, broker: MosquittoBroker
 ) -> None:

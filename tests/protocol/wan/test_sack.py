@@ -112,6 +112,26 @@ def test_merge_adds_only_what_is_new() -> None:
     assert bitmap.first_missing() == 3
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(1, 300),
+    held=st.sets(st.integers(0, 299)),
+    base=st.integers(0, 300),
+    bits=st.binary(max_size=8),
+)
+def test_merge_from_a_known_start_finds_what_a_merge_from_zero_finds(
+    size: int, held: set[int], base: int, bits: bytes
+) -> None:
+    held = {i for i in held if i < size}
+    base = min(base, size)
+    bits = bits[: max(0, (size - base - 1) // 8)]  # whole bytes within the image: a valid SACK
+    check_sack(base, bits, size)
+    full, partial = bitmap_of(size, *held), bitmap_of(size, *held)
+    start = partial.first_missing()  # everything below it is held: a sender's lowest unacked
+    assert partial.merge_sack(base, bits, start) == full.merge_sack(base, bits)
+    assert partial.to_bytes() == full.to_bytes()
+
+
 def test_replace_makes_the_set_exactly_the_sack() -> None:
     bitmap = bitmap_of(20, 15, 16, 17)
     bitmap.replace_with_sack(10, b"\x05")

@@ -502,3 +502,40 @@ def test_messages_after_the_end_are_ignored(manifest: Manifest) -> None:
     sender.message_received(ImageHeld(image=manifest.sha256, sha256=manifest.sha256), 0.3)
     assert state(sender) is SenderState.FAILED
     assert sender.blocks_acked == 0
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_nothing_unbudgeted_due_means_a_zero_budget_sends_nothing(
+    manifest: Manifest, seed: int
+) -> None:
+    """``unbudgeted_due`` False is a promise the shell relies on to skip ``next_actions(now, 0)``:
+    checked on random walks through every state (losses, timeouts, rejections, a cancel)."""
+    rng = random.Random(seed)
+    sender = Sender(manifest, LIMITS, now=0.0, max_timeouts=30)
+    held: set[int] = set()
+    now = 0.0
+    for _ in range(300):
+        now += rng.choice((0.001, 0.05, 0.3, 2.0))
+        if not sender.unbudgeted_due:
+            assert sender.next_actions(now, 0) == []
+        roll = rng.random()
+        if roll < 0.4:
+            sent = blocks(sender.next_actions(now, rng.choice((0, 1, 4, 16))))
+            held |= {i for i in sent if rng.random() < 0.8}
+        elif roll < 0.75:
+            sender.message_received(sack(manifest, held, credit=rng.choice((0, 4, 16))), now)
+        elif roll < 0.9:
+            sender.handle_timer(now)
+        elif roll < 0.95:
+            sender.message_received(
+                TransferRejected(image=manifest.sha256, reason=int(Reason.NO_TRANSFER), detail=""),
+                now,
+            )
+            held.clear()
+        elif roll < 0.96:
+            sender.cancel(now)
+        if state(sender) in (SenderState.COMPLETE, SenderState.FAILED) and not (
+            sender.unbudgeted_due
+        ):
+            assert sender.next_actions(now, 0) == []
+            break
