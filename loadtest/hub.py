@@ -20,12 +20,15 @@ sans-IO :class:`protocol.wan.receiver.Receiver` the specification describes. It
 * verifies every manifest of a transfer at the transfer's update-start instant (its wall clock
   when the first Offer arrived, SPEC §7.9), which the receiver keeps and persists;
 * persists the receiver snapshot at once, *before* publishing the reply that reports it, whenever
-  the set of transfers or a phase changes (offer accepted, image complete, held, cancelled,
-  discarded), every ``flush_interval`` (10 s) while blocks arrive, and on a clean stop. Blocks
-  stored after the last snapshot are not lost: a restarted hub replays them from its image file
-  through the receiver, which re-checks each against its signed hash (:meth:`VirtualHub._replay`).
-  So every block the hub acknowledged survives a crash, without a snapshot write per ack
-  (measured: a save per hub per second cost ~10% of the hub process at 1,000 hubs).
+  the set of transfers or a phase changes (offer accepted, held, cancelled, discarded), every
+  ``flush_interval`` (10 s) while blocks arrive, and on a clean stop. Blocks stored after the
+  last snapshot are not lost: a restarted hub replays them from its image file through the
+  receiver, which re-checks each against its signed hash (:meth:`VirtualHub._replay`), and
+  re-hashes a complete one. So every block the hub acknowledged survives a crash, without a
+  snapshot write per ack (measured: a save per hub per second cost ~10% of the hub process at
+  1,000 hubs), and an image completing needs none either (the ``ImageHeld`` after its check does);
+* writes blocks in batches (:meth:`loadtest.hubstate.HubStore.flush_blocks`), always before the
+  acknowledgement that names them is published;
 
 Many hubs share one event loop (:class:`HubGroup`). Nothing creates a task per message: the MQTT
 callbacks are plain functions, receiver timers are ``loop.call_at`` handles re-armed from
@@ -605,21 +608,24 @@ class VirtualHub:
     def _apply(self, actions: Iterable[ReceiverAction], structural: bool = False) -> None:
         """Carry out receiver actions: storage first, then (after saving the snapshot when the
         set of transfers or a phase changed) the replies, so nothing is reported upstream that
-        a restart could take back."""
+        a restart could take back. Blocks are queued by the store and written before any reply
+        goes out (an acknowledgement never names a block that is not on disk); an image
+        completing (``VerifyImage``) needs no snapshot of its own: its blocks are on disk, which
+        a restart replays, and the ``ImageHeld`` that follows is saved before it is sent."""
         replies: list[Message] = []
         stored = False
         for action in actions:
-            if isinstance(action, StoreBlock):
+            if type(action) is StoreBlock:
                 self._store_block(action)
                 stored = True
-            elif isinstance(action, Reply):
+            elif type(action) is Reply:
                 replies.append(action.message)
                 if type(action.message) is not TransferAcked:
                     structural = True
-            elif isinstance(action, VerifyImage):
+            elif type(action) is VerifyImage:
                 self._verify_image(action.image, action.size)
-                structural = True
-            elif isinstance(action, DiscardImage):
+                stored = True
+            elif type(action) is DiscardImage:
                 self._forget(action.image)
                 self._store.discard_image(action.image)
                 structural = True
@@ -627,8 +633,10 @@ class VirtualHub:
             self._group.mark_dirty(self, urgent=True)
         elif stored:
             self._group.mark_dirty(self)
-        for message in replies:
-            self._reply(message)
+        if replies:
+            self._store.flush_blocks()
+            for message in replies:
+                self._reply(message)
         self._arm_timer()
 
     def _store_block(self, action: StoreBlock) -> None:
@@ -740,17 +748,18 @@ class VirtualHub:
     # ---------------------------------------------------------------- timers and persistence
 
     def _arm_timer(self) -> None:
+        """Make sure the timer fires by the receiver's next deadline. A timer already set for
+        no later stays (when the deadline moved later or went away it fires early, finds
+        nothing due and is set again): no cancel and re-arm per acknowledgement."""
         if not self.running:
             return
         deadline = self.receiver.next_deadline()
-        if deadline == self._timer_at:
+        if deadline is None or (self._timer_at is not None and self._timer_at <= deadline):
             return
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
         self._timer_at = deadline
-        if deadline is not None:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._timer = self._loop.call_at(deadline, self._on_timer)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

@@ -12,6 +12,14 @@ image size: 1,000 hubs x 1 MiB images is 1 GiB of page cache the kernel may drop
 Python heap. While an image is being received its file stays open (one file descriptor per active
 transfer, on top of the one per connection; the runner raises ``RLIMIT_NOFILE``).
 
+Writes are batched: :meth:`HubStore.write_block` only queues a verified block, and
+:meth:`HubStore.flush_blocks` writes what is queued, each run of adjacent blocks with one
+``pwritev`` (a block of a fresh sparse file cost about 2 us written alone, 1.1 us in runs of
+four, measured). The hub flushes before it publishes anything that reports blocks held (an
+acknowledgement), and the store flushes by itself before a snapshot is saved and before an
+image's file is closed or read back: a block is on disk before anyone is told about it, and a
+crash loses only blocks nobody was told about (the sender sends them again).
+
 Crash safety: the snapshot is replaced atomically (write a temporary file in the same directory,
 then ``os.replace``), so a hub killed at any instant leaves either the old or the new snapshot,
 never half of one. Block data is written *before* the snapshot that records it, so a snapshot
@@ -32,17 +40,23 @@ from pathlib import Path
 
 SNAPSHOT_NAME = "receiver.snap"
 _HASH_CHUNK = 256 * 1024
+#: Blocks queued at most before they are written without waiting for a flush (bounds the memory
+#: a hub holds however rarely it acknowledges), and buffers per ``pwritev`` (Linux's IOV_MAX).
+MAX_QUEUED_BLOCKS = 64
+_IOV_MAX = 1024
 
 
 class HubStore:
     """The on-disk state of one hub: its receiver snapshot and the images it is receiving."""
 
-    __slots__ = ("_durable", "_fds", "_made", "dir")
+    __slots__ = ("_durable", "_fds", "_made", "_queued", "_queued_count", "dir")
 
     def __init__(self, state_dir: Path | str, guid: str, *, durable: bool = False) -> None:
         self.dir = Path(state_dir) / "hubs" / guid
         self._durable = durable
         self._fds: dict[bytes, int] = {}
+        self._queued: dict[bytes, list[tuple[int, bytes]]] = {}  # image -> [(offset, data)]
+        self._queued_count = 0
         self._made = False
 
     def _ensure_dir(self) -> None:
@@ -60,7 +74,9 @@ class HubStore:
             return None
 
     def save_snapshot(self, data: bytes) -> None:
-        """Atomically replace the snapshot with ``data`` (temporary file, then rename)."""
+        """Atomically replace the snapshot with ``data`` (temporary file, then rename), after
+        writing every queued block (a snapshot never claims a block the image file lacks)."""
+        self.flush_blocks()
         self._ensure_dir()
         final = self.dir / SNAPSHOT_NAME
         tmp = self.dir / (SNAPSHOT_NAME + ".tmp")
@@ -89,15 +105,46 @@ class HubStore:
         return self.dir / f"{image.hex()}.img"
 
     def write_block(self, image: bytes, size: int, offset: int, data: bytes) -> None:
-        """Store ``data`` at ``offset`` of image ``image`` (``size`` bytes in all)."""
-        fd = self._fds.get(image)
-        if fd is None:
-            self._ensure_dir()
-            fd = os.open(self.image_path(image), os.O_RDWR | os.O_CREAT, 0o644)
-            if os.fstat(fd).st_size != size:
-                os.ftruncate(fd, size)
-            self._fds[image] = fd
-        os.pwrite(fd, data, offset)
+        """Queue ``data`` for ``offset`` of image ``image`` (``size`` bytes in all); it is on
+        disk after the next :meth:`flush_blocks` (or snapshot save, or close of the image)."""
+        queued = self._queued.get(image)
+        if queued is None:
+            if image not in self._fds:
+                self._open_image(image, size)
+            queued = self._queued[image] = []
+        queued.append((offset, data))
+        self._queued_count += 1
+        if self._queued_count >= MAX_QUEUED_BLOCKS:
+            self.flush_blocks()
+
+    def _open_image(self, image: bytes, size: int) -> None:
+        self._ensure_dir()
+        fd = os.open(self.image_path(image), os.O_RDWR | os.O_CREAT, 0o644)
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+        self._fds[image] = fd
+
+    def flush_blocks(self) -> None:
+        """Write every queued block: each run of adjacent blocks with one ``pwritev``."""
+        if not self._queued:
+            return
+        queued, self._queued = self._queued, {}
+        self._queued_count = 0
+        for image, blocks in queued.items():
+            fd = self._fds[image]
+            if len(blocks) == 1:
+                offset, data = blocks[0]
+                _pwrite_all(fd, [data], offset)
+                continue
+            blocks.sort()
+            start, run, end = blocks[0][0], [blocks[0][1]], blocks[0][0] + len(blocks[0][1])
+            for offset, data in blocks[1:]:
+                if offset != end or len(run) == _IOV_MAX:
+                    _pwrite_all(fd, run, start)
+                    start, run, end = offset, [], offset
+                run.append(data)
+                end += len(data)
+            _pwrite_all(fd, run, start)
 
     def read_blocks(
         self, image: bytes, block_size: int, size: int, indices: Iterable[int]
@@ -124,13 +171,16 @@ class HubStore:
             os.close(fd)
 
     def close_image(self, image: bytes) -> None:
-        """Close the image's file (it stays on disk)."""
+        """Write the image's queued blocks and close its file (it stays on disk)."""
+        if image in self._queued:
+            self.flush_blocks()
         fd = self._fds.pop(image, None)
         if fd is not None:
             os.close(fd)
 
     def discard_image(self, image: bytes) -> None:
-        """Close and delete what is stored of image ``image``."""
+        """Close and delete what is stored (or queued) of image ``image``."""
+        self._queued_count -= len(self._queued.pop(image, ()))
         self.close_image(image)
         self.image_path(image).unlink(missing_ok=True)
 
@@ -139,7 +189,8 @@ class HubStore:
         return self.image_path(image).exists()
 
     def close(self) -> None:
-        """Close every open image file."""
+        """Write every queued block and close every open image file."""
+        self.flush_blocks()
         for image in list(self._fds):
             self.close_image(image)
 
@@ -148,6 +199,19 @@ class HubStore:
         self.close()
         shutil.rmtree(self.dir, ignore_errors=True)
         self._made = False
+
+
+def _pwrite_all(fd: int, buffers: list[bytes], offset: int) -> None:
+    """Write ``buffers`` one after the other from ``offset`` (a short write is continued)."""
+    total = sum(len(b) for b in buffers)
+    written = os.pwritev(fd, buffers, offset)
+    if written == total:
+        return
+    rest = b"".join(buffers)[written:]
+    offset += written
+    while rest:
+        n = os.pwrite(fd, rest, offset)
+        rest, offset = rest[n:], offset + n
 
 
 def hash_file(path: Path | str, size: int | None = None) -> bytes:
