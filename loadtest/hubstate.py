@@ -41,9 +41,8 @@ from pathlib import Path
 SNAPSHOT_NAME = "receiver.snap"
 _HASH_CHUNK = 256 * 1024
 #: Blocks queued at most before they are written without waiting for a flush (bounds the memory
-#: a hub holds however rarely it acknowledges), and buffers per ``pwritev`` (Linux's IOV_MAX).
+#: a hub holds however rarely it acknowledges); below Linux's IOV_MAX (1,024 buffers per call).
 MAX_QUEUED_BLOCKS = 64
-_IOV_MAX = 1024
 
 
 class HubStore:
@@ -139,7 +138,7 @@ class HubStore:
             blocks.sort()
             start, run, end = blocks[0][0], [blocks[0][1]], blocks[0][0] + len(blocks[0][1])
             for offset, data in blocks[1:]:
-                if offset != end or len(run) == _IOV_MAX:
+                if offset != end:
                     _pwrite_all(fd, run, start)
                     start, run, end = offset, [], offset
                 run.append(data)
