@@ -32,14 +32,12 @@ disk-bound.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 SNAPSHOT_NAME = "receiver.snap"
-_HASH_CHUNK = 256 * 1024
 #: Blocks queued at most before they are written without waiting for a flush (bounds the memory
 #: a hub holds however rarely it acknowledges); below Linux's IOV_MAX (1,024 buffers per call).
 MAX_QUEUED_BLOCKS = 64
@@ -211,22 +209,3 @@ def _pwrite_all(fd: int, buffers: list[bytes], offset: int) -> None:
     while rest:
         n = os.pwrite(fd, rest, offset)
         rest, offset = rest[n:], offset + n
-
-
-def hash_file(path: Path | str, size: int | None = None) -> bytes:
-    """SHA-256 of a stored image (its first ``size`` bytes, default all), read back from disk:
-    what the hub says it holds.
-
-    Safe to run in a worker thread: ``hashlib`` releases the GIL on large updates.
-    """
-    digest = hashlib.sha256()
-    remaining = -1 if size is None else size
-    with open(path, "rb", buffering=0) as f:
-        while remaining:
-            chunk = f.read(_HASH_CHUNK if remaining < 0 else min(_HASH_CHUNK, remaining))
-            if not chunk:
-                break
-            digest.update(chunk)
-            if remaining > 0:
-                remaining -= len(chunk)
-    return digest.digest()
