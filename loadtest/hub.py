@@ -661,7 +661,10 @@ class VirtualHub:
             pending = self._unacked.get(message.image)
             if pending:
                 base, bitmap = message.base, message.bitmap
-                pending.difference_update([i for i in pending if covers(i, base, bitmap)])
+                if max(pending) < base:  # the usual case: everything outstanding is below it
+                    pending.clear()
+                else:
+                    pending.difference_update([i for i in pending if covers(i, base, bitmap)])
         elif isinstance(message, TransferRejected):
             try:
                 name = Reason(message.reason).name

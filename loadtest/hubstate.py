@@ -129,19 +129,18 @@ class HubStore:
         self._queued_count = 0
         for image, blocks in queued.items():
             fd = self._fds[image]
-            if len(blocks) == 1:
-                offset, data = blocks[0]
-                _pwrite_all(fd, [data], offset)
-                continue
-            blocks.sort()
-            start, run, end = blocks[0][0], [blocks[0][1]], blocks[0][0] + len(blocks[0][1])
-            for offset, data in blocks[1:]:
+            if len(blocks) > 1:
+                blocks.sort()
+            start, end = -1, -1
+            run: list[bytes] = []
+            for offset, data in blocks:
                 if offset != end:
-                    _pwrite_all(fd, run, start)
-                    start, run, end = offset, [], offset
+                    if run:
+                        _pwrite_all(fd, run, start, end - start)
+                    start, end, run = offset, offset, []
                 run.append(data)
                 end += len(data)
-            _pwrite_all(fd, run, start)
+            _pwrite_all(fd, run, start, end - start)
 
     def read_blocks(
         self, image: bytes, block_size: int, size: int, indices: Iterable[int]
@@ -198,9 +197,9 @@ class HubStore:
         self._made = False
 
 
-def _pwrite_all(fd: int, buffers: list[bytes], offset: int) -> None:
-    """Write ``buffers`` one after the other from ``offset`` (a short write is continued)."""
-    total = sum(len(b) for b in buffers)
+def _pwrite_all(fd: int, buffers: list[bytes], offset: int, total: int) -> None:
+    """Write ``buffers`` (``total`` bytes) one after the other from ``offset`` (a short write
+    is continued)."""
     written = os.pwritev(fd, buffers, offset)
     if written == total:
         return

@@ -110,6 +110,8 @@ def _uint_head(value: int) -> bytes:
 
 def _bytes_head(length: int) -> bytes:
     """The minimal head of a byte string (major type 2) of ``length`` bytes."""
+    if length < 24:
+        return bytes((0x40 | length,))
     head = _uint_head(length)
     return bytes((head[0] | 0x40,)) + head[1:]
 
