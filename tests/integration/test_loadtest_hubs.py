@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from loadtest.broker import MosquittoBroker
 from loadtest.hub import SNAPSHOT_AFTER_BLOCKS, HubStats, make_identity
-from loadtest.hubstate import SNAPSHOT_NAME
+from loadtest.hubstate import HubStore
 from loadtest.runner import HubFleet, load_trust
 from mqttio import MqttClient, MqttSettings, create_client
 from otad.keyfiles import load_private_key, write_keypair
@@ -376,11 +376,11 @@ async def test_hub_restarted_mid_transfer_resumes_from_its_saved_state(
 
 def saved_blocks(state_dir: Path, guid: str, manifest: Manifest, trust: TrustStore) -> int:
     """Blocks of ``manifest``'s image the hub's snapshot on disk says it holds (0: none saved)."""
-    path = state_dir / "hubs" / guid / SNAPSHOT_NAME
-    if not path.exists():
+    snapshot = HubStore(state_dir, guid).load_snapshot()
+    if snapshot is None:
         return 0
     receiver = Receiver.restore(
-        path.read_bytes(),
+        snapshot,
         make_identity(0, 0).limits,
         lambda signed, at: verify_manifest(signed, trust, now=at),
     )
