@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from protocol.wire.limits import HASH_LEN, MAX_BLOCK_BYTES, MAX_U32
+from protocol.wire.limits import HASH_LEN, MAX_BLOCK_BYTES
 
 _BLOCK_START: Final = b"\xa5\x61t\x02\x64data"
 _BLOCK_IMAGE: Final = b"\x65image\x58\x20"
@@ -44,55 +44,68 @@ _ACKED_CREDIT: Final = b"\x66credit"
 def read_block(payload: bytes) -> tuple[bytes, int, bytes, bool] | None:
     """``(image, index, data, ack_now)`` when ``payload`` is a ``Block`` in its deterministic
     layout with every field in range; otherwise ``None`` (see the module docstring)."""
-    if not payload.startswith(_BLOCK_START) or len(payload) < 10:
+    if payload[:9] != _BLOCK_START:
+        return None
+    size = len(payload)
+    if size < 66:  # the shortest Block: no data, index < 24
         return None
     head = payload[9]
-    if 0x40 <= head < 0x58:
-        length, pos = head - 0x40, 10
-    elif head == 0x58:
-        length, pos = int.from_bytes(payload[10:11], "big"), 11
-        if length < 24:
-            return None
-    elif head == 0x59:
-        length, pos = int.from_bytes(payload[10:12], "big"), 12
+    if head == 0x59:
+        length = (payload[10] << 8) | payload[11]
+        start = 12
         if length < 0x100:
             return None
+    elif head < 0x58:
+        if head < 0x40:
+            return None
+        length, start = head - 0x40, 10
+    elif head == 0x58:
+        length, start = payload[10], 11
+        if length < 24:
+            return None
     elif head == 0x5A:
-        length, pos = int.from_bytes(payload[10:14], "big"), 14
+        length, start = int.from_bytes(payload[10:14], "big"), 14
         if length < 0x1_0000 or length > MAX_BLOCK_BYTES:
             return None
     else:
         return None
-    start, end = pos, pos + length
-    if payload[end : end + 8] != _BLOCK_IMAGE:
-        return None
-    pos = end + 8 + HASH_LEN
-    if payload[pos : pos + 6] != _BLOCK_INDEX or len(payload) < pos + 7:
-        return None
-    pos += 6
-    head = payload[pos]
-    if head < 0x18:
-        index, pos = head, pos + 1
-    elif head == 0x18:
-        index, pos = int.from_bytes(payload[pos + 1 : pos + 2], "big"), pos + 2
-        if index < 24:
+    end = start + length
+    # after the data: the image's key and head (8), the image (32), the index's key (6), the
+    # index's head of 1, 2, 3 or 5 bytes, the ack_now key (8) and its value (1)
+    tail = size - end
+    pos = end + 46
+    if tail == 56:
+        index = payload[pos]
+        if index >= 24:
             return None
-    elif head == 0x19:
-        index, pos = int.from_bytes(payload[pos + 1 : pos + 3], "big"), pos + 3
+    elif tail == 58 and payload[pos] == 0x19:
+        index = (payload[pos + 1] << 8) | payload[pos + 2]
         if index < 0x100:
             return None
-    elif head == 0x1A:
-        index, pos = int.from_bytes(payload[pos + 1 : pos + 5], "big"), pos + 5
-        if index < 0x1_0000 or index > MAX_U32:
+    elif tail == 57 and payload[pos] == 0x18:
+        index = payload[pos + 1]
+        if index < 24:
+            return None
+    elif tail == 60 and payload[pos] == 0x1A:
+        index = int.from_bytes(payload[pos + 1 : pos + 5], "big")  # at most MAX_U32
+        if index < 0x1_0000:
             return None
     else:
         return None
-    if len(payload) != pos + 9 or payload[pos : pos + 8] != _BLOCK_ACK_NOW:
+    if (
+        payload[end : end + 8] != _BLOCK_IMAGE
+        or payload[end + 40 : pos] != _BLOCK_INDEX
+        or payload[-9:-1] != _BLOCK_ACK_NOW
+    ):
         return None
-    flag = payload[pos + 8]
-    if flag != _FALSE and flag != _TRUE:
+    flag = payload[-1]
+    if flag == 0xF4:
+        ack_now = False
+    elif flag == 0xF5:
+        ack_now = True
+    else:
         return None
-    return payload[end + 8 : end + 8 + HASH_LEN], index, payload[start:end], flag == _TRUE
+    return payload[end + 8 : end + 8 + HASH_LEN], index, payload[start:end], ack_now
 
 
 def _uint_head(value: int) -> bytes:
