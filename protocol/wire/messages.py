@@ -32,7 +32,7 @@ from types import MappingProxyType
 from typing import ClassVar
 
 from protocol.errors import ProtocolError, Reason
-from protocol.wire import cbor, codec
+from protocol.wire import cbor, codec, layouts
 from protocol.wire.codec import array, byte_string, eui64, text, uint
 from protocol.wire.devices import DeviceType, JoinMode
 from protocol.wire.limits import (
@@ -258,6 +258,10 @@ class TransferAcked(Message):
     bitmap: bytes = field(metadata=byte_string(None, MAX_BITMAP_BYTES))
     credit: int = field(metadata=uint(MAX_U16))
 
+    def encode(self) -> bytes:
+        """The deterministic CBOR bytes (from the fixed layout: :mod:`protocol.wire.layouts`)."""
+        return layouts.transfer_acked_bytes(self.image, self.base, self.bitmap, self.credit)
+
 
 @dataclass(frozen=True, slots=True)
 class ImageHeld(Message):
@@ -386,7 +390,15 @@ MESSAGE_TYPES: Mapping[int, type[Message]] = MappingProxyType(_REGISTRY)
 
 
 def decode(data: bytes, *, max_size: int = MAX_MESSAGE_BYTES) -> Message:
-    """Strictly decode one message of any type. Raises :class:`ProtocolError` and nothing else."""
+    """Strictly decode one message of any type. Raises :class:`ProtocolError` and nothing else.
+
+    A ``Block`` in its deterministic layout is read in place (:func:`protocol.wire.layouts.
+    read_block`: the same checks, without re-encoding its payload); anything else goes through
+    the general path below, which accepts or refuses it with the precise reason."""
+    if type(data) is bytes and len(data) <= max_size:
+        fields = layouts.read_block(data)
+        if fields is not None:
+            return Block(*fields)
     raw = cbor.loads(data, max_size=min(max_size, MAX_MESSAGE_BYTES), max_depth=4)
     if not isinstance(raw, dict):
         raise ProtocolError(Reason.MALFORMED, "message is not a map")

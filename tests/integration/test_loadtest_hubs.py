@@ -20,8 +20,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from loadtest.broker import MosquittoBroker
-from loadtest.hub import HubStats, make_identity
-from loadtest.runner import HubFleet
+from loadtest.hub import SNAPSHOT_AFTER_BLOCKS, HubStats, make_identity
+from loadtest.hubstate import HubStore
+from loadtest.runner import HubFleet, load_trust
 from mqttio import MqttClient, MqttSettings, create_client
 from otad.keyfiles import load_private_key, write_keypair
 from protocol.errors import Reason
@@ -29,6 +30,7 @@ from protocol.release.manifest import DeviceType, Manifest
 from protocol.release.otaimg import SignedImage, build
 from protocol.release.trust import TrustStore, verify_manifest
 from protocol.release.zigbee_ota import wrap
+from protocol.wan.receiver import Receiver
 from protocol.wan.sender import (
     SendBlock,
     SendCancel,
@@ -368,6 +370,63 @@ async def test_hub_restarted_mid_transfer_resumes_from_its_saved_state(
     assert stats.held[manifest.sha256.hex()] == hashlib.sha256(signed.image).hexdigest()
     # blocks received over both lives: the image once, plus at most what was in flight at the
     # crash and a few repairs -- never the acknowledged half again
+    window = fleet.identities[0].limits.window
+    assert stats.blocks <= total + 2 * window, (stats.blocks, total)
+
+
+def saved_blocks(state_dir: Path, guid: str, manifest: Manifest, trust: TrustStore) -> int:
+    """Blocks of ``manifest``'s image the hub's snapshot on disk says it holds (0: none saved)."""
+    snapshot = HubStore(state_dir, guid).load_snapshot()
+    if snapshot is None:
+        return 0
+    receiver = Receiver.restore(
+        snapshot,
+        make_identity(0, 0).limits,
+        lambda signed, at: verify_manifest(signed, trust, now=at),
+    )
+    return receiver.blocks_held(manifest.sha256)
+
+
+async def test_periodic_snapshots_wait_for_enough_blocks_and_a_crash_replays_the_rest(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    trust_dir: Path,
+    signing_key: ec.EllipticCurvePrivateKey,
+) -> None:
+    """A periodic flush saves a hub only once SNAPSHOT_AFTER_BLOCKS blocks arrived since its
+    last save; what a crash finds unsaved is replayed from the image file, never fetched again."""
+    signed, manifest = make_image(signing_key, (SNAPSHOT_AFTER_BLOCKS + 300) * 256, block_size=256)
+    total = manifest.block_count
+    trust = load_trust(trust_dir)
+    state = tmp_path / "hubs"
+    flush = 0.2
+    async with fleet_of(broker, state, trust_dir, count=1, procs=0, flush_interval=flush) as fleet:
+        guid = fleet.guids[0]
+        client = await connect(broker, "tiny-otad")
+        try:
+            publisher = Publisher(client, guid, signed, manifest, fleet.identities[0].limits)
+            await publisher.start()
+            below = SNAPSHOT_AFTER_BLOCKS // 2
+            await publisher.run(until_acked=below)
+            await asyncio.sleep(3 * flush)  # flushes came and went
+            assert saved_blocks(state, guid, manifest, trust) == 0  # the Offer's save only
+            await publisher.run(until_acked=SNAPSHOT_AFTER_BLOCKS + 100)  # past the threshold
+            await poll_until(
+                lambda: saved_blocks(state, guid, manifest, trust) >= SNAPSHOT_AFTER_BLOCKS
+            )
+            await publisher.run(until_acked=SNAPSHOT_AFTER_BLOCKS + 200)
+            acked_before = publisher.sender.blocks_acked
+            saved = saved_blocks(state, guid, manifest, trust)
+            assert saved < acked_before  # the snapshot lags what was acknowledged
+            await fleet.stop_hubs([guid], crash=True)
+            await fleet.start_hubs([guid])
+            await publisher.run()
+        finally:
+            await client.disconnect()
+        stats = await wait_until_held(fleet, guid, manifest.sha256.hex())
+    assert publisher.sender.state is SenderState.COMPLETE, publisher.events
+    assert stats.replayed_blocks >= acked_before - saved
+    assert stats.held[manifest.sha256.hex()] == hashlib.sha256(signed.image).hexdigest()
     window = fleet.identities[0].limits.window
     assert stats.blocks <= total + 2 * window, (stats.blocks, total)
 
