@@ -8,8 +8,9 @@ Steps (everything started is stopped again, also on Ctrl-C, SIGTERM or an error)
    keys of every device that signs its alerts;
 2. a private Mosquitto (persistence on, so a broker restart keeps the retained announcements;
    the open-files limit raised above the hub count, :func:`loadtest.runner.check_host_limits`);
-3. the fault proxy (:mod:`loadtest.faultproxy`, in a process of its own) in front of it, which
-   the hubs connect through (otad and the runner's own clients connect to the broker directly);
+3. when the scenario has WAN faults, the fault proxy (:mod:`loadtest.faultproxy`, in a process
+   of its own) in front of it, which the hubs connect through (otad and the runner's own clients
+   connect to the broker directly; without WAN faults the hubs do too);
 4. otad (``python -m otad run``), then the virtual premises (:class:`loadtest.runner.HubFleet`,
    one worker process per ~2,500 CHs, each CH its own MQTT connection and HAN devices), and
    the scenario's cloned CHs;
@@ -190,7 +191,12 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
 
     procs = scenario.procs or default_procs(scenario.hubs)
     try:
-        check_host_limits(scenario.hubs + scenario.faults.cloned_hubs, procs, local_broker=True)
+        check_host_limits(
+            scenario.hubs + scenario.faults.cloned_hubs,
+            procs,
+            local_broker=True,
+            proxy=scenario.faults.needs_proxy,
+        )
     except HostLimitError as exc:
         _say(f"loadtest: {exc}")
         return 2
@@ -249,11 +255,18 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
             acked_loss=f.wan_acked_loss,
             bandwidth=f.wan_bandwidth_kib_s * 1024.0,
         )
-        proxy = ProxyProcess((broker.host, broker.port), policy, seed=scenario.seed)
-        await proxy.start()
+        hubs_to = (broker.host, broker.port)
+        if f.needs_proxy:
+            proxy = ProxyProcess((broker.host, broker.port), policy, seed=scenario.seed)
+            await proxy.start()
+            hubs_to = (proxy.host, proxy.port)
         _say(
             f"mosquitto on {broker.address} (pid {broker.pid}); "
-            f"hubs through the fault proxy on port {proxy.port}"
+            + (
+                f"hubs through the fault proxy on port {proxy.port}"
+                if proxy
+                else "hubs straight to it (no WAN fault asked for: no proxy)"
+            )
         )
 
         # 4: otad, premises -------------------------------------------------------------
@@ -272,7 +285,7 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
             "max_block": max(scenario.wan_block_size, 1024),
         }
         fleet = HubFleet(
-            broker=(proxy.host, proxy.port),
+            broker=hubs_to,
             state_dir=out / "hubs",
             count=scenario.hubs,
             procs=procs,
@@ -317,7 +330,7 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
         _say(f"{scenario.hubs} virtual CHs in {procs} process(es), up in {fleet.started_in:.1f} s")
         if f.cloned_hubs:
             clones = HubFleet(
-                broker=(proxy.host, proxy.port),
+                broker=hubs_to,
                 state_dir=out / "clones",
                 count=f.cloned_hubs,
                 procs=1,
@@ -347,7 +360,7 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
         confirmed_alerts = alerts.of_kind(DeviceConfirmed)
         for alert in confirmed_alerts:
             by_proof[alert.proof] = by_proof.get(alert.proof, 0) + 1
-        proxy_totals = await proxy.totals()
+        proxy_totals = await proxy.totals() if proxy is not None else None
         images = {r.sha256 for _l, r in releases}
         failed_devices = [
             {"guid": row["guid"], "device_id": row["device_id"],
@@ -372,7 +385,9 @@ async def run(scenario: Scenario, out: Path, *, library: str = "gmqtt") -> int:
             broker_cpu_s=cpu_or_none(broker.pid),
             faults_applied=faults.applied,
             faulty_hubs=faults.faulty_hubs(),
-            proxy={
+            proxy={}
+            if proxy_totals is None
+            else {
                 "packets": proxy_totals.packets,
                 "publishes": proxy_totals.publishes,
                 "dropped": proxy_totals.dropped,
@@ -647,7 +662,7 @@ class _Sampler:
         driver: _CampaignDriver,
         fleet: HubFleet,
         broker: MosquittoBroker,
-        proxy: ProxyProcess,
+        proxy: ProxyProcess | None,
         otad: OtadProcess,
         monitor: EventMonitor,
     ) -> None:
@@ -696,10 +711,11 @@ class _Sampler:
         if isinstance(lag, dict) and status.get("state") == "online":
             sample.loop_lag_p99_ms = lag.get("p99_ms")
             sample.loop_lag_max_ms = lag.get("max_ms")
-        sample.proxy_cpu_s = cpu_or_none(self.proxy.pid)
+        sample.proxy_cpu_s = None if self.proxy is None else cpu_or_none(self.proxy.pid)
         rtts: list[float] = []
-        with contextlib.suppress(Exception):
-            rtts = [round(s * 1000.0, 3) for s in await self.proxy.take_round_trips()]
+        if self.proxy is not None:  # the round trips are measured at the proxy (WAN edge)
+            with contextlib.suppress(Exception):
+                rtts = [round(s * 1000.0, 3) for s in await self.proxy.take_round_trips()]
         sample.rtt_ms = rtts
         self.rtt_all_ms += rtts[: max(0, 200_000 - len(self.rtt_all_ms))]
         held = self.monitor.of_kind(TransferHeld)
@@ -717,7 +733,7 @@ class FaultPlayer:
         scenario: Scenario,
         fleet: HubFleet,
         broker: MosquittoBroker,
-        proxy: ProxyProcess,
+        proxy: ProxyProcess | None,
         otad: OtadProcess,
     ) -> None:
         self.scenario = scenario
@@ -766,17 +782,26 @@ class FaultPlayer:
                 }
             )
 
+    def _link(self) -> ProxyProcess:
+        """The fault proxy: every cut or half-open link goes through it (a scenario with one
+        has it: Faults.needs_proxy)."""
+        if self.proxy is None:
+            raise LoadTestError("a WAN fault without the fault proxy")
+        return self.proxy
+
     async def apply(self, action: FaultAction) -> None:
         guids = [self.fleet.guids[i] for i in action.hubs]
         if action.kind == "cut":
             self._hit.setdefault("cut", set()).update(action.hubs)
-            await self.proxy.cut(guids)
+            await self._link().cut(guids)
         elif action.kind == "half_open":
             self._hit.setdefault("half_open", set()).update(action.hubs)
-            await self.proxy.hang(guids)
+            await self._link().hang(guids)
         elif action.kind == "resume":
-            await self.proxy.hang(guids, hung=False)
-            await self.proxy.cut(guids)  # the hub reconnects at once rather than at its keep-alive
+            await self._link().hang(guids, hung=False)
+            await self._link().cut(
+                guids
+            )  # the hub reconnects at once rather than at its keep-alive
         elif action.kind == "hub_down":
             self._hit.setdefault("flapping", set()).update(action.hubs)
             await self.fleet.stop_hubs(guids, crash=True)

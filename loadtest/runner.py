@@ -79,12 +79,13 @@ def default_procs(count: int) -> int:
     return max(1, math.ceil(count / HUBS_PER_PROCESS))
 
 
-def check_host_limits(count: int, procs: int, *, local_broker: bool) -> None:
+def check_host_limits(count: int, procs: int, *, local_broker: bool, proxy: bool = False) -> None:
     """Raise the open-files limit as far as the host allows, and raise :class:`HostLimitError`
     (one line naming the limit and what to do) if ``count`` CHs over ``procs`` processes -- and,
-    with ``local_broker``, one Mosquitto started by this process, which inherits the limit --
-    cannot fit under it. Without this check such a run does not fail: it hangs, the CHs past the
-    limit retrying their connections for ever."""
+    with ``local_broker``, one Mosquitto started by this process, which inherits the limit; with
+    ``proxy``, the fault proxy, two sockets per CH -- cannot fit under it. Without this check
+    such a run does not fail: it hangs, the CHs past the limit retrying their connections for
+    ever (a 10,000-CH run's proxy stopped accepting at its 20,000th socket)."""
     soft = raise_nofile_limit()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     limit = soft if hard == resource.RLIM_INFINITY else min(soft, hard)
@@ -102,6 +103,13 @@ def check_host_limits(count: int, procs: int, *, local_broker: bool) -> None:
             f"them, but this host's RLIMIT_NOFILE hard limit is {limit} (one broker holds at "
             f"most {limit - OTHER_CLIENTS - FD_SLACK} CHs here): run fewer, or raise the hard "
             "limit (ulimit -Hn as root; LimitNOFILE= for a systemd unit)"
+        )
+    relayed = 2 * count + FD_SLACK
+    if proxy and relayed > limit:
+        raise HostLimitError(
+            f"{count} virtual CHs need {relayed} open files in the fault proxy (a socket each way"
+            f" per CH), but this host's RLIMIT_NOFILE is {limit}: run fewer, or raise the hard "
+            "limit (ulimit -Hn as root)"
         )
 
 
