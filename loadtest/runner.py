@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -369,6 +370,8 @@ async def worker_main(config: FleetConfig, worker: int, first: int, last: int) -
 
     started = time.monotonic()
     running = await group.start()
+    # thousands of hubs' long-lived state: out of the collector's way (about 2% of a worker)
+    gc.freeze()
     send({"event": "started", "running": running, "seconds": time.monotonic() - started})
     server = loop.create_task(serve(), name="worker-commands")
     await stop.wait()
