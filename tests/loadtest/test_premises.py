@@ -628,3 +628,22 @@ def test_a_hundred_premises_with_bridges_in_seconds() -> None:
         others = [x for x in d.p.device_ids if x != b2]
         assert all(d.ended(x) == [] for x in others)
     assert time.perf_counter() - started < 30
+
+
+def test_devices_no_image_is_for_do_not_poll_but_a_sleepy_one_keeps_waking() -> None:
+    # an always-on device with nothing to fetch only ever hears NO_IMAGE_AVAILABLE: its
+    # periodic queries are not simulated (10,000 premises at 300x made them 45,000 a second)
+    ident = identity([(DeviceType.B2, JoinMode.PPMID)])
+    hours = 4
+    d = Driver(premises(ident, query_interval=300.0, wake_interval=1800.0))
+    d.run(T0 + hours * 3600)
+    idle = d.p.stats.frames_sent
+    nodes = len(ident.han)
+    # each device's first query (and its answer) at start, then only the GSME's wake-ups
+    assert idle <= 2 * nodes + 2 * (hours * 2 + 1)
+    # the B2 an image is for polls again (and is served)
+    r = release(DeviceType.B2, size=1024)
+    d.p.image_held(r.manifest, r.signed, r.image, d.now)
+    (b2,) = ids_of(d.p, DeviceType.B2)
+    d.run(d.now + 3600, d.held(b2))
+    assert d.held(b2)()
