@@ -288,6 +288,10 @@ def _quiet_about_gmqtt_read_loops(loop: asyncio.AbstractEventLoop, context: dict
     loop.default_exception_handler(context)
 
 
+#: Longest a worker spends closing its hubs when told to stop.
+WORKER_CLOSE_S = 20.0
+
+
 async def worker_main(config: FleetConfig, worker: int, first: int, last: int) -> int:
     """Body of a worker process: run hubs ``first..last-1`` and obey commands on stdin."""
     # Virtual CHs lose their connections by design (a reboot into new firmware, a kill, a broker
@@ -321,6 +325,15 @@ async def worker_main(config: FleetConfig, worker: int, first: int, last: int) -
 
     reader = asyncio.StreamReader(limit=_LINE_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    async def close_group() -> None:
+        # bounded: a worker whose loop is swamped must not outlive its parent's patience (it
+        # took minutes to close 2,500 busy hubs one DISCONNECT at a time); what is left is
+        # dropped with the process, as a power cut would
+        try:
+            await asyncio.wait_for(group.close(), WORKER_CLOSE_S)
+        except TimeoutError:
+            log.warning("worker %d: hubs not all closed within %.0f s", worker, WORKER_CLOSE_S)
 
     async def serve() -> None:
         while True:
@@ -363,7 +376,7 @@ async def worker_main(config: FleetConfig, worker: int, first: int, last: int) -
         if cmd == "totals":
             return FleetSummary.of(group.stats()).to_json()
         if cmd == "quit":
-            await group.close()
+            await close_group()
             write_stats()
             return _stats_json(group.stats())
         raise ValueError(f"unknown command {cmd!r}")
@@ -379,7 +392,7 @@ async def worker_main(config: FleetConfig, worker: int, first: int, last: int) -
         server.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await server
-    await group.close()
+    await close_group()
     write_stats()
     return 0
 
