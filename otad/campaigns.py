@@ -1115,12 +1115,7 @@ class Campaigns:
         samples = live.confirmed
         rate = 0.0
         if samples:
-            done = (
-                TargetState.HELD.value if engine.spec.payload.kind is PayloadKind.DISTRIBUTE else ""
-            )
-            confirmed = status["counts"].get(TargetState.CONFIRMED.value, 0) + (
-                status["counts"].get(done, 0) if done else 0
-            )
+            confirmed = self._confirmed_count(engine)
             first_at, first = samples[0]
             if now - first_at >= 10:
                 rate = (confirmed - first) * 60.0 / (now - first_at)
