@@ -194,7 +194,7 @@ def page(rows: list[Any], args: dict[str, Any]) -> list[Any]:
     """One page of a listing (rows in its stable order): ``offset`` rows skipped (default 0),
     at most ``limit`` returned (default all, at most :data:`MAX_PAGE_ROWS`). A row added or
     removed between two requests shifts the rows after it by one: a client pages until a page
-    comes back short (``CtlClient.call_all``)."""
+    comes back short (:func:`otad.ctl.client.call_all`)."""
     offset = _arg_count(args, "offset") or 0
     limit = _arg_count(args, "limit")
     if limit is None:
