@@ -71,6 +71,10 @@ FINAL_CAMPAIGN_STATES = frozenset({"completed", "aborted"})
 #: States in which a campaign waits for a person (the runner reports it and gives up).
 HELD_STATES = frozenset({"on_hold", "paused"})
 SAMPLE_EVERY_S = 1.0
+#: Longest the shutdown waits for one MQTT client of the runner, and for one process it
+#: started (those kill what does not stop in time themselves).
+CLIENT_CLOSE_S = 10.0
+PROCESS_CLOSE_S = 150.0
 
 
 class LoadTestError(Exception):
@@ -418,19 +422,21 @@ async def _shutdown(*parts: Any) -> None:
     from loadtest.broker import MosquittoBroker
 
     ctl, approver, monitor, alerts, clones, fleet, proxy, otad, broker = parts
-    for closer in (
-        ctl and ctl.close,
-        approver and approver.close,
-        monitor and monitor.close,
-        alerts and alerts.close,
-        clones and clones.close,
-        fleet and fleet.close,
-        proxy and proxy.close,
-        otad and otad.stop,
+    # each part in bounded time: a client whose disconnect never completes must not keep the
+    # processes after it running (once, a Ctrl-C left the runner, two workers and the proxy)
+    for closer, limit_s in (
+        (ctl and ctl.close, CLIENT_CLOSE_S),
+        (approver and approver.close, CLIENT_CLOSE_S),
+        (monitor and monitor.close, CLIENT_CLOSE_S),
+        (alerts and alerts.close, CLIENT_CLOSE_S),
+        (clones and clones.close, PROCESS_CLOSE_S),
+        (fleet and fleet.close, PROCESS_CLOSE_S),
+        (proxy and proxy.close, PROCESS_CLOSE_S),
+        (otad and otad.stop, PROCESS_CLOSE_S),
     ):
         if closer:
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                await closer()
+                await asyncio.wait_for(closer(), limit_s)
     if isinstance(broker, MosquittoBroker):
         with contextlib.suppress(Exception):
             await asyncio.to_thread(broker.stop)
