@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from otad_harness import assert_clean_log, otactl, otactl_json, otad_config, ota
 
 from loadtest.broker import MosquittoBroker
 from loadtest.release import make_release
+from otad.distribution import PROGRESS_HANDOFF_S
 from otad.events import ImageImported, TransferHeld, TransferStarted
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -145,10 +147,15 @@ async def test_repeated_kills_ask_chs_with_polls_not_manifests_even_if_they_anno
     ) as setup:
         monitor, otad, fleet = setup.monitor, setup.otad, setup.fleet
         setup.import_and_distribute()
+        started = time.monotonic()
         for k, at in enumerate((0.3, 0.5, 0.7)):
             await monitor.wait_for(lambda at=at: monitor.acked_fraction(total_blocks) >= at)
+            # what a CH acknowledged reaches the store within a hand-off: a kill before the
+            # first one finds transfers nobody acknowledged, which are offered again (the
+            # test's premise is a kill after progress was stored; it raced the first hand-off)
+            await asyncio.sleep(max(0.0, started + PROGRESS_HANDOFF_S + 0.5 - time.monotonic()))
             otad.kill()
-            await asyncio.sleep(1.0)  # the flush interval has long passed: progress is stored
+            await asyncio.sleep(1.0)
             otad.start()
             await monitor.wait_online(otad)
             assert len(monitor.of_kind(TransferHeld)) < HUBS, k  # still mid-way
