@@ -10,19 +10,11 @@ from typing import Any
 
 import pytest
 from gmqtt.mqtt.protocol import MQTTProtocol
+from test_inbound_packets import remaining_length
 
 from mqttio.gmqtt_adapter import read_packets
 
 Event = tuple[Any, ...]
-
-
-def remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            return bytes(out)
 
 
 def packet(first: int, body: bytes) -> bytes:
